@@ -1,0 +1,265 @@
+"""Exceptions raised by the Buildkite client and by webhook verification.
+
+BuildkiteError
+ ├── BuildkiteAPIError           Buildkite answered with a non-2xx status
+ │    ├── BadRequest             400
+ │    ├── AuthenticationError    401: the API token is wrong or revoked
+ │    ├── PermissionDenied       403: the token lacks a scope (``missing_scope``)
+ │    ├── NotFound               404
+ │    ├── ValidationFailed       422: ``errors`` holds the field details
+ │    ├── RateLimited            429: gave up waiting (``reset`` seconds)
+ │    └── ServerError            5xx, after retries
+ ├── BuildkiteUnavailable        connection error or timeout, after retries
+ ├── UnexpectedResponse          a 2xx whose body is not what the endpoint returns
+ └── WebhookError
+      ├── WebhookVerificationError   the webhook's token or signature did not verify
+      └── WebhookPayloadError        the webhook's body is not a payload we understand
+
+No exception text ever contains a token: paths are kept without host or query, and the client
+scrubs its token from any message Buildkite echoes back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Any
+
+__all__ = [
+    "AuthenticationError",
+    "BadRequest",
+    "BuildkiteAPIError",
+    "BuildkiteError",
+    "BuildkiteUnavailable",
+    "NotFound",
+    "PermissionDenied",
+    "RateLimited",
+    "ServerError",
+    "UnexpectedResponse",
+    "ValidationFailed",
+    "WebhookError",
+    "WebhookPayloadError",
+    "WebhookVerificationError",
+    "describe",
+    "error_for_status",
+]
+
+
+class BuildkiteError(Exception):
+    """Base class of everything this package raises on purpose."""
+
+
+class BuildkiteAPIError(BuildkiteError):
+    """Buildkite answered with an error status; ``message`` is its JSON ``message``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        method: str,
+        path: str,
+        errors: list[dict[str, Any]] | None = None,
+    ) -> None:
+        self.status = status
+        self.message = message
+        self.method = method
+        self.path = path
+        self.errors: list[dict[str, Any]] = errors or []
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        text = f"Buildkite returned {self.status} for {self.method} {self.path}: {self.message}"
+        details = _error_details(self.errors)
+        return f"{text} ({details})" if details else text
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(status={self.status}, method={self.method!r}, "
+            f"path={self.path!r}, message={self.message!r})"
+        )
+
+
+class BadRequest(BuildkiteAPIError):
+    """400: e.g. "Only failed, timed out or canceled jobs can be retried"."""
+
+
+class AuthenticationError(BuildkiteAPIError):
+    """401: the API token is missing, wrong or revoked."""
+
+
+_SCOPE_RE = re.compile(r"doesn't have the ([a-z_]+) scope")
+
+
+class PermissionDenied(BuildkiteAPIError):
+    """403: usually a missing token scope, named in ``missing_scope`` when Buildkite says which."""
+
+    @property
+    def missing_scope(self) -> str | None:
+        match = _SCOPE_RE.search(self.message)
+        return match.group(1) if match else None
+
+
+class NotFound(BuildkiteAPIError):
+    """404: no such organization, pipeline, build, job or agent (or no access to it)."""
+
+
+class ValidationFailed(BuildkiteAPIError):
+    """422: Buildkite refused the request's content; ``errors`` says which fields."""
+
+
+class RateLimited(BuildkiteAPIError):
+    """429 for longer than the caller was willing to wait."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        method: str,
+        path: str,
+        errors: list[dict[str, Any]] | None = None,
+        reset: float | None = None,
+    ) -> None:
+        self.reset = reset
+        super().__init__(status, message, method=method, path=path, errors=errors)
+
+
+class ServerError(BuildkiteAPIError):
+    """5xx: Buildkite failed, and kept failing through our retries."""
+
+
+class BuildkiteUnavailable(BuildkiteError):
+    """Buildkite could not be reached (connection error or timeout), even after retries."""
+
+    def __init__(self, method: str, path: str, *, attempts: int, reason: str) -> None:
+        self.method = method
+        self.path = path
+        self.attempts = attempts
+        self.reason = reason
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        tries = "1 attempt" if self.attempts == 1 else f"{self.attempts} attempts"
+        return (
+            f"Buildkite could not be reached for {self.method} {self.path} "
+            f"after {tries}: {self.reason}"
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"BuildkiteUnavailable(method={self.method!r}, path={self.path!r}, "
+            f"attempts={self.attempts}, reason={self.reason!r})"
+        )
+
+
+class UnexpectedResponse(BuildkiteError):
+    """A successful answer whose body we cannot read: not JSON, or not the expected shape."""
+
+    def __init__(self, method: str, path: str, reason: str) -> None:
+        self.method = method
+        self.path = path
+        self.reason = reason
+        super().__init__(f"Buildkite sent an unexpected answer to {method} {path}: {reason}")
+
+
+class WebhookError(BuildkiteError):
+    """A webhook request we refuse to act on."""
+
+
+class WebhookVerificationError(WebhookError):
+    """The webhook's token or signature is missing, wrong, malformed or too old."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"Buildkite webhook rejected: {reason}")
+
+
+class WebhookPayloadError(WebhookError):
+    """The webhook verified, but its body is not JSON or not a payload we understand."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"Buildkite webhook payload not understood: {reason}")
+
+
+_BY_STATUS: dict[int, type[BuildkiteAPIError]] = {
+    400: BadRequest,
+    401: AuthenticationError,
+    403: PermissionDenied,
+    404: NotFound,
+    422: ValidationFailed,
+    429: RateLimited,
+}
+
+
+def error_for_status(status: int) -> type[BuildkiteAPIError]:
+    """The exception class for an HTTP error status (the base class for unusual 4xx)."""
+    if status >= 500:
+        return ServerError
+    return _BY_STATUS.get(status, BuildkiteAPIError)
+
+
+def describe(error: BuildkiteError) -> str:
+    """A short explanation for a Slack user: what went wrong, in their terms, without secrets."""
+    if isinstance(error, AuthenticationError):
+        return "Buildkite rejected the bot's API token (it may be wrong, expired or revoked)"
+    if isinstance(error, PermissionDenied):
+        if error.missing_scope:
+            return f"your Buildkite token lacks the {error.missing_scope} scope"
+        return "Buildkite denied the bot access to that"
+    if isinstance(error, NotFound):
+        return f"Buildkite could not find {_resource(error.path)}"
+    if isinstance(error, RateLimited):
+        if error.reset is not None:
+            return f"Buildkite is rate-limiting the bot; try again in {error.reset:.0f} seconds"
+        return "Buildkite is rate-limiting the bot; try again in a minute"
+    if isinstance(error, ServerError):
+        return f"Buildkite had an internal error (HTTP {error.status}); try again shortly"
+    if isinstance(error, BadRequest | ValidationFailed):
+        details = _error_details(error.errors)
+        reason = f"{error.message} ({details})" if details else error.message
+        return f"Buildkite refused the request: {reason}"
+    if isinstance(error, BuildkiteAPIError):
+        return f"Buildkite answered HTTP {error.status}: {error.message}"
+    if isinstance(error, BuildkiteUnavailable):
+        return "Buildkite could not be reached"
+    if isinstance(error, UnexpectedResponse):
+        return "Buildkite sent an answer the bot did not understand"
+    if isinstance(error, WebhookError):
+        return "a Buildkite webhook could not be verified or understood"
+    return "something went wrong talking to Buildkite"
+
+
+def _error_details(errors: list[dict[str, Any]]) -> str:
+    # 422 bodies look like [{"field": "commit", "code": "missing"}]; say "commit missing".
+    parts = []
+    for item in errors:
+        words = [str(item[key]) for key in ("field", "code", "message") if item.get(key)]
+        if words:
+            parts.append(" ".join(words))
+    return ", ".join(parts)
+
+
+_RESOURCE_NAMES = {
+    "organizations": "organization",
+    "pipelines": "pipeline",
+    "jobs": "job",
+    "agents": "agent",
+}
+
+
+def _resource(path: str) -> str:
+    """Name the deepest thing a request path points at: "build deploy-prod#12", "agent 0a1b"."""
+    segments = [segment for segment in path.split("/") if segment]
+    found = "that"
+    pipeline = None
+    for kind, value in itertools.pairwise(segments):
+        if kind == "pipelines":
+            pipeline = value
+            found = f"pipeline {value}"
+        elif kind == "builds" and pipeline:
+            found = f"build {pipeline}#{value}"
+        elif kind in _RESOURCE_NAMES:
+            found = f"{_RESOURCE_NAMES[kind]} {value}"
+    return found

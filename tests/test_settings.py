@@ -1,0 +1,149 @@
+"""Start-up configuration: one clear line per bad setting, and never a secret in it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.settings import Settings, SettingsError, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = {
+    "SLACK_BOT_TOKEN": "xoxb-settings-test",
+    "SLACK_SIGNING_SECRET": "sign-secret-value",
+    "BUILDKITE_API_TOKEN": "bk-secret-value",
+    "BUILDKITE_ORG": "acme",
+    "REDIS_URL": "redis://localhost:6379/0",
+}
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, tmp_cwd: Path) -> pytest.MonkeyPatch:
+    for name in list(os.environ):
+        if name.startswith(("SLACK_", "BUILDKITE_", "REDIS_", "PORT", "LOG_LEVEL", "POLL_")):
+            monkeypatch.delenv(name)
+    for name, value in GOOD.items():
+        monkeypatch.setenv(name, value)
+    return monkeypatch
+
+
+def test_defaults(env: pytest.MonkeyPatch) -> None:
+    settings = load_settings()
+    assert str(settings.slack_api_url) == "https://slack.com/api/"
+    assert str(settings.buildkite_api_url) == "https://api.buildkite.com/v2"
+    assert settings.port == 3000
+    assert settings.log_level == "INFO"
+    assert settings.socket_mode is False
+    assert settings.buildkite_webhook_token is None
+
+
+def test_app_token_turns_on_socket_mode(env: pytest.MonkeyPatch) -> None:
+    env.setenv("SLACK_APP_TOKEN", "xapp-1-abc")
+    assert load_settings().socket_mode is True
+    env.setenv("SLACK_APP_TOKEN", "")
+    assert load_settings().socket_mode is False
+
+
+def test_settings_come_from_a_dotenv_file(env: pytest.MonkeyPatch, tmp_cwd: Path) -> None:
+    env.delenv("BUILDKITE_ORG")
+    (tmp_cwd / ".env").write_text("BUILDKITE_ORG=from-dotenv\nPORT=8080\n")
+    settings = load_settings()
+    assert settings.buildkite_org == "from-dotenv"
+    assert settings.port == 8080
+
+
+def test_each_problem_is_one_line_naming_the_variable(env: pytest.MonkeyPatch) -> None:
+    env.delenv("BUILDKITE_API_TOKEN")
+    env.setenv("SLACK_BOT_TOKEN", "xoxp-user-token-secret")
+    env.setenv("PORT", "99999")
+    env.setenv("BUILDKITE_ORG", "not/a slug")
+    env.setenv("SLACK_APP_TOKEN", "bad-app-token-secret")
+    env.setenv("LOG_LEVEL", "chatty")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    problems = caught.value.problems
+    assert len(problems) == 6
+    joined = "\n".join(problems)
+    for name in (
+        "BUILDKITE_API_TOKEN is not set",
+        "SLACK_BOT_TOKEN is invalid",
+        "PORT is invalid",
+        "BUILDKITE_ORG is invalid",
+        "SLACK_APP_TOKEN is invalid",
+        "LOG_LEVEL is invalid",
+    ):
+        assert name in joined
+    assert "xoxp-user-token-secret" not in joined
+    assert "bad-app-token-secret" not in joined
+
+
+def test_tokens_are_secret(env: pytest.MonkeyPatch) -> None:
+    settings = load_settings()
+    text = repr(settings) + str(settings.model_dump())
+    for secret in ("xoxb-settings-test", "sign-secret-value", "bk-secret-value"):
+        assert secret not in text
+
+
+def test_the_bot_refuses_to_start_with_a_clear_report(tmp_cwd: Path) -> None:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "BUILDKITE_", "REDIS_"))
+    }
+    env.update(GOOD)
+    env["SLACK_SIGNING_SECRET"] = "  "
+    env["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "app"],
+        env=env,
+        cwd=tmp_cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "SLACK_SIGNING_SECRET is invalid: Value error, must not be empty" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "bk-secret-value" not in result.stderr
+
+
+def test_missing_redis_url_is_reported(tmp_cwd: Path) -> None:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "BUILDKITE_", "REDIS_"))
+    }
+    env.update({k: v for k, v in GOOD.items() if k != "REDIS_URL"})
+    env["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "app"],
+        env=env,
+        cwd=tmp_cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "REDIS_URL is not set" in result.stderr
+
+
+def test_settings_type_is_the_public_interface() -> None:
+    names = {name.upper() for name in Settings.model_fields}
+    assert {
+        "SLACK_BOT_TOKEN",
+        "SLACK_SIGNING_SECRET",
+        "SLACK_APP_TOKEN",
+        "SLACK_API_URL",
+        "BUILDKITE_API_TOKEN",
+        "BUILDKITE_ORG",
+        "BUILDKITE_API_URL",
+        "BUILDKITE_WEBHOOK_TOKEN",
+        "REDIS_URL",
+        "PORT",
+        "LOG_LEVEL",
+    } <= names
+    readme = (ROOT / "README.md").read_text()
+    example = (ROOT / ".env.example").read_text()
+    for name in names:
+        assert f"`{name}`" in readme, f"{name} missing from the README's settings table"
+        assert f"\n{name}=" in example, f"{name} missing from .env.example"
