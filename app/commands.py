@@ -1,0 +1,171 @@
+"""Parsing of what people type after a slash command: pure functions from text to typed requests.
+
+Nothing here calls Slack, Buildkite or Redis, so every rule is cheap to test and a typo is
+answered before the command is even acknowledged.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass, field
+
+PIPELINE_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}$")
+COMMIT = re.compile(r"^(HEAD|[0-9a-fA-F]{7,40})$")
+_HEXISH = re.compile(r"^[0-9a-fA-F]+$")
+ENV_WORD = re.compile(r"^([A-Za-z_][A-Za-z0-9_]{0,127})=(.*)$")
+BUILD_URL = re.compile(
+    r"^https?://buildkite\.com/(?P<org>[A-Za-z0-9][A-Za-z0-9_-]*)/(?P<pipeline>[^/\s#?]+)"
+    r"/builds/(?P<number>\d+)(?:[/#?].*)?$"
+)
+# git check-ref-format, minus what cannot be typed in Slack anyway.
+_BAD_REF = re.compile(r"(\.\.|@\{|[\x00-\x20\x7f~^:?*\[\\]|//|^[-/.]|[/.]$|\.lock$|/\.)")
+MAX_MESSAGE = 1000
+
+
+class UsageError(ValueError):
+    """What the person typed cannot be a valid request; the text says why and how to fix it."""
+
+
+@dataclass(frozen=True)
+class HelpRequest:
+    """The person asked for help (or typed nothing)."""
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    pipeline: str
+    branch: str | None = None
+    commit: str = "HEAD"
+    message: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BuildRef:
+    """A build named by pipeline and number, as typed or pasted (URL)."""
+
+    pipeline: str
+    number: int
+
+
+DEPLOY_USAGE = (
+    "*Usage:* `/deploy <pipeline> [branch] [commit] [message…] [KEY=value…]`\n"
+    "• the branch defaults to the pipeline's default branch, the commit to `HEAD`\n"
+    "• `KEY=value` words become environment variables of the build\n"
+    "*Examples:*\n"
+    "• `/deploy deploy-prod`\n"
+    "• `/deploy deploy-prod main abc1234 Manual deploy from Slack`\n"
+    "• `/deploy web release/2.4 HEAD Hotfix DRY_RUN=1`"
+)
+CANCEL_USAGE = (
+    "*Usage:* `/cancel <pipeline> <build number>` or `/cancel <build URL>`\n"
+    "*Examples:*\n"
+    "• `/cancel deploy-prod 1234`\n"
+    "• `/cancel https://buildkite.com/acme/deploy-prod/builds/1234`"
+)
+REBUILD_USAGE = (
+    "*Usage:* `/rebuild <pipeline> <build number>` or `/rebuild <build URL>`\n"
+    "*Examples:*\n"
+    "• `/rebuild deploy-prod 1234`\n"
+    "• `/rebuild https://buildkite.com/acme/deploy-prod/builds/1234`"
+)
+
+
+def _words(text: str) -> list[str]:
+    # Slack escapes &, < and > in command text, and may wrap a pasted URL as <url> or <url|label>.
+    words = []
+    for word in html.unescape(text or "").split():
+        if word.startswith("<") and word.endswith(">"):
+            word = word[1:-1].split("|", 1)[0]
+        words.append(word)
+    return words
+
+
+def is_help(words: list[str]) -> bool:
+    return not words or words[0].lower() in {"help", "-h", "--help", "?"}
+
+
+def check_pipeline(slug: str) -> str:
+    if not PIPELINE_SLUG.match(slug):
+        raise UsageError(
+            f"`{_clip(slug)}` is not a pipeline slug: use lowercase letters, digits and dashes, "
+            "as in the pipeline's Buildkite URL (e.g. `deploy-prod`)."
+        )
+    return slug
+
+
+def check_branch(branch: str) -> str:
+    if len(branch) > 255 or _BAD_REF.search(branch):
+        raise UsageError(
+            f"`{_clip(branch)}` is not a valid branch name (see `git check-ref-format`)."
+        )
+    return branch
+
+
+def parse_deploy(text: str) -> DeployRequest | HelpRequest:
+    """Parse `/deploy <pipeline> [branch] [commit] [message…]` with KEY=value words anywhere."""
+    words = _words(text)
+    if is_help(words):
+        return HelpRequest()
+    pipeline = check_pipeline(words[0])
+    env: dict[str, str] = {}
+    rest: list[str] = []
+    for word in words[1:]:
+        match = ENV_WORD.match(word)
+        if match:
+            env[match.group(1)] = match.group(2)
+        else:
+            rest.append(word)
+
+    branch = check_branch(rest.pop(0)) if rest else None
+    commit = "HEAD"
+    if rest:
+        candidate = rest[0]
+        if COMMIT.match(candidate):
+            commit = rest.pop(0)
+        elif _looks_like_commit(candidate):
+            raise UsageError(
+                f"`{_clip(candidate)}` is not a commit: use `HEAD` or 7 to 40 hex characters."
+            )
+    message = " ".join(rest) or None
+    if message and len(message) > MAX_MESSAGE:
+        raise UsageError(f"The message is too long ({len(message)} characters, at most 1000).")
+    return DeployRequest(pipeline=pipeline, branch=branch, commit=commit, message=message, env=env)
+
+
+def _looks_like_commit(word: str) -> bool:
+    # A short or over-long hex word with a digit is a mistyped SHA, not the first word of a message.
+    return bool(_HEXISH.match(word)) and any(c.isdigit() for c in word)
+
+
+def parse_build_ref(text: str, *, org: str, usage: str) -> BuildRef | HelpRequest:
+    """Parse `<pipeline> <number>` or a pasted Buildkite build URL."""
+    words = _words(text)
+    if is_help(words):
+        return HelpRequest()
+    if len(words) == 1 and words[0].startswith(("http://", "https://")):
+        match = BUILD_URL.match(words[0])
+        if not match:
+            raise UsageError(
+                f"`{_clip(words[0])}` is not a Buildkite build URL "
+                "(expected https://buildkite.com/<org>/<pipeline>/builds/<number>)."
+            )
+        if match.group("org") != org:
+            raise UsageError(
+                f"That build belongs to the organisation `{match.group('org')}`; "
+                f"this bot works with `{org}`."
+            )
+        return BuildRef(check_pipeline(match.group("pipeline")), int(match.group("number")))
+    if len(words) != 2:
+        raise UsageError(f"Expected a pipeline and a build number.\n{usage}")
+    pipeline = check_pipeline(words[0])
+    number = words[1].lstrip("#")
+    if not number.isdigit() or not 0 < int(number) < 10**9:
+        raise UsageError(f"`{_clip(words[1])}` is not a build number.\n{usage}")
+    return BuildRef(pipeline, int(number))
+
+
+def _clip(value: str, limit: int = 60) -> str:
+    value = value.replace("`", "'")
+    return value if len(value) <= limit else value[: limit - 1] + "…"

@@ -1,0 +1,195 @@
+"""Wiring: factories that build the bot from settings, and the process's start-up and shutdown.
+
+Nothing is created at import time. `run(settings)` starts one process in Socket Mode when
+SLACK_APP_TOKEN is set, otherwise as an HTTP server; both serve the webhook and health routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import httpx
+import redis.asyncio as redis
+from aiohttp import web
+from slack_bolt.async_app import AsyncApp, AsyncBoltContext
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+    AsyncServerErrorRetryHandler,
+)
+from slack_sdk.web.async_client import AsyncWebClient
+
+import handlers
+from app.operations import Services
+from app.outbox import Outbox
+from app.settings import Settings
+from app.store import Store
+from app.tracker import Tracker
+from app.web import create_web_app
+from buildkite.client import BuildkiteClient
+from handlers.errors import report_error
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE = 10.0
+
+
+def create_slack_client(settings: Settings) -> AsyncWebClient:
+    """The bot's Web API client, retrying connection errors, 5xx and 429 (after Retry-After)."""
+    return AsyncWebClient(
+        token=settings.slack_bot_token.get_secret_value(),
+        base_url=str(settings.slack_api_url),
+        retry_handlers=[
+            AsyncConnectionErrorRetryHandler(max_retry_count=2),
+            AsyncRateLimitErrorRetryHandler(max_retry_count=5),
+            AsyncServerErrorRetryHandler(max_retry_count=2),
+        ],
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_services(settings: Settings) -> AsyncIterator[Services]:
+    """Create the process's shared clients (one pool each) and close them on the way out."""
+    if settings.redis_url is None:
+        raise RuntimeError("REDIS_URL is not set")
+    http = httpx.AsyncClient(
+        timeout=httpx.Timeout(15.0),
+        limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
+    )
+    redis_client = redis.Redis.from_url(
+        settings.redis_url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30
+    )
+    buildkite = BuildkiteClient(
+        settings.buildkite_api_token,
+        settings.buildkite_org,
+        base_url=str(settings.buildkite_api_url),
+        http=http,
+    )
+    slack = create_slack_client(settings)
+    store = Store(redis_client)
+    outbox = Outbox(slack)
+    tracker = Tracker(store, buildkite, outbox, poll_interval=settings.poll_interval)
+    try:
+        yield Services(
+            settings=settings,
+            http=http,
+            redis=redis_client,
+            buildkite=buildkite,
+            store=store,
+            outbox=outbox,
+            tracker=tracker,
+        )
+    finally:
+        await outbox.drain()
+        await buildkite.aclose()
+        await http.aclose()
+        await redis_client.aclose()
+
+
+def create_bolt_app(settings: Settings, services: Services) -> AsyncApp:
+    """The Bolt app with every listener registered and the services in each request's context."""
+    bolt = AsyncApp(
+        client=services.outbox.client,
+        signing_secret=settings.slack_signing_secret.get_secret_value(),
+        process_before_response=False,
+        logger=logging.getLogger("slack_bolt"),
+    )
+
+    @bolt.middleware
+    async def inject_services(
+        context: AsyncBoltContext, next: Callable[[], Awaitable[None]]
+    ) -> None:
+        context["services"] = services
+        await next()
+
+    bolt.error(report_error)
+    handlers.register(bolt)
+    return bolt
+
+
+@contextlib.asynccontextmanager
+async def background(services: Services) -> AsyncIterator[None]:
+    """Run the notifier and the poller until the block ends."""
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(services.tracker.run_notifier(stop), name="notifier"),
+        asyncio.create_task(services.tracker.run_poller(stop), name="poller"),
+    ]
+    try:
+        yield
+    finally:
+        stop.set()
+        _, still_running = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
+        for task in still_running:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass
+class RunningBot:
+    services: Services
+    bolt: AsyncApp
+    port: int
+
+
+@contextlib.asynccontextmanager
+async def start_bot(
+    settings: Settings,
+    *,
+    host: str = "0.0.0.0",  # noqa: S104 - the bot serves Slack and Buildkite from outside
+    port: int | None = None,
+) -> AsyncIterator[RunningBot]:
+    """Start the whole bot (web routes, Slack connection, notifier, poller) for the block's life.
+
+    `port=0` picks a free port (tests); the bound port is in the result.
+    """
+    async with open_services(settings) as services:
+        bolt = create_bolt_app(settings, services)
+        web_app = create_web_app(services, None if settings.socket_mode else bolt)
+        runner = web.AppRunner(web_app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
+        await runner.setup()
+        site = web.TCPSite(runner, host=host, port=settings.port if port is None else port)
+        await site.start()
+        bound = runner.addresses[0][1] if runner.addresses else settings.port
+        socket_handler = None
+        try:
+            async with background(services):
+                if settings.socket_mode:
+                    from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+
+                    assert settings.slack_app_token is not None
+                    socket_handler = AsyncSocketModeHandler(
+                        bolt, settings.slack_app_token.get_secret_value()
+                    )
+                    await socket_handler.connect_async()  # type: ignore[no-untyped-call]
+                    log.info("connected to Slack in Socket Mode; webhook on port %s", bound)
+                else:
+                    log.info("listening for Slack and Buildkite on port %s", bound)
+                yield RunningBot(services=services, bolt=bolt, port=bound)
+                log.info("shutting down")
+        finally:
+            if socket_handler is not None:
+                await socket_handler.close_async()  # type: ignore[no-untyped-call]
+            await runner.cleanup()
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    """Run the bot until `stop` is set."""
+    async with start_bot(settings):
+        await stop.wait()
+
+
+def run(settings: Settings) -> None:
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    asyncio.run(_main())

@@ -1,0 +1,174 @@
+"""The one path by which the bot writes build messages to Slack.
+
+It paces posts per channel (Slack allows about one message per second per channel), merges
+successive edits of one message so that only the latest state is sent, and lets slack_sdk's
+retry handlers honour ``Retry-After`` on 429. Handlers and the tracker never call chat.* directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from app.messages import Rendered
+
+log = logging.getLogger(__name__)
+
+#: Errors that retrying cannot fix, with what the operator should do about them.
+PERMANENT_ERRORS: dict[str, str] = {
+    "channel_not_found": "the channel does not exist or the bot cannot see it; invite the bot",
+    "not_in_channel": "invite the bot to the channel (/invite @bot) or add chat:write.public",
+    "is_archived": "the channel is archived",
+    "message_not_found": "the build's message was deleted",
+    "cant_update_message": "the message was not posted by this bot",
+    "invalid_blocks": "a rendered message was rejected; please report this as a bug",
+    "msg_too_long": "a rendered message was too long; please report this as a bug",
+    "restricted_action": "a workspace setting stops the bot from posting there",
+}
+
+
+class SlackDeliveryError(Exception):
+    """A Slack write failed. `permanent` errors will fail again however often they are retried."""
+
+    def __init__(self, method: str, channel: str, error: str) -> None:
+        self.method = method
+        self.channel = channel
+        self.error = error
+        self.permanent = error in PERMANENT_ERRORS
+        hint = PERMANENT_ERRORS.get(error, "Slack may be unavailable; it will be retried")
+        super().__init__(f"{method} to channel {channel} failed with {error}: {hint}")
+
+
+@dataclass
+class _Edit:
+    """The latest wanted content of one message, and who waits for it to be sent."""
+
+    rendered: Rendered | None = None
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    last_sent: float = 0.0
+    task: asyncio.Task[None] | None = None
+
+
+class Outbox:
+    """Rate-aware sender of chat.postMessage and chat.update."""
+
+    def __init__(
+        self,
+        client: AsyncWebClient,
+        *,
+        post_interval: float = 1.0,
+        edit_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.client = client
+        self.post_interval = post_interval
+        self.edit_interval = edit_interval
+        self._clock = clock
+        self._sleep = sleep
+        self._channel_locks: dict[str, asyncio.Lock] = {}
+        self._last_post: dict[str, float] = {}
+        self._edits: dict[tuple[str, str], _Edit] = {}
+        self._reported: set[tuple[str, str]] = set()
+
+    async def post(
+        self,
+        channel: str,
+        rendered: Rendered,
+        *,
+        thread_ts: str | None = None,
+        reply_broadcast: bool = False,
+    ) -> str:
+        """Post a message (paced per channel) and return its ts."""
+        lock = self._channel_locks.setdefault(channel, asyncio.Lock())
+        async with lock:
+            wait = self._last_post.get(channel, float("-inf")) + self.post_interval - self._clock()
+            if wait > 0:
+                await self._sleep(wait)
+            kwargs: dict[str, Any] = {
+                "channel": channel,
+                "text": rendered.text,
+                "blocks": rendered.blocks,
+                "unfurl_links": False,
+                "unfurl_media": False,
+            }
+            if thread_ts:
+                kwargs["thread_ts"] = thread_ts
+                if reply_broadcast:
+                    kwargs["reply_broadcast"] = True
+            try:
+                response = await self._call("chat.postMessage", channel, kwargs)
+            finally:
+                self._last_post[channel] = self._clock()
+            return str(response["ts"])
+
+    async def update(self, channel: str, ts: str, rendered: Rendered) -> None:
+        """Edit a message; edits that pile up while one is in flight collapse into the latest."""
+        key = (channel, ts)
+        edit = self._edits.setdefault(key, _Edit())
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        edit.rendered = rendered
+        edit.waiters.append(waiter)
+        if edit.task is None or edit.task.done():
+            edit.task = asyncio.create_task(self._send_edits(key, edit))
+        await waiter
+
+    async def _send_edits(self, key: tuple[str, str], edit: _Edit) -> None:
+        channel, ts = key
+        while edit.rendered is not None:
+            rendered, waiters = edit.rendered, edit.waiters
+            edit.rendered, edit.waiters = None, []
+            wait = edit.last_sent + self.edit_interval - self._clock()
+            if wait > 0:
+                await self._sleep(wait)
+                if edit.rendered is not None:  # a newer state arrived meanwhile: send that one
+                    rendered, waiters = edit.rendered, waiters + edit.waiters
+                    edit.rendered, edit.waiters = None, []
+            kwargs = {
+                "channel": channel,
+                "ts": ts,
+                "text": rendered.text,
+                "blocks": rendered.blocks,
+            }
+            try:
+                await self._call("chat.update", channel, kwargs)
+            except Exception as exc:
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+            else:
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+            finally:
+                edit.last_sent = self._clock()
+        if self._edits.get(key) is edit:
+            del self._edits[key]
+
+    async def _call(self, method: str, channel: str, kwargs: dict[str, Any]) -> Any:
+        try:
+            return await self.client.api_call(method, json=kwargs)
+        except SlackApiError as exc:
+            error = str(exc.response.get("error", "unknown_error"))
+            failure = SlackDeliveryError(method, channel, error)
+            if failure.permanent:
+                # Logged once per channel and error, so a misconfigured channel does not flood logs.
+                if (channel, error) not in self._reported:
+                    self._reported.add((channel, error))
+                    log.error("slack write failed: %s", failure)
+            else:
+                log.warning("slack write failed: %s", failure)
+            raise failure from None
+
+    async def drain(self) -> None:
+        """Wait for edits in flight (used at shutdown)."""
+        tasks = [e.task for e in self._edits.values() if e.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,52 @@
+"""Turning failures into answers: a `UserError` becomes its text, anything else a reference.
+
+Listeners are wrapped with `answer_errors` rather than left to Bolt's error handler alone: with
+`process_before_response=False`, Bolt resets an acknowledged request to "not acknowledged" when
+its listener raises within a few milliseconds of `ack()`, and Slack then sees a 404. The same
+`report_error` also serves as the app's `@app.error` handler for failures outside listeners.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec
+
+from app.operations import UserError
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+
+
+async def report_error(error: Exception, body: dict[str, Any], respond: Any) -> None:
+    """Tell the person what went wrong, ephemerally; log unexpected errors with a reference."""
+    if isinstance(error, UserError):
+        text = error.text
+    else:
+        ref = uuid.uuid4().hex[:8]
+        log.error("unexpected error (ref %s)", ref, exc_info=error)
+        text = (
+            f":boom: Something went wrong on the bot's side (ref `{ref}`). Nothing more will "
+            "happen for this request; an admin can find the details in the bot's logs."
+        )
+    if respond is not None and (body.get("response_url") or body.get("response_urls")):
+        await respond(text=text, response_type="ephemeral", replace_original=False)
+    else:
+        log.warning("could not tell the user: %s", text)
+
+
+def answer_errors(listener: Callable[P, Awaitable[None]]) -> Callable[P, Awaitable[None]]:
+    """Run a listener, answering its failures with `report_error` (keeps Bolt's injection)."""
+
+    @functools.wraps(listener)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            await listener(*args, **kwargs)
+        except Exception as error:  # every failure gets an answer, never silence
+            body: Any = kwargs.get("body") or kwargs.get("command")
+            await report_error(error, body if isinstance(body, dict) else {}, kwargs.get("respond"))
+
+    return wrapper

@@ -1,0 +1,140 @@
+"""A bot under test, driven the way Slack and Buildkite drive it: signed HTTP to its real port."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from app.main import RunningBot, start_bot
+from app.settings import Settings
+from tests.fakes import slack_requests
+from tests.fakes.buildkite import FakeBuildkite
+from tests.fakes.slack import FakeSlack
+
+SIGNING_SECRET = "test-signing-secret"
+WEBHOOK_TOKEN = "test-webhook-token"
+BUILDKITE_TOKEN = "bk-test-token"
+
+
+def bot_settings(slack: FakeSlack, bk: FakeBuildkite, redis_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "slack_bot_token": slack.bot_token,
+        "slack_signing_secret": SIGNING_SECRET,
+        "slack_api_url": slack.api_url,
+        "buildkite_api_token": BUILDKITE_TOKEN,
+        "buildkite_org": bk.org,
+        "buildkite_api_url": bk.url,
+        "buildkite_webhook_token": WEBHOOK_TOKEN,
+        "redis_url": redis_url,
+        "port": 3000,
+        "poll_interval": 3600,  # tests drive polls themselves unless they say otherwise
+        "_env_file": None,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+class BotClient:
+    """Sends signed Slack requests and Buildkite webhooks to a running bot."""
+
+    def __init__(self, bot: RunningBot, slack: FakeSlack, bk: FakeBuildkite) -> None:
+        self.bot = bot
+        self.slack = slack
+        self.bk = bk
+        self.base = f"http://127.0.0.1:{bot.port}"
+        self.http = aiohttp.ClientSession()
+        self._responses = 0
+
+    @property
+    def services(self) -> Any:
+        return self.bot.services
+
+    async def close(self) -> None:
+        await self.http.close()
+
+    def new_response_url(self) -> tuple[str, str]:
+        self._responses += 1
+        name = f"r{self._responses}"
+        return name, self.slack.response_url(name)
+
+    async def post_slack(self, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
+        async with self.http.post(f"{self.base}/slack/events", data=body, headers=headers) as resp:
+            await resp.read()
+            return resp
+
+    async def command(
+        self, command: str, text: str = "", **kwargs: Any
+    ) -> tuple[aiohttp.ClientResponse, str, dict[str, Any]]:
+        """POST a signed slash command; returns the response, its response_url name and JSON."""
+        name, url = self.new_response_url()
+        body, headers = slack_requests.slash_command(
+            command, text, response_url=url, signing_secret=SIGNING_SECRET, **kwargs
+        )
+        async with self.http.post(f"{self.base}/slack/events", data=body, headers=headers) as resp:
+            raw = await resp.read()
+            payload = json.loads(raw) if raw.startswith(b"{") else {"text": raw.decode()}
+            return resp, name, payload
+
+    async def click(
+        self, action_id: str, value: str | None, *, channel: str, message_ts: str, **kwargs: Any
+    ) -> tuple[aiohttp.ClientResponse, str]:
+        """POST a signed block_actions payload for a button of a message."""
+        name, url = self.new_response_url()
+        body, headers = slack_requests.block_action(
+            action_id,
+            value,
+            response_url=url,
+            signing_secret=SIGNING_SECRET,
+            channel_id=channel,
+            message_ts=message_ts,
+            **kwargs,
+        )
+        resp = await self.post_slack(body, headers)
+        return resp, name
+
+    async def webhook(
+        self,
+        payload: dict[str, Any],
+        *,
+        token: str | None = WEBHOOK_TOKEN,
+        signed: bool = False,
+        timestamp: int | None = None,
+    ) -> aiohttp.ClientResponse:
+        body = json.dumps(payload).encode()
+        headers = {"Content-Type": "application/json", "X-Buildkite-Event": payload["event"]}
+        if signed:
+            ts = str(int(time.time()) if timestamp is None else timestamp)
+            digest = hmac.new(
+                (token or "").encode(), f"{ts}.".encode() + body, hashlib.sha256
+            ).hexdigest()
+            headers["X-Buildkite-Signature"] = f"timestamp={ts},signature={digest}"
+        elif token is not None:
+            headers["X-Buildkite-Token"] = token
+        async with self.http.post(
+            f"{self.base}/buildkite/webhook", data=body, headers=headers
+        ) as r:
+            await r.read()
+            return r
+
+    def response_texts(self, name: str) -> list[str]:
+        return [str(p.json.get("text", "")) for p in self.slack.responses if p.name == name]
+
+
+@contextlib.asynccontextmanager
+async def running_bot(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, **overrides: Any
+) -> AsyncIterator[BotClient]:
+    settings = bot_settings(slack, bk, redis_url, **overrides)
+    async with start_bot(settings, host="127.0.0.1", port=0) as bot:
+        client = BotClient(bot, slack, bk)
+        try:
+            yield client
+        finally:
+            await client.close()

@@ -1,0 +1,80 @@
+"""The Slack app manifest is valid, and declares exactly what the code listens to and uses."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+import handlers
+from tests.bot import running_bot
+from tests.fakes.buildkite import FakeBuildkite
+from tests.fakes.slack import FakeSlack
+
+ROOT = Path(__file__).resolve().parent.parent
+# A copy of slackapi/manifest-schema's schema (see tests/data/SOURCE.txt).
+SCHEMA = ROOT / "tests/data/manifest.schema.1.0.0.json"
+
+
+def _manifest() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "manifest.yml").read_text())
+
+
+def _schema() -> dict[str, Any]:
+    return json.loads(SCHEMA.read_text())
+
+
+def test_manifest_is_valid_against_slacks_schema() -> None:
+    jsonschema.validate(_manifest(), _schema())
+
+
+def test_an_invalid_manifest_is_caught_by_the_schema() -> None:
+    manifest = _manifest()
+    manifest["features"]["slash_commands"][0]["command"] = "deploy"  # no leading slash
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(manifest, _schema())
+
+
+async def test_manifest_commands_match_the_registered_listeners(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
+) -> None:
+    """Each declared command is answered by the running bot; an undeclared one is not."""
+    declared = {c["command"] for c in _manifest()["features"]["slash_commands"]}
+    assert declared == set(handlers.COMMANDS)
+    async with running_bot(slack, bk, redis_url) as bot:
+        for command in sorted(declared):
+            resp, _, ack = await bot.command(command, "help")
+            assert resp.status == 200, command
+            assert f"*Usage:* `{command}" in ack["text"]
+        unknown, _, _ = await bot.command("/not-declared", "help")
+        assert unknown.status == 404
+
+
+def test_every_command_has_a_description_and_usage_hint() -> None:
+    for command in _manifest()["features"]["slash_commands"]:
+        assert command["description"].strip()
+        assert command["usage_hint"].strip()
+        assert command["should_escape"] is False  # the parser expects raw text
+
+
+def test_scopes_are_the_ones_the_code_uses() -> None:
+    scopes = set(_manifest()["oauth_config"]["scopes"]["bot"])
+    assert scopes == {"commands", "chat:write", "chat:write.public"}
+    # Every Web API method the bot calls needs no more than these scopes.
+    used = set()
+    for path in (ROOT / "app").glob("*.py"):
+        used |= set(
+            re.findall(r'"(chat\.\w+|users\.\w+|views\.\w+|usergroups\.\w+)"', path.read_text())
+        )
+    assert used <= {"chat.postMessage", "chat.update"}
+
+
+def test_socket_mode_and_interactivity_are_on() -> None:
+    settings = _manifest()["settings"]
+    assert settings["socket_mode_enabled"] is True
+    assert settings["interactivity"]["is_enabled"] is True
