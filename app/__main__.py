@@ -1,8 +1,13 @@
-"""`python -m app`: start the bot with settings from the environment or `.env`."""
+"""`python -m app`: start the bot with settings from the environment or `.env`.
+
+`python -m app --check-config` checks the settings and tokens instead, and
+`python -m app sandbox` runs the bot against local fakes of Slack and Buildkite.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 
 from app import logs
@@ -14,32 +19,46 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m app",
         description="Slack ChatOps bot for Buildkite. Settings come from the environment or .env.",
     )
-    parser.parse_args(argv)
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="check the settings, the policy file, and the tokens against Slack, Buildkite and "
+        "Redis; print one line per check and exit 0 if all pass, else 1",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="{sandbox}")
+    from app import sandbox as sandbox_mode
+
+    sandbox_mode.add_arguments(
+        commands.add_parser(
+            "sandbox",
+            help="try the bot locally against fakes of Slack and Buildkite (no credentials)",
+            description=sandbox_mode.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    args = parser.parse_args(argv)
+    if args.command == "sandbox":
+        return sandbox_mode.main(args)
     try:
         settings = load_settings()
     except SettingsError as exc:
+        if args.check_config:
+            for problem in exc.problems:
+                print(f"✗ settings: {problem}")
+            print("The other checks need valid settings (environment or .env): fix these first.")
+            return 1
         print("The bot cannot start; fix these settings (environment or .env):", file=sys.stderr)
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
         return 2
-    if settings.redis_url is None:
-        print(
-            "The bot cannot start; fix these settings (environment or .env):\n"
-            "  - REDIS_URL is not set (e.g. redis://localhost:6379/0)",
-            file=sys.stderr,
-        )
-        return 2
-    secrets = [
-        s.get_secret_value()
-        for s in (
-            settings.slack_bot_token,
-            settings.slack_signing_secret,
-            settings.slack_app_token,
-            settings.buildkite_api_token,
-            settings.buildkite_webhook_token,
-        )
-        if s is not None
-    ]
+    secrets = logs.secrets_of(settings)
+    if args.check_config:
+        from app.checks import check_config, report
+
+        logs.configure("ERROR", secrets)
+        text, ok = report(asyncio.run(check_config(settings)), logs.RedactSecrets(secrets).redact)
+        print(text)
+        return 0 if ok else 1
     logs.configure(settings.log_level, secrets)
 
     from app.main import run

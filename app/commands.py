@@ -42,6 +42,36 @@ class DeployRequest:
 
 
 @dataclass(frozen=True)
+class LockRequest:
+    pipeline: str
+    reason: str = ""
+    ttl: int | None = None
+
+
+@dataclass(frozen=True)
+class UnlockRequest:
+    pipeline: str
+
+
+@dataclass(frozen=True)
+class LocksRequest:
+    """List the locked pipelines."""
+
+
+@dataclass(frozen=True)
+class AuditRequest:
+    pipeline: str | None = None
+
+
+DeployCommand = (
+    DeployRequest | HelpRequest | LockRequest | UnlockRequest | LocksRequest | AuditRequest
+)
+
+_DURATION = re.compile(r"^(\d{1,6})([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True)
 class BuildRef:
     """A build named by pipeline and number, as typed or pasted (URL)."""
 
@@ -53,10 +83,14 @@ DEPLOY_USAGE = (
     "*Usage:* `/deploy <pipeline> [branch] [commit] [message…] [KEY=value…]`\n"
     "• the branch defaults to the pipeline's default branch, the commit to `HEAD`\n"
     "• `KEY=value` words become environment variables of the build\n"
+    "• `/deploy lock <pipeline> [30m|2h|1d] [reason…]`, `/deploy unlock <pipeline>`, "
+    "`/deploy locks`: stop others deploying a pipeline for a while\n"
+    "• `/deploy audit [pipeline]`: the last deploys, cancels, rebuilds and refusals\n"
     "*Examples:*\n"
     "• `/deploy deploy-prod`\n"
     "• `/deploy deploy-prod main abc1234 Manual deploy from Slack`\n"
-    "• `/deploy web release/2.4 HEAD Hotfix DRY_RUN=1`"
+    "• `/deploy web release/2.4 HEAD Hotfix DRY_RUN=1`\n"
+    "• `/deploy lock deploy-prod 2h release freeze`"
 )
 CANCEL_USAGE = (
     "*Usage:* `/cancel <pipeline> <build number>` or `/cancel <build URL>`\n"
@@ -103,11 +137,37 @@ def check_branch(branch: str) -> str:
     return branch
 
 
-def parse_deploy(text: str) -> DeployRequest | HelpRequest:
-    """Parse `/deploy <pipeline> [branch] [commit] [message…]` with KEY=value words anywhere."""
+def parse_deploy(text: str) -> DeployCommand:
+    """Parse `/deploy <pipeline> [branch] [commit] [message…]` with KEY=value words anywhere,
+    or one of its subcommands: lock, unlock, locks, audit."""
     words = _words(text)
     if is_help(words):
         return HelpRequest()
+    sub = words[0].lower()
+    if sub == "locks":
+        return LocksRequest()
+    if sub == "audit":
+        if len(words) > 2:
+            raise UsageError("Usage: `/deploy audit [pipeline]`")
+        return AuditRequest(check_pipeline(words[1]) if len(words) == 2 else None)
+    if sub == "unlock":
+        if len(words) != 2:
+            raise UsageError("Usage: `/deploy unlock <pipeline>`")
+        return UnlockRequest(check_pipeline(words[1]))
+    if sub == "lock":
+        if len(words) < 2:
+            raise UsageError("Usage: `/deploy lock <pipeline> [30m|2h|1d] [reason…]`")
+        pipeline = check_pipeline(words[1])
+        words = words[2:]
+        ttl = None
+        duration = _DURATION.match(words[0]) if words else None
+        if duration:
+            ttl = int(duration.group(1)) * _UNITS[duration.group(2)]
+            words = words[1:]
+        reason = " ".join(words)
+        if len(reason) > 300:
+            raise UsageError("The lock reason is too long (at most 300 characters).")
+        return LockRequest(pipeline, reason, ttl)
     pipeline = check_pipeline(words[0])
     env: dict[str, str] = {}
     rest: list[str] = []

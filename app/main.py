@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
-import redis.asyncio as redis
 from aiohttp import web
 from slack_bolt.async_app import AsyncApp, AsyncBoltContext
 from slack_sdk.http_retry.builtin_async_handlers import (
@@ -25,8 +24,17 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 import handlers
-from app.operations import Services
+from app.audit import Auditor
+from app.checks import Readiness, check_buildkite, check_slack
+from app.digest import run_digest_schedules
+from app.directory import Directory
+from app.metrics import CountSlackCalls, Metrics, count_buildkite_requests
+from app.observability import observe_slack_requests
+from app.operations import Operations, Services
 from app.outbox import Outbox
+from app.policy import load_policy
+from app.redis_connection import connect_redis
+from app.routing import Router
 from app.settings import Settings
 from app.store import Store
 from app.tracker import Tracker
@@ -37,6 +45,7 @@ from handlers.errors import report_error
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 10.0
+APPROVAL_SWEEP_INTERVAL = 5.0
 
 
 def create_slack_client(settings: Settings) -> AsyncWebClient:
@@ -53,17 +62,20 @@ def create_slack_client(settings: Settings) -> AsyncWebClient:
 
 
 @contextlib.asynccontextmanager
-async def open_services(settings: Settings) -> AsyncIterator[Services]:
-    """Create the process's shared clients (one pool each) and close them on the way out."""
-    if settings.redis_url is None:
-        raise RuntimeError("REDIS_URL is not set")
+async def open_services(
+    settings: Settings, metrics: Metrics | None = None
+) -> AsyncIterator[Services]:
+    """Create the process's shared clients (one pool each) and close them on the way out.
+
+    Without REDIS_URL the store is embedded in the process (see app.redis_connection).
+    """
+    metrics = metrics if metrics is not None else Metrics()
     http = httpx.AsyncClient(
         timeout=httpx.Timeout(15.0),
         limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
     )
-    redis_client = redis.Redis.from_url(
-        settings.redis_url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30
-    )
+    count_buildkite_requests(http, metrics, str(settings.buildkite_api_url))
+    redis_client = connect_redis(settings, metrics)
     buildkite = BuildkiteClient(
         settings.buildkite_api_token,
         settings.buildkite_org,
@@ -71,34 +83,55 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         http=http,
     )
     slack = create_slack_client(settings)
+    slack.retry_handlers.insert(0, CountSlackCalls(metrics))
     store = Store(redis_client)
     outbox = Outbox(slack)
-    tracker = Tracker(store, buildkite, outbox, poll_interval=settings.poll_interval)
+    directory = Directory(slack)
+    tracker = Tracker(
+        store, buildkite, outbox, poll_interval=settings.poll_interval, people=directory
+    )
+    tracker.metrics = metrics
+    policy = load_policy(settings.policy_file)
+    services = Services(
+        settings=settings,
+        http=http,
+        redis=redis_client,
+        buildkite=buildkite,
+        store=store,
+        outbox=outbox,
+        tracker=tracker,
+        policy=policy,
+        directory=directory,
+        auditor=Auditor(store),
+        router=Router(tracker, store, policy),
+    )
+    tracker.auto_retry = Operations(services).auto_retry
     try:
-        yield Services(
-            settings=settings,
-            http=http,
-            redis=redis_client,
-            buildkite=buildkite,
-            store=store,
-            outbox=outbox,
-            tracker=tracker,
-        )
+        yield services
     finally:
-        await outbox.drain()
+        try:
+            await asyncio.wait_for(outbox.drain(), timeout=SHUTDOWN_GRACE)
+        except TimeoutError:
+            log.warning("shutdown: some Slack edits were not sent in time")
         await buildkite.aclose()
         await http.aclose()
         await redis_client.aclose()
 
 
-def create_bolt_app(settings: Settings, services: Services) -> AsyncApp:
-    """The Bolt app with every listener registered and the services in each request's context."""
+def create_bolt_app(
+    settings: Settings, services: Services, metrics: Metrics | None = None
+) -> AsyncApp:
+    """The Bolt app with every listener registered and the services in each request's context.
+
+    Each request gets a correlation id for its logs, and is counted and timed in `metrics`.
+    """
     bolt = AsyncApp(
         client=services.outbox.client,
         signing_secret=settings.slack_signing_secret.get_secret_value(),
         process_before_response=False,
         logger=logging.getLogger("slack_bolt"),
     )
+    observe_slack_requests(bolt, metrics if metrics is not None else Metrics())
 
     @bolt.middleware
     async def inject_services(
@@ -119,6 +152,8 @@ async def background(services: Services) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(services.tracker.run_notifier(stop), name="notifier"),
         asyncio.create_task(services.tracker.run_poller(stop), name="poller"),
+        asyncio.create_task(expire_approvals(services, stop), name="approvals"),
+        asyncio.create_task(run_digest_schedules(services, stop), name="digests"),
     ]
     try:
         yield
@@ -128,6 +163,18 @@ async def background(services: Services) -> AsyncIterator[None]:
         for task in still_running:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def expire_approvals(services: Services, stop: asyncio.Event) -> None:
+    """Close approval requests that ran out of time, so their message says so."""
+    operations = Operations(services)
+    while not stop.is_set():
+        try:
+            await operations.expire_approvals()
+        except Exception:
+            log.exception("approval expiry sweep failed; retrying")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=APPROVAL_SWEEP_INTERVAL)
 
 
 @dataclass
@@ -148,16 +195,31 @@ async def start_bot(
 
     `port=0` picks a free port (tests); the bound port is in the result.
     """
-    async with open_services(settings) as services:
-        bolt = create_bolt_app(settings, services)
-        web_app = create_web_app(services, None if settings.socket_mode else bolt)
+    metrics = Metrics()
+    async with open_services(settings, metrics) as services:
+        bolt = create_bolt_app(settings, services, metrics)
+        readiness = Readiness(
+            services.store,
+            settings,
+            {
+                "slack": lambda: check_slack(services.outbox.client),
+                "buildkite": lambda: check_buildkite(services.buildkite, thorough=False),
+            },
+        )
+        web_app = create_web_app(
+            services,
+            None if settings.socket_mode else bolt,
+            metrics=metrics,
+            readiness=readiness,
+        )
         runner = web.AppRunner(web_app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
         await runner.setup()
-        site = web.TCPSite(runner, host=host, port=settings.port if port is None else port)
-        await site.start()
-        bound = runner.addresses[0][1] if runner.addresses else settings.port
         socket_handler = None
         try:
+            site = web.TCPSite(runner, host=host, port=settings.port if port is None else port)
+            await site.start()
+            bound = runner.addresses[0][1] if runner.addresses else settings.port
+            await readiness.check_at_start()
             async with background(services):
                 if settings.socket_mode:
                     from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
@@ -171,7 +233,15 @@ async def start_bot(
                 else:
                     log.info("listening for Slack and Buildkite on port %s", bound)
                 yield RunningBot(services=services, bolt=bolt, port=bound)
-                log.info("shutting down")
+                log.info("shutting down: no new requests; finishing the ones in flight")
+                # Stop taking work first, then let acknowledged requests finish their calls
+                # before the notifier and poller stop and the clients close. Pending builds
+                # stay in Redis for the next start.
+                if socket_handler is not None:
+                    await socket_handler.close_async()  # type: ignore[no-untyped-call]
+                    socket_handler = None
+                await site.stop()
+                await services.finish_inflight(SHUTDOWN_GRACE)
         finally:
             if socket_handler is not None:
                 await socket_handler.close_async()  # type: ignore[no-untyped-call]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -36,6 +37,44 @@ class ActionId(StrEnum):
     CANCEL = "build_cancel"
     REBUILD = "build_rebuild"
     OPEN = "build_open"
+    UNBLOCK = "build_unblock"
+    RETRY_FAILED = "build_retry_failed"
+    CONFIRM_DEPLOY = "deploy_confirm"
+    ABORT_DEPLOY = "deploy_abort"
+    APPROVE = "approval_approve"
+    REJECT = "approval_reject"
+    PIPELINES_MORE = "pipelines_more"
+    BUILDS_MORE = "builds_more"
+    AGENTS_MORE = "agents_more"
+    AGENT_STOP = "agent_stop"
+    AGENT_FORCE_STOP = "agent_force_stop"
+    PIPELINE_DELETE = "pipeline_delete"
+
+
+@dataclass(frozen=True)
+class BlockStep:
+    """The block step a build waits on."""
+
+    job_id: str
+    label: str
+    has_fields: bool = False
+
+
+@dataclass(frozen=True)
+class LogTail:
+    """The end of the first failed job's log, or why it could not be read."""
+
+    job: Job
+    text: str | None
+    missing_scope: str | None = None
+
+
+class RequestButtonValue(BaseModel):
+    """What confirmation and approval buttons carry: the id of the request kept in Redis."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=r"^[0-9a-f]{16,64}$")
 
 
 class BuildButtonValue(BaseModel):
@@ -45,6 +84,12 @@ class BuildButtonValue(BaseModel):
 
     pipeline: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,99}$")
     number: int = Field(gt=0, lt=10**9)
+
+
+class UnblockButtonValue(BuildButtonValue):
+    """The Unblock button: which build and which block step (job)."""
+
+    job: str = Field(pattern=r"^[A-Za-z0-9-]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -95,7 +140,14 @@ def escape(text: str) -> str:
 
 
 def clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    """Cut to `limit` characters, without splitting an escaped entity like `&amp;`."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    amp = cut.rfind("&")
+    if amp != -1 and ";" not in cut[amp:] and len(cut) - amp < 6:
+        cut = cut[:amp]
+    return cut + "…"
 
 
 def link(url: str | None, label: str) -> str:
@@ -135,15 +187,33 @@ def _title(pipeline: str, build: Build) -> str:
     return link(build.web_url, f"{pipeline} #{build.number}")
 
 
-def build_message(pipeline: str, build: Build, requester: str) -> Rendered:
-    """The one message per build, updated in place on every state change."""
+def _trigger(build: Build) -> str:
+    person = build.author or build.creator
+    who = escape(clip(person.name, 80)) if person and person.name else "Buildkite"
+    source = {
+        "webhook": "a push",
+        "schedule": "a schedule",
+        "ui": "the web UI",
+        "api": "the API",
+        "trigger_job": "a trigger step",
+    }.get(build.source or "", build.source or "")
+    return f"{who} (via {source})" if source else who
+
+
+def build_message(
+    pipeline: str, build: Build, requester: str | None, *, block: BlockStep | None = None
+) -> Rendered:
+    """The one message per build and channel, updated in place on every state change.
+
+    `requester` is who asked from Slack; a build announced by routing shows who triggered it.
+    """
     value = BuildButtonValue(pipeline=pipeline, number=build.number).model_dump_json()
     title = _title(pipeline, build)
     fields = [
         f"*State*\n{state_text(build)}",
-        f"*Branch*\n`{escape(clip(build.branch or '?', 200))}`",
+        f"*Branch*\n`{clip(escape(build.branch or '?'), 200)}`",
         f"*Commit*\n`{escape(short_commit(build.commit))}`",
-        f"*Requested by*\n<@{requester}>",
+        f"*Requested by*\n<@{requester}>" if requester else f"*Triggered by*\n{_trigger(build)}",
     ]
     took = duration(build)
     if took and build.is_final:
@@ -157,10 +227,20 @@ def build_message(pipeline: str, build: Build, requester: str) -> Rendered:
     if build.message:
         blocks.append(
             ContextBlock(
-                elements=[MarkdownTextObject(text=escape(clip(build.message, SECTION_TEXT_LIMIT)))]
+                elements=[MarkdownTextObject(text=clip(escape(build.message), SECTION_TEXT_LIMIT))]
             ).to_dict()
         )
     buttons = []
+    if block is not None and not build.is_final:
+        unblock = UnblockButtonValue(pipeline=pipeline, number=build.number, job=block.job_id)
+        buttons.append(
+            ButtonElement(
+                text=clip(f"Unblock: {block.label}", 75),
+                action_id=ActionId.UNBLOCK,
+                value=unblock.model_dump_json(),
+                style="primary",
+            )
+        )
     if not build.is_final and build.state not in {BuildState.CANCELING}:
         buttons.append(
             ButtonElement(
@@ -178,6 +258,10 @@ def build_message(pipeline: str, build: Build, requester: str) -> Rendered:
         )
     if build.is_final:
         buttons.append(ButtonElement(text="Rebuild", action_id=ActionId.REBUILD, value=value))
+    if build.is_final and build.state is BuildState.FAILED:
+        buttons.append(
+            ButtonElement(text="Retry failed jobs", action_id=ActionId.RETRY_FAILED, value=value)
+        )
     buttons.append(
         ButtonElement(text="Open in Buildkite", action_id=ActionId.OPEN, url=build.web_url)
     )
@@ -197,22 +281,59 @@ def failing_reply(pipeline: str, build: Build) -> Rendered:
 
 
 def final_reply(
-    pipeline: str, build: Build, requester: str, failed_jobs: list[Job] | None = None
+    pipeline: str,
+    build: Build,
+    mention: str | None,
+    failed_jobs: list[Job] | None = None,
+    *,
+    log_tail: LogTail | None = None,
+    after_retry: bool = False,
 ) -> Rendered:
-    """The thread reply at a build's final state; it mentions the requester."""
+    """The thread reply at a build's final state; it mentions whoever asked (or the author)."""
     label = STATE_LABEL[build.state.value].lower()
+    if after_retry:
+        label += " after retry"
     took = duration(build)
     when = f" in {took}" if took else ""
-    text = (
-        f"<@{requester}> {STATE_EMOJI[build.state.value]} {_title(pipeline, build)} {label}{when}."
-    )
+    who = f"<@{mention}> " if mention else ""
+    text = f"{who}{STATE_EMOJI[build.state.value]} {_title(pipeline, build)} {label}{when}."
     if build.state is BuildState.FAILED and failed_jobs:
         listed = failed_jobs[:MAX_FAILED_JOBS_LISTED]
         lines = [f"• {link(job.web_url, clip(job.display_name, 150))}" for job in listed]
         if len(failed_jobs) > len(listed):
             lines.append(f"• …and {len(failed_jobs) - len(listed)} more")
         text += "\n*Failed jobs:*\n" + "\n".join(lines)
-    return _section(text)
+    blocks = [SectionBlock(text=MarkdownTextObject(text=clip(text, SECTION_TEXT_LIMIT))).to_dict()]
+    if log_tail is not None:
+        blocks.append(_log_block(log_tail))
+    return Rendered(text=clip(text, SECTION_TEXT_LIMIT), blocks=blocks)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|\x1b_bk;[^\x07]*\x07|\r")
+LOG_TAIL_LINES = 25
+
+
+def clean_log(text: str, *, max_lines: int = LOG_TAIL_LINES, limit: int = 2800) -> str:
+    """The last lines of a job log, without terminal escapes, fit for a code block."""
+    # A triple backtick in the log would end the code block early.
+    lines = _ANSI.sub("", text).replace("```", "'''").splitlines()
+    tail = "\n".join(lines[-max_lines:])
+    if len(tail) > limit:
+        tail = "…" + tail[-(limit - 1) :]
+    return tail
+
+
+def _log_block(tail: LogTail) -> dict[str, Any]:
+    name = clip(tail.job.display_name, 100)
+    if tail.text is None:
+        note = (
+            f"The log of {link(tail.job.web_url, name)} is not shown: the bot's Buildkite token "
+            f"lacks the `{tail.missing_scope}` scope."
+        )
+        return ContextBlock(elements=[MarkdownTextObject(text=note)]).to_dict()
+    header = f"Last lines of {link(tail.job.web_url, name)}:\n"
+    body = clean_log(escape(tail.text), limit=SECTION_TEXT_LIMIT - len(header) - 10)
+    return SectionBlock(text=MarkdownTextObject(text=f"{header}```{body}```")).to_dict()
 
 
 def _section(text: str) -> Rendered:
@@ -224,3 +345,803 @@ def _section(text: str) -> Rendered:
 def notice(text: str) -> Rendered:
     """A short ephemeral answer to the person who typed or clicked."""
     return _section(text)
+
+
+@dataclass(frozen=True)
+class DeployPlan:
+    """What a protected deploy will do, shown before it is confirmed or approved."""
+
+    pipeline: str
+    branch: str
+    commit: str
+    message: str
+    env: dict[str, str]
+    requester: str
+    resolved_sha: str | None = None
+    resolved_from: str | None = None
+    diff_url: str | None = None
+    approvers: tuple[str, ...] = ()
+    expires_in: int | None = None
+
+
+def _plan_lines(plan: DeployPlan) -> list[str]:
+    commit = f"`{escape(plan.commit)}`"
+    if plan.commit == "HEAD" and plan.resolved_sha:
+        commit += (
+            f" (last built as `{plan.resolved_sha[:12]}` in {escape(plan.resolved_from or '')})"
+        )
+    lines = [
+        f"*Pipeline:* `{plan.pipeline}`",
+        f"*Branch:* `{clip(escape(plan.branch), 200)}`",
+        f"*Commit:* {commit}",
+        f"*Message:* {clip(escape(plan.message), 500)}",
+    ]
+    if plan.env:
+        pairs = ", ".join(f"`{escape(k)}={clip(escape(v), 100)}`" for k, v in plan.env.items())
+        lines.append(f"*Environment:* {clip(pairs, 1000)}")
+    if plan.diff_url:
+        lines.append(f"*Changes:* {link(plan.diff_url, 'compare with the last passed build')}")
+    return lines
+
+
+def confirm_deploy(plan: DeployPlan, request_id: str) -> Rendered:
+    """The ephemeral 'are you sure?' for a protected pipeline."""
+    value = RequestButtonValue(id=request_id).model_dump_json()
+    needs = (
+        "\nIt then needs approval by " + ", ".join(plan.approvers) + "." if plan.approvers else ""
+    )
+    text = f":shield: `{plan.pipeline}` is protected. Deploy this?{needs}\n" + "\n".join(
+        _plan_lines(plan)
+    )
+    blocks = [
+        SectionBlock(text=MarkdownTextObject(text=clip(text, SECTION_TEXT_LIMIT))).to_dict(),
+        ActionsBlock(
+            block_id="deploy_confirmation",
+            elements=[
+                ButtonElement(
+                    text="Deploy", action_id=ActionId.CONFIRM_DEPLOY, value=value, style="primary"
+                ),
+                ButtonElement(text="Cancel", action_id=ActionId.ABORT_DEPLOY, value=value),
+            ],
+        ).to_dict(),
+    ]
+    return Rendered(text=f"Deploy {plan.pipeline}? It is protected.", blocks=blocks)
+
+
+def approval_request(
+    plan: DeployPlan,
+    approval_id: str,
+    *,
+    status: str = "pending",
+    decided_by: str | None = None,
+    build: Build | None = None,
+) -> Rendered:
+    """The in-channel request for a second person's approval, and its outcome."""
+    value = RequestButtonValue(id=approval_id).model_dump_json()
+    header = {
+        "pending": f":raised_hand: <@{plan.requester}> asks to deploy `{plan.pipeline}`. "
+        f"Approval needed from {', '.join(plan.approvers)} (not the requester)"
+        + (f"; expires in {plan.expires_in // 60} min." if plan.expires_in else "."),
+        "approved": f":white_check_mark: Deploy of `{plan.pipeline}` requested by "
+        f"<@{plan.requester}> was approved by <@{decided_by}>.",
+        "rejected": f":no_entry: Deploy of `{plan.pipeline}` requested by <@{plan.requester}> "
+        f"was rejected by <@{decided_by}>.",
+        "expired": f":hourglass: Deploy of `{plan.pipeline}` requested by <@{plan.requester}> "
+        "expired before anyone approved it. Nothing was started.",
+    }[status]
+    if build is not None:
+        header += f" Started {link(build.web_url, f'{plan.pipeline} #{build.number}')}."
+    text = header + "\n" + "\n".join(_plan_lines(plan))
+    blocks: list[dict[str, Any]] = [
+        SectionBlock(text=MarkdownTextObject(text=clip(text, SECTION_TEXT_LIMIT))).to_dict()
+    ]
+    if status == "pending":
+        blocks.append(
+            ActionsBlock(
+                block_id="approval",
+                elements=[
+                    ButtonElement(
+                        text="Approve", action_id=ActionId.APPROVE, value=value, style="primary"
+                    ),
+                    ButtonElement(
+                        text="Reject", action_id=ActionId.REJECT, value=value, style="danger"
+                    ),
+                ],
+            ).to_dict()
+        )
+    return Rendered(text=clip(header, 300), blocks=blocks)
+
+
+def locks_list(locks: list[dict[str, Any]]) -> str:
+    if not locks:
+        return ":unlock: No pipeline is locked."
+    lines = [":lock: *Locked pipelines:*"]
+    for lock in locks:
+        until = ""
+        if lock.get("expires_at"):
+            until = (
+                f", until <!date^{int(lock['expires_at'])}^{{date_short_pretty}} {{time}}|later>"
+            )
+        reason = (
+            f": {clip(escape(str(lock.get('reason') or '')), 300)}" if lock.get("reason") else ""
+        )
+        lines.append(f"• `{lock['pipeline']}` by <@{lock['user']}>{until}{reason}")
+    return clip("\n".join(lines), SECTION_TEXT_LIMIT)
+
+
+def audit_list(entries: list[dict[str, str]], pipeline: str | None) -> str:
+    scope = f" for `{pipeline}`" if pipeline else ""
+    if not entries:
+        return f"No audit entries{scope} yet."
+    lines = [f":scroll: *Last {len(entries)} audited actions{scope}* (newest first):"]
+    for entry in entries:
+        target = entry.get("pipeline", "")
+        if entry.get("build"):
+            target += f" #{entry['build']}"
+        where = f" in <#{entry['channel']}>" if entry.get("channel") else ""
+        url = f" {link(entry['url'], 'build')}" if entry.get("url") else ""
+        detail = f" ({clip(escape(entry['detail']), 200)})" if entry.get("detail") else ""
+        lines.append(
+            f"• <!date^{int(float(entry.get('time', '0')))}^{{date_short}} {{time}}|?> "
+            f"<@{entry.get('user', '?')}> {entry.get('action', '?')} `{target}`{where}: "
+            f"*{entry.get('outcome', '?')}*{detail}{url}"
+        )
+    return clip("\n".join(lines), SECTION_TEXT_LIMIT)
+
+
+class UnblockMetadata(BaseModel):
+    """What the unblock modal carries in its private_metadata: validated again on submit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pipeline: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,99}$")
+    number: int = Field(gt=0, lt=10**9)
+    job: str = Field(pattern=r"^[A-Za-z0-9-]{1,64}$")
+    channel: str = Field(pattern=r"^[A-Z0-9]{2,20}$")
+    thread_ts: str | None = Field(default=None, pattern=r"^\d+\.\d+$")
+    label: str = Field(default="the block step", max_length=200)
+
+
+UNBLOCK_CALLBACK = "unblock_submit"
+
+
+def field_block_id(key: str) -> str:
+    return f"field:{key}"[:255]
+
+
+def unblock_modal(
+    label: str, fields: list[dict[str, Any]], metadata: UnblockMetadata
+) -> dict[str, Any]:
+    """A modal built from a block step's fields (text and select), as in the pipeline's YAML."""
+    blocks: list[dict[str, Any]] = [
+        SectionBlock(text=MarkdownTextObject(text=f"*{clip(escape(label), 300)}*")).to_dict()
+    ]
+    for spec in fields[:95]:
+        key = str(spec.get("key") or "")
+        if not key:
+            continue
+        optional = not spec.get("required", True)
+        if "select" in spec:
+            title = str(spec.get("select") or key)
+            options = [
+                {
+                    "text": {
+                        "type": "plain_text",
+                        "text": clip(str(o.get("label") or o.get("value")), 75),
+                    },
+                    "value": clip(str(o.get("value")), 150),
+                }
+                for o in (spec.get("options") or [])[:100]
+            ]
+            element: dict[str, Any] = {
+                "type": "static_select",
+                "action_id": "value",
+                "options": options,
+            }
+            default = spec.get("default")
+            initial = next((o for o in options if o["value"] == default), None)
+            if initial is not None:
+                element["initial_option"] = initial
+        else:
+            title = str(spec.get("text") or key)
+            element = {"type": "plain_text_input", "action_id": "value"}
+            if spec.get("default"):
+                element["initial_value"] = clip(str(spec["default"]), 3000)
+        block: dict[str, Any] = {
+            "type": "input",
+            "block_id": field_block_id(key),
+            "label": {"type": "plain_text", "text": clip(title, 2000)},
+            "element": element,
+            "optional": optional,
+        }
+        if spec.get("hint"):
+            block["hint"] = {"type": "plain_text", "text": clip(str(spec["hint"]), 2000)}
+        blocks.append(block)
+    return {
+        "type": "modal",
+        "callback_id": UNBLOCK_CALLBACK,
+        "title": {"type": "plain_text", "text": "Unblock"},
+        "submit": {"type": "plain_text", "text": "Unblock"},
+        "close": {"type": "plain_text", "text": "Cancel"},
+        "private_metadata": metadata.model_dump_json(exclude_none=True),
+        "blocks": blocks,
+    }
+
+
+def unblocked_reply(user: str, label: str, fields: dict[str, str]) -> Rendered:
+    text = f":unlock: <@{user}> unblocked *{clip(escape(label), 200)}*."
+    if fields:
+        pairs = "\n".join(f"• {escape(k)}: `{clip(escape(v), 200)}`" for k, v in fields.items())
+        text += "\n" + clip(pairs, 2000)
+    return _section(text)
+
+
+def retried_reply(
+    user: str | None, jobs: list[Job], *, attempt: tuple[int, int] | None = None
+) -> Rendered:
+    names = ", ".join(link(j.web_url, clip(j.display_name, 100)) for j in jobs[:10]) or "none"
+    if attempt is not None:
+        text = f":repeat: Auto-retried failed jobs (attempt {attempt[0]} of {attempt[1]}): {names}."
+    else:
+        text = f":repeat: <@{user}> retried the failed jobs: {names}."
+    return _section(text)
+
+
+# -- The /buildkite operator surface: pipelines, builds, agents, whoami, health ---------------
+
+_SLUG_PATTERN = r"^[a-z0-9][a-z0-9-]{0,99}$"
+PIPELINE_CREATE_CALLBACK = "pipeline_create"
+PIPELINE_UPDATE_CALLBACK = "pipeline_update"
+MAX_JOBS_LISTED = 30
+
+
+class _ButtonValue(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PipelinesPageValue(_ButtonValue):
+    """The "More" button under a list of pipelines: which page, with which filter."""
+
+    page: int = Field(ge=1, le=1000)
+    filter: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,50}$")
+
+
+class BuildsPageValue(_ButtonValue):
+    """The "More" button under a list of builds (the branch is checked again when clicked)."""
+
+    page: int = Field(ge=1, le=1000)
+    pipeline: str | None = Field(default=None, pattern=_SLUG_PATTERN)
+    state: str | None = Field(default=None, pattern=r"^[a-z_]{1,20}$")
+    branch: str | None = Field(default=None, min_length=1, max_length=255)
+
+
+class AgentsPageValue(_ButtonValue):
+    """The "More" button under a list of agents."""
+
+    page: int = Field(ge=1, le=1000)
+    queue: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,100}$")
+
+
+class AgentButtonValue(_ButtonValue):
+    """An agent's Stop and Force stop buttons."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9-]{1,64}$")
+    name: str = Field(min_length=1, max_length=100)
+
+
+class PipelineButtonValue(_ButtonValue):
+    """The confirmation button of a pipeline deletion."""
+
+    pipeline: str = Field(pattern=_SLUG_PATTERN)
+
+
+class PipelineModalMetadata(_ButtonValue):
+    """What the pipeline create/update modal carries in its private_metadata."""
+
+    channel: str = Field(pattern=r"^[A-Z0-9]{2,20}$")
+    pipeline: str | None = Field(default=None, pattern=_SLUG_PATTERN)
+
+
+@dataclass(frozen=True)
+class PipelineRow:
+    slug: str
+    name: str
+    web_url: str | None
+    default_branch: str | None
+    last_build: Build | None
+
+
+@dataclass(frozen=True)
+class PipelinesPage:
+    rows: tuple[PipelineRow, ...]
+    page: int
+    has_more: bool
+    filter: str | None
+    #: Buildkite API requests this page cost.
+    requests: int
+
+
+@dataclass(frozen=True)
+class BuildsPage:
+    builds: tuple[Build, ...]
+    page: int
+    has_more: bool
+    pipeline: str | None
+    state: str | None
+    branch: str | None
+    requests: int
+
+
+@dataclass(frozen=True)
+class AgentRow:
+    id: str
+    name: str
+    queue: str
+    version: str | None
+    web_url: str | None
+    job_name: str | None = None
+    job_url: str | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.job_name is not None or self.job_url is not None
+
+
+@dataclass(frozen=True)
+class AgentsPage:
+    rows: tuple[AgentRow, ...]
+    page: int
+    has_more: bool
+    queue: str | None
+    requests: int
+
+
+@dataclass(frozen=True)
+class WhoAmI:
+    """What the bot's Buildkite token is: organisation, owner, scopes, and what it lacks."""
+
+    org_slug: str
+    org_name: str | None
+    org_url: str | None
+    user_name: str | None
+    user_email: str | None
+    scopes: tuple[str, ...]
+    #: (scope, the features it gates) for each scope the bot needs but the token lacks.
+    missing: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class PipelineHealth:
+    """One pipeline's figures over a digest's window (see app.digest for the definitions)."""
+
+    slug: str
+    builds: int
+    passed: int
+    failed: int
+    #: passed / (passed + failed); None when none of its builds passed or failed.
+    pass_rate: float | None
+    #: Nearest-rank median and 95th percentile of passed and failed builds' durations (s).
+    median: int | None
+    p95: int | None
+    #: Passed builds in which some job had been retried, and their URLs.
+    flaky: int = 0
+    flaky_urls: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Digest:
+    scope: str
+    window: str
+    since: datetime
+    until: datetime
+    pipelines: tuple[PipelineHealth, ...]
+    top_failing: tuple[PipelineHealth, ...]
+    flaky: tuple[PipelineHealth, ...]
+    builds_read: int
+    requests: int
+    #: Passed builds re-read with their jobs to spot retried jobs (None: not looked at).
+    jobs_read: int | None
+    capped: bool = False
+    #: Set when a scheduled digest is posted after its time (the bot was down).
+    late_for: datetime | None = None
+
+
+def seconds_text(seconds: int | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(max(0, seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {secs}s" if minutes else f"{secs}s"
+
+
+def _cost(requests: int) -> str:
+    return f"{requests} Buildkite API request{'s' if requests != 1 else ''}"
+
+
+def _more_button(action_id: ActionId, value: BaseModel, block_id: str) -> dict[str, Any]:
+    return ActionsBlock(
+        block_id=block_id,
+        elements=[ButtonElement(text="More", action_id=action_id, value=value.model_dump_json())],
+    ).to_dict()
+
+
+def _context(text: str) -> dict[str, Any]:
+    return ContextBlock(
+        elements=[MarkdownTextObject(text=clip(text, SECTION_TEXT_LIMIT))]
+    ).to_dict()
+
+
+def _text_section(text: str) -> dict[str, Any]:
+    return SectionBlock(text=MarkdownTextObject(text=clip(text, SECTION_TEXT_LIMIT))).to_dict()
+
+
+def _build_line(build: Build, pipeline: str | None = None) -> str:
+    slug = pipeline or build.pipeline_slug or "build"
+    took = duration(build)
+    if took is None and build.started_at is not None and not build.is_final:
+        took = "running"
+    parts = [
+        f"{STATE_EMOJI[state_key(build)]} {_title(slug, build)}",
+        f"`{clip(escape(build.branch or '?'), 60)}`",
+    ]
+    if took:
+        parts.append(took)
+    if build.message:
+        parts.append(clip(escape(build.message.splitlines()[0]), 80))
+    return " · ".join(parts)
+
+
+def pipelines_list(page: PipelinesPage) -> Rendered:
+    """A page of pipelines: slug, default branch and the state of the last build."""
+    where = f" matching `{escape(page.filter)}`" if page.filter else ""
+    if not page.rows:
+        return _section(f"No pipelines{where}" + (" on this page." if page.page > 1 else "."))
+    blocks = [_text_section(f":building_construction: *Pipelines{where}* (page {page.page})")]
+    for row in page.rows:
+        last = row.last_build
+        state = (
+            f"last build {STATE_EMOJI[state_key(last)]} {_title(row.slug, last)}"
+            if last is not None
+            else "no builds yet"
+        )
+        branch = f"`{clip(escape(row.default_branch or '?'), 100)}`"
+        blocks.append(_text_section(f"*{link(row.web_url, row.slug)}* · {branch} · {state}"))
+    blocks.append(_context(f"This page cost {_cost(page.requests)}."))
+    if page.has_more:
+        value = PipelinesPageValue(page=page.page + 1, filter=page.filter)
+        blocks.append(_more_button(ActionId.PIPELINES_MORE, value, "pipelines_more"))
+    return Rendered(text=f"Pipelines{where}, page {page.page}", blocks=blocks)
+
+
+def builds_list(page: BuildsPage) -> Rendered:
+    """A page of recent builds, newest first, with state, duration and links."""
+    scope = f"`{page.pipeline}`" if page.pipeline else "all pipelines"
+    filters = "".join(
+        f", {what} `{clip(escape(value), 100)}`"
+        for what, value in (("state", page.state), ("branch", page.branch))
+        if value
+    )
+    title = f"Recent builds of {scope}{filters}"
+    if not page.builds:
+        return _section(
+            f"No builds of {scope}{filters}" + (" on this page." if page.page > 1 else ".")
+        )
+    lines = [_build_line(build, page.pipeline) for build in page.builds]
+    blocks = [
+        _text_section(f":scroll: *{title}* (page {page.page})\n" + "\n".join(lines)),
+        _context(f"This page cost {_cost(page.requests)}."),
+    ]
+    if page.has_more:
+        value = BuildsPageValue(
+            page=page.page + 1, pipeline=page.pipeline, state=page.state, branch=page.branch
+        )
+        blocks.append(_more_button(ActionId.BUILDS_MORE, value, "builds_more"))
+    return Rendered(text=f"{title}, page {page.page}", blocks=blocks)
+
+
+JOB_EMOJI: dict[str, str] = {
+    "passed": ":white_check_mark:",
+    "failed": ":x:",
+    "timed_out": ":x:",
+    "broken": ":heavy_minus_sign:",
+    "running": ":arrow_forward:",
+    "canceled": ":no_entry_sign:",
+    "canceling": ":no_entry_sign:",
+    "skipped": ":fast_forward:",
+    "blocked": ":double_vertical_bar:",
+    "unblocked": ":unlock:",
+}
+
+
+def _job_line(job: Job) -> str:
+    state = job.state or "pending"
+    emoji = JOB_EMOJI.get(state, ":hourglass_flowing_sand:")
+    line = f"{emoji} {link(job.web_url, clip(job.display_name, 100))} {state.replace('_', ' ')}"
+    if job.soft_failed:
+        line += " (soft fail)"
+    if job.started_at is not None and job.finished_at is not None:
+        line += f" · {seconds_text(int((job.finished_at - job.started_at).total_seconds()))}"
+    return line
+
+
+def build_details(pipeline: str, build: Build) -> Rendered:
+    """One build with its jobs, and the same buttons as its tracked message."""
+    message = build_message(pipeline, build, None)
+    *head, actions = message.blocks
+    jobs = [job for job in build.jobs if job.type in {"script", "manual", "trigger"}]
+    if jobs:
+        lines = [_job_line(job) for job in jobs[:MAX_JOBS_LISTED]]
+        if len(jobs) > MAX_JOBS_LISTED:
+            lines.append(f"…and {len(jobs) - MAX_JOBS_LISTED} more jobs")
+        head.append(_text_section("*Jobs*\n" + "\n".join(lines)))
+    return Rendered(text=message.text, blocks=[*head, actions])
+
+
+def agents_list(page: AgentsPage) -> Rendered:
+    """A page of connected agents, each with Stop (graceful) and Force stop (confirmed)."""
+    where = f" in queue `{escape(page.queue)}`" if page.queue else ""
+    if not page.rows:
+        return _section(
+            f"No connected agents{where}" + (" on this page." if page.page > 1 else ".")
+        )
+    blocks = [_text_section(f":robot_face: *Connected agents{where}* (page {page.page})")]
+    for row in page.rows:
+        if row.busy:
+            job = link(row.job_url, clip(row.job_name or "a job", 100))
+            status = f":large_green_circle: busy on {job}"
+        else:
+            status = ":white_circle: idle"
+        version = f"v{escape(row.version)}" if row.version else "version ?"
+        blocks.append(
+            _text_section(
+                f"*{link(row.web_url, row.name)}* · queue `{escape(row.queue)}` · {version} · "
+                f"{status}"
+            )
+        )
+        value = AgentButtonValue(id=row.id, name=clip(row.name, 100)).model_dump_json()
+        blocks.append(
+            ActionsBlock(
+                block_id=f"agent:{row.id}"[:255],
+                elements=[
+                    ButtonElement(text="Stop", action_id=ActionId.AGENT_STOP, value=value),
+                    ButtonElement(
+                        text="Force stop",
+                        action_id=ActionId.AGENT_FORCE_STOP,
+                        value=value,
+                        style="danger",
+                        confirm=ConfirmObject(
+                            title="Force-stop this agent?",
+                            text=clip(f"Stop {row.name} now? Its current job is canceled.", 300),
+                            confirm="Force stop",
+                            deny="Keep it",
+                        ),
+                    ),
+                ],
+            ).to_dict()
+        )
+    blocks.append(
+        _context(
+            f"This page cost {_cost(page.requests)}. *Stop* lets the agent finish its job first."
+        )
+    )
+    if page.has_more:
+        more = AgentsPageValue(page=page.page + 1, queue=page.queue)
+        blocks.append(_more_button(ActionId.AGENTS_MORE, more, "agents_more"))
+    return Rendered(text=f"Connected agents{where}, page {page.page}", blocks=blocks)
+
+
+def whoami_message(who: WhoAmI) -> Rendered:
+    """The organisation, the token's owner and scopes, and warnings for the missing ones."""
+    org = link(who.org_url, who.org_name or who.org_slug)
+    user = escape(who.user_name or "unknown (the token lacks `read_user`)")
+    if who.user_email:
+        user += f" ({escape(who.user_email)})"
+    if who.org_name is None:
+        org += " (details need the `read_organizations` scope)"
+    scopes = ", ".join(f"`{escape(s)}`" for s in who.scopes) or "none"
+    lines = [
+        f"*Organisation:* {org} (`{who.org_slug}`)",
+        f"*API token of:* {user}",
+        f"*Token scopes:* {scopes}",
+    ]
+    if who.missing:
+        lines.append(":warning: *The token lacks scopes the bot needs:*")
+        lines += [f"• `{scope}`: {features}" for scope, features in who.missing]
+        lines.append(
+            "Add them to the token under Buildkite's *Personal Settings → API Access Tokens*."
+        )
+    else:
+        lines.append(":white_check_mark: The token has every scope the bot uses.")
+    return _section("\n".join(lines))
+
+
+def _percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate * 100:.0f}%"
+
+
+def _utc(moment: datetime) -> str:
+    return moment.strftime("%d %b %H:%M UTC")
+
+
+def health_digest(digest: Digest) -> Rendered:
+    """The build-health digest: a table per pipeline, the worst three, and the flaky ones."""
+    scope = "all pipelines" if digest.scope == "all" else digest.scope
+    title = f":bar_chart: *Build health of {escape(scope)}, last {digest.window}*"
+    title += f" ({_utc(digest.since)} to {_utc(digest.until)})"
+    if digest.late_for is not None:
+        title += (
+            f"\n:hourglass: Scheduled for {_utc(digest.late_for)}; posted late because the bot "
+            "was not running then."
+        )
+    blocks = [_text_section(title)]
+    rows = sorted(digest.pipelines, key=lambda p: (-p.builds, p.slug))
+    if not rows:
+        blocks.append(_text_section("No builds in this window."))
+    else:
+        shown = rows[:25]
+        width = max(8, *(len(p.slug) for p in shown))
+        header = f"{'pipeline':<{width}}  builds   pass   median      p95  failed"
+        lines = [
+            f"{p.slug:<{width}}  {p.builds:>6}  {_percent(p.pass_rate):>5}  "
+            f"{seconds_text(p.median):>7}  {seconds_text(p.p95):>7}  {p.failed:>6}"
+            for p in shown
+        ]
+        more = f"\n…and {len(rows) - len(shown)} more pipelines" if len(rows) > len(shown) else ""
+        blocks.append(_text_section("```" + "\n".join([header, *lines]) + "```" + more))
+        if digest.top_failing:
+            worst = [
+                f"• `{p.slug}`: {p.failed} failed of {p.builds} (pass rate {_percent(p.pass_rate)})"
+                for p in digest.top_failing
+            ]
+            blocks.append(_text_section("*Most failures*\n" + "\n".join(worst)))
+        if digest.jobs_read is not None:
+            if digest.flaky:
+                flaky = [
+                    f"• `{p.slug}`: {p.flaky} passed build{'s' if p.flaky != 1 else ''} after a "
+                    "retried job ("
+                    + ", ".join(link(url, f"#{url.rsplit('/', 1)[-1]}") for url in p.flaky_urls[:5])
+                    + ")"
+                    for p in digest.flaky
+                ]
+                blocks.append(
+                    _text_section("*Flaky: failures that passed on a retry*\n" + "\n".join(flaky))
+                )
+            else:
+                blocks.append(_text_section("*Flaky:* no passed build needed a retried job."))
+    jobs = (
+        f", of which {digest.jobs_read} passed builds re-read with their jobs to spot retries"
+        if digest.jobs_read is not None
+        else ""
+    )
+    capped = " Only the newest builds were read (cap reached)." if digest.capped else ""
+    blocks.append(
+        _context(
+            f"Read {digest.builds_read} builds in {_cost(digest.requests)} (100 per page{jobs})."
+            f"{capped} Pass rate = passed / (passed + failed); durations from start to finish of "
+            "passed and failed builds; median and p95 by nearest rank."
+        )
+    )
+    text = f"Build health of {scope}, last {digest.window}"
+    return Rendered(text=text, blocks=blocks)
+
+
+def confirm_pipeline_delete(slug: str, name: str, web_url: str | None) -> Rendered:
+    """The ephemeral 'are you sure?' before a pipeline is deleted."""
+    value = PipelineButtonValue(pipeline=slug).model_dump_json()
+    text = (
+        f":warning: Delete the pipeline {link(web_url, name)} (`{slug}`) with all its builds? "
+        "This cannot be undone."
+    )
+    blocks = [
+        _text_section(text),
+        ActionsBlock(
+            block_id="pipeline_delete",
+            elements=[
+                ButtonElement(
+                    text="Delete pipeline",
+                    action_id=ActionId.PIPELINE_DELETE,
+                    value=value,
+                    style="danger",
+                    confirm=ConfirmObject(
+                        title="Delete this pipeline?",
+                        text=clip(f"Delete {slug} and all its builds for good?", 300),
+                        confirm="Delete",
+                        deny="Keep it",
+                    ),
+                )
+            ],
+        ).to_dict(),
+    ]
+    return Rendered(text=f"Delete pipeline {slug}?", blocks=blocks)
+
+
+def pipeline_changed(
+    user: str, verb: str, slug: str, web_url: str | None, detail: str = ""
+) -> Rendered:
+    """The in-channel note that someone created, changed or deleted a pipeline."""
+    target = link(web_url, slug) if web_url else f"`{slug}`"
+    extra = f" {clip(escape(detail), 500)}" if detail else ""
+    return _section(f":building_construction: <@{user}> {verb} the pipeline {target}{extra}.")
+
+
+def _input(
+    block_id: str,
+    label: str,
+    initial: str | None,
+    *,
+    multiline: bool = False,
+    optional: bool = False,
+    hint: str | None = None,
+) -> dict[str, Any]:
+    element: dict[str, Any] = {"type": "plain_text_input", "action_id": "value"}
+    if multiline:
+        element["multiline"] = True
+    if initial:
+        element["initial_value"] = clip(initial, 3000)
+    block: dict[str, Any] = {
+        "type": "input",
+        "block_id": block_id,
+        "label": {"type": "plain_text", "text": label},
+        "element": element,
+        "optional": optional,
+    }
+    if hint:
+        block["hint"] = {"type": "plain_text", "text": clip(hint, 2000)}
+    return block
+
+
+def pipeline_modal(
+    metadata: PipelineModalMetadata,
+    *,
+    name: str | None = None,
+    repository: str | None = None,
+    default_branch: str | None = None,
+    description: str | None = None,
+    steps: str | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """The modal to create a pipeline (steps pasted), or to update one (metadata.pipeline)."""
+    updating = metadata.pipeline is not None
+    blocks: list[dict[str, Any]] = []
+    if error:
+        blocks.append(_text_section(f":x: {clip(escape(error), 2900)}"))
+    if updating:
+        blocks.append(_text_section(f"Changing the settings of `{metadata.pipeline}`."))
+    else:
+        blocks.append(_input("name", "Name", name, hint="The slug is derived from it."))
+    blocks += [
+        _input("repository", "Repository URL", repository, hint="e.g. git@github.com:acme/web.git"),
+        _input("default_branch", "Default branch", default_branch, optional=True),
+        _input("description", "Description", description, optional=True),
+    ]
+    if not updating:
+        blocks.append(
+            _input(
+                "steps",
+                "Steps (YAML)",
+                steps,
+                multiline=True,
+                hint="A top-level `steps:` list, as in pipeline.yml.",
+            )
+        )
+    return {
+        "type": "modal",
+        "callback_id": PIPELINE_UPDATE_CALLBACK if updating else PIPELINE_CREATE_CALLBACK,
+        "title": {"type": "plain_text", "text": "Update pipeline" if updating else "New pipeline"},
+        "submit": {"type": "plain_text", "text": "Save" if updating else "Create"},
+        "close": {"type": "plain_text", "text": "Cancel"},
+        "private_metadata": metadata.model_dump_json(exclude_none=True),
+        "blocks": blocks,
+    }
+
+
+def modal_notice(title: str, text: str) -> dict[str, Any]:
+    """A modal that only says something: progress, or the outcome of a submission."""
+    return {
+        "type": "modal",
+        "title": {"type": "plain_text", "text": clip(title, 24)},
+        "close": {"type": "plain_text", "text": "Close"},
+        "blocks": [_text_section(text)],
+    }

@@ -7,20 +7,30 @@ Anything that goes wrong becomes a `UserError` whose text is meant for the perso
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
-from dataclasses import dataclass
+import re
+import time
+from dataclasses import asdict, dataclass, field, replace
+from dataclasses import fields as dataclass_fields
+from typing import Any
 
 import httpx
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from app.commands import BuildRef, DeployRequest
-from app.messages import link
+from app import messages
+from app.audit import Auditor
+from app.commands import AuditRequest, BuildRef, DeployRequest, LockRequest, UnlockRequest
+from app.directory import Directory
+from app.messages import DeployPlan, Rendered, UnblockButtonValue, link
 from app.outbox import Outbox
+from app.policy import Action, Policy, Rule, principal_ref
+from app.routing import Router
 from app.settings import Settings
-from app.store import ACTION_TTL, REQUEST_TTL, Store
+from app.store import ACTION_TTL, REQUEST_TTL, Store, TrackedBuild
 from app.tracker import Tracker
 from buildkite.client import BuildkiteClient
 from buildkite.errors import (
@@ -33,7 +43,7 @@ from buildkite.errors import (
     ServerError,
     ValidationFailed,
 )
-from buildkite.models import Build
+from buildkite.models import Build, BuildState, Job, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +72,22 @@ class Services:
     store: Store
     outbox: Outbox
     tracker: Tracker
+    policy: Policy
+    directory: Directory
+    auditor: Auditor
+    router: Router
+    #: Listener tasks still working after their ack, awaited at shutdown.
+    inflight: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    async def finish_inflight(self, timeout: float) -> None:  # noqa: ASYNC109
+        """Wait (bounded) for acknowledged requests to finish what they started."""
+        current = asyncio.current_task()
+        tasks = [t for t in self.inflight if t is not current and not t.done()]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=timeout)
+            for task in late:
+                log.warning("shutdown: a request was still running after %.0f s", timeout)
+                task.cancel()
 
 
 def request_id_for(*parts: str) -> str:
@@ -113,11 +139,107 @@ def explain(exc: BuildkiteError, *, action: str, pipeline: str, number: int | No
     return f"Could not {action} {what}: Buildkite answered {message}."
 
 
+@dataclass(frozen=True)
+class Actor:
+    """Who asked, and from where: what the policy and the audit trail need to know."""
+
+    user_id: str
+    user_name: str
+    channel_id: str
+    channel_name: str | None = None
+    response_url: str | None = None
+
+
+@dataclass(frozen=True)
+class Started:
+    build: Build
+
+
+@dataclass(frozen=True)
+class NeedsConfirmation:
+    """A protected pipeline: the person must confirm this plan first."""
+
+    rendered: Rendered
+
+
+@dataclass(frozen=True)
+class AwaitingApproval:
+    approval_id: str
+
+
+DeployOutcome = Started | NeedsConfirmation | AwaitingApproval
+
+
 class Operations:
-    """Deploy, cancel and rebuild, as requested by a Slack user."""
+    """Deploy, cancel, rebuild, locks and approvals, as requested by a Slack user.
+
+    Every mutation goes through the policy and is recorded in the audit trail, allowed or not.
+    """
 
     def __init__(self, services: Services) -> None:
         self.s = services
+
+    # -- checks ---------------------------------------------------------------------------
+
+    async def _audit(
+        self,
+        actor: Actor,
+        action: str,
+        pipeline: str,
+        outcome: str,
+        *,
+        build: Build | None = None,
+        number: int | None = None,
+        detail: str = "",
+    ) -> None:
+        await self.s.auditor.record(
+            user=actor.user_id,
+            action=action,
+            pipeline=pipeline,
+            channel=actor.channel_id,
+            outcome=outcome,
+            number=build.number if build else number,
+            url=build.web_url if build else None,
+            detail=detail,
+        )
+
+    async def _authorize(
+        self, action: Action, pipeline: str, actor: Actor, *, number: int | None = None
+    ) -> Rule:
+        decision = await self.s.policy.check(
+            action,
+            pipeline,
+            user=actor.user_id,
+            channel_id=actor.channel_id,
+            channel_name=actor.channel_name,
+            resolve=self.s.directory.usergroup_members,
+        )
+        if not decision.allowed:
+            await self._audit(
+                actor,
+                action.value,
+                pipeline,
+                "refused",
+                number=number,
+                detail=f"rule {decision.rule}",
+            )
+            raise UserError(f":no_entry: {decision.reason}")
+        return self.s.policy.rule_for(pipeline)
+
+    async def _check_lock(self, pipeline: str, actor: Actor) -> None:
+        try:
+            lock = await self.s.store.pipeline_lock(pipeline)
+        except RedisError:
+            raise UserError(TRACKING_DOWN) from None
+        if lock and lock["user"] != actor.user_id:
+            reason = f" ({lock['reason']})" if lock.get("reason") else ""
+            await self._audit(
+                actor, "deploy", pipeline, "refused", detail=f"locked by {lock['user']}"
+            )
+            raise UserError(
+                f":lock: `{pipeline}` is locked by <@{lock['user']}>{reason}. "
+                "Ask them to `/deploy unlock` it when they are done."
+            )
 
     async def _claim(self, request_id: str, user_id: str, ttl: int = REQUEST_TTL) -> None:
         """Claim a request, or explain that it (or the same click by someone) is already handled."""
@@ -134,33 +256,219 @@ class Operations:
             )
         raise UserError(f":hourglass_flowing_sand: <@{first}> already asked for this a moment ago.")
 
-    async def deploy(
-        self, request: DeployRequest, *, user_id: str, user_name: str, channel: str, trigger: str
-    ) -> Build:
-        """Start a build, once per Slack request."""
+    # -- deploy ---------------------------------------------------------------------------
+
+    async def deploy(self, request: DeployRequest, actor: Actor, *, trigger: str) -> DeployOutcome:
+        """Start a build (once per Slack request), or ask first when the pipeline is protected."""
+        rule = await self._authorize(Action.DEPLOY, request.pipeline, actor)
+        await self._check_lock(request.pipeline, actor)
         request_id = request_id_for("deploy", trigger)
-        await self._claim(request_id, user_id)
+        await self._claim(request_id, actor.user_id)
         try:
             pipeline = await self.s.buildkite.get_pipeline(request.pipeline)
-            branch = request.branch or pipeline.default_branch or "main"
-            message = request.message or f"Deployed from Slack by @{user_name}"
+        except BuildkiteError as exc:
+            await self._forget(request_id)
+            await self._audit(actor, "deploy", request.pipeline, "failed", detail=str(exc))
+            raise UserError(explain(exc, action="deploy", pipeline=request.pipeline)) from None
+        plan = DeployPlan(
+            pipeline=request.pipeline,
+            branch=request.branch or pipeline.default_branch or "main",
+            commit=request.commit,
+            message=request.message or f"Deployed from Slack by @{actor.user_name}",
+            env=dict(request.env),
+            requester=actor.user_id,
+        )
+        if not rule.protected:
+            return Started(await self._start(plan, actor, request_id=request_id))
+        plan = await self._describe(plan, pipeline, rule)
+        await self.s.store.save_deploy_request(request_id, _plan_data(plan, actor))
+        return NeedsConfirmation(messages.confirm_deploy(plan, request_id))
+
+    async def _describe(self, plan: DeployPlan, pipeline: Pipeline, rule: Rule) -> DeployPlan:
+        """Resolve HEAD to the branch's last built SHA, and link the diff on GitHub."""
+        last: Build | None = None
+        last_passed: Build | None = None
+        try:
+            async for build in self.s.buildkite.list_builds(
+                pipeline=plan.pipeline,
+                branch=plan.branch,
+                exclude_jobs=True,
+                per_page=20,
+                limit=20,
+            ):
+                last = last or build
+                if build.state is BuildState.PASSED and last_passed is None:
+                    last_passed = build
+                if last_passed is not None:
+                    break
+        except BuildkiteError as exc:
+            log.info("could not look up recent builds of %s: %s", plan.pipeline, exc)
+        sha = plan.commit if plan.commit != "HEAD" else (last.commit if last else None)
+        diff = None
+        repo = _github_repo(pipeline.repository)
+        if repo and last_passed and last_passed.commit and sha and last_passed.commit != sha:
+            diff = f"https://github.com/{repo}/compare/{last_passed.commit}...{sha}"
+        approvers = (
+            tuple(principal_ref(p) for p in rule.approval.approvers) if rule.approval else ()
+        )
+        return replace(
+            plan,
+            resolved_sha=sha if plan.commit == "HEAD" else None,
+            resolved_from=f"#{last.number}" if last and plan.commit == "HEAD" else None,
+            diff_url=diff,
+            approvers=approvers,
+            expires_in=rule.approval.expires_after if rule.approval else None,
+        )
+
+    async def confirm(self, request_id: str, actor: Actor) -> DeployOutcome:
+        """The requester confirmed a protected deploy: start it, or ask for approval."""
+        data = await self.s.store.take_deploy_request(request_id)
+        if data is None:
+            raise UserError("This confirmation has expired or was already used; nothing was done.")
+        plan = _plan_from(data)
+        if plan.requester != actor.user_id:
+            await self.s.store.save_deploy_request(request_id, data)  # still theirs to confirm
+            raise UserError(f"Only <@{plan.requester}>, who asked, can confirm this deploy.")
+        rule = await self._authorize(Action.DEPLOY, plan.pipeline, actor)
+        await self._check_lock(plan.pipeline, actor)
+        if rule.approval is None:
+            return Started(await self._start(plan, actor, request_id=request_id))
+        approval_id = request_id_for("approval", request_id)
+        expires_at = time.time() + rule.approval.expires_after
+        await self.s.store.create_approval(approval_id, data, expires_at=expires_at)
+        ts = await self.s.outbox.post(
+            actor.channel_id, messages.approval_request(plan, approval_id)
+        )
+        await self.s.store.set_approval_message(approval_id, channel=actor.channel_id, ts=ts)
+        await self._audit(actor, "deploy", plan.pipeline, "approval requested")
+        return AwaitingApproval(approval_id)
+
+    async def decide(self, approval_id: str, actor: Actor, *, approve: bool) -> Build | None:
+        """An approver's click: the first valid decision wins; the requester cannot approve."""
+        approval = await self.s.store.approval(approval_id)
+        if approval is None:
+            raise UserError("This approval request no longer exists.")
+        data = approval["request"]
+        plan = _plan_from(data)
+        rule = self.s.policy.rule_for(plan.pipeline)
+        action = "approve" if approve else "reject"
+        if actor.user_id == plan.requester and approve:
+            await self._audit(actor, action, plan.pipeline, "refused", detail="self-approval")
+            raise UserError(
+                "You cannot approve your own deploy: someone else from "
+                f"{', '.join(plan.approvers) or 'the approvers'} has to."
+            )
+        approvers = rule.approval.approvers if rule.approval else []
+        allowed = actor.user_id == plan.requester or actor.user_id in await self.s.policy.members(
+            approvers, self.s.directory.usergroup_members
+        )
+        if not allowed:
+            await self._audit(actor, action, plan.pipeline, "refused", detail="not an approver")
+            raise UserError(
+                f"Only {', '.join(plan.approvers) or 'the approvers'} may {action} this deploy."
+            )
+        result = await self.s.store.decide_approval(
+            approval_id,
+            status="approved" if approve else "rejected",
+            user=actor.user_id,
+            now=time.time(),
+        )
+        if result == "expired!":
+            await self._show_approval(approval, plan, "expired")
+        if result != "ok":
+            state = result.rstrip("!")
+            raise UserError(f"This deploy request was already {state}; nothing was done.")
+        await self._audit(actor, action, plan.pipeline, "approved" if approve else "rejected")
+        if not approve:
+            await self._show_approval(approval, plan, "rejected", decided_by=actor.user_id)
+            return None
+        requester = Actor(
+            user_id=plan.requester,
+            user_name=str(data.get("user_name") or plan.requester),
+            channel_id=approval["channel"] or actor.channel_id,
+            channel_name=data.get("channel_name"),
+        )
+        try:
+            build = await self._start(
+                plan,
+                requester,
+                request_id=approval_id,
+                thread=approval["ts"] or None,
+                approved_by=actor.user_id,
+            )
+        except UserError:
+            await self._show_approval(approval, plan, "approved", decided_by=actor.user_id)
+            raise
+        await self._show_approval(approval, plan, "approved", decided_by=actor.user_id, build=build)
+        return build
+
+    async def expire_approvals(self) -> int:
+        """Mark approvals past their time as expired and say so on their messages."""
+        expired = 0
+        for approval_id in await self.s.store.due_approvals(time.time()):
+            result = await self.s.store.decide_approval(
+                approval_id, status="expired", user="", now=time.time()
+            )
+            approval = await self.s.store.approval(approval_id)
+            if result == "expired!" and approval is not None:
+                await self._show_approval(approval, _plan_from(approval["request"]), "expired")
+                expired += 1
+        return expired
+
+    async def _show_approval(
+        self,
+        approval: dict[str, Any],
+        plan: DeployPlan,
+        status: str,
+        *,
+        decided_by: str | None = None,
+        build: Build | None = None,
+    ) -> None:
+        if not approval.get("ts"):
+            return
+        rendered = messages.approval_request(
+            plan, "0" * 16, status=status, decided_by=decided_by, build=build
+        )
+        await self.s.outbox.update(approval["channel"], approval["ts"], rendered)
+
+    async def _start(
+        self,
+        plan: DeployPlan,
+        actor: Actor,
+        *,
+        request_id: str,
+        thread: str | None = None,
+        approved_by: str | None = None,
+    ) -> Build:
+        author = await self.s.directory.author_for(actor.user_id)
+        meta = {"chatops_requested_by": actor.user_id}
+        if approved_by:
+            meta["chatops_approved_by"] = approved_by
+        try:
             build = await self.s.buildkite.create_build(
-                request.pipeline,
-                commit=request.commit,
-                branch=branch,
-                message=message,
-                env=request.env or None,
+                plan.pipeline,
+                commit=plan.commit,
+                branch=plan.branch,
+                message=plan.message,
+                author=author,
+                env=plan.env or None,
+                meta_data=meta,
                 request_id=request_id,
             )
         except BuildkiteError as exc:
             await self._forget(request_id)
-            raise UserError(explain(exc, action="deploy", pipeline=request.pipeline)) from None
-        await self._track(build, request.pipeline, channel=channel, requester=user_id)
+            await self._audit(actor, "deploy", plan.pipeline, "failed", detail=str(exc))
+            raise UserError(explain(exc, action="deploy", pipeline=plan.pipeline)) from None
+        await self._audit(actor, "deploy", plan.pipeline, "started", build=build)
+        await self._track(build, plan.pipeline, actor, thread=thread)
         return build
 
-    async def cancel(self, ref: BuildRef, *, user_id: str, dedup_key: str) -> Build:
+    # -- cancel and rebuild -----------------------------------------------------------------
+
+    async def cancel(self, ref: BuildRef, actor: Actor, *, dedup_key: str) -> Build:
         """Cancel a running build, once per request."""
-        await self._claim(dedup_key, user_id, ttl=ACTION_TTL)
+        await self._authorize(Action.CANCEL, ref.pipeline, actor, number=ref.number)
+        await self._claim(dedup_key, actor.user_id, ttl=ACTION_TTL)
         bk = self.s.buildkite
         try:
             try:
@@ -168,6 +476,14 @@ class Operations:
             except ValidationFailed:
                 current = await bk.get_build(ref.pipeline, ref.number)
                 if current.is_final:
+                    await self._audit(
+                        actor,
+                        "cancel",
+                        ref.pipeline,
+                        "refused",
+                        build=current,
+                        detail=f"already {current.state.value}",
+                    )
                     raise UserError(
                         f"{link(current.web_url, f'{ref.pipeline} #{ref.number}')} already "
                         f"finished ({current.state.value}); there is nothing to cancel."
@@ -175,44 +491,295 @@ class Operations:
                 raise
         except BuildkiteError as exc:
             await self._forget(dedup_key)
+            await self._audit(
+                actor, "cancel", ref.pipeline, "failed", number=ref.number, detail=str(exc)
+            )
             raise UserError(
                 explain(exc, action="cancel", pipeline=ref.pipeline, number=ref.number)
             ) from None
+        await self._audit(actor, "cancel", ref.pipeline, "requested", build=build)
         await self._observe(build)
         return build
 
-    async def rebuild(self, ref: BuildRef, *, user_id: str, channel: str, dedup_key: str) -> Build:
+    async def rebuild(self, ref: BuildRef, actor: Actor, *, dedup_key: str) -> Build:
         """Rebuild a build; the new build is tracked in the original's thread when we know it."""
-        await self._claim(dedup_key, user_id, ttl=ACTION_TTL)
+        await self._authorize(Action.REBUILD, ref.pipeline, actor, number=ref.number)
+        await self._check_lock(ref.pipeline, actor)
+        await self._claim(dedup_key, actor.user_id, ttl=ACTION_TTL)
         try:
             build = await self.s.buildkite.rebuild_build(ref.pipeline, ref.number)
         except BuildkiteError as exc:
             await self._forget(dedup_key)
+            await self._audit(
+                actor, "rebuild", ref.pipeline, "failed", number=ref.number, detail=str(exc)
+            )
             raise UserError(
                 explain(exc, action="rebuild", pipeline=ref.pipeline, number=ref.number)
             ) from None
+        await self._audit(
+            actor, "rebuild", ref.pipeline, "started", build=build, detail=f"of #{ref.number}"
+        )
         thread_ts = None
         try:
             original = await self.s.store.find(ref.pipeline, ref.number)
-            if original is not None and original.channel == channel:
-                thread_ts = original.reply_thread
+            target = original.target(actor.channel_id) if original is not None else None
+            if target is not None:
+                thread_ts = target.reply_thread
         except RedisError:
             pass  # _track below reports the outage with the build's link
-        await self._track(build, ref.pipeline, channel=channel, requester=user_id, thread=thread_ts)
+        await self._track(build, ref.pipeline, actor, thread=thread_ts)
         return build
 
-    async def _track(
+    # -- unblock and retry ---------------------------------------------------------------
+
+    async def block_fields(
+        self, value: UnblockButtonValue, actor: Actor
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """Check the unblock is allowed, and read the block step's label and fields."""
+        await self._authorize(Action.UNBLOCK, value.pipeline, actor, number=value.number)
+        try:
+            build = await self.s.buildkite.get_build(value.pipeline, value.number)
+        except BuildkiteError as exc:
+            raise UserError(
+                explain(exc, action="unblock", pipeline=value.pipeline, number=value.number)
+            ) from None
+        job = next((j for j in build.jobs if j.id == value.job), None)
+        if job is None or job.type != "manual":
+            raise UserError("That block step is not part of this build any more.")
+        if job.state != "blocked":
+            raise UserError(f"*{job.display_name}* is not waiting any more ({job.state}).")
+        return job.display_name, list(job.fields or [])
+
+    async def unblock(
         self,
-        build: Build,
-        pipeline: str,
+        value: UnblockButtonValue,
+        actor: Actor,
         *,
-        channel: str,
-        requester: str,
-        thread: str | None = None,
+        label: str,
+        fields: dict[str, str],
+        thread: tuple[str, str | None],
+        dedup_key: str,
+    ) -> None:
+        """Unblock a block step (with its fields); the result goes to the build's thread."""
+        await self._authorize(Action.UNBLOCK, value.pipeline, actor, number=value.number)
+        await self._claim(dedup_key, actor.user_id, ttl=ACTION_TTL)
+        try:
+            await self.s.buildkite.unblock_job(
+                value.pipeline, value.number, value.job, fields=fields or None
+            )
+        except BuildkiteError as exc:
+            await self._forget(dedup_key)
+            await self._audit(
+                actor, "unblock", value.pipeline, "failed", number=value.number, detail=str(exc)
+            )
+            raise
+        await self._audit(
+            actor, "unblock", value.pipeline, "unblocked", number=value.number, detail=label
+        )
+        channel, thread_ts = thread
+        await self._post_in_thread(
+            value.pipeline,
+            value.number,
+            channel,
+            thread_ts,
+            messages.unblocked_reply(actor.user_id, label, fields),
+        )
+        with contextlib.suppress(BuildkiteError, RedisError):
+            await self.s.tracker.observe(
+                await self.s.buildkite.get_build(value.pipeline, value.number)
+            )
+
+    async def retry_failed(
+        self, ref: BuildRef, actor: Actor, *, thread: tuple[str, str | None], dedup_key: str
+    ) -> list[Job]:
+        """Retry a failed build's failed jobs (not a rebuild) and follow it again."""
+        await self._authorize(Action.REBUILD, ref.pipeline, actor, number=ref.number)
+        await self._claim(dedup_key, actor.user_id, ttl=ACTION_TTL)
+        bk = self.s.buildkite
+        try:
+            build = await bk.get_build(ref.pipeline, ref.number)
+            failed = build.failed_jobs
+            if not failed:
+                raise UserError(
+                    f"{link(build.web_url, f'{ref.pipeline} #{ref.number}')} has no failed jobs "
+                    "to retry."
+                )
+            await bk.retry_failed_jobs(ref.pipeline, ref.number)
+            fresh = await bk.get_build(ref.pipeline, ref.number)
+        except BuildkiteError as exc:
+            await self._forget(dedup_key)
+            await self._audit(
+                actor, "retry", ref.pipeline, "failed", number=ref.number, detail=str(exc)
+            )
+            raise UserError(
+                explain(
+                    exc, action="retry the failed jobs of", pipeline=ref.pipeline, number=ref.number
+                )
+            ) from None
+        await self._audit(
+            actor,
+            "retry",
+            ref.pipeline,
+            "retried",
+            build=fresh,
+            detail=", ".join(j.display_name for j in failed),
+        )
+        channel, thread_ts = thread
+        await self._post_in_thread(
+            ref.pipeline,
+            ref.number,
+            channel,
+            thread_ts,
+            messages.retried_reply(actor.user_id, failed),
+        )
+        await self._follow_again(fresh, ref.pipeline, actor)
+        return failed
+
+    async def auto_retry(self, tracked: TrackedBuild, build: Build) -> None:
+        """Retry a failed build's jobs when its pipeline opted in, within the rule's bounds."""
+        rule = self.s.policy.rule_for(tracked.pipeline).auto_retry
+        if rule is None:
+            return
+        attempt = await self.s.store.count_auto_retry(tracked.build_id)
+        if attempt > rule.max_attempts:
+            return
+        if (
+            await self.s.store.spend_retry_budget(tracked.pipeline, rule.hourly_budget, time.time())
+            is None
+        ):
+            log.info(
+                "auto-retry of %s #%s skipped: hourly budget of %d spent",
+                tracked.pipeline,
+                tracked.number,
+                rule.hourly_budget,
+            )
+            for target in tracked.targets:
+                await self.s.outbox.post(
+                    target.channel,
+                    messages.notice(
+                        f":hourglass: Not auto-retried: `{tracked.pipeline}` used its budget of "
+                        f"{rule.hourly_budget} automatic retries this hour."
+                    ),
+                    thread_ts=target.reply_thread,
+                )
+            return
+        bk = self.s.buildkite
+        try:
+            full = await bk.get_build(tracked.pipeline, tracked.number)
+            await bk.retry_failed_jobs(tracked.pipeline, tracked.number)
+            fresh = await bk.get_build(tracked.pipeline, tracked.number)
+        except BuildkiteError as exc:
+            log.warning("auto-retry of %s #%s failed: %s", tracked.pipeline, tracked.number, exc)
+            return
+        await self.s.auditor.record(
+            user="auto-retry",
+            action="retry",
+            pipeline=tracked.pipeline,
+            channel="",
+            outcome="retried",
+            number=tracked.number,
+            url=build.web_url,
+            detail=f"attempt {attempt} of {rule.max_attempts}",
+        )
+        reply = messages.retried_reply(None, full.failed_jobs, attempt=(attempt, rule.max_attempts))
+        for target in tracked.targets:
+            await self.s.outbox.post(target.channel, reply, thread_ts=target.reply_thread)
+        await self.s.tracker.reopen(fresh)
+
+    async def _follow_again(self, fresh: Build, pipeline: str, actor: Actor) -> None:
+        tracked = await self.s.store.get(fresh.id)
+        if tracked is not None:
+            await self.s.tracker.reopen(fresh)
+        else:
+            await self._track(fresh, pipeline, actor)
+            await self.s.store.mark_retried(fresh.id)
+
+    async def _post_in_thread(
+        self, pipeline: str, number: int, channel: str, thread_ts: str | None, reply: Rendered
+    ) -> None:
+        """Post in the thread of the build's message in `channel` (or of the clicked message)."""
+        tracked = await self.s.store.find(pipeline, number)
+        target = tracked.target(channel) if tracked else None
+        thread = (target.reply_thread if target else None) or thread_ts
+        await self.s.outbox.post(channel, reply, thread_ts=thread)
+
+    # -- locks and the audit trail ----------------------------------------------------------
+
+    async def lock(self, request: LockRequest, actor: Actor) -> str:
+        await self._authorize(Action.LOCK, request.pipeline, actor)
+        holder = await self.s.store.lock_pipeline(
+            request.pipeline,
+            user=actor.user_id,
+            reason=request.reason,
+            ttl=request.ttl,
+            now=time.time(),
+        )
+        if holder is not None and holder["user"] != actor.user_id:
+            await self._audit(
+                actor, "lock", request.pipeline, "refused", detail=f"held by {holder['user']}"
+            )
+            raise UserError(
+                f":lock: `{request.pipeline}` is already locked by <@{holder['user']}>."
+            )
+        await self._audit(actor, "lock", request.pipeline, "locked", detail=request.reason)
+        until = f" for {_human(request.ttl)}" if request.ttl else " until unlocked"
+        return (
+            f":lock: <@{actor.user_id}> locked `{request.pipeline}`{until}"
+            + (f": {request.reason}" if request.reason else ".")
+            + " Nobody else can deploy it meanwhile."
+        )
+
+    async def unlock(self, request: UnlockRequest, actor: Actor) -> str:
+        lock = await self.s.store.pipeline_lock(request.pipeline)
+        if lock is None:
+            raise UserError(f"`{request.pipeline}` is not locked.")
+        if lock["user"] != actor.user_id and not await self.s.policy.is_admin(
+            actor.user_id, self.s.directory.usergroup_members
+        ):
+            await self._audit(
+                actor, "unlock", request.pipeline, "refused", detail=f"held by {lock['user']}"
+            )
+            raise UserError(
+                f"Only <@{lock['user']}>, who locked `{request.pipeline}`, or an admin can "
+                "unlock it."
+            )
+        await self.s.store.unlock_pipeline(request.pipeline)
+        await self._audit(actor, "unlock", request.pipeline, "unlocked")
+        return f":unlock: <@{actor.user_id}> unlocked `{request.pipeline}`."
+
+    async def audit_entries(self, request: AuditRequest, actor: Actor) -> list[dict[str, str]]:
+        """The audit trail, for admins (everything) or a pipeline's deployers (that pipeline)."""
+        resolve = self.s.directory.usergroup_members
+        admin = await self.s.policy.is_admin(actor.user_id, resolve)
+        open_policy = not self.s.policy.admins
+        if not admin:
+            if request.pipeline is None and not open_policy:
+                raise UserError("Only admins can see the whole audit trail; name a pipeline.")
+            if request.pipeline is not None:
+                rule = self.s.policy.rule_for(request.pipeline)
+                allowed = rule.allowed(Action.DEPLOY)
+                if allowed is not None and actor.user_id not in await self.s.policy.members(
+                    allowed, resolve
+                ):
+                    raise UserError(
+                        f"Only admins and those who may deploy `{request.pipeline}` can see its "
+                        "audit trail."
+                    )
+        return await self.s.store.audit_entries(pipeline=request.pipeline, limit=AUDIT_SHOWN)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _track(
+        self, build: Build, pipeline: str, actor: Actor, *, thread: str | None = None
     ) -> None:
         try:
             await self.s.tracker.track(
-                build, pipeline=pipeline, channel=channel, requester=requester, thread_ts=thread
+                build,
+                pipeline=pipeline,
+                channel=actor.channel_id,
+                requester=actor.user_id,
+                thread_ts=thread,
+                notify_url=actor.response_url,
             )
         except RedisError as exc:
             log.error("build %s started but could not be tracked: %s", build.web_url, exc)
@@ -233,3 +800,38 @@ class Operations:
         # The mutation never happened, so a retry by the user must not be taken for a duplicate.
         with contextlib.suppress(RedisError):
             await self.s.store.release_request(request_id)
+
+
+AUDIT_SHOWN = 15
+
+
+def _github_repo(repository: str | None) -> str | None:
+    """`owner/name` of a GitHub repository URL (https or ssh), else None."""
+    if not repository:
+        return None
+    match = re.match(
+        r"^(?:https://github\.com/|git@github\.com:)([\w.-]+/[\w.-]+?)(?:\.git)?/?$", repository
+    )
+    return match.group(1) if match else None
+
+
+def _plan_data(plan: DeployPlan, actor: Actor) -> dict[str, Any]:
+    data = asdict(plan)
+    data["approvers"] = list(plan.approvers)
+    data.update(user_name=actor.user_name, channel_name=actor.channel_name)
+    return data
+
+
+def _plan_from(data: dict[str, Any]) -> DeployPlan:
+    fields = {f.name for f in dataclass_fields(DeployPlan)}
+    values = {k: v for k, v in data.items() if k in fields}
+    values["approvers"] = tuple(values.get("approvers") or ())
+    values["env"] = dict(values.get("env") or {})
+    return DeployPlan(**values)
+
+
+def _human(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"

@@ -21,7 +21,12 @@ from app.messages import Rendered
 
 log = logging.getLogger(__name__)
 
-#: Errors that retrying cannot fix, with what the operator should do about them.
+#: Slack errors worth retrying; any other `ok: false` will fail again however often it is sent.
+TEMPORARY_ERRORS = frozenset(
+    {"ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout"}
+)
+
+#: What the operator should do about the permanent errors seen most often.
 PERMANENT_ERRORS: dict[str, str] = {
     "channel_not_found": "the channel does not exist or the bot cannot see it; invite the bot",
     "not_in_channel": "invite the bot to the channel (/invite @bot) or add chat:write.public",
@@ -31,6 +36,9 @@ PERMANENT_ERRORS: dict[str, str] = {
     "invalid_blocks": "a rendered message was rejected; please report this as a bug",
     "msg_too_long": "a rendered message was too long; please report this as a bug",
     "restricted_action": "a workspace setting stops the bot from posting there",
+    "missing_scope": "the app lacks a scope: reinstall it from manifest.yml",
+    "invalid_auth": "SLACK_BOT_TOKEN is wrong or revoked",
+    "token_revoked": "SLACK_BOT_TOKEN was revoked: reinstall the app",
 }
 
 
@@ -41,8 +49,11 @@ class SlackDeliveryError(Exception):
         self.method = method
         self.channel = channel
         self.error = error
-        self.permanent = error in PERMANENT_ERRORS
-        hint = PERMANENT_ERRORS.get(error, "Slack may be unavailable; it will be retried")
+        self.permanent = error not in TEMPORARY_ERRORS
+        hint = PERMANENT_ERRORS.get(
+            error,
+            "it will be retried" if not self.permanent else "see Slack's docs for this error",
+        )
         super().__init__(f"{method} to channel {channel} failed with {error}: {hint}")
 
 
@@ -156,7 +167,7 @@ class Outbox:
         try:
             return await self.client.api_call(method, json=kwargs)
         except SlackApiError as exc:
-            error = str(exc.response.get("error", "unknown_error"))
+            error = str(exc.response.get("error") or f"http_{exc.response.status_code}")
             failure = SlackDeliveryError(method, channel, error)
             if failure.permanent:
                 # Logged once per channel and error, so a misconfigured channel does not flood logs.
@@ -166,6 +177,16 @@ class Outbox:
             else:
                 log.warning("slack write failed: %s", failure)
             raise failure from None
+
+    async def ephemeral(self, channel: str, user: str, rendered: Rendered) -> None:
+        """A message only `user` sees, for answers with no response_url (modal submissions)."""
+        kwargs = {
+            "channel": channel,
+            "user": user,
+            "text": rendered.text,
+            "blocks": rendered.blocks,
+        }
+        await self._call("chat.postEphemeral", channel, kwargs)
 
     async def drain(self) -> None:
         """Wait for edits in flight (used at shutdown)."""

@@ -5,15 +5,71 @@ The environment variable names are the public interface: the README's settings t
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import yaml
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+_TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,49}$")
+
+
+def steps_problem(text: str) -> str | None:
+    """Why `text` is not a pipeline's steps YAML (a mapping with a non-empty `steps` list)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        return f"not valid YAML{where}"
+    if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
+        return "must be YAML with a top-level `steps:` list"
+    if not data["steps"]:
+        return "`steps:` is empty"
+    return None
+
+
+class DigestSchedule(BaseModel):
+    """One scheduled build-health digest (DIGEST_SCHEDULES): where, when (UTC) and over what."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    channel: str = Field(pattern=r"^([CG][A-Z0-9]{2,}|#[a-z0-9][a-z0-9._-]{0,79})$")
+    #: The time of day, UTC, as HH:MM.
+    at: str = Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+    window: Literal["24h", "7d"] = "24h"
+    #: "all", or a list of pipeline slugs.
+    pipelines: (
+        Literal["all"] | list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,99}$")]]
+    ) = "all"
+    #: Post weekly on this day instead of daily.
+    weekday: Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"] | None = None
+
+    @field_validator("pipelines", mode="before")
+    @classmethod
+    def _one_slug(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) and value != "all" else value
+
+    @property
+    def key(self) -> str:
+        """A stable id for this schedule, so its Redis records survive a restart."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
 
 
 class Settings(BaseSettings):
@@ -43,6 +99,8 @@ class Settings(BaseSettings):
 
     #: Seconds between two polls of Buildkite for builds whose webhooks did not arrive.
     poll_interval: Annotated[float, Field(gt=0, le=3600)] = 15.0
+    #: The deploy policy (YAML). A missing file means everyone may do everything (logged).
+    policy_file: str = "policy.yml"
 
     @field_validator("slack_bot_token")
     @classmethod
@@ -98,6 +156,67 @@ class Settings(BaseSettings):
     @property
     def socket_mode(self) -> bool:
         return self.slack_app_token is not None
+
+    #: Templates for `/buildkite pipeline create`: JSON {name: steps YAML}, or a YAML file's path.
+    pipeline_templates: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    #: Scheduled build-health digests, as a JSON list of DigestSchedule objects.
+    digest_schedules: Annotated[list[DigestSchedule], NoDecode] = Field(default_factory=list)
+
+    @field_validator("pipeline_templates", mode="before")
+    @classmethod
+    def _load_templates(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if not text:
+                return {}
+            if text.startswith("{"):
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"not valid JSON ({exc.msg})") from None
+            else:
+                path = Path(text)
+                if not path.is_file():
+                    raise ValueError(f"{text} is neither a JSON object nor an existing YAML file")
+                try:
+                    value = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+                except yaml.YAMLError:
+                    raise ValueError(f"{text} is not valid YAML") from None
+        if not isinstance(value, dict):
+            raise ValueError("must map template names to steps YAML")
+        templates: dict[str, str] = {}
+        for name, steps in value.items():
+            if not isinstance(name, str) or not _TEMPLATE_NAME.match(name):
+                raise ValueError(
+                    f"template name {name!r} must be lowercase letters, digits, - or _"
+                )
+            text = steps if isinstance(steps, str) else yaml.safe_dump(steps, sort_keys=False)
+            if problem := steps_problem(text):
+                raise ValueError(f"template {name!r}: {problem}")
+            templates[name] = text
+        return templates
+
+    @field_validator("digest_schedules", mode="before")
+    @classmethod
+    def _parse_schedules(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not value.strip():
+                return []
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON ({exc.msg})") from None
+        if not isinstance(value, list):
+            raise ValueError('must be a JSON list like [{"channel": "C0123", "at": "09:00"}]')
+        schedules = []
+        for number, item in enumerate(value, start=1):
+            try:
+                schedules.append(DigestSchedule.model_validate(item))
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(part) for part in first["loc"]) or "schedule"
+                raise ValueError(f"schedule {number}: {where}: {first['msg']}") from None
+        return schedules
 
 
 class SettingsError(Exception):

@@ -16,21 +16,37 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from redis.exceptions import RedisError, ResponseError
+from slack_sdk.webhook.async_client import AsyncWebhookClient
+
 from app import messages
+from app.directory import Directory
+from app.metrics import UNWIRED, Metrics
 from app.outbox import Outbox, SlackDeliveryError
-from app.store import Store, TrackedBuild, Transition
+from app.store import (
+    FINAL_RANK,
+    LOCK_TTL_MS,
+    REGRESSED,
+    MessageTarget,
+    Store,
+    TrackedBuild,
+    Transition,
+)
 from buildkite.client import SOURCE_META_KEY, SOURCE_META_VALUE, BuildkiteClient
-from buildkite.errors import BuildkiteError
+from buildkite.errors import BuildkiteError, NotFound, PermissionDenied
 from buildkite.models import ACTIVE_STATES, Build, BuildState, Job
 
 log = logging.getLogger(__name__)
 
 _SNAPSHOT_FIELDS = {
     "id",
+    "source",
+    "author",
+    "creator",
     "number",
     "state",
     "blocked",
@@ -44,7 +60,10 @@ _SNAPSHOT_FIELDS = {
 }
 
 #: How long a transition may stay unfinished by its reader before another process takes it.
-RECLAIM_IDLE_MS = 30_000
+#: Longer than a build lock, which its holder renews while it writes.
+RECLAIM_IDLE_MS = 2 * LOCK_TTL_MS
+#: A transition handed out this many times without success is set aside (and logged).
+MAX_DELIVERIES = 8
 #: A pending build not seen by the org-wide lists for this many poll intervals is fetched alone.
 STALE_AFTER_INTERVALS = 4
 #: At most this many single-build fetches per poll cycle, to stay within the rate budget.
@@ -52,21 +71,23 @@ MAX_SINGLE_FETCHES = 10
 #: Overlap of the `finished_from` window, for clock skew between us and Buildkite.
 FINISHED_OVERLAP = 120.0
 
+_RANKS = {
+    BuildState.CREATING: 1,
+    BuildState.SCHEDULED: 1,
+    BuildState.RUNNING: 2,
+    BuildState.FAILING: 3,
+    BuildState.CANCELING: 5,
+}
+_BLOCKED_RANK = 4
+
 
 def phase_of(build: Build) -> tuple[str, int]:
     """A build's phase (its state, marked when on a block step) and its rank in a build's life."""
     if build.is_final:
-        return build.state.value, 5
+        return build.state.value, FINAL_RANK
     if build.is_waiting_on_block:
-        return f"{build.state.value}:blocked", 4
-    rank = {
-        BuildState.CREATING: 1,
-        BuildState.SCHEDULED: 1,
-        BuildState.RUNNING: 2,
-        BuildState.FAILING: 3,
-        BuildState.CANCELING: 3,
-    }.get(build.state, 2)
-    return build.state.value, rank
+        return f"{build.state.value}:blocked", _BLOCKED_RANK
+    return build.state.value, _RANKS.get(build.state, 2)
 
 
 def reply_kind(phase: str) -> str | None:
@@ -95,6 +116,11 @@ class PollReport:
 class Tracker:
     """Follows the builds the bot started and writes their messages."""
 
+    #: Where this tracker counts; app.main wires in the process's metrics.
+    metrics: Metrics = UNWIRED
+    #: Retries a failed build's jobs when its pipeline opted in (wired by app.main).
+    auto_retry: Callable[[TrackedBuild, Build], Awaitable[None]] | None = None
+
     def __init__(
         self,
         store: Store,
@@ -104,37 +130,67 @@ class Tracker:
         poll_interval: float = 15.0,
         consumer: str | None = None,
         clock: Callable[[], float] = time.time,
+        people: Directory | None = None,
     ) -> None:
         self.store = store
         self.buildkite = buildkite
         self.outbox = outbox
         self.poll_interval = poll_interval
+        self.people = people
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.clock = clock
 
     # -- the one way in ---------------------------------------------------------------------
 
     async def track(
-        self, build: Build, *, pipeline: str, channel: str, requester: str, thread_ts: str | None
+        self,
+        build: Build,
+        *,
+        pipeline: str,
+        channel: str,
+        requester: str | None,
+        thread_ts: str | None = None,
+        notify_url: str | None = None,
+        route: str | None = None,
     ) -> bool:
-        """Start following a build; its message is posted by the notifier."""
+        """Follow a build with a message in `channel` (posted by the notifier).
+
+        False when that channel already has a message about the build: never two per channel.
+        """
         phase, rank = phase_of(build)
-        tracked = TrackedBuild(
-            build_id=build.id,
-            pipeline=pipeline,
-            number=build.number,
+        target = MessageTarget(
             channel=channel,
             requester=requester,
             thread_ts=thread_ts,
+            notify_url=notify_url,
+            route=route,
         )
         return await self.store.track(
-            tracked, phase=phase, rank=rank, snapshot=snapshot(build), final=build.is_final
+            build.id,
+            pipeline=pipeline,
+            number=build.number,
+            target=target,
+            phase=phase,
+            rank=rank,
+            snapshot=snapshot(build),
+            final=build.is_final,
         )
 
-    async def observe(self, build: Build) -> str | None:
-        """Feed a build seen anywhere; returns the previous phase if this call changed it."""
+    async def reopen(self, build: Build) -> None:
+        """The bot retried this finished build's jobs: follow it again, replies re-armed."""
+        await self.store.mark_retried(build.id)
+        await self.store.reset(build.id, new_generation=True)
+        await self.observe(build, confirmed=True)
+
+    async def observe(self, build: Build, *, confirmed: bool = False) -> str | None:
+        """Feed a build seen anywhere; returns the previous phase if this call changed it.
+
+        A build that seems to have gone back (it left a block step, or a finished build's jobs
+        were retried) is checked against Buildkite once before its message follows it back, so
+        a late, out-of-order webhook cannot undo a newer state.
+        """
         phase, rank = phase_of(build)
-        return await self.store.observe(
+        result = await self.store.observe(
             build.id,
             phase=phase,
             rank=rank,
@@ -143,34 +199,86 @@ class Tracker:
             blocked=build.is_waiting_on_block and not build.is_final,
             now=self.clock(),
         )
+        if result != REGRESSED:
+            return result
+        if confirmed:
+            return None
+        tracked = await self.store.get(build.id)
+        if tracked is None:
+            return None
+        try:
+            fresh = await self.buildkite.get_build(tracked.pipeline, tracked.number)
+        except BuildkiteError as exc:
+            log.warning("could not confirm %s #%s: %s", tracked.pipeline, tracked.number, exc)
+            return None
+        fresh_phase, fresh_rank = phase_of(fresh)
+        if fresh_phase == tracked.phase or fresh_rank >= _rank_of(tracked):
+            return await self.observe(fresh, confirmed=True)
+        was_final = tracked.phase in {s.value for s in BuildState if s.is_terminal}
+        await self.store.reset(build.id, new_generation=was_final)
+        return await self.observe(fresh, confirmed=True)
 
     # -- transitions to Slack ---------------------------------------------------------------
 
     async def run_notifier(self, stop: asyncio.Event) -> None:
-        await self.store.ensure_group()
+        group_ready = False
         last_reclaim = 0.0
         while not stop.is_set():
             try:
-                batch = await self.store.read_transitions(self.consumer, block_ms=500)
+                if not group_ready:
+                    await self.store.ensure_group()
+                    group_ready = True
+                batch = await self.store.read_transitions(self.consumer, block_ms=200)
                 if time.monotonic() - last_reclaim > RECLAIM_IDLE_MS / 3000:
                     last_reclaim = time.monotonic()
-                    batch += await self.store.reclaim_transitions(
-                        self.consumer, min_idle_ms=RECLAIM_IDLE_MS
-                    )
+                    batch += await self._reclaim()
                 for transition in batch:
-                    await self.process(transition)
+                    if stop.is_set():
+                        break  # left unacknowledged: taken over after a restart
+                    await self._process_safely(transition)
             except asyncio.CancelledError:
                 raise
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):  # Redis lost the stream (restart without persistence)
+                    group_ready = False
+                    continue
+                log.exception("notifier cycle failed; retrying")
+                await asyncio.sleep(1.0)
             except Exception:
                 log.exception("notifier cycle failed; retrying")
                 await asyncio.sleep(1.0)
 
+    async def _reclaim(self) -> list[Transition]:
+        taken = []
+        for transition in await self.store.reclaim_transitions(
+            self.consumer, min_idle_ms=RECLAIM_IDLE_MS
+        ):
+            if await self.store.delivery_count(transition.entry_id) > MAX_DELIVERIES:
+                log.error(
+                    "giving up on %s -> %s of build %s after %d attempts",
+                    transition.old,
+                    transition.new,
+                    transition.build_id,
+                    MAX_DELIVERIES,
+                )
+                await self.store.ack_transition(transition.entry_id)
+                continue
+            taken.append(transition)
+        return taken
+
+    async def _process_safely(self, transition: Transition) -> None:
+        try:
+            await self.process(transition)
+        except (TimeoutError, RedisError, BuildkiteError, OSError) as exc:
+            log.warning("transition of build %s not written yet: %s", transition.build_id, exc)
+        except Exception:
+            log.exception("transition of build %s failed", transition.build_id)
+
     async def process(self, transition: Transition) -> bool:
         """Write what one transition implies to Slack; True once it is done (and acknowledged)."""
-        token = await self._lock(transition.build_id)
-        if token is None:
-            return False  # another process holds it; the entry is reclaimed later if it dies
-        try:
+        async with self._locked(transition.build_id) as held:
+            if not held:
+                return False  # another process is on it; the entry is reclaimed if it dies
             tracked = await self.store.get(transition.build_id)
             if tracked is None:
                 await self.store.ack_transition(transition.entry_id)
@@ -181,75 +289,199 @@ class Tracker:
                 if not exc.permanent:
                     return False  # left unacknowledged: retried after RECLAIM_IDLE_MS
             await self.store.ack_transition(transition.entry_id)
+            self.metrics.build_transition(transition.old, transition.new)
             return True
-        finally:
-            await self.store.release_lock(transition.build_id, token)
 
-    async def _lock(self, build_id: str, wait: float = 5.0) -> str | None:
+    @contextlib.asynccontextmanager
+    async def _locked(self, build_id: str, wait: float = 5.0) -> AsyncIterator[bool]:
+        """Hold the build's lock (renewed while held), or yield False if it stays taken."""
         deadline = time.monotonic() + wait
-        while True:
-            token = await self.store.acquire_lock(build_id)
-            if token is not None or time.monotonic() > deadline:
-                return token
+        token = await self.store.acquire_lock(build_id)
+        while token is None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+            token = await self.store.acquire_lock(build_id)
+        if token is None:
+            yield False
+            return
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(LOCK_TTL_MS / 3000)
+                await self.store.renew_lock(build_id, token)
+
+        renewer = asyncio.create_task(renew())
+        try:
+            yield True
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+            await self.store.release_lock(build_id, token)
 
     async def _write(self, tracked: TrackedBuild, transition: Transition) -> None:
+        """Bring every concerned channel's message up to date, and add its thread reply."""
         build = Build.model_validate(tracked.snapshot)
-        root = messages.build_message(tracked.pipeline, build, tracked.requester)
-        digest = root.digest()
-        if tracked.ts is None:
-            tracked.ts = await self.outbox.post(tracked.channel, root, thread_ts=tracked.thread_ts)
-            await self.store.set_message(tracked.build_id, ts=tracked.ts, rendered=digest)
-        elif digest != tracked.rendered:
-            await self.outbox.update(tracked.channel, tracked.ts, root)
-            await self.store.set_message(tracked.build_id, ts=tracked.ts, rendered=digest)
+        details = _Details(self, tracked, build)
+        if transition.new.endswith(":blocked") and transition.new == tracked.phase:
+            details.block = await self._block_step(tracked)
+        retry_later: SlackDeliveryError | None = None
+        for target in tracked.targets:
+            if transition.channel not in (None, target.channel):
+                continue
+            try:
+                await self._write_target(tracked, build, target, transition, details)
+            except SlackDeliveryError as exc:
+                if not exc.permanent:
+                    retry_later = retry_later or exc  # the others still get theirs now
+        if retry_later is not None:
+            raise retry_later
+        if transition.channel is None and transition.gen == tracked.gen:
+            await self._after_final(tracked, build, transition)
 
+    async def _write_target(
+        self,
+        tracked: TrackedBuild,
+        build: Build,
+        target: MessageTarget,
+        transition: Transition,
+        details: _Details,
+    ) -> None:
+        await self._write_root(tracked, build, target, details)
         kind = reply_kind(transition.new)
-        if kind is None or transition.gen != tracked.gen:
+        if kind is None or transition.gen != tracked.gen or target.ts is None:
             return
         # A running or failing reply already overtaken by a later state stays out of the thread.
         if kind != "final" and transition.new != tracked.phase:
             return
-        if await self.store.was_posted(tracked.build_id, tracked.gen, kind):
+        if await self.store.was_posted(tracked.build_id, target.channel, tracked.gen, kind):
             return
-        reply, broadcast = await self._reply(kind, tracked, build)
+        reply, broadcast = await self._reply(kind, tracked, build, target, details)
         await self.outbox.post(
-            tracked.channel, reply, thread_ts=tracked.reply_thread, reply_broadcast=broadcast
+            target.channel, reply, thread_ts=target.reply_thread, reply_broadcast=broadcast
         )
-        await self.store.mark_posted(tracked.build_id, tracked.gen, kind)
+        await self.store.mark_posted(tracked.build_id, target.channel, tracked.gen, kind)
+
+    async def _write_root(
+        self, tracked: TrackedBuild, build: Build, target: MessageTarget, details: _Details
+    ) -> None:
+        """Post the build's message in one channel, or bring it up to date; a deleted one is
+        posted again."""
+        root = messages.build_message(
+            tracked.pipeline,
+            build,
+            target.requester,
+            block=details.block if tracked.phase.endswith(":blocked") else None,
+        )
+        digest = root.digest()
+        if target.ts is not None and digest != target.rendered:
+            try:
+                await self.outbox.update(target.channel, target.ts, root)
+            except SlackDeliveryError as exc:
+                if exc.error != "message_not_found":
+                    if not exc.permanent:
+                        raise
+                    return  # logged by the outbox; the thread reply still goes out
+                target.ts = None  # someone deleted it: post it again below
+            else:
+                target.rendered = digest
+                await self.store.save_target(tracked.build_id, target)
+        if target.ts is None:
+            try:
+                target.ts = await self.outbox.post(target.channel, root, thread_ts=target.thread_ts)
+            except SlackDeliveryError as exc:
+                if exc.permanent:
+                    await self._tell_requester(tracked, target, exc)
+                raise
+            target.rendered = digest
+            await self.store.save_target(tracked.build_id, target)
+
+    async def _tell_requester(
+        self, tracked: TrackedBuild, target: MessageTarget, exc: SlackDeliveryError
+    ) -> None:
+        """The build's message cannot be posted: say so to whoever asked, with the fix."""
+        if not target.notify_url:
+            return
+        url = tracked.snapshot.get("web_url")
+        title = messages.link(str(url) if url else None, f"{tracked.pipeline} #{tracked.number}")
+        text = (
+            f":warning: Your build {title} was started, but the bot cannot post its progress "
+            f"in this channel (`{exc.error}`). Invite the bot here (`/invite @buildkite`) or run "
+            "the command from a channel it is in."
+        )
+        try:
+            await AsyncWebhookClient(target.notify_url).send(
+                text=text, response_type="ephemeral", replace_original=False
+            )
+        except Exception as notify_error:  # the build is fine; the hint is best effort
+            log.warning("could not tell %s about %s: %s", target.requester, exc, notify_error)
+
+    async def _block_step(self, tracked: TrackedBuild) -> messages.BlockStep | None:
+        """The block step a build waits on (its job id, label and fields), from Buildkite."""
+        try:
+            full = await self.buildkite.get_build(tracked.pipeline, tracked.number)
+        except BuildkiteError as exc:
+            log.warning(
+                "could not read the block step of %s #%s: %s", tracked.pipeline, tracked.number, exc
+            )
+            return None
+        for job in full.jobs:
+            if job.type == "manual" and job.state == "blocked":
+                return messages.BlockStep(
+                    job_id=job.id, label=job.display_name, has_fields=bool(job.fields)
+                )
+        return None
 
     async def _reply(
-        self, kind: str, tracked: TrackedBuild, build: Build
+        self,
+        kind: str,
+        tracked: TrackedBuild,
+        build: Build,
+        target: MessageTarget,
+        details: _Details,
     ) -> tuple[messages.Rendered, bool]:
         if kind == "running":
             return messages.running_reply(tracked.pipeline, build), False
         if kind == "failing":
             return messages.failing_reply(tracked.pipeline, build), False
-        failed_jobs: list[Job] = []
-        if build.state is BuildState.FAILED:
-            try:
-                full = await self.buildkite.get_build(tracked.pipeline, tracked.number)
-                failed_jobs = full.failed_jobs
-            except BuildkiteError as exc:
-                log.warning(
-                    "could not list failed jobs of %s #%s: %s",
-                    tracked.pipeline,
-                    tracked.number,
-                    exc,
-                )
-        reply = messages.final_reply(tracked.pipeline, build, tracked.requester, failed_jobs)
-        return reply, build.state is BuildState.FAILED
+        failed = build.state is BuildState.FAILED
+        mention = target.requester
+        if mention is None and failed:
+            mention = await details.author_mention()
+        reply = messages.final_reply(
+            tracked.pipeline,
+            build,
+            mention,
+            await details.failed_jobs() if failed else [],
+            log_tail=await details.log_tail() if failed else None,
+            after_retry=tracked.retried and build.state is BuildState.PASSED,
+        )
+        # Only a failure of a build someone asked for is also sent to the channel.
+        return reply, failed and target.requester is not None
+
+    async def _after_final(
+        self, tracked: TrackedBuild, build: Build, transition: Transition
+    ) -> None:
+        """Once per build and generation: the branch's outcome, flaky signal, auto-retry."""
+        if reply_kind(transition.new) != "final" or transition.new != tracked.phase:
+            return
+        if not await self.store.once(tracked.build_id, tracked.gen, "final"):
+            return
+        if tracked.retried and build.state is BuildState.PASSED:
+            await self.store.record_flaky(tracked.pipeline, tracked.number, self.clock())
+        if build.state is BuildState.FAILED and self.auto_retry is not None:
+            await self.auto_retry(tracked, build)
 
     # -- the polling fallback ---------------------------------------------------------------
 
     async def run_poller(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                await self.poll_once()
+                self.metrics.poll_cycle(await self.poll_once())
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("poll cycle failed; retrying next interval")
+                self.metrics.poll_cycle(None)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.poll_interval)
 
@@ -272,18 +504,19 @@ class Tracker:
         last = await self.store.last_poll()
         since = (last if last is not None else now - 3600) - FINISHED_OVERLAP
         mine = {SOURCE_META_KEY: SOURCE_META_VALUE}
-        queries = [
-            {"state": list(ACTIVE_STATES)},
-            {"finished_from": datetime.fromtimestamp(since, tz=UTC)},
-        ]
-        for query in queries:
-            report.requests += 1
-            async for build in self.buildkite.list_builds(
+        for builds in (
+            self.buildkite.list_builds(
+                meta_data=mine, state=list(ACTIVE_STATES), exclude_jobs=True, per_page=100
+            ),
+            self.buildkite.list_builds(
                 meta_data=mine,
+                finished_from=datetime.fromtimestamp(since, tz=UTC),
                 exclude_jobs=True,
                 per_page=100,
-                **query,  # type: ignore[arg-type]
-            ):
+            ),
+        ):
+            report.requests += 1
+            async for build in builds:
                 if build.id in pending:
                     report.observed += 1
                     if await self.observe(build) is not None:
@@ -296,10 +529,17 @@ class Tracker:
         ):
             tracked = await self.store.get(build_id)
             if tracked is None:
+                await self.store.forget_pending(build_id)
                 continue
             report.requests += 1
             try:
                 build = await self.buildkite.get_build(tracked.pipeline, tracked.number)
+            except NotFound:
+                log.warning(
+                    "%s #%s no longer exists; not following it", tracked.pipeline, tracked.number
+                )
+                await self.store.forget_pending(build_id)
+                continue
             except BuildkiteError as exc:
                 log.warning("poll of %s #%s failed: %s", tracked.pipeline, tracked.number, exc)
                 continue
@@ -307,3 +547,80 @@ class Tracker:
             if await self.observe(build) is not None:
                 report.changed += 1
         return report
+
+
+def _rank_of(tracked: TrackedBuild) -> int:
+    phase = tracked.phase
+    if phase.endswith(":blocked"):
+        return _BLOCKED_RANK
+    if phase in {s.value for s in BuildState if s.is_terminal}:
+        return FINAL_RANK
+    try:
+        return _RANKS.get(BuildState(phase), 2)
+    except ValueError:
+        return 0
+
+
+class _Details:
+    """What a failure reply needs from Buildkite and Slack, fetched at most once per write."""
+
+    def __init__(self, tracker: Tracker, tracked: TrackedBuild, build: Build) -> None:
+        self.tracker = tracker
+        self.tracked = tracked
+        self.build = build
+        self.block: messages.BlockStep | None = None
+        self._full: Build | None = None
+        self._fetched = False
+
+    async def _full_build(self) -> Build | None:
+        if not self._fetched:
+            self._fetched = True
+            try:
+                self._full = await self.tracker.buildkite.get_build(
+                    self.tracked.pipeline, self.tracked.number
+                )
+            except BuildkiteError as exc:
+                log.warning(
+                    "could not list failed jobs of %s #%s: %s",
+                    self.tracked.pipeline,
+                    self.tracked.number,
+                    exc,
+                )
+        return self._full
+
+    async def failed_jobs(self) -> list[Job]:
+        full = await self._full_build()
+        return full.failed_jobs if full else []
+
+    async def log_tail(self) -> messages.LogTail | None:
+        jobs = await self.failed_jobs()
+        if not jobs:
+            return None
+        job = jobs[0]
+        try:
+            text = await self.tracker.buildkite.job_log_tail(
+                self.tracked.pipeline, self.tracked.number, job.id, max_bytes=LOG_TAIL_BYTES
+            )
+        except PermissionDenied:
+            return messages.LogTail(job=job, text=None, missing_scope="read_build_logs")
+        except BuildkiteError as exc:
+            log.info("no log tail for %s: %s", job.web_url, exc)
+            return None
+        return messages.LogTail(job=job, text=text)
+
+    async def author_mention(self) -> str | None:
+        """The Slack user whose email is the build author's (or creator's), if there is one."""
+        directory = self.tracker.people
+        if directory is None:
+            return None
+        people = [p for p in (self.build.author, self.build.creator) if p and p.email]
+        for person in people:
+            assert person.email is not None
+            user = await directory.user_for_email(person.email)
+            if user:
+                return user
+        return None
+
+
+#: How much of a failed job's log to fetch for the failure reply.
+LOG_TAIL_BYTES = 4000

@@ -1,17 +1,24 @@
-"""The bot's HTTP surface: Slack's events endpoint, Buildkite's webhook, and health.
+"""The bot's HTTP surface: Slack's events endpoint, Buildkite's webhook, health and metrics.
 
 In Socket Mode the Slack route is absent (Slack talks over the websocket); the others stay.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.async_app import AsyncApp
 
+from app import logs
+from app.checks import Readiness
+from app.metrics import Metrics
 from app.operations import Services
 from buildkite.webhooks import (
     WebhookPayloadError,
@@ -23,13 +30,20 @@ from buildkite.webhooks import (
 log = logging.getLogger(__name__)
 
 SERVICES_KEY = web.AppKey("services", Services)
+METRICS_KEY = web.AppKey("metrics", Metrics)
+READINESS_KEY = web.AppKey("readiness", Readiness)
 MAX_BODY = 1024 * 1024
 
 
-def create_web_app(services: Services, bolt: AsyncApp | None) -> web.Application:
-    """Routes: POST /slack/events (HTTP mode only), POST /buildkite/webhook, GET /healthz."""
-    app = web.Application(client_max_size=MAX_BODY)
+def create_web_app(
+    services: Services, bolt: AsyncApp | None, *, metrics: Metrics, readiness: Readiness
+) -> web.Application:
+    """Routes: POST /slack/events (HTTP mode only), POST /buildkite/webhook, and
+    GET /healthz, /readyz and /metrics."""
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[correlate])
     app[SERVICES_KEY] = services
+    app[METRICS_KEY] = metrics
+    app[READINESS_KEY] = readiness
     if bolt is not None:
 
         async def slack_events(request: web.Request) -> web.Response:
@@ -40,37 +54,77 @@ def create_web_app(services: Services, bolt: AsyncApp | None) -> web.Application
         app.router.add_post("/slack/events", slack_events)
     app.router.add_post("/buildkite/webhook", buildkite_webhook)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_page)
     return app
 
 
+@web.middleware
+async def correlate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A fresh correlation id for every request's log lines (a connection serves several)."""
+    logs.new_correlation_id()
+    return await handler(request)
+
+
 async def healthz(request: web.Request) -> web.Response:
+    """The process is alive and serving (nothing else is checked)."""
     return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready to work: Redis answers now, and Slack and Buildkite accepted the tokens."""
+    ready, checks = await request.app[READINESS_KEY].report()
+    body: dict[str, object] = {
+        "status": "ready" if ready else "not ready",
+        "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in checks},
+    }
+    if not ready:
+        body["failing"] = [c.name for c in checks if not c.ok]
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def metrics_page(request: web.Request) -> web.Response:
+    """Prometheus metrics of this process."""
+    metrics = request.app[METRICS_KEY]
+    store = request.app[SERVICES_KEY].store
+    with contextlib.suppress(RedisError, OSError, TimeoutError):
+        metrics.builds_pending.set(await asyncio.wait_for(store.pending_count(), 2.0))
+    return web.Response(
+        body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
 
 
 async def buildkite_webhook(request: web.Request) -> web.Response:
     """Verify a Buildkite webhook, then feed its build to the tracker."""
     services = request.app[SERVICES_KEY]
+    count = request.app[METRICS_KEY].webhook
     token = services.settings.buildkite_webhook_token
     body = await request.read()
     if token is None:
         log.warning("webhook refused: BUILDKITE_WEBHOOK_TOKEN is not set")
+        count(None, "not_configured")
         return web.json_response({"error": "webhooks are not configured"}, status=401)
     try:
         verify_webhook(request.headers, body, token)
     except WebhookVerificationError as exc:
         log.warning("webhook refused: %s", exc)
+        count(None, "unverified")
         return web.json_response({"error": "unverified"}, status=401)
     try:
         event = parse_webhook(request.headers, body)
     except WebhookPayloadError as exc:
         log.warning("webhook payload rejected: %s", exc)
+        count(request.headers.get("X-Buildkite-Event"), "bad_payload")
         return web.json_response({"error": "bad payload"}, status=400)
     if event.build is None:
+        count(event.event, "ignored")
         return web.json_response({"ok": True, "ignored": event.event})
     try:
-        changed = await services.tracker.observe(event.build)
+        changed = await services.router.on_build(event.build, event.pipeline)
     except RedisError as exc:
         # Buildkite retries nothing we can count on; the poller catches up once Redis is back.
         log.error("webhook %s not recorded, redis unavailable: %s", event.event, exc)
+        count(event.event, "tracking_unavailable")
         return web.json_response({"error": "tracking unavailable"}, status=503)
+    count(event.event, "accepted")
     return web.json_response({"ok": True, "changed": changed is not None})

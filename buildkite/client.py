@@ -248,6 +248,7 @@ class BuildkiteClient:
         meta_data: Mapping[str, str] | None = None,
         exclude_jobs: bool = False,
         exclude_pipeline: bool = False,
+        include_retried_jobs: bool = False,
         per_page: int = MAX_PER_PAGE,
         limit: int | None = None,
     ) -> AsyncIterator[Build]:
@@ -288,6 +289,8 @@ class BuildkiteClient:
             params.append(("exclude_jobs", "true"))
         if exclude_pipeline:
             params.append(("exclude_pipeline", "true"))
+        if include_retried_jobs:
+            params.append(("include_retried_jobs", "true"))
         return self._paginate(path, params, Build, per_page=per_page, limit=limit)
 
     # Jobs

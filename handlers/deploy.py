@@ -1,7 +1,8 @@
-"""Slack listeners for /deploy, /cancel, /rebuild and the buttons on build messages.
+"""Slack listeners for /deploy (and its lock, unlock, locks, audit), /cancel, /rebuild, and the
+buttons on build, confirmation and approval messages.
 
 Each listener acknowledges first (before any Buildkite call), then parses, calls one operation
-and answers the person. Failures raise `UserError`, which the app's error handler turns into an
+and answers the person. Failures raise `UserError`, which `answer_errors` turns into an
 ephemeral message.
 """
 
@@ -16,14 +17,34 @@ from app.commands import (
     CANCEL_USAGE,
     DEPLOY_USAGE,
     REBUILD_USAGE,
+    AuditRequest,
     BuildRef,
     HelpRequest,
+    LockRequest,
+    LocksRequest,
+    UnlockRequest,
     UsageError,
     parse_build_ref,
     parse_deploy,
 )
-from app.messages import ActionId, BuildButtonValue, link
-from app.operations import Operations, Services, UserError, request_id_for
+from app.messages import (
+    ActionId,
+    BuildButtonValue,
+    RequestButtonValue,
+    audit_list,
+    link,
+    locks_list,
+)
+from app.operations import (
+    Actor,
+    AwaitingApproval,
+    NeedsConfirmation,
+    Operations,
+    Services,
+    Started,
+    UserError,
+    request_id_for,
+)
 from handlers.errors import answer_errors
 
 COMMANDS = ("/deploy", "/cancel", "/rebuild")
@@ -36,10 +57,44 @@ def register(app: AsyncApp) -> None:
     app.action(ActionId.CANCEL.value)(answer_errors(cancel_button))
     app.action(ActionId.REBUILD.value)(answer_errors(rebuild_button))
     app.action(ActionId.OPEN.value)(open_button)
+    app.action(ActionId.CONFIRM_DEPLOY.value)(answer_errors(confirm_button))
+    app.action(ActionId.ABORT_DEPLOY.value)(answer_errors(abort_button))
+    app.action(ActionId.APPROVE.value)(answer_errors(approve_button))
+    app.action(ActionId.REJECT.value)(answer_errors(reject_button))
 
 
-async def _ephemeral(respond: AsyncRespond, text: str) -> None:
-    await respond(text=text, response_type="ephemeral", replace_original=False)
+async def _ephemeral(respond: AsyncRespond, text: str, **kwargs: Any) -> None:
+    await respond(text=text, response_type="ephemeral", replace_original=False, **kwargs)
+
+
+def _command_actor(command: dict[str, Any]) -> Actor:
+    return Actor(
+        user_id=command["user_id"],
+        user_name=command.get("user_name") or command["user_id"],
+        channel_id=command["channel_id"],
+        channel_name=command.get("channel_name"),
+        response_url=command.get("response_url"),
+    )
+
+
+def _button_actor(body: dict[str, Any]) -> Actor:
+    channel = body.get("channel") or {}
+    return Actor(
+        user_id=body["user"]["id"],
+        user_name=body["user"].get("username") or body["user"].get("name") or body["user"]["id"],
+        channel_id=channel.get("id") or body["container"]["channel_id"],
+        channel_name=channel.get("name"),
+        response_url=body.get("response_url"),
+    )
+
+
+def _trigger(command: dict[str, Any]) -> str:
+    # Slack always sends a trigger_id; without one, the whole request identifies the request.
+    return str(command.get("trigger_id") or repr(sorted(command.items())))
+
+
+def _started(build_url: str, title: str) -> str:
+    return f":rocket: Started {link(build_url, title)}. Its progress will be posted here."
 
 
 async def deploy_command(
@@ -53,14 +108,32 @@ async def deploy_command(
     if isinstance(request, HelpRequest):
         await ack(text=DEPLOY_USAGE)
         return
+    ops, actor = Operations(services), _command_actor(command)
+    if isinstance(request, LocksRequest):
+        await ack()
+        await _ephemeral(respond, locks_list(await services.store.pipeline_locks()))
+        return
+    if isinstance(request, AuditRequest):
+        await ack()
+        entries = await ops.audit_entries(request, actor)
+        await _ephemeral(respond, audit_list(entries, request.pipeline))
+        return
+    if isinstance(request, LockRequest | UnlockRequest):
+        await ack()
+        text = await (
+            ops.lock(request, actor)
+            if isinstance(request, LockRequest)
+            else ops.unlock(request, actor)
+        )
+        await respond(text=text, response_type="in_channel", replace_original=False)
+        return
     await ack(text=f":hourglass_flowing_sand: Starting a build of `{request.pipeline}`…")
-    await Operations(services).deploy(
-        request,
-        user_id=command["user_id"],
-        user_name=command.get("user_name", command["user_id"]),
-        channel=command["channel_id"],
-        trigger=command.get("trigger_id") or repr(sorted(command.items())),
-    )
+    outcome = await ops.deploy(request, actor, trigger=_trigger(command))
+    if isinstance(outcome, NeedsConfirmation):
+        await _ephemeral(respond, outcome.rendered.text, blocks=outcome.rendered.blocks)
+    elif isinstance(outcome, Started):
+        title = f"{request.pipeline} #{outcome.build.number}"
+        await _ephemeral(respond, _started(outcome.build.web_url, title))
 
 
 async def _build_ref_command(
@@ -86,8 +159,8 @@ async def cancel_command(
     if ref is None:
         return
     await ack(text=f":hourglass_flowing_sand: Canceling `{ref.pipeline}` #{ref.number}…")
-    key = request_id_for("cancel", command.get("trigger_id", ""))
-    build = await Operations(services).cancel(ref, user_id=command["user_id"], dedup_key=key)
+    key = request_id_for("cancel", _trigger(command))
+    build = await Operations(services).cancel(ref, _command_actor(command), dedup_key=key)
     title = link(build.web_url, f"{ref.pipeline} #{ref.number}")
     await _ephemeral(respond, f":no_entry_sign: Cancel requested for {title}.")
 
@@ -99,10 +172,9 @@ async def rebuild_command(
     if ref is None:
         return
     await ack(text=f":hourglass_flowing_sand: Rebuilding `{ref.pipeline}` #{ref.number}…")
-    key = request_id_for("rebuild", command.get("trigger_id", ""))
-    await Operations(services).rebuild(
-        ref, user_id=command["user_id"], channel=command["channel_id"], dedup_key=key
-    )
+    key = request_id_for("rebuild", _trigger(command))
+    build = await Operations(services).rebuild(ref, _command_actor(command), dedup_key=key)
+    await _ephemeral(respond, _started(build.web_url, f"{ref.pipeline} #{build.number}"))
 
 
 def _button_ref(body: dict[str, Any]) -> BuildRef:
@@ -113,14 +185,20 @@ def _button_ref(body: dict[str, Any]) -> BuildRef:
     return BuildRef(value.pipeline, value.number)
 
 
+def _request_id(body: dict[str, Any]) -> str:
+    try:
+        return RequestButtonValue.model_validate_json(body["actions"][0].get("value") or "").id
+    except (ValidationError, KeyError, IndexError):
+        raise UserError("This button's data is not valid any more; nothing was done.") from None
+
+
 async def cancel_button(
     ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
     await ack()
     ref = _button_ref(body)
-    user = body["user"]["id"]
     key = f"button:{ActionId.CANCEL}:{ref.pipeline}:{ref.number}"
-    build = await Operations(services).cancel(ref, user_id=user, dedup_key=key)
+    build = await Operations(services).cancel(ref, _button_actor(body), dedup_key=key)
     title = link(build.web_url, f"{ref.pipeline} #{ref.number}")
     await _ephemeral(respond, f":no_entry_sign: Cancel requested for {title}.")
 
@@ -130,10 +208,8 @@ async def rebuild_button(
 ) -> None:
     await ack()
     ref = _button_ref(body)
-    user = body["user"]["id"]
-    channel = (body.get("channel") or {}).get("id") or body["container"]["channel_id"]
     key = f"button:{ActionId.REBUILD}:{ref.pipeline}:{ref.number}"
-    build = await Operations(services).rebuild(ref, user_id=user, channel=channel, dedup_key=key)
+    build = await Operations(services).rebuild(ref, _button_actor(body), dedup_key=key)
     title = link(build.web_url, f"{ref.pipeline} #{build.number}")
     await _ephemeral(respond, f":repeat: Rebuild started: {title}. Follow it in the thread.")
 
@@ -141,3 +217,48 @@ async def rebuild_button(
 async def open_button(ack: AsyncAck) -> None:
     # A link button still sends an action; Slack needs it acknowledged.
     await ack()
+
+
+async def confirm_button(
+    ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
+) -> None:
+    await ack()
+    outcome = await Operations(services).confirm(_request_id(body), _button_actor(body))
+    if isinstance(outcome, Started):
+        build = outcome.build
+        title = f"{build.pipeline_slug or 'build'} #{build.number}"
+        await respond(text=_started(build.web_url, title), replace_original=True)
+    elif isinstance(outcome, AwaitingApproval):
+        await respond(
+            text=":raised_hand: Approval requested in the channel; the deploy starts once "
+            "someone else approves it.",
+            replace_original=True,
+        )
+
+
+async def abort_button(
+    ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
+) -> None:
+    await ack()
+    await services.store.take_deploy_request(_request_id(body))
+    await respond(text="Deploy canceled; nothing was started.", replace_original=True)
+
+
+async def approve_button(
+    ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
+) -> None:
+    await ack()
+    build = await Operations(services).decide(_request_id(body), _button_actor(body), approve=True)
+    if build is not None:
+        title = f"{build.pipeline_slug or 'build'} #{build.number}"
+        await _ephemeral(
+            respond, f":white_check_mark: Approved. Started {link(build.web_url, title)}."
+        )
+
+
+async def reject_button(
+    ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
+) -> None:
+    await ack()
+    await Operations(services).decide(_request_id(body), _button_actor(body), approve=False)
+    await _ephemeral(respond, ":no_entry: Rejected; nothing was started.")

@@ -8,12 +8,14 @@ its listener raises within a few milliseconds of `ack()`, and Slack then sees a 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec
 
+from app.logs import current_correlation_id
 from app.operations import UserError
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ async def report_error(error: Exception, body: dict[str, Any], respond: Any) -> 
     if isinstance(error, UserError):
         text = error.text
     else:
-        ref = uuid.uuid4().hex[:8]
+        ref = current_correlation_id() or uuid.uuid4().hex[:8]
         log.error("unexpected error (ref %s)", ref, exc_info=error)
         text = (
             f":boom: Something went wrong on the bot's side (ref `{ref}`). Nothing more will "
@@ -43,10 +45,18 @@ def answer_errors(listener: Callable[P, Awaitable[None]]) -> Callable[P, Awaitab
 
     @functools.wraps(listener)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
+        # Registered so that shutdown waits for requests acknowledged but not yet done.
+        services = kwargs.get("services")
+        task = asyncio.current_task()
+        inflight: set[Any] = getattr(services, "inflight", set())
+        if task is not None:
+            inflight.add(task)
         try:
             await listener(*args, **kwargs)
         except Exception as error:  # every failure gets an answer, never silence
             body: Any = kwargs.get("body") or kwargs.get("command")
             await report_error(error, body if isinstance(body, dict) else {}, kwargs.get("respond"))
+        finally:
+            inflight.discard(task)
 
     return wrapper

@@ -35,10 +35,16 @@ def bot_settings(slack: FakeSlack, bk: FakeBuildkite, redis_url: str, **override
         "redis_url": redis_url,
         "port": 3000,
         "poll_interval": 3600,  # tests drive polls themselves unless they say otherwise
+        "policy_file": "/nonexistent/policy.yml",  # open policy unless a test gives one
         "_env_file": None,
     }
     values.update(overrides)
     return Settings(**values)
+
+
+def work_requests(bk: FakeBuildkite) -> list[Any]:
+    """Requests the bot sent Buildkite for work, leaving out its start-up token check."""
+    return [r for r in bk.requests if r.path != "/v2/access-token"]
 
 
 class BotClient:

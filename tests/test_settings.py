@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from app.settings import Settings, SettingsError, load_settings
+from tests.fakes.buildkite import FakeBuildkite
+from tests.fakes.slack import FakeSlack
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {
@@ -19,6 +27,12 @@ GOOD = {
     "BUILDKITE_ORG": "acme",
     "REDIS_URL": "redis://localhost:6379/0",
 }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -109,22 +123,47 @@ def test_the_bot_refuses_to_start_with_a_clear_report(tmp_cwd: Path) -> None:
     assert "bk-secret-value" not in result.stderr
 
 
-def test_missing_redis_url_is_reported(tmp_cwd: Path) -> None:
+async def test_without_redis_url_the_bot_starts_on_the_embedded_store(
+    tmp_cwd: Path, slack: FakeSlack, bk: FakeBuildkite
+) -> None:
     env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "BUILDKITE_", "REDIS_"))
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLACK_", "BUILDKITE_", "REDIS_", "PORT", "POLICY_"))
     }
-    env.update({k: v for k, v in GOOD.items() if k != "REDIS_URL"})
-    env["PYTHONPATH"] = str(ROOT)
-    result = subprocess.run(
-        [sys.executable, "-m", "app"],
-        env=env,
-        cwd=tmp_cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    port = _free_port()
+    env.update(
+        SLACK_BOT_TOKEN=slack.bot_token,
+        SLACK_SIGNING_SECRET="sign-secret-value",
+        SLACK_API_URL=slack.api_url,
+        BUILDKITE_API_TOKEN=bk.token,
+        BUILDKITE_API_URL=bk.url,
+        BUILDKITE_ORG=bk.org,
+        PORT=str(port),
+        PYTHONPATH=str(ROOT),
     )
-    assert result.returncode == 2
-    assert "REDIS_URL is not set" in result.stderr
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app", env=env, cwd=tmp_cwd, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(300):
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                        if resp.status == 200:
+                            break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the bot did not become ready")
+    finally:
+        child.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(child.communicate(), 30)
+    assert child.returncode == 0
+    lines = [json.loads(line) for line in err.decode().splitlines()]
+    warnings = [e for e in lines if "REDIS_URL is not set" in e["message"]]
+    assert [e["level"] for e in warnings] == ["warning"]
+    assert "lost on restart" in warnings[0]["message"]
+    assert "only one bot process may run" in warnings[0]["message"]
 
 
 def test_settings_type_is_the_public_interface() -> None:

@@ -372,10 +372,15 @@ class FakeBuildkite:
         name: str | None = None,
         steps: Sequence[str] = ("Test", "Deploy"),
         block: str | None = None,
+        block_fields: Sequence[JSON] | None = None,
     ) -> JSON:
         """Add a pipeline whose builds get one script job per ``steps`` name.
 
-        ``block`` adds a block (manual) step with that label before the last step.
+        ``block`` adds a block (manual) step with that label before the last step, with
+        ``block_fields`` as its fields, in the pipeline YAML's shape
+        (``{"text": label, "key": ..., "required": ...}`` or ``{"select": label, "key": ...,
+        "options": [{"label", "value"}]}``). The unblock endpoint then requires the required
+        ones, and answers 422 for a select value not among its options, as Buildkite does.
         """
         pipeline_url = f"{API_URL}/organizations/{self.org}/pipelines/{slug}"
         pipeline: JSON = {
@@ -409,7 +414,8 @@ class FakeBuildkite:
         }
         templates: list[JSON] = [{"type": "script", "name": step} for step in steps]
         if block is not None:
-            templates.insert(max(len(templates) - 1, 0), {"type": "manual", "label": block})
+            manual: JSON = {"type": "manual", "label": block, "fields": list(block_fields or [])}
+            templates.insert(max(len(templates) - 1, 0), manual)
         self.pipelines[slug] = pipeline
         self._steps[slug] = templates
         self._next_number.setdefault(slug, 1)
@@ -1024,6 +1030,14 @@ class FakeBuildkite:
         fields = body.get("fields") or {}
         if not isinstance(fields, dict):
             raise _Reply(422, "Validation Failed", [{"field": "fields", "code": "invalid"}])
+        for spec in job.get("fields") or []:
+            key = spec.get("key")
+            value = fields.get(key)
+            if spec.get("required", True) and not value:
+                raise _Reply(422, "Validation Failed", [{"field": key, "code": "missing"}])
+            options = [o.get("value") for o in spec.get("options") or []]
+            if "select" in spec and value and value not in options:
+                raise _Reply(422, "Validation Failed", [{"field": key, "code": "invalid"}])
         now = _now_iso(self.now())
         unblocker = body.get("unblocker")
         job.update(
@@ -1301,7 +1315,7 @@ class FakeBuildkite:
                 unblockable=False,
                 unblocked_by=None,
                 unblocked_at=None,
-                fields=None,
+                fields=[dict(f) for f in template.get("fields") or []] or None,
             )
             return job
         name = template["name"]

@@ -1,0 +1,375 @@
+"""Who may do what to which pipeline, from where: the deploy policy file and its checks.
+
+The policy is a YAML file (path in POLICY_FILE). Rules are matched by exact pipeline slug first,
+then by glob in file order, then the default rule. A missing file means "everyone may do
+everything", said loudly in the log; a malformed file stops start-up naming the line.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+log = logging.getLogger(__name__)
+
+_USER = re.compile(r"^[UW][A-Z0-9]{2,}$")
+_GROUP = re.compile(r"^S[A-Z0-9]{2,}$")
+_CHANNEL_ID = re.compile(r"^[CGD][A-Z0-9]{2,}$")
+_CHANNEL_NAME = re.compile(r"^#[a-z0-9][a-z0-9._-]{0,79}$")
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class Action(StrEnum):
+    """The mutations (and views) the policy rules on."""
+
+    DEPLOY = "deploy"
+    CANCEL = "cancel"
+    REBUILD = "rebuild"
+    UNBLOCK = "unblock"
+    LOCK = "lock"
+    AUDIT = "audit"
+
+
+def parse_duration(value: str | int) -> int:
+    """Seconds from `90`, `90s`, `30m`, `2h` or `1d`."""
+    if isinstance(value, int):
+        return value
+    match = _DURATION.match(value.strip())
+    if not match:
+        raise ValueError(f"{value!r} is not a duration like 30m, 2h or 1d")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _check_principals(values: list[str] | None) -> list[str] | None:
+    if values is None:
+        return None
+    for value in values:
+        if not (_USER.match(value) or _GROUP.match(value)):
+            raise ValueError(
+                f"{value!r} is neither a Slack user id (U…/W…) nor a user group id (S…)"
+            )
+    return values
+
+
+Principals = Annotated[list[str] | None, Field(default=None)]
+
+
+class Approval(BaseModel):
+    """A second person from `approvers` must approve each deploy of the pipeline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    approvers: list[str] = Field(min_length=1)
+    expires_after: int = 1800
+
+    _principals = field_validator("approvers")(_check_principals)
+
+    @field_validator("expires_after", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
+
+
+class AutoRetry(BaseModel):
+    """Retry a failed build's failed jobs automatically, within bounds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_attempts: int = Field(default=1, ge=1, le=5)
+    hourly_budget: int = Field(default=10, ge=1, le=1000)
+
+
+class NotifyEvent(StrEnum):
+    """What a notification route announces."""
+
+    STARTED = "started"
+    FAILED = "failed"
+    FIRST_FAILURE = "first_failure"
+    FIXED = "fixed"
+    BLOCKED = "blocked"
+    PASSED = "passed"
+    DEFAULT_BRANCH = "default_branch"
+
+
+#: The noise-controlled default: failures, blocks, transitions, and default-branch builds.
+DEFAULT_EVENTS = (
+    NotifyEvent.FAILED,
+    NotifyEvent.BLOCKED,
+    NotifyEvent.FIRST_FAILURE,
+    NotifyEvent.FIXED,
+    NotifyEvent.DEFAULT_BRANCH,
+)
+
+
+class Route(BaseModel):
+    """Announce builds of these pipelines (slugs or globs) and branches in a channel."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pipelines: list[str] = Field(min_length=1)
+    branches: list[str] | None = None
+    channel: str
+    events: list[NotifyEvent] = Field(default_factory=lambda: list(DEFAULT_EVENTS))
+
+    @field_validator("channel")
+    @classmethod
+    def _channel(cls, value: str) -> str:
+        if not _CHANNEL_ID.match(value):
+            raise ValueError(
+                f"{value!r} is not a channel id (C…): find it in the channel's details"
+            )
+        return value
+
+    def matches(self, pipeline: str, branch: str | None) -> bool:
+        if not any(fnmatch.fnmatchcase(pipeline, p) for p in self.pipelines):
+            return False
+        if self.branches is None:
+            return True
+        return branch is not None and any(fnmatch.fnmatchcase(branch, b) for b in self.branches)
+
+    @property
+    def name(self) -> str:
+        return f"{','.join(self.pipelines)} -> {self.channel}"
+
+
+class Rule(BaseModel):
+    """What one pipeline rule allows. A list left out means everyone; `[]` means nobody."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "default"
+    channels: list[str] | None = None
+    deployers: Principals = None
+    cancelers: Principals = None
+    rebuilders: Principals = None
+    unblockers: Principals = None
+    protected: bool = False
+    approval: Approval | None = None
+    auto_retry: AutoRetry | None = None
+
+    _principals = field_validator("deployers", "cancelers", "rebuilders", "unblockers")(
+        _check_principals
+    )
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, values: list[str] | None) -> list[str] | None:
+        for value in values or []:
+            if not (_CHANNEL_ID.match(value) or _CHANNEL_NAME.match(value)):
+                raise ValueError(f"{value!r} is neither a channel id (C…) nor a #channel-name")
+        return values
+
+    def allowed(self, action: Action) -> list[str] | None:
+        """Who may do `action` (None: everyone). Cancel, rebuild, unblock default to deployers."""
+        own = {
+            Action.DEPLOY: self.deployers,
+            Action.CANCEL: self.cancelers,
+            Action.REBUILD: self.rebuilders,
+            Action.UNBLOCK: self.unblockers,
+            Action.LOCK: None,
+            Action.AUDIT: None,
+        }[action]
+        return own if own is not None else self.deployers
+
+
+class PolicyFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    admins: list[str] = Field(default_factory=list)
+    default: Rule = Field(default_factory=Rule)
+    pipelines: dict[str, Rule] = Field(default_factory=dict)
+    #: Channel notifications for builds, whoever started them.
+    notifications: list[Route] = Field(default_factory=list)
+    #: How long Slack user-group memberships are cached.
+    usergroup_cache_ttl: int = 300
+    #: Who may stop Buildkite agents from Slack, besides the admins (None: only admins).
+    agent_stoppers: Principals = None
+
+    _principals = field_validator("admins", "agent_stoppers")(_check_principals)
+
+    @field_validator("usergroup_cache_ttl", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
+
+
+class PolicyError(Exception):
+    """The policy file cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    rule: str
+    reason: str = ""
+
+
+#: Resolves a Slack user group id to its members' user ids.
+GroupResolver = Callable[[str], Awaitable[list[str]]]
+
+
+class Policy:
+    """The loaded policy, with the checks every mutation goes through."""
+
+    def __init__(self, data: PolicyFile, *, source: str) -> None:
+        self.data = data
+        self.source = source
+        self._groups: dict[str, tuple[float, frozenset[str]]] = {}
+        self._clock = time.monotonic
+
+    @classmethod
+    def open_to_everyone(cls) -> Policy:
+        return cls(PolicyFile(), source="(no policy file)")
+
+    @property
+    def admins(self) -> list[str]:
+        return self.data.admins
+
+    def routes_for(self, pipeline: str, branch: str | None) -> list[Route]:
+        return [r for r in self.data.notifications if r.matches(pipeline, branch)]
+
+    def rule_for(self, pipeline: str) -> Rule:
+        rules = self.data.pipelines
+        if pipeline in rules:
+            return rules[pipeline]
+        for pattern, rule in rules.items():
+            if any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(pipeline, pattern):
+                return rule
+        return self.data.default
+
+    async def members(self, principals: Iterable[str], resolve: GroupResolver) -> set[str]:
+        """User ids named directly or through user groups (cached for usergroup_cache_ttl)."""
+        users: set[str] = set()
+        for principal in principals:
+            if _GROUP.match(principal):
+                users |= await self._group(principal, resolve)
+            else:
+                users.add(principal)
+        return users
+
+    async def _group(self, group: str, resolve: GroupResolver) -> frozenset[str]:
+        cached = self._groups.get(group)
+        if cached and cached[0] > self._clock():
+            return cached[1]
+        try:
+            members = frozenset(await resolve(group))
+        except Exception as exc:  # a lookup failure refuses, it never allows
+            log.warning("could not resolve user group %s: %s", group, exc)
+            return cached[1] if cached else frozenset()
+        self._groups[group] = (self._clock() + self.data.usergroup_cache_ttl, members)
+        return members
+
+    async def is_admin(self, user: str, resolve: GroupResolver) -> bool:
+        return user in await self.members(self.data.admins, resolve)
+
+    async def check(
+        self,
+        action: Action,
+        pipeline: str,
+        *,
+        user: str,
+        channel_id: str,
+        channel_name: str | None,
+        resolve: GroupResolver,
+    ) -> Decision:
+        """May `user` do `action` on `pipeline` from this channel? Admins may do anything."""
+        rule = self.rule_for(pipeline)
+        if await self.is_admin(user, resolve):
+            return Decision(True, rule.name)
+        if rule.channels is not None and not _in_channels(rule.channels, channel_id, channel_name):
+            where = ", ".join(_channel_ref(c) for c in rule.channels) or "no channel"
+            return Decision(
+                False,
+                rule.name,
+                f"`{pipeline}` may only be driven from {where} (policy rule `{rule.name}`).",
+            )
+        allowed = rule.allowed(action)
+        if allowed is None or user in await self.members(allowed, resolve):
+            return Decision(True, rule.name)
+        who = ", ".join(_principal_ref(p) for p in [*allowed, *self.data.admins]) or "nobody"
+        return Decision(
+            False,
+            rule.name,
+            f"You may not {action.value} `{pipeline}`: policy rule `{rule.name}` allows it to "
+            f"{who}.",
+        )
+
+
+def _in_channels(channels: list[str], channel_id: str, channel_name: str | None) -> bool:
+    return channel_id in channels or (channel_name is not None and f"#{channel_name}" in channels)
+
+
+def _channel_ref(channel: str) -> str:
+    return channel if channel.startswith("#") else f"<#{channel}>"
+
+
+def principal_ref(principal: str) -> str:
+    return f"<!subteam^{principal}>" if _GROUP.match(principal) else f"<@{principal}>"
+
+
+_principal_ref = principal_ref
+
+
+def load_policy(path: str | Path | None) -> Policy:
+    """Load the policy file; a missing file gives the open policy, loudly."""
+    if path is None or not Path(path).exists():
+        log.warning(
+            "no policy file%s: everyone may deploy, cancel and rebuild every pipeline from any "
+            "channel. Set POLICY_FILE to restrict this.",
+            f" at {path}" if path else "",
+        )
+        return Policy.open_to_everyone()
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text) or {}
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f"line {mark.line + 1}" if mark else "an unknown line"
+        raise PolicyError(f"{path}, {line}: not valid YAML ({exc.problem})") from None
+    if not isinstance(raw, dict):
+        raise PolicyError(
+            f"{path}, line 1: the policy must be a mapping (admins, default, pipelines)"
+        )
+    try:
+        data = PolicyFile.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = [str(p) for p in error["loc"]]
+            where = ".".join(loc) or "(top level)"
+            problems.append(f"{path}, line {_line_of(node, loc)}: {where}: {error['msg']}")
+        raise PolicyError("\n".join(problems)) from None
+    for pattern, rule in data.pipelines.items():
+        rule.name = pattern
+    log.info("policy loaded from %s: %d pipeline rules", path, len(data.pipelines))
+    return Policy(data, source=str(path))
+
+
+def _line_of(node: yaml.Node | None, loc: list[str]) -> int:
+    """The 1-based line of the YAML node at `loc` (or of its nearest existing parent)."""
+    line = node.start_mark.line + 1 if node is not None else 1
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == key), None)
+            if match is None:
+                key_node = next((k for k, _ in node.value if k.value == key), None)
+                return key_node.start_mark.line + 1 if key_node else line
+            node = match
+        elif isinstance(node, yaml.SequenceNode) and key.isdigit() and int(key) < len(node.value):
+            node = node.value[int(key)]
+        else:
+            return line
+        line = node.start_mark.line + 1
+    return line

@@ -1,0 +1,178 @@
+"""Slack listeners for the buttons that act inside a build: Unblock (with its modal) and Retry
+failed jobs."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from pydantic import ValidationError
+from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
+
+from app.commands import BuildRef
+from app.messages import (
+    UNBLOCK_CALLBACK,
+    ActionId,
+    BuildButtonValue,
+    UnblockButtonValue,
+    UnblockMetadata,
+    field_block_id,
+    link,
+    notice,
+    unblock_modal,
+)
+from app.operations import Operations, Services, UserError, explain
+from buildkite.errors import BuildkiteError, ValidationFailed
+from handlers.deploy import _button_actor, _ephemeral
+from handlers.errors import answer_errors
+
+#: How long a modal submission waits for Buildkite before closing and answering later.
+SUBMIT_WAIT = 2.0
+
+
+def register(app: AsyncApp) -> None:
+    app.action(ActionId.UNBLOCK.value)(answer_errors(unblock_button))
+    app.action(ActionId.RETRY_FAILED.value)(answer_errors(retry_button))
+    app.view(UNBLOCK_CALLBACK)(unblock_submit)
+
+
+def _thread_of(body: dict[str, Any]) -> tuple[str, str | None]:
+    message = body.get("message") or {}
+    channel = (body.get("channel") or {}).get("id") or body["container"]["channel_id"]
+    return channel, message.get("thread_ts") or body["container"].get("message_ts")
+
+
+async def unblock_button(
+    ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
+) -> None:
+    await ack()
+    try:
+        value = UnblockButtonValue.model_validate_json(body["actions"][0].get("value") or "")
+    except (ValidationError, KeyError, IndexError):
+        raise UserError("This button's data is not valid any more; nothing was done.") from None
+    actor = _button_actor(body)
+    ops = Operations(services)
+    label, fields = await ops.block_fields(value, actor)
+    channel, thread_ts = _thread_of(body)
+    if fields:
+        metadata = UnblockMetadata(
+            pipeline=value.pipeline,
+            number=value.number,
+            job=value.job,
+            channel=channel,
+            thread_ts=thread_ts,
+            label=label[:200],
+        )
+        await services.outbox.client.views_open(
+            trigger_id=body["trigger_id"], view=unblock_modal(label, fields, metadata)
+        )
+        return
+    key = f"unblock:{value.pipeline}:{value.number}:{value.job}"
+    try:
+        await ops.unblock(
+            value, actor, label=label, fields={}, thread=(channel, thread_ts), dedup_key=key
+        )
+    except BuildkiteError as exc:
+        raise UserError(
+            explain(exc, action="unblock", pipeline=value.pipeline, number=value.number)
+        ) from None
+    await _ephemeral(respond, f":unlock: Unblocked *{label}*.")
+
+
+def _submitted_values(view: dict[str, Any]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for block_id, actions in (view.get("state") or {}).get("values", {}).items():
+        if not block_id.startswith("field:"):
+            continue
+        entry = actions.get("value") or {}
+        value = entry.get("value")
+        if value is None and entry.get("selected_option"):
+            value = entry["selected_option"].get("value")
+        if value not in (None, ""):
+            values[block_id.removeprefix("field:")] = str(value)
+    return values
+
+
+async def unblock_submit(ack: AsyncAck, body: dict[str, Any], services: Services) -> None:
+    """The unblock modal was submitted: unblock with its values, or show what is wrong."""
+    view = body["view"]
+    user = body["user"]["id"]
+    try:
+        meta = UnblockMetadata.model_validate_json(view.get("private_metadata") or "")
+    except ValidationError:
+        await ack(response_action="errors", errors={})
+        return
+    values = _submitted_values(view)
+    value = UnblockButtonValue(pipeline=meta.pipeline, number=meta.number, job=meta.job)
+    actor = _button_actor({"user": body["user"], "channel": {"id": meta.channel}, "container": {}})
+    ops = Operations(services)
+    work = asyncio.ensure_future(
+        ops.unblock(
+            value,
+            actor,
+            label=meta.label,
+            fields=values,
+            thread=(meta.channel, meta.thread_ts),
+            dedup_key=f"unblock:{meta.pipeline}:{meta.number}:{meta.job}",
+        )
+    )
+    done, _ = await asyncio.wait({work}, timeout=SUBMIT_WAIT)
+    if not done:
+        await ack()  # Buildkite is slow: close the modal, answer when it is done
+    try:
+        await asyncio.shield(work)
+    except ValidationFailed as exc:
+        inputs = _block_ids(view)
+        errors: dict[str, str] = {}
+        for error in exc.errors:
+            block_id = field_block_id(str(error.get("field")))
+            target = block_id if block_id in inputs else (inputs[0] if inputs else block_id)
+            errors[target] = f"Buildkite says: {error.get('code', 'invalid')}"
+        if not errors and inputs:
+            errors[inputs[0]] = exc.message[:150]
+        if done:
+            await ack(response_action="errors", errors=errors)
+        else:
+            await services.outbox.ephemeral(
+                meta.channel, user, notice(f"Unblock refused: {exc.message}")
+            )
+        return
+    except (UserError, BuildkiteError) as exc:
+        text = (
+            exc.text
+            if isinstance(exc, UserError)
+            else explain(exc, action="unblock", pipeline=meta.pipeline, number=meta.number)
+        )
+        if done:
+            await ack(
+                response_action="errors",
+                errors={next(iter(_block_ids(view)), "field:"): text[:150]},
+            )
+        else:
+            await services.outbox.ephemeral(meta.channel, user, notice(text))
+        return
+    if done:
+        await ack()
+
+
+def _block_ids(view: dict[str, Any]) -> list[str]:
+    return [b["block_id"] for b in view.get("blocks") or [] if b.get("type") == "input"]
+
+
+async def retry_button(
+    ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
+) -> None:
+    await ack()
+    try:
+        value = BuildButtonValue.model_validate_json(body["actions"][0].get("value") or "")
+    except (ValidationError, KeyError, IndexError):
+        raise UserError("This button's data is not valid any more; nothing was done.") from None
+    ref = BuildRef(value.pipeline, value.number)
+    jobs = await Operations(services).retry_failed(
+        ref,
+        _button_actor(body),
+        thread=_thread_of(body),
+        dedup_key=f"button:{ActionId.RETRY_FAILED}:{ref.pipeline}:{ref.number}",
+    )
+    names = ", ".join(link(j.web_url, j.display_name) for j in jobs)
+    await _ephemeral(respond, f":repeat: Retrying {names}. Follow it in the thread.")

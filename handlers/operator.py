@@ -1,0 +1,381 @@
+"""Slack listeners for /buildkite (pipelines, builds, agents, whoami, health), its "More",
+Stop and Delete buttons, and the pipeline forms.
+
+Each listener acknowledges first, parses, calls one `Operator` method and renders the answer,
+ephemerally; pipeline changes are also announced in the channel.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from app import messages
+from app.commands import BuildRef, HelpRequest, UsageError
+from app.logs import current_correlation_id
+from app.messages import (
+    PIPELINE_CREATE_CALLBACK,
+    PIPELINE_UPDATE_CALLBACK,
+    ActionId,
+    AgentButtonValue,
+    AgentsPageValue,
+    BuildsPageValue,
+    PipelineButtonValue,
+    PipelineModalMetadata,
+    PipelinesPageValue,
+    Rendered,
+    link,
+)
+from app.operations import Actor, Services, UserError, request_id_for
+from app.operator import (
+    AgentsQuery,
+    BuildsQuery,
+    FormErrors,
+    HealthRequest,
+    Operator,
+    OperatorRequest,
+    PipelineDelete,
+    PipelineForm,
+    PipelineSpec,
+    PipelinesQuery,
+    PipelineUpdate,
+    WhoamiRequest,
+    builds_query,
+    parse_operator,
+    parse_pipeline_form,
+    usage,
+)
+from handlers.errors import answer_errors
+
+log = logging.getLogger(__name__)
+
+COMMANDS = ("/buildkite",)
+STALE_BUTTON = "This button's data is not valid any more; nothing was done."
+STALE_FORM = "This form's data is not valid any more; nothing was done. Run the command again."
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def register(app: AsyncApp) -> None:
+    app.command("/buildkite")(answer_errors(buildkite_command))
+    app.action(ActionId.PIPELINES_MORE.value)(answer_errors(pipelines_more))
+    app.action(ActionId.BUILDS_MORE.value)(answer_errors(builds_more))
+    app.action(ActionId.AGENTS_MORE.value)(answer_errors(agents_more))
+    app.action(ActionId.AGENT_STOP.value)(answer_errors(agent_stop))
+    app.action(ActionId.AGENT_FORCE_STOP.value)(answer_errors(agent_force_stop))
+    app.action(ActionId.PIPELINE_DELETE.value)(answer_errors(pipeline_delete))
+    app.view(PIPELINE_CREATE_CALLBACK)(answer_errors(pipeline_form_submitted))
+    app.view(PIPELINE_UPDATE_CALLBACK)(answer_errors(pipeline_form_submitted))
+
+
+async def _show(respond: AsyncRespond, rendered: Rendered, *, replace: bool = False) -> None:
+    await respond(
+        text=rendered.text,
+        blocks=rendered.blocks,
+        response_type="ephemeral",
+        replace_original=replace,
+    )
+
+
+async def _say(respond: AsyncRespond, text: str, *, replace: bool = False) -> None:
+    await respond(text=text, response_type="ephemeral", replace_original=replace)
+
+
+def _button_actor(body: dict[str, Any]) -> Actor:
+    channel = body.get("channel") or {}
+    user = body["user"]
+    return Actor(
+        user_id=user["id"],
+        user_name=user.get("username") or user.get("name") or user["id"],
+        channel_id=channel.get("id") or body["container"]["channel_id"],
+        channel_name=channel.get("name"),
+        response_url=body.get("response_url"),
+    )
+
+
+def _button_value(body: dict[str, Any], model: type[M]) -> M:
+    try:
+        return model.model_validate_json(body["actions"][0].get("value") or "")
+    except (ValidationError, KeyError, IndexError):
+        raise UserError(STALE_BUTTON) from None
+
+
+# -- /buildkite ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Asked:
+    """One /buildkite command: who asked, from where, and how to answer."""
+
+    op: Operator
+    actor: Actor
+    trigger_id: str
+    respond: AsyncRespond
+    client: AsyncWebClient
+
+
+async def buildkite_command(
+    ack: AsyncAck,
+    command: dict[str, Any],
+    respond: AsyncRespond,
+    client: AsyncWebClient,
+    services: Services,
+) -> None:
+    templates = services.settings.pipeline_templates
+    try:
+        request = parse_operator(
+            command.get("text", ""), org=services.settings.buildkite_org, templates=templates
+        )
+    except UsageError as exc:
+        await ack(text=f"{exc}\n\n{usage(templates)}")
+        return
+    if isinstance(request, HelpRequest):
+        await ack(text=usage(templates))
+        return
+    await ack(text=_working(request))
+    actor = Actor(
+        user_id=command["user_id"],
+        user_name=command.get("user_name") or command["user_id"],
+        channel_id=command["channel_id"],
+        channel_name=command.get("channel_name"),
+        response_url=command.get("response_url"),
+    )
+    trigger = str(command.get("trigger_id") or uuid.uuid4().hex)
+    asked = _Asked(Operator(services), actor, trigger, respond, client)
+    await _ANSWERS[type(request)](request, asked)
+
+
+async def _pipelines(request: PipelinesQuery, asked: _Asked) -> None:
+    page = await asked.op.pipelines_page(request)
+    await _show(asked.respond, messages.pipelines_list(page))
+
+
+async def _builds(request: BuildsQuery, asked: _Asked) -> None:
+    page = await asked.op.builds_page(request)
+    await _show(asked.respond, messages.builds_list(page))
+
+
+async def _build(request: BuildRef, asked: _Asked) -> None:
+    build = await asked.op.build(request)
+    await _show(asked.respond, messages.build_details(request.pipeline, build))
+
+
+async def _agents(request: AgentsQuery, asked: _Asked) -> None:
+    page = await asked.op.agents_page(request)
+    await _show(asked.respond, messages.agents_list(page))
+
+
+async def _whoami(request: WhoamiRequest, asked: _Asked) -> None:
+    await _show(asked.respond, messages.whoami_message(await asked.op.whoami()))
+
+
+async def _health(request: HealthRequest, asked: _Asked) -> None:
+    await _show(asked.respond, messages.health_digest(await asked.op.health(request)))
+
+
+async def _create(spec: PipelineSpec, asked: _Asked) -> None:
+    request_id = request_id_for("pipeline create", asked.trigger_id)
+    pipeline, told = await asked.op.create_pipeline(spec, asked.actor, request_id=request_id)
+    if not told:  # the channel post failed (a private channel without the bot, say)
+        await _say(asked.respond, f"Created the pipeline {link(pipeline.web_url, pipeline.slug)}.")
+
+
+async def _form(request: PipelineForm, asked: _Asked) -> None:
+    await asked.op.require_admin(
+        asked.actor, "create pipelines", action="pipeline create", pipeline=request.name or ""
+    )
+    templates = asked.op.s.settings.pipeline_templates
+    view = messages.pipeline_modal(
+        PipelineModalMetadata(channel=asked.actor.channel_id),
+        name=request.name,
+        repository=request.repository,
+        steps=templates.get("default"),
+    )
+    await asked.client.views_open(trigger_id=asked.trigger_id, view=view)
+
+
+async def _update(request: PipelineUpdate, asked: _Asked) -> None:
+    if not request.fields:
+        pipeline = await asked.op.pipeline_for_update(request.pipeline, asked.actor)
+        view = messages.pipeline_modal(
+            PipelineModalMetadata(channel=asked.actor.channel_id, pipeline=pipeline.slug),
+            repository=pipeline.repository,
+            default_branch=pipeline.default_branch,
+            description=pipeline.description,
+        )
+        await asked.client.views_open(trigger_id=asked.trigger_id, view=view)
+        return
+    pipeline, told = await asked.op.update_pipeline(request.pipeline, request.fields, asked.actor)
+    if not told:
+        await _say(asked.respond, f"Updated the pipeline {link(pipeline.web_url, pipeline.slug)}.")
+
+
+async def _delete(request: PipelineDelete, asked: _Asked) -> None:
+    pipeline = await asked.op.pipeline_to_delete(request.pipeline, asked.actor)
+    rendered = messages.confirm_pipeline_delete(pipeline.slug, pipeline.name, pipeline.web_url)
+    await _show(asked.respond, rendered)
+
+
+def _working(request: OperatorRequest) -> str:
+    """What the person sees at once, for the requests that take a while."""
+    if isinstance(request, HealthRequest):
+        return ":hourglass_flowing_sand: Reading the builds…"
+    if isinstance(request, PipelineSpec):
+        return ":hourglass_flowing_sand: Creating the pipeline…"
+    if isinstance(request, PipelineUpdate) and request.fields:
+        return ":hourglass_flowing_sand: Updating the pipeline…"
+    return ""
+
+
+_ANSWERS: dict[type[OperatorRequest], Callable[[Any, _Asked], Awaitable[None]]] = {
+    PipelinesQuery: _pipelines,
+    BuildsQuery: _builds,
+    BuildRef: _build,
+    AgentsQuery: _agents,
+    WhoamiRequest: _whoami,
+    HealthRequest: _health,
+    PipelineSpec: _create,
+    PipelineForm: _form,
+    PipelineUpdate: _update,
+    PipelineDelete: _delete,
+}
+
+
+# -- buttons ------------------------------------------------------------------------------------
+
+
+async def pipelines_more(
+    ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
+) -> None:
+    await ack()
+    value = _button_value(body, PipelinesPageValue)
+    page = await Operator(services).pipelines_page(PipelinesQuery(value.filter, value.page))
+    await _show(respond, messages.pipelines_list(page), replace=True)
+
+
+async def builds_more(
+    ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
+) -> None:
+    await ack()
+    value = _button_value(body, BuildsPageValue)
+    try:
+        query = builds_query(value.pipeline, value.state, value.branch, value.page)
+    except UsageError:
+        raise UserError(STALE_BUTTON) from None
+    page = await Operator(services).builds_page(query)
+    await _show(respond, messages.builds_list(page), replace=True)
+
+
+async def agents_more(
+    ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
+) -> None:
+    await ack()
+    value = _button_value(body, AgentsPageValue)
+    page = await Operator(services).agents_page(AgentsQuery(value.queue, value.page))
+    await _show(respond, messages.agents_list(page), replace=True)
+
+
+async def agent_stop(
+    ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
+) -> None:
+    await ack()
+    agent = _button_value(body, AgentButtonValue)
+    await Operator(services).stop_agent(agent, _button_actor(body), force=False)
+    await _say(
+        respond, f":octagonal_sign: Asked `{agent.name}` to stop once its current job finishes."
+    )
+
+
+async def agent_force_stop(
+    ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
+) -> None:
+    await ack()
+    agent = _button_value(body, AgentButtonValue)
+    await Operator(services).stop_agent(agent, _button_actor(body), force=True)
+    await _say(respond, f":octagonal_sign: Force-stopped `{agent.name}`; its job was canceled.")
+
+
+async def pipeline_delete(
+    ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
+) -> None:
+    await ack()
+    value = _button_value(body, PipelineButtonValue)
+    told = await Operator(services).delete_pipeline(value.pipeline, _button_actor(body))
+    note = "" if told else " (the channel could not be told)"
+    await _say(
+        respond, f":wastebasket: Deleted the pipeline `{value.pipeline}`{note}.", replace=True
+    )
+
+
+# -- the pipeline forms ---------------------------------------------------------------------------
+
+
+async def pipeline_form_submitted(
+    ack: AsyncAck, body: dict[str, Any], client: AsyncWebClient, services: Services
+) -> None:
+    """Check the form (mistakes show under their fields), then create or update the pipeline
+    and show the outcome in the modal; a refusal from Buildkite shows the form again."""
+    view = body["view"]
+    try:
+        metadata = PipelineModalMetadata.model_validate_json(view.get("private_metadata") or "")
+    except ValidationError:
+        await ack(response_action="update", view=messages.modal_notice("Pipeline", STALE_FORM))
+        return
+    values = (view.get("state") or {}).get("values") or {}
+    try:
+        form = parse_pipeline_form(values, updating=metadata.pipeline is not None)
+    except FormErrors as exc:
+        await ack(response_action="errors", errors=exc.errors)
+        return
+    title = "New pipeline" if metadata.pipeline is None else "Update pipeline"
+    await ack(response_action="update", view=messages.modal_notice(title, "Working on it…"))
+    user = body["user"]
+    actor = Actor(
+        user_id=user["id"],
+        user_name=user.get("username") or user.get("name") or user["id"],
+        channel_id=metadata.channel,
+    )
+    op = Operator(services)
+    try:
+        if isinstance(form, PipelineSpec):
+            request_id = request_id_for("pipeline create", view["id"], view.get("hash") or "")
+            pipeline, _ = await op.create_pipeline(form, actor, request_id=request_id)
+            verb = "Created"
+        else:
+            assert metadata.pipeline is not None
+            pipeline, _ = await op.update_pipeline(metadata.pipeline, form, actor)
+            verb = "Updated"
+        outcome = messages.modal_notice(
+            title, f":white_check_mark: {verb} {link(pipeline.web_url, pipeline.slug)}."
+        )
+    except UserError as exc:
+        fields = (
+            {
+                "name": form.name,
+                "repository": form.repository,
+                "default_branch": form.default_branch,
+                "description": form.description,
+                "steps": form.steps,
+            }
+            if isinstance(form, PipelineSpec)
+            else dict(form)
+        )
+        outcome = messages.pipeline_modal(metadata, error=exc.text, **fields)
+    except Exception:
+        ref = current_correlation_id() or uuid.uuid4().hex[:8]
+        log.exception("pipeline form failed (ref %s)", ref)
+        outcome = messages.modal_notice(
+            title, f":boom: Something went wrong on the bot's side (ref `{ref}`)."
+        )
+    try:
+        await client.views_update(view_id=view["id"], view=outcome)
+    except SlackApiError as exc:  # the modal was closed; the channel post says what happened
+        log.info("could not show the outcome in the modal: %s", exc.response.get("error"))
