@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 from app import messages
 from app.messages import Digest, PipelineHealth
 from app.settings import DigestSchedule
-from app.store import PREFIX
+from app.store import TEMPLATE_PREFIX
 from buildkite.client import BuildkiteClient
 from buildkite.models import Build, BuildState
 
@@ -47,9 +47,9 @@ MAX_BUILDS = 2000
 TOP_FAILING = 3
 
 #: digest:lease:{schedule}:{slot} -> the process posting that slot's digest (SET NX, expires).
-DIGEST_LEASE_KEY = PREFIX + "digest:lease:{schedule}:{slot}"
+DIGEST_LEASE_KEY = TEMPLATE_PREFIX + "digest:lease:{schedule}:{slot}"
 #: digest:last:{schedule} -> the slot (unix seconds) of the schedule's latest posted digest.
-DIGEST_LAST_KEY = PREFIX + "digest:last:{schedule}"
+DIGEST_LAST_KEY = TEMPLATE_PREFIX + "digest:last:{schedule}"
 #: A process that took a slot and died is replaced after this long (the digest is then late).
 LEASE_TTL = 15 * 60
 LAST_TTL = 35 * 24 * 3600  # outlives a weekly schedule's gap

@@ -8,8 +8,11 @@ second process can share it.
 from __future__ import annotations
 
 import logging
+from typing import cast
+from urllib.parse import unquote
 
 import redis.asyncio as redis
+from redis.asyncio.sentinel import Sentinel
 
 from app.logs import mask_url
 from app.metrics import CountingRetry, Metrics
@@ -33,10 +36,72 @@ def connect_redis(settings: Settings, metrics: Metrics) -> redis.Redis:
         # A server of its own: fakeredis would otherwise share one between clients alike.
         return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
     log.debug("using Redis at %s", mask_url(settings.redis_url))
+    url = settings.redis_url
+    if url.startswith(SENTINEL_SCHEME):
+        return _sentinel_master(url, metrics)
+    if url.startswith(CLUSTER_SCHEME):
+        cluster = redis.RedisCluster.from_url(
+            "redis://" + url.removeprefix(CLUSTER_SCHEME),
+            socket_timeout=5,
+            socket_connect_timeout=5,
+        )
+        return cast(redis.Redis, cluster)
     return redis.Redis.from_url(
-        settings.redis_url,
+        url,
         socket_timeout=5,
         socket_connect_timeout=5,
         health_check_interval=30,
         retry=CountingRetry(metrics),
     )
+
+
+SENTINEL_SCHEME = "redis+sentinel://"
+CLUSTER_SCHEME = "redis+cluster://"
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str | None]:
+    """`redis+sentinel://[:password@]host:26379[,host:26379…]/service[/db]`, as
+    (sentinels, service name, db, password). The password is the Redis servers' own."""
+    rest = url.removeprefix(SENTINEL_SCHEME)
+    password = None
+    if "@" in rest:
+        credentials, rest = rest.rsplit("@", 1)
+        password = unquote(credentials.split(":", 1)[1] if ":" in credentials else credentials)
+    hosts, _, path = rest.partition("/")
+    parts = [p for p in path.split("/") if p]
+    if not hosts or not parts:
+        raise ValueError("expected redis+sentinel://host:26379[,host:26379]/service-name[/db]")
+    sentinels = []
+    for host in hosts.split(","):
+        name, _, port = host.rpartition(":")
+        sentinels.append((name or host, int(port) if name else 26379))
+    db = int(parts[1]) if len(parts) > 1 else 0
+    return sentinels, parts[0], db, password
+
+
+class _SentinelMaster(redis.Redis):
+    """The master's client, which also closes its connections to the sentinels."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        manager = getattr(self.connection_pool, "sentinel_manager", None)
+        for sentinel in getattr(manager, "sentinels", []):
+            await sentinel.aclose()
+
+
+def _sentinel_master(url: str, metrics: Metrics) -> redis.Redis:
+    """A client for the current master of a Sentinel-managed Redis (it follows failovers)."""
+    sentinels, service, db, password = parse_sentinel_url(url)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinels, socket_timeout=5, socket_connect_timeout=5
+    )
+    master: redis.Redis = sentinel.master_for(
+        service,
+        redis_class=_SentinelMaster,
+        db=db,
+        password=password,
+        socket_timeout=5,
+        socket_connect_timeout=5,
+        retry=CountingRetry(metrics),
+    )
+    return master

@@ -144,8 +144,11 @@ class Settings(BaseSettings):
     def _redis_scheme(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
-        if not value.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
-            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        schemes = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
+        if not value.startswith(schemes):
+            raise ValueError(
+                "must be a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL"
+            )
         return value
 
     @field_validator("log_level", mode="before")

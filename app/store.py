@@ -16,44 +16,48 @@ from typing import Any, cast
 import redis.asyncio as redis
 from pydantic import BaseModel, ConfigDict
 
-PREFIX = "bkchatops:"
+# The braces are a Redis Cluster hash tag: every key of the bot lives in one slot, so the Lua
+# scripts and transactions that touch several keys also work on a cluster.
+PREFIX = "{bkchatops}:"
+#: PREFIX as it must be written in key templates filled in with str.format.
+TEMPLATE_PREFIX = PREFIX.replace("{", "{{").replace("}", "}}")
 
 #: build:{build_id} -> hash (see TrackedBuild and the fields written by OBSERVE).
-BUILD_KEY = PREFIX + "build:{build_id}"
+BUILD_KEY = TEMPLATE_PREFIX + "build:{build_id}"
 #: msgs:{build_id} -> hash channel -> JSON of that channel's message about the build.
-MESSAGES_KEY = PREFIX + "msgs:{build_id}"
+MESSAGES_KEY = TEMPLATE_PREFIX + "msgs:{build_id}"
 #: bynum:{pipeline}:{number} -> build id, to find a tracked build from a command or URL.
-BY_NUMBER_KEY = PREFIX + "bynum:{pipeline}:{number}"
+BY_NUMBER_KEY = TEMPLATE_PREFIX + "bynum:{pipeline}:{number}"
 #: Sorted set of builds still being followed; the score is when they were last observed.
 PENDING_KEY = PREFIX + "pending"
 #: Stream of transitions waiting to be turned into Slack messages, consumed by a group.
 EVENTS_STREAM = PREFIX + "events"
 EVENTS_GROUP = "notifiers"
 #: req:{id} -> who claimed a mutation request (SET NX), so a duplicate does nothing.
-REQUEST_KEY = PREFIX + "req:{request_id}"
+REQUEST_KEY = TEMPLATE_PREFIX + "req:{request_id}"
 #: posted:{build_id}:{channel}:{gen}:{kind} -> set once a thread reply was posted there.
-POSTED_KEY = PREFIX + "posted:{build_id}:{channel}:{gen}:{kind}"
+POSTED_KEY = TEMPLATE_PREFIX + "posted:{build_id}:{channel}:{gen}:{kind}"
 #: once:{build_id}:{gen}:{what} -> set once a per-build action (an auto-retry) was taken.
-ONCE_KEY = PREFIX + "once:{build_id}:{gen}:{what}"
+ONCE_KEY = TEMPLATE_PREFIX + "once:{build_id}:{gen}:{what}"
 #: outcome:{pipeline}:{branch} -> the final state of the branch's last finished build.
-OUTCOME_KEY = PREFIX + "outcome:{pipeline}:{branch}"
+OUTCOME_KEY = TEMPLATE_PREFIX + "outcome:{pipeline}:{branch}"
 #: retries:{pipeline}:{hour} -> automatic retries spent in that hour (the hourly budget).
-RETRY_BUDGET_KEY = PREFIX + "retries:{pipeline}:{hour}"
+RETRY_BUDGET_KEY = TEMPLATE_PREFIX + "retries:{pipeline}:{hour}"
 #: Sorted set of "pipeline#number" that passed after a retry (the flaky signal), by time.
 FLAKY_KEY = PREFIX + "flaky"
 #: lock:{build_id} -> the process currently writing this build's Slack messages.
-BUILD_LOCK_KEY = PREFIX + "lock:{build_id}"
+BUILD_LOCK_KEY = TEMPLATE_PREFIX + "lock:{build_id}"
 #: The poller's lease, so that one process polls Buildkite per cycle.
 POLL_LEASE_KEY = PREFIX + "poll:lease"
 #: When the last poll cycle started (unix seconds), to bound `finished_from`.
 POLL_LAST_KEY = PREFIX + "poll:last"
 
 #: pipelock:{pipeline} -> JSON of the deploy lock on a pipeline (optional expiry).
-PIPELINE_LOCK_KEY = PREFIX + "pipelock:{pipeline}"
+PIPELINE_LOCK_KEY = TEMPLATE_PREFIX + "pipelock:{pipeline}"
 #: deployreq:{id} -> JSON of a deploy waiting for its requester's confirmation.
-DEPLOY_REQUEST_KEY = PREFIX + "deployreq:{request_id}"
+DEPLOY_REQUEST_KEY = TEMPLATE_PREFIX + "deployreq:{request_id}"
 #: approval:{id} -> hash of a deploy waiting for a second person's approval.
-APPROVAL_KEY = PREFIX + "approval:{approval_id}"
+APPROVAL_KEY = TEMPLATE_PREFIX + "approval:{approval_id}"
 #: Approvals by expiry time, so that expired ones get their message updated.
 APPROVAL_EXPIRY_KEY = PREFIX + "approvals:expiring"
 #: Stream of audit entries (bounded).

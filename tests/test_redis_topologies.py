@@ -1,0 +1,168 @@
+"""REDIS_URL forms beyond a single server: Sentinel and Cluster, against real redis-servers."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as sync_redis
+
+from app.metrics import Metrics
+from app.redis_connection import connect_redis, parse_sentinel_url
+from app.settings import Settings
+from app.store import MessageTarget, Store
+from tests.conftest import _free_port
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
+
+
+def settings(url: str) -> Settings:
+    return Settings(
+        slack_bot_token="xoxb-test",
+        slack_signing_secret="secret",
+        buildkite_api_token="bk-test-token",
+        buildkite_org="acme",
+        redis_url=url,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+
+
+def _start(args: list[str], port: int, tmp: Path) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        ["redis-server", *args], cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with sync_redis.Redis(port=port) as probe:
+                probe.ping()
+            return process
+        except sync_redis.ConnectionError:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        process.kill()
+        process.wait(timeout=10)
+
+
+async def exercise(store: Store) -> None:
+    """The store's multi-key scripts and transactions, which need every key in one slot."""
+    assert await store.claim_request("r1", "U1") is None
+    assert await store.claim_request("r1", "U2") == "U1"
+    target = MessageTarget(channel="C1", requester="U1")
+    assert await store.track(
+        "b1",
+        pipeline="web",
+        number=1,
+        target=target,
+        phase="scheduled",
+        rank=1,
+        snapshot={"id": "b1"},
+        final=False,
+    )
+    await store.ensure_group()
+    (transition,) = await store.read_transitions("c1", block_ms=10)
+    assert transition.new == "scheduled"
+    await store.ack_transition(transition.entry_id)
+    assert (
+        await store.observe(
+            "b1", phase="passed", rank=6, snapshot={"id": "b1"}, final=True, blocked=False
+        )
+        == "scheduled"
+    )
+    assert await store.pending() == []
+    assert await store.lock_pipeline("web", user="U1", reason="", ttl=60, now=time.time()) is None
+
+
+def test_sentinel_urls_are_parsed() -> None:
+    assert parse_sentinel_url("redis+sentinel://:p%40ss@a:26379,b:26380/mymaster/2") == (
+        [("a", 26379), ("b", 26380)],
+        "mymaster",
+        2,
+        "p@ss",
+    )
+    assert parse_sentinel_url("redis+sentinel://sentinel/mymaster") == (
+        [("sentinel", 26379)],
+        "mymaster",
+        0,
+        None,
+    )
+    with pytest.raises(ValueError, match="service-name"):
+        parse_sentinel_url("redis+sentinel://a:26379")
+
+
+async def test_sentinel(tmp_path: Path, processes: list[Any]) -> None:
+    master, sentinel = _free_port(), _free_port()
+    processes.append(_start(["--port", str(master), "--save", ""], master, tmp_path))
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {sentinel}\nsentinel monitor main 127.0.0.1 {master} 1\n")
+    processes.append(_start([str(conf), "--sentinel"], sentinel, tmp_path))
+    client = connect_redis(settings(f"redis+sentinel://127.0.0.1:{sentinel}/main/0"), Metrics())
+    try:
+        await exercise(Store(client))
+    finally:
+        await client.aclose()
+    with sync_redis.Redis(port=master) as direct:
+        assert direct.exists("{bkchatops}:build:b1")
+
+
+def _cluster_state(node: sync_redis.Redis) -> str:
+    info = node.execute_command("CLUSTER INFO")
+    if isinstance(info, dict):
+        return str(info.get("cluster_state"))
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    return "ok" if "cluster_state:ok" in text else "fail"
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is a valid port too."""
+    while True:
+        port = _free_port()
+        if port + 10000 <= 65535:
+            return port
+
+
+async def test_cluster(tmp_path: Path, processes: list[Any]) -> None:
+    port = _cluster_port()
+    processes.append(
+        _start(
+            [
+                "--port",
+                str(port),
+                "--cluster-enabled",
+                "yes",
+                "--save",
+                "",
+                "--cluster-config-file",
+                str(tmp_path / "nodes.conf"),
+            ],
+            port,
+            tmp_path,
+        )
+    )
+    node = sync_redis.Redis(port=port)
+    node.execute_command("CLUSTER ADDSLOTSRANGE", 0, 16383)
+    deadline = time.monotonic() + 10
+    while _cluster_state(node) != "ok":
+        assert time.monotonic() < deadline, "the one-node cluster did not come up"
+        await asyncio.sleep(0.05)
+    node.close()
+    client = connect_redis(settings(f"redis+cluster://127.0.0.1:{port}"), Metrics())
+    try:
+        await exercise(Store(client))
+    finally:
+        await client.aclose()
