@@ -159,6 +159,7 @@ async def background(services: Services) -> AsyncIterator[None]:
         yield
     finally:
         stop.set()
+        await services.tracker.finish_writing(SHUTDOWN_GRACE)
         _, still_running = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
         for task in still_running:
             task.cancel()

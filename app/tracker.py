@@ -62,6 +62,8 @@ _SNAPSHOT_FIELDS = {
 #: How long a transition may stay unfinished by its reader before another process takes it.
 #: Longer than a build lock, which its holder renews while it writes.
 RECLAIM_IDLE_MS = 2 * LOCK_TTL_MS
+#: How many builds' Slack writes may be in flight at once in one process.
+MAX_PARALLEL_WRITES = 64
 #: A transition handed out this many times without success is set aside (and logged).
 MAX_DELIVERIES = 8
 #: A pending build not seen by the org-wide lists for this many poll intervals is fetched alone.
@@ -70,6 +72,9 @@ STALE_AFTER_INTERVALS = 4
 MAX_SINGLE_FETCHES = 10
 #: Overlap of the `finished_from` window, for clock skew between us and Buildkite.
 FINISHED_OVERLAP = 120.0
+#: How long a Slack post already made is retried to be recorded through a Redis outage: left
+#: unrecorded, it would be posted again. Shorter than a build lock, which stays ours meanwhile.
+RECORD_PATIENCE = LOCK_TTL_MS / 2000
 
 _RANKS = {
     BuildState.CREATING: 1,
@@ -137,6 +142,10 @@ class Tracker:
         self.outbox = outbox
         self.poll_interval = poll_interval
         self.people = people
+        #: Slack writes in flight, at most MAX_PARALLEL_WRITES at once, in order per build.
+        self._slots = asyncio.Semaphore(MAX_PARALLEL_WRITES)
+        self._writing: set[asyncio.Task[None]] = set()
+        self._build_order: dict[str, asyncio.Lock] = {}
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.clock = clock
 
@@ -235,7 +244,7 @@ class Tracker:
                 for transition in batch:
                     if stop.is_set():
                         break  # left unacknowledged: taken over after a restart
-                    await self._process_safely(transition)
+                    await self._start(transition)
             except asyncio.CancelledError:
                 raise
             except ResponseError as exc:
@@ -247,6 +256,33 @@ class Tracker:
             except Exception:
                 log.exception("notifier cycle failed; retrying")
                 await asyncio.sleep(1.0)
+
+    async def _start(self, transition: Transition) -> None:
+        """Hand a transition to its own task: builds are written in parallel (one slow or paced
+        Slack call holds up only its build), each build's transitions in order."""
+        await self._slots.acquire()
+        task = asyncio.create_task(self._in_order(transition))
+        self._writing.add(task)
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self._writing.discard(finished)
+            self._slots.release()
+
+        task.add_done_callback(done)
+
+    async def _in_order(self, transition: Transition) -> None:
+        lock = self._build_order.setdefault(transition.build_id, asyncio.Lock())
+        try:
+            async with lock:
+                await self._process_safely(transition)
+        finally:
+            if not lock.locked() and self._build_order.get(transition.build_id) is lock:
+                del self._build_order[transition.build_id]
+
+    async def finish_writing(self, timeout: float) -> None:  # noqa: ASYNC109
+        """Wait (bounded) for the Slack writes in flight; the rest is taken over later."""
+        if self._writing:
+            await asyncio.wait(set(self._writing), timeout=timeout)
 
     async def _reclaim(self) -> list[Transition]:
         taken = []
@@ -307,7 +343,9 @@ class Tracker:
         async def renew() -> None:
             while True:
                 await asyncio.sleep(LOCK_TTL_MS / 3000)
-                await self.store.renew_lock(build_id, token)
+                # A Redis outage must not end the renewals: the lock is needed again after it.
+                with contextlib.suppress(RedisError, OSError):
+                    await self.store.renew_lock(build_id, token)
 
         renewer = asyncio.create_task(renew())
         try:
@@ -359,7 +397,9 @@ class Tracker:
         await self.outbox.post(
             target.channel, reply, thread_ts=target.reply_thread, reply_broadcast=broadcast
         )
-        await self.store.mark_posted(tracked.build_id, target.channel, tracked.gen, kind)
+        await self._record(
+            lambda: self.store.mark_posted(tracked.build_id, target.channel, tracked.gen, kind)
+        )
 
     async def _write_root(
         self, tracked: TrackedBuild, build: Build, target: MessageTarget, details: _Details
@@ -393,7 +433,19 @@ class Tracker:
                     await self._tell_requester(tracked, target, exc)
                 raise
             target.rendered = digest
-            await self.store.save_target(tracked.build_id, target)
+            await self._record(lambda: self.store.save_target(tracked.build_id, target))
+
+    async def _record(self, write: Callable[[], Awaitable[None]]) -> None:
+        """Record a Slack post that was made, retrying through a short Redis outage."""
+        deadline = time.monotonic() + RECORD_PATIENCE
+        while True:
+            try:
+                await write()
+                return
+            except (RedisError, OSError):
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.25)
 
     async def _tell_requester(
         self, tracked: TrackedBuild, target: MessageTarget, exc: SlackDeliveryError
