@@ -8,6 +8,7 @@ child (Buildkite answering every request after 300 ms), and redis-server.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,13 +51,10 @@ class Load:
         }
 
 
-async def generate(
-    url: str, slack_base: str, *, clients: int, seconds: float, first: int = 0
-) -> Load:
+async def generate(url: str, slack_base: str, *, clients: int, seconds: float) -> Load:
     """`clients` concurrent clients, each sending a signed /deploy as soon as the last is acked."""
-
     load = Load(windows=[[] for _ in range(int(seconds // WINDOW))], seconds=seconds)
-    counter = iter(range(first, first + 10**9))
+    counter = itertools.count()
     start = time.perf_counter() + WARMUP
     end = start + len(load.windows) * WINDOW
 

@@ -4,9 +4,9 @@
 (`open_services`: store on redis-server, Buildkite client, outbox, notifier) runs against the
 Slack and Buildkite fakes in this process, in *simulated time*: the tracker's clock is a real
 clock plus an offset, and between two polls the offset jumps over the poll interval instead of
-waiting it out. Everything the bot really does (pages fetched and parsed, Redis scripts, Slack
-writes and their pacing) takes its real time, which the simulated clock includes; each Buildkite
-request adds the fake's latency (0.3 s) to the simulated clock instead of sleeping.
+waiting it out. Everything the bot really does (pages parsed, Redis scripts, Slack writes and
+their pacing) takes its real time, which the simulated clock includes; each Buildkite request
+takes 0.3 s of simulated time (Buildkite's latency), not the time the fake took to answer.
 
 The naive baseline (GET every tracked build every 10 s) is computed from the same finish times.
 """
@@ -19,6 +19,7 @@ import json
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -129,15 +130,17 @@ def naive(finish: list[float], start: float, rng: random.Random) -> tuple[list[f
     return times, lags
 
 
-def rate_budget(calls: list[RecordedCall], key: str) -> tuple[float, int]:
+def rate_budget(
+    calls: list[RecordedCall], key: str, when: Callable[[float], float] | None = None
+) -> tuple[float, int]:
     """Smallest gap between two calls for one key (channel or message), and the most calls for
-    one key within any 1-second window."""
+    one key within any 1-second window; `when` maps the calls' real times (to simulated ones)."""
     by_key: dict[str, list[float]] = {}
     for call in calls:
         name = str(call.args.get("channel")) + (
             "/" + str(call.args.get("ts")) if key == "message" else ""
         )
-        by_key.setdefault(name, []).append(call.time)
+        by_key.setdefault(name, []).append(when(call.time) if when else call.time)
     gap, most = float("inf"), 0
     for times in by_key.values():
         times.sort()
@@ -184,13 +187,21 @@ async def simulate(
             _env_file=None,  # type: ignore[call-arg]
         )
         recorded: list[float] = []
+        in_flight: dict[int, float] = {}
 
         async def on_request(request: httpx.Request) -> None:
             recorded.append(clock.now())
-            clock.advance(BUILDKITE_LATENCY)
+            in_flight[id(request)] = time.monotonic()
+
+        async def on_response(response: httpx.Response) -> None:
+            # Each request takes BUILDKITE_LATENCY of simulated time, whatever the fake (in this
+            # process, and slow at listing 1,000 builds) took for real, unless it took longer.
+            took = time.monotonic() - in_flight.pop(id(response.request))
+            clock.advance(max(BUILDKITE_LATENCY - took, 0.0))
 
         async with open_services(settings) as services:
             services.http.event_hooks["request"].append(on_request)
+            services.http.event_hooks["response"].append(on_response)
             tracker = services.tracker
             tracker.clock = clock.now
             stop = asyncio.Event()
@@ -312,8 +323,11 @@ async def simulate(
         posts = [c for c in slack.calls if c.method == "chat.postMessage" and c.ok]
         edits = [c for c in slack.calls if c.method == "chat.update" and c.ok]
         result.posts, result.edits = len(posts), len(edits)
-        result.post_gap_min, result.max_posts_per_channel_second = rate_budget(posts, "channel")
-        result.edit_gap_min, result.max_edits_per_message_second = rate_budget(edits, "message")
+        # In simulated time: what Slack would see had the time between polls not been skipped.
+        budget = rate_budget(posts, "channel", clock.at)
+        result.post_gap_min, result.max_posts_per_channel_second = budget
+        budget = rate_budget(edits, "message", clock.at)
+        result.edit_gap_min, result.max_edits_per_message_second = budget
         if problems := unexpected(slack, bk):
             raise RuntimeError(f"unexpected requests: {problems[:3]}")
     await client.aclose()

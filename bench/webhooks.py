@@ -144,8 +144,9 @@ async def paced(jobs: list[Any], rate: float) -> list[Any]:
 
 def update_latencies(
     calls: list[RecordedCall], sent: dict[str, float], want: str | None
-) -> list[float]:
-    """Per message ts (in sending order): first chat.update after its webhook was sent."""
+) -> dict[str, float]:
+    """Per message ts (in sending order): first chat.update after its webhook was sent; the
+    latencies' percentiles, and how many of these updates reached Slack per second."""
     first: dict[str, float] = {}
     for call in calls:
         ts = str(call.args.get("ts"))
@@ -160,7 +161,9 @@ def update_latencies(
     missing = [ts for ts in sent if ts not in first and ts not in refused]
     if missing:
         raise RuntimeError(f"{len(missing)} messages were never updated")
-    return [(first[ts] - sent[ts]) * 1000 for ts in sent if ts not in refused]
+    latencies = [(first[ts] - sent[ts]) * 1000 for ts in sent if ts not in refused]
+    span = max(first.values()) - min(first.values())
+    return {**windowed(latencies), "updates_per_second": len(first) / span if span else math.nan}
 
 
 def windowed(latencies: list[float]) -> dict[str, float]:
@@ -296,7 +299,7 @@ async def run(
             )
             await wait_for(drained, "the finished updates", timeout=300)
             phase("finished")
-            out["bot"] = windowed(update_latencies(slack.calls[first_call:], sent, "Passed"))
+            out["bot"] = update_latencies(slack.calls[first_call:], sent, "Passed")
             out["redis_final"] = await key_report(client)
             out["pending_after"] = await store.pending_count()
 
@@ -339,7 +342,7 @@ async def run(
             sent = dict(
                 await paced([lambda ts=ts: send(ts, None, relay) for _, ts in messages], rate)
             )
-            out["bare"] = windowed(update_latencies(slack.calls[first_call:], sent, None))
+            out["bare"] = update_latencies(slack.calls[first_call:], sent, None)
             phase("bare")
         except BaseException:
             print(f"bot log, last lines:\n{bot.tail()}", file=sys.stderr)
