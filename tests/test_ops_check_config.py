@@ -132,7 +132,7 @@ async def test_the_command_line_prints_the_report_and_exits_0(
 def test_bad_settings_fail_the_check_without_showing_them(tmp_path: Path) -> None:
     import subprocess
 
-    env = child_env(SLACK_BOT_TOKEN="xoxp-user-token-secret", BUILDKITE_ORG="acme")
+    env = child_env(SLACK_BOT_TOKEN="xoxp-fake1", BUILDKITE_ORG="acme")
     result = subprocess.run(
         [sys.executable, "-m", "app", "--check-config"],
         env=env,
@@ -144,5 +144,5 @@ def test_bad_settings_fail_the_check_without_showing_them(tmp_path: Path) -> Non
     assert result.returncode == 1
     assert "✗ settings: BUILDKITE_API_TOKEN is not set" in result.stdout
     assert "✗ settings: SLACK_BOT_TOKEN is invalid" in result.stdout
-    assert "xoxp-user-token-secret" not in result.stdout + result.stderr
+    assert "xoxp-fake1" not in result.stdout + result.stderr
     assert "Traceback" not in result.stderr

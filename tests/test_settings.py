@@ -21,7 +21,7 @@ from tests.fakes.slack import FakeSlack
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {
-    "SLACK_BOT_TOKEN": "xoxb-settings-test",
+    "SLACK_BOT_TOKEN": "xoxb-fake2",
     "SLACK_SIGNING_SECRET": "sign-secret-value",
     "BUILDKITE_API_TOKEN": "bk-secret-value",
     "BUILDKITE_ORG": "acme",
@@ -72,7 +72,7 @@ def test_settings_come_from_a_dotenv_file(env: pytest.MonkeyPatch, tmp_cwd: Path
 
 def test_each_problem_is_one_line_naming_the_variable(env: pytest.MonkeyPatch) -> None:
     env.delenv("BUILDKITE_API_TOKEN")
-    env.setenv("SLACK_BOT_TOKEN", "xoxp-user-token-secret")
+    env.setenv("SLACK_BOT_TOKEN", "xoxp-fake1")
     env.setenv("PORT", "99999")
     env.setenv("BUILDKITE_ORG", "not/a slug")
     env.setenv("SLACK_APP_TOKEN", "bad-app-token-secret")
@@ -91,14 +91,14 @@ def test_each_problem_is_one_line_naming_the_variable(env: pytest.MonkeyPatch) -
         "LOG_LEVEL is invalid",
     ):
         assert name in joined
-    assert "xoxp-user-token-secret" not in joined
+    assert "xoxp-fake1" not in joined
     assert "bad-app-token-secret" not in joined
 
 
 def test_tokens_are_secret(env: pytest.MonkeyPatch) -> None:
     settings = load_settings()
     text = repr(settings) + str(settings.model_dump())
-    for secret in ("xoxb-settings-test", "sign-secret-value", "bk-secret-value"):
+    for secret in ("xoxb-fake2", "sign-secret-value", "bk-secret-value"):
         assert secret not in text
 
 
