@@ -145,7 +145,8 @@ class Tracker:
         #: Slack writes in flight, at most MAX_PARALLEL_WRITES at once, in order per build.
         self._slots = asyncio.Semaphore(MAX_PARALLEL_WRITES)
         self._writing: set[asyncio.Task[None]] = set()
-        self._build_order: dict[str, asyncio.Lock] = {}
+        #: Per build: the lock that keeps its writes in order, and how many tasks use it.
+        self._build_order: dict[str, tuple[asyncio.Lock, int]] = {}
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.clock = clock
 
@@ -271,13 +272,19 @@ class Tracker:
         task.add_done_callback(done)
 
     async def _in_order(self, transition: Transition) -> None:
-        lock = self._build_order.setdefault(transition.build_id, asyncio.Lock())
+        build_id = transition.build_id
+        lock, users = self._build_order.get(build_id, (asyncio.Lock(), 0))
+        self._build_order[build_id] = (lock, users + 1)
         try:
             async with lock:
                 await self._process_safely(transition)
         finally:
-            if not lock.locked() and self._build_order.get(transition.build_id) is lock:
-                del self._build_order[transition.build_id]
+            # Forgotten only by its last user: a released lock may have a waiter not yet woken.
+            lock, users = self._build_order[build_id]
+            if users > 1:
+                self._build_order[build_id] = (lock, users - 1)
+            else:
+                del self._build_order[build_id]
 
     async def finish_writing(self, timeout: float) -> None:  # noqa: ASYNC109
         """Wait (bounded) for the Slack writes in flight; the rest is taken over later."""
@@ -340,17 +347,23 @@ class Tracker:
             yield False
             return
 
+        holding = True
+
         async def renew() -> None:
-            while True:
+            # Until told to stop, not only until cancelled: redis-py can lose a cancellation that
+            # lands during a command (the command returns), and this loop would renew forever.
+            while holding:
                 await asyncio.sleep(LOCK_TTL_MS / 3000)
                 # A Redis outage must not end the renewals: the lock is needed again after it.
                 with contextlib.suppress(RedisError, OSError):
-                    await self.store.renew_lock(build_id, token)
+                    if holding:
+                        await self.store.renew_lock(build_id, token)
 
         renewer = asyncio.create_task(renew())
         try:
             yield True
         finally:
+            holding = False
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer

@@ -26,9 +26,14 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    """A redis-server of our own on a free port, which tests may stop and start again."""
+    """A redis-server of our own on a free port, which tests may stop and start again.
 
-    def __init__(self) -> None:
+    `persistent` keeps an append-only file in `dir`, as a real deployment does, so that its
+    data survives a stop and start; otherwise nothing is kept on disk.
+    """
+
+    def __init__(self, *, persistent: bool = False) -> None:
+        self.persistent = persistent
         self.port = _free_port()
         self.dir = tempfile.mkdtemp(prefix="bkchatops-redis-")
         self.process: subprocess.Popen[bytes] | None = None
@@ -55,7 +60,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.persistent else "no",
+                "--appendfsync",
+                "everysec",
                 "--dir",
                 self.dir,
             ],

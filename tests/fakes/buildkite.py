@@ -670,6 +670,10 @@ class FakeBuildkite:
     def clear_faults(self) -> None:
         self._faults.clear()
 
+    def faults_left(self, kind: Literal["fail", "rate_limit", "delay", "drop"]) -> int:
+        """How many injected faults of this kind no request has met yet."""
+        return sum(fault.remaining for fault in self._faults if fault.kind == kind)
+
     # Recorded requests
 
     def requests_to(

@@ -143,6 +143,7 @@ class FakeSlack:
         self.usergroups: dict[str, list[str]] = {}
 
         self._faults: dict[str, list[_Fault]] = {}
+        self._other_bot_tokens: set[str] = set()
         self._response_urls: dict[str, _ResponseUrl] = {}
         self._used_triggers: set[str] = set()
         self._ts_micros = itertools.count(1_700_000_000_000_100, 100)
@@ -323,6 +324,11 @@ class FakeSlack:
             channel, text, blocks or [], thread_ts=thread_ts, user=user or self.bot_user_id
         )
         return str(message["ts"])
+
+    def add_bot_token(self, token: str) -> None:
+        """Accept another bot token too, e.g. one per bot process, so that the `Authorization`
+        header of each recorded call tells which process made it."""
+        self._other_bot_tokens.add(token)
 
     # ------------------------------------------------------------------ fault injection
 
@@ -580,6 +586,8 @@ class FakeSlack:
             return "not_authed"
         expected = self.app_token if method in APP_TOKEN_METHODS else self.bot_token
         if token == expected:
+            return None
+        if method not in APP_TOKEN_METHODS and token in self._other_bot_tokens:
             return None
         if token in (self.app_token, self.bot_token):
             return "not_allowed_token_type"
