@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.backoff import ConstantBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from slack_sdk.http_retry.async_handler import AsyncRetryHandler
@@ -211,14 +211,21 @@ _redis_depth: ContextVar[int] = ContextVar("redis_retry_depth", default=0)
 
 
 class CountingRetry(Retry):
-    """redis-py's retry policy for a URL-made client (no retry) that counts failed commands.
+    """redis-py's retry policy for the store's client, counting the commands that finally fail.
+
+    A command that fails with a connection error is sent once more, on a new connection, after
+    0.1 s: after a Redis restart or failover every pooled connection is dead, and without the
+    retry the first command on each would fail although Redis is back. Only connection errors
+    are retried: the command never reached a live server (a timeout is not retried, since the
+    command may have run). The store's writes are compare-and-set scripts or guarded, so even a
+    reply lost after the command ran would not be applied twice.
 
     Connections deep-copy their retry policy; this one is shared on purpose (it keeps no state
     per connection). A connect retried inside a command's retry is counted once, as the command.
     """
 
-    def __init__(self, metrics: Metrics) -> None:
-        super().__init__(NoBackoff(), 0)
+    def __init__(self, metrics: Metrics, retries: int = 1) -> None:
+        super().__init__(ConstantBackoff(0.1), retries, supported_errors=(RedisConnectionError,))
         self.metrics = metrics
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CountingRetry:

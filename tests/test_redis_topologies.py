@@ -17,7 +17,7 @@ from app.metrics import Metrics
 from app.redis_connection import connect_redis, parse_sentinel_url
 from app.settings import Settings
 from app.store import MessageTarget, Store
-from tests.conftest import _free_port
+from tests.conftest import RedisServer, _free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
 
@@ -166,3 +166,38 @@ async def test_cluster(tmp_path: Path, processes: list[Any]) -> None:
         await exercise(Store(client))
     finally:
         await client.aclose()
+
+
+def _errors(metrics: Metrics) -> float:
+    return sum(
+        sample.value
+        for family in metrics.registry.collect()
+        if family.name == "bkchatops_redis_errors"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    )
+
+
+async def test_the_first_command_after_a_redis_restart_succeeds() -> None:
+    """Every pooled connection dies with the server; the next command is sent once more on a
+    new connection instead of failing while Redis is back (a webhook would have got a 503)."""
+    server = RedisServer()
+    server.start()
+    metrics = Metrics()
+    client = connect_redis(settings(server.url), metrics)
+    try:
+        await client.set("k", "before")
+        server.stop()
+        server.start()  # same port; the client's pooled connection is now dead
+        assert await client.set("k", "after") is True
+        assert await client.get("k") == b"after"
+        assert _errors(metrics) == 0
+
+        server.stop()  # down for good: the command fails after one retry, and is counted once
+        with pytest.raises(sync_redis.ConnectionError):
+            await client.get("k")
+        assert _errors(metrics) == 1
+    finally:
+        await client.aclose()
+        server.stop()
+        shutil.rmtree(server.dir, ignore_errors=True)
