@@ -3,6 +3,13 @@
 It paces posts per channel (Slack allows about one message per second per channel), merges
 successive edits of one message so that only the latest state is sent, and lets slack_sdk's
 retry handlers honour ``Retry-After`` on 429. Handlers and the tracker never call chat.* directly.
+
+A post given a `key` is made at most once: it carries the key in its message metadata, and it
+is never re-sent blindly after an answer that leaves its fate unknown (a connection error, a
+timeout, a 5xx). The outbox first looks for it in the channel (conversations.history, or
+.replies in a thread) and only posts again when it is not there. The tracker asks for the same
+look-up before posting when Redis shows an earlier attempt that was never recorded (a process
+killed between Slack's answer and its record).
 """
 
 from __future__ import annotations
@@ -14,7 +21,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncServerErrorRetryHandler,
+)
 from slack_sdk.web.async_client import AsyncWebClient
 
 from app.messages import Rendered
@@ -23,8 +35,26 @@ log = logging.getLogger(__name__)
 
 #: Slack errors worth retrying; any other `ok: false` will fail again however often it is sent.
 TEMPORARY_ERRORS = frozenset(
-    {"ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout"}
+    {
+        "ratelimited",
+        "internal_error",
+        "fatal_error",
+        "service_unavailable",
+        "request_timeout",
+        "connection_error",
+    }
 )
+#: Failures after which a post may or may not have been made (Slack may have taken it).
+UNKNOWN_OUTCOME = TEMPORARY_ERRORS - {"ratelimited"}
+
+#: The message metadata event type that marks the bot's keyed posts.
+POST_EVENT_TYPE = "bkchatops_post"
+#: How often a keyed post is sent (each resend after a look-up found nothing).
+KEYED_POST_ATTEMPTS = 3
+#: Look-ups start this long before the first attempt (clock skew between us and Slack).
+LOOKUP_MARGIN = 120.0
+#: At most this many pages of history are read in one look-up.
+LOOKUP_PAGES = 5
 
 #: What the operator should do about the permanent errors seen most often.
 PERMANENT_ERRORS: dict[str, str] = {
@@ -49,7 +79,9 @@ class SlackDeliveryError(Exception):
         self.method = method
         self.channel = channel
         self.error = error
-        self.permanent = error not in TEMPORARY_ERRORS
+        self.permanent = error not in TEMPORARY_ERRORS and not error.startswith("http_5")
+        #: The write may have been made although it failed (only a look-up can tell).
+        self.unknown_outcome = error in UNKNOWN_OUTCOME or error.startswith("http_5")
         hint = PERMANENT_ERRORS.get(
             error,
             "it will be retried" if not self.permanent else "see Slack's docs for this error",
@@ -88,6 +120,21 @@ class Outbox:
         self._last_post: dict[str, float] = {}
         self._edits: dict[tuple[str, str], _Edit] = {}
         self._reported: set[tuple[str, str]] = set()
+        # Keyed posts go through a client that never re-sends them on its own after a
+        # connection error or a 5xx (the outbox looks first); 429s are still waited out.
+        self._keyed_client = AsyncWebClient(
+            token=client.token,
+            base_url=client.base_url,
+            timeout=client.timeout,
+            session=client.session,
+            retry_handlers=[
+                handler
+                for handler in client.retry_handlers
+                if not isinstance(
+                    handler, (AsyncConnectionErrorRetryHandler, AsyncServerErrorRetryHandler)
+                )
+            ],
+        )
 
     async def post(
         self,
@@ -96,13 +143,21 @@ class Outbox:
         *,
         thread_ts: str | None = None,
         reply_broadcast: bool = False,
+        key: str | None = None,
+        tried_since: float | None = None,
     ) -> str:
-        """Post a message (paced per channel) and return its ts."""
+        """Post a message (paced per channel) and return its ts.
+
+        With a `key`, the post is made at most once (see the module's doc); `tried_since` (unix
+        time) says an earlier attempt may have made it then: it is looked for before posting.
+        """
         lock = self._channel_locks.setdefault(channel, asyncio.Lock())
         async with lock:
-            wait = self._last_post.get(channel, float("-inf")) + self.post_interval - self._clock()
-            if wait > 0:
-                await self._sleep(wait)
+            if key is not None and tried_since is not None:
+                found = await self.find_post(channel, key, thread_ts=thread_ts, since=tried_since)
+                if found is not None:
+                    log.info("post %s in %s was already made (ts %s)", key, channel, found)
+                    return found
             kwargs: dict[str, Any] = {
                 "channel": channel,
                 "text": rendered.text,
@@ -114,11 +169,78 @@ class Outbox:
                 kwargs["thread_ts"] = thread_ts
                 if reply_broadcast:
                     kwargs["reply_broadcast"] = True
+            if key is None:
+                return await self._paced_post(channel, kwargs, self.client)
+            kwargs["metadata"] = {"event_type": POST_EVENT_TYPE, "event_payload": {"key": key}}
+            since = time.time()
+            for attempt in range(1, KEYED_POST_ATTEMPTS + 1):
+                try:
+                    return await self._paced_post(channel, kwargs, self._keyed_client)
+                except SlackDeliveryError as exc:
+                    if not exc.unknown_outcome or attempt == KEYED_POST_ATTEMPTS:
+                        raise
+                await self._sleep(float(attempt))  # let Slack settle before asking it
+                found = await self.find_post(channel, key, thread_ts=thread_ts, since=since)
+                if found is not None:
+                    log.info("post %s in %s was made after all (ts %s)", key, channel, found)
+                    return found
+            raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _paced_post(
+        self, channel: str, kwargs: dict[str, Any], client: AsyncWebClient
+    ) -> str:
+        wait = self._last_post.get(channel, float("-inf")) + self.post_interval - self._clock()
+        if wait > 0:
+            await self._sleep(wait)
+        try:
+            response = await self._call("chat.postMessage", channel, kwargs, client)
+        finally:
+            self._last_post[channel] = self._clock()
+        return str(response["ts"])
+
+    async def find_post(
+        self, channel: str, key: str, *, thread_ts: str | None, since: float
+    ) -> str | None:
+        """The ts of the bot's post with this key made since `since` (unix time), if any.
+
+        None also when Slack cannot be asked (say, the history scope is missing): the caller
+        then posts, so a message may show twice but is never lost.
+        """
+        method = "conversations.replies" if thread_ts else "conversations.history"
+        params: dict[str, Any] = {
+            "channel": channel,
+            "oldest": f"{since - LOOKUP_MARGIN:.6f}",
+            "include_all_metadata": "true",
+            "limit": 200,
+        }
+        if thread_ts:
+            params["ts"] = thread_ts
+        for _ in range(LOOKUP_PAGES):
             try:
-                response = await self._call("chat.postMessage", channel, kwargs)
-            finally:
-                self._last_post[channel] = self._clock()
-            return str(response["ts"])
+                response = await self.client.api_call(method, http_verb="GET", params=params)
+            except (SlackApiError, aiohttp.ClientError, TimeoutError) as exc:
+                error = _error_of(exc)
+                if (channel, method + error) not in self._reported:
+                    self._reported.add((channel, method + error))
+                    log.error(
+                        "cannot check channel %s for a post that may have been made (%s failed "
+                        "with %s): posting it, which may show it twice. %s",
+                        channel,
+                        method,
+                        error,
+                        LOOKUP_HINTS.get(error, "It will be checked again next time."),
+                    )
+                return None
+            for message in response.get("messages") or []:
+                metadata = message.get("metadata") or {}
+                payload = metadata.get("event_payload") or {}
+                if metadata.get("event_type") == POST_EVENT_TYPE and payload.get("key") == key:
+                    return str(message["ts"])
+            cursor = (response.get("response_metadata") or {}).get("next_cursor")
+            if not cursor:
+                return None
+            params["cursor"] = cursor
+        return None
 
     async def update(self, channel: str, ts: str, rendered: Rendered) -> None:
         """Edit a message; edits that pile up while one is in flight collapse into the latest."""
@@ -163,11 +285,17 @@ class Outbox:
         if self._edits.get(key) is edit:
             del self._edits[key]
 
-    async def _call(self, method: str, channel: str, kwargs: dict[str, Any]) -> Any:
+    async def _call(
+        self,
+        method: str,
+        channel: str,
+        kwargs: dict[str, Any],
+        client: AsyncWebClient | None = None,
+    ) -> Any:
         try:
-            return await self.client.api_call(method, json=kwargs)
-        except SlackApiError as exc:
-            error = str(exc.response.get("error") or f"http_{exc.response.status_code}")
+            return await (client or self.client).api_call(method, json=kwargs)
+        except (SlackApiError, aiohttp.ClientError, TimeoutError) as exc:
+            error = _error_of(exc)
             failure = SlackDeliveryError(method, channel, error)
             if failure.permanent:
                 # Logged once per channel and error, so a misconfigured channel does not flood logs.
@@ -193,3 +321,22 @@ class Outbox:
         tasks = [e.task for e in self._edits.values() if e.task is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+#: What to do when a look-up for an earlier post fails.
+LOOKUP_HINTS = {
+    "missing_scope": "Add the channels:history and groups:history scopes (reinstall the app from "
+    "manifest.yml).",
+    "not_in_channel": "Invite the bot to the channel (/invite @bot).",
+    "channel_not_found": "Invite the bot to the channel (/invite @bot).",
+}
+
+
+def _error_of(exc: BaseException) -> str:
+    """Slack's error code for a failed call, `http_<status>`, or `connection_error`."""
+    if isinstance(exc, SlackApiError):
+        response = exc.response
+        body = response.get("error") if hasattr(response, "get") else None
+        status = getattr(response, "status_code", None) or getattr(response, "status", 0)
+        return str(body or f"http_{status}")
+    return "connection_error"

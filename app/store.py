@@ -39,6 +39,8 @@ REQUEST_KEY = TEMPLATE_PREFIX + "req:{request_id}"
 POSTED_KEY = TEMPLATE_PREFIX + "posted:{build_id}:{channel}:{gen}:{kind}"
 #: once:{build_id}:{gen}:{what} -> set once a per-build action (an auto-retry) was taken.
 ONCE_KEY = TEMPLATE_PREFIX + "once:{build_id}:{gen}:{what}"
+#: post:{key} -> when a keyed Slack post was first attempted (unix time), until it is recorded.
+POST_ATTEMPT_KEY = TEMPLATE_PREFIX + "post:{key}"
 #: outcome:{pipeline}:{branch} -> the final state of the branch's last finished build.
 OUTCOME_KEY = TEMPLATE_PREFIX + "outcome:{pipeline}:{branch}"
 #: retries:{pipeline}:{hour} -> automatic retries spent in that hour (the hourly budget).
@@ -486,6 +488,20 @@ class Store:
         """True the first time it is called for this build, generation and action."""
         key = ONCE_KEY.format(build_id=build_id, gen=gen, what=what)
         return bool(await self.redis.set(key, "1", nx=True, ex=POSTED_TTL))
+
+    async def begin_post(self, key: str, now: float) -> float | None:
+        """Note that a keyed Slack post is about to be made; returns when an earlier attempt was
+        made if one was never recorded as done (it may have reached Slack: look before posting).
+        """
+        redis_key = POST_ATTEMPT_KEY.format(key=key)
+        if await self.redis.set(redis_key, repr(now), nx=True, ex=POSTED_TTL):
+            return None
+        earlier = await self.redis.get(redis_key)
+        return float(_text(earlier)) if earlier is not None else None
+
+    async def end_post(self, key: str) -> None:
+        """The keyed post is made and recorded: forget the attempt."""
+        await self.redis.delete(POST_ATTEMPT_KEY.format(key=key))
 
     async def swap_outcome(self, pipeline: str, branch: str, state: str) -> str | None:
         """Record the branch's latest final state; returns the one before it."""

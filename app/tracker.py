@@ -407,12 +407,14 @@ class Tracker:
         if await self.store.was_posted(tracked.build_id, target.channel, tracked.gen, kind):
             return
         reply, broadcast = await self._reply(kind, tracked, build, target, details)
-        await self.outbox.post(
-            target.channel, reply, thread_ts=target.reply_thread, reply_broadcast=broadcast
+        key = f"{tracked.build_id}:{target.channel}:{tracked.gen}:{kind}"
+        await self._post_once(
+            key, target.channel, reply, thread_ts=target.reply_thread, broadcast=broadcast
         )
         await self._record(
             lambda: self.store.mark_posted(tracked.build_id, target.channel, tracked.gen, kind)
         )
+        await self._forget_attempt(key)
 
     async def _write_root(
         self, tracked: TrackedBuild, build: Build, target: MessageTarget, details: _Details
@@ -439,14 +441,48 @@ class Tracker:
                 target.rendered = digest
                 await self.store.save_target(tracked.build_id, target)
         if target.ts is None:
+            key = f"{tracked.build_id}:{target.channel}:root"
             try:
-                target.ts = await self.outbox.post(target.channel, root, thread_ts=target.thread_ts)
+                target.ts = await self._post_once(
+                    key, target.channel, root, thread_ts=target.thread_ts
+                )
             except SlackDeliveryError as exc:
                 if exc.permanent:
                     await self._tell_requester(tracked, target, exc)
                 raise
             target.rendered = digest
             await self._record(lambda: self.store.save_target(tracked.build_id, target))
+            await self._forget_attempt(key)
+
+    async def _post_once(
+        self,
+        key: str,
+        channel: str,
+        rendered: messages.Rendered,
+        *,
+        thread_ts: str | None,
+        broadcast: bool = False,
+    ) -> str:
+        """Post a build's message or reply at most once in total, whichever process tries.
+
+        The attempt is noted in Redis first. If an earlier attempt was noted and never recorded
+        as done (its process died between Slack's answer and the record, or Slack's answer was
+        lost), the outbox looks for that post in Slack before making it again.
+        """
+        tried_since = await self.store.begin_post(key, time.time())
+        return await self.outbox.post(
+            channel,
+            rendered,
+            thread_ts=thread_ts,
+            reply_broadcast=broadcast,
+            key=key,
+            tried_since=tried_since,
+        )
+
+    async def _forget_attempt(self, key: str) -> None:
+        # Left behind, it costs a look-up if the same post is ever attempted again (it expires).
+        with contextlib.suppress(RedisError, OSError):
+            await self.store.end_post(key)
 
     async def _record(self, write: Callable[[], Awaitable[None]]) -> None:
         """Record a Slack post that was made, retrying through a short Redis outage."""

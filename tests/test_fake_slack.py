@@ -360,3 +360,49 @@ async def test_signed_requests_are_dispatched_by_bolt(fake: FakeSlack) -> None:
     )
     forged = await app.async_dispatch(_bolt_request(forged_body, forged_headers))
     assert forged.status == 401
+
+
+async def test_history_and_replies_page_and_show_metadata_only_when_asked(
+    fake: FakeSlack, client: AsyncWebClient
+) -> None:
+    marked = {"event_type": "bkchatops_post", "event_payload": {"key": "b1:C0CHAN:root"}}
+    before = time.time()
+    root = await client.chat_postMessage(channel="C0CHAN", text="root", metadata=marked)
+    for i in range(3):
+        await client.chat_postMessage(channel="C0CHAN", text=f"top {i}")
+    await client.chat_postMessage(channel="C0CHAN", text="reply", thread_ts=root["ts"])
+    assert float(root["ts"]) >= before - 1  # ts values are the current time, as in Slack
+
+    first = await client.conversations_history(
+        channel="C0CHAN", limit=2, include_all_metadata=True, oldest=str(before - 1)
+    )
+    assert [m["text"] for m in first["messages"]] == ["top 2", "top 1"]  # newest first
+    assert first["has_more"] is True
+    cursor = first["response_metadata"]["next_cursor"]
+    rest = await client.conversations_history(
+        channel="C0CHAN", limit=2, include_all_metadata=True, cursor=cursor
+    )
+    assert [m["text"] for m in rest["messages"]] == ["top 0", "root"]
+    assert rest["messages"][1]["metadata"] == marked
+    assert rest["response_metadata"]["next_cursor"] == ""
+    plain = await client.conversations_history(channel="C0CHAN")
+    assert all("metadata" not in m for m in plain["messages"])
+    later = await client.conversations_history(channel="C0CHAN", oldest=str(time.time() + 60))
+    assert later["messages"] == []
+
+    thread = await client.conversations_replies(channel="C0CHAN", ts=root["ts"])
+    assert [m["text"] for m in thread["messages"]] == ["root", "reply"]
+    with pytest.raises(SlackApiError) as missing:
+        await client.conversations_replies(channel="C0CHAN", ts="1.000001")
+    assert missing.value.response["error"] == "thread_not_found"
+
+
+async def test_a_dropped_answer_still_carries_out_the_call(fake: FakeSlack) -> None:
+    client = AsyncWebClient(token=fake.bot_token, base_url=fake.api_url, retry_handlers=[])
+    fake.drop_answer_next("chat.postMessage")
+    with pytest.raises(aiohttp.ClientError):
+        await client.chat_postMessage(channel="C0CHAN", text="lost answer")
+    assert [m["text"] for m in fake.history("C0CHAN")] == ["lost answer"]
+    assert fake.calls_to("chat.postMessage")[0].answer_lost is True
+    again = await client.chat_postMessage(channel="C0CHAN", text="answered")
+    assert again["ok"] is True

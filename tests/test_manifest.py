@@ -72,6 +72,8 @@ SCOPES_FOR = {
     "users.lookupByEmail": {"users:read", "users:read.email"},
     "users.info": {"users:read", "users:read.email"},
     "usergroups.users.list": {"usergroups:read"},
+    "conversations.history": {"channels:history", "groups:history"},
+    "conversations.replies": {"channels:history", "groups:history"},
 }
 
 

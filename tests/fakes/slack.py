@@ -28,7 +28,9 @@ JSON_FIELDS = frozenset({"blocks", "attachments", "view", "metadata"})
 BOOL_FIELDS = frozenset(
     {
         "as_user",
+        "include_all_metadata",
         "include_disabled",
+        "inclusive",
         "include_locale",
         "include_num_members",
         "link_names",
@@ -54,6 +56,8 @@ class RecordedCall:
     status: int
     response: Json
     content_type: str = ""
+    #: The call was carried out but its answer never reached the caller (`drop_answer_next`).
+    answer_lost: bool = False
 
     @property
     def ok(self) -> bool:
@@ -143,6 +147,7 @@ class FakeSlack:
         self.usergroups: dict[str, list[str]] = {}
 
         self._faults: dict[str, list[_Fault]] = {}
+        self._drop_answers: dict[str, int] = {}
         self._other_bot_tokens: set[str] = set()
         self._response_urls: dict[str, _ResponseUrl] = {}
         self._used_triggers: set[str] = set()
@@ -164,6 +169,8 @@ class FakeSlack:
             "users.info": self._users_info,
             "users.lookupByEmail": self._users_lookup_by_email,
             "conversations.info": self._conversations_info,
+            "conversations.history": self._conversations_history,
+            "conversations.replies": self._conversations_replies,
             "usergroups.users.list": self._usergroups_users_list,
             "views.open": self._views_open,
             "views.update": self._views_update,
@@ -347,6 +354,11 @@ class FakeSlack:
         """
         code = status if status is not None else (429 if error == "ratelimited" else 200)
         self._faults.setdefault(method, []).append(_Fault(error, code, retry_after, n))
+
+    def drop_answer_next(self, method: str, n: int = 1) -> None:
+        """Carry out the next `n` calls of `method`, then cut the connection instead of answering:
+        the caller cannot tell whether the call was made (as when Slack's answer is lost)."""
+        self._drop_answers[method] = self._drop_answers.get(method, 0) + n
 
     # ------------------------------------------------------------------ inspection
 
@@ -544,6 +556,9 @@ class FakeSlack:
             status, body, extra_headers = self._answer(method, args, headers)
         if self.latency:
             await asyncio.sleep(self.latency)
+        dropped = self._drop_answers.get(method, 0) > 0
+        if dropped:
+            self._drop_answers[method] -= 1
         self.calls.append(
             RecordedCall(
                 method=method,
@@ -553,8 +568,11 @@ class FakeSlack:
                 status=status,
                 response=body,
                 content_type=request.content_type,
+                answer_lost=dropped,
             )
         )
+        if dropped and request.transport is not None:
+            request.transport.close()  # the client sees the connection drop, with no answer
         return web.json_response(body, status=status, headers=extra_headers)
 
     def _answer(
@@ -733,6 +751,52 @@ class FakeSlack:
             raise _ApiError("channel_not_found")
         return {"ok": True, "channel": channel}
 
+    def _conversations_history(self, args: Json) -> Json:
+        """Top-level messages (and thread broadcasts), newest first, paged by cursor."""
+        channel = self._channel_arg(args)
+        if channel not in self.channels and channel not in self.messages:
+            raise _ApiError("channel_not_found")
+        found = [m for m in self.history(channel) if self._in_window(m, args)]
+        return self._page(list(reversed(found)), args)
+
+    def _conversations_replies(self, args: Json) -> Json:
+        """A thread: its parent first, then the replies oldest first, paged by cursor."""
+        channel = self._channel_arg(args)
+        ts = str(args.get("ts") or "")
+        parent = self.messages.get(channel, {}).get(ts)
+        if parent is None:
+            raise _ApiError("thread_not_found")
+        root = str(parent.get("thread_ts") or ts)
+        replies = [m for m in self.thread(channel, root) if self._in_window(m, args)]
+        return self._page([self.messages[channel][root], *replies], args)
+
+    @staticmethod
+    def _in_window(message: Json, args: Json) -> bool:
+        ts = float(message["ts"])
+        inclusive = bool(args.get("inclusive"))
+        oldest = float(args.get("oldest") or "-inf")
+        latest = float(args.get("latest") or "inf")
+        if inclusive:
+            return oldest <= ts <= latest
+        return oldest < ts < latest
+
+    @staticmethod
+    def _page(found: list[Json], args: Json) -> Json:
+        limit = min(int(args.get("limit") or 100), 999)
+        start = int(str(args.get("cursor") or "0").removeprefix("page:") or 0)
+        page = found[start : start + limit]
+        with_metadata = bool(args.get("include_all_metadata"))
+        shown = [
+            {k: v for k, v in _public(m).items() if with_metadata or k != "metadata"} for m in page
+        ]
+        more = start + limit < len(found)
+        return {
+            "ok": True,
+            "messages": shown,
+            "has_more": more,
+            "response_metadata": {"next_cursor": f"page:{start + limit}" if more else ""},
+        }
+
     def _usergroups_users_list(self, args: Json) -> Json:
         users = self.usergroups.get(str(args.get("usergroup") or ""))
         if users is None:
@@ -794,7 +858,9 @@ class FakeSlack:
     # ------------------------------------------------------------------ method helpers
 
     def _next_ts(self) -> str:
-        micros = next(self._ts_micros)
+        # Like Slack's: the current time, strictly increasing (look-ups filter on `oldest`).
+        micros = max(next(self._ts_micros), time.time_ns() // 1000)
+        self._ts_micros = itertools.count(micros + 100, 100)
         return f"{micros // 1_000_000}.{micros % 1_000_000:06d}"
 
     def _channel_arg(self, args: Json) -> str:

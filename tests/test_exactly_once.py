@@ -1,0 +1,153 @@
+"""A build's message and each thread reply reach Slack once, even when Slack's answer to the
+post is lost or the process dies between Slack's answer and its record in Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from app import outbox as outbox_module
+from app import store as keys
+from app import tracker as tracker_module
+from tests.bot import BotClient, running_bot
+from tests.fakes.buildkite import FakeBuildkite
+from tests.fakes.slack import FakeSlack
+
+CHANNEL = "C0CHAN"
+
+
+@pytest.fixture
+async def bot(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
+) -> AsyncIterator[BotClient]:
+    bk.add_pipeline("deploy-prod", default_branch="main")
+    async with running_bot(slack, bk, redis_url) as client:
+        yield client
+
+
+def roots(slack: FakeSlack) -> list[dict[str, Any]]:
+    """Top-level messages in the channel, as Slack holds them (not as the bot believes)."""
+    return [
+        m for m in slack.history(CHANNEL) if not m.get("thread_ts") or m["thread_ts"] == m["ts"]
+    ]
+
+
+def finals(slack: FakeSlack, thread_ts: str) -> list[dict[str, Any]]:
+    return [m for m in slack.thread(CHANNEL, thread_ts) if "passed" in m["text"]]
+
+
+async def send_state(bot: BotClient, state: str) -> None:
+    bot.bk.set_build_state("deploy-prod", 1, state)
+    assert (await bot.webhook(bot.bk.webhook_payload("deploy-prod", 1))).status == 200
+
+
+async def attempts_left(redis_client: Any) -> list[bytes]:
+    """Post attempts not yet forgotten, after the bot had a moment to finish its writes."""
+    for _ in range(50):
+        left = [k async for k in redis_client.scan_iter(match=keys.PREFIX + "post:*")]
+        if not left:
+            break
+        await asyncio.sleep(0.1)
+    return left
+
+
+async def test_a_post_whose_answer_is_lost_is_found_not_sent_again(
+    bot: BotClient, slack: FakeSlack, redis_client: Any
+) -> None:
+    slack.drop_answer_next("chat.postMessage")
+    _, _, ack = await bot.command("/deploy", "deploy-prod")
+    assert "Starting a build" in ack["text"]
+    lookups = await slack.wait_for(lambda: slack.calls_to("conversations.history"))
+    assert lookups[0].args["include_all_metadata"] is True
+    # One message in Slack, carrying the key the look-up found it by; the bot kept its ts.
+    [root] = roots(slack)
+    assert root["metadata"]["event_type"] == outbox_module.POST_EVENT_TYPE
+    assert slack.calls_to("chat.postMessage")[0].answer_lost
+    await send_state(bot, "passed")
+    await slack.wait_for(lambda: finals(slack, root["ts"]))
+    assert len(roots(slack)) == 1
+    assert "Passed" in json.dumps(slack.message(CHANNEL, root["ts"])["blocks"])
+    assert await attempts_left(redis_client) == []
+
+
+async def test_a_reply_made_but_not_recorded_is_not_repeated(
+    bot: BotClient,
+    slack: FakeSlack,
+    redis_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Slack took the final reply, then Redis failed the record: the transition is tried again
+    (as another process would after a crash) and finds the reply instead of posting it twice."""
+    _, _, _ = await bot.command("/deploy", "deploy-prod")
+    root = await slack.wait_for(lambda: roots(slack)[0] if roots(slack) else None)
+    monkeypatch.setattr(tracker_module, "RECORD_PATIENCE", 0.05)
+    monkeypatch.setattr(tracker_module, "RECLAIM_IDLE_MS", 300)
+    failures = [1, 1]  # the first try and its retry within RECORD_PATIENCE
+    real_mark = keys.Store.mark_posted
+
+    async def mark_posted_once_failing(self: keys.Store, *args: Any) -> None:
+        if failures:
+            failures.pop()
+            raise ConnectionError("Redis went away")
+        await real_mark(self, *args)
+
+    monkeypatch.setattr(keys.Store, "mark_posted", mark_posted_once_failing)
+    await send_state(bot, "passed")
+    lookup = await slack.wait_for(lambda: slack.calls_to("conversations.replies"), timeout=10)
+    assert lookup[0].args["ts"] == root["ts"]
+    store = keys.Store(redis_client)
+    [build_id] = [b["id"] for b in bot.bk.builds if b["number"] == 1]
+    await slack.wait_for(lambda: not failures, timeout=10)
+
+    async def recorded() -> bool:
+        return await store.was_posted(build_id, CHANNEL, 0, "final")
+
+    for _ in range(100):
+        if await recorded():
+            break
+        await asyncio.sleep(0.1)
+    assert await recorded()
+    assert len(finals(slack, root["ts"])) == 1
+    assert len([c for c in slack.posts(CHANNEL) if c.args.get("thread_ts")]) == 1
+    assert await attempts_left(redis_client) == []
+
+
+async def test_without_the_history_scope_the_post_is_made_and_the_fix_logged(
+    bot: BotClient, slack: FakeSlack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    slack.drop_answer_next("chat.postMessage")
+    slack.fail_next("conversations.history", error="missing_scope", n=5)
+    await bot.command("/deploy", "deploy-prod")
+    await slack.wait_for(lambda: len(roots(slack)) == 2, timeout=10)  # shown twice, never lost
+    logged = [r.getMessage() for r in caplog.records if "may have been made" in r.getMessage()]
+    assert len(logged) == 1
+    assert "channels:history" in logged[0] and CHANNEL in logged[0]
+
+
+async def test_a_5xx_on_a_post_is_checked_then_retried_once(
+    bot: BotClient, slack: FakeSlack, redis_client: Any
+) -> None:
+    slack.fail_next("chat.postMessage", error="internal_error", status=500)
+    await bot.command("/deploy", "deploy-prod")
+    await slack.wait_for(lambda: roots(slack))
+    assert len(slack.calls_to("conversations.history")) == 1  # looked first: it was not there
+    assert [c.status for c in slack.calls_to("chat.postMessage")] == [500, 200]
+    assert len(roots(slack)) == 1
+
+
+def test_which_failures_leave_a_post_in_doubt() -> None:
+    doubt = [
+        outbox_module.SlackDeliveryError("chat.postMessage", CHANNEL, error)
+        for error in ("http_503", "connection_error", "internal_error")
+    ]
+    assert all(e.unknown_outcome and not e.permanent for e in doubt)
+    refused = outbox_module.SlackDeliveryError("chat.postMessage", CHANNEL, "ratelimited")
+    assert not refused.unknown_outcome and not refused.permanent
+    wrong = outbox_module.SlackDeliveryError("chat.postMessage", CHANNEL, "not_in_channel")
+    assert wrong.permanent and not wrong.unknown_outcome
