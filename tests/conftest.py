@@ -10,11 +10,13 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as sync_redis
 import redis.asyncio as redis
 
+from tests.bot import BotClient, running_bot
 from tests.fakes.buildkite import FakeBuildkite
 from tests.fakes.slack import FakeSlack
 
@@ -131,3 +133,13 @@ def tmp_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run in an empty directory, so that a developer's own .env is never read by a test."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+async def bot(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
+) -> AsyncIterator[BotClient]:
+    """The bot, running on a real port against the fakes, with one pipeline: deploy-prod."""
+    bk.add_pipeline("deploy-prod", default_branch="main")
+    async with running_bot(slack, bk, redis_url) as client:
+        yield client

@@ -10,7 +10,6 @@ import asyncio
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -28,15 +27,6 @@ from tests.fakes.slack import FakeSlack
 CHANNEL = "C0CHAN"
 USER = "U0USER"
 BUILDS = "/v2/organizations/acme/pipelines/deploy-prod/builds"
-
-
-@pytest.fixture
-async def bot(
-    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
-) -> AsyncIterator[BotClient]:
-    bk.add_pipeline("deploy-prod", default_branch="main")
-    async with running_bot(slack, bk, redis_url) as client:
-        yield client
 
 
 # -- helpers reading what reached the fakes --------------------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -14,20 +13,10 @@ import pytest
 from app import outbox as outbox_module
 from app import store as keys
 from app import tracker as tracker_module
-from tests.bot import BotClient, running_bot
-from tests.fakes.buildkite import FakeBuildkite
+from tests.bot import BotClient
 from tests.fakes.slack import FakeSlack
 
 CHANNEL = "C0CHAN"
-
-
-@pytest.fixture
-async def bot(
-    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
-) -> AsyncIterator[BotClient]:
-    bk.add_pipeline("deploy-prod", default_branch="main")
-    async with running_bot(slack, bk, redis_url) as client:
-        yield client
 
 
 def roots(slack: FakeSlack) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ import io
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -28,15 +28,6 @@ from tests.fakes.buildkite import FakeBuildkite
 from tests.fakes.slack import FakeSlack
 
 CHANNEL = "C0CHAN"
-
-
-@pytest.fixture
-async def bot(
-    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
-) -> AsyncIterator[BotClient]:
-    bk.add_pipeline("deploy-prod", default_branch="main")
-    async with running_bot(slack, bk, redis_url) as client:
-        yield client
 
 
 async def get(bot: BotClient, path: str) -> tuple[int, Any]:
