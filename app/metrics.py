@@ -97,8 +97,20 @@ class Metrics:
         self.poll_cycles = Counter(
             "bkchatops_poll_cycles",
             "Poll cycles, by outcome (ok, idle: nothing pending, skipped: another process "
-            "polled, failed)",
+            "polled, waiting: backing off, failed)",
             ["outcome"],
+            registry=r,
+        )
+        self.poll_backoff_seconds = Gauge(
+            "bkchatops_poll_backoff_seconds",
+            "Seconds before Buildkite is polled again while the poller backs off (0: polling)",
+            registry=r,
+        )
+        self.poll_backoffs = Counter(
+            "bkchatops_poll_backoffs",
+            "Poll cycles that made the poller back off, by reason (rate_limit_low, "
+            "rate_limited, server_error, unavailable, error)",
+            ["reason"],
             registry=r,
         )
         self.redis_errors = Counter(
@@ -116,15 +128,19 @@ class Metrics:
 
     def poll_cycle(self, report: PollReport | None) -> None:
         """Count a poll cycle from its report; None when it failed."""
-        if report is None:
+        if report is None or report.failed:
             outcome = "failed"
         elif report.skipped:
-            outcome = "skipped"
+            outcome = "waiting" if report.backoff else "skipped"
         elif not report.requests:
             outcome = "idle"
         else:
             outcome = "ok"
         self.poll_cycles.labels(outcome).inc()
+        if report is not None:
+            self.poll_backoff_seconds.set(report.backoff)
+            if report.backed_off:
+                self.poll_backoffs.labels(report.backed_off).inc()
 
     def webhook(self, event: str | None, result: str) -> None:
         name = event if event and _EVENT.match(event) else "unknown"

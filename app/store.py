@@ -51,8 +51,8 @@ FLAKY_KEY = PREFIX + "flaky"
 BUILD_LOCK_KEY = TEMPLATE_PREFIX + "lock:{build_id}"
 #: The poller's lease, so that one process polls Buildkite per cycle.
 POLL_LEASE_KEY = PREFIX + "poll:lease"
-#: When the last poll cycle started (unix seconds), to bound `finished_from`.
-POLL_LAST_KEY = PREFIX + "poll:last"
+#: Hash of the poller's state, shared by every process (see PollState).
+POLL_STATE_KEY = PREFIX + "poll:state"
 
 #: pipelock:{pipeline} -> JSON of the deploy lock on a pipeline (optional expiry).
 PIPELINE_LOCK_KEY = TEMPLATE_PREFIX + "pipelock:{pipeline}"
@@ -225,6 +225,22 @@ class TrackedBuild(BaseModel):
 
     def target(self, channel: str) -> MessageTarget | None:
         return next((t for t in self.targets if t.channel == channel), None)
+
+
+@dataclass(frozen=True)
+class PollState:
+    """What one poll cycle leaves for the next, whichever process runs it (times: unix seconds)."""
+
+    #: Where the next list of finished builds starts (`finished_from`).
+    finished_from: float | None = None
+    #: When the last list of active builds was fetched, and when the next one is due.
+    active_at: float | None = None
+    active_due: float | None = None
+    #: No poll before this moment (backing off), after `failures` failed cycles in a row.
+    resume_at: float | None = None
+    failures: int = 0
+    #: Why the poller is backing off; empty when it is not.
+    backoff: str = ""
 
 
 @dataclass(frozen=True)
@@ -545,12 +561,36 @@ class Store:
     async def acquire_poll_lease(self, owner: str, ttl_ms: int) -> bool:
         return bool(await self.redis.set(POLL_LEASE_KEY, owner, nx=True, px=ttl_ms))
 
-    async def last_poll(self) -> float | None:
-        value = await self.redis.get(POLL_LAST_KEY)
-        return float(value) if value is not None else None
+    async def poll_state(self) -> PollState:
+        raw = {_text(k): _text(v) for k, v in (await self.redis.hgetall(POLL_STATE_KEY)).items()}
 
-    async def set_last_poll(self, when: float) -> None:
-        await self.redis.set(POLL_LAST_KEY, repr(when), ex=PENDING_TTL)
+        def moment(name: str) -> float | None:
+            return float(raw[name]) if raw.get(name) else None
+
+        return PollState(
+            finished_from=moment("finished_from"),
+            active_at=moment("active_at"),
+            active_due=moment("active_due"),
+            resume_at=moment("resume_at"),
+            failures=int(raw.get("failures") or 0),
+            backoff=raw.get("backoff", ""),
+        )
+
+    async def save_poll_state(self, **fields: float | int | str) -> None:
+        """Set some fields of the poller's state (names as in PollState)."""
+        unknown = set(fields) - set(PollState.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"not poll state fields: {sorted(unknown)}")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                POLL_STATE_KEY,
+                mapping={k: repr(v) if isinstance(v, float) else v for k, v in fields.items()},
+            )
+            pipe.expire(POLL_STATE_KEY, PENDING_TTL)
+            await pipe.execute()
+
+    async def end_poll_backoff(self) -> None:
+        await self.redis.hdel(POLL_STATE_KEY, "resume_at", "failures", "backoff")
 
     # -- deploy locks ----------------------------------------------------------------------
 

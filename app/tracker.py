@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -32,12 +33,20 @@ from app.store import (
     LOCK_TTL_MS,
     REGRESSED,
     MessageTarget,
+    PollState,
     Store,
     TrackedBuild,
     Transition,
 )
 from buildkite.client import SOURCE_META_KEY, SOURCE_META_VALUE, BuildkiteClient
-from buildkite.errors import BuildkiteError, NotFound, PermissionDenied
+from buildkite.errors import (
+    BuildkiteError,
+    BuildkiteUnavailable,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    ServerError,
+)
 from buildkite.models import ACTIVE_STATES, Build, BuildState, Job
 
 log = logging.getLogger(__name__)
@@ -66,12 +75,24 @@ RECLAIM_IDLE_MS = 2 * LOCK_TTL_MS
 MAX_PARALLEL_WRITES = 64
 #: A transition handed out this many times without success is set aside (and logged).
 MAX_DELIVERIES = 8
-#: A pending build not seen by the org-wide lists for this many poll intervals is fetched alone.
+#: A pending build not seen by the org-wide lists for this many poll intervals, nor by the last
+#: two lists of active builds, is fetched alone.
 STALE_AFTER_INTERVALS = 4
-#: At most this many single-build fetches per poll cycle, to stay within the rate budget.
+#: At most this many single-build fetches per list of active builds, to stay within the budget.
 MAX_SINGLE_FETCHES = 10
 #: Overlap of the `finished_from` window, for clock skew between us and Buildkite.
 FINISHED_OVERLAP = 120.0
+#: The next list of finished builds starts this long before the newest finish Buildkite reported
+#: (on its own clock), for builds that had finished but were not listed yet.
+FINISHED_SETTLE = 30.0
+#: The list of active builds (10 pages at 1,000 builds) is spaced out so that it costs at most
+#: this many requests a minute: every cycle for a few builds, once a minute for 1,000.
+ACTIVE_PAGES_PER_MINUTE = 10
+#: The poller leaves this share of Buildkite's rate limit to commands: below it, it waits for the
+#: rate-limit window to reset.
+RATE_LIMIT_RESERVE = 0.2
+#: The longest wait after failed cycles; the wait doubles from two intervals up to it.
+MAX_POLL_BACKOFF = 300.0
 #: How long a Slack post already made is retried to be recorded through a Redis outage: left
 #: unrecorded, it would be posted again. Shorter than a build lock, which stays ours meanwhile.
 RECORD_PATIENCE = LOCK_TTL_MS / 2000
@@ -112,10 +133,18 @@ def snapshot(build: Build) -> dict[str, object]:
 
 @dataclass
 class PollReport:
+    #: Buildkite requests made (pages of lists, single builds).
     requests: int = 0
     observed: int = 0
     changed: int = 0
+    #: Nothing done: another process polled, or the poller is backing off (see `backoff`).
     skipped: bool = False
+    #: The cycle failed on a Buildkite error.
+    failed: bool = False
+    #: Seconds before the next poll may run, while backing off (0 otherwise).
+    backoff: float = 0.0
+    #: Why this cycle started or extended a backoff (rate_limit_low, rate_limited, ...).
+    backed_off: str = ""
 
 
 class Tracker:
@@ -132,7 +161,7 @@ class Tracker:
         buildkite: BuildkiteClient,
         outbox: Outbox,
         *,
-        poll_interval: float = 15.0,
+        poll_interval: float = 10.0,
         consumer: str | None = None,
         clock: Callable[[], float] = time.time,
         people: Directory | None = None,
@@ -575,6 +604,8 @@ class Tracker:
     # -- the polling fallback ---------------------------------------------------------------
 
     async def run_poller(self, stop: asyncio.Event) -> None:
+        """Poll at a fixed rate: cycles start every interval, whatever each one takes."""
+        scheduled = self.clock()
         while not stop.is_set():
             try:
                 self.metrics.poll_cycle(await self.poll_once())
@@ -583,48 +614,90 @@ class Tracker:
             except Exception:
                 log.exception("poll cycle failed; retrying next interval")
                 self.metrics.poll_cycle(None)
+            now = self.clock()
+            scheduled = next_poll_at(scheduled, now, self.poll_interval)
+            # Bounded, should the wall clock jump back.
+            wait = min(max(scheduled - now, 0.0), self.poll_interval)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.poll_interval)
+                await asyncio.wait_for(stop.wait(), timeout=wait)
 
     async def poll_once(self) -> PollReport:
         """One poll cycle, done by one process per interval across all replicas.
 
-        Two org-wide lists filtered to the bot's own builds cover every pending build: the active
-        ones, and those finished since the last cycle. Builds neither list mentions for a while
-        (say, a rebuild started outside the bot) are fetched one by one, a few per cycle.
+        Org-wide lists filtered to the bot's own builds cover every pending build. The builds
+        finished since the last cycle, which carry the final states, are listed first and every
+        cycle; the active ones (running, failing, blocked) only when due, spaced out so that the
+        list costs at most ACTIVE_PAGES_PER_MINUTE. Builds neither list mentions for a while
+        (say, a rebuild started outside the bot) are fetched one by one, a few at a time.
+
+        When Buildkite fails, or its rate limit runs low, the poller waits (see `_back_off`);
+        pending builds stay pending, and the next cycle lists every build finished meanwhile.
         """
         report = PollReport()
         if await self.store.pending_count() == 0:
+            return report
+        now = self.clock()
+        state = await self.store.poll_state()
+        if state.resume_at is not None and now < state.resume_at:
+            report.skipped, report.backoff = True, state.resume_at - now
             return report
         lease_ms = int(self.poll_interval * 1000 * 0.9)
         if not await self.store.acquire_poll_lease(self.consumer, max(lease_ms, 100)):
             report.skipped = True
             return report
+        try:
+            await self._poll(report, state, now)
+        except BuildkiteError as exc:
+            report.failed = True
+            failures = state.failures + 1
+            wait = min(self.poll_interval * 2**failures, MAX_POLL_BACKOFF)
+            if isinstance(exc, RateLimited) and exc.reset is not None:
+                wait = max(wait, exc.reset)
+            await self._back_off(report, state, _failure_kind(exc), wait, failures, str(exc))
+            return report
+        if (wait := self._rate_limit_wait()) is not None:
+            remaining = self.buildkite.rate_limit_remaining
+            why = f"{remaining} of {self.buildkite.rate_limit_limit} requests left"
+            await self._back_off(report, state, "rate_limit_low", wait, 0, why)
+        elif state.backoff:
+            await self.store.end_poll_backoff()
+            log.info("Buildkite polling resumed after backing off (%s)", state.backoff)
+        return report
+
+    async def _poll(self, report: PollReport, state: PollState, now: float) -> None:
         pending = set(await self.store.pending())
-        now = self.clock()
-        last = await self.store.last_poll()
-        since = (last if last is not None else now - 3600) - FINISHED_OVERLAP
         mine = {SOURCE_META_KEY: SOURCE_META_VALUE}
-        for builds in (
-            self.buildkite.list_builds(
-                meta_data=mine, state=list(ACTIVE_STATES), exclude_jobs=True, per_page=100
-            ),
-            self.buildkite.list_builds(
-                meta_data=mine,
-                finished_from=datetime.fromtimestamp(since, tz=UTC),
-                exclude_jobs=True,
-                per_page=100,
-            ),
-        ):
-            report.requests += 1
-            async for build in builds:
-                if build.id in pending:
-                    report.observed += 1
-                    if await self.observe(build) is not None:
-                        report.changed += 1
-        await self.store.set_last_poll(now)
+        since = state.finished_from if state.finished_from is not None else now - 3600
+        finished = self.buildkite.list_builds(
+            meta_data=mine,
+            finished_from=datetime.fromtimestamp(since, tz=UTC),
+            exclude_jobs=True,
+            per_page=100,
+        )
+        newest = await self._observe_listed(finished, pending, report)
+        # Buildkite's own clock, when it reported a finish, bounds the next list more tightly
+        # than ours with its allowance for skew: at 100 finishes a minute, one page, not three.
+        finished_from = now - FINISHED_OVERLAP
+        if newest is not None:
+            finished_from = max(finished_from, newest - FINISHED_SETTLE)
+        await self.store.save_poll_state(finished_from=finished_from)
+
+        # Give or take a little, so that a cycle that starts a moment early is not skipped.
+        due = state.active_due is None or now >= state.active_due - self.poll_interval / 10
+        if not due or self._rate_limit_wait() is not None:
+            return
+        before = report.requests
+        active = self.buildkite.list_builds(
+            meta_data=mine, state=list(ACTIVE_STATES), exclude_jobs=True, per_page=100
+        )
+        await self._observe_listed(active, pending, report)
+        pages = report.requests - before
+        spacing = max(self.poll_interval, pages * 60 / ACTIVE_PAGES_PER_MINUTE)
+        await self.store.save_poll_state(active_at=now, active_due=now + spacing)
 
         stale_before = now - STALE_AFTER_INTERVALS * self.poll_interval
+        if state.active_at is not None:  # not seen by the last two lists of active builds
+            stale_before = min(stale_before, state.active_at)
         for build_id in await self.store.pending(
             seen_before=stale_before, limit=MAX_SINGLE_FETCHES
         ):
@@ -632,6 +705,8 @@ class Tracker:
             if tracked is None:
                 await self.store.forget_pending(build_id)
                 continue
+            if self._rate_limit_wait() is not None:
+                return
             report.requests += 1
             try:
                 build = await self.buildkite.get_build(tracked.pipeline, tracked.number)
@@ -641,13 +716,76 @@ class Tracker:
                 )
                 await self.store.forget_pending(build_id)
                 continue
+            except (RateLimited, ServerError, BuildkiteUnavailable):
+                raise  # Buildkite's trouble, not this build's: the poller backs off
             except BuildkiteError as exc:
                 log.warning("poll of %s #%s failed: %s", tracked.pipeline, tracked.number, exc)
                 continue
             report.observed += 1
             if await self.observe(build) is not None:
                 report.changed += 1
-        return report
+
+    async def _observe_listed(
+        self, builds: AsyncIterator[Build], pending: set[str], report: PollReport
+    ) -> float | None:
+        """Observe the pending builds of a list; returns the newest finish time listed."""
+        listed = 0
+        newest: float | None = None
+        async for build in builds:
+            listed += 1
+            if (moment := build.finished_at) is not None:
+                finished = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+                newest = finished if newest is None else max(newest, finished)
+            if build.id in pending:
+                report.observed += 1
+                if await self.observe(build) is not None:
+                    report.changed += 1
+        report.requests += max(1, math.ceil(listed / 100))  # pages of 100
+        return newest
+
+    def _rate_limit_wait(self) -> float | None:
+        """Seconds until Buildkite's rate-limit window resets, when little of it is left."""
+        remaining, limit = self.buildkite.rate_limit_remaining, self.buildkite.rate_limit_limit
+        if remaining is None or not limit or remaining >= limit * RATE_LIMIT_RESERVE:
+            return None
+        reset = self.buildkite.rate_limit_reset
+        return max(reset, 0.0) if reset is not None else self.poll_interval
+
+    async def _back_off(
+        self, report: PollReport, state: PollState, kind: str, wait: float, failures: int, why: str
+    ) -> None:
+        """No process polls for `wait` seconds; logged when a backoff begins, not every cycle."""
+        report.backoff, report.backed_off = wait, kind
+        now = self.clock()
+        await self.store.save_poll_state(resume_at=now + wait, failures=failures, backoff=kind)
+        if kind != state.backoff:
+            log.warning(
+                "Buildkite polling waits %.0f s (%s: %s); pending builds are kept, and polling "
+                "backs off further while this lasts",
+                wait,
+                kind,
+                why,
+            )
+        else:
+            log.debug("Buildkite polling waits %.0f s more (%s, %d in a row)", wait, kind, failures)
+
+
+def next_poll_at(scheduled: float, now: float, interval: float) -> float:
+    """The next start of a fixed-rate schedule: `scheduled` plus whole intervals, not before now.
+
+    A cycle that overran the next start skips it, rather than two cycles running back to back.
+    """
+    return scheduled + max(1, math.ceil((now - scheduled) / interval)) * interval
+
+
+def _failure_kind(exc: BuildkiteError) -> str:
+    if isinstance(exc, RateLimited):
+        return "rate_limited"
+    if isinstance(exc, ServerError):
+        return "server_error"
+    if isinstance(exc, BuildkiteUnavailable):
+        return "unavailable"
+    return "error"
 
 
 def _rank_of(tracked: TrackedBuild) -> int:

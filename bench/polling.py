@@ -29,6 +29,7 @@ import redis.asyncio as redis
 from app.main import open_services
 from app.settings import Settings
 from app.store import EVENTS_STREAM, POLL_LEASE_KEY
+from app.tracker import next_poll_at
 from bench.common import (
     BUILDKITE_TOKEN,
     SIGNING_SECRET,
@@ -42,7 +43,8 @@ from buildkite.webhooks import parse_webhook, verify_webhook
 from tests.fakes.buildkite import FakeBuildkite, sign_webhook
 from tests.fakes.slack import FakeSlack, RecordedCall
 
-POLL_INTERVAL = 15.0
+#: The bot's default POLL_INTERVAL.
+POLL_INTERVAL = float(Settings.model_fields["poll_interval"].default)
 BUILDKITE_LATENCY = 0.3
 NAIVE_INTERVAL = 10.0
 PIPELINES = [f"svc-{n}" for n in range(20)]
@@ -286,7 +288,8 @@ async def simulate(
                     break
                 clock.jump_to(next_poll)
                 await poll()
-                next_poll = clock.now() + POLL_INTERVAL
+                # At a fixed rate, as the bot's poller does.
+                next_poll = next_poll_at(next_poll, clock.now(), POLL_INTERVAL)
                 if not webhooks:
                     await drain()
             await drain()

@@ -120,8 +120,11 @@ class BuildkiteClient:
         self._backoff_base = backoff_base
         self._sleep = sleep
         self._random = random.Random()
-        #: From the ``RateLimit-Remaining``/``RateLimit-Reset`` headers of the latest response.
+        #: From the ``RateLimit-Remaining``/``-Limit``/``-Reset`` headers of the latest response
+        #: that had them (the reset in seconds from that response), for callers that pace
+        #: themselves, like the poller.
         self.rate_limit_remaining: int | None = None
+        self.rate_limit_limit: int | None = None
         self.rate_limit_reset: float | None = None
 
     def __repr__(self) -> str:
@@ -655,6 +658,9 @@ class BuildkiteClient:
         remaining = _float_header(response, "RateLimit-Remaining")
         if remaining is not None:
             self.rate_limit_remaining = int(remaining)
+        limit = _float_header(response, "RateLimit-Limit")
+        if limit is not None:
+            self.rate_limit_limit = int(limit)
         reset = _float_header(response, "RateLimit-Reset")
         if reset is not None:
             self.rate_limit_reset = reset

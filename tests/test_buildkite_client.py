@@ -547,9 +547,11 @@ async def test_base_url_with_or_without_a_trailing_slash(bk: FakeBuildkite, suff
 
 async def test_rate_limit_headers_are_exposed(bk: FakeBuildkite, client: BuildkiteClient) -> None:
     assert client.rate_limit_remaining is None
+    assert client.rate_limit_limit is None
 
     await client.get_user()
     assert client.rate_limit_remaining == 199
+    assert client.rate_limit_limit == 200
     await client.get_user()
     assert client.rate_limit_remaining == 198
     assert client.rate_limit_reset is not None and 0 < client.rate_limit_reset <= 60

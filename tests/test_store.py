@@ -235,10 +235,15 @@ async def test_one_poller_per_lease(store: Store) -> None:
     assert await store.acquire_poll_lease("p2", 50) is False
     await asyncio.sleep(0.1)
     assert await store.acquire_poll_lease("p2", 50) is True
-    assert await store.last_poll() is None
-    await store.set_last_poll(1234.5)
-    assert await store.last_poll() == 1234.5
-    assert 0 < await ttl(store, keys.POLL_LAST_KEY) <= keys.PENDING_TTL
+    assert await store.poll_state() == keys.PollState()
+    await store.save_poll_state(finished_from=1234.5, failures=2, backoff="rate_limited")
+    await store.save_poll_state(resume_at=1300.0)
+    assert await store.poll_state() == keys.PollState(
+        finished_from=1234.5, resume_at=1300.0, failures=2, backoff="rate_limited"
+    )
+    assert 0 < await ttl(store, keys.POLL_STATE_KEY) <= keys.PENDING_TTL
+    await store.end_poll_backoff()
+    assert await store.poll_state() == keys.PollState(finished_from=1234.5)
 
 
 # -- the commands the rest of the store relies on ------------------------------------------------
