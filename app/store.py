@@ -7,14 +7,17 @@ taken once (a state transition, a thread reply, a mutation) is taken here atomic
 from __future__ import annotations
 
 import json
+import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import redis.asyncio as redis
 from pydantic import BaseModel, ConfigDict
+from redis.commands.core import AsyncScript
 
 # The braces are a Redis Cluster hash tag: every key of the bot lives in one slot, so the Lua
 # scripts and transactions that touch several keys also work on a cluster.
@@ -22,11 +25,13 @@ PREFIX = "{bkchatops}:"
 #: PREFIX as it must be written in key templates filled in with str.format.
 TEMPLATE_PREFIX = PREFIX.replace("{", "{{").replace("}", "}}")
 
-#: build:{build_id} -> hash (see TrackedBuild and the fields written by OBSERVE).
+#: build:{build_id} -> the build's record: one compact JSON string (see `_encode_record`), with
+#: its phase, generation, snapshot, one message per channel and its posted/once markers, so that a
+#: tracked build costs one key plus its number index. A string has no small/large encoding cliff
+#: (a hash turns into a hashtable as soon as one value passes hash-max-listpack-value, 64 bytes).
 BUILD_KEY = TEMPLATE_PREFIX + "build:{build_id}"
-#: msgs:{build_id} -> hash channel -> JSON of that channel's message about the build.
-MESSAGES_KEY = TEMPLATE_PREFIX + "msgs:{build_id}"
-#: bynum:{pipeline}:{number} -> build id, to find a tracked build from a command or URL.
+#: bynum:{pipeline}:{number} -> build id, to find a tracked build from a command or URL. It lives
+#: exactly as long as the build's record (the scripts extend both together).
 BY_NUMBER_KEY = TEMPLATE_PREFIX + "bynum:{pipeline}:{number}"
 #: Sorted set of builds still being followed; the score is when they were last observed.
 PENDING_KEY = PREFIX + "pending"
@@ -35,11 +40,17 @@ EVENTS_STREAM = PREFIX + "events"
 EVENTS_GROUP = "notifiers"
 #: req:{id} -> who claimed a mutation request (SET NX), so a duplicate does nothing.
 REQUEST_KEY = TEMPLATE_PREFIX + "req:{request_id}"
-#: posted:{build_id}:{channel}:{gen}:{kind} -> set once a thread reply was posted there.
-POSTED_KEY = TEMPLATE_PREFIX + "posted:{build_id}:{channel}:{gen}:{kind}"
-#: once:{build_id}:{gen}:{what} -> set once a per-build action (an auto-retry) was taken.
-ONCE_KEY = TEMPLATE_PREFIX + "once:{build_id}:{gen}:{what}"
-#: post:{key} -> when a keyed Slack post was first attempted (unix time), until it is recorded.
+#: Markers kept in the build's record: a thread reply was posted, or a per-build action (an
+#: auto-retry) was taken, once per generation.
+POSTED_MARK = "{channel}:{gen}:{kind}"
+ONCE_MARK = "{gen}:{what}"
+#: The layout before records were one string: a hash at BUILD_KEY, its messages in a hash, and a
+#: key per marker. Such a build is converted to a record the first time it is touched.
+LEGACY_MESSAGES_KEY = TEMPLATE_PREFIX + "msgs:{build_id}"
+LEGACY_POSTED_KEY = TEMPLATE_PREFIX + "posted:{build_id}:{channel}:{gen}:{kind}"
+LEGACY_ONCE_KEY = TEMPLATE_PREFIX + "once:{build_id}:{gen}:{what}"
+#: post:{key} -> when a keyed Slack post was first attempted (unix time), until it is recorded
+#: (deleted then, so it costs nothing once the post is made).
 POST_ATTEMPT_KEY = TEMPLATE_PREFIX + "post:{key}"
 #: outcome:{pipeline}:{branch} -> the final state of the branch's last finished build.
 OUTCOME_KEY = TEMPLATE_PREFIX + "outcome:{pipeline}:{branch}"
@@ -69,7 +80,6 @@ PENDING_TTL = 30 * 24 * 3600  # a build may sit on a block step for weeks
 FINAL_TTL = 7 * 24 * 3600  # keep finished builds around for /rebuild threading and buttons
 REQUEST_TTL = 24 * 3600
 ACTION_TTL = 30  # double clicks on one button within this window do one thing
-POSTED_TTL = PENDING_TTL
 LOCK_TTL_MS = 30_000  # renewed every third of it while held
 DEPLOY_REQUEST_TTL = 15 * 60  # a confirmation left unanswered this long is forgotten
 APPROVAL_KEEP = 24 * 3600  # an approval's record outlives its expiry by this much
@@ -81,80 +91,159 @@ FINAL_RANK = 6
 #: What `observe` returns when a build seems to have gone back to an earlier phase.
 REGRESSED = "!regressed"
 
+# Every script on a build's record starts with this. `load` returns the decoded record, or 'none'
+# when there is none, or 'hash' for a record of the legacy layout (the caller converts it and runs
+# the script again). `save` keeps the key's TTL unless given one; `expire` sets the TTL of the
+# record and of its number index together. The index's name is built here from the record (its
+# template is an argument), in the same Cluster slot as every key of the bot.
+_RECORD_LUA = """
+local function load(key)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind ~= 'string' then return kind end
+  return cjson.decode(redis.call('GET', key))
+end
+local function save(key, rec, ttl)
+  if ttl then return redis.call('SET', key, cjson.encode(rec), 'EX', ttl) end
+  return redis.call('SET', key, cjson.encode(rec), 'KEEPTTL')
+end
+local function expire(key, rec, bynum_template, ttl)
+  redis.call('EXPIRE', key, ttl)
+  redis.call('EXPIRE', string.format(bynum_template, rec.p, rec.n), ttl)
+end
+"""
+
 # Compare-and-set of a build's phase. Only the process whose call changes the phase emits the
 # transition, so a change seen by a webhook, a poll and an API answer at once is emitted once.
 # A phase only moves forward (a late webhook cannot undo a newer state); a seemingly earlier
 # phase is reported as REGRESSED so the tracker can confirm it with Buildkite and `reset` first.
 # A call for a build that is no longer tracked also drops it from the pending set.
-_OBSERVE = """
-local key, pending, stream, msgs = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+_OBSERVE = (
+    _RECORD_LUA
+    + """
+local key, pending, stream = KEYS[1], KEYS[2], KEYS[3]
 local build_id, phase, rank = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local snapshot, final, now = ARGV[4], ARGV[5], ARGV[6]
-local final_rank = tonumber(ARGV[11])
-if redis.call('EXISTS', key) == 0 then
+local final_rank, bynum = tonumber(ARGV[10]), ARGV[12]
+local rec = load(key)
+if rec == 'hash' then return ARGV[13] end
+if type(rec) ~= 'table' then
   redis.call('ZREM', pending, build_id)
   return false
 end
-local old = redis.call('HGET', key, 'phase')
-local old_rank = tonumber(redis.call('HGET', key, 'rank') or '0')
+local old, old_rank = rec.ph, tonumber(rec.r)
 if old == phase or rank <= old_rank then
   if old_rank < final_rank then
     redis.call('ZADD', pending, now, build_id)
-    redis.call('EXPIRE', key, ARGV[10])
-    redis.call('EXPIRE', msgs, ARGV[10])
+    expire(key, rec, bynum, ARGV[9])
   end
   if old == phase then return false end
-  return ARGV[12]
+  return ARGV[11]
 end
-redis.call('HSET', key, 'phase', phase, 'rank', rank, 'snapshot', snapshot, 'updated', now,
-           'blocked', ARGV[7])
-local gen = redis.call('HGET', key, 'gen') or '0'
-redis.call('XADD', stream, 'MAXLEN', '~', ARGV[8], '*', 'build_id', build_id,
-           'from', old or '', 'to', phase, 'gen', gen)
+rec.ph, rec.r, rec.s = phase, rank, cjson.decode(snapshot)
+redis.call('XADD', stream, 'MAXLEN', '~', ARGV[7], '*', 'build_id', build_id,
+           'from', old, 'to', phase, 'gen', rec.g)
+local ttl = ARGV[9]
 if final == '1' then
   redis.call('ZREM', pending, build_id)
-  redis.call('EXPIRE', key, ARGV[9])
-  redis.call('EXPIRE', msgs, ARGV[9])
+  ttl = ARGV[8]
 else
   redis.call('ZADD', pending, now, build_id)
-  redis.call('EXPIRE', key, ARGV[10])
-  redis.call('EXPIRE', msgs, ARGV[10])
 end
-return old or ''
+save(key, rec, ttl)
+expire(key, rec, bynum, ttl)
+return old
 """
+)
 
 # Start tracking a build in a channel: the build's record (once), its number index, and the
 # channel's message entry (once per channel). A channel joining a build already followed gets a
 # transition of its own so that its message is posted; a new build gets its first one from OBSERVE.
-_TRACK = """
-local key, bynum, msgs, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local created = 0
-if redis.call('EXISTS', key) == 0 then
-  local fields = cjson.decode(ARGV[1])
-  for name, value in pairs(fields) do redis.call('HSET', key, name, value) end
-  redis.call('EXPIRE', key, ARGV[4])
-  redis.call('SET', bynum, fields['build_id'], 'EX', ARGV[4])
+_TRACK = (
+    _RECORD_LUA
+    + """
+local key, bynum, stream = KEYS[1], KEYS[2], KEYS[3]
+local build_id, channel, ttl = ARGV[1], ARGV[3], ARGV[5]
+local rec = load(key)
+if rec == 'hash' then return ARGV[7] end
+local created, added = 0, 0
+if type(rec) ~= 'table' then
+  rec = cjson.decode(ARGV[2])
+  redis.call('SET', bynum, build_id, 'EX', ttl)
   created = 1
 end
-local added = redis.call('HSETNX', msgs, ARGV[2], ARGV[3])
-if redis.call('TTL', msgs) < 0 then redis.call('EXPIRE', msgs, ARGV[4]) end
-if added == 1 and created == 0 then
-  local phase = redis.call('HGET', key, 'phase') or ''
-  redis.call('XADD', stream, 'MAXLEN', '~', ARGV[5], '*', 'build_id',
-             redis.call('HGET', key, 'build_id'), 'from', phase, 'to', phase,
-             'gen', redis.call('HGET', key, 'gen') or '0', 'channel', ARGV[2])
+if rec.m[channel] == nil then
+  rec.m[channel] = cjson.decode(ARGV[4])
+  added = 1
+end
+if created == 1 then
+  save(key, rec, ttl)
+elseif added == 1 then
+  save(key, rec)
+  redis.call('XADD', stream, 'MAXLEN', '~', ARGV[6], '*', 'build_id', build_id,
+             'from', rec.ph, 'to', rec.ph, 'gen', rec.g, 'channel', channel)
 end
 return created * 2 + added
 """
+)
 
 # Let a build's phase move back (it left a block step, or a finished build's jobs were retried).
-_RESET = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if ARGV[1] == '1' then redis.call('HINCRBY', KEYS[1], 'gen', 1) end
-redis.call('HSET', KEYS[1], 'rank', '0')
+_RESET = (
+    _RECORD_LUA
+    + """
+local rec = load(KEYS[1])
+if rec == 'hash' then return ARGV[6] end
+if type(rec) ~= 'table' then return -1 end
+if ARGV[1] == '1' then rec.g = rec.g + 1 end
+rec.r = 0
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-return tonumber(redis.call('HGET', KEYS[1], 'gen'))
+save(KEYS[1], rec, ARGV[4])
+expire(KEYS[1], rec, ARGV[5], ARGV[4])
+return rec.g
+"""
+)
+
+# A small change to a build's record, under its current TTL; -1 when the build is not tracked.
+# 'target' sets a channel's message; 'mark' sets a marker (1 if this call set it, 0 if it was
+# set); 'retried' flags the build as retried; 'count' counts one more auto-retry (the new count).
+_AMEND = (
+    _RECORD_LUA
+    + """
+local rec = load(KEYS[1])
+if rec == 'hash' then return ARGV[4] end
+if type(rec) ~= 'table' then return -1 end
+local op, result = ARGV[1], 1
+if op == 'target' then
+  rec.m[ARGV[2]] = cjson.decode(ARGV[3])
+elseif op == 'mark' then
+  rec.k = rec.k or {}
+  if rec.k[ARGV[2]] then return 0 end
+  rec.k[ARGV[2]] = 1
+elseif op == 'retried' then
+  rec.rt = 1
+elseif op == 'count' then
+  rec.ar = (rec.ar or 0) + 1
+  result = rec.ar
+end
+save(KEYS[1], rec)
+return result
+"""
+)
+
+# Replace a build's legacy records with its converted record, if no one did it in the meantime
+# (KEYS: the legacy hash, its messages hash, then its marker keys; ARGV: the record, or '' for a
+# hash that was no record, the phase, rank and generation it was converted from, and a TTL for a
+# legacy hash that had none).
+_REPLACE_LEGACY = """
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then return 1 end
+local seen = redis.call('HMGET', KEYS[1], 'phase', 'rank', 'gen')
+if (seen[1] or '') ~= ARGV[2] or (seen[2] or '0') ~= ARGV[3] or (seen[3] or '0') ~= ARGV[4] then
+  return 0
+end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl <= 0 then ttl = tonumber(ARGV[5]) * 1000 end
+for _, key in ipairs(KEYS) do redis.call('DEL', key) end
+if ARGV[1] ~= '' then redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl) end
+return 1
 """
 
 # Extend a lock only while we still hold it.
@@ -258,6 +347,106 @@ class Transition:
     channel: str | None = None
 
 
+#: Short names of the snapshot's fields in a record. Upper case, so that they cannot clash with a
+#: field's own name (Buildkite's are snake_case); a field not listed keeps its name.
+_SNAPSHOT_NAMES = {
+    "id": "I",
+    "number": "N",
+    "state": "S",
+    "blocked": "B",
+    "web_url": "U",
+    "message": "M",
+    "commit": "C",
+    "branch": "R",
+    "source": "O",
+    "author": "A",
+    "creator": "K",
+    "created_at": "Tc",
+    "started_at": "Ts",
+    "finished_at": "Tf",
+}
+_SNAPSHOT_FIELDS = {short: name for name, short in _SNAPSHOT_NAMES.items()}
+_PEOPLE = {"author", "creator"}
+_TIMES = ("created_at", "started_at", "finished_at")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: Short names of a channel message's fields in a record (the channel is its key there).
+_TARGET_NAMES = {
+    "requester": "r",
+    "thread_ts": "h",
+    "ts": "t",
+    "rendered": "d",
+    "notify_url": "u",
+    "route": "o",
+}
+#: The thread replies and once-actions the tracker marks, looked for when converting a legacy build.
+_LEGACY_REPLY_KINDS = ("running", "failing", "final")
+_LEGACY_ONCE_ACTIONS = ("final",)
+#: What a script answers when it finds a legacy record (it is converted, and the script run again).
+_LEGACY = "!legacy"
+#: The number index's key as a Lua `string.format` template (the scripts fill it in from a record).
+_BY_NUMBER_FORMAT = BY_NUMBER_KEY.format(pipeline="%s", number="%s")
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _encode_snapshot(build_id: str, snapshot: Mapping[str, Any]) -> dict[str, Any]:
+    """The snapshot as kept in a record: short names, no None values, an `id` that is the build's
+    own as "" (it is in the key already), no person's id (messages show names and emails), and
+    times to the millisecond as milliseconds since the epoch."""
+    out: dict[str, Any] = {}
+    for name, value in snapshot.items():
+        if value is None:
+            continue
+        if name in _PEOPLE and isinstance(value, Mapping):
+            value = {k: v for k, v in value.items() if v is not None and k != "id"}
+        elif name == "id" and value == build_id:
+            value = ""
+        elif name in _TIMES and isinstance(value, str):
+            value = _milliseconds(value)
+        out[_SNAPSHOT_NAMES.get(name, name)] = value
+    return out
+
+
+def _decode_snapshot(build_id: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    snapshot = {_SNAPSHOT_FIELDS.get(short, short): value for short, value in data.items()}
+    if snapshot.get("id") == "":
+        snapshot["id"] = build_id
+    for name in _TIMES:
+        if isinstance(snapshot.get(name), int):
+            moment = _EPOCH + timedelta(milliseconds=snapshot[name])
+            snapshot[name] = moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return snapshot
+
+
+def _milliseconds(value: str) -> int | str:
+    """An ISO time with a timezone and whole milliseconds as milliseconds since the epoch (13
+    digits, exact in Lua's numbers); any other text as it is."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    if moment.tzinfo is None or moment.microsecond % 1000:
+        return value
+    return (moment - _EPOCH) // timedelta(milliseconds=1)
+
+
+def _encode_target(target: MessageTarget) -> dict[str, str]:
+    fields = ((short, getattr(target, name)) for name, short in _TARGET_NAMES.items())
+    return {short: value for short, value in fields if value}
+
+
+def _decode_target(channel: str, data: Mapping[str, Any]) -> MessageTarget:
+    fields = {name: data[short] for name, short in _TARGET_NAMES.items() if short in data}
+    return MessageTarget(channel=channel, **fields)
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """A JSON object of a record; an empty one may come back from Lua's cjson as []."""
+    return value if isinstance(value, Mapping) else {}
+
+
 class Store:
     """A small typed layer over `redis.asyncio` holding all tracking state."""
 
@@ -269,6 +458,8 @@ class Store:
         self._track = client.register_script(_TRACK)
         self._reset = client.register_script(_RESET)
         self._renew = client.register_script(_RENEW_LOCK)
+        self._amend = client.register_script(_AMEND)
+        self._replace_legacy = client.register_script(_REPLACE_LEGACY)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
@@ -304,29 +495,21 @@ class Store:
         final: bool,
     ) -> bool:
         """Follow a build with a message in `target.channel`; False if that channel has one."""
-        fields = {
-            "build_id": build_id,
-            "pipeline": pipeline,
-            "number": str(number),
-            "phase": "",
-            "rank": "0",
-            "gen": "0",
-            "blocked": "0",
-            "retried": "0",
-            "snapshot": "{}",
-        }
+        record = {"p": pipeline, "n": number, "ph": "", "r": 0, "g": 0, "m": {}}
         result = int(
-            await self._track(
+            await self._on_record(
+                self._track,
+                build_id,
                 keys=[
                     BUILD_KEY.format(build_id=build_id),
                     BY_NUMBER_KEY.format(pipeline=pipeline, number=number),
-                    MESSAGES_KEY.format(build_id=build_id),
                     EVENTS_STREAM,
                 ],
                 args=[
-                    json.dumps(fields),
+                    build_id,
+                    _json(record),
                     target.channel,
-                    target.model_dump_json(exclude_none=True),
+                    _json(_encode_target(target)),
                     PENDING_TTL,
                     EVENTS_MAXLEN,
                 ],
@@ -353,32 +536,30 @@ class Store:
         """Record a build's phase; returns the previous phase when this call changed it.
 
         Returns REGRESSED when the phase given is earlier than the one recorded (nothing changed).
+        `blocked` is not kept: the phase of a build on a block step ends in ":blocked".
         """
-        result = await self._observe(
-            keys=[
-                BUILD_KEY.format(build_id=build_id),
-                PENDING_KEY,
-                EVENTS_STREAM,
-                MESSAGES_KEY.format(build_id=build_id),
-            ],
+        result = await self._on_record(
+            self._observe,
+            build_id,
+            keys=[BUILD_KEY.format(build_id=build_id), PENDING_KEY, EVENTS_STREAM],
             args=[
                 build_id,
                 phase,
                 rank,
-                json.dumps(snapshot, separators=(",", ":"), default=str),
+                _json(_encode_snapshot(build_id, snapshot)),
                 "1" if final else "0",
                 now if now is not None else time.time(),
-                "1" if blocked else "0",
                 EVENTS_MAXLEN,
                 FINAL_TTL,
                 PENDING_TTL,
                 FINAL_RANK,
                 REGRESSED,
+                _BY_NUMBER_FORMAT,
             ],
         )
         if result is None:
             return None
-        return result.decode() if isinstance(result, bytes) else str(result)
+        return _text(result)
 
     async def reset(self, build_id: str, *, new_generation: bool) -> int | None:
         """Let the build's phase move back; a new generation re-arms its thread replies.
@@ -386,9 +567,17 @@ class Store:
         Used when Buildkite confirms a build left a block step, or a finished build runs again.
         Returns the build's generation, or None if it is not tracked.
         """
-        gen = await self._reset(
+        gen = await self._on_record(
+            self._reset,
+            build_id,
             keys=[BUILD_KEY.format(build_id=build_id), PENDING_KEY],
-            args=["1" if new_generation else "0", time.time(), build_id, PENDING_TTL],
+            args=[
+                "1" if new_generation else "0",
+                time.time(),
+                build_id,
+                PENDING_TTL,
+                _BY_NUMBER_FORMAT,
+            ],
         )
         return None if int(gen) < 0 else int(gen)
 
@@ -397,23 +586,19 @@ class Store:
         await self.redis.zrem(PENDING_KEY, build_id)
 
     async def get(self, build_id: str) -> TrackedBuild | None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(BUILD_KEY.format(build_id=build_id))
-            pipe.hgetall(MESSAGES_KEY.format(build_id=build_id))
-            raw, msgs = await pipe.execute()
-        if not raw or b"pipeline" not in raw:
+        record = await self._record(build_id)
+        if record is None:
             return None
-        data = {_text(k): _text(v) for k, v in raw.items()}
-        targets = [MessageTarget.model_validate_json(v) for v in msgs.values()]
+        messages = _mapping(record.get("m"))
         return TrackedBuild(
-            build_id=data["build_id"],
-            pipeline=data["pipeline"],
-            number=int(data["number"]),
-            phase=data.get("phase", ""),
-            gen=int(data.get("gen") or 0),
-            snapshot=json.loads(data.get("snapshot") or "{}"),
-            retried=data.get("retried") == "1",
-            targets=sorted(targets, key=lambda t: t.channel),
+            build_id=build_id,
+            pipeline=record["p"],
+            number=int(record["n"]),
+            phase=record.get("ph", ""),
+            gen=int(record.get("g") or 0),
+            snapshot=_decode_snapshot(build_id, _mapping(record.get("s"))),
+            retried=bool(record.get("rt")),
+            targets=[_decode_target(c, _mapping(messages[c])) for c in sorted(messages)],
         )
 
     async def find(self, pipeline: str, number: int) -> TrackedBuild | None:
@@ -424,18 +609,18 @@ class Store:
 
     async def save_target(self, build_id: str, target: MessageTarget) -> None:
         """Remember a channel message's ts and what it shows (callers hold the build's lock)."""
-        await self.redis.hset(
-            MESSAGES_KEY.format(build_id=build_id),
-            target.channel,
-            target.model_dump_json(exclude_none=True),
-        )
+        await self._amend_record(build_id, "target", target.channel, _json(_encode_target(target)))
 
     async def mark_retried(self, build_id: str) -> None:
-        await self.redis.hset(BUILD_KEY.format(build_id=build_id), "retried", "1")
+        await self._amend_record(build_id, "retried")
 
     async def count_auto_retry(self, build_id: str) -> int:
-        """Count one more automatic retry of this build; returns the attempt number."""
-        return int(await self.redis.hincrby(BUILD_KEY.format(build_id=build_id), "auto_retries", 1))
+        """Count one more automatic retry of this build; returns the attempt number.
+
+        A build no longer tracked has no attempts left (sys.maxsize).
+        """
+        attempt = await self._amend_record(build_id, "count")
+        return attempt if attempt >= 0 else sys.maxsize
 
     async def delivery_count(self, entry_id: str) -> int:
         """How many times a transition was handed to a reader (it grows with each reclaim)."""
@@ -493,24 +678,29 @@ class Store:
     # -- guards and locks -------------------------------------------------------------------
 
     async def was_posted(self, build_id: str, channel: str, gen: int, kind: str) -> bool:
-        key = POSTED_KEY.format(build_id=build_id, channel=channel, gen=gen, kind=kind)
-        return bool(await self.redis.exists(key))
+        record = await self._record(build_id)
+        marks = _mapping(record.get("k")) if record else {}
+        return POSTED_MARK.format(channel=channel, gen=gen, kind=kind) in marks
 
     async def mark_posted(self, build_id: str, channel: str, gen: int, kind: str) -> None:
-        key = POSTED_KEY.format(build_id=build_id, channel=channel, gen=gen, kind=kind)
-        await self.redis.set(key, "1", ex=POSTED_TTL)
+        """Remember a thread reply as posted (kept in the build's record, gone with it)."""
+        mark = POSTED_MARK.format(channel=channel, gen=gen, kind=kind)
+        await self._amend_record(build_id, "mark", mark)
 
     async def once(self, build_id: str, gen: int, what: str) -> bool:
-        """True the first time it is called for this build, generation and action."""
-        key = ONCE_KEY.format(build_id=build_id, gen=gen, what=what)
-        return bool(await self.redis.set(key, "1", nx=True, ex=POSTED_TTL))
+        """True the first time it is called for this build, generation and action.
+
+        False for a build that is no longer tracked: nothing is done for it.
+        """
+        mark = ONCE_MARK.format(gen=gen, what=what)
+        return await self._amend_record(build_id, "mark", mark) == 1
 
     async def begin_post(self, key: str, now: float) -> float | None:
         """Note that a keyed Slack post is about to be made; returns when an earlier attempt was
         made if one was never recorded as done (it may have reached Slack: look before posting).
         """
         redis_key = POST_ATTEMPT_KEY.format(key=key)
-        if await self.redis.set(redis_key, repr(now), nx=True, ex=POSTED_TTL):
+        if await self.redis.set(redis_key, repr(now), nx=True, ex=FINAL_TTL):
             return None
         earlier = await self.redis.get(redis_key)
         return float(_text(earlier)) if earlier is not None else None
@@ -591,6 +781,101 @@ class Store:
 
     async def end_poll_backoff(self) -> None:
         await self.redis.hdel(POLL_STATE_KEY, "resume_at", "failures", "backoff")
+
+    # -- build records ----------------------------------------------------------------------
+
+    async def _record(self, build_id: str) -> dict[str, Any] | None:
+        """A build's record as stored (short names), or None when it is not tracked."""
+        key = BUILD_KEY.format(build_id=build_id)
+        try:
+            raw = await self.redis.get(key)
+        except redis.ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            await self._upgrade(build_id)
+            raw = await self.redis.get(key)
+        return cast(dict[str, Any], json.loads(raw)) if raw else None
+
+    async def _amend_record(self, build_id: str, op: str, *args: str) -> int:
+        padded = [*args, "", ""][:2]
+        keys = [BUILD_KEY.format(build_id=build_id)]
+        return int(await self._on_record(self._amend, build_id, keys=keys, args=[op, *padded]))
+
+    async def _on_record(
+        self, script: AsyncScript, build_id: str, *, keys: list[str], args: list[Any]
+    ) -> Any:
+        """Run a script on a build's record, converting a legacy record first if it meets one."""
+        result = await script(keys=keys, args=[*args, _LEGACY])
+        if isinstance(result, bytes | str) and _text(result) == _LEGACY:
+            await self._upgrade(build_id)
+            result = await script(keys=keys, args=[*args, _LEGACY])
+        return result
+
+    async def _upgrade(self, build_id: str) -> None:
+        """Convert a build kept in the legacy layout (a hash, a messages hash and a key per
+        marker) into its record, keeping its TTL. Nothing is lost: a build followed across an
+        upgrade carries on, its replies still posted once."""
+        key = BUILD_KEY.format(build_id=build_id)
+        messages_key = LEGACY_MESSAGES_KEY.format(build_id=build_id)
+        for _ in range(10):  # only another process changing the legacy hash meanwhile repeats it
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(key)
+                pipe.hgetall(messages_key)
+                raw, raw_messages = await pipe.execute()
+            data = {_text(k): _text(v) for k, v in raw.items()}
+            gen = data.get("gen") or "0"
+            targets = {
+                _text(channel): MessageTarget.model_validate_json(value)
+                for channel, value in raw_messages.items()
+            }
+            marks = {
+                POSTED_MARK.format(channel=channel, gen=gen, kind=kind): LEGACY_POSTED_KEY.format(
+                    build_id=build_id, channel=channel, gen=gen, kind=kind
+                )
+                for channel in targets
+                for kind in _LEGACY_REPLY_KINDS
+            } | {
+                ONCE_MARK.format(gen=gen, what=what): LEGACY_ONCE_KEY.format(
+                    build_id=build_id, gen=gen, what=what
+                )
+                for what in _LEGACY_ONCE_ACTIONS
+            }
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for legacy_key in marks.values():
+                    pipe.exists(legacy_key)
+                present = await pipe.execute()
+            record = ""
+            if "pipeline" in data:  # else a stray field written after the record expired
+                fields: dict[str, Any] = {
+                    "p": data["pipeline"],
+                    "n": int(data["number"]),
+                    "ph": data.get("phase", ""),
+                    "r": int(data.get("rank") or 0),
+                    "g": int(gen),
+                    "s": _encode_snapshot(build_id, json.loads(data.get("snapshot") or "{}")),
+                    "m": {c: _encode_target(t) for c, t in targets.items()},
+                }
+                done = [mark for mark, found in zip(marks, present, strict=True) if found]
+                if done:
+                    fields["k"] = dict.fromkeys(done, 1)
+                if data.get("retried") == "1":
+                    fields["rt"] = 1
+                if int(data.get("auto_retries") or 0):
+                    fields["ar"] = int(data["auto_retries"])
+                record = _json(fields)
+            replaced = await self._replace_legacy(
+                keys=[key, messages_key, *marks.values()],
+                args=[
+                    record,
+                    data.get("phase", ""),
+                    data.get("rank") or "0",
+                    data.get("gen") or "0",
+                    PENDING_TTL,
+                ],
+            )
+            if int(replaced):
+                return
+        raise RuntimeError(f"could not convert the legacy record of build {build_id}")
 
     # -- deploy locks ----------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ fakeredis store the bot uses when REDIS_URL is unset, so the embedded store cann
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -205,14 +206,37 @@ async def test_transitions_are_read_once_reclaimed_when_stuck_and_acked(store: S
 # -- guards, locks and the poll lease ------------------------------------------------------------
 
 
-async def test_posted_guards(store: Store) -> None:
+async def test_posted_and_once_guards_live_in_the_build_record(store: Store) -> None:
+    await track(store)
     assert not await store.was_posted("b1", CHANNEL, 0, "final")
     await store.mark_posted("b1", CHANNEL, 0, "final")
     assert await store.was_posted("b1", CHANNEL, 0, "final")
     assert not await store.was_posted("b1", CHANNEL, 1, "final")
     assert not await store.was_posted("b1", "C0OTHER", 0, "final")
-    key = keys.POSTED_KEY.format(build_id="b1", channel=CHANNEL, gen=0, kind="final")
-    assert 0 < await ttl(store, key) <= keys.POSTED_TTL
+    assert await store.once("b1", 0, "final") is True
+    assert await store.once("b1", 0, "final") is False
+    assert await store.once("b1", 1, "final") is True
+    # Nothing is marked for a build no longer tracked, and no key is made for it.
+    await store.mark_posted("gone", CHANNEL, 0, "final")
+    assert not await store.was_posted("gone", CHANNEL, 0, "final")
+    assert await store.once("gone", 0, "final") is False
+    assert await store.redis.keys(keys.PREFIX + "*gone*") == []
+    # One key per build (and its number index), under the record's TTL.
+    assert sorted(await store.redis.keys(keys.PREFIX + "*")) == sorted(
+        [
+            keys.BUILD_KEY.format(build_id="b1").encode(),
+            keys.BY_NUMBER_KEY.format(pipeline="web", number=1).encode(),
+            keys.PENDING_KEY.encode(),
+            keys.EVENTS_STREAM.encode(),
+        ]
+    )
+    assert await ttl(store, keys.BUILD_KEY.format(build_id="b1")) > keys.PENDING_TTL - 5
+
+
+async def test_concurrent_once_lets_one_caller_through(store: Store) -> None:
+    await track(store)
+    results = await asyncio.gather(*(store.once("b1", 0, "final") for _ in range(10)))
+    assert results.count(True) == 1
 
 
 async def test_build_locks_belong_to_their_holder(store: Store) -> None:
@@ -272,3 +296,146 @@ async def test_deploy_locks_requests_approvals_and_audit(store: Store) -> None:
     ]
     assert await store.swap_outcome("web", "main", "failed") is None
     assert await store.swap_outcome("web", "main", "passed") == "failed"
+
+
+# -- the build record ----------------------------------------------------------------------------
+
+
+async def test_a_record_keeps_its_snapshot_and_messages_through_every_script(store: Store) -> None:
+    """Lua re-encodes the record on each change: text, unicode, slashes and booleans survive."""
+    snapshot = {
+        "id": "b1",
+        "number": 1,
+        "state": "failing",
+        "blocked": False,
+        "web_url": "https://buildkite.com/acme/web/builds/1",
+        "message": 'Fix the 🐛 in «ünïcode» / "quotes"\n\nSecond\tline \\ end',
+        "author": {"id": "u1", "name": "Zoë", "email": "zoe@example.com", "avatar": None},
+        "created_at": "2026-01-09T09:26:50.971000Z",
+        "started_at": "2026-01-09T09:26:52.123456Z",
+        "finished_at": None,
+        "custom": {"nested": True},
+    }
+    await track(store, phase="running", rank=2, snapshot=snapshot)
+    await store.observe(
+        "b1", phase="failing", rank=3, snapshot=snapshot, final=False, blocked=False
+    )
+    target = MessageTarget(
+        channel=CHANNEL,
+        requester="U0USER",
+        ts="1700000000.000100",
+        rendered="0123456789abcdef",
+        notify_url="https://hooks.slack.com/commands/T0123/1234567890123/AbCdEf",
+        thread_ts="1690000000.000200",
+    )
+    await store.save_target("b1", target)
+    await store.mark_retried("b1")
+    assert await store.count_auto_retry("b1") == 1
+    assert await store.count_auto_retry("b1") == 2
+    tracked = await store.get("b1")
+    assert tracked is not None
+    # Kept as shown: no None values, no person's id, times to the millisecond as numbers.
+    assert tracked.snapshot == {
+        **{name: value for name, value in snapshot.items() if value is not None},
+        "author": {"name": "Zoë", "email": "zoe@example.com"},
+        "created_at": "2026-01-09T09:26:50.971Z",
+    }
+    assert tracked.targets == [target]
+    assert tracked.retried is True
+    assert (tracked.phase, tracked.gen) == ("failing", 0)
+    assert await store.count_auto_retry("untracked") > 1000  # no attempts for what is not followed
+
+
+async def test_a_second_channel_joins_the_record_with_a_transition_of_its_own(store: Store) -> None:
+    await track(store)
+    assert await track(store, channel="C0OTHER") is True
+    tracked = await store.get("b1")
+    assert tracked is not None and [t.channel for t in tracked.targets] == [CHANNEL, "C0OTHER"]
+    await store.ensure_group()
+    joined = (await store.read_transitions("c1", block_ms=10))[-1]
+    assert (joined.channel, joined.old, joined.new) == ("C0OTHER", "scheduled", "scheduled")
+
+
+async def test_number_index_and_record_expire_together(store: Store) -> None:
+    await track(store)
+    record, index = (
+        keys.BUILD_KEY.format(build_id="b1"),
+        keys.BY_NUMBER_KEY.format(pipeline="web", number=1),
+    )
+    await observe(store, "passed", keys.FINAL_RANK, final=True)
+    for key in (record, index):
+        assert keys.FINAL_TTL - 5 < await ttl(store, key) <= keys.FINAL_TTL
+    assert await store.reset("b1", new_generation=True) == 1  # run again: followed for longer
+    for key in (record, index):
+        assert keys.FINAL_TTL < await ttl(store, key) <= keys.PENDING_TTL
+
+
+async def test_a_build_tracked_by_the_previous_layout_is_converted_and_carries_on(
+    store: Store,
+) -> None:
+    """Records written before the one-string layout stay readable, and their guards hold."""
+    r = store.redis
+    key = keys.BUILD_KEY.format(build_id="b1")
+    legacy_snapshot = {"id": "b1", "number": 7, "state": "running", "author": None}
+    await r.hset(
+        key,
+        mapping={
+            "build_id": "b1",
+            "pipeline": "web",
+            "number": "7",
+            "phase": "running",
+            "rank": "2",
+            "gen": "0",
+            "blocked": "0",
+            "retried": "1",
+            "snapshot": json.dumps(legacy_snapshot),
+            "updated": "1700000000.5",
+            "auto_retries": "1",
+        },
+    )
+    await r.expire(key, 1000)
+    target = MessageTarget(channel=CHANNEL, requester="U0USER", ts="1.2", rendered="abc")
+    messages = keys.LEGACY_MESSAGES_KEY.format(build_id="b1")
+    await r.hset(messages, CHANNEL, target.model_dump_json(exclude_none=True))
+    posted = keys.LEGACY_POSTED_KEY.format(build_id="b1", channel=CHANNEL, gen=0, kind="running")
+    await r.set(posted, "1", ex=1000)
+    await r.set(keys.BY_NUMBER_KEY.format(pipeline="web", number=7), "b1", ex=1000)
+    await r.zadd(keys.PENDING_KEY, {"b1": 1.0})
+
+    tracked = await store.find("web", 7)
+    assert tracked is not None
+    assert (tracked.pipeline, tracked.number, tracked.phase, tracked.retried) == (
+        "web",
+        7,
+        "running",
+        True,
+    )
+    assert tracked.snapshot == {"id": "b1", "number": 7, "state": "running"}
+    assert tracked.targets == [target]
+    assert await store.was_posted("b1", CHANNEL, 0, "running")
+    assert not await store.was_posted("b1", CHANNEL, 0, "final")
+    assert await store.count_auto_retry("b1") == 2
+    assert 900 < await ttl(store, key) <= 1000  # the legacy record's TTL is kept
+    assert not await r.exists(messages, posted)
+    assert await observe(store, "passed", keys.FINAL_RANK, final=True) == "running"
+    assert await store.pending() == []
+
+
+async def test_legacy_records_are_converted_by_whichever_script_meets_them(store: Store) -> None:
+    r = store.redis
+    for n, build_id in enumerate(("b1", "b2", "b3"), start=1):
+        await r.hset(
+            keys.BUILD_KEY.format(build_id=build_id),
+            mapping={"build_id": build_id, "pipeline": "web", "number": str(n), "phase": "running",
+                     "rank": "2", "gen": "0", "snapshot": "{}"},
+        )  # fmt: skip
+    assert await observe(store, "failing", 3, build_id="b1") == "running"
+    assert await store.reset("b2", new_generation=True) == 1
+    assert await track(store, "b3", number=3) is True  # a new channel for the converted build
+    assert await store.once("b3", 0, "final") is True
+    for build_id in ("b1", "b2", "b3"):
+        assert await r.type(keys.BUILD_KEY.format(build_id=build_id)) == b"string"
+    # A stray field left on an expired legacy record is no build: it is dropped.
+    await r.hset(keys.BUILD_KEY.format(build_id="b4"), "retried", "1")
+    assert await store.get("b4") is None
+    assert not await r.exists(keys.BUILD_KEY.format(build_id="b4"))
