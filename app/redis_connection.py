@@ -46,13 +46,23 @@ def connect_redis(settings: Settings, metrics: Metrics) -> redis.Redis:
             socket_connect_timeout=5,
         )
         return cast(redis.Redis, cluster)
-    return redis.Redis.from_url(
+    # A burst (say, 100 webhooks at once beside the notifier's writes) waits for a free
+    # connection rather than failing with redis-py's "Too many connections".
+    pool = redis.BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=POOL_WAIT,
         socket_timeout=5,
         socket_connect_timeout=5,
         health_check_interval=30,
         retry=CountingRetry(metrics),
     )
+    return redis.Redis.from_pool(pool)
+
+
+#: Connections to Redis per process, and how long a command waits for one when all are busy.
+MAX_CONNECTIONS = 64
+POOL_WAIT = 10.0
 
 
 SENTINEL_SCHEME = "redis+sentinel://"

@@ -14,7 +14,7 @@ import pytest
 import redis as sync_redis
 
 from app.metrics import Metrics
-from app.redis_connection import connect_redis, parse_sentinel_url
+from app.redis_connection import MAX_CONNECTIONS, connect_redis, parse_sentinel_url
 from app.settings import Settings
 from app.store import MessageTarget, Store
 from tests.conftest import RedisServer, _free_port
@@ -201,3 +201,20 @@ async def test_the_first_command_after_a_redis_restart_succeeds() -> None:
         await client.aclose()
         server.stop()
         shutil.rmtree(server.dir, ignore_errors=True)
+
+
+async def test_a_burst_beyond_the_pool_waits_for_a_connection(redis_url: str) -> None:
+    """More commands at once than the pool has connections: they wait their turn instead of
+    failing with redis-py's "Too many connections" (seen as 503s on webhooks under load)."""
+    metrics = Metrics()
+    client = connect_redis(settings(redis_url), metrics)
+    try:
+        # Each BLPOP holds its connection for 0.2 s; 3x the pool's size run at once.
+        count = 3 * MAX_CONNECTIONS
+        answers = await asyncio.gather(
+            *(client.blpop([f"empty-{i}"], timeout=0.2) for i in range(count))
+        )
+        assert answers == [None] * count
+        assert _errors(metrics) == 0
+    finally:
+        await client.aclose()
