@@ -11,16 +11,14 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import redis as sync_redis
+from tests.redis_server import RedisServer, RedisServerMissing
 
 #: Secrets of the benchmark's fakes: obviously fake, never real-looking.
 SIGNING_SECRET = "bench-signing-secret"  # noqa: S105 - the fakes' own
@@ -99,60 +97,6 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class RedisServer:
-    """A redis-server of our own on a free port (the logic of tests/conftest.py's)."""
-
-    def __init__(self) -> None:
-        self.port = _free_port()
-        self.dir = tempfile.mkdtemp(prefix="bkchatops-bench-redis-")
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise SystemExit(
-                "redis-server is not installed: install it (apt-get install redis-server) "
-                "or set REDIS_URL to a Redis the benchmark may flush"
-            )
-        arguments = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        arguments += ["--appendonly", "no", "--dir", self.dir]
-        self.process = subprocess.Popen(  # noqa: S603 - a fixed binary and arguments
-            [binary, *arguments],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = sync_redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        try:
-            while True:
-                try:
-                    client.ping()
-                    return
-                except sync_redis.ConnectionError:
-                    if time.monotonic() > deadline or self.process.poll() is not None:
-                        raise RuntimeError("redis-server did not start") from None
-                    time.sleep(0.05)
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def redis_url() -> Iterator[str]:
     """REDIS_URL when set (a Redis the benchmark may flush), else a throwaway redis-server."""
@@ -160,11 +104,15 @@ def redis_url() -> Iterator[str]:
         yield os.environ["REDIS_URL"]
         return
     server = RedisServer()
-    server.start()
+    try:
+        server.start()
+    except RedisServerMissing as exc:
+        raise SystemExit(str(exc)) from None
     try:
         yield server.url
     finally:
         server.stop()
+        shutil.rmtree(server.dir, ignore_errors=True)
 
 
 class Child:

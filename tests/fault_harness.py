@@ -33,6 +33,7 @@ from tests.bot import BUILDKITE_TOKEN, SIGNING_SECRET, WEBHOOK_TOKEN
 from tests.fakes import slack_requests
 from tests.fakes.buildkite import FakeBuildkite
 from tests.fakes.slack import FakeSlack, RecordedCall
+from tests.redis_server import free_port
 
 T = TypeVar("T")
 BuildKey = tuple[str, int]
@@ -87,12 +88,6 @@ def _die_with_parent() -> None:
     """In the child, before exec: be killed if the test process dies (Linux), so none leaks."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def _free_port() -> int:
-    from tests.conftest import _free_port as free_port
-
-    return free_port()
 
 
 @dataclass
@@ -213,7 +208,7 @@ class Fleet:
     def _spawn(
         self, name: str, poll_interval: float, lock_ttl_ms: int, *, log_suffix: str = ""
     ) -> BotProcess:
-        port = _free_port()
+        port = free_port()
         slack_token = f"{self.slack.bot_token}-{name}"
         self.slack.add_bot_token(slack_token)
         if slack_token not in self.secrets:

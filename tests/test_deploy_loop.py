@@ -20,9 +20,9 @@ from app import tracker as tracker_module
 from app.tracker import phase_of, snapshot
 from buildkite.models import Build
 from tests.bot import SIGNING_SECRET, WEBHOOK_TOKEN, BotClient, running_bot, work_requests
-from tests.conftest import RedisServer
 from tests.fakes.buildkite import FakeBuildkite
 from tests.fakes.slack import FakeSlack
+from tests.redis_server import RedisServer
 
 CHANNEL = "C0CHAN"
 USER = "U0USER"

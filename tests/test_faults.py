@@ -24,7 +24,6 @@ from app import tracker as tracker_module
 from app.store import EVENTS_GROUP, EVENTS_STREAM, PENDING_KEY, PREFIX, Transition
 from app.tracker import Tracker
 from tests.bot import SIGNING_SECRET, running_bot
-from tests.conftest import RedisServer
 from tests.fakes import slack_requests
 from tests.fakes.buildkite import FakeBuildkite
 from tests.fakes.slack import FakeSlack, RecordedCall
@@ -46,6 +45,7 @@ from tests.fault_harness import (
     threads,
     wait_until,
 )
+from tests.redis_server import RedisServer
 
 PIPELINES = [f"svc-{i:02d}" for i in range(10)]
 

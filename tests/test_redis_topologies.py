@@ -17,7 +17,7 @@ from app.metrics import Metrics
 from app.redis_connection import MAX_CONNECTIONS, connect_redis, parse_sentinel_url
 from app.settings import Settings
 from app.store import MessageTarget, Store
-from tests.conftest import RedisServer, _free_port
+from tests.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
 
@@ -106,7 +106,7 @@ def test_sentinel_urls_are_parsed() -> None:
 
 
 async def test_sentinel(tmp_path: Path, processes: list[Any]) -> None:
-    master, sentinel = _free_port(), _free_port()
+    master, sentinel = free_port(), free_port()
     processes.append(_start(["--port", str(master), "--save", ""], master, tmp_path))
     conf = tmp_path / "sentinel.conf"
     conf.write_text(f"port {sentinel}\nsentinel monitor main 127.0.0.1 {master} 1\n")
@@ -131,7 +131,7 @@ def _cluster_state(node: sync_redis.Redis) -> str:
 def _cluster_port() -> int:
     """A free port whose cluster bus port (port + 10000) is a valid port too."""
     while True:
-        port = _free_port()
+        port = free_port()
         if port + 10000 <= 65535:
             return port
 

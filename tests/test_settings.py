@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 from app.settings import Settings, SettingsError, load_settings
 from tests.fakes.buildkite import FakeBuildkite
 from tests.fakes.slack import FakeSlack
+from tests.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {
@@ -27,12 +27,6 @@ GOOD = {
     "BUILDKITE_ORG": "acme",
     "REDIS_URL": "redis://localhost:6379/0",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -131,7 +125,7 @@ async def test_without_redis_url_the_bot_starts_on_the_embedded_store(
         for k, v in os.environ.items()
         if not k.startswith(("SLACK_", "BUILDKITE_", "REDIS_", "PORT", "POLICY_"))
     }
-    port = _free_port()
+    port = free_port()
     env.update(
         SLACK_BOT_TOKEN=slack.bot_token,
         SLACK_SIGNING_SECRET="sign-secret-value",

@@ -15,10 +15,10 @@ import aiohttp
 
 from app import store as keys
 from tests.bot import BUILDKITE_TOKEN, SIGNING_SECRET, WEBHOOK_TOKEN
-from tests.conftest import _free_port
 from tests.fakes import slack_requests
 from tests.fakes.buildkite import FakeBuildkite
 from tests.fakes.slack import FakeSlack
+from tests.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +27,7 @@ async def test_sigterm_finishes_in_flight_work_and_exits_cleanly(
     slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any, tmp_path: Path
 ) -> None:
     bk.add_pipeline("web")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "BUILDKITE_"))}
     env.update(
         SLACK_BOT_TOKEN=slack.bot_token,
