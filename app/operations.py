@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from dataclasses import fields as dataclass_fields
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import redis.asyncio as redis
@@ -47,6 +47,11 @@ from buildkite.models import Build, BuildState, Job, Pipeline
 
 log = logging.getLogger(__name__)
 
+#: Deploys started by slash command that run at once, and that may wait for their turn.
+DEPLOYS_RUNNING = 4
+DEPLOYS_WAITING = 100
+ANSWER_ON_CANCEL_TIMEOUT = 2.0
+
 TRACKING_DOWN = (
     ":warning: Tracking is unavailable right now (the bot cannot reach its Redis), "
     "so nothing was started. Please try again in a minute."
@@ -59,6 +64,59 @@ class UserError(Exception):
     def __init__(self, text: str) -> None:
         self.text = text
         super().__init__(text)
+
+
+class DeployQueue:
+    """Deploys asked for by slash command: `running` at a time, the next `waiting` in the order
+    they came; any more are refused when they are acknowledged.
+
+    A burst of /deploy is acknowledged at once whatever happens; this bounds the work (and the
+    Buildkite calls) it leaves behind, so the acks after it stay just as fast. Admission is
+    decided in memory, before the ack, with no I/O.
+    """
+
+    def __init__(self, *, running: int = DEPLOYS_RUNNING, waiting: int = DEPLOYS_WAITING) -> None:
+        if running < 1 or waiting < 0:
+            raise ValueError("running must be at least 1 and waiting not negative")
+        self.running = running
+        self.waiting = waiting
+        self._turns = asyncio.Semaphore(running)
+        self._admitted = 0
+
+    def reserve(self) -> DeployPlace | None:
+        """A place in the queue, or None when it is full."""
+        if self._admitted >= self.running + self.waiting:
+            return None
+        position = max(0, self._admitted - self.running + 1)
+        self._admitted += 1
+        return DeployPlace(self, position)
+
+
+class DeployPlace:
+    """One admitted deploy: wait for `turn()` inside `async with`; leaving frees the place."""
+
+    def __init__(self, queue: DeployQueue, position: int) -> None:
+        self._queue = queue
+        #: 0 when it could start at once, else its place in line when it was admitted (1: next).
+        self.position = position
+        self._running = False
+        self._left = False
+
+    async def turn(self) -> None:
+        """Wait until fewer than `running` deploys run (first come, first served)."""
+        await self._queue._turns.acquire()
+        self._running = True
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._left:
+            return
+        self._left = True
+        self._queue._admitted -= 1
+        if self._running:
+            self._queue._turns.release()
 
 
 @dataclass
@@ -78,6 +136,8 @@ class Services:
     router: Router
     #: Listener tasks still working after their ack, awaited at shutdown.
     inflight: set[asyncio.Task[Any]] = field(default_factory=set)
+    #: Slash-command deploys: how many run at once, and how many may wait for their turn.
+    deploys: DeployQueue = field(default_factory=DeployQueue)
 
     async def finish_inflight(self, timeout: float) -> None:  # noqa: ASYNC109
         """Wait (bounded) for acknowledged requests to finish what they started."""
@@ -88,6 +148,9 @@ class Services:
             for task in late:
                 log.warning("shutdown: a request was still running after %.0f s", timeout)
                 task.cancel()
+            if late:
+                # Long enough for a canceled request to tell its user, before the clients close.
+                await asyncio.wait(late, timeout=ANSWER_ON_CANCEL_TIMEOUT)
 
 
 def request_id_for(*parts: str) -> str:

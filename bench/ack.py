@@ -33,6 +33,9 @@ class Load:
     windows: list[list[float]] = field(default_factory=list)
     failed: int = 0
     seconds: float = 0.0
+    #: Acks that put the deploy in line, or refused it (the bot's deploy queue was full).
+    queued: int = 0
+    refused: int = 0
 
     @property
     def done(self) -> int:
@@ -47,6 +50,8 @@ class Load:
             "throughput": median([len(w) / WINDOW for w in full]),
             "requests": self.done,
             "failed": self.failed,
+            "queued": self.queued,
+            "refused": self.refused,
             "windows": len(full),
         }
 
@@ -70,9 +75,10 @@ async def generate(url: str, slack_base: str, *, clients: int, seconds: float) -
                 channel_name=f"bench-{n % CHANNELS}",
             )
             sent = time.perf_counter()
+            answer = b""
             try:
                 async with session.post(url, data=body, headers=headers) as response:
-                    await response.read()
+                    answer = await response.read()
                     ok = response.status == 200
             except aiohttp.ClientError:
                 ok = False
@@ -82,6 +88,8 @@ async def generate(url: str, slack_base: str, *, clients: int, seconds: float) -
             if not ok:
                 load.failed += 1
                 continue
+            load.queued += b" in line " in answer
+            load.refused += b"Too many deploys" in answer
             index = int((sent - start) // WINDOW)
             if index < len(load.windows):
                 load.windows[index].append(took)

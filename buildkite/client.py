@@ -62,6 +62,9 @@ _MAX_RATE_LIMIT_WAIT_EACH = 60.0
 _MAX_BACKOFF = 30.0
 # How far our clock may disagree with Buildkite's when looking for a rebuild we may have made.
 _CLOCK_SKEW = timedelta(minutes=2)
+# Requests sent at once. Beyond the HTTP pool's size they would wait in httpcore's queue, whose
+# every release rescans the whole queue: a burst of deploys then starves the event loop.
+DEFAULT_MAX_CONCURRENT_REQUESTS = 10
 
 # Slugs and ids are validated, not just quoted, so a value can never address another resource.
 _SLUG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -101,12 +104,17 @@ class BuildkiteClient:
         max_rate_limit_wait: float = 60.0,
         backoff_base: float = 0.5,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
     ) -> None:
+        """``max_concurrent_requests`` should not exceed the pool size of ``http``; the others
+        wait their turn, first come first served."""
         self._token = token if isinstance(token, SecretStr) else SecretStr(token)
         if not self._token.get_secret_value():
             raise ValueError("a Buildkite API token is required")
         if timeout <= 0 or max_retries < 0 or max_rate_limit_wait < 0 or backoff_base < 0:
             raise ValueError("timeout must be positive; retries and waits must not be negative")
+        if max_concurrent_requests < 1:
+            raise ValueError("max_concurrent_requests must be at least 1")
         self.org = _slug(org, "organization")
         self.base_url = base_url.rstrip("/")
         self._base = httpx.URL(self.base_url + "/")
@@ -119,6 +127,7 @@ class BuildkiteClient:
         self._max_rate_limit_wait = max_rate_limit_wait
         self._backoff_base = backoff_base
         self._sleep = sleep
+        self._slots = asyncio.Semaphore(max_concurrent_requests)
         self._random = random.Random()
         #: From the ``RateLimit-Remaining``/``-Limit``/``-Reset`` headers of the latest response
         #: that had them (the reset in seconds from that response), for callers that pace
@@ -510,15 +519,17 @@ class BuildkiteClient:
         rate_limit_waited = 0.0
         while True:
             try:
-                response = await self._http.request(
-                    method,
-                    url,
-                    params=list(params) if params else None,
-                    json=json,
-                    headers=request_headers,
-                    timeout=self._timeout,
-                    follow_redirects=follow_redirects,
-                )
+                # Held for the request only, never across a backoff or rate-limit wait.
+                async with self._slots:
+                    response = await self._http.request(
+                        method,
+                        url,
+                        params=list(params) if params else None,
+                        json=json,
+                        headers=request_headers,
+                        timeout=self._timeout,
+                        follow_redirects=follow_redirects,
+                    )
             except httpx.TransportError as exc:
                 if retry and failures < self._max_retries:
                     failures += 1

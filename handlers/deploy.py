@@ -8,6 +8,8 @@ ephemeral message.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 from pydantic import ValidationError
@@ -97,6 +99,29 @@ def _started(build_url: str, title: str) -> str:
     return f":rocket: Started {link(build_url, title)}. Its progress will be posted here."
 
 
+def _starting(pipeline: str, position: int) -> str:
+    if position == 0:
+        return f":hourglass_flowing_sand: Starting a build of `{pipeline}`…"
+    return (
+        f":hourglass_flowing_sand: Many deploys are starting right now; yours of `{pipeline}` "
+        f"is number {position} in line and starts in turn…"
+    )
+
+
+def _too_many_deploys(pipeline: str) -> str:
+    return (
+        f":no_entry: Too many deploys are starting right now, so `{pipeline}` was not deployed "
+        "and nothing was started. Please try again in a minute."
+    )
+
+
+def _not_started_shutdown(pipeline: str) -> str:
+    return (
+        f":warning: The bot restarted before your deploy of `{pipeline}` could start, so "
+        "nothing was started. Please run the command again."
+    )
+
+
 async def deploy_command(
     ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
@@ -127,8 +152,20 @@ async def deploy_command(
         )
         await respond(text=text, response_type="in_channel", replace_original=False)
         return
-    await ack(text=f":hourglass_flowing_sand: Starting a build of `{request.pipeline}`…")
-    outcome = await ops.deploy(request, actor, trigger=_trigger(command))
+    place = services.deploys.reserve()
+    if place is None:
+        await ack(text=_too_many_deploys(request.pipeline))
+        return
+    async with place:
+        await ack(text=_starting(request.pipeline, place.position))
+        try:
+            await place.turn()
+        except asyncio.CancelledError:
+            # Shutting down before its turn came: say so rather than leave "Starting…" behind.
+            with contextlib.suppress(Exception):
+                await _ephemeral(respond, _not_started_shutdown(request.pipeline))
+            raise
+        outcome = await ops.deploy(request, actor, trigger=_trigger(command))
     if isinstance(outcome, NeedsConfirmation):
         await _ephemeral(respond, outcome.rendered.text, blocks=outcome.rendered.blocks)
     elif isinstance(outcome, Started):

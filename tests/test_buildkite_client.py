@@ -5,6 +5,7 @@ Each test asserts the request exactly as the fake recorded it (method, path, que
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -566,3 +567,25 @@ async def test_a_shared_http_client_is_not_closed(bk: FakeBuildkite) -> None:
         assert not http.is_closed
         response = await http.get(f"{bk.url}/user", headers={"Authorization": f"Bearer {bk.token}"})
         assert response.status_code == 200
+
+
+async def test_requests_beyond_the_limit_wait_their_turn_instead_of_piling_up(
+    bk: FakeBuildkite,
+) -> None:
+    # More requests queued inside httpx's pool than it has connections make every release
+    # rescan the queue, which starves the event loop under a burst of deploys.
+    bk.latency = 0.05
+    async with BuildkiteClient(
+        bk.token, bk.org, base_url=bk.url, max_concurrent_requests=3
+    ) as bk_client:
+        pipelines = await asyncio.gather(
+            *(bk_client.get_pipeline("deploy-prod") for _ in range(12))
+        )
+    assert [p.slug for p in pipelines] == ["deploy-prod"] * 12
+    assert len(bk.requests) == 12
+    assert 1 <= bk.most_in_flight <= 3
+
+
+def test_at_least_one_request_must_be_allowed_at_a_time(bk: FakeBuildkite) -> None:
+    with pytest.raises(ValueError, match="max_concurrent_requests"):
+        BuildkiteClient(bk.token, bk.org, base_url=bk.url, max_concurrent_requests=0)

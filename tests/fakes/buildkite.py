@@ -302,6 +302,9 @@ class FakeBuildkite:
         #: Log text per job id; a job without one gets a generated log.
         self.job_logs: dict[str, str] = {}
         self.requests: list[RecordedRequest] = []
+        #: Requests being answered right now, and the most there ever were at once.
+        self.in_flight = 0
+        self.most_in_flight = 0
         #: Descriptions of requests the fake did not expect. Tests assert this stays empty.
         self.unexpected: list[str] = []
 
@@ -697,6 +700,14 @@ class FakeBuildkite:
     # Dispatch
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            return await self._serve(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         method = request.method
         path = request.rel_url.raw_path
