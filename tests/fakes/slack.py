@@ -54,6 +54,8 @@ class RecordedCall:
     status: int
     response: Json
     content_type: str = ""
+    #: "host:port" of the client's end of the connection, to count the connections used.
+    peer: str = ""
 
     @property
     def ok(self) -> bool:
@@ -533,6 +535,8 @@ class FakeSlack:
         method = request.match_info["method"]
         arrived = time.monotonic()
         headers = dict(request.headers)
+        peername = request.transport.get_extra_info("peername") if request.transport else None
+        peer = f"{peername[0]}:{peername[1]}" if peername else ""
         extra_headers: dict[str, str] = {}
         try:
             args = await self._read_args(request)
@@ -553,6 +557,7 @@ class FakeSlack:
                 status=status,
                 response=body,
                 content_type=request.content_type,
+                peer=peer,
             )
         )
         return web.json_response(body, status=status, headers=extra_headers)
