@@ -13,6 +13,7 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+import aiohttp
 import httpx
 from aiohttp import web
 from aiohttp.web_log import AccessLogger
@@ -51,13 +52,31 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 10.0
 APPROVAL_SWEEP_INTERVAL = 5.0
+#: slack_sdk's default timeout for a Web API call (a shared session brings its own).
+SLACK_TIMEOUT = 30.0
 
 
-def create_slack_client(settings: Settings) -> AsyncWebClient:
-    """The bot's Web API client, retrying connection errors, 5xx and 429 (after Retry-After)."""
+def create_slack_session() -> aiohttp.ClientSession:
+    """One connection pool for every Slack Web API call of the process.
+
+    Without it slack_sdk opens (and closes) a session, so a new TCP/TLS connection, per call.
+    Create it inside the running loop and close it at shutdown (slack_sdk never closes it).
+    """
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SLACK_TIMEOUT))
+
+
+def create_slack_client(
+    settings: Settings, session: aiohttp.ClientSession | None = None
+) -> AsyncWebClient:
+    """The bot's Web API client, retrying connection errors, 5xx and 429 (after Retry-After).
+
+    Pass the process's shared `session` so calls reuse connections (Bolt's per-request clients
+    inherit it too).
+    """
     return AsyncWebClient(
         token=settings.slack_bot_token.get_secret_value(),
         base_url=str(settings.slack_api_url),
+        session=session,
         retry_handlers=[
             AsyncConnectionErrorRetryHandler(max_retry_count=2),
             AsyncRateLimitErrorRetryHandler(max_retry_count=5),
@@ -75,6 +94,7 @@ async def open_services(
     Without REDIS_URL the store is embedded in the process (see app.redis_connection).
     """
     metrics = metrics if metrics is not None else Metrics()
+    policy = load_policy(settings.policy_file)  # first: a bad file leaves no client unclosed
     http = httpx.AsyncClient(
         timeout=httpx.Timeout(15.0),
         limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
@@ -87,7 +107,8 @@ async def open_services(
         base_url=str(settings.buildkite_api_url),
         http=http,
     )
-    slack = create_slack_client(settings)
+    slack_session = create_slack_session()
+    slack = create_slack_client(settings, slack_session)
     slack.retry_handlers.insert(0, CountSlackCalls(metrics))
     store = Store(redis_client)
     outbox = Outbox(slack)
@@ -96,7 +117,6 @@ async def open_services(
         store, buildkite, outbox, poll_interval=settings.poll_interval, people=directory
     )
     tracker.metrics = metrics
-    policy = load_policy(settings.policy_file)
     services = Services(
         settings=settings,
         http=http,
@@ -118,6 +138,7 @@ async def open_services(
             await asyncio.wait_for(outbox.drain(), timeout=SHUTDOWN_GRACE)
         except TimeoutError:
             log.warning("shutdown: some Slack edits were not sent in time")
+        await slack_session.close()
         await buildkite.aclose()
         await http.aclose()
         await redis_client.aclose()

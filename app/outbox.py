@@ -95,7 +95,7 @@ class _Edit:
 
     rendered: Rendered | None = None
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
-    last_sent: float = 0.0
+    last_sent: float = float("-inf")
     task: asyncio.Task[None] | None = None
 
 
@@ -119,6 +119,9 @@ class Outbox:
         self._channel_locks: dict[str, asyncio.Lock] = {}
         self._last_post: dict[str, float] = {}
         self._edits: dict[tuple[str, str], _Edit] = {}
+        #: When each message was last edited, for messages with no edit queued, oldest first;
+        #: kept for one edit interval, so an edit right after the last one still waits.
+        self._edited: dict[tuple[str, str], float] = {}
         self._reported: set[tuple[str, str]] = set()
         # Keyed posts go through a client that never re-sends them on its own after a
         # connection error or a 5xx (the outbox looks first); 429s are still waited out.
@@ -245,7 +248,11 @@ class Outbox:
     async def update(self, channel: str, ts: str, rendered: Rendered) -> None:
         """Edit a message; edits that pile up while one is in flight collapse into the latest."""
         key = (channel, ts)
-        edit = self._edits.setdefault(key, _Edit())
+        self._forget_old_edits()
+        edit = self._edits.get(key)
+        if edit is None:
+            last_sent = self._edited.pop(key, float("-inf"))
+            edit = self._edits[key] = _Edit(last_sent=last_sent)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         edit.rendered = rendered
         edit.waiters.append(waiter)
@@ -284,6 +291,16 @@ class Outbox:
                 edit.last_sent = self._clock()
         if self._edits.get(key) is edit:
             del self._edits[key]
+            self._edited[key] = edit.last_sent  # a new key: the newest goes last
+
+    def _forget_old_edits(self) -> None:
+        """Drop the edit times that can no longer delay an edit (the oldest come first)."""
+        horizon = self._clock() - self.edit_interval
+        while self._edited:
+            key, sent = next(iter(self._edited.items()))
+            if sent > horizon:
+                break
+            del self._edited[key]
 
     async def _call(
         self,

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -44,6 +46,12 @@ async def sample_rss(pid: int, samples: int = 5, every: float = 0.2) -> float:
         values.append(rss_mb(pid))
         await asyncio.sleep(every)
     return median(values)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def wait_for(predicate: Any, what: str, timeout: float = 120.0) -> None:  # noqa: ASYNC109
@@ -294,12 +302,17 @@ async def run(
             out["build_json_bytes"] = median([builds_by_ts[ts][3] for _, ts in messages])
 
             first_call = len(slack.calls)
+            # The bot's CPU per webhook: steadier than its latency on a shared machine.
+            cpu_before, started = cpu_seconds(bot.pid), time.monotonic()
             sent = dict(
                 await paced([lambda ts=ts: send(ts, "passed", sender) for _, ts in messages], rate)
             )
             await wait_for(drained, "the finished updates", timeout=300)
+            cpu_used, took = cpu_seconds(bot.pid) - cpu_before, time.monotonic() - started
             phase("finished")
             out["bot"] = update_latencies(slack.calls[first_call:], sent, "Passed")
+            out["bot"]["cpu_ms_per_webhook"] = cpu_used * 1000 / builds
+            out["bot"]["cpu_share"] = cpu_used / took
             out["redis_final"] = await key_report(client)
             out["pending_after"] = await store.pending_count()
 

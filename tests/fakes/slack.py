@@ -58,6 +58,8 @@ class RecordedCall:
     content_type: str = ""
     #: The call was carried out but its answer never reached the caller (`drop_answer_next`).
     answer_lost: bool = False
+    #: "host:port" of the client's end of the connection, to count the connections used.
+    peer: str = ""
 
     @property
     def ok(self) -> bool:
@@ -545,6 +547,8 @@ class FakeSlack:
         method = request.match_info["method"]
         arrived = time.monotonic()
         headers = dict(request.headers)
+        peername = request.transport.get_extra_info("peername") if request.transport else None
+        peer = f"{peername[0]}:{peername[1]}" if peername else ""
         extra_headers: dict[str, str] = {}
         try:
             args = await self._read_args(request)
@@ -569,6 +573,7 @@ class FakeSlack:
                 response=body,
                 content_type=request.content_type,
                 answer_lost=dropped,
+                peer=peer,
             )
         )
         if dropped and request.transport is not None:
