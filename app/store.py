@@ -669,6 +669,22 @@ class Store:
         )
         return _transitions(reply[1])
 
+    async def forget_idle_consumers(self, keep: str, *, idle_ms: int) -> list[str]:
+        """Drop the group's consumers with nothing pending that have not read for `idle_ms`
+        (processes long gone: each process reads under a new name). Returns their names.
+
+        Nothing is lost: a consumer with pending entries is kept until they are taken over, and
+        a live process that read nothing for so long is re-added by its next read."""
+        gone = []
+        consumers: Any = await self.redis.xinfo_consumers(EVENTS_STREAM, EVENTS_GROUP)
+        for consumer in consumers:
+            name = _text(consumer["name"])
+            if name == keep or int(consumer["pending"]) or int(consumer["idle"]) < idle_ms:
+                continue
+            await self.redis.xgroup_delconsumer(EVENTS_STREAM, EVENTS_GROUP, name)
+            gone.append(name)
+        return gone
+
     async def ack_transition(self, entry_id: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xack(EVENTS_STREAM, EVENTS_GROUP, entry_id)

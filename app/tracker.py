@@ -75,6 +75,10 @@ RECLAIM_IDLE_MS = 2 * LOCK_TTL_MS
 MAX_PARALLEL_WRITES = 64
 #: A transition handed out this many times without success is set aside (and logged).
 MAX_DELIVERIES = 8
+#: Consumers of the events group left by stopped processes (each process reads under a new
+#: name) are forgotten once idle this long with nothing pending; checked this often (seconds).
+DEAD_CONSUMER_IDLE_MS = 24 * 3600 * 1000
+PRUNE_CONSUMERS_EVERY = 3600.0
 #: A pending build not seen by the org-wide lists for this many poll intervals, nor by the last
 #: two lists of active builds, is fetched alone.
 STALE_AFTER_INTERVALS = 4
@@ -262,6 +266,7 @@ class Tracker:
     async def run_notifier(self, stop: asyncio.Event) -> None:
         group_ready = False
         last_reclaim = 0.0
+        last_prune = float("-inf")  # first at start
         while not stop.is_set():
             try:
                 if not group_ready:
@@ -271,6 +276,13 @@ class Tracker:
                 if time.monotonic() - last_reclaim > RECLAIM_IDLE_MS / 3000:
                     last_reclaim = time.monotonic()
                     batch += await self._reclaim()
+                if time.monotonic() - last_prune > PRUNE_CONSUMERS_EVERY:
+                    last_prune = time.monotonic()
+                    gone = await self.store.forget_idle_consumers(
+                        self.consumer, idle_ms=DEAD_CONSUMER_IDLE_MS
+                    )
+                    if gone:
+                        log.info("forgot %d stopped processes' stream consumers", len(gone))
                 for transition in batch:
                     if stop.is_set():
                         break  # left unacknowledged: taken over after a restart

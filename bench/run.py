@@ -115,7 +115,9 @@ async def bench_ack(url: str, mode: dict[str, Any], notes: list[str]) -> list[Ro
         f"Meanwhile the bot created {fakes.get('buildkite_creates', '?')} builds in "
         f"{fakes.get('buildkite_requests', '?')} Buildkite requests, and posted "
         f"{fakes.get('slack_calls', {}).get('chat.postMessage', 0)} Slack messages; bot log "
-        f"errors: {bot['error_log_lines']}."
+        f"errors: {bot['error_log_lines']}. Of the bot's acks, {bot.get('queued', 0):,} put a "
+        f"deploy in line and {bot.get('refused', 0):,} refused one (the queue of 4 running and 100 "
+        "waiting was full): the rest of the burst is told to try again, in the ack."
     )
     within = bot["p99_ms"] <= 1.2 * bare["p99_ms"] and bot["p99_ms"] < 100
     return [
@@ -209,7 +211,9 @@ async def bench_webhooks(url: str, mode: dict[str, Any], notes: list[str]) -> li
         f"signed webhooks at {result['rate']:.0f}/s; latency from sending the `build.finished` "
         f"webhook to its `chat.update` reaching the fake; medians of {webhooks.WINDOWS} windows; "
         f"max {fmt(bot['max_ms'], 'ms')} (bare {fmt(bare['max_ms'], 'ms')}). Webhooks refused "
-        f"by the bot: {result['refused']}; bot log errors: {result['bot_error_log_lines']}. "
+        f"by the bot: {result['refused']}; bot log errors: {result['bot_error_log_lines']}; "
+        f"bot CPU per webhook {fmt(bot.get('cpu_ms_per_webhook'), 'ms')} "
+        f"({100 * bot.get('cpu_share', float('nan')):.0f}% of a core). "
         f"When the bot's updates per second fall below the 100 webhooks/s sent, its queue grows "
         f"for the whole run and the latency with it, so this figure swings with machine load."
     )

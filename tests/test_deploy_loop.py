@@ -693,3 +693,27 @@ def test_clipping_never_splits_an_escaped_entity() -> None:
     text = messages.clip(messages.escape("a" * 2990 + " & more text"), 2996)
     assert len(text) <= 2996
     assert not text.rstrip("…").endswith(("&", "&a", "&am", "&amp"))
+
+
+async def test_a_stopped_process_consumer_is_forgotten_by_the_notifier(
+    slack: FakeSlack,
+    bk: FakeBuildkite,
+    redis_url: str,
+    redis_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each process reads the events stream under a new name; the names of stopped ones with
+    nothing left pending are dropped instead of piling up in the group."""
+    bk.add_pipeline("deploy-prod", default_branch="main")
+    async with running_bot(slack, bk, redis_url) as first:
+        await deploy(first)
+    consumers = await redis_client.xinfo_consumers(keys.EVENTS_STREAM, keys.EVENTS_GROUP)
+    [old] = [c["name"] for c in consumers]
+    monkeypatch.setattr(tracker_module, "DEAD_CONSUMER_IDLE_MS", 0)
+    async with running_bot(slack, bk, redis_url):
+        for _ in range(50):
+            consumers = await redis_client.xinfo_consumers(keys.EVENTS_STREAM, keys.EVENTS_GROUP)
+            if old not in [c["name"] for c in consumers]:
+                break
+            await asyncio.sleep(0.1)
+    assert old not in [c["name"] for c in consumers]

@@ -439,3 +439,29 @@ async def test_legacy_records_are_converted_by_whichever_script_meets_them(store
     await r.hset(keys.BUILD_KEY.format(build_id="b4"), "retried", "1")
     assert await store.get("b4") is None
     assert not await r.exists(keys.BUILD_KEY.format(build_id="b4"))
+
+
+async def test_stopped_processes_consumers_are_forgotten_but_not_their_work(store: Store) -> None:
+    for number in (1, 2, 3):
+        await track(store, f"b{number}", number=number)
+    await store.ensure_group()
+    (done,) = await store.read_transitions("gone-finished", count=1, block_ms=10)
+    await store.ack_transition(done.entry_id)
+    (held,) = await store.read_transitions("gone-holding", count=1, block_ms=10)
+    (mine,) = await store.read_transitions("me", count=1, block_ms=10)
+    await store.ack_transition(mine.entry_id)
+
+    async def names() -> set[str]:
+        consumers = await store.redis.xinfo_consumers(keys.EVENTS_STREAM, keys.EVENTS_GROUP)
+        return {
+            c["name"].decode() if isinstance(c["name"], bytes) else c["name"] for c in consumers
+        }
+
+    # Not idle long enough: all stay.
+    assert await store.forget_idle_consumers("me", idle_ms=60_000) == []
+    # Idle long enough: only the one with nothing pending goes; our own name always stays.
+    assert await store.forget_idle_consumers("me", idle_ms=0) == ["gone-finished"]
+    assert await names() == {"gone-holding", "me"}
+    # What the other one holds is still there to be taken over.
+    (taken,) = await store.reclaim_transitions("me", min_idle_ms=0)
+    assert taken.entry_id == held.entry_id
