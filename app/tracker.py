@@ -449,9 +449,14 @@ class Tracker:
             return
         reply, broadcast = await self._reply(kind, tracked, build, target, details)
         key = f"{tracked.build_id}:{target.channel}:{tracked.gen}:{kind}"
-        await self._post_once(
-            key, target.channel, reply, thread_ts=target.reply_thread, broadcast=broadcast
-        )
+        try:
+            await self._post_once(
+                key, target.channel, reply, thread_ts=target.reply_thread, broadcast=broadcast
+            )
+        except SlackDeliveryError as exc:
+            if exc.permanent:  # it will never be made: nothing to look for next time
+                await self._forget_attempt(key)
+            raise
         await self._record(
             lambda: self.store.mark_posted(tracked.build_id, target.channel, tracked.gen, kind)
         )
@@ -484,16 +489,27 @@ class Tracker:
         if target.ts is None:
             key = f"{tracked.build_id}:{target.channel}:root"
             try:
-                target.ts = await self._post_once(
+                target.ts, earlier = await self._post_once(
                     key, target.channel, root, thread_ts=target.thread_ts
                 )
             except SlackDeliveryError as exc:
                 if exc.permanent:
                     await self._tell_requester(tracked, target, exc)
+                    await self._forget_attempt(key)
                 raise
-            target.rendered = digest
+            # A message an earlier attempt posted may show an older state: edited below.
+            target.rendered = "" if earlier else digest
             await self._record(lambda: self.store.save_target(tracked.build_id, target))
             await self._forget_attempt(key)
+            if earlier:
+                try:
+                    await self.outbox.update(target.channel, target.ts, root)
+                except SlackDeliveryError as exc:
+                    if not exc.permanent:
+                        raise  # retried later: the record says the message is not up to date
+                    return
+                target.rendered = digest
+                await self.store.save_target(tracked.build_id, target)
 
     async def _post_once(
         self,
@@ -503,15 +519,16 @@ class Tracker:
         *,
         thread_ts: str | None,
         broadcast: bool = False,
-    ) -> str:
+    ) -> tuple[str, bool]:
         """Post a build's message or reply at most once in total, whichever process tries.
 
         The attempt is noted in Redis first. If an earlier attempt was noted and never recorded
         as done (its process died between Slack's answer and the record, or Slack's answer was
-        lost), the outbox looks for that post in Slack before making it again.
+        lost), the outbox looks for that post in Slack before making it again. Returns the ts,
+        and whether an earlier attempt may have made the post (then it may show older content).
         """
         tried_since = await self.store.begin_post(key, time.time())
-        return await self.outbox.post(
+        ts = await self.outbox.post(
             channel,
             rendered,
             thread_ts=thread_ts,
@@ -519,6 +536,7 @@ class Tracker:
             key=key,
             tried_since=tried_since,
         )
+        return ts, tried_since is not None
 
     async def _forget_attempt(self, key: str) -> None:
         # Left behind, it costs a look-up if the same post is ever attempted again (it expires).

@@ -140,3 +140,42 @@ def test_which_failures_leave_a_post_in_doubt() -> None:
     assert not refused.unknown_outcome and not refused.permanent
     wrong = outbox_module.SlackDeliveryError("chat.postMessage", CHANNEL, "not_in_channel")
     assert wrong.permanent and not wrong.unknown_outcome
+
+
+async def test_a_message_found_after_a_crash_is_brought_up_to_date(
+    bot: BotClient, slack: FakeSlack, redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The build message was posted (showing Scheduled) but its ts never recorded; by the time
+    it is found the build has passed: the message found is edited to show Passed."""
+    monkeypatch.setattr(tracker_module, "RECORD_PATIENCE", 0.05)
+    monkeypatch.setattr(tracker_module, "RECLAIM_IDLE_MS", 300)
+    failures = [1, 1]
+    real_save = keys.Store.save_target
+
+    async def save_target_failing_first(self: keys.Store, *args: Any) -> None:
+        if failures:
+            failures.pop()
+            raise ConnectionError("Redis went away")
+        await real_save(self, *args)
+
+    monkeypatch.setattr(keys.Store, "save_target", save_target_failing_first)
+    await bot.command("/deploy", "deploy-prod")
+    await slack.wait_for(lambda: not failures and roots(slack))
+    assert "Scheduled" in json.dumps(roots(slack)[0]["blocks"])
+    await send_state(bot, "passed")
+    await slack.wait_for(lambda: slack.calls_to("conversations.history"), timeout=10)
+    [root] = roots(slack)
+    await slack.wait_for(
+        lambda: "Passed" in json.dumps(slack.message(CHANNEL, root["ts"])["blocks"])
+    )
+    await slack.wait_for(lambda: finals(slack, root["ts"]))
+    assert len(roots(slack)) == 1
+
+
+async def test_a_post_refused_for_good_leaves_no_attempt_behind(
+    bot: BotClient, slack: FakeSlack, redis_client: Any
+) -> None:
+    slack.fail_next("chat.postMessage", error="not_in_channel")
+    _, name, _ = await bot.command("/deploy", "deploy-prod")
+    await slack.wait_for(lambda: [t for t in bot.response_texts(name) if "cannot post" in t])
+    assert await attempts_left(redis_client) == []  # no look-up is owed for a post never made
