@@ -9,6 +9,7 @@ metrics, but for a line each in the tracker (transitions, poll cycles) and the w
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
@@ -229,12 +230,13 @@ _redis_depth: ContextVar[int] = ContextVar("redis_retry_depth", default=0)
 class CountingRetry(Retry):
     """redis-py's retry policy for the store's client, counting the commands that finally fail.
 
-    A command that fails with a connection error is sent once more, on a new connection, after
-    0.1 s: after a Redis restart or failover every pooled connection is dead, and without the
-    retry the first command on each would fail although Redis is back. Only connection errors
-    are retried: the command never reached a live server (a timeout is not retried, since the
-    command may have run). The store's writes are compare-and-set scripts or guarded, so even a
-    reply lost after the command ran would not be applied twice.
+    Only what runs no command of ours is retried (once, on a new connection, after 0.1 s):
+    connecting, and the health-check PING that redis-py sends before using a connection idle
+    for a while (see `HEALTH_CHECK_INTERVAL`). After a Redis restart or failover every pooled
+    connection is dead; the PING finds that out and reconnects, so the command then goes to
+    the live server. A command itself is never sent twice: a connection lost after Redis ran
+    it would run it again, and a guard (a request claim, an approval, a once-marker) would
+    then answer its own first caller "already done".
 
     Connections deep-copy their retry policy; this one is shared on purpose (it keeps no state
     per connection). A connect retried inside a command's retry is counted once, as the command.
@@ -253,6 +255,8 @@ class CountingRetry(Retry):
         depth = _redis_depth.get()
         token = _redis_depth.set(depth + 1)
         try:
+            if not _runs_no_command(do):
+                return await _once(do, fail, kwargs.get("with_failure_count", False))
             return await super().call_with_retry(do, fail, *args, **kwargs)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             if depth == 0:
@@ -260,3 +264,26 @@ class CountingRetry(Retry):
             raise
         finally:
             _redis_depth.reset(token)
+
+
+#: Seconds a pooled Redis connection may sit unused before redis-py PINGs it before use.
+HEALTH_CHECK_INTERVAL = 1
+
+
+def _runs_no_command(do: Callable[[], Awaitable[Any]]) -> bool:
+    """True for redis-py's connect and health-check PING calls (safe to repeat)."""
+    name = getattr(do, "__qualname__", "")
+    return "connect" in name or name.endswith("_send_ping")
+
+
+async def _once(
+    do: Callable[[], Awaitable[T]], fail: Callable[..., Any], with_failure_count: bool
+) -> T:
+    """Run a command once; on a connection error let redis-py drop the connection, then raise."""
+    try:
+        return await do()
+    except RedisConnectionError as error:
+        outcome = fail(error, 1) if with_failure_count else fail(error)
+        if inspect.isawaitable(outcome):
+            await outcome
+        raise

@@ -15,7 +15,7 @@ import redis.asyncio as redis
 from redis.asyncio.sentinel import Sentinel
 
 from app.logs import mask_url
-from app.metrics import CountingRetry, Metrics
+from app.metrics import HEALTH_CHECK_INTERVAL, CountingRetry, Metrics
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def connect_redis(settings: Settings, metrics: Metrics) -> redis.Redis:
         timeout=POOL_WAIT,
         socket_timeout=5,
         socket_connect_timeout=5,
-        health_check_interval=30,
+        health_check_interval=HEALTH_CHECK_INTERVAL,
         retry=CountingRetry(metrics),
     )
     return redis.Redis.from_pool(pool)
@@ -112,6 +112,7 @@ def _sentinel_master(url: str, metrics: Metrics) -> redis.Redis:
         password=password,
         socket_timeout=5,
         socket_connect_timeout=5,
+        health_check_interval=HEALTH_CHECK_INTERVAL,
         retry=CountingRetry(metrics),
     )
     return master

@@ -189,6 +189,7 @@ async def test_the_first_command_after_a_redis_restart_succeeds() -> None:
         await client.set("k", "before")
         server.stop()
         server.start()  # same port; the client's pooled connection is now dead
+        await asyncio.sleep(1.2)  # a restart takes longer than the health-check interval
         assert await client.set("k", "after") is True
         assert await client.get("k") == b"after"
         assert _errors(metrics) == 0
@@ -218,3 +219,49 @@ async def test_a_burst_beyond_the_pool_waits_for_a_connection(redis_url: str) ->
         assert _errors(metrics) == 0
     finally:
         await client.aclose()
+
+
+async def test_a_command_whose_answer_is_lost_is_not_sent_again() -> None:
+    """Redis ran the command, then the connection dropped before its answer: sending it again
+    would run it twice (a claim would then answer its own caller "already claimed")."""
+    server = RedisServer()
+    server.start()
+    drop_next_answer = [True]
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", server.port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, answers: bool) -> None:
+            while data := await src.read(65536):
+                if answers and drop_next_answer[0] and b"PONG" not in data:
+                    drop_next_answer[0] = False
+                    writer.close()  # the client never sees Redis's answer
+                    upstream_writer.close()
+                    return
+                dst.write(data)
+                await dst.drain()
+
+        await asyncio.gather(
+            pipe(reader, upstream_writer, answers=False),
+            pipe(upstream_reader, writer, answers=True),
+            return_exceptions=True,
+        )
+
+    proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    metrics = Metrics()
+    client = connect_redis(settings(f"redis://127.0.0.1:{port}/0"), metrics)
+    try:
+        drop_next_answer[0] = False
+        await client.ping()  # connected (and its handshake answered) through the relay
+        drop_next_answer[0] = True
+        with pytest.raises(sync_redis.ConnectionError):
+            await client.incr("counter")
+        assert await client.get("counter") == b"1"  # ran once, not retried
+        assert _errors(metrics) == 1
+    finally:
+        await client.aclose()
+        proxy.close()
+        await proxy.wait_closed()
+        server.stop()
+        shutil.rmtree(server.dir, ignore_errors=True)
