@@ -82,6 +82,11 @@ class DeployQueue:
         self.waiting = waiting
         self._turns = asyncio.Semaphore(running)
         self._admitted = 0
+        self._closed = asyncio.Event()
+
+    def close(self) -> None:
+        """Shutting down: deploys still waiting for their turn give up now (`QueueClosed`)."""
+        self._closed.set()
 
     def reserve(self) -> DeployPlace | None:
         """A place in the queue, or None when it is full."""
@@ -90,6 +95,10 @@ class DeployQueue:
         position = max(0, self._admitted - self.running + 1)
         self._admitted += 1
         return DeployPlace(self, position)
+
+
+class QueueClosed(Exception):
+    """The bot is shutting down: a deploy still waiting for its turn will not start."""
 
 
 class DeployPlace:
@@ -103,9 +112,33 @@ class DeployPlace:
         self._left = False
 
     async def turn(self) -> None:
-        """Wait until fewer than `running` deploys run (first come, first served)."""
-        await self._queue._turns.acquire()
+        """Wait until fewer than `running` deploys run (first come, first served).
+
+        Raises `QueueClosed` if the bot starts shutting down first: the deploy never starts.
+        """
+        queue = self._queue
+        if queue._closed.is_set():
+            raise QueueClosed
+        acquire = asyncio.ensure_future(queue._turns.acquire())
+        closed = asyncio.ensure_future(queue._closed.wait())
+        try:
+            await asyncio.wait({acquire, closed}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            closed.cancel()
+            self._give_up(acquire)
+            raise
+        closed.cancel()
+        if queue._closed.is_set():
+            self._give_up(acquire)
+            raise QueueClosed
         self._running = True
+
+    def _give_up(self, acquire: asyncio.Future[Any]) -> None:
+        """Leave the line: a turn already granted is handed back, a pending wait cancelled."""
+        if not acquire.done():
+            acquire.cancel()  # Semaphore.acquire hands back a turn granted meanwhile itself
+        elif not acquire.cancelled() and acquire.exception() is None:
+            self._queue._turns.release()
 
     async def __aenter__(self) -> Self:
         return self
@@ -140,7 +173,9 @@ class Services:
     deploys: DeployQueue = field(default_factory=DeployQueue)
 
     async def finish_inflight(self, timeout: float) -> None:  # noqa: ASYNC109
-        """Wait (bounded) for acknowledged requests to finish what they started."""
+        """Wait (bounded) for acknowledged requests to finish what they started; deploys still
+        waiting for their turn are told at once that they were not started."""
+        self.deploys.close()
         current = asyncio.current_task()
         tasks = [t for t in self.inflight if t is not current and not t.done()]
         if tasks:

@@ -42,6 +42,7 @@ from app.operations import (
     AwaitingApproval,
     NeedsConfirmation,
     Operations,
+    QueueClosed,
     Services,
     Started,
     UserError,
@@ -115,6 +116,14 @@ def _too_many_deploys(pipeline: str) -> str:
     )
 
 
+def _interrupted_shutdown(pipeline: str) -> str:
+    return (
+        f":warning: The bot restarted while starting your deploy of `{pipeline}`: it may or may "
+        "not have started. Check the pipeline's builds in Buildkite before running the command "
+        "again."
+    )
+
+
 def _not_started_shutdown(pipeline: str) -> str:
     return (
         f":warning: The bot restarted before your deploy of `{pipeline}` could start, so "
@@ -160,12 +169,20 @@ async def deploy_command(
         await ack(text=_starting(request.pipeline, place.position))
         try:
             await place.turn()
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, QueueClosed) as exc:
             # Shutting down before its turn came: say so rather than leave "Starting…" behind.
             with contextlib.suppress(Exception):
                 await _ephemeral(respond, _not_started_shutdown(request.pipeline))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        try:
+            outcome = await ops.deploy(request, actor, trigger=_trigger(command))
+        except asyncio.CancelledError:
+            # Cut short by the shutdown's time limit, maybe after Buildkite created the build.
+            with contextlib.suppress(Exception):
+                await _ephemeral(respond, _interrupted_shutdown(request.pipeline))
             raise
-        outcome = await ops.deploy(request, actor, trigger=_trigger(command))
     if isinstance(outcome, NeedsConfirmation):
         await _ephemeral(respond, outcome.rendered.text, blocks=outcome.rendered.blocks)
     elif isinstance(outcome, Started):

@@ -109,3 +109,29 @@ async def test_a_deploy_still_waiting_at_shutdown_is_told_it_was_not_started(
 def test_the_queue_needs_room_to_run_one_deploy() -> None:
     with pytest.raises(ValueError, match="running"):
         DeployQueue(running=0, waiting=5)
+
+
+async def test_a_waiting_deploy_does_not_start_during_the_shutdown(
+    slack: FakeSlack,
+    bk: FakeBuildkite,
+    redis_url: str,
+    redis_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The running deploy finishes within the shutdown's grace; the one waiting behind it is
+    told at once that it was not started, instead of starting while the bot stops."""
+    monkeypatch.setattr(main, "SHUTDOWN_GRACE", 5.0)
+    for slug in PIPELINES[:2]:
+        bk.add_pipeline(slug)
+    async with running_bot(slack, bk, redis_url) as bot:
+        bot.services.deploys = DeployQueue(running=1, waiting=1)
+        bk.delay_next(1, 1.0, "/builds", method="POST")  # done well within the grace
+        _, first, _ = await bot.command("/deploy", "svc-0")
+        _, second, ack = await bot.command("/deploy", "svc-1")
+        assert "`svc-1` is number 1 in line" in ack["text"]
+        await slack.wait_for(lambda: any(r.method == "POST" for r in bk.requests))
+    (text,) = await slack.wait_for(lambda: bot.response_texts(second))
+    assert "nothing was started" in text
+    assert created(bk) == ["svc-0"]
+    (started,) = await slack.wait_for(lambda: bot.response_texts(first))
+    assert "Started" in started  # the running one was let finish and answered
