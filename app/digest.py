@@ -293,7 +293,11 @@ async def post_due_digest(
     )
     if now - slot > LATE_AFTER:
         digest = replace(digest, late_for=slot)
-    await services.outbox.post(schedule.channel, messages.health_digest(digest))
+    await services.outbox.post(
+        schedule.channel,
+        messages.health_digest(digest),
+        key=f"digest:{schedule.key}:{int(slot.timestamp())}",
+    )
     await ledger.mark_posted(schedule.key, slot)
     log.info("posted the %s digest of %s to %s", slot.isoformat(), digest.scope, schedule.channel)
     return True

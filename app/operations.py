@@ -435,7 +435,7 @@ class Operations:
         expires_at = time.time() + rule.approval.expires_after
         await self.s.store.create_approval(approval_id, data, expires_at=expires_at)
         ts = await self.s.outbox.post(
-            actor.channel_id, messages.approval_request(plan, approval_id)
+            actor.channel_id, messages.approval_request(plan, approval_id), key=approval_id
         )
         await self.s.store.set_approval_message(approval_id, channel=actor.channel_id, ts=ts)
         await self._audit(actor, "deploy", plan.pipeline, "approval requested")
@@ -681,6 +681,7 @@ class Operations:
             channel,
             thread_ts,
             messages.unblocked_reply(actor.user_id, label, fields),
+            key=dedup_key,
         )
         with contextlib.suppress(BuildkiteError, RedisError):
             await self.s.tracker.observe(
@@ -729,6 +730,7 @@ class Operations:
             channel,
             thread_ts,
             messages.retried_reply(actor.user_id, failed),
+            key=dedup_key,
         )
         await self._follow_again(fresh, ref.pipeline, actor)
         return failed
@@ -759,6 +761,7 @@ class Operations:
                         f"{rule.hourly_budget} automatic retries this hour."
                     ),
                     thread_ts=target.reply_thread,
+                    key=f"{tracked.build_id}:{target.channel}:{tracked.gen}:budget",
                 )
             return
         bk = self.s.buildkite
@@ -781,7 +784,12 @@ class Operations:
         )
         reply = messages.retried_reply(None, full.failed_jobs, attempt=(attempt, rule.max_attempts))
         for target in tracked.targets:
-            await self.s.outbox.post(target.channel, reply, thread_ts=target.reply_thread)
+            await self.s.outbox.post(
+                target.channel,
+                reply,
+                thread_ts=target.reply_thread,
+                key=f"{tracked.build_id}:{target.channel}:{tracked.gen}:autoretry{attempt}",
+            )
         await self.s.tracker.reopen(fresh)
 
     async def _follow_again(self, fresh: Build, pipeline: str, actor: Actor) -> None:
@@ -793,13 +801,23 @@ class Operations:
             await self.s.store.mark_retried(fresh.id)
 
     async def _post_in_thread(
-        self, pipeline: str, number: int, channel: str, thread_ts: str | None, reply: Rendered
+        self,
+        pipeline: str,
+        number: int,
+        channel: str,
+        thread_ts: str | None,
+        reply: Rendered,
+        *,
+        key: str,
     ) -> None:
-        """Post in the thread of the build's message in `channel` (or of the clicked message)."""
+        """Post in the thread of the build's message in `channel` (or of the clicked message).
+
+        `key` (the action's request id) keeps a post whose answer Slack lost from showing twice.
+        """
         tracked = await self.s.store.find(pipeline, number)
         target = tracked.target(channel) if tracked else None
         thread = (target.reply_thread if target else None) or thread_ts
-        await self.s.outbox.post(channel, reply, thread_ts=thread)
+        await self.s.outbox.post(channel, reply, thread_ts=thread, key=f"action:{key}")
 
     # -- locks and the audit trail ----------------------------------------------------------
 

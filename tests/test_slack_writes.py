@@ -8,9 +8,10 @@ from typing import Any
 
 from slack_sdk.web.async_client import AsyncWebClient
 
+from app.main import create_slack_client
 from app.messages import Rendered
 from app.outbox import Outbox
-from tests.bot import running_bot
+from tests.bot import bot_settings, running_bot
 from tests.fakes.buildkite import FakeBuildkite
 from tests.fakes.slack import FakeSlack
 
@@ -110,3 +111,22 @@ async def test_the_bot_reuses_its_connections_to_slack(
     # One connection per call is what slack_sdk does without a shared session.
     assert len({c.peer for c in slack.calls}) < len(slack.calls) / 2
     assert session is not None and session.closed  # closed at shutdown
+
+
+async def test_a_keyed_post_whose_answer_is_lost_is_found_not_repeated(
+    slack: FakeSlack, bk: FakeBuildkite
+) -> None:
+    """Any keyed post (build messages, thread replies, approvals, digests): after a dropped
+    connection the outbox looks before posting again, even with the SDK's retry handlers on."""
+    settings = bot_settings(slack, bk, "redis://unused")
+    outbox = Outbox(create_slack_client(settings), post_interval=0.0)
+    slack.drop_answer_next("chat.postMessage")
+    ts = await outbox.post("C0CHAN", Rendered(text="digest", blocks=[]), key="digest:daily:1")
+    assert [m["ts"] for m in slack.history("C0CHAN")] == [ts]
+    assert slack.message("C0CHAN", ts)["metadata"]["event_payload"] == {"key": "digest:daily:1"}
+    [lookup] = slack.calls_to("conversations.history")
+    assert lookup.args["include_all_metadata"] is True
+    # Without a key, the SDK's handlers re-send on their own (for writes that may repeat).
+    slack.drop_answer_next("chat.postMessage")
+    await outbox.post("C0CHAN", Rendered(text="plain", blocks=[]))
+    assert [m["text"] for m in slack.history("C0CHAN")].count("plain") == 2
