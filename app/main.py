@@ -95,53 +95,57 @@ async def open_services(
     """
     metrics = metrics if metrics is not None else Metrics()
     policy = load_policy(settings.policy_file)  # first: a bad file leaves no client unclosed
-    http = httpx.AsyncClient(
-        timeout=httpx.Timeout(15.0),
-        limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
-    )
-    count_buildkite_requests(http, metrics, str(settings.buildkite_api_url))
-    redis_client = connect_redis(settings, metrics)
-    buildkite = BuildkiteClient(
-        settings.buildkite_api_token,
-        settings.buildkite_org,
-        base_url=str(settings.buildkite_api_url),
-        http=http,
-    )
-    slack_session = create_slack_session()
-    slack = create_slack_client(settings, slack_session)
-    slack.retry_handlers.insert(0, CountSlackCalls(metrics))
-    store = Store(redis_client)
-    outbox = Outbox(slack)
-    directory = Directory(slack)
-    tracker = Tracker(
-        store, buildkite, outbox, poll_interval=settings.poll_interval, people=directory
-    )
-    tracker.metrics = metrics
-    services = Services(
-        settings=settings,
-        http=http,
-        redis=redis_client,
-        buildkite=buildkite,
-        store=store,
-        outbox=outbox,
-        tracker=tracker,
-        policy=policy,
-        directory=directory,
-        auditor=Auditor(store),
-        router=Router(tracker, store, policy),
-    )
-    tracker.auto_retry = Operations(services).auto_retry
-    try:
+    # Each client is closed on the way out, also when a later one fails to be created.
+    async with contextlib.AsyncExitStack() as closing:
+        http = httpx.AsyncClient(
+            timeout=httpx.Timeout(15.0),
+            limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
+        )
+        closing.push_async_callback(http.aclose)
+        count_buildkite_requests(http, metrics, str(settings.buildkite_api_url))
+        redis_client = connect_redis(settings, metrics)
+        closing.push_async_callback(redis_client.aclose)
+        buildkite = BuildkiteClient(
+            settings.buildkite_api_token,
+            settings.buildkite_org,
+            base_url=str(settings.buildkite_api_url),
+            http=http,
+        )
+        closing.push_async_callback(buildkite.aclose)
+        slack_session = create_slack_session()
+        closing.push_async_callback(slack_session.close)
+        slack = create_slack_client(settings, slack_session)
+        slack.retry_handlers.insert(0, CountSlackCalls(metrics))
+        store = Store(redis_client)
+        outbox = Outbox(slack)
+        closing.push_async_callback(_drain, outbox)  # first out: edits need the Slack session
+        directory = Directory(slack)
+        tracker = Tracker(
+            store, buildkite, outbox, poll_interval=settings.poll_interval, people=directory
+        )
+        tracker.metrics = metrics
+        services = Services(
+            settings=settings,
+            http=http,
+            redis=redis_client,
+            buildkite=buildkite,
+            store=store,
+            outbox=outbox,
+            tracker=tracker,
+            policy=policy,
+            directory=directory,
+            auditor=Auditor(store),
+            router=Router(tracker, store, policy),
+        )
+        tracker.auto_retry = Operations(services).auto_retry
         yield services
-    finally:
-        try:
-            await asyncio.wait_for(outbox.drain(), timeout=SHUTDOWN_GRACE)
-        except TimeoutError:
-            log.warning("shutdown: some Slack edits were not sent in time")
-        await slack_session.close()
-        await buildkite.aclose()
-        await http.aclose()
-        await redis_client.aclose()
+
+
+async def _drain(outbox: Outbox) -> None:
+    try:
+        await asyncio.wait_for(outbox.drain(), timeout=SHUTDOWN_GRACE)
+    except TimeoutError:
+        log.warning("shutdown: some Slack edits were not sent in time")
 
 
 class InjectServices(AsyncMiddleware):
