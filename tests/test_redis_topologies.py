@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import time
@@ -227,25 +228,33 @@ async def test_a_command_whose_answer_is_lost_is_not_sent_again() -> None:
     server = RedisServer()
     server.start()
     drop_next_answer = [True]
+    relays: list[asyncio.Task[None]] = []
 
     async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        relays.append(asyncio.current_task())  # type: ignore[arg-type]
         upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", server.port)
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, answers: bool) -> None:
-            while data := await src.read(65536):
-                if answers and drop_next_answer[0] and b"PONG" not in data:
-                    drop_next_answer[0] = False
-                    writer.close()  # the client never sees Redis's answer
-                    upstream_writer.close()
-                    return
-                dst.write(data)
-                await dst.drain()
+            try:
+                while data := await src.read(65536):
+                    if answers and drop_next_answer[0] and b"PONG" not in data:
+                        drop_next_answer[0] = False
+                        writer.close()  # the client never sees Redis's answer
+                        return
+                    dst.write(data)
+                    await dst.drain()
+            finally:
+                dst.close()  # one side gone: so is the other
 
         await asyncio.gather(
             pipe(reader, upstream_writer, answers=False),
             pipe(upstream_reader, writer, answers=True),
             return_exceptions=True,
         )
+        for end in (writer, upstream_writer):
+            end.close()
+            with contextlib.suppress(OSError):
+                await end.wait_closed()
 
     proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
     port = proxy.sockets[0].getsockname()[1]
@@ -262,6 +271,7 @@ async def test_a_command_whose_answer_is_lost_is_not_sent_again() -> None:
     finally:
         await client.aclose()
         proxy.close()
+        await asyncio.wait_for(asyncio.gather(*relays, return_exceptions=True), timeout=5)
         await proxy.wait_closed()
         server.stop()
         shutil.rmtree(server.dir, ignore_errors=True)
