@@ -9,7 +9,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.redis_server import RedisServer, RedisServerMissing
+from tests.redis_server import RedisServerMissing, redis_url_or_throwaway
 
 #: Secrets of the benchmark's fakes: obviously fake, never real-looking.
 SIGNING_SECRET = "bench-signing-secret"  # noqa: S105 - the fakes' own
@@ -100,19 +99,11 @@ def rss_mb(pid: int) -> float:
 @contextlib.contextmanager
 def redis_url() -> Iterator[str]:
     """REDIS_URL when set (a Redis the benchmark may flush), else a throwaway redis-server."""
-    if os.environ.get("REDIS_URL"):
-        yield os.environ["REDIS_URL"]
-        return
-    server = RedisServer()
     try:
-        server.start()
+        with redis_url_or_throwaway() as url:
+            yield url
     except RedisServerMissing as exc:
         raise SystemExit(str(exc)) from None
-    try:
-        yield server.url
-    finally:
-        server.stop()
-        shutil.rmtree(server.dir, ignore_errors=True)
 
 
 class Child:

@@ -21,9 +21,9 @@ from app.messages import (
     notice,
     unblock_modal,
 )
-from app.operations import Operations, Services, UserError, explain
+from app.operations import Actor, Operations, Services, UserError, explain
 from buildkite.errors import BuildkiteError, ValidationFailed
-from handlers.deploy import _button_actor, _ephemeral
+from handlers.deploy import _ephemeral
 from handlers.errors import answer_errors
 
 #: How long a modal submission waits for Buildkite before closing and answering later.
@@ -50,7 +50,7 @@ async def unblock_button(
         value = UnblockButtonValue.model_validate_json(body["actions"][0].get("value") or "")
     except (ValidationError, KeyError, IndexError):
         raise UserError("This button's data is not valid any more; nothing was done.") from None
-    actor = _button_actor(body)
+    actor = Actor.from_button(body)
     ops = Operations(services)
     label, fields = await ops.block_fields(value, actor)
     channel, thread_ts = _thread_of(body)
@@ -104,7 +104,7 @@ async def unblock_submit(ack: AsyncAck, body: dict[str, Any], services: Services
         return
     values = _submitted_values(view)
     value = UnblockButtonValue(pipeline=meta.pipeline, number=meta.number, job=meta.job)
-    actor = _button_actor({"user": body["user"], "channel": {"id": meta.channel}, "container": {}})
+    actor = Actor.from_user(body["user"], meta.channel)
     ops = Operations(services)
     work = asyncio.ensure_future(
         ops.unblock(
@@ -170,7 +170,7 @@ async def retry_button(
     ref = BuildRef(value.pipeline, value.number)
     jobs = await Operations(services).retry_failed(
         ref,
-        _button_actor(body),
+        Actor.from_button(body),
         thread=_thread_of(body),
         dedup_key=f"button:{ActionId.RETRY_FAILED}:{ref.pipeline}:{ref.number}",
     )

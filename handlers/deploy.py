@@ -70,27 +70,6 @@ async def _ephemeral(respond: AsyncRespond, text: str, **kwargs: Any) -> None:
     await respond(text=text, response_type="ephemeral", replace_original=False, **kwargs)
 
 
-def _command_actor(command: dict[str, Any]) -> Actor:
-    return Actor(
-        user_id=command["user_id"],
-        user_name=command.get("user_name") or command["user_id"],
-        channel_id=command["channel_id"],
-        channel_name=command.get("channel_name"),
-        response_url=command.get("response_url"),
-    )
-
-
-def _button_actor(body: dict[str, Any]) -> Actor:
-    channel = body.get("channel") or {}
-    return Actor(
-        user_id=body["user"]["id"],
-        user_name=body["user"].get("username") or body["user"].get("name") or body["user"]["id"],
-        channel_id=channel.get("id") or body["container"]["channel_id"],
-        channel_name=channel.get("name"),
-        response_url=body.get("response_url"),
-    )
-
-
 def _trigger(command: dict[str, Any]) -> str:
     # Slack always sends a trigger_id; without one, the whole request identifies the request.
     return str(command.get("trigger_id") or repr(sorted(command.items())))
@@ -142,7 +121,7 @@ async def deploy_command(
     if isinstance(request, HelpRequest):
         await ack(text=DEPLOY_USAGE)
         return
-    ops, actor = Operations(services), _command_actor(command)
+    ops, actor = Operations(services), Actor.from_command(command)
     if isinstance(request, LocksRequest):
         await ack()
         await _ephemeral(respond, locks_list(await services.store.pipeline_locks()))
@@ -214,7 +193,7 @@ async def cancel_command(
         return
     await ack(text=f":hourglass_flowing_sand: Canceling `{ref.pipeline}` #{ref.number}…")
     key = request_id_for("cancel", _trigger(command))
-    build = await Operations(services).cancel(ref, _command_actor(command), dedup_key=key)
+    build = await Operations(services).cancel(ref, Actor.from_command(command), dedup_key=key)
     title = link(build.web_url, f"{ref.pipeline} #{ref.number}")
     await _ephemeral(respond, f":no_entry_sign: Cancel requested for {title}.")
 
@@ -227,7 +206,7 @@ async def rebuild_command(
         return
     await ack(text=f":hourglass_flowing_sand: Rebuilding `{ref.pipeline}` #{ref.number}…")
     key = request_id_for("rebuild", _trigger(command))
-    build = await Operations(services).rebuild(ref, _command_actor(command), dedup_key=key)
+    build = await Operations(services).rebuild(ref, Actor.from_command(command), dedup_key=key)
     await _ephemeral(respond, _started(build.web_url, f"{ref.pipeline} #{build.number}"))
 
 
@@ -252,7 +231,7 @@ async def cancel_button(
     await ack()
     ref = _button_ref(body)
     key = f"button:{ActionId.CANCEL}:{ref.pipeline}:{ref.number}"
-    build = await Operations(services).cancel(ref, _button_actor(body), dedup_key=key)
+    build = await Operations(services).cancel(ref, Actor.from_button(body), dedup_key=key)
     title = link(build.web_url, f"{ref.pipeline} #{ref.number}")
     await _ephemeral(respond, f":no_entry_sign: Cancel requested for {title}.")
 
@@ -263,7 +242,7 @@ async def rebuild_button(
     await ack()
     ref = _button_ref(body)
     key = f"button:{ActionId.REBUILD}:{ref.pipeline}:{ref.number}"
-    build = await Operations(services).rebuild(ref, _button_actor(body), dedup_key=key)
+    build = await Operations(services).rebuild(ref, Actor.from_button(body), dedup_key=key)
     title = link(build.web_url, f"{ref.pipeline} #{build.number}")
     await _ephemeral(respond, f":repeat: Rebuild started: {title}. Follow it in the thread.")
 
@@ -277,7 +256,7 @@ async def confirm_button(
     ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
     await ack()
-    outcome = await Operations(services).confirm(_request_id(body), _button_actor(body))
+    outcome = await Operations(services).confirm(_request_id(body), Actor.from_button(body))
     if isinstance(outcome, Started):
         build = outcome.build
         title = f"{build.pipeline_slug or 'build'} #{build.number}"
@@ -302,7 +281,9 @@ async def approve_button(
     ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
     await ack()
-    build = await Operations(services).decide(_request_id(body), _button_actor(body), approve=True)
+    build = await Operations(services).decide(
+        _request_id(body), Actor.from_button(body), approve=True
+    )
     if build is not None:
         title = f"{build.pipeline_slug or 'build'} #{build.number}"
         await _ephemeral(
@@ -314,5 +295,5 @@ async def reject_button(
     ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
     await ack()
-    await Operations(services).decide(_request_id(body), _button_actor(body), approve=False)
+    await Operations(services).decide(_request_id(body), Actor.from_button(body), approve=False)
     await _ephemeral(respond, ":no_entry: Rejected; nothing was started.")

@@ -89,18 +89,6 @@ async def _say(respond: AsyncRespond, text: str, *, replace: bool = False) -> No
     await respond(text=text, response_type="ephemeral", replace_original=replace)
 
 
-def _button_actor(body: dict[str, Any]) -> Actor:
-    channel = body.get("channel") or {}
-    user = body["user"]
-    return Actor(
-        user_id=user["id"],
-        user_name=user.get("username") or user.get("name") or user["id"],
-        channel_id=channel.get("id") or body["container"]["channel_id"],
-        channel_name=channel.get("name"),
-        response_url=body.get("response_url"),
-    )
-
-
 def _button_value(body: dict[str, Any], model: type[M]) -> M:
     try:
         return model.model_validate_json(body["actions"][0].get("value") or "")
@@ -141,13 +129,7 @@ async def buildkite_command(
         await ack(text=usage(templates))
         return
     await ack(text=_working(request))
-    actor = Actor(
-        user_id=command["user_id"],
-        user_name=command.get("user_name") or command["user_id"],
-        channel_id=command["channel_id"],
-        channel_name=command.get("channel_name"),
-        response_url=command.get("response_url"),
-    )
+    actor = Actor.from_command(command)
     trigger = str(command.get("trigger_id") or uuid.uuid4().hex)
     asked = _Asked(Operator(services), actor, trigger, respond, client)
     await _ANSWERS[type(request)](request, asked)
@@ -288,7 +270,7 @@ async def agent_stop(
 ) -> None:
     await ack()
     agent = _button_value(body, AgentButtonValue)
-    await Operator(services).stop_agent(agent, _button_actor(body), force=False)
+    await Operator(services).stop_agent(agent, Actor.from_button(body), force=False)
     await _say(
         respond, f":octagonal_sign: Asked `{agent.name}` to stop once its current job finishes."
     )
@@ -299,7 +281,7 @@ async def agent_force_stop(
 ) -> None:
     await ack()
     agent = _button_value(body, AgentButtonValue)
-    await Operator(services).stop_agent(agent, _button_actor(body), force=True)
+    await Operator(services).stop_agent(agent, Actor.from_button(body), force=True)
     await _say(respond, f":octagonal_sign: Force-stopped `{agent.name}`; its job was canceled.")
 
 
@@ -308,7 +290,7 @@ async def pipeline_delete(
 ) -> None:
     await ack()
     value = _button_value(body, PipelineButtonValue)
-    told = await Operator(services).delete_pipeline(value.pipeline, _button_actor(body))
+    told = await Operator(services).delete_pipeline(value.pipeline, Actor.from_button(body))
     note = "" if told else " (the channel could not be told)"
     await _say(
         respond, f":wastebasket: Deleted the pipeline `{value.pipeline}`{note}.", replace=True
@@ -337,12 +319,7 @@ async def pipeline_form_submitted(
         return
     title = "New pipeline" if metadata.pipeline is None else "Update pipeline"
     await ack(response_action="update", view=messages.modal_notice(title, "Working on it…"))
-    user = body["user"]
-    actor = Actor(
-        user_id=user["id"],
-        user_name=user.get("username") or user.get("name") or user["id"],
-        channel_id=metadata.channel,
-    )
+    actor = Actor.from_user(body["user"], metadata.channel)
     op = Operator(services)
     try:
         if isinstance(form, PipelineSpec):

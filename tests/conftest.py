@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,25 +12,17 @@ import redis.asyncio as redis
 from tests.bot import BotClient, running_bot
 from tests.fakes.buildkite import FakeBuildkite
 from tests.fakes.slack import FakeSlack
-from tests.redis_server import RedisServer, RedisServerMissing
+from tests.redis_server import RedisServerMissing, redis_url_or_throwaway
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """REDIS_URL when set (a Redis the tests may flush), else a throwaway redis-server."""
-    if os.environ.get("REDIS_URL"):
-        yield os.environ["REDIS_URL"]
-        return
-    server = RedisServer()
     try:
-        server.start()
+        with redis_url_or_throwaway() as url:
+            yield url
     except RedisServerMissing as exc:
         pytest.exit(str(exc), returncode=3)
-    try:
-        yield server.url
-    finally:
-        server.stop()
-        shutil.rmtree(server.dir, ignore_errors=True)
 
 
 @pytest.fixture

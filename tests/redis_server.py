@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 
 import redis as sync_redis
 
@@ -82,3 +85,19 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(timeout=10)
             self.process = None
+
+
+@contextlib.contextmanager
+def redis_url_or_throwaway() -> Iterator[str]:
+    """REDIS_URL when set (a Redis that may be flushed), else a throwaway redis-server's URL,
+    stopped and removed afterwards. Raises `RedisServerMissing` when it cannot start one."""
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    server = RedisServer()
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+        shutil.rmtree(server.dir, ignore_errors=True)
