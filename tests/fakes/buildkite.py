@@ -218,6 +218,13 @@ def _parse_time(value: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def _stored_time(value: str) -> datetime:
+    """A time as Buildkite stores it: ISO 8601, or the older ``2021-06-01 08:23:35 UTC``."""
+    if value.endswith(" UTC"):
+        value = value[: -len(" UTC")].replace(" ", "T") + "Z"
+    return _parse_time(value)
+
+
 def _key(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "step"
 
@@ -991,8 +998,8 @@ class FakeBuildkite:
         finished_from = _parse_time(q["finished_from"]) if "finished_from" in q else None
 
         def wanted(build: JSON) -> bool:
-            created = _parse_time(build["created_at"])
-            finished = build["finished_at"] and _parse_time(build["finished_at"])
+            created = _stored_time(build["created_at"])
+            finished = build["finished_at"] and _stored_time(build["finished_at"])
             return (
                 (not states or build["state"] in states)
                 and (not branches or any(fnmatch.fnmatchcase(build["branch"], b) for b in branches))
