@@ -283,9 +283,9 @@ class FakeBuildkite:
         self.scopes: list[str] = list(ALL_SCOPES)
         #: Requests allowed per 60 s window before 429s (the organization's limit).
         self.rate_limit = rate_limit
-        #: The token user's own limit per 60 s window (Buildkite's is 50); defaults to the
-        #: organization's, so that only tests about it hit it first.
-        self.user_rate_limit = rate_limit if user_rate_limit is None else user_rate_limit
+        #: The token user's own limit per 60 s window (Buildkite's is 50); unset, it follows
+        #: the organization's, so that only tests about it hit it first.
+        self._user_rate_limit = user_rate_limit
         #: The organization's clusters; when there are any, creating a pipeline needs a
         #: ``cluster_id`` naming one of them, as on Buildkite.
         self.clusters: list[JSON] = []
@@ -337,6 +337,15 @@ class FakeBuildkite:
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
         self.port: int | None = None
+
+    @property
+    def user_rate_limit(self) -> int:
+        """The token user's limit per 60 s window (``RateLimit-User-Limit``)."""
+        return self.rate_limit if self._user_rate_limit is None else self._user_rate_limit
+
+    @user_rate_limit.setter
+    def user_rate_limit(self, value: int | None) -> None:
+        self._user_rate_limit = value
 
     # Lifecycle
 
