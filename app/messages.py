@@ -155,13 +155,23 @@ def link(url: str | None, label: str) -> str:
     return f"<{url}|{label}>" if url else label
 
 
+def state_emoji(key: str) -> str:
+    """The emoji of a state key; a state this code does not know gets a question mark."""
+    return STATE_EMOJI.get(key, ":grey_question:")
+
+
+def state_label(key: str) -> str:
+    """The label of a state key; a state this code does not know is shown as Buildkite sent it."""
+    return STATE_LABEL.get(key) or escape(key)
+
+
 def state_key(build: Build) -> str:
     return "blocked" if build.is_waiting_on_block and not build.is_final else build.state.value
 
 
 def state_text(build: Build) -> str:
     key = state_key(build)
-    return f"{STATE_EMOJI[key]} {STATE_LABEL[key]}"
+    return f"{state_emoji(key)} {state_label(key)}"
 
 
 def short_commit(commit: str | None) -> str:
@@ -266,7 +276,7 @@ def build_message(
         ButtonElement(text="Open in Buildkite", action_id=ActionId.OPEN, url=build.web_url)
     )
     blocks.append(ActionsBlock(block_id="build_actions", elements=buttons).to_dict())
-    text = f"{pipeline} #{build.number}: {STATE_LABEL[state_key(build)]}"
+    text = f"{pipeline} #{build.number}: {state_label(state_key(build))}"
     return Rendered(text=text, blocks=blocks)
 
 
@@ -290,13 +300,13 @@ def final_reply(
     after_retry: bool = False,
 ) -> Rendered:
     """The thread reply at a build's final state; it mentions whoever asked (or the author)."""
-    label = STATE_LABEL[build.state.value].lower()
+    label = state_label(build.state.value).lower()
     if after_retry:
         label += " after retry"
     took = duration(build)
     when = f" in {took}" if took else ""
     who = f"<@{mention}> " if mention else ""
-    text = f"{who}{STATE_EMOJI[build.state.value]} {_title(pipeline, build)} {label}{when}."
+    text = f"{who}{state_emoji(build.state.value)} {_title(pipeline, build)} {label}{when}."
     if build.state is BuildState.FAILED and failed_jobs:
         listed = failed_jobs[:MAX_FAILED_JOBS_LISTED]
         lines = [f"• {link(job.web_url, clip(job.display_name, 150))}" for job in listed]
@@ -782,8 +792,10 @@ def _build_line(build: Build, pipeline: str | None = None) -> str:
     took = duration(build)
     if took is None and build.started_at is not None and not build.is_final:
         took = "running"
+    key = state_key(build)
+    unknown = "" if key in STATE_LABEL else f" `{state_label(key)}`"
     parts = [
-        f"{STATE_EMOJI[state_key(build)]} {_title(slug, build)}",
+        f"{state_emoji(key)}{unknown} {_title(slug, build)}",
         f"`{clip(escape(build.branch or '?'), 60)}`",
     ]
     if took:
@@ -802,7 +814,7 @@ def pipelines_list(page: PipelinesPage) -> Rendered:
     for row in page.rows:
         last = row.last_build
         state = (
-            f"last build {STATE_EMOJI[state_key(last)]} {_title(row.slug, last)}"
+            f"last build {state_emoji(state_key(last))} {_title(row.slug, last)}"
             if last is not None
             else "no builds yet"
         )

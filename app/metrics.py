@@ -78,6 +78,13 @@ class Metrics:
             "RateLimit-Remaining of Buildkite's latest answer",
             registry=r,
         )
+        self.buildkite_rate_limit_scope_remaining = Gauge(
+            "bkchatops_buildkite_rate_limit_scope_remaining",
+            "Requests left in each Buildkite rate-limit scope at its latest report "
+            "(organization: RateLimit-Remaining; user: RateLimit-User-Remaining)",
+            ["scope"],
+            registry=r,
+        )
         self.build_transitions = Counter(
             "bkchatops_build_transitions",
             "Build state changes written to Slack, by the state reached",
@@ -182,6 +189,13 @@ def count_buildkite_requests(http: httpx.AsyncClient, metrics: Metrics, base_url
         remaining = response.headers.get("RateLimit-Remaining")
         if remaining is not None and remaining.isdigit():
             metrics.buildkite_rate_limit_remaining.set(int(remaining))
+        for scope, header in (
+            ("organization", "RateLimit-Remaining"),
+            ("user", "RateLimit-User-Remaining"),
+        ):
+            value = response.headers.get(header)
+            if value is not None and value.isdigit():
+                metrics.buildkite_rate_limit_scope_remaining.labels(scope).set(int(value))
 
     http.event_hooks["response"].append(on_response)
 

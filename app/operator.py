@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
+import logging
 import math
 import re
 from collections.abc import AsyncIterator, Collection, Mapping
@@ -44,7 +45,7 @@ from app.outbox import SlackDeliveryError
 from app.policy import principal_ref
 from app.settings import steps_problem
 from app.store import ACTION_TTL, REQUEST_TTL
-from buildkite.errors import BuildkiteError, NotFound, PermissionDenied
+from buildkite.errors import BuildkiteError, NotFound, PermissionDenied, ValidationFailed
 from buildkite.models import Build, BuildState, Organization, Pipeline, User
 
 T = TypeVar("T")
@@ -80,6 +81,23 @@ _UPDATE_FIELDS = ("description", "default_branch", "repository")
 _UPDATE_SPLIT = re.compile(r"\s+(?=(?:" + "|".join(_UPDATE_FIELDS) + r")=)")
 _QUOTES = "\"'“”‘’"  # noqa: RUF001 - Slack turns typed quotes into curly ones
 MAX_DESCRIPTION = 500
+
+
+log = logging.getLogger(__name__)
+
+_NAME_A_CLUSTER = (
+    "Could not create *{name}*: this Buildkite organization uses clusters, and the bot does not "
+    "know which one a new pipeline joins. Set `BUILDKITE_CLUSTER_ID` (or a `cluster_id` in the "
+    "pipeline template) to the cluster's id."
+)
+
+
+def _about_cluster(exc: BuildkiteError) -> bool:
+    """Buildkite refused a pipeline for want of a cluster."""
+    if not isinstance(exc, ValidationFailed):
+        return False
+    named = [str(error.get("field", "")) for error in exc.errors] + [exc.message]
+    return any("cluster" in text.lower() for text in named)
 
 
 def usage(templates: Collection[str] = ()) -> str:
@@ -696,11 +714,23 @@ class Operator:
             if value
         }
         try:
+            cluster_id = await self._cluster_for(spec)
+        except UserError:
+            await self._release(request_id)
+            raise
+        try:
             pipeline = await self.bk.create_pipeline(
-                name=spec.name, repository=spec.repository, configuration=spec.steps, **extra
+                name=spec.name,
+                repository=spec.repository,
+                configuration=spec.steps,
+                cluster_id=cluster_id,
+                **extra,
             )
         except BuildkiteError as exc:
             await self._release(request_id)
+            if cluster_id is None and _about_cluster(exc):
+                await self._audit(actor, "pipeline create", spec.name, "failed", detail=str(exc))
+                raise UserError(_NAME_A_CLUSTER.format(name=spec.name)) from None
             await self._audit(actor, "pipeline create", spec.name, "failed", detail=str(exc))
             raise UserError(self._explain_change(exc, "create", spec.name)) from None
         detail = f"from the template `{spec.template}`" if spec.template else ""
@@ -712,6 +742,26 @@ class Operator:
             ),
         )
         return pipeline, told
+
+    async def _cluster_for(self, spec: PipelineSpec) -> str | None:
+        """The cluster a new pipeline joins: its template's, else BUILDKITE_CLUSTER_ID, else
+        the organization's only cluster; None on an organization without clusters."""
+        settings = self.s.settings
+        if spec.template and (chosen := settings.pipeline_template_clusters.get(spec.template)):
+            return chosen
+        if settings.buildkite_cluster_id:
+            return settings.buildkite_cluster_id
+        try:
+            clusters = await self.bk.list_clusters()
+        except BuildkiteError as exc:
+            # Without read_clusters the bot cannot tell; Buildkite says so if one was needed.
+            log.info("could not list the organization's clusters: %s", exc)
+            return None
+        if len(clusters) == 1:
+            return clusters[0].id
+        if clusters:
+            raise UserError(_NAME_A_CLUSTER.format(name=spec.name))
+        return None
 
     async def pipeline_for_update(self, slug: str, actor: Actor) -> Pipeline:
         """The pipeline whose form an admin is about to open."""

@@ -17,9 +17,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -28,6 +31,7 @@ _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 _TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,49}$")
+_CLUSTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,99}$")
 
 
 def steps_problem(text: str) -> str | None:
@@ -43,6 +47,27 @@ def steps_problem(text: str) -> str | None:
     if not data["steps"]:
         return "`steps:` is empty"
     return None
+
+
+def _template_source(value: Any) -> Any:
+    """PIPELINE_TEMPLATES as data: its JSON, or the YAML file it names."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON ({exc.msg})") from None
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(f"{text} is neither a JSON object nor an existing YAML file")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        raise ValueError(f"{text} is not valid YAML") from None
 
 
 class DigestSchedule(BaseModel):
@@ -92,6 +117,8 @@ class Settings(BaseSettings):
     buildkite_org: str
     buildkite_api_url: AnyHttpUrl = AnyHttpUrl("https://api.buildkite.com/v2")
     buildkite_webhook_token: SecretStr | None = None
+    #: The cluster new pipelines join on a clustered organization (a template may name its own).
+    buildkite_cluster_id: str | None = None
 
     redis_url: str | None = None
     port: Annotated[int, Field(ge=1, le=65535)] = 3000
@@ -163,30 +190,65 @@ class Settings(BaseSettings):
         return self.slack_app_token is not None
 
     #: Templates for `/buildkite pipeline create`: JSON {name: steps YAML}, or a YAML file's path.
+    #: A template may instead be a mapping {"steps": ..., "cluster_id": ...}.
     pipeline_templates: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    #: The cluster each template names, taken from PIPELINE_TEMPLATES.
+    _template_clusters: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def pipeline_template_clusters(self) -> dict[str, str]:
+        """The cluster each pipeline template names (a template without one is absent)."""
+        return dict(self._template_clusters)
+
     #: Scheduled build-health digests, as a JSON list of DigestSchedule objects.
     digest_schedules: Annotated[list[DigestSchedule], NoDecode] = Field(default_factory=list)
+
+    @field_validator("buildkite_cluster_id", mode="before")
+    @classmethod
+    def _cluster_id(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip() or None
+        if value is not None and not (isinstance(value, str) and _CLUSTER_ID.match(value)):
+            raise ValueError("must be a cluster id (letters, digits and -)")
+        return value
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _split_template_clusters(
+        cls, data: Any, handler: ModelWrapValidatorHandler[Settings]
+    ) -> Settings:
+        # A template may carry `cluster_id` beside its steps: the cluster is kept apart, so
+        # every reader of the steps is unchanged.
+        if not isinstance(data, dict):
+            return handler(data)
+        try:
+            templates = _template_source(data.get("pipeline_templates", {}))
+        except ValueError:
+            return handler(data)  # the field's own validator reports it, under its name
+        if not isinstance(templates, dict):
+            return handler(data)
+        clusters: dict[str, str] = {}
+        plain: dict[Any, Any] = {}
+        for name, template in templates.items():
+            if isinstance(template, dict) and "cluster_id" in template:
+                template = dict(template)
+                cluster = template.pop("cluster_id")
+                if not (isinstance(cluster, str) and _CLUSTER_ID.match(cluster)):
+                    raise ValueError(
+                        f"PIPELINE_TEMPLATES: template {name!r}: cluster_id must be a cluster id"
+                    )
+                clusters[str(name)] = cluster
+                if isinstance(template.get("steps"), str) and len(template) == 1:
+                    template = template["steps"]
+            plain[name] = template
+        settings = handler({**data, "pipeline_templates": plain})
+        settings._template_clusters = clusters
+        return settings
 
     @field_validator("pipeline_templates", mode="before")
     @classmethod
     def _load_templates(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip()
-            if not text:
-                return {}
-            if text.startswith("{"):
-                try:
-                    value = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"not valid JSON ({exc.msg})") from None
-            else:
-                path = Path(text)
-                if not path.is_file():
-                    raise ValueError(f"{text} is neither a JSON object nor an existing YAML file")
-                try:
-                    value = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-                except yaml.YAMLError:
-                    raise ValueError(f"{text} is not valid YAML") from None
+        value = _template_source(value)
         if not isinstance(value, dict):
             raise ValueError("must map template names to steps YAML")
         templates: dict[str, str] = {}

@@ -38,7 +38,7 @@ from app.store import (
     TrackedBuild,
     Transition,
 )
-from buildkite.client import SOURCE_META_KEY, SOURCE_META_VALUE, BuildkiteClient
+from buildkite.client import SOURCE_META_KEY, SOURCE_META_VALUE, BuildkiteClient, RateLimitBudget
 from buildkite.errors import (
     BuildkiteError,
     BuildkiteUnavailable,
@@ -686,8 +686,9 @@ class Tracker:
             await self._back_off(report, state, _failure_kind(exc), wait, failures, str(exc))
             return report
         if (wait := self._rate_limit_wait()) is not None:
-            remaining = self.buildkite.rate_limit_remaining
-            why = f"{remaining} of {self.buildkite.rate_limit_limit} requests left"
+            budget = self._rate_limit_budget_low()
+            assert budget is not None
+            why = f"{budget.remaining} of {budget.limit} {budget.scope} requests left"
             await self._back_off(report, state, "rate_limit_low", wait, 0, why)
         elif state.backoff:
             await self.store.end_poll_backoff()
@@ -773,13 +774,24 @@ class Tracker:
         report.requests += max(1, math.ceil(listed / 100))  # pages of 100
         return newest
 
+    def _rate_limit_budget_low(self) -> RateLimitBudget | None:
+        """The rate-limit scope (organization or token user) below its reserve, if any: the
+        tighter budget is the one that runs out first."""
+        low = [
+            budget
+            for budget in self.buildkite.rate_limits.values()
+            if budget.remaining is not None
+            and budget.limit
+            and budget.remaining < budget.limit * RATE_LIMIT_RESERVE
+        ]
+        return min(low, key=lambda b: (b.remaining or 0) / (b.limit or 1), default=None)
+
     def _rate_limit_wait(self) -> float | None:
         """Seconds until Buildkite's rate-limit window resets, when little of it is left."""
-        remaining, limit = self.buildkite.rate_limit_remaining, self.buildkite.rate_limit_limit
-        if remaining is None or not limit or remaining >= limit * RATE_LIMIT_RESERVE:
+        budget = self._rate_limit_budget_low()
+        if budget is None:
             return None
-        reset = self.buildkite.rate_limit_reset
-        return max(reset, 0.0) if reset is not None else self.poll_interval
+        return max(budget.reset, 0.0) if budget.reset is not None else self.poll_interval
 
     async def _back_off(
         self, report: PollReport, state: PollState, kind: str, wait: float, failures: int, why: str
@@ -862,10 +874,10 @@ class _Details:
         return full.failed_jobs if full else []
 
     async def log_tail(self) -> messages.LogTail | None:
-        jobs = await self.failed_jobs()
-        if not jobs:
+        full = await self._full_build()
+        job = full.log_tail_job if full else None
+        if job is None:
             return None
-        job = jobs[0]
         try:
             text = await self.tracker.buildkite.job_log_tail(
                 self.tracked.pipeline, self.tracked.number, job.id, max_bytes=LOG_TAIL_BYTES

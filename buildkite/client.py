@@ -7,8 +7,10 @@ that starts a build is never blindly sent twice (see ``create_build``).
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -35,10 +37,13 @@ from buildkite.models import (
     Author,
     Build,
     BuildState,
+    Cluster,
     Job,
     Organization,
     Pipeline,
     User,
+    fields_at_fault,
+    item_id,
 )
 
 __all__ = [
@@ -47,7 +52,10 @@ __all__ = [
     "SOURCE_META_KEY",
     "SOURCE_META_VALUE",
     "BuildkiteClient",
+    "RateLimitBudget",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.buildkite.com/v2"
 
@@ -60,6 +68,7 @@ MAX_PER_PAGE = 100
 # Buildkite's window is 60 s, so a longer wait for one 429 would only mean a bad header.
 _MAX_RATE_LIMIT_WAIT_EACH = 60.0
 _MAX_BACKOFF = 30.0
+_CLUSTERS_TTL = 300.0
 # How far our clock may disagree with Buildkite's when looking for a rebuild we may have made.
 _CLOCK_SKEW = timedelta(minutes=2)
 # Requests sent at once. Beyond the HTTP pool's size they would wait in httpcore's queue, whose
@@ -73,6 +82,31 @@ _META_KEY_RE = re.compile(r"[^\[\]\s&=#]+")
 _STATE_FILTERS = frozenset(state.value for state in BuildState) | {"finished"}
 
 _Model = TypeVar("_Model", bound=BaseModel)
+
+#: Buildkite's two rate-limit scopes, the headers each is reported in, and the ``scope`` a 429
+#: body names when it is the one exceeded.
+ORGANIZATION_SCOPE = "organization"
+USER_SCOPE = "user"
+_SCOPE_HEADERS = {ORGANIZATION_SCOPE: "RateLimit-", USER_SCOPE: "RateLimit-User-"}
+_BODY_SCOPES = {"rest": ORGANIZATION_SCOPE, "rest_user": USER_SCOPE}
+
+
+class RateLimitBudget:
+    """One rate-limit scope as Buildkite's latest answer reported it (reset in seconds)."""
+
+    __slots__ = ("limit", "remaining", "reset", "scope")
+
+    def __init__(self, scope: str) -> None:
+        self.scope = scope
+        self.remaining: int | None = None
+        self.limit: int | None = None
+        self.reset: float | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"RateLimitBudget({self.scope!r}, remaining={self.remaining}, limit={self.limit}, "
+            f"reset={self.reset})"
+        )
 
 
 def _user_agent() -> str:
@@ -129,15 +163,38 @@ class BuildkiteClient:
         self._sleep = sleep
         self._slots = asyncio.Semaphore(max_concurrent_requests)
         self._random = random.Random()
-        #: From the ``RateLimit-Remaining``/``-Limit``/``-Reset`` headers of the latest response
-        #: that had them (the reset in seconds from that response), for callers that pace
+        #: The organization's (``RateLimit-*``) and the token user's (``RateLimit-User-*``)
+        #: budgets, from the latest response that reported each, for callers that pace
         #: themselves, like the poller.
-        self.rate_limit_remaining: int | None = None
-        self.rate_limit_limit: int | None = None
-        self.rate_limit_reset: float | None = None
+        self.rate_limits: dict[str, RateLimitBudget] = {
+            scope: RateLimitBudget(scope) for scope in _SCOPE_HEADERS
+        }
+        self._clusters: tuple[float, list[Cluster]] | None = None
 
     def __repr__(self) -> str:
         return f"BuildkiteClient(org={self.org!r}, base_url={self.base_url!r})"
+
+    @property
+    def tighter_rate_limit(self) -> RateLimitBudget | None:
+        """The scope with the fewest requests left (either scope's 429 stops every call)."""
+        known = [b for b in self.rate_limits.values() if b.remaining is not None]
+        return min(known, key=lambda b: b.remaining or 0, default=None)
+
+    @property
+    def rate_limit_remaining(self) -> int | None:
+        """Requests left in the tighter of the two scopes."""
+        budget = self.tighter_rate_limit
+        return budget.remaining if budget else None
+
+    @property
+    def rate_limit_limit(self) -> int | None:
+        budget = self.tighter_rate_limit
+        return budget.limit if budget else None
+
+    @property
+    def rate_limit_reset(self) -> float | None:
+        budget = self.tighter_rate_limit
+        return budget.reset if budget else None
 
     async def aclose(self) -> None:
         """Close the HTTP client, unless it was handed to us (its owner closes it)."""
@@ -380,13 +437,23 @@ class BuildkiteClient:
         return await self._get(self._pipeline_path(slug), Pipeline)
 
     async def create_pipeline(
-        self, *, name: str, repository: str, configuration: str, **extra: Any
+        self,
+        *,
+        name: str,
+        repository: str,
+        configuration: str,
+        cluster_id: str | None = None,
+        **extra: Any,
     ) -> Pipeline:
         """Create a YAML pipeline; never retried, as a retry could create it twice.
+
+        ``cluster_id`` is required on an organization that uses clusters.
 
         https://buildkite.com/docs/apis/rest-api/pipelines#create-a-yaml-pipeline
         """
         body = {"name": name, "repository": repository, "configuration": configuration, **extra}
+        if cluster_id is not None:
+            body["cluster_id"] = _identifier(cluster_id, "cluster id")
         path = f"{self._org_path}/pipelines"
         response = await self._request("POST", path, json=body, retry=False)
         return self._parse(response, Pipeline)
@@ -441,6 +508,27 @@ class BuildkiteClient:
         https://buildkite.com/docs/apis/rest-api/agents#stop-an-agent
         """
         await self._request("PUT", f"{self._agent_path(agent_id)}/stop", json={"force": force})
+
+    # Clusters
+
+    async def list_clusters(self) -> list[Cluster]:
+        """The organization's clusters (empty when it uses none); cached for a few minutes,
+        as clusters change rarely and pipeline creation asks each time.
+
+        https://buildkite.com/docs/apis/rest-api/clusters#clusters-list-clusters
+        """
+        now = time.monotonic()
+        if self._clusters is not None and now - self._clusters[0] < _CLUSTERS_TTL:
+            return list(self._clusters[1])
+        path = f"{self._org_path}/clusters"
+        clusters = [
+            cluster
+            async for cluster in self._paginate(
+                path, [], Cluster, per_page=MAX_PER_PAGE, limit=None
+            )
+        ]
+        self._clusters = (now, clusters)
+        return list(clusters)
 
     # Organization, user, token
 
@@ -626,7 +714,19 @@ class BuildkiteClient:
             if not isinstance(items, list):
                 raise self._unexpected_response(response, "not a JSON list")
             for item in items:
-                yield self._parse_item(response, model, item)
+                try:
+                    parsed = model.model_validate(item)
+                except ValidationError as exc:
+                    # One odd item must not hide the page around it.
+                    log.warning(
+                        "skipped %s %s listed by %s: unreadable %s",
+                        model.__name__.lower(),
+                        item_id(item),
+                        self._display_path(str(response.request.url)),
+                        fields_at_fault(exc),
+                    )
+                    continue
+                yield parsed
                 count += 1
                 if limit is not None and count >= limit:
                     return
@@ -659,22 +759,46 @@ class BuildkiteClient:
         return min(delay, _MAX_BACKOFF) + self._random.uniform(0, self._backoff_base)
 
     def _rate_limit_delay(self, response: httpx.Response) -> float:
-        reset = _reset_seconds(response)
+        reset = self._hit_scope_reset(response)[1]
         if reset is None:
             reset = _MAX_RATE_LIMIT_WAIT_EACH
         reset = min(max(reset, 0.0), _MAX_RATE_LIMIT_WAIT_EACH)
         return reset + 0.5 + self._random.uniform(0, 1)
 
     def _note_rate_limit(self, response: httpx.Response) -> None:
-        remaining = _float_header(response, "RateLimit-Remaining")
-        if remaining is not None:
-            self.rate_limit_remaining = int(remaining)
-        limit = _float_header(response, "RateLimit-Limit")
-        if limit is not None:
-            self.rate_limit_limit = int(limit)
-        reset = _float_header(response, "RateLimit-Reset")
-        if reset is not None:
-            self.rate_limit_reset = reset
+        for scope, prefix in _SCOPE_HEADERS.items():
+            budget = self.rate_limits[scope]
+            remaining = _float_header(response, f"{prefix}Remaining")
+            if remaining is not None:
+                budget.remaining = int(remaining)
+            limit = _float_header(response, f"{prefix}Limit")
+            if limit is not None:
+                budget.limit = int(limit)
+            reset = _float_header(response, f"{prefix}Reset")
+            if reset is not None:
+                budget.reset = reset
+        if response.status_code == 429:
+            scope, reset = self._hit_scope_reset(response)
+            budget = self.rate_limits[scope]
+            budget.remaining = 0
+            if reset is not None:
+                budget.reset = reset
+
+    def _hit_scope_reset(self, response: httpx.Response) -> tuple[str, float | None]:
+        """Which scope a 429 exceeded and its seconds to reset: the body's ``scope`` and
+        ``reset`` first, then the headers of the scope that has nothing left."""
+        body_scope, body_reset = _rate_limit_body(response)
+        scope = body_scope
+        if scope is None:
+            exhausted = [
+                name
+                for name, prefix in _SCOPE_HEADERS.items()
+                if _float_header(response, f"{prefix}Remaining") == 0
+            ]
+            scope = exhausted[-1] if exhausted else ORGANIZATION_SCOPE
+        if body_reset is not None:
+            return scope, body_reset
+        return scope, _float_header(response, f"{_SCOPE_HEADERS[scope]}Reset")
 
     def _api_error(self, response: httpx.Response, method: str, path: str) -> BuildkiteAPIError:
         status = response.status_code
@@ -698,13 +822,15 @@ class BuildkiteClient:
                 ]
         message = self._scrub(message)
         if status == 429:
+            scope, reset = self._hit_scope_reset(response)
             return RateLimited(
                 status,
                 message,
                 method=method,
                 path=path,
                 errors=errors,
-                reset=_reset_seconds(response),
+                reset=reset,
+                scope=scope,
             )
         return error_for_status(status)(status, message, method=method, path=path, errors=errors)
 
@@ -759,14 +885,16 @@ def _float_header(response: httpx.Response, name: str) -> float | None:
         return None
 
 
-def _reset_seconds(response: httpx.Response) -> float | None:
-    """Seconds until the rate limit resets: the header, else the 429 body's ``reset``."""
-    reset = _float_header(response, "RateLimit-Reset")
-    if reset is not None:
-        return reset
+def _rate_limit_body(response: httpx.Response) -> tuple[str | None, float | None]:
+    """The scope (``organization`` or ``user``) and ``reset`` a 429 body names, if any."""
     try:
         body = response.json()
     except ValueError:
-        return None
-    value = body.get("reset") if isinstance(body, dict) else None
-    return float(value) if isinstance(value, int | float) else None
+        return None, None
+    if not isinstance(body, dict):
+        return None, None
+    named = body.get("scope")
+    scope = _BODY_SCOPES.get(named) if isinstance(named, str) else None
+    value = body.get("reset")
+    reset = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    return scope, reset

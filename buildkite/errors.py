@@ -120,8 +120,11 @@ class RateLimited(BuildkiteAPIError):
         path: str,
         errors: list[dict[str, Any]] | None = None,
         reset: float | None = None,
+        scope: str | None = None,
     ) -> None:
         self.reset = reset
+        #: ``organization`` or ``user``: the rate limit that was exceeded.
+        self.scope = scope
         super().__init__(status, message, method=method, path=path, errors=errors)
 
 

@@ -1,16 +1,33 @@
 """Typed views of Buildkite REST API v2 resources: only the fields the bot uses.
 
-Every model ignores unknown fields, and tolerates the empty objects (``"author": {}``) and
-nulls that real responses contain, so a new field at Buildkite never breaks parsing.
+Read generously: every model ignores unknown fields, and tolerates the empty objects
+(``"author": {}``) and nulls that real responses contain, an author given as a bare email, build
+states Buildkite added after this code, and both of Buildkite's time formats
+(``2015-05-09T21:05:59.874Z`` and ``2021-06-01 08:23:35 UTC``). A time that cannot be read at
+all is dropped (``None``) rather than failing the object around it.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import json
+import logging
+import re
+from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+log = logging.getLogger(__name__)
 
 
 class _Model(BaseModel):
@@ -32,6 +49,25 @@ class BuildState(StrEnum):
     SKIPPED = "skipped"
     NOT_RUN = "not_run"
 
+    @classmethod
+    def _missing_(cls, value: object) -> BuildState | None:
+        # A state this code does not know (the docs list `waiting` and `waiting_failed`) is
+        # kept as it came, as a member of its own that is never terminal.
+        if not isinstance(value, str) or not _STATE_RE.fullmatch(value):
+            return None
+        member = _UNKNOWN_STATES.get(value)
+        if member is None:
+            member = str.__new__(cls, value)
+            member._name_ = value.upper()
+            member._value_ = value
+            _UNKNOWN_STATES[value] = member
+        return member
+
+    @property
+    def is_known(self) -> bool:
+        """False for a state Buildkite sent that this code has no name for."""
+        return self.value in _KNOWN_STATES
+
     @property
     def is_terminal(self) -> bool:
         """True for the states a build ends in (buildkite/cli's IsTerminal uses the same set).
@@ -41,6 +77,10 @@ class BuildState(StrEnum):
         """
         return self in TERMINAL_STATES
 
+
+_STATE_RE = re.compile(r"[a-z][a-z0-9_]{0,39}")
+_UNKNOWN_STATES: dict[str, BuildState] = {}
+_KNOWN_STATES = frozenset(state.value for state in BuildState)
 
 TERMINAL_STATES = frozenset(
     {
@@ -63,6 +103,50 @@ ACTIVE_STATES = (
 )
 
 
+#: Job states that failed the job (unless it soft-failed). ``broken`` (the step could not run:
+#: its ``if:`` was false, or its branch did not match), ``skipped`` and ``canceled`` are not.
+FAILED_JOB_STATES = frozenset(
+    {"failed", "timed_out", "expired", "blocked_failed", "unblocked_failed", "waiting_failed"}
+)
+
+_ISO_DATETIME: TypeAdapter[datetime] = TypeAdapter(datetime)
+# Older objects and some docs examples: "2021-06-01 08:23:35 UTC".
+_UTC_SUFFIX_RE = re.compile(r"(\d{4}-\d{2}-\d{2}) (\d{2}:\d{2}:\d{2}(?:\.\d+)?) UTC")
+
+
+def _parse_time(value: Any) -> datetime | None:
+    """Either of Buildkite's time formats; ``None`` for a time that cannot be read."""
+    if value is None or value == "" or isinstance(value, datetime):
+        return value or None
+    if isinstance(value, str) and (match := _UTC_SUFFIX_RE.fullmatch(value.strip())):
+        value = f"{match[1]}T{match[2]}Z"
+    if not isinstance(value, str):
+        return None  # a number would be read as a Unix time: not a shape Buildkite sends
+    try:
+        moment = _ISO_DATETIME.validate_python(value)
+    except ValidationError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+#: A time from Buildkite, in either format it uses; unreadable times become ``None``.
+Timestamp = Annotated[datetime | None, BeforeValidator(_parse_time)]
+
+
+def item_id(item: Any) -> str:
+    """The id of a raw list item, for a log line about it (never the item itself)."""
+    value = item.get("id") if isinstance(item, dict) else None
+    if isinstance(value, str | int) and not isinstance(value, bool):
+        return repr(str(value)[:64])
+    return "(no id)"
+
+
+def fields_at_fault(exc: ValidationError) -> str:
+    """The fields a validation error is about, for a log line (no values)."""
+    fields = sorted({".".join(map(str, error["loc"])) for error in exc.errors()})
+    return ", ".join(fields) or "value"
+
+
 def _none_if_empty(value: Any) -> Any:
     # Buildkite sends `{}` for an absent author or pull request.
     if isinstance(value, dict) and not value:
@@ -76,6 +160,15 @@ class Person(_Model):
     id: str | None = None
     name: str | None = None
     email: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        # Builds created with an email author carry `"author": "someone@example.com"`.
+        if isinstance(value, str):
+            text = value.strip()
+            return {"email": text} if "@" in text else {"name": text or None}
+        return value
 
 
 class JobAgent(_Model):
@@ -103,9 +196,10 @@ class Job(_Model):
     unblock_url: str | None = None
     unblockable: bool | None = None
     fields: list[dict[str, Any]] | None = None
+    broken_reason: str | None = None
     agent: JobAgent | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    started_at: Timestamp = None
+    finished_at: Timestamp = None
 
     _empty = field_validator("agent", mode="before")(_none_if_empty)
 
@@ -115,13 +209,18 @@ class Job(_Model):
 
     @property
     def is_failed(self) -> bool:
-        """A job that failed the build: failed or timed out and not soft-failed nor retried."""
-        return (
-            self.type == "script"
-            and self.state in {"failed", "timed_out", "broken"}
-            and not self.soft_failed
-            and not self.retried
-        )
+        """A job that failed the build, as Buildkite means it: a failed state (``failed``,
+        ``timed_out``, ``expired``, ``*_failed``), not soft-failed, and not since retried.
+
+        ``broken`` (a step that could not run because of its configuration, like an ``if:``
+        that was false), ``skipped`` and ``canceled`` are never failures.
+        """
+        return self.state in FAILED_JOB_STATES and not self.soft_failed and not self.retried
+
+    @property
+    def ran(self) -> bool:
+        """The job ran on an agent, so it has a log worth reading."""
+        return self.type == "script" and self.started_at is not None
 
 
 class PipelineRef(_Model):
@@ -157,10 +256,10 @@ class Build(_Model):
     cancel_reason: str | None = None
     author: Person | None = None
     creator: Person | None = None
-    created_at: datetime | None = None
-    scheduled_at: datetime | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    created_at: Timestamp = None
+    scheduled_at: Timestamp = None
+    started_at: Timestamp = None
+    finished_at: Timestamp = None
     meta_data: dict[str, str] = Field(default_factory=dict)
     env: dict[str, Any] = Field(default_factory=dict)
     jobs: list[Job] = Field(default_factory=list)
@@ -174,10 +273,31 @@ class Build(_Model):
     def _null_to_empty(cls, value: Any) -> Any:
         return value or {}
 
+    @field_validator("meta_data", mode="before")
+    @classmethod
+    def _text_meta_data(cls, value: Any) -> Any:
+        # Meta-data values are strings in Buildkite; a non-string one is shown as text.
+        if isinstance(value, dict):
+            return {
+                str(key): v if isinstance(v, str) else _json_text(v) for key, v in value.items()
+            }
+        return value
+
     @field_validator("jobs", mode="before")
     @classmethod
-    def _null_jobs(cls, value: Any) -> Any:
-        return value or []
+    def _readable_jobs(cls, value: Any) -> Any:
+        # One job that cannot be read must not hide the build: it is left out, once logged.
+        if not isinstance(value, list):
+            return value or []
+        jobs: list[Any] = []
+        for item in value:
+            try:
+                jobs.append(Job.model_validate(item))
+            except ValidationError as exc:
+                log.warning(
+                    "left out job %s of a build: unreadable %s", item_id(item), fields_at_fault(exc)
+                )
+        return jobs
 
     @property
     def is_final(self) -> bool:
@@ -190,7 +310,13 @@ class Build(_Model):
 
     @property
     def failed_jobs(self) -> list[Job]:
+        """The jobs that failed this build (see ``Job.is_failed``), in the build's order."""
         return [job for job in self.jobs if job.is_failed]
+
+    @property
+    def log_tail_job(self) -> Job | None:
+        """The first job that really failed and ran, whose log explains the failure."""
+        return next((job for job in self.failed_jobs if job.ran), None)
 
     @property
     def pipeline_slug(self) -> str | None:
@@ -210,7 +336,8 @@ class Pipeline(_Model):
     description: str | None = None
     builds_url: str | None = None
     visibility: str | None = None
-    archived_at: datetime | None = None
+    cluster_id: str | None = None
+    archived_at: Timestamp = None
     provider: dict[str, Any] | None = None
     running_builds_count: int | None = None
     scheduled_builds_count: int | None = None
@@ -225,21 +352,50 @@ class Agent(_Model):
     hostname: str | None = None
     version: str | None = None
     web_url: str | None = None
+    #: Top-level on current agents; clustered agents have no ``queue=`` tag.
+    queue_name: str | None = Field(default=None, alias="queue")
     meta_data: list[str] = Field(default_factory=list)
     job: Job | None = None
-    last_job_finished_at: datetime | None = None
-    created_at: datetime | None = None
+    last_job_finished_at: Timestamp = None
+    created_at: Timestamp = None
 
     _empty = field_validator("job", mode="before")(_none_if_empty)
+
+    @field_validator("job", mode="before")
+    @classmethod
+    def _readable_job(cls, value: Any) -> Any:
+        # The running job only decorates the agent: one that cannot be read leaves it idle-looking
+        # rather than hiding the agent.
+        if isinstance(value, dict) and value:
+            try:
+                return Job.model_validate(value)
+            except ValidationError as exc:
+                log.warning(
+                    "ignored the job of an agent: unreadable %s (job %s)",
+                    fields_at_fault(exc),
+                    item_id(value),
+                )
+                return None
+        return value
+
+    @field_validator("queue_name", mode="before")
+    @classmethod
+    def _text_queue(cls, value: Any) -> Any:
+        return value if isinstance(value, str) and value else None
 
     @field_validator("meta_data", mode="before")
     @classmethod
     def _null_meta(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [tag for tag in value if isinstance(tag, str)]
         return value or []
 
     @property
     def queue(self) -> str:
-        """The agent's queue tag (``queue=...``), ``default`` when it has none."""
+        """The agent's queue: the top-level ``queue``, else its ``queue=...`` tag, else
+        ``default``."""
+        if self.queue_name:
+            return self.queue_name
         for tag in self.meta_data:
             key, _, value = tag.partition("=")
             if key == "queue":
@@ -270,6 +426,17 @@ class AccessToken(_Model):
     uuid: str
     scopes: list[str] = Field(default_factory=list)
     description: str | None = None
+
+
+class Cluster(_Model):
+    """A cluster of the organization (``GET /organizations/{org}/clusters``)."""
+
+    id: str
+    name: str | None = None
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
 
 
 class Author(_Model):

@@ -6,10 +6,12 @@ Each test asserts the request exactly as the fake recorded it (method, path, que
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import httpx
 import pytest
 
 from buildkite.client import (
@@ -18,12 +20,13 @@ from buildkite.client import (
     SOURCE_META_VALUE,
     BuildkiteClient,
 )
-from buildkite.errors import BadRequest, PermissionDenied, ValidationFailed
+from buildkite.errors import BadRequest, PermissionDenied, RateLimited, ValidationFailed
 from buildkite.models import Author, BuildState
 from tests.fakes.buildkite import FakeBuildkite, RecordedRequest
 
 ORG = "/v2/organizations/acme"
 PIPE = f"{ORG}/pipelines/deploy-prod"
+STEPS = "steps:\n  - command: make test\n"
 
 
 class Sleeps:
@@ -589,3 +592,145 @@ async def test_requests_beyond_the_limit_wait_their_turn_instead_of_piling_up(
 def test_at_least_one_request_must_be_allowed_at_a_time(bk: FakeBuildkite) -> None:
     with pytest.raises(ValueError, match="max_concurrent_requests"):
         BuildkiteClient(bk.token, bk.org, base_url=bk.url, max_concurrent_requests=0)
+
+
+# -- real shapes: both rate-limit scopes, odd list items, clusters ---------------------------
+
+
+async def test_both_rate_limit_scopes_are_tracked_and_the_tighter_is_reported(
+    bk: FakeBuildkite, client: BuildkiteClient
+) -> None:
+    bk.user_rate_limit = 50  # Buildkite's per-user limit, beside the organization's 200
+    await client.get_user()
+    org, user = client.rate_limits["organization"], client.rate_limits["user"]
+    assert (org.remaining, org.limit) == (199, 200)
+    assert (user.remaining, user.limit) == (49, 50)
+    assert user.reset is not None and 0 < user.reset <= 60
+    assert (client.rate_limit_remaining, client.rate_limit_limit) == (49, 50)
+
+
+def _rate_limited_once(body: dict[str, Any], headers: dict[str, str]) -> Any:
+    answers = iter(
+        [
+            httpx.Response(429, json=body, headers=headers),
+            httpx.Response(200, json={"id": "u", "name": "Bot"}),
+        ]
+    )
+    return httpx.MockTransport(lambda request: next(answers))
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "scope", "reset"),
+    [
+        # The body names the user scope: its reset, not the organization's, is waited.
+        (
+            {"message": "slow down", "scope": "rest_user", "limit": 50, "current": 55, "reset": 7},
+            {"RateLimit-Reset": "50", "RateLimit-Remaining": "120", "RateLimit-User-Reset": "9"},
+            "user",
+            7,
+        ),
+        # No body scope: the headers of the scope with nothing left decide.
+        (
+            {"message": "slow down"},
+            {
+                "RateLimit-Reset": "50",
+                "RateLimit-Remaining": "120",
+                "RateLimit-User-Remaining": "0",
+                "RateLimit-User-Reset": "4",
+            },
+            "user",
+            4,
+        ),
+        (
+            {"message": "slow down", "scope": "rest", "reset": 3},
+            {"RateLimit-Reset": "30", "RateLimit-User-Reset": "40"},
+            "organization",
+            3,
+        ),
+    ],
+)
+async def test_a_429_waits_for_the_reset_of_the_scope_it_hit(
+    body: dict[str, Any], headers: dict[str, str], scope: str, reset: float
+) -> None:
+    sleeps = Sleeps()
+    transport = _rate_limited_once(body, headers)
+    async with (
+        httpx.AsyncClient(transport=transport) as http,
+        BuildkiteClient("t", "acme", http=http, sleep=sleeps) as client,
+    ):
+        await client.get_user()
+    (waited,) = sleeps.calls
+    assert reset + 0.5 <= waited <= reset + 1.5
+    assert client.rate_limits[scope].remaining == 0
+
+
+async def test_a_429_given_up_on_names_its_scope_and_reset() -> None:
+    body = {"message": "You have exceeded your API rate limit.", "scope": "rest_user", "reset": 42}
+    transport = httpx.MockTransport(lambda request: httpx.Response(429, json=body))
+    async with (
+        httpx.AsyncClient(transport=transport) as http,
+        BuildkiteClient("t", "acme", http=http, sleep=Sleeps(), max_rate_limit_wait=0) as client,
+    ):
+        with pytest.raises(RateLimited) as caught:
+            await client.get_user()
+    assert (caught.value.scope, caught.value.reset) == ("user", 42)
+
+
+async def test_the_fakes_user_scope_429_is_waited_out(
+    bk: FakeBuildkite, client: BuildkiteClient, sleeps: Sleeps
+) -> None:
+    bk.rate_limit_next(1, reset=5, scope="rest_user")
+    await client.get_user()
+    (waited,) = sleeps.calls
+    assert 5.5 <= waited <= 6.5
+    first = bk.requests[0]
+    assert first.path == bk.requests[1].path == "/v2/user"
+
+
+async def test_one_unreadable_build_is_skipped_with_one_warning_naming_it(
+    bk: FakeBuildkite, client: BuildkiteClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = bk.add_build("deploy-prod", author="dev@example.com", state="passed")
+    odd = bk.add_build("deploy-prod", state="passed")
+    odd["web_url"] = 42  # not a URL at all
+    waiting = bk.add_build("deploy-prod")
+    waiting["state"] = "waiting"
+    good["started_at"] = "2021-06-01 08:23:35 UTC"
+    with caplog.at_level(logging.WARNING, logger="buildkite"):
+        builds = [b async for b in client.list_builds(pipeline="deploy-prod")]
+    assert [b.number for b in builds] == [waiting["number"], good["number"]]
+    assert builds[0].state.value == "waiting" and not builds[0].is_final
+    assert builds[1].author is not None and builds[1].author.email == "dev@example.com"
+    assert builds[1].started_at == datetime(2021, 6, 1, 8, 23, 35, tzinfo=UTC)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and odd["id"] in warnings[0] and "web_url" in warnings[0]
+
+
+async def test_agents_read_their_queue_from_the_top_level_field(
+    bk: FakeBuildkite, client: BuildkiteClient
+) -> None:
+    bk.add_agent("tagged", queue="deploy")
+    clustered = bk.add_agent("clustered", queue="builds", cluster="c-1")
+    assert not any(tag.startswith("queue=") for tag in clustered["meta_data"])
+    queues = {a.name: a.queue async for a in client.list_agents()}
+    assert queues == {"tagged": "deploy", "clustered": "builds"}
+
+
+async def test_clusters_are_listed_and_cached(bk: FakeBuildkite, client: BuildkiteClient) -> None:
+    cluster = bk.add_cluster("Default")
+    assert [c.id for c in await client.list_clusters()] == [cluster["id"]]
+    assert [c.id for c in await client.list_clusters()] == [cluster["id"]]
+    assert [r.path for r in bk.requests] == [f"{ORG}/clusters"]
+
+
+async def test_create_pipeline_sends_its_cluster(
+    bk: FakeBuildkite, client: BuildkiteClient
+) -> None:
+    cluster = bk.add_cluster()
+    with pytest.raises(ValidationFailed):
+        await client.create_pipeline(name="web", repository="git@x:y.git", configuration=STEPS)
+    created = await client.create_pipeline(
+        name="web", repository="git@x:y.git", configuration=STEPS, cluster_id=cluster["id"]
+    )
+    assert created.cluster_id == cluster["id"]
+    assert bk.last_request.json["cluster_id"] == cluster["id"]

@@ -12,7 +12,8 @@ import pytest
 
 from tests.fakes.buildkite import UNAUTHORIZED_MESSAGE, UNEXPECTED_STATUS, FakeBuildkite
 
-PIPE = "/organizations/acme/pipelines/deploy-prod"
+ORG = "/organizations/acme"
+PIPE = f"{ORG}/pipelines/deploy-prod"
 
 
 @pytest.fixture
@@ -81,11 +82,74 @@ async def test_authentication_is_required(bk: FakeBuildkite) -> None:
 async def test_every_answer_has_rate_limit_headers(
     bk: FakeBuildkite, http: httpx.AsyncClient
 ) -> None:
+    bk.user_rate_limit = 50
     for response in (await http.get("/user"), await http.get(f"{PIPE}/builds/99")):
         assert response.headers["RateLimit-Limit"] == "200"
-        assert response.headers["RateLimit-Scope"] == "rest"
+        assert response.headers["RateLimit-Scope"] == "organization"  # as a real answer reads
         assert int(response.headers["RateLimit-Reset"]) <= 60
+        assert response.headers["RateLimit-User-Limit"] == "50"
+        assert int(response.headers["RateLimit-User-Reset"]) <= 60
     assert response.headers["RateLimit-Remaining"] == "198"
+    assert response.headers["RateLimit-User-Remaining"] == "48"
+
+
+async def test_a_429_names_the_scope_it_exceeded(
+    bk: FakeBuildkite, http: httpx.AsyncClient
+) -> None:
+    bk.user_rate_limit = 1
+    assert (await http.get("/user")).status_code == 200
+    user = await http.get("/user")
+    assert user.status_code == 429
+    assert user.json()["scope"] == "rest_user" and user.json()["limit"] == 1
+    assert user.headers["RateLimit-User-Remaining"] == "0"
+    bk.rate_limit_next(1, reset=9)
+    org = await http.get("/user")
+    assert (org.json()["scope"], org.json()["reset"]) == ("rest", 9)
+    assert org.headers["RateLimit-Remaining"] == "0"
+
+
+async def test_a_clustered_organization_needs_a_cluster_id_to_create_a_pipeline(
+    bk: FakeBuildkite, http: httpx.AsyncClient
+) -> None:
+    body = {"name": "web", "repository": "git@x:y.git", "configuration": "steps: []"}
+    assert (await http.post(f"{ORG}/pipelines", json=body)).status_code == 201
+    cluster = bk.add_cluster()
+    (listed,) = (await http.get(f"{ORG}/clusters")).json()
+    assert listed["id"] == cluster["id"] and listed["name"] == "Default cluster"
+    body["name"] = "api"
+    refused = await http.post(f"{ORG}/pipelines", json=body)
+    assert refused.status_code == 422
+    assert refused.json()["errors"] == [{"field": "cluster_id", "code": "missing"}]
+    created = await http.post(f"{ORG}/pipelines", json={**body, "cluster_id": cluster["id"]})
+    assert created.json()["cluster_id"] == cluster["id"]
+
+
+async def test_manual_jobs_can_be_served_without_fields_as_buildkite_does(
+    bk: FakeBuildkite, http: httpx.AsyncClient
+) -> None:
+    fields = [{"text": "Notes", "key": "notes"}]
+    bk.add_pipeline("forms", block="Approve", block_fields=fields, block_key="approve")
+    bk.add_build("forms", blocked=True)
+    bk.block_fields_in_jobs = False
+    build = (await http.get(f"{ORG}/pipelines/forms/builds/1")).json()
+    (manual,) = [job for job in build["jobs"] if job["type"] == "manual"]
+    assert "fields" not in manual
+    assert (manual["state"], manual["step_key"], manual["unblockable"]) == (
+        "blocked",
+        "approve",
+        True,
+    )
+    # Buildkite still checks the step's fields (from the pipeline's YAML) when unblocking.
+    unblock = f"{ORG}/pipelines/forms/builds/1/jobs/{manual['id']}/unblock"
+    assert (await http.put(unblock, json={"fields": {"notes": "ok"}})).status_code == 200
+
+
+async def test_a_build_waiting_on_a_block_step_keeps_its_state(
+    bk: FakeBuildkite, http: httpx.AsyncClient
+) -> None:
+    bk.add_build("deploy-prod", state="blocked")
+    build = (await http.get(f"{PIPE}/builds/1")).json()
+    assert (build["state"], build["blocked"]) == ("passed", True)
 
 
 async def test_link_header_has_next_last_first_and_prev(

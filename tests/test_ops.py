@@ -190,6 +190,10 @@ async def test_metrics_count_what_the_bot_does(
     assert value(samples, requests, method="POST", endpoint=builds, status="201") == 1
     assert value(samples, requests, method="GET", endpoint="/access-token", status="200") == 1
     assert value(samples, "bkchatops_buildkite_rate_limit_remaining") > 0
+    # Both of Buildkite's scopes: the organization's and the token user's own.
+    scoped = "bkchatops_buildkite_rate_limit_scope_remaining"
+    assert value(samples, scoped, scope="organization") > 0
+    assert value(samples, scoped, scope="user") > 0
     endpoints = {dict(labels)["endpoint"] for name, labels in samples if name == requests}
     assert not any("acme" in e or "deploy-prod" in e for e in endpoints), endpoints
 

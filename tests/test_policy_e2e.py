@@ -210,6 +210,19 @@ async def test_protected_deploy_asks_for_confirmation_with_sha_and_diff(
     assert len(bk.requests_to("POST")) == 1
 
 
+async def test_the_last_build_look_up_reads_past_an_odd_build(
+    bot: BotClient, bk: FakeBuildkite
+) -> None:
+    bk.add_build("staging", commit="1" * 40, state="passed")
+    bk.add_build("staging", commit="2" * 40, state="failed", author="dev@example.com")
+    odd = bk.add_build("staging", commit="3" * 40, state="failed")
+    odd["number"] = None  # one build Buildkite lists that cannot be read
+    reply = await answer(bot, "/deploy", "staging")
+    text = reply["text"] + json.dumps(reply.get("blocks"))
+    assert "last built as `222222222222` in #2" in text
+    assert f"https://github.com/acme/staging/compare/{'1' * 40}...{'2' * 40}" in text
+
+
 async def test_protected_deploy_can_be_called_off(
     bot: BotClient, bk: FakeBuildkite, slack: FakeSlack
 ) -> None:

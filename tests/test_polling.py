@@ -243,6 +243,40 @@ async def test_a_build_of_its_own_that_cannot_be_fetched_does_not_stop_polling(
 # -- backing off ------------------------------------------------------------------------------
 
 
+async def test_a_poll_reads_past_a_build_it_cannot_read(
+    poller: Poller, caplog: pytest.LogCaptureFixture
+) -> None:
+    numbers = await poller.track(2)
+    await poller.cycle()
+    odd = poller.bk.build(PIPELINE, numbers[0])
+    poller.bk.set_build_state(PIPELINE, numbers[0], "passed")
+    poller.bk.set_build_state(PIPELINE, numbers[1], "passed")
+    odd["web_url"] = 42  # cannot be read: the build is skipped, not the whole list
+    with caplog.at_level(logging.WARNING):
+        report, _ = await poller.cycle()
+    assert not report.failed and not report.backed_off
+    assert await poller.phase(numbers[1]) == "passed"
+    assert sum(odd["id"] in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_the_reserve_is_kept_of_the_token_users_budget_when_it_is_the_tighter(
+    poller: Poller, caplog: pytest.LogCaptureFixture
+) -> None:
+    numbers = await poller.track(2)
+    await poller.cycle()
+    # The organization has plenty left; this token's own per-user budget (50 a minute on
+    # Buildkite) has one request left.
+    poller.bk.user_rate_limit = len(poller.bk.requests) + 1
+    poller.bk.set_build_state(PIPELINE, numbers[0], "passed")
+    with caplog.at_level(logging.WARNING, logger="app.tracker"):
+        report, requests = await poller.cycle()
+    assert lists(requests) == ["finished"]
+    assert report.backed_off == "rate_limit_low"
+    assert 0 < report.backoff <= 60
+    assert any("user requests left" in r.getMessage() for r in caplog.records)
+    assert poller.bk.unexpected == []
+
+
 async def test_low_rate_limit_remaining_defers_the_active_list_then_waits_for_the_reset(
     poller: Poller, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -53,6 +53,7 @@ ALL_SCOPES = (
     "read_pipelines",
     "write_pipelines",
     "read_user",
+    "read_clusters",
     "read_notification_services",
     "write_notification_services",
 )
@@ -161,6 +162,7 @@ class _Fault:
     body: str | None = None
     seconds: float = 0.0
     reset: int = 1
+    scope: Literal["rest", "rest_user"] = "rest"
     how: Literal["cut", "delay"] = "cut"
 
     def matches(self, method: str, path: str) -> bool:
@@ -216,6 +218,13 @@ def _parse_time(value: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def _stored_time(value: str) -> datetime:
+    """A time as Buildkite stores it: ISO 8601, or the older ``2021-06-01 08:23:35 UTC``."""
+    if value.endswith(" UTC"):
+        value = value[: -len(" UTC")].replace(" ", "T") + "Z"
+    return _parse_time(value)
+
+
 def _key(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "step"
 
@@ -263,6 +272,7 @@ class FakeBuildkite:
         token: str = "bk-test-token",
         *,
         rate_limit: int = 200,
+        user_rate_limit: int | None = None,
         latency: float = 0.0,
         webhook_token: str = "bk-webhook-token",
     ) -> None:
@@ -271,8 +281,18 @@ class FakeBuildkite:
         self.webhook_token = webhook_token
         #: The token's scopes; remove one and the endpoints needing it answer 403.
         self.scopes: list[str] = list(ALL_SCOPES)
-        #: Requests allowed per 60 s window before 429s.
+        #: Requests allowed per 60 s window before 429s (the organization's limit).
         self.rate_limit = rate_limit
+        #: The token user's own limit per 60 s window (Buildkite's is 50); unset, it follows
+        #: the organization's, so that only tests about it hit it first.
+        self._user_rate_limit = user_rate_limit
+        #: The organization's clusters; when there are any, creating a pipeline needs a
+        #: ``cluster_id`` naming one of them, as on Buildkite.
+        self.clusters: list[JSON] = []
+        #: Manual jobs carry their block step's ``fields`` in API answers. Buildkite's never do
+        #: (neither REST nor GraphQL returns them); this stays on until the unblock flow reads the
+        #: fields from the pipeline's YAML, then goes (see issue 14).
+        self.block_fields_in_jobs = True
         #: Seconds every request waits before it is answered.
         self.latency = latency
         #: The clock used for created_at and the like; tests may replace it.
@@ -317,6 +337,15 @@ class FakeBuildkite:
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
         self.port: int | None = None
+
+    @property
+    def user_rate_limit(self) -> int:
+        """The token user's limit per 60 s window (``RateLimit-User-Limit``)."""
+        return self.rate_limit if self._user_rate_limit is None else self._user_rate_limit
+
+    @user_rate_limit.setter
+    def user_rate_limit(self, value: int | None) -> None:
+        self._user_rate_limit = value
 
     # Lifecycle
 
@@ -376,6 +405,7 @@ class FakeBuildkite:
         steps: Sequence[str] = ("Test", "Deploy"),
         block: str | None = None,
         block_fields: Sequence[JSON] | None = None,
+        block_key: str | None = None,
     ) -> JSON:
         """Add a pipeline whose builds get one script job per ``steps`` name.
 
@@ -418,6 +448,8 @@ class FakeBuildkite:
         templates: list[JSON] = [{"type": "script", "name": step} for step in steps]
         if block is not None:
             manual: JSON = {"type": "manual", "label": block, "fields": list(block_fields or [])}
+            if block_key is not None:
+                manual["key"] = block_key
             templates.insert(max(len(templates) - 1, 0), manual)
         self.pipelines[slug] = pipeline
         self._steps[slug] = templates
@@ -433,29 +465,62 @@ class FakeBuildkite:
         queue: str = "default",
         meta_data: Sequence[str] = (),
         connection_state: str = "connected",
+        cluster: str | None = None,
     ) -> JSON:
-        """Add a connected agent tagged ``queue=<queue>``."""
+        """Add a connected agent in ``queue``: reported in the top-level ``queue`` field, and
+        also as a ``queue=<queue>`` tag unless the agent is in a ``cluster`` (clustered agents
+        have no such tag, and a cluster-scoped web URL)."""
         agent_id = str(uuid.uuid4())
+        web_url = f"https://buildkite.com/organizations/{self.org}/agents/{agent_id}"
+        tags = [*meta_data] if cluster else [f"queue={queue}", *meta_data]
+        if cluster:
+            web_url = (
+                f"https://buildkite.com/organizations/{self.org}/clusters/{cluster}"
+                f"/queues/{uuid.uuid5(uuid.NAMESPACE_URL, queue)}/agents/{agent_id}"
+            )
         agent: JSON = {
             "id": agent_id,
             "graphql_id": f"agent-{name}",
             "url": f"{API_URL}/organizations/{self.org}/agents/{agent_id}",
-            "web_url": f"https://buildkite.com/organizations/{self.org}/agents/{agent_id}",
+            "web_url": web_url,
             "name": name,
             "connection_state": connection_state,
             "hostname": hostname or f"{name}.internal",
             "ip_address": "10.0.0.1",
             "user_agent": f"buildkite-agent/{version}",
             "version": version,
+            "queue": queue,
             "creator": None,
             "created_at": _now_iso(self.now()),
             "job": None,
             "last_job_finished_at": None,
             "priority": 0,
-            "meta_data": [f"queue={queue}", *meta_data],
+            "meta_data": tags,
         }
         self.agents[agent_id] = agent
         return agent
+
+    def add_cluster(self, name: str = "Default cluster", *, default_queue: str = "default") -> JSON:
+        """Make the organization clustered (or add a cluster to it)."""
+        cluster_id = str(uuid.uuid4())
+        url = f"{API_URL}/organizations/{self.org}/clusters/{cluster_id}"
+        cluster: JSON = {
+            "id": cluster_id,
+            "graphql_id": f"cluster-{cluster_id}",
+            "default_queue_id": str(uuid.uuid5(uuid.NAMESPACE_URL, default_queue)),
+            "name": name,
+            "description": None,
+            "emoji": None,
+            "color": None,
+            "url": url,
+            "web_url": f"https://buildkite.com/organizations/{self.org}/clusters/{cluster_id}",
+            "default_queue_url": f"{url}/queues/{default_queue}",
+            "queues_url": f"{url}/queues",
+            "created_at": _now_iso(self.now()),
+            "created_by": self._creator(),
+        }
+        self.clusters.append(cluster)
+        return cluster
 
     def add_build(
         self,
@@ -470,8 +535,12 @@ class FakeBuildkite:
         meta_data: Mapping[str, str] | None = None,
         env: Mapping[str, str] | None = None,
         created_at: datetime | None = None,
+        author: JSON | str | None = None,
     ) -> JSON:
-        """Put a build straight into state, without an HTTP request; returns its live dict."""
+        """Put a build straight into state, without an HTTP request; returns its live dict.
+
+        ``author`` may be a bare email string: Buildkite returns that for builds created with
+        an email author."""
         pipeline = self._pipeline(slug)
         build = self._new_build(
             pipeline,
@@ -480,7 +549,7 @@ class FakeBuildkite:
             message=message,
             meta_data=dict(meta_data or {}),
             env=dict(env or {}),
-            author={},
+            author={} if author is None else author,
             source="api",
             created_at=created_at,
         )
@@ -518,7 +587,9 @@ class FakeBuildkite:
         """
         if state not in BUILD_STATES:
             raise ValueError(f"unknown build state {state!r}")
-        blocked = blocked or state == "blocked"
+        if state == "blocked":
+            # A build waiting on a block step keeps the state it had: `blocked` is a flag.
+            state, blocked = ("failed" if failed_jobs else "passed"), True
         build = self.build(slug, number)
         names = {job.get("name") for job in build["jobs"]}
         if unknown := set(failed_jobs) - names:
@@ -526,7 +597,7 @@ class FakeBuildkite:
         now = _now_iso(self.now())
         build["state"] = state
         build["blocked"] = blocked
-        build["blocked_state"] = state if blocked else ""
+        build["blocked_state"] = "blocked" if blocked else ""
         if state not in {"creating", "scheduled"} and build["started_at"] is None:
             build["started_at"] = now
         build["finished_at"] = now if state in TERMINAL_STATES or blocked else None
@@ -583,7 +654,7 @@ class FakeBuildkite:
     ) -> JSON:
         """The body of a job.* webhook: the build payload plus the job."""
         payload = self.webhook_payload(slug, number, event)
-        payload["job"] = copy.deepcopy(self._job(self.build(slug, number), job_id))
+        payload["job"] = self._job_json(self._job(self.build(slug, number), job_id))
         return payload
 
     async def send_webhook(
@@ -628,10 +699,16 @@ class FakeBuildkite:
         )
 
     def rate_limit_next(
-        self, n: int = 1, reset: int = 1, *, path_contains: str | None = None
+        self,
+        n: int = 1,
+        reset: int = 1,
+        *,
+        path_contains: str | None = None,
+        scope: Literal["rest", "rest_user"] = "rest",
     ) -> None:
-        """Answer the next ``n`` requests with Buildkite's 429, ``RateLimit-Reset: <reset>``."""
-        self._faults.append(_Fault("rate_limit", n, path_contains, reset=reset))
+        """Answer the next ``n`` requests with Buildkite's 429 for ``scope`` (the organization's
+        limit, or the token user's), whose body and reset header say ``reset`` seconds."""
+        self._faults.append(_Fault("rate_limit", n, path_contains, reset=reset, scope=scope))
 
     def delay_next(
         self,
@@ -726,14 +803,14 @@ class FakeBuildkite:
         self.requests.append(
             RecordedRequest(method, path, query, CIMultiDict(request.headers), raw, body)
         )
-        remaining, reset = self._count_request()
+        count, reset = self._count_request()
 
         route, args = self._route(method, path)
         response: web.StreamResponse
         try:
             if route is None or problem is not None:
                 raise _Unexpected(problem or "no such endpoint")
-            response = await self._answer(request, route, args, body, remaining, reset)
+            response = await self._answer(request, route, args, body, count, reset)
         except _Unexpected as exc:
             response = self._unexpected(f"{description}: {exc}")
         except Exception:
@@ -741,7 +818,7 @@ class FakeBuildkite:
                 f"{description}: the fake crashed\n{traceback.format_exc()}"
             )
         if response.status != 429:  # a 429 carries its own numbers
-            response.headers.update(self._rate_limit_headers(remaining, reset))
+            response.headers.update(self._rate_limit_headers(count, reset))
         # Only a request that did its work can lose its answer.
         if response.status < 300 and (drop := self._take("drop", method, path)):
             if drop.how == "cut":
@@ -757,7 +834,7 @@ class FakeBuildkite:
         route: _Route,
         args: dict[str, str],
         body: Any,
-        remaining: int,
+        count: int,
         reset: int,
     ) -> web.StreamResponse:
         method, path = request.method, request.rel_url.raw_path
@@ -766,15 +843,17 @@ class FakeBuildkite:
         if delay := self._take("delay", method, path):
             await self._pause(delay.seconds)
         if limited := self._take("rate_limit", method, path):
-            return self._too_many_requests(0, limited.reset)
+            return self._too_many_requests(limited.scope, None, limited.reset)
         if failure := self._take("fail", method, path):
             if failure.body is not None:
                 return web.Response(status=failure.status, text=failure.body)
             return web.json_response({"message": "Internal Server Error"}, status=failure.status)
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return web.json_response({"message": UNAUTHORIZED_MESSAGE}, status=401)
-        if self._window_count > self.rate_limit:
-            return self._too_many_requests(remaining, reset)
+        if count > self.rate_limit:
+            return self._too_many_requests("rest", count, reset)
+        if count > self.user_rate_limit:
+            return self._too_many_requests("rest_user", count, reset)
         if route.scope is not None and route.scope not in self.scopes:
             message = f"Your access token doesn't have the {route.scope} scope"
             return web.json_response({"message": message}, status=403)
@@ -815,33 +894,45 @@ class FakeBuildkite:
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
     def _count_request(self) -> tuple[int, int]:
+        """This request's number in the current 60 s window, and the seconds left in it (one
+        token is one user, so both scopes count the same requests)."""
         elapsed = time.monotonic() - self._window_started
         if elapsed >= 60:
             self._window_started, self._window_count, elapsed = time.monotonic(), 0, 0.0
         self._window_count += 1
-        return max(self.rate_limit - self._window_count, 0), max(math.ceil(60 - elapsed), 1)
+        return self._window_count, max(math.ceil(60 - elapsed), 1)
 
-    def _rate_limit_headers(self, remaining: int, reset: int) -> dict[str, str]:
+    def _rate_limit_headers(self, count: int, reset: int) -> dict[str, str]:
         return {
-            "RateLimit-Scope": "rest",
+            "RateLimit-Scope": "organization",
             "RateLimit-Limit": str(self.rate_limit),
-            "RateLimit-Remaining": str(remaining),
+            "RateLimit-Remaining": str(max(self.rate_limit - count, 0)),
             "RateLimit-Reset": str(reset),
+            "RateLimit-User-Limit": str(self.user_rate_limit),
+            "RateLimit-User-Remaining": str(max(self.user_rate_limit - count, 0)),
+            "RateLimit-User-Reset": str(reset),
         }
 
-    def _too_many_requests(self, remaining: int, reset: int) -> web.Response:
+    def _too_many_requests(
+        self, scope: Literal["rest", "rest_user"], count: int | None, reset: int
+    ) -> web.Response:
+        """Buildkite's 429: the body names the scope exceeded; its headers show it used up."""
+        limit = self.rate_limit if scope == "rest" else self.user_rate_limit
         body = {
             "message": (
                 "You have exceeded your API rate limit. "
                 f"Please wait {reset} seconds before making more requests."
             ),
-            "scope": "rest_org",
-            "limit": self.rate_limit,
-            "current": self._window_count,
+            "scope": scope,
+            "limit": limit,
+            "current": count if count is not None else limit + 1,
             "reset": reset,
         }
         response = web.json_response(body, status=429)
-        response.headers.update(self._rate_limit_headers(remaining, reset))
+        headers = self._rate_limit_headers(self._window_count, reset)
+        # The scope exceeded shows nothing left, even for an injected 429.
+        headers["RateLimit-Remaining" if scope == "rest" else "RateLimit-User-Remaining"] = "0"
+        response.headers.update(headers)
         return response
 
     def _make_routes(self) -> list[_Route]:
@@ -875,6 +966,7 @@ class FakeBuildkite:
             ("PATCH", pipeline, self._update_pipeline, "write_pipelines", none),
             ("DELETE", pipeline, self._delete_pipeline, "write_pipelines", none),
             ("GET", org + r"/agents", self._list_agents, "read_agents", agents),
+            ("GET", org + r"/clusters", self._list_clusters, "read_clusters", pages),
             ("GET", agent, self._get_agent, "read_agents", none),
             ("PUT", agent + r"/stop", self._stop_agent, "write_agents", none),
             ("GET", org, self._get_organization, "read_organizations", none),
@@ -915,8 +1007,8 @@ class FakeBuildkite:
         finished_from = _parse_time(q["finished_from"]) if "finished_from" in q else None
 
         def wanted(build: JSON) -> bool:
-            created = _parse_time(build["created_at"])
-            finished = build["finished_at"] and _parse_time(build["finished_at"])
+            created = _stored_time(build["created_at"])
+            finished = build["finished_at"] and _stored_time(build["finished_at"])
             return (
                 (not states or build["state"] in states)
                 and (not branches or any(fnmatch.fnmatchcase(build["branch"], b) for b in branches))
@@ -1108,6 +1200,11 @@ class FakeBuildkite:
         if missing:
             errors = [{"field": name, "code": "missing"} for name in missing]
             raise _Reply(422, "Validation Failed", errors)
+        cluster_id = body.get("cluster_id")
+        if self.clusters and not cluster_id:
+            raise _Reply(422, "Validation Failed", [{"field": "cluster_id", "code": "missing"}])
+        if cluster_id is not None and cluster_id not in {c["id"] for c in self.clusters}:
+            raise _Reply(422, "Validation Failed", [{"field": "cluster_id", "code": "invalid"}])
         slug = _key(body["name"])
         if slug in self.pipelines:
             raise _Reply(422, "Validation Failed", [{"field": "name", "code": "already_exists"}])
@@ -1115,6 +1212,10 @@ class FakeBuildkite:
         extra = {key: value for key, value in body.items() if key not in {"name", "repository"}}
         pipeline.update(extra)
         return web.json_response(copy.deepcopy(pipeline), status=201)
+
+    def _list_clusters(self, call: _Call) -> web.StreamResponse:
+        self._check_org(call)
+        return self._paginated(call, [copy.deepcopy(c) for c in self.clusters])
 
     def _get_pipeline(self, call: _Call) -> web.StreamResponse:
         return web.json_response(copy.deepcopy(self._pipeline_for(call)))
@@ -1264,7 +1365,7 @@ class FakeBuildkite:
         message: str,
         meta_data: JSON,
         env: JSON,
-        author: JSON,
+        author: JSON | str,
         source: str,
         created_at: datetime | None = None,
     ) -> JSON:
@@ -1325,6 +1426,7 @@ class FakeBuildkite:
         if template["type"] == "manual":
             job.update(
                 label=template["label"],
+                step_key=template.get("key"),
                 state="waiting",
                 unblock_url=f"{build['url']}/jobs/{job_id}/unblock",
                 unblockable=False,
@@ -1400,9 +1502,11 @@ class FakeBuildkite:
         lines.append(f"exit status {job.get('exit_status')}")
         return "\n".join(lines) + "\n"
 
-    @staticmethod
-    def _job_json(job: JSON) -> JSON:
-        return copy.deepcopy(job)
+    def _job_json(self, job: JSON) -> JSON:
+        data = copy.deepcopy(job)
+        if not self.block_fields_in_jobs:
+            data.pop("fields", None)
+        return data
 
     def _build_json(
         self, build: JSON, *, jobs: bool = True, pipeline: bool = True, retried: bool = False
@@ -1410,9 +1514,11 @@ class FakeBuildkite:
         data = copy.deepcopy(build)
         if not jobs:
             del data["jobs"]
-        elif not retried:
+        else:
             # Like Buildkite, hide jobs that were retried unless include_retried_jobs=true.
-            data["jobs"] = [job for job in data["jobs"] if not job.get("retried")]
+            data["jobs"] = [
+                self._job_json(job) for job in data["jobs"] if retried or not job.get("retried")
+            ]
         if not pipeline:
             del data["pipeline"]
         return data
