@@ -739,7 +739,7 @@ class Operations:
                 await self.s.buildkite.get_build(value.pipeline, value.number)
             )
         if not_posted:
-            raise UserError(f":unlock: Unblocked *{label}*, but nobody else was told. {not_posted}")
+            raise UserError(f":unlock: Unblocked *{label}*. {not_posted}")
 
     async def retry_failed(
         self, ref: BuildRef, actor: Actor, *, thread: tuple[str, str | None], dedup_key: str

@@ -79,10 +79,8 @@ NO_ACCESS_ERRORS = frozenset({"not_in_channel", "channel_not_found"})
 
 def not_in_channel_text(error: str) -> str:
     """Tell a person why the bot cannot post in their channel, and how to fix it."""
-    return (
-        f"The bot cannot post in this channel (`{error}`): invite it with `/invite @buildkite`, "
-        "or use a channel it is in."
-    )
+    # Short enough to fit, with what was done, in a modal's 150-character error.
+    return f"The bot cannot post in this channel (`{error}`): invite it with `/invite @buildkite`."
 
 
 class SlackDeliveryError(Exception):
