@@ -225,3 +225,28 @@ async def test_an_unblock_after_the_bot_left_the_channel_is_done_and_says_to_inv
     assert "`channel_not_found`" in texts[0] and "/invite @buildkite" in texts[0]
     (put,) = bk.requests_to("PUT", "/organizations/acme/pipelines/gated/builds/1/jobs/")
     assert put.path.endswith("/unblock")
+
+
+async def test_a_pipeline_created_in_a_channel_the_bot_is_not_in_says_to_invite_it(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any, tmp_path: Path
+) -> None:
+    slack.add_channel(PRIVATE, "secret-team", is_private=True, is_member=False)
+    policy = tmp_path / "policy.yml"
+    policy.write_text("admins: [U0USER]\n")
+    async with running_bot(
+        slack,
+        bk,
+        redis_url,
+        policy_file=str(policy),
+        pipeline_templates={"default": "steps:\n  - command: make test\n"},
+    ) as bot:
+        reply = await answer(
+            bot,
+            "/buildkite",
+            "pipeline create web git@github.com:acme/web.git default",
+            channel_id=PRIVATE,
+        )
+    assert "Created the pipeline" in reply["text"]
+    assert "could not be announced in this channel" in reply["text"]
+    assert "/invite @buildkite" in reply["text"]
+    assert "web" in bk.pipelines
