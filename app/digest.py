@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 
 from app import messages
 from app.messages import Digest, PipelineHealth
+from app.outbox import SlackDeliveryError
 from app.settings import DigestSchedule
 from app.store import TEMPLATE_PREFIX
 from buildkite.client import BuildkiteClient
@@ -325,6 +326,16 @@ async def run_digest_schedules(
                 await post_due_digest(services, ledger, schedule, now=clock(), owner=owner)
             except RedisError as exc:
                 log.warning("digest schedule skipped: redis unavailable (%s)", exc)
+            except SlackDeliveryError as exc:
+                # The outbox logged the cause and its fix once for this channel; a permanent
+                # one (the bot not invited, say) is not worth a traceback per attempt.
+                log.log(
+                    logging.INFO if exc.permanent else logging.WARNING,
+                    "the digest for %s was not posted (%s); it is tried again in %d min",
+                    schedule.channel,
+                    exc.error,
+                    LEASE_TTL // 60,
+                )
             except Exception:
                 log.exception(
                     "the digest for %s failed; it is tried again in %d min",

@@ -27,7 +27,7 @@ from app.audit import Auditor
 from app.commands import AuditRequest, BuildRef, DeployRequest, LockRequest, UnlockRequest
 from app.directory import Directory
 from app.messages import DeployPlan, Rendered, UnblockButtonValue, link
-from app.outbox import Outbox
+from app.outbox import Outbox, SlackDeliveryError, not_in_channel_text
 from app.policy import Action, Policy, Rule, principal_ref
 from app.routing import Router
 from app.settings import Settings
@@ -475,9 +475,19 @@ class Operations:
         approval_id = request_id_for("approval", request_id)
         expires_at = time.time() + rule.approval.expires_after
         await self.s.store.create_approval(approval_id, data, expires_at=expires_at)
-        ts = await self.s.outbox.post(
-            actor.channel_id, messages.approval_request(plan, approval_id), key=approval_id
-        )
+        try:
+            ts = await self.s.outbox.post(
+                actor.channel_id, messages.approval_request(plan, approval_id), key=approval_id
+            )
+        except SlackDeliveryError as exc:
+            if not exc.no_access:
+                raise
+            await self._audit(actor, "deploy", plan.pipeline, "failed", detail=exc.error)
+            raise UserError(
+                f":warning: Nothing was started: the approval request for `{plan.pipeline}` "
+                f"could not be posted. {not_in_channel_text(exc.error)} Then run `/deploy` "
+                "again."
+            ) from None
         await self.s.store.set_approval_message(approval_id, channel=actor.channel_id, ts=ts)
         await self._audit(actor, "deploy", plan.pipeline, "approval requested")
         return AwaitingApproval(approval_id)
@@ -716,7 +726,7 @@ class Operations:
             actor, "unblock", value.pipeline, "unblocked", number=value.number, detail=label
         )
         channel, thread_ts = thread
-        await self._post_in_thread(
+        not_posted = await self._post_in_thread(
             value.pipeline,
             value.number,
             channel,
@@ -728,6 +738,8 @@ class Operations:
             await self.s.tracker.observe(
                 await self.s.buildkite.get_build(value.pipeline, value.number)
             )
+        if not_posted:
+            raise UserError(f":unlock: Unblocked *{label}*. {not_posted}")
 
     async def retry_failed(
         self, ref: BuildRef, actor: Actor, *, thread: tuple[str, str | None], dedup_key: str
@@ -765,7 +777,7 @@ class Operations:
             detail=", ".join(j.display_name for j in failed),
         )
         channel, thread_ts = thread
-        await self._post_in_thread(
+        not_posted = await self._post_in_thread(
             ref.pipeline,
             ref.number,
             channel,
@@ -774,6 +786,12 @@ class Operations:
             key=dedup_key,
         )
         await self._follow_again(fresh, ref.pipeline, actor)
+        if not_posted:
+            title = link(fresh.web_url, f"{ref.pipeline} #{ref.number}")
+            raise UserError(
+                f":repeat: Retrying the failed jobs of {title}, but its progress cannot be "
+                f"shown here. {not_posted}"
+            )
         return failed
 
     async def auto_retry(self, tracked: TrackedBuild, build: Build) -> None:
@@ -850,15 +868,22 @@ class Operations:
         reply: Rendered,
         *,
         key: str,
-    ) -> None:
+    ) -> str | None:
         """Post in the thread of the build's message in `channel` (or of the clicked message).
 
         `key` (the action's request id) keeps a post whose answer Slack lost from showing twice.
+        Returns what to tell the person when the bot may not post in that channel.
         """
         tracked = await self.s.store.find(pipeline, number)
         target = tracked.target(channel) if tracked else None
         thread = (target.reply_thread if target else None) or thread_ts
-        await self.s.outbox.post(channel, reply, thread_ts=thread, key=f"action:{key}")
+        try:
+            await self.s.outbox.post(channel, reply, thread_ts=thread, key=f"action:{key}")
+        except SlackDeliveryError as exc:
+            if not exc.no_access:
+                raise
+            return not_in_channel_text(exc.error)
+        return None
 
     # -- locks and the audit trail ----------------------------------------------------------
 

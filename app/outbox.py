@@ -72,6 +72,17 @@ PERMANENT_ERRORS: dict[str, str] = {
 }
 
 
+#: Slack's answers when the bot may not post in a channel: a public one it was not invited to
+#: (without chat:write.public), or a private one, which Slack hides from non-members.
+NO_ACCESS_ERRORS = frozenset({"not_in_channel", "channel_not_found"})
+
+
+def not_in_channel_text(error: str) -> str:
+    """Tell a person why the bot cannot post in their channel, and how to fix it."""
+    # Short enough to fit, with what was done, in a modal's 150-character error.
+    return f"The bot cannot post in this channel (`{error}`): invite it with `/invite @buildkite`."
+
+
 class SlackDeliveryError(Exception):
     """A Slack write failed. `permanent` errors will fail again however often they are retried."""
 
@@ -82,6 +93,8 @@ class SlackDeliveryError(Exception):
         self.permanent = error not in TEMPORARY_ERRORS and not error.startswith("http_5")
         #: The write may have been made although it failed (only a look-up can tell).
         self.unknown_outcome = error in UNKNOWN_OUTCOME or error.startswith("http_5")
+        #: The bot may not post in this channel until someone invites it.
+        self.no_access = error in NO_ACCESS_ERRORS
         hint = PERMANENT_ERRORS.get(
             error,
             "it will be retried" if not self.permanent else "see Slack's docs for this error",

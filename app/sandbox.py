@@ -159,6 +159,8 @@ class Choice:
     channel: str
     message: dict[str, Any]
     confirm: str | None
+    #: In a message only the user sees: Slack's click then carries no `message`.
+    ephemeral: bool = False
 
 
 class Session:
@@ -246,6 +248,16 @@ class Session:
                 self.say(f"  (confirmed: {choice.confirm})")
         current = self.slack.messages.get(choice.channel, {}).get(choice.message["ts"])
         try:
+            if choice.ephemeral:
+                await self.client.click(
+                    choice.action_id,
+                    None,
+                    channel=choice.channel,
+                    message_ts=choice.message["ts"],
+                    message_blocks=choice.message.get("blocks") or [],
+                    ephemeral=True,
+                )
+                return
             await self.client.click(
                 choice.action_id,
                 None,
@@ -315,10 +327,15 @@ class Session:
         body = post.json
         if body.get("delete_original"):
             return "  (the bot deleted the message you clicked)"
-        label = "#deploys" if body.get("response_type") == "in_channel" else "only you"
+        in_channel = body.get("response_type") == "in_channel"
+        label = "#deploys" if in_channel else "only you"
         if body.get("replace_original"):
             label += " (replacing the message you clicked)"
         message = {"ts": f"response-{post.time}", **body}
+        if not in_channel:  # an ephemeral message, with the ts Slack would give it
+            text, blocks = str(body.get("text", "")), list(body.get("blocks") or [])
+            message["ts"] = self.slack.add_ephemeral(CHANNEL, "U0USER", text, blocks=blocks)
+            message["is_ephemeral"] = True
         return indent(label, self.render(body, CHANNEL, message))
 
     def render(self, content: dict[str, Any], channel: str, message: dict[str, Any]) -> str:
@@ -349,7 +366,14 @@ class Session:
         number = max(self.choices, default=0) + 1
         confirm = element.get("confirm")
         question = confirm and render_text(confirm.get("text", {}).get("text", ""), self.slack)
-        self.choices[number] = Choice(label, element["action_id"], channel, message, question)
+        self.choices[number] = Choice(
+            label,
+            element["action_id"],
+            channel,
+            message,
+            question,
+            ephemeral=bool(message.get("is_ephemeral")),
+        )
         return f"[{number}] {label}"
 
     # -- Buildkite moving builds along -----------------------------------------------------

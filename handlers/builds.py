@@ -37,9 +37,17 @@ def register(app: AsyncApp) -> None:
 
 
 def _thread_of(body: dict[str, Any]) -> tuple[str, str | None]:
-    message = body.get("message") or {}
-    channel = (body.get("channel") or {}).get("id") or body["container"]["channel_id"]
-    return channel, message.get("thread_ts") or body["container"].get("message_ts")
+    """The channel of a click, and the thread its replies belong in (the clicked message's).
+
+    A click in an ephemeral message (a `/buildkite build` answer) has no thread: Slack sends no
+    `message` then, and its `container.message_ts` is a message nobody else can see.
+    """
+    container = body.get("container") or {}
+    channel = (body.get("channel") or {}).get("id") or container["channel_id"]
+    message = body.get("message")
+    if container.get("is_ephemeral") or not isinstance(message, dict):
+        return channel, None
+    return channel, message.get("thread_ts") or container.get("message_ts")
 
 
 async def unblock_button(

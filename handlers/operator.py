@@ -60,6 +60,11 @@ log = logging.getLogger(__name__)
 COMMANDS = ("/buildkite",)
 STALE_BUTTON = "This button's data is not valid any more; nothing was done."
 STALE_FORM = "This form's data is not valid any more; nothing was done. Run the command again."
+#: The channel post about a pipeline change failed (the outbox logged why, with the fix).
+NOT_ANNOUNCED = (
+    "It could not be announced in this channel: if the bot is not in it, invite it with "
+    "`/invite @buildkite`."
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -167,7 +172,8 @@ async def _create(spec: PipelineSpec, asked: _Asked) -> None:
     request_id = request_id_for("pipeline create", asked.trigger_id)
     pipeline, told = await asked.op.create_pipeline(spec, asked.actor, request_id=request_id)
     if not told:  # the channel post failed (a private channel without the bot, say)
-        await _say(asked.respond, f"Created the pipeline {link(pipeline.web_url, pipeline.slug)}.")
+        title = link(pipeline.web_url, pipeline.slug)
+        await _say(asked.respond, f"Created the pipeline {title}. {NOT_ANNOUNCED}")
 
 
 async def _form(request: PipelineForm, asked: _Asked) -> None:
@@ -197,7 +203,8 @@ async def _update(request: PipelineUpdate, asked: _Asked) -> None:
         return
     pipeline, told = await asked.op.update_pipeline(request.pipeline, request.fields, asked.actor)
     if not told:
-        await _say(asked.respond, f"Updated the pipeline {link(pipeline.web_url, pipeline.slug)}.")
+        title = link(pipeline.web_url, pipeline.slug)
+        await _say(asked.respond, f"Updated the pipeline {title}. {NOT_ANNOUNCED}")
 
 
 async def _delete(request: PipelineDelete, asked: _Asked) -> None:
@@ -291,9 +298,9 @@ async def pipeline_delete(
     await ack()
     value = _button_value(body, PipelineButtonValue)
     told = await Operator(services).delete_pipeline(value.pipeline, Actor.from_button(body))
-    note = "" if told else " (the channel could not be told)"
+    note = "" if told else f" {NOT_ANNOUNCED}"
     await _say(
-        respond, f":wastebasket: Deleted the pipeline `{value.pipeline}`{note}.", replace=True
+        respond, f":wastebasket: Deleted the pipeline `{value.pipeline}`.{note}", replace=True
     )
 
 

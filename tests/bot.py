@@ -65,10 +65,12 @@ class BotClient:
     async def close(self) -> None:
         await self.http.close()
 
-    def new_response_url(self) -> tuple[str, str]:
+    def new_response_url(
+        self, *, channel: str | None = None, message_ts: str | None = None
+    ) -> tuple[str, str]:
         self._responses += 1
         name = f"r{self._responses}"
-        return name, self.slack.response_url(name)
+        return name, self.slack.response_url(name, channel=channel, message_ts=message_ts)
 
     async def post_slack(self, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
         async with self.http.post(f"{self.base}/slack/events", data=body, headers=headers) as resp:
@@ -91,8 +93,15 @@ class BotClient:
     async def click(
         self, action_id: str, value: str | None, *, channel: str, message_ts: str, **kwargs: Any
     ) -> tuple[aiohttp.ClientResponse, str]:
-        """POST a signed block_actions payload for a button of a message."""
-        name, url = self.new_response_url()
+        """POST a signed block_actions payload for a button of a message.
+
+        With `ephemeral=True` the click has Slack's shape for an ephemeral message (no
+        `message`), and its response_url edits the fake's ephemeral at `message_ts`.
+        """
+        if kwargs.get("ephemeral"):
+            name, url = self.new_response_url(channel=channel, message_ts=message_ts)
+        else:
+            name, url = self.new_response_url()
         body, headers = slack_requests.block_action(
             action_id,
             value,

@@ -406,3 +406,105 @@ async def test_a_dropped_answer_still_carries_out_the_call(fake: FakeSlack) -> N
     assert fake.calls_to("chat.postMessage")[0].answer_lost is True
     again = await client.chat_postMessage(channel="C0CHAN", text="answered")
     assert again["ok"] is True
+
+
+async def test_posting_needs_the_bot_in_the_channel_as_slack_does(
+    fake: FakeSlack, client: AsyncWebClient
+) -> None:
+    fake.add_channel("C0PUB", "elsewhere", is_member=False)
+    fake.add_channel("C0PRIV", "secret", is_private=True, is_member=False)
+    # chat:write.public (asked for by manifest.yml) covers public channels, not private ones.
+    await client.chat_postMessage(channel="C0PUB", text="hi")
+    for method in (client.chat_postMessage, client.chat_postEphemeral):
+        with pytest.raises(SlackApiError) as hidden:
+            await method(channel="C0PRIV", text="hi", user="U0USER")
+        assert hidden.value.response["error"] == "channel_not_found"
+
+    fake.scopes = fake.scopes - {"chat:write.public"}
+    for method in (client.chat_postMessage, client.chat_postEphemeral):
+        with pytest.raises(SlackApiError) as outside:
+            await method(channel="C0PUB", text="hi", user="U0USER")
+        assert outside.value.response["error"] == "not_in_channel"
+    # The seeded channel (and any a test never seeded) has the bot in it.
+    await client.chat_postMessage(channel="C0CHAN", text="hi")
+    await client.chat_postMessage(channel="C0UNSEEDED", text="hi")
+
+    fake.add_bot_to("C0PRIV")
+    fake.add_bot_to("C0PUB")
+    await client.chat_postMessage(channel="C0PRIV", text="invited")
+    await client.chat_postMessage(channel="C0PUB", text="invited")
+    fake.remove_bot_from("C0PUB")
+    with pytest.raises(SlackApiError):
+        await client.chat_postMessage(channel="C0PUB", text="removed")
+    assert [c.args["text"] for c in fake.posts()] == ["hi", "hi", "hi", "invited", "invited"]
+
+
+async def test_a_click_in_an_ephemeral_message_has_no_message() -> None:
+    payload = block_action_payload(
+        "approve",
+        message_ts="1.000200",
+        message_blocks=[APPROVE_BUTTONS],
+        thread_ts="1.000100",
+        response_url="http://x/r",
+        ephemeral=True,
+    )
+    assert "message" not in payload
+    assert payload["container"] == {
+        "type": "message",
+        "message_ts": "1.000200",
+        "channel_id": "C0CHAN",
+        "is_ephemeral": True,
+    }
+    assert payload["channel"] == {"id": "C0CHAN", "name": "deploys"}
+    assert payload["actions"][0]["value"] == '{"build": 42}'  # still copied from the button
+    with pytest.raises(ValueError, match="no element"):
+        block_action_payload(
+            "reject",
+            message_ts="1.000200",
+            message_blocks=[APPROVE_BUTTONS],
+            response_url="http://x/r",
+            ephemeral=True,
+        )
+
+
+async def test_an_ephemeral_message_is_edited_only_through_its_response_url(
+    fake: FakeSlack, client: AsyncWebClient
+) -> None:
+    posted = await client.chat_postEphemeral(channel="C0CHAN", user="U0USER", text="Confirm?")
+    ts = posted["message_ts"]
+    assert fake.ephemeral_messages["C0CHAN"][ts]["user"] == "U0USER"
+    assert ts not in fake.messages.get("C0CHAN", {})  # never in the channel's history
+
+    with pytest.raises(SlackApiError) as update:
+        await client.chat_update(channel="C0CHAN", ts=ts, text="Started")
+    assert update.value.response["error"] == "message_not_found"
+    await client.chat_postMessage(channel="C0CHAN", thread_ts=ts, text="lost reply")
+    assert fake.unexpected == [
+        f"chat.update: chat.update of ephemeral message {ts}",
+        f"reply in C0CHAN threaded under ephemeral {ts}",
+    ]
+    fake.unexpected.clear()
+
+    clicked = fake.add_ephemeral("C0CHAN", "U0USER", "Deploy api?", blocks=[APPROVE_BUTTONS])
+    url = fake.response_url("confirm", channel="C0CHAN", message_ts=clicked)
+    await AsyncWebhookClient(url).send(text="Started", replace_original=True)
+    assert fake.ephemeral_messages["C0CHAN"][clicked]["text"] == "Started"
+    await AsyncWebhookClient(url).send(text="", delete_original=True)
+    assert clicked not in fake.ephemeral_messages["C0CHAN"]
+
+
+@pytest.mark.parametrize("channel", ["C0CHAN", "C0NOTIFY", "C0OTHER", "C0OPS", "C0POLL"])
+async def test_each_channel_the_tests_post_in_refuses_once_the_bot_is_out(
+    fake: FakeSlack, client: AsyncWebClient, channel: str
+) -> None:
+    await client.chat_postMessage(channel=channel, text="member by default")
+    fake.remove_bot_from(channel)
+    fake.scopes = fake.scopes - {"chat:write.public"}
+    with pytest.raises(SlackApiError) as outside:
+        await client.chat_postMessage(channel=channel, text="hi")
+    assert outside.value.response["error"] == "not_in_channel"
+    fake.channels[channel]["is_private"] = True
+    with pytest.raises(SlackApiError) as hidden:
+        await client.chat_postMessage(channel=channel, text="hi")
+    assert hidden.value.response["error"] == "channel_not_found"
+    assert len(fake.posts(channel)) == 1

@@ -65,6 +65,7 @@ async def click(
         message_ts="1700000000.000100",
         user_id=user,
         user_name=name,
+        ephemeral=True,  # every /buildkite answer is only for the person who asked
     )
     posts = await bot.slack.wait_for(lambda: [p for p in bot.slack.responses if p.name == response])
     return posts[0].json

@@ -186,7 +186,12 @@ async def test_protected_deploy_asks_for_confirmation_with_sha_and_diff(
     # Only the requester may confirm; someone else's click does nothing.
     confirm = value_of(reply["blocks"], "deploy_confirm")
     _, other = await bot.click(
-        "deploy_confirm", confirm, channel=CHANNEL, message_ts="1.1", user_id=MALLORY
+        "deploy_confirm",
+        confirm,
+        channel=CHANNEL,
+        message_ts="1.1",
+        ephemeral=True,
+        user_id=MALLORY,
     )
     assert (
         "Only <@U0USER>, who asked, can confirm"
@@ -194,7 +199,9 @@ async def test_protected_deploy_asks_for_confirmation_with_sha_and_diff(
     )
     assert bk.requests_to("POST") == []
 
-    _, name = await bot.click("deploy_confirm", confirm, channel=CHANNEL, message_ts="1.1")
+    _, name = await bot.click(
+        "deploy_confirm", confirm, channel=CHANNEL, message_ts="1.1", ephemeral=True
+    )
     texts = await slack.wait_for(lambda: bot.response_texts(name))
     assert "Started" in texts[0]
     (create,) = bk.requests_to("POST", BUILDS.format("staging"))
@@ -202,7 +209,9 @@ async def test_protected_deploy_asks_for_confirmation_with_sha_and_diff(
     assert create.json["author"] == {"name": "Alice", "email": "alice@example.com"}
     assert create.json["meta_data"]["chatops_requested_by"] == ALICE
     # A second click on the same confirmation starts nothing more.
-    _, again = await bot.click("deploy_confirm", confirm, channel=CHANNEL, message_ts="1.1")
+    _, again = await bot.click(
+        "deploy_confirm", confirm, channel=CHANNEL, message_ts="1.1", ephemeral=True
+    )
     assert (
         "expired or was already used"
         in (await slack.wait_for(lambda: bot.response_texts(again)))[0]
@@ -228,9 +237,13 @@ async def test_protected_deploy_can_be_called_off(
 ) -> None:
     reply = await answer(bot, "/deploy", "staging")
     value = value_of(reply["blocks"], "deploy_abort")
-    _, name = await bot.click("deploy_abort", value, channel=CHANNEL, message_ts="1.1")
+    _, name = await bot.click(
+        "deploy_abort", value, channel=CHANNEL, message_ts="1.1", ephemeral=True
+    )
     assert "nothing was started" in (await slack.wait_for(lambda: bot.response_texts(name)))[0]
-    _, late = await bot.click("deploy_confirm", value, channel=CHANNEL, message_ts="1.1")
+    _, late = await bot.click(
+        "deploy_confirm", value, channel=CHANNEL, message_ts="1.1", ephemeral=True
+    )
     await slack.wait_for(lambda: bot.response_texts(late))
     assert bk.requests_to("POST") == []
 
@@ -238,7 +251,9 @@ async def test_protected_deploy_can_be_called_off(
 async def _request_approval(bot: BotClient, slack: FakeSlack) -> tuple[str, str]:
     reply = await answer(bot, "/deploy", "deploy-prod main")
     confirm = value_of(reply["blocks"], "deploy_confirm")
-    _, name = await bot.click("deploy_confirm", confirm, channel=CHANNEL, message_ts="1.1")
+    _, name = await bot.click(
+        "deploy_confirm", confirm, channel=CHANNEL, message_ts="1.1", ephemeral=True
+    )
     assert "Approval requested" in (await slack.wait_for(lambda: bot.response_texts(name)))[0]
     post = await slack.wait_for(
         lambda: [c for c in slack.posts(CHANNEL) if "asks to deploy" in c.args["text"]]

@@ -43,6 +43,20 @@ BOOL_FIELDS = frozenset(
 APP_TOKEN_METHODS = frozenset({"apps.connections.open"})
 PERMALINK_BASE = "https://fake-workspace.slack.com/archives"
 RESPONSE_URL_MAX_USES = 5
+#: The bot scopes manifest.yml asks for; `chat:write.public` lets it post in public channels
+#: it is not a member of.
+MANIFEST_SCOPES = frozenset(
+    {
+        "commands",
+        "chat:write",
+        "chat:write.public",
+        "channels:history",
+        "groups:history",
+        "users:read",
+        "users:read.email",
+        "usergroups:read",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -115,6 +129,13 @@ class FakeSlack:
 
     Seeded with user U0USER ("alice", alice@example.com), channel C0CHAN ("#deploys") and the
     bot user itself unless `seed=False`.
+
+    Channel membership is honest: posting in a channel the bot is not a member of answers
+    `not_in_channel` (a public channel, without `chat:write.public` among `scopes`) or
+    `channel_not_found` (a private channel, which Slack hides from non-members). Channels a test
+    never seeded are taken to be public channels the bot is in. Ephemeral messages are kept
+    apart from the channel's (`ephemeral_messages`): Slack cannot edit them with chat.update, and a
+    reply threaded under one is lost.
     """
 
     def __init__(
@@ -128,6 +149,7 @@ class FakeSlack:
         app_id: str = "A0FAKE",
         seed: bool = True,
         latency: float = 0.0,
+        scopes: frozenset[str] = MANIFEST_SCOPES,
     ) -> None:
         self.bot_token = bot_token
         self.app_token = app_token
@@ -136,6 +158,7 @@ class FakeSlack:
         self.bot_id = bot_id
         self.app_id = app_id
         self.latency = latency  # seconds added to every Web API answer
+        self.scopes = scopes  # the bot token's scopes
 
         self.calls: list[RecordedCall] = []
         self.responses: list[ResponseUrlPost] = []
@@ -143,6 +166,8 @@ class FakeSlack:
         self.acks: list[Json] = []  # every Socket Mode ack, as received
         # channel -> ts -> current message (includes "channel")
         self.messages: dict[str, dict[str, Json]] = {}
+        # channel -> ts -> ephemeral message (includes "user", whom it was shown to)
+        self.ephemeral_messages: dict[str, dict[str, Json]] = {}
         self.views: dict[str, Json] = {}
         self.users: dict[str, Json] = {}
         self.channels: dict[str, Json] = {}
@@ -314,6 +339,24 @@ class FakeSlack:
         }
         self.channels[channel_id] = channel
         return channel
+
+    def add_bot_to(self, channel_id: str) -> None:
+        """Invite the bot to a channel (as `/invite @bot` does)."""
+        self.channels[channel_id]["is_member"] = True
+
+    def remove_bot_from(self, channel_id: str) -> None:
+        """Take the bot out of a channel (someone removed it, or it was never invited); a channel
+        never seeded becomes a public one of that id."""
+        if channel_id not in self.channels:
+            self.add_channel(channel_id, channel_id.lower())
+        self.channels[channel_id]["is_member"] = False
+
+    def add_ephemeral(
+        self, channel: str, user: str, text: str = "", *, blocks: list[Json] | None = None
+    ) -> str:
+        """Show `user` an ephemeral message from the bot, as a response_url or chat.postEphemeral
+        would; returns its ts, for a click on it (`block_action_payload(..., ephemeral=True)`)."""
+        return str(self._store_ephemeral(channel, user, text, blocks or [])["ts"])
 
     def add_usergroup(self, usergroup_id: str, users: list[str]) -> None:
         """Add a user group, returned by usergroups.users.list."""
@@ -679,6 +722,7 @@ class FakeSlack:
 
     def _chat_post_message(self, args: Json) -> Json:
         channel = self._channel_arg(args)
+        self._check_can_post(channel)
         text, blocks = self._content_args(args, required=True)
         thread_ts = args.get("thread_ts") or None
         message = self._store_message(
@@ -697,6 +741,11 @@ class FakeSlack:
         ts = str(args.get("ts") or "")
         message = self.messages.get(channel, {}).get(ts)
         if message is None:
+            if ts in self.ephemeral_messages.get(channel, {}):
+                # Slack keeps no copy of an ephemeral message: only its response_url edits it.
+                raise _ApiError(
+                    "message_not_found", unexpected=f"chat.update of ephemeral message {ts}"
+                )
             raise _ApiError("message_not_found")
         if not any(k in args for k in ("text", "blocks", "attachments")):
             raise _ApiError("no_text")
@@ -719,11 +768,13 @@ class FakeSlack:
         }
 
     def _chat_post_ephemeral(self, args: Json) -> Json:
-        self._channel_arg(args)
+        channel = self._channel_arg(args)
         if not args.get("user"):
             raise _ApiError("user_not_in_channel")
-        self._content_args(args, required=True)
-        return {"ok": True, "message_ts": self._next_ts()}
+        self._check_can_post(channel)
+        text, blocks = self._content_args(args, required=True)
+        message = self._store_ephemeral(channel, str(args["user"]), text or "", blocks or [])
+        return {"ok": True, "message_ts": message["ts"]}
 
     def _chat_get_permalink(self, args: Json) -> Json:
         channel = self._channel_arg(args)
@@ -879,6 +930,31 @@ class FakeSlack:
             raise _ApiError("channel_not_found")
         return channel
 
+    def _check_can_post(self, channel: str) -> None:
+        """Answer as Slack does when the bot may not post in `channel`."""
+        info = self.channels.get(channel)
+        if info is None or info.get("is_member") or channel.startswith("D"):
+            return
+        if info.get("is_private"):
+            raise _ApiError("channel_not_found")  # private channels are hidden from non-members
+        if "chat:write.public" not in self.scopes:
+            raise _ApiError("not_in_channel")
+
+    def _store_ephemeral(self, channel: str, user: str, text: str, blocks: list[Json]) -> Json:
+        ts = self._next_ts()
+        message: Json = {
+            "type": "message",
+            "subtype": "ephemeral",
+            "channel": channel,
+            "user": user,
+            "ts": ts,
+            "text": text,
+            "blocks": blocks,
+            "bot_id": self.bot_id,
+        }
+        self.ephemeral_messages.setdefault(channel, {})[ts] = message
+        return message
+
     def _content_args(self, args: Json, *, required: bool) -> tuple[str | None, list[Json] | None]:
         text = args.get("text")
         blocks = args.get("blocks")
@@ -937,7 +1013,10 @@ class FakeSlack:
             message["attachments"] = attachments
         if thread_ts:
             parent = in_channel.get(thread_ts)
-            if parent is None:
+            if parent is None and thread_ts in self.ephemeral_messages.get(channel, {}):
+                # An ephemeral message is no thread: nobody else would ever see the reply.
+                self.unexpected.append(f"reply in {channel} threaded under ephemeral {thread_ts}")
+            elif parent is None:
                 # Slack accepts this silently; for the bot it means a lost or wrong thread.
                 self.unexpected.append(f"reply in {channel} to unknown thread_ts {thread_ts}")
             else:
@@ -985,8 +1064,13 @@ class FakeSlack:
             if target.message_ts
             else None
         )
+        if original is None and target.message_ts:
+            original = self.ephemeral_messages.get(target.channel, {}).get(target.message_ts)
         if body.get("delete_original") and original is not None:
-            del self.messages[target.channel][original["ts"]]
+            kept = (
+                self.ephemeral_messages if original.get("subtype") == "ephemeral" else self.messages
+            )
+            del kept[target.channel][original["ts"]]
         elif body.get("replace_original") and original is not None:
             original["text"] = body.get("text", "")
             original["blocks"] = body.get("blocks", [])

@@ -155,6 +155,7 @@ def block_action_payload(
     block_id: str = "actions",
     bot_user_id: str = "U0BOT",
     api_app_id: str = DEFAULT_API_APP_ID,
+    ephemeral: bool = False,
 ) -> dict[str, Any]:
     """A `block_actions` payload for a button click on a message.
 
@@ -162,6 +163,10 @@ def block_action_payload(
     When the message has blocks, the clicked element must be among them, and its `value`,
     `text`, `style` and `block_id` are copied from it, as Slack does; `value=None` means
     "whatever the button carries".
+
+    `ephemeral=True` is a click in a message only the user sees (a confirmation, an answer to a
+    command): Slack then sends `container.is_ephemeral: true` and no `message` at all, and its
+    `message_ts` is no thread anyone else can see.
     """
     if message is not None:
         msg = {k: v for k, v in message.items() if k != "channel"}
@@ -204,11 +209,11 @@ def block_action_payload(
         "type": "message",
         "message_ts": message_ts,
         "channel_id": channel_id,
-        "is_ephemeral": False,
+        "is_ephemeral": ephemeral,
     }
-    if thread_ts:
+    if thread_ts and not ephemeral:
         container["thread_ts"] = thread_ts
-    return {
+    payload: dict[str, Any] = {
         "type": "block_actions",
         "user": {"id": user_id, "username": user_name, "name": user_name, "team_id": team_id},
         "api_app_id": api_app_id,
@@ -224,6 +229,9 @@ def block_action_payload(
         "response_url": response_url,
         "actions": [action],
     }
+    if ephemeral:
+        del payload["message"]
+    return payload
 
 
 def block_action(
