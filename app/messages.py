@@ -372,6 +372,13 @@ class DeployPlan:
     diff_url: str | None = None
     approvers: tuple[str, ...] = ()
     expires_in: int | None = None
+    #: The number of the build this re-runs, when it is a /rebuild of a protected pipeline.
+    rebuild_of: int | None = None
+
+
+#: Keep a confirmation's or an approval's blocks well under the ~13k Slack accepts in one message.
+PLAN_BLOCKS_BUDGET = 12000
+MAX_BLOCKS = 50
 
 
 def _plan_lines(plan: DeployPlan) -> list[str]:
@@ -382,16 +389,61 @@ def _plan_lines(plan: DeployPlan) -> list[str]:
         )
     lines = [
         f"*Pipeline:* `{plan.pipeline}`",
-        f"*Branch:* `{clip(escape(plan.branch), 200)}`",
+        f"*Branch:* `{escape(plan.branch)}`",  # at most 255 characters, shown in full
         f"*Commit:* {commit}",
         f"*Message:* {clip(escape(plan.message), 500)}",
     ]
+    if plan.rebuild_of is not None:
+        lines.insert(1, f"*Rebuild of:* #{plan.rebuild_of} (as a new build)")
     if plan.env:
-        pairs = ", ".join(f"`{escape(k)}={clip(escape(v), 100)}`" for k, v in plan.env.items())
-        lines.append(f"*Environment:* {clip(pairs, 1000)}")
+        lines.append(f"*Environment:* {len(plan.env)} variables, in full below")
     if plan.diff_url:
         lines.append(f"*Changes:* {link(plan.diff_url, 'compare with the last passed build')}")
     return lines
+
+
+def _env_line(name: str, value: str) -> str:
+    # Inside a preformatted block only a run of three backticks ends it: a zero-width space after
+    # each backtick keeps a value from closing it (values may not contain one themselves).
+    return escape(f"{name}={value}").replace("`", "`\u200b")
+
+
+def _env_blocks(plan: DeployPlan) -> list[dict[str, Any]]:
+    """Every variable in full, as preformatted sections packed up to Block Kit's section limit."""
+    blocks: list[dict[str, Any]] = []
+    chunk: list[str] = []
+    room = SECTION_TEXT_LIMIT - len("```\n\n```")
+    for line in (_env_line(k, v) for k, v in plan.env.items()):
+        if chunk and len("\n".join([*chunk, line])) > room:
+            blocks.append(_preformatted(chunk))
+            chunk = []
+        chunk.append(line)
+    if chunk:
+        blocks.append(_preformatted(chunk))
+    return blocks
+
+
+def _preformatted(lines: list[str]) -> dict[str, Any]:
+    text = "```\n" + "\n".join(lines) + "\n```"
+    return SectionBlock(text=MarkdownTextObject(text=text)).to_dict()
+
+
+def plan_refusal(plan: DeployPlan) -> str | None:
+    """Why this plan cannot be shown in full to whoever confirms or approves it, or None."""
+    for rendered in (confirm_deploy(plan, "0" * 16), approval_request(plan, "0" * 16)):
+        blocks = rendered.blocks
+        texts = [str((b.get("text") or {}).get("text", "")) for b in blocks]
+        if (
+            len(blocks) > MAX_BLOCKS
+            or any(len(t) > SECTION_TEXT_LIMIT for t in texts)
+            or len(json.dumps(blocks, ensure_ascii=False)) > PLAN_BLOCKS_BUDGET
+        ):
+            return (
+                "This deploy's environment is too large to show in full to whoever confirms or "
+                "approves it (Slack's message limits), so nothing was started. Send fewer or "
+                "shorter variables."
+            )
+    return None
 
 
 def confirm_deploy(plan: DeployPlan, request_id: str) -> Rendered:
@@ -400,22 +452,24 @@ def confirm_deploy(plan: DeployPlan, request_id: str) -> Rendered:
     needs = (
         "\nIt then needs approval by " + ", ".join(plan.approvers) + "." if plan.approvers else ""
     )
-    text = f":shield: `{plan.pipeline}` is protected. Deploy this?{needs}\n" + "\n".join(
+    what = "Rebuild" if plan.rebuild_of is not None else "Deploy"
+    text = f":shield: `{plan.pipeline}` is protected. {what} this?{needs}\n" + "\n".join(
         _plan_lines(plan)
     )
     blocks = [
         SectionBlock(text=MarkdownTextObject(text=clip(text, SECTION_TEXT_LIMIT))).to_dict(),
+        *_env_blocks(plan),
         ActionsBlock(
             block_id="deploy_confirmation",
             elements=[
                 ButtonElement(
-                    text="Deploy", action_id=ActionId.CONFIRM_DEPLOY, value=value, style="primary"
+                    text=what, action_id=ActionId.CONFIRM_DEPLOY, value=value, style="primary"
                 ),
                 ButtonElement(text="Cancel", action_id=ActionId.ABORT_DEPLOY, value=value),
             ],
         ).to_dict(),
     ]
-    return Rendered(text=f"Deploy {plan.pipeline}? It is protected.", blocks=blocks)
+    return Rendered(text=f"{what} {plan.pipeline}? It is protected.", blocks=blocks)
 
 
 def approval_request(
@@ -425,25 +479,34 @@ def approval_request(
     status: str = "pending",
     decided_by: str | None = None,
     build: Build | None = None,
+    reason: str | None = None,
 ) -> Rendered:
     """The in-channel request for a second person's approval, and its outcome."""
     value = RequestButtonValue(id=approval_id).model_dump_json()
+    rebuild = plan.rebuild_of is not None
+    what = f"rebuild of #{plan.rebuild_of}" if rebuild else "deploy"
+    asks = f"rebuild `{plan.pipeline}` #{plan.rebuild_of}" if rebuild else "deploy"
+    asks += "" if rebuild else f" `{plan.pipeline}`"
     header = {
-        "pending": f":raised_hand: <@{plan.requester}> asks to deploy `{plan.pipeline}`. "
+        "pending": f":raised_hand: <@{plan.requester}> asks to {asks}. "
         f"Approval needed from {', '.join(plan.approvers)} (not the requester)"
         + (f"; expires in {plan.expires_in // 60} min." if plan.expires_in else "."),
-        "approved": f":white_check_mark: Deploy of `{plan.pipeline}` requested by "
+        "approved": f":white_check_mark: {what.capitalize()} of `{plan.pipeline}` requested by "
         f"<@{plan.requester}> was approved by <@{decided_by}>.",
-        "rejected": f":no_entry: Deploy of `{plan.pipeline}` requested by <@{plan.requester}> "
-        f"was rejected by <@{decided_by}>.",
-        "expired": f":hourglass: Deploy of `{plan.pipeline}` requested by <@{plan.requester}> "
-        "expired before anyone approved it. Nothing was started.",
+        "rejected": f":no_entry: {what.capitalize()} of `{plan.pipeline}` requested by "
+        f"<@{plan.requester}> was rejected by <@{decided_by}>.",
+        "refused": f":no_entry: {what.capitalize()} of `{plan.pipeline}` requested by "
+        f"<@{plan.requester}> was approved by <@{decided_by}> but not started: "
+        f"{reason or 'it is no longer allowed'}",
+        "expired": f":hourglass: {what.capitalize()} of `{plan.pipeline}` requested by "
+        f"<@{plan.requester}> expired before anyone approved it. Nothing was started.",
     }[status]
     if build is not None:
         header += f" Started {link(build.web_url, f'{plan.pipeline} #{build.number}')}."
     text = header + "\n" + "\n".join(_plan_lines(plan))
     blocks: list[dict[str, Any]] = [
-        SectionBlock(text=MarkdownTextObject(text=clip(text, SECTION_TEXT_LIMIT))).to_dict()
+        SectionBlock(text=MarkdownTextObject(text=clip(text, SECTION_TEXT_LIMIT))).to_dict(),
+        *_env_blocks(plan),
     ]
     if status == "pending":
         blocks.append(

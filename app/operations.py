@@ -24,7 +24,16 @@ from redis.exceptions import RedisError
 
 from app import messages
 from app.audit import Auditor
-from app.commands import AuditRequest, BuildRef, DeployRequest, LockRequest, UnlockRequest
+from app.commands import (
+    COMMIT,
+    AuditRequest,
+    BuildRef,
+    DeployRequest,
+    LockRequest,
+    UnlockRequest,
+    UsageError,
+    check_branch,
+)
 from app.directory import Directory
 from app.messages import DeployPlan, Rendered, UnblockButtonValue, link
 from app.outbox import Outbox, SlackDeliveryError, not_in_channel_text
@@ -400,6 +409,7 @@ class Operations:
     async def deploy(self, request: DeployRequest, actor: Actor, *, trigger: str) -> DeployOutcome:
         """Start a build (once per Slack request), or ask first when the pipeline is protected."""
         rule = await self._authorize(Action.DEPLOY, request.pipeline, actor)
+        await self._check_env(rule, request.env, actor, action="deploy", pipeline=request.pipeline)
         await self._check_lock(request.pipeline, actor)
         request_id = request_id_for("deploy", trigger)
         await self._claim(request_id, actor.user_id)
@@ -417,10 +427,54 @@ class Operations:
             env=dict(request.env),
             requester=actor.user_id,
         )
-        if not rule.protected:
+        if not rule.asks_first:
             return Started(await self._start(plan, actor, request_id=request_id))
         plan = await self._describe(plan, pipeline, rule)
-        await self.s.store.save_deploy_request(request_id, _plan_data(plan, actor))
+        return await self._ask_first(plan, actor, request_id, claim=request_id)
+
+    async def _check_env(
+        self,
+        rule: Rule,
+        env: Mapping[str, str],
+        actor: Actor,
+        *,
+        action: str,
+        pipeline: str,
+        number: int | None = None,
+    ) -> None:
+        """Refuse env names the policy forbids and values that could not be shown as sent."""
+        refusal = rule.env_refusal(env)
+        if refusal is None:
+            return
+        await self._audit(
+            actor, action, pipeline, "refused", number=number, detail=f"env: rule {rule.name}"
+        )
+        raise UserError(f":no_entry: {refusal} Nothing was started.")
+
+    async def _ask_first(
+        self, plan: DeployPlan, actor: Actor, request_id: str, *, claim: str
+    ) -> NeedsConfirmation:
+        """Keep the plan for the requester's confirmation, if it can be shown in full."""
+        refusal = messages.plan_refusal(plan)
+        action = _plan_action(plan).value
+        if refusal is not None:
+            await self._forget(claim)
+            await self._audit(actor, action, plan.pipeline, "refused", detail="too large to show")
+            raise UserError(f":no_entry: {refusal}")
+        try:
+            await self.s.store.save_deploy_request(request_id, _plan_data(plan, actor))
+        except RedisError:
+            await self._forget(claim)
+            raise UserError(TRACKING_DOWN) from None
+        if plan.rebuild_of is not None:
+            await self._audit(
+                actor,
+                action,
+                plan.pipeline,
+                "confirmation requested",
+                number=plan.rebuild_of,
+                detail="as a new build",
+            )
         return NeedsConfirmation(messages.confirm_deploy(plan, request_id))
 
     async def _describe(self, plan: DeployPlan, pipeline: Pipeline, rule: Rule) -> DeployPlan:
@@ -461,14 +515,10 @@ class Operations:
 
     async def confirm(self, request_id: str, actor: Actor) -> DeployOutcome:
         """The requester confirmed a protected deploy: start it, or ask for approval."""
-        data = await self.s.store.take_deploy_request(request_id)
-        if data is None:
-            raise UserError("This confirmation has expired or was already used; nothing was done.")
-        plan = _plan_from(data)
-        if plan.requester != actor.user_id:
-            await self.s.store.save_deploy_request(request_id, data)  # still theirs to confirm
-            raise UserError(f"Only <@{plan.requester}>, who asked, can confirm this deploy.")
-        rule = await self._authorize(Action.DEPLOY, plan.pipeline, actor)
+        plan, data = await self._own_request(request_id, actor, verb="confirm")
+        action = _plan_action(plan)
+        rule = await self._authorize(action, plan.pipeline, actor)
+        await self._check_env(rule, plan.env, actor, action=action.value, pipeline=plan.pipeline)
         await self._check_lock(plan.pipeline, actor)
         if rule.approval is None:
             return Started(await self._start(plan, actor, request_id=request_id))
@@ -491,6 +541,33 @@ class Operations:
         await self.s.store.set_approval_message(approval_id, channel=actor.channel_id, ts=ts)
         await self._audit(actor, "deploy", plan.pipeline, "approval requested")
         return AwaitingApproval(approval_id)
+
+    async def abort(self, request_id: str, actor: Actor) -> None:
+        """The requester dropped their own confirmation (the Cancel button)."""
+        plan, _ = await self._own_request(request_id, actor, verb="cancel")
+        await self._audit(actor, _plan_action(plan).value, plan.pipeline, "dropped")
+
+    async def _own_request(
+        self, request_id: str, actor: Actor, *, verb: str
+    ) -> tuple[DeployPlan, dict[str, Any]]:
+        """Use up a waiting confirmation, only when `actor` is the one who asked for it."""
+        expired = UserError("This confirmation has expired or was already used; nothing was done.")
+        try:
+            data = await self.s.store.deploy_request(request_id)
+            if data is None:
+                raise expired
+            plan = _plan_from(data)
+            if plan.requester != actor.user_id:
+                what = "rebuild" if plan.rebuild_of is not None else "deploy"
+                raise UserError(
+                    f"Only <@{plan.requester}>, who asked, can {verb} this {what}; "
+                    "nothing was changed."
+                )
+            if await self.s.store.take_deploy_request(request_id) is None:
+                raise expired
+        except RedisError:
+            raise UserError(TRACKING_DOWN) from None
+        return plan, data
 
     async def decide(self, approval_id: str, actor: Actor, *, approve: bool) -> Build | None:
         """An approver's click: the first valid decision wins; the requester cannot approve."""
@@ -516,17 +593,22 @@ class Operations:
             raise UserError(
                 f"Only {', '.join(plan.approvers) or 'the approvers'} may {action} this deploy."
             )
+        refusal = await self._recheck(plan, data, approval, actor) if approve else None
+        status = "rejected" if not approve else "refused" if refusal else "approved"
         result = await self.s.store.decide_approval(
-            approval_id,
-            status="approved" if approve else "rejected",
-            user=actor.user_id,
-            now=time.time(),
+            approval_id, status=status, user=actor.user_id, now=time.time()
         )
         if result == "expired!":
             await self._show_approval(approval, plan, "expired")
         if result != "ok":
             state = result.rstrip("!")
             raise UserError(f"This deploy request was already {state}; nothing was done.")
+        if refusal is not None:
+            await self._audit(actor, action, plan.pipeline, "refused", detail=refusal.detail)
+            await self._show_approval(
+                approval, plan, "refused", decided_by=actor.user_id, reason=refusal.text
+            )
+            raise UserError(f":no_entry: Approved, but not started: {refusal.text}")
         await self._audit(actor, action, plan.pipeline, "approved" if approve else "rejected")
         if not approve:
             await self._show_approval(approval, plan, "rejected", decided_by=actor.user_id)
@@ -551,6 +633,51 @@ class Operations:
         await self._show_approval(approval, plan, "approved", decided_by=actor.user_id, build=build)
         return build
 
+    async def _recheck(
+        self, plan: DeployPlan, data: dict[str, Any], approval: dict[str, Any], approver: Actor
+    ) -> Refusal | None:
+        """Check again, as the approval takes effect, what was checked when it was asked for."""
+        action = _plan_action(plan)
+        channel = approval.get("channel") or approver.channel_id
+        decision = await self.s.policy.check(
+            action,
+            plan.pipeline,
+            user=plan.requester,
+            channel_id=channel,
+            channel_name=data.get("channel_name"),
+            resolve=self.s.directory.usergroup_members,
+        )
+        if not decision.allowed:
+            return Refusal(
+                f"<@{plan.requester}> may no longer {action.value} `{plan.pipeline}` from "
+                f"<#{channel}> (policy rule `{decision.rule}`).",
+                f"rule {decision.rule}",
+            )
+        rule = self.s.policy.rule_for(plan.pipeline)
+        env_refusal = rule.env_refusal(plan.env)
+        if env_refusal is not None:
+            return Refusal(env_refusal, f"env: rule {rule.name}")
+        try:
+            lock = await self.s.store.pipeline_lock(plan.pipeline)
+        except RedisError:
+            raise UserError(TRACKING_DOWN) from None
+        if lock and lock["user"] not in (plan.requester, approver.user_id):
+            reason = f" ({messages.escape(str(lock['reason']))})" if lock.get("reason") else ""
+            return Refusal(
+                f"`{plan.pipeline}` is locked by <@{lock['user']}>{reason}. Ask again once it "
+                "is unlocked.",
+                f"locked by {lock['user']}",
+            )
+        try:
+            await self.s.buildkite.get_pipeline(plan.pipeline)
+        except NotFound:
+            return Refusal(
+                f"pipeline `{plan.pipeline}` no longer exists in Buildkite.", "pipeline gone"
+            )
+        except BuildkiteError as exc:  # not a refusal: the approval stays open for a new click
+            raise UserError(explain(exc, action="deploy", pipeline=plan.pipeline)) from None
+        return None
+
     async def expire_approvals(self) -> int:
         """Mark approvals past their time as expired and say so on their messages."""
         expired = 0
@@ -572,11 +699,12 @@ class Operations:
         *,
         decided_by: str | None = None,
         build: Build | None = None,
+        reason: str | None = None,
     ) -> None:
         if not approval.get("ts"):
             return
         rendered = messages.approval_request(
-            plan, "0" * 16, status=status, decided_by=decided_by, build=build
+            plan, "0" * 16, status=status, decided_by=decided_by, build=build, reason=reason
         )
         await self.s.outbox.update(approval["channel"], approval["ts"], rendered)
 
@@ -650,11 +778,18 @@ class Operations:
         await self._observe(build)
         return build
 
-    async def rebuild(self, ref: BuildRef, actor: Actor, *, dedup_key: str) -> Build:
-        """Rebuild a build; the new build is tracked in the original's thread when we know it."""
-        await self._authorize(Action.REBUILD, ref.pipeline, actor, number=ref.number)
+    async def rebuild(
+        self, ref: BuildRef, actor: Actor, *, dedup_key: str, trigger: str
+    ) -> Started | NeedsConfirmation:
+        """Rebuild a build; the new build is tracked in the original's thread when we know it.
+
+        On a pipeline whose rule asks first, a rebuild is a deploy: see `_rebuild_as_deploy`.
+        """
+        rule = await self._authorize(Action.REBUILD, ref.pipeline, actor, number=ref.number)
         await self._check_lock(ref.pipeline, actor)
         await self._claim(dedup_key, actor.user_id, ttl=ACTION_TTL)
+        if rule.asks_first:
+            return await self._rebuild_as_deploy(ref, actor, rule, dedup_key, trigger)
         try:
             build = await self.s.buildkite.rebuild_build(ref.pipeline, ref.number)
         except BuildkiteError as exc:
@@ -677,7 +812,54 @@ class Operations:
         except RedisError:
             pass  # _track below reports the outage with the build's link
         await self._track(build, ref.pipeline, actor, thread=thread_ts)
-        return build
+        return Started(build)
+
+    async def _rebuild_as_deploy(
+        self, ref: BuildRef, actor: Actor, rule: Rule, dedup_key: str, trigger: str
+    ) -> NeedsConfirmation:
+        """A protected rebuild: confirm (and approve) it like a deploy, then create it as a NEW
+        build of the original's commit, branch and env. Buildkite's rebuild would copy the
+        original's meta_data, and with it an approval that nobody gave to this build."""
+        bk = self.s.buildkite
+        try:
+            original = await bk.get_build(ref.pipeline, ref.number)
+            pipeline = await bk.get_pipeline(ref.pipeline)
+        except BuildkiteError as exc:
+            await self._forget(dedup_key)
+            await self._audit(
+                actor, "rebuild", ref.pipeline, "failed", number=ref.number, detail=str(exc)
+            )
+            raise UserError(
+                explain(exc, action="rebuild", pipeline=ref.pipeline, number=ref.number)
+            ) from None
+        env = {str(k): str(v) for k, v in (original.env or {}).items()}
+        branch = original.branch or pipeline.default_branch or "main"
+        commit = original.commit or "HEAD"
+        try:
+            await self._check_env(
+                rule, env, actor, action="rebuild", pipeline=ref.pipeline, number=ref.number
+            )
+            try:  # written by whoever started the original: checked like a typed /deploy
+                check_branch(branch)
+                if not COMMIT.match(commit):
+                    raise UsageError(f"#{ref.number}'s commit is not a commit SHA.")
+            except UsageError as exc:
+                raise UserError(f":no_entry: Cannot rebuild it as a new build: {exc}") from None
+        except UserError:
+            await self._forget(dedup_key)
+            raise
+        plan = DeployPlan(
+            pipeline=ref.pipeline,
+            branch=branch,
+            commit=commit,
+            message=original.message or f"Rebuild of #{ref.number}",
+            env=env,
+            requester=actor.user_id,
+            rebuild_of=ref.number,
+        )
+        plan = await self._describe(plan, pipeline, rule)
+        request_id = request_id_for("rebuild", trigger)
+        return await self._ask_first(plan, actor, request_id, claim=dedup_key)
 
     # -- unblock and retry ---------------------------------------------------------------
 
@@ -995,6 +1177,18 @@ def _github_repo(repository: str | None) -> str | None:
         r"^(?:https://github\.com/|git@github\.com:)([\w.-]+/[\w.-]+?)(?:\.git)?/?$", repository
     )
     return match.group(1) if match else None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a decision cannot take effect now: `text` for people, `detail` for the audit trail."""
+
+    text: str
+    detail: str
+
+
+def _plan_action(plan: DeployPlan) -> Action:
+    return Action.REBUILD if plan.rebuild_of is not None else Action.DEPLOY
 
 
 def _plan_data(plan: DeployPlan, actor: Actor) -> dict[str, Any]:

@@ -935,6 +935,11 @@ class Store:
         key = DEPLOY_REQUEST_KEY.format(request_id=request_id)
         await self.redis.set(key, json.dumps(data), ex=DEPLOY_REQUEST_TTL)
 
+    async def deploy_request(self, request_id: str) -> dict[str, Any] | None:
+        """Read a deploy request without using it up (to check who may act on it)."""
+        raw = await self.redis.get(DEPLOY_REQUEST_KEY.format(request_id=request_id))
+        return json.loads(raw) if raw else None
+
     async def take_deploy_request(self, request_id: str) -> dict[str, Any] | None:
         """Read and forget a deploy request, so that it is acted on once."""
         raw = await self.redis.getdel(DEPLOY_REQUEST_KEY.format(request_id=request_id))

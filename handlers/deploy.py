@@ -204,9 +204,18 @@ async def rebuild_command(
     ref = await _build_ref_command(ack, command, services, REBUILD_USAGE)
     if ref is None:
         return
-    await ack(text=f":hourglass_flowing_sand: Rebuilding `{ref.pipeline}` #{ref.number}…")
+    if services.policy.rule_for(ref.pipeline).asks_first:
+        await ack(text=f":shield: `{ref.pipeline}` is protected: showing #{ref.number} first…")
+    else:
+        await ack(text=f":hourglass_flowing_sand: Rebuilding `{ref.pipeline}` #{ref.number}…")
     key = request_id_for("rebuild", _trigger(command))
-    build = await Operations(services).rebuild(ref, Actor.from_command(command), dedup_key=key)
+    outcome = await Operations(services).rebuild(
+        ref, Actor.from_command(command), dedup_key=key, trigger=_trigger(command)
+    )
+    if isinstance(outcome, NeedsConfirmation):
+        await _ephemeral(respond, outcome.rendered.text, blocks=outcome.rendered.blocks)
+        return
+    build = outcome.build
     await _ephemeral(respond, _started(build.web_url, f"{ref.pipeline} #{build.number}"))
 
 
@@ -242,7 +251,16 @@ async def rebuild_button(
     await ack()
     ref = _button_ref(body)
     key = f"button:{ActionId.REBUILD}:{ref.pipeline}:{ref.number}"
-    build = await Operations(services).rebuild(ref, Actor.from_button(body), dedup_key=key)
+    action = body["actions"][0]
+    # One click, one request: a later click on the same button asks again.
+    trigger = f"{body.get('trigger_id')}:{action.get('action_ts')}:{body['user']['id']}"
+    outcome = await Operations(services).rebuild(
+        ref, Actor.from_button(body), dedup_key=key, trigger=trigger
+    )
+    if isinstance(outcome, NeedsConfirmation):
+        await _ephemeral(respond, outcome.rendered.text, blocks=outcome.rendered.blocks)
+        return
+    build = outcome.build
     title = link(build.web_url, f"{ref.pipeline} #{build.number}")
     await _ephemeral(respond, f":repeat: Rebuild started: {title}. Follow it in the thread.")
 
@@ -273,7 +291,7 @@ async def abort_button(
     ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
     await ack()
-    await services.store.take_deploy_request(_request_id(body))
+    await Operations(services).abort(_request_id(body), Actor.from_button(body))
     await respond(text="Deploy canceled; nothing was started.", replace_original=True)
 
 

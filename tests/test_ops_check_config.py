@@ -146,3 +146,18 @@ def test_bad_settings_fail_the_check_without_showing_them(tmp_path: Path) -> Non
     assert "✗ settings: SLACK_BOT_TOKEN is invalid" in result.stdout
     assert "xoxp-fake1" not in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_the_policy_check_names_each_bad_env_rule(
+    slack: FakeSlack, bk: FakeBuildkite, tmp_path: Path
+) -> None:
+    from app.checks import check_policy
+
+    policy = tmp_path / "policy.yml"
+    policy.write_text("default:\n  env:\n    deny: [LD_*, 'a b']\n    allows: []\n")
+    check = check_policy(bot_settings(slack, bk, "redis://127.0.0.1:1/0", policy_file=str(policy)))
+    assert not check.ok
+    problems = check.detail.split("; ")
+    assert len(problems) == 2
+    assert "line 3: default.env.deny" in problems[0] and "'a b'" in problems[0]
+    assert "line 4: default.env.allows: Extra inputs are not permitted" in problems[1]

@@ -157,3 +157,53 @@ def test_readme_example_policy_is_valid(tmp_path: Path) -> None:
     example = readme.split("```yaml\n# policy.yml\n", 1)[1].split("```", 1)[0]
     policy = load_policy(write(tmp_path, example))
     assert policy.data.pipelines
+
+
+ENV_POLICY = """\
+default:
+  env:
+    deny: ["SECRET_*"]
+pipelines:
+  deploy-prod:
+    env:
+      allow: ["APP_*", "bad pattern!"]
+      alow: [X]
+  web:
+    env: [X]
+"""
+
+
+def test_env_rule_problems_are_named_one_per_line(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError) as raised:
+        load_policy(write(tmp_path, ENV_POLICY))
+    lines = str(raised.value).splitlines()
+    assert len(lines) == 3
+    assert "line 7: pipelines.deploy-prod.env.allow" in lines[0]
+    assert "'bad pattern!' is not an env name pattern" in lines[0]
+    assert "line 8: pipelines.deploy-prod.env.alow: Extra inputs are not permitted" in lines[1]
+    assert "line 10: pipelines.web.env" in lines[2]
+
+
+def test_env_rules_built_in_first_then_deny_then_allow(tmp_path: Path) -> None:
+    policy = load_policy(
+        write(
+            tmp_path,
+            'default:\n  env: {deny: ["SECRET_*"]}\n'
+            'pipelines:\n  app:\n    env: {allow: ["APP_*", "BUILDKITE_*"]}\n',
+        )
+    )
+    default, app = policy.rule_for("other"), policy.rule_for("app")
+    assert default.env_refusal({"MODE": "x", "Mode2": "é ok"}) is None
+    assert "env deny `SECRET_*`" in (default.env_refusal({"secret_key": "x"}) or "")
+    # The built-in list cannot be allowed back.
+    assert "built-in rule `BUILDKITE_*`" in (app.env_refusal({"BUILDKITE_X": "1"}) or "")
+    assert "env allow list has `APP_*`, `BUILDKITE_*`" in (app.env_refusal({"MODE": "1"}) or "")
+    assert app.env_refusal({"APP_MODE": "1"}) is None
+    assert "not a valid environment variable name" in (default.env_refusal({"1X": "1"}) or "")
+    assert "(U+000A)" in (default.env_refusal({"X": "a\nb"}) or "")
+    assert "(U+200B)" in (default.env_refusal({"X": "a\u200bb"}) or "")
+    assert "21 environment variables" in (
+        default.env_refusal({f"V{i}": "1" for i in range(21)}) or ""
+    )
+    assert "at most 200" in (default.env_refusal({"X": "v" * 201}) or "")
+    assert "at most 64 characters" in (default.env_refusal({"X" * 65: "1"}) or "")
