@@ -28,6 +28,7 @@ def bot_settings(slack: FakeSlack, bk: FakeBuildkite, redis_url: str, **override
         "slack_bot_token": slack.bot_token,
         "slack_signing_secret": SIGNING_SECRET,
         "slack_api_url": slack.api_url,
+        "slack_hooks_url": slack.hooks_url,
         "buildkite_api_token": BUILDKITE_TOKEN,
         "buildkite_org": bk.org,
         "buildkite_api_url": bk.url,
