@@ -170,6 +170,7 @@ class Fleet:
             "SLACK_BOT_TOKEN": slack_token,
             "SLACK_SIGNING_SECRET": SIGNING_SECRET,
             "SLACK_API_URL": self.slack.api_url,
+            "SLACK_HOOKS_URL": self.slack.hooks_url,
             "BUILDKITE_API_TOKEN": BUILDKITE_TOKEN,
             "BUILDKITE_ORG": self.bk.org,
             "BUILDKITE_API_URL": self.bk.url,
