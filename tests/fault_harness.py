@@ -318,13 +318,16 @@ class Fleet:
         return status
 
     def secrets_in_logs(self) -> list[str]:
-        """Which bots' logs contain one of the secrets they were given (masked by position)."""
+        """Which bots' logs contain one of the secrets they were given (masked by position), or a
+        response_url (a credential for its channel: anything under SLACK_HOOKS_URL)."""
         leaks = []
         for bot in self.bots:
             text = bot.log()
             for number, secret in enumerate(self.secrets):
                 if secret in text:
                     leaks.append(f"{bot.name}: secret #{number}")
+            if self.slack.hooks_url in text:
+                leaks.append(f"{bot.name}: a response_url")
         return leaks
 
 

@@ -7,11 +7,10 @@ wrote: one WARNING line, no body, no response_url, no secret.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlencode
 
@@ -23,13 +22,11 @@ from slack_bolt.middleware.request_verification.async_request_verification impor
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.response import BoltResponse
 
-from app import logs
-from tests.bot import BUILDKITE_TOKEN, SIGNING_SECRET, WEBHOOK_TOKEN, BotClient, running_bot
+from tests.bot import SIGNING_SECRET, BotClient, BotLog, running_bot
 from tests.fakes import slack_requests
 from tests.fakes.buildkite import FakeBuildkite
 from tests.fakes.slack import FakeSlack
 
-SECRETS = ("xoxb-test", SIGNING_SECRET, BUILDKITE_TOKEN, WEBHOOK_TOKEN)
 #: What a request from someone who does not hold the signing secret carries in its body.
 MARK = "attacker-mark-7f3a"
 
@@ -59,53 +56,6 @@ class Attacker:
     async def __aexit__(self, *exc: object) -> None:
         assert self._runner is not None
         await self._runner.cleanup()
-
-
-class BotLog:
-    """What the bot's own logging set-up (`app.logs.configure`) writes, as JSON lines."""
-
-    def __init__(self, stream: io.StringIO) -> None:
-        self.stream = stream
-        self.start = 0
-
-    def mark(self) -> None:
-        """Only lines written from now on count."""
-        self.start = len(self.stream.getvalue())
-
-    @property
-    def text(self) -> str:
-        return self.stream.getvalue()[self.start :]
-
-    def entries(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.text.splitlines() if line.strip()]
-
-    def at_least(self, level: int) -> list[dict[str, Any]]:
-        return [e for e in self.entries() if logging.getLevelName(e["level"].upper()) >= level]
-
-    def leaks(self, *values: str) -> list[str]:
-        """Which of `values` (and of the bot's secrets) appear in a line; empty means none."""
-        whole = self.stream.getvalue()
-        return [v for v in (*values, *SECRETS) if v and v in whole]
-
-
-@pytest.fixture
-def bot_log() -> Iterator[BotLog]:
-    """The bot's logging at its most talkative level (LOG_LEVEL=DEBUG), restored afterwards."""
-    root = logging.getLogger()
-    saved_handlers, saved_level = root.handlers[:], root.level
-    named = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]
-    saved = {lg.name: (lg.level, lg.filters[:]) for lg in named}
-    stream = io.StringIO()
-    logs.configure("DEBUG", SECRETS, stream)
-    try:
-        yield BotLog(stream)
-    finally:
-        root.handlers[:] = saved_handlers
-        root.setLevel(saved_level)
-        for lg in [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]:
-            level, filters = saved.get(lg.name, (logging.NOTSET, []))
-            lg.setLevel(level)
-            lg.filters[:] = filters
 
 
 @pytest.fixture
