@@ -380,3 +380,36 @@ async def test_socket_mode_requests_are_not_checked_for_a_signature(
         )
         await slack.wait_for(lambda: [p for p in slack.responses if p.name == name])
     assert [e for e in bot_log.at_least(logging.WARNING) if "refused" in e["message"]] == []
+
+
+async def test_bolts_unhandled_request_line_quotes_nothing_of_the_body(
+    bot: BotClient, slack: FakeSlack, bot_log: BotLog
+) -> None:
+    # A signed click on a button no listener knows: Bolt warns, quoting parts of the body.
+    payload = slack_requests.block_action_payload(
+        f"unknown_{MARK}", "1", response_url=slack.response_url("u"), message_ts="1.000100"
+    )
+    body, headers = slack_requests.interactive(payload, signing_secret=SIGNING_SECRET)
+    bot_log.mark()
+
+    resp = await bot.post_slack(body, headers)
+
+    assert resp.status == 404
+    lines = [e["message"] for e in bot_log.at_least(logging.WARNING)]
+    assert lines == ["Unhandled request (body not logged)"]
+    assert bot_log.leaks(MARK) == []
+
+
+async def test_slack_sdk_debug_lines_are_dropped_even_at_debug(
+    bot: BotClient, slack: FakeSlack, bot_log: BotLog
+) -> None:
+    # slack_sdk's DEBUG lines name the response_url and quote the body of every post to it.
+    # Whatever level its loggers end up at, none of them reaches the log.
+    logging.getLogger("slack_sdk").setLevel(logging.DEBUG)
+    bot_log.mark()
+
+    _, name, _ = await bot.command("/deploy", "locks")
+    await slack.wait_for(lambda: bot.response_texts(name))
+
+    assert [e for e in bot_log.entries() if e["logger"].startswith("slack_sdk")] == []
+    assert bot_log.leaks(slack.response_url(name)) == []
