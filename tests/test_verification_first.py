@@ -413,3 +413,28 @@ async def test_slack_sdk_debug_lines_are_dropped_even_at_debug(
 
     assert [e for e in bot_log.entries() if e["logger"].startswith("slack_sdk")] == []
     assert bot_log.leaks(slack.response_url(name)) == []
+
+
+async def test_bolts_error_handler_never_answers_a_request_not_verified_first(
+    bot: BotClient, slack: FakeSlack, bk: FakeBuildkite, bot_log: BotLog
+) -> None:
+    # Should a request ever reach Bolt without the route's check (a new route, another
+    # adapter), Bolt's own check fails on `abc` with an exception: its error handler must stay
+    # silent rather than answer the body's response_url.
+    response_url = slack.response_url("bypass")
+    body = _command_body(response_url).decode()
+    request = AsyncBoltRequest(
+        body=body,
+        headers={
+            "content-type": slack_requests.FORM,
+            "x-slack-request-timestamp": "abc",
+            "x-slack-signature": _forged("abc"),
+        },
+    )
+    outbound = Outbound(slack, bk)
+
+    resp = await bot.bot.bolt.async_dispatch(request)
+
+    assert resp.status == 500
+    assert outbound.since() == []
+    assert any("not answered" in e["message"] for e in bot_log.at_least(logging.WARNING))
