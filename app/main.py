@@ -12,6 +12,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import httpx
@@ -40,13 +41,14 @@ from app.operations import Operations, Services
 from app.outbox import Outbox
 from app.policy import load_policy
 from app.redis_connection import connect_redis
+from app.response_urls import SlackHooks
 from app.routing import Router
 from app.settings import Settings
 from app.store import Store
 from app.tracker import Tracker
 from app.web import create_web_app
 from buildkite.client import BuildkiteClient
-from handlers.errors import report_error
+from handlers.errors import report_bolt_error
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +122,14 @@ async def open_services(
         outbox = Outbox(slack)
         closing.push_async_callback(_drain, outbox)  # first out: edits need the Slack session
         directory = Directory(slack)
+        hooks = SlackHooks(settings.slack_hooks_url, outbox, metrics)
         tracker = Tracker(
-            store, buildkite, outbox, poll_interval=settings.poll_interval, people=directory
+            store,
+            buildkite,
+            outbox,
+            poll_interval=settings.poll_interval,
+            people=directory,
+            hooks=hooks,
         )
         tracker.metrics = metrics
         services = Services(
@@ -136,6 +144,7 @@ async def open_services(
             directory=directory,
             auditor=Auditor(store),
             router=Router(tracker, store, policy),
+            hooks=hooks,
         )
         tracker.auto_retry = Operations(services).auto_retry
         yield services
@@ -178,6 +187,19 @@ class FailedRequestsLog(AccessLogger):
             super().log(request, response, time)
 
 
+class ChatOpsBolt(AsyncApp):
+    """Bolt, with each request's `respond` guarded by SLACK_HOOKS_URL (`SlackHooks`) before the
+    first middleware runs: Bolt's own middleware and its error handler answer through it too."""
+
+    def __init__(self, *, hooks: SlackHooks, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.hooks = hooks
+
+    async def async_dispatch(self, req: AsyncBoltRequest) -> BoltResponse:
+        req.context["respond"] = self.hooks.respond_for(req.context)
+        return await super().async_dispatch(req)
+
+
 def create_bolt_app(
     settings: Settings, services: Services, metrics: Metrics | None = None
 ) -> AsyncApp:
@@ -185,16 +207,19 @@ def create_bolt_app(
 
     Each request gets a correlation id for its logs, and is counted and timed in `metrics`.
     """
-    bolt = AsyncApp(
+    bolt = ChatOpsBolt(
+        hooks=services.hooks,
         client=services.outbox.client,
         signing_secret=settings.slack_signing_secret.get_secret_value(),
         process_before_response=False,
         logger=logging.getLogger("slack_bolt"),
+        # Its listener logger, under slack_bolt so that app.logs keeps request bodies out of it.
+        name="slack_bolt.app",
     )
     observe_slack_requests(bolt, metrics if metrics is not None else Metrics())
 
     bolt.use(InjectServices(services))
-    bolt.error(report_error)
+    bolt.error(report_bolt_error)
     handlers.register(bolt)
     return bolt
 

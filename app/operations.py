@@ -38,6 +38,7 @@ from app.directory import Directory
 from app.messages import DeployPlan, Rendered, UnblockButtonValue, link
 from app.outbox import Outbox, SlackDeliveryError, not_in_channel_text
 from app.policy import Action, Policy, Rule, principal_ref
+from app.response_urls import SlackHooks
 from app.routing import Router
 from app.settings import Settings
 from app.store import ACTION_TTL, REQUEST_TTL, Store, TrackedBuild
@@ -177,6 +178,8 @@ class Services:
     directory: Directory
     auditor: Auditor
     router: Router
+    #: The only way to a response_url outside Bolt's `respond` (see app.response_urls).
+    hooks: SlackHooks
     #: Listener tasks still working after their ack, awaited at shutdown.
     inflight: set[asyncio.Task[Any]] = field(default_factory=set)
     #: Slash-command deploys: how many run at once, and how many may wait for their turn.

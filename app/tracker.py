@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from redis.exceptions import RedisError, ResponseError
-from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from app import messages
 from app.directory import Directory
 from app.metrics import UNWIRED, Metrics
 from app.outbox import Outbox, SlackDeliveryError
+from app.response_urls import SlackHooks
+from app.settings import DEFAULT_SLACK_HOOKS_URL
 from app.store import (
     FINAL_RANK,
     LOCK_TTL_MS,
@@ -169,10 +170,13 @@ class Tracker:
         consumer: str | None = None,
         clock: Callable[[], float] = time.time,
         people: Directory | None = None,
+        hooks: SlackHooks | None = None,
     ) -> None:
         self.store = store
         self.buildkite = buildkite
         self.outbox = outbox
+        #: The only way to a requester's response_url (see app.response_urls).
+        self.hooks = hooks or SlackHooks(DEFAULT_SLACK_HOOKS_URL, outbox, UNWIRED)
         self.poll_interval = poll_interval
         self.people = people
         #: Slack writes in flight, at most MAX_PARALLEL_WRITES at once, in order per build.
@@ -568,10 +572,10 @@ class Tracker:
             f"in this channel (`{exc.error}`). Invite the bot here (`/invite @buildkite`) or run "
             "the command from a channel it is in."
         )
+        # No fallback to the channel: the bot just failed to post there.
+        respond = self.hooks.respond(target.notify_url, channel=None, user=target.requester)
         try:
-            await AsyncWebhookClient(target.notify_url).send(
-                text=text, response_type="ephemeral", replace_original=False
-            )
+            await respond(text=text, response_type="ephemeral", replace_original=False)
         except Exception as notify_error:  # the build is fine; the hint is best effort
             log.warning("could not tell %s about %s: %s", target.requester, exc, notify_error)
 

@@ -170,6 +170,7 @@ class Fleet:
             "SLACK_BOT_TOKEN": slack_token,
             "SLACK_SIGNING_SECRET": SIGNING_SECRET,
             "SLACK_API_URL": self.slack.api_url,
+            "SLACK_HOOKS_URL": self.slack.hooks_url,
             "BUILDKITE_API_TOKEN": BUILDKITE_TOKEN,
             "BUILDKITE_ORG": self.bk.org,
             "BUILDKITE_API_URL": self.bk.url,
@@ -317,13 +318,16 @@ class Fleet:
         return status
 
     def secrets_in_logs(self) -> list[str]:
-        """Which bots' logs contain one of the secrets they were given (masked by position)."""
+        """Which bots' logs contain one of the secrets they were given (masked by position), or a
+        response_url (a credential for its channel: anything under SLACK_HOOKS_URL)."""
         leaks = []
         for bot in self.bots:
             text = bot.log()
             for number, secret in enumerate(self.secrets):
                 if secret in text:
                     leaks.append(f"{bot.name}: secret #{number}")
+            if self.slack.hooks_url in text:
+                leaks.append(f"{bot.name}: a response_url")
         return leaks
 
 

@@ -259,6 +259,12 @@ class FakeSlack:
         """The Web API base URL for `AsyncWebClient(base_url=...)`, with a trailing slash."""
         return f"{self.base_url}/api/"
 
+    @property
+    def hooks_url(self) -> str:
+        """The prefix of every response_url this fake hands out (the bot's SLACK_HOOKS_URL), as
+        `https://hooks.slack.com/` is for Slack's."""
+        return f"{self.base_url}/response/"
+
     def response_url(
         self, name: str, *, channel: str | None = None, message_ts: str | None = None
     ) -> str:
@@ -269,7 +275,7 @@ class FakeSlack:
         `response_type: in_channel` posts a new one.
         """
         self._response_urls.setdefault(name, _ResponseUrl(channel, message_ts))
-        return f"{self.base_url}/response/{name}"
+        return f"{self.hooks_url}{name}"
 
     # ------------------------------------------------------------------ seeding
 
