@@ -16,11 +16,12 @@ from typing import Any
 import pytest
 
 from app.checks import check_policy
-from app.unblock_forms import FormError, normalise_label, parse_freeform
+from app.messages import UnblockMetadata, unblock_modal
+from app.unblock_forms import BlockForm, FormError, normalise_label, parse_fields, parse_freeform
 from tests.bot import SIGNING_SECRET, BotClient, bot_settings, running_bot
 from tests.fakes import slack_requests
 from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
+from tests.fakes.slack import FakeSlack, block_problems
 
 CHANNEL = "C0CHAN"
 
@@ -440,3 +441,35 @@ def test_free_form_lines_are_parsed_strictly() -> None:
 def test_labels_compare_without_emoji_case_or_spaces() -> None:
     assert normalise_label(":rocket: Ship  It 🚀") == "ship it"
     assert normalise_label(":shipit: Release") == normalise_label("release")
+
+
+def test_forms_are_cut_or_refused_at_slack_limits() -> None:
+    long = [
+        {"text": "L" * 2500, "key": "k", "hint": "h" * 2500, "default": "d" * 4000},
+        {
+            "select": "S",
+            "key": "s",
+            "default": "v",
+            "options": [{"label": "o" * 100, "value": "v"}],
+        },
+    ]
+    form = BlockForm(fields=parse_fields(long))
+    meta = UnblockMetadata(pipeline="p", number=1, job="j", channel="C0CHAN")
+    view = unblock_modal("x" * 500, form, meta)
+    assert block_problems(view["blocks"], max_blocks=100) == []
+    fields = inputs(view)
+    assert len(fields["field:k"]["label"]["text"]) == 2000
+    assert fields["field:s"]["element"]["initial_option"]["text"]["text"] == "o" * 74 + "…"
+    # What cannot be cut without sending something else is refused, saying why.
+    for raw, why in (
+        ([{"text": "T", "key": f"k{n}"} for n in range(99)], "99 fields; a Slack modal holds"),
+        (
+            [{"select": "S", "key": "s", "options": [{"value": "v" * 151}]}],
+            "longer than the 150 characters a Slack option can carry",
+        ),
+        ([{"text": "T", "key": "a b"}], "'a b' is not a field key"),
+        ([{"text": "T", "key": "k"}, {"text": "U", "key": "k"}], "the key `k` is used by two"),
+        ([{"select": "S", "key": "s"}], "select `s` needs `options:`"),
+    ):
+        with pytest.raises(FormError, match=why):
+            parse_fields(raw)

@@ -1195,7 +1195,7 @@ class FakeBuildkite:
             return default if value is None else str(value).lower() == "true"
 
         for spec in specs:
-            key = spec.get("key")
+            key = str(spec.get("key") or "")
             value = fields.get(key)
             if flag(spec.get("required"), True) and not value:
                 raise _Reply(422, "Validation Failed", [{"field": key, "code": "missing"}])
