@@ -279,8 +279,8 @@ def _walk(steps: Sequence[Any]) -> Iterator[Any]:
     seen = 0
     for step in steps:
         inner = step.get("steps") if isinstance(step, Mapping) else None
-        group = isinstance(inner, list) and ("group" in step or step.get("type") == "group")
-        for item in inner if group and isinstance(inner, list) else [step]:
+        is_group = isinstance(step, Mapping) and ("group" in step or step.get("type") == "group")
+        for item in inner if is_group and isinstance(inner, list) else [step]:
             seen += 1
             if seen > MAX_STEPS:
                 raise FormError(f"the pipeline has more than {MAX_STEPS} steps")

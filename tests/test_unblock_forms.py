@@ -74,7 +74,9 @@ async def started(
         await manager.__aexit__(None, None, None)
 
 
-async def open_unblock(bot: BotClient, pipeline: str) -> dict[str, Any]:
+async def open_unblock(
+    bot: BotClient, pipeline: str, *, before_click: Any = None
+) -> dict[str, Any]:
     """Deploy, block the build, click Unblock: the modal the bot opened."""
 
     def roots() -> list[Any]:
@@ -87,6 +89,8 @@ async def open_unblock(bot: BotClient, pipeline: str) -> dict[str, Any]:
     bot.bk.set_build_state(pipeline, 1, "passed", blocked=True)
     assert (await bot.webhook(bot.bk.webhook_payload(pipeline, 1))).status == 200
     unblock = await bot.slack.wait_for(lambda: _button(bot.slack, ts))
+    if before_click is not None:
+        before_click()
     opened_before = len(bot.slack.calls_to("views.open"))
     await bot.click("build_unblock", unblock["value"], channel=CHANNEL, message_ts=ts)
     opened = await bot.slack.wait_for(lambda: bot.slack.calls_to("views.open")[opened_before:])
@@ -418,6 +422,24 @@ async def test_yaml_that_cannot_be_used_falls_back_to_free_form_saying_why(
         view = await open_unblock(bot, slug)
         assert "does not know this step's fields" in text_of(view), slug
         assert why in text_of(view), (slug, text_of(view))
+
+
+async def test_without_read_pipelines_the_policy_form_or_free_form_is_used(
+    started: Any, bk: FakeBuildkite
+) -> None:
+    bk.add_pipeline("uploaded", block="Release", block_fields=UPLOADED_FIELDS)
+    bk.add_pipeline("other", block="Release", block_fields=UPLOADED_FIELDS)
+    bot = await started(POLICY_FORMS)
+
+    def drop_scope() -> None:
+        bk.scopes.remove("read_pipelines")
+
+    view = await open_unblock(bot, "uploaded", before_click=drop_scope)
+    assert "Fields from the policy's unblock_forms" in text_of(view)
+    bk.scopes.append("read_pipelines")
+    view = await open_unblock(bot, "other", before_click=drop_scope)
+    assert "its token lacks the `read_pipelines` scope" in text_of(view)
+    assert "does not know this step's fields" in text_of(view)
 
 
 # -- the parts ------------------------------------------------------------------------------
