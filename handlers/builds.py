@@ -135,9 +135,21 @@ def _field_errors(exc: ValidationFailed, view: dict[str, Any]) -> dict[str, str]
         if freeform or target not in inputs:
             target, what = inputs[0], f"`{field}`: {what}" if field else what
         errors.setdefault(target, []).append(what)
-    if not errors:
-        mentioned = next((b for b in inputs if b.removeprefix("field:") in exc.message), inputs[0])
-        errors[mentioned] = [exc.message]
+    if not errors:  # only a message: put it on the field it names (by key or label), if any
+        named = [
+            b["block_id"]
+            for b in view.get("blocks") or []
+            if b.get("type") == "input"
+            and str(b.get("block_id")).startswith("field:")
+            and any(
+                name and name in exc.message
+                for name in (
+                    str(b["block_id"]).removeprefix("field:"),
+                    str((b.get("label") or {}).get("text") or ""),
+                )
+            )
+        ]
+        errors[named[0] if named else inputs[0]] = [exc.message]
     return {block: f"Buildkite says: {'; '.join(texts)}"[:150] for block, texts in errors.items()}
 
 

@@ -332,6 +332,22 @@ async def test_a_422_is_shown_next_to_the_input_of_its_field(
     assert unblock_puts(bk)[-1].json == {"fields": {"release-name": "v3", "regions": "us"}}
 
 
+async def test_a_422_with_only_a_message_goes_to_the_field_it_names(
+    started: Any, bk: FakeBuildkite
+) -> None:
+    bk.add_pipeline("release", block="Request release", block_fields=RELEASE_FIELDS)
+    bot = await started()
+    view = await open_unblock(bot, "release")
+    bk.fail_next(
+        1, 422, "/unblock", method="PUT", body=json.dumps({"message": "Regions can't be blank"})
+    )
+    answer = await submit(bot, view, {"field:release-name": "v1", "field:deploy-regions": []})
+    assert answer == {
+        "response_action": "errors",
+        "errors": {"field:deploy-regions": "Buildkite says: Regions can't be blank"},
+    }
+
+
 async def test_check_config_names_a_bad_unblock_form_with_its_line(
     slack: FakeSlack, bk: FakeBuildkite, tmp_path: Path
 ) -> None:
