@@ -17,7 +17,14 @@ import pytest
 
 from app.checks import check_policy
 from app.messages import UnblockMetadata, unblock_modal
-from app.unblock_forms import BlockForm, FormError, normalise_label, parse_fields, parse_freeform
+from app.unblock_forms import (
+    BlockForm,
+    FormError,
+    form_in_pipeline,
+    normalise_label,
+    parse_fields,
+    parse_freeform,
+)
 from tests.bot import SIGNING_SECRET, BotClient, bot_settings, running_bot
 from tests.fakes import slack_requests
 from tests.fakes.buildkite import FakeBuildkite
@@ -511,3 +518,47 @@ def test_forms_are_cut_or_refused_at_slack_limits() -> None:
     ):
         with pytest.raises(FormError, match=why):
             parse_fields(raw)
+
+
+def test_a_job_is_matched_to_its_step_by_key_then_label_and_never_by_guess() -> None:
+    yaml_text = """
+- input: "Who is running this?"
+  fields: [{text: Your name, key: name}]
+- block: Deploy
+  key: deploy-eu
+  fields: [{text: EU, key: eu}]
+- block: Deploy
+  key: deploy-us
+  fields: [{text: US, key: us}]
+- wait
+- group: ":rocket: Ship"
+  steps:
+    - block: ":shipit: Approve"
+      fields: [{text: Why, key: why}]
+    - block: Twice
+      fields: [{text: A, key: a}]
+- block: Twice
+  fields: [{text: B, key: b}]
+"""
+
+    def keys(step_key: str | None, label: str | None) -> list[str] | None:
+        form, _ = form_in_pipeline(yaml_text, None, step_key=step_key, label=label)
+        return None if form is None else [f.key for f in form.fields]
+
+    assert keys(None, "Who is running this?") == ["name"]  # an input step, in a bare list
+    assert keys("deploy-us", "Deploy") == ["us"]  # the key, not the first label
+    assert keys(None, "Deploy") is None  # two steps labelled Deploy: no guess
+    assert keys("deploy-ap", "Deploy") is None  # its key is neither of theirs
+    assert keys(None, "approve") == ["why"]  # in a group, without emoji and case
+    assert keys(None, "Twice") is None
+    assert keys(None, "Nowhere") is None
+    # The UI's steps (no YAML), in either shape.
+    steps = [{"type": "manual", "label": "Go", "fields": [{"text": "X", "key": "x"}]}]
+    form, problem = form_in_pipeline(None, steps, step_key=None, label="Go")
+    assert form is not None and [f.key for f in form.fields] == ["x"] and problem is None
+    # JSON is YAML too; "true"/"false" strings are Buildkite's booleans.
+    as_json = json.dumps(
+        {"steps": [{"block": "J", "fields": [{"text": "T", "key": "t", "required": "false"}]}]}
+    )
+    form, _ = form_in_pipeline(as_json, None, step_key=None, label="J")
+    assert form is not None and form.fields[0].required is False
