@@ -43,6 +43,7 @@ from app.routing import Router
 from app.settings import Settings
 from app.store import ACTION_TTL, REQUEST_TTL, Store, TrackedBuild
 from app.tracker import Tracker
+from app.unblock_forms import BlockForm, form_in_pipeline
 from buildkite.client import BuildkiteClient
 from buildkite.errors import (
     AuthenticationError,
@@ -248,6 +249,20 @@ def explain(exc: BuildkiteError, *, action: str, pipeline: str, number: int | No
         )
     message = getattr(exc, "message", "") or "an unexpected error"
     return f"Could not {action} {what}: Buildkite answered {message}."
+
+
+@dataclass(frozen=True)
+class UnblockTarget:
+    """A block step about to be unblocked: its label, its build, and its form.
+
+    `form` None means the bot does not know the step's fields; `problem` then says why, when
+    there is more to say than "the step is not in the pipeline's steps" (an upload).
+    """
+
+    label: str
+    build_url: str | None
+    form: BlockForm | None
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -866,13 +881,12 @@ class Operations:
 
     # -- unblock and retry ---------------------------------------------------------------
 
-    async def block_fields(
-        self, value: UnblockButtonValue, actor: Actor
-    ) -> tuple[str, list[dict[str, Any]]]:
-        """Check the unblock is allowed, and read the block step's label and fields."""
+    async def unblock_form(self, value: UnblockButtonValue, actor: Actor) -> UnblockTarget:
+        """Check the unblock is allowed, and find the block step's form (see unblock_forms)."""
         await self._authorize(Action.UNBLOCK, value.pipeline, actor, number=value.number)
+        bk = self.s.buildkite
         try:
-            build = await self.s.buildkite.get_build(value.pipeline, value.number)
+            build = await bk.get_build(value.pipeline, value.number)
         except BuildkiteError as exc:
             raise UserError(
                 explain(exc, action="unblock", pipeline=value.pipeline, number=value.number)
@@ -882,7 +896,24 @@ class Operations:
             raise UserError("That block step is not part of this build any more.")
         if job.state != "blocked":
             raise UserError(f"*{job.display_name}* is not waiting any more ({job.state}).")
-        return job.display_name, list(job.fields or [])
+        label = job.label or job.name
+        problem = None
+        try:
+            pipeline = await bk.get_pipeline(value.pipeline)
+        except BuildkiteError as exc:
+            log.warning("could not read the steps of %s for an unblock: %s", value.pipeline, exc)
+            scope = exc.missing_scope if isinstance(exc, PermissionDenied) else None
+            problem = "the bot could not read the pipeline's steps" + (
+                f" (its token lacks the `{scope}` scope)" if scope else ""
+            )
+        else:
+            form, problem = form_in_pipeline(
+                pipeline.configuration, pipeline.steps, step_key=job.step_key, label=label
+            )
+            if form is not None:
+                return UnblockTarget(job.display_name, build.web_url, form)
+        form = self.s.policy.unblock_form(value.pipeline, step_key=job.step_key, label=label)
+        return UnblockTarget(job.display_name, build.web_url, form, problem)
 
     async def unblock(
         self,

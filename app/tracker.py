@@ -580,7 +580,7 @@ class Tracker:
             log.warning("could not tell %s about %s: %s", target.requester, exc, notify_error)
 
     async def _block_step(self, tracked: TrackedBuild) -> messages.BlockStep | None:
-        """The block step a build waits on (its job id, label and fields), from Buildkite."""
+        """The block step a build waits on (its job id and label), from Buildkite."""
         try:
             full = await self.buildkite.get_build(tracked.pipeline, tracked.number)
         except BuildkiteError as exc:
@@ -590,9 +590,7 @@ class Tracker:
             return None
         for job in full.jobs:
             if job.type == "manual" and job.state == "blocked":
-                return messages.BlockStep(
-                    job_id=job.id, label=job.display_name, has_fields=bool(job.fields)
-                )
+                return messages.BlockStep(job_id=job.id, label=job.display_name)
         return None
 
     async def _reply(
