@@ -40,13 +40,22 @@ from app.outbox import Outbox, SlackDeliveryError, not_in_channel_text
 from app.policy import Action, Policy, Rule, principal_ref
 from app.routing import Router
 from app.settings import Settings
-from app.store import ACTION_TTL, REQUEST_TTL, Store, TrackedBuild
+from app.store import (
+    ACTION_TTL,
+    AWAITED_TTL,
+    REQUEST_TTL,
+    AwaitedBuild,
+    MessageTarget,
+    Store,
+    TrackedBuild,
+)
 from app.tracker import Tracker
 from buildkite.client import BuildkiteClient
 from buildkite.errors import (
     AuthenticationError,
     BuildkiteError,
     BuildkiteUnavailable,
+    BuildMaybeStarted,
     NotFound,
     PermissionDenied,
     RateLimited,
@@ -721,6 +730,7 @@ class Operations:
         meta = {"chatops_requested_by": actor.user_id}
         if approved_by:
             meta["chatops_approved_by"] = approved_by
+        await self._await(request_id, plan.pipeline, actor, thread=thread)
         try:
             build = await self.s.buildkite.create_build(
                 plan.pipeline,
@@ -732,12 +742,18 @@ class Operations:
                 meta_data=meta,
                 request_id=request_id,
             )
+        except BuildMaybeStarted as exc:
+            raise await self._maybe_started(
+                exc, request_id, "deploy", plan.pipeline, actor
+            ) from None
         except BuildkiteError as exc:
             await self._forget(request_id)
+            await self._stop_awaiting(request_id)
             await self._audit(actor, "deploy", plan.pipeline, "failed", detail=str(exc))
             raise UserError(explain(exc, action="deploy", pipeline=plan.pipeline)) from None
         await self._audit(actor, "deploy", plan.pipeline, "started", build=build)
         await self._track(build, plan.pipeline, actor, thread=thread)
+        await self._stop_awaiting(request_id)
         return build
 
     # -- cancel and rebuild -----------------------------------------------------------------
@@ -790,10 +806,25 @@ class Operations:
         await self._claim(dedup_key, actor.user_id, ttl=ACTION_TTL)
         if rule.asks_first:
             return await self._rebuild_as_deploy(ref, actor, rule, dedup_key, trigger)
+        thread_ts = None
+        try:
+            original = await self.s.store.find(ref.pipeline, ref.number)
+            target = original.target(actor.channel_id) if original is not None else None
+            if target is not None:
+                thread_ts = target.reply_thread
+        except RedisError:
+            pass  # _track below reports the outage with the build's link
+        request_id = request_id_for("rebuild", trigger)
+        await self._await(request_id, ref.pipeline, actor, thread=thread_ts, rebuild_of=ref.number)
         try:
             build = await self.s.buildkite.rebuild_build(ref.pipeline, ref.number)
+        except BuildMaybeStarted as exc:
+            raise await self._maybe_started(
+                exc, request_id, "rebuild", ref.pipeline, actor, number=ref.number
+            ) from None
         except BuildkiteError as exc:
             await self._forget(dedup_key)
+            await self._stop_awaiting(request_id)
             await self._audit(
                 actor, "rebuild", ref.pipeline, "failed", number=ref.number, detail=str(exc)
             )
@@ -803,15 +834,8 @@ class Operations:
         await self._audit(
             actor, "rebuild", ref.pipeline, "started", build=build, detail=f"of #{ref.number}"
         )
-        thread_ts = None
-        try:
-            original = await self.s.store.find(ref.pipeline, ref.number)
-            target = original.target(actor.channel_id) if original is not None else None
-            if target is not None:
-                thread_ts = target.reply_thread
-        except RedisError:
-            pass  # _track below reports the outage with the build's link
         await self._track(build, ref.pipeline, actor, thread=thread_ts)
+        await self._stop_awaiting(request_id)
         return Started(build)
 
     async def _rebuild_as_deploy(
@@ -1159,6 +1183,74 @@ class Operations:
             await self.s.tracker.observe(build)
         except RedisError as exc:
             log.warning("could not record the new state of %s: %s", build.web_url, exc)
+
+    # -- builds asked for without an answer ------------------------------------------------
+
+    async def _await(
+        self,
+        request_id: str,
+        pipeline: str,
+        actor: Actor,
+        *,
+        thread: str | None,
+        rebuild_of: int | None = None,
+    ) -> None:
+        """Note the build about to be asked for before asking, so that if no answer comes (or
+        this process dies waiting) the poller adopts it when it appears, once."""
+        now = time.time()
+        awaited = AwaitedBuild(
+            request_id=request_id,
+            pipeline=pipeline,
+            rebuild_of=rebuild_of,
+            sent_at=now,
+            until=now + AWAITED_TTL,
+            target=MessageTarget(
+                channel=actor.channel_id,
+                requester=actor.user_id,
+                thread_ts=thread,
+                notify_url=actor.response_url,
+            ),
+        )
+        # Looked for by the poller only once this process should have given up itself.
+        lookup = self.s.buildkite.start_lookup.patience
+        look_at = now + 2 * (self.s.settings.buildkite_timeout + lookup)
+        try:
+            await self.s.store.await_build(awaited, look_at=look_at)
+        except RedisError as exc:
+            log.warning("could not note the build asked for by %s: %s", request_id, exc)
+
+    async def _stop_awaiting(self, request_id: str) -> None:
+        with contextlib.suppress(RedisError):
+            await self.s.store.take_awaited(request_id)
+
+    async def _maybe_started(
+        self,
+        exc: BuildMaybeStarted,
+        request_id: str,
+        action: str,
+        pipeline: str,
+        actor: Actor,
+        *,
+        number: int | None = None,
+    ) -> UserError:
+        """No answer and no build found: say so plainly, and leave the build to the poller."""
+        log.warning("%s of %s may have started (request %s): %s", action, pipeline, request_id, exc)
+        await self._audit(actor, action, pipeline, "unknown", number=number, detail=str(exc))
+        try:
+            await self.s.store.look_for_awaited(request_id, at=time.time())
+        except RedisError:
+            followed = "The bot cannot reach its Redis right now, so it may not follow it."
+        else:
+            followed = "The bot did not send it again, and will post it here if it appears."
+        what = f"your rebuild of #{number}" if number is not None else "your deploy"
+        builds = link(
+            f"https://buildkite.com/{self.s.buildkite.org}/{pipeline}/builds",
+            "the pipeline's builds",
+        )
+        return UserError(
+            f":warning: Buildkite did not answer in time, so {what} of `{pipeline}` may have "
+            f"started. {followed} Check {builds} before asking again."
+        )
 
     async def _forget(self, request_id: str) -> None:
         # The mutation never happened, so a retry by the user must not be taken for a duplicate.
