@@ -1239,17 +1239,18 @@ class Operations:
         try:
             await self.s.store.look_for_awaited(request_id, at=time.time())
         except RedisError:
-            followed = "The bot cannot reach its Redis right now, so it may not follow it."
+            follow = "but cannot reach its Redis right now, so it may not post it here"
         else:
-            followed = "The bot did not send it again, and will post it here if it appears."
-        what = f"your rebuild of #{number}" if number is not None else "your deploy"
+            follow = "and will post the build here if it appears"
+        what = f"the rebuild of #{number}" if number is not None else "the deploy"
         builds = link(
             f"https://buildkite.com/{self.s.buildkite.org}/{pipeline}/builds",
             "the pipeline's builds",
         )
         return UserError(
-            f":warning: Buildkite did not answer in time, so {what} of `{pipeline}` may have "
-            f"started. {followed} Check {builds} before asking again."
+            f":warning: Buildkite did not confirm {what} of `{pipeline}` (no answer in time, or an "
+            f"error after it was sent), so it may have started. The bot did not send it again, "
+            f"{follow}. Check {builds} before asking again."
         )
 
     async def _forget(self, request_id: str) -> None:

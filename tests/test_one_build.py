@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 
-from app.store import AWAITED_DUE_KEY, AWAITED_KEY
+from app.store import AUDIT_STREAM, AWAITED_DUE_KEY, AWAITED_KEY
 from tests.bot import BotClient, running_bot
 from tests.fakes.buildkite import FakeBuildkite
 from tests.fakes.slack import FakeSlack
@@ -96,6 +96,8 @@ async def test_a_deploy_whose_build_appears_too_late_is_said_to_maybe_have_start
         assert f"https://buildkite.com/acme/{PIPELINE}/builds" in text
         assert bk.builds == []  # Buildkite is still making it
         (request_id,) = [i.decode() for i in await redis_client.hkeys(AWAITED_KEY)]
+        audited = [fields for _, fields in await redis_client.xrange(AUDIT_STREAM)]
+        assert [(f[b"action"], f[b"outcome"]) for f in audited] == [(b"deploy", b"unknown")]
 
         # The build appears; the poller finds it by its request id and follows it.
         build = await wait_until(
