@@ -47,7 +47,7 @@ from app.settings import Settings
 from app.store import Store
 from app.tracker import Tracker
 from app.web import create_web_app
-from buildkite.client import BuildkiteClient
+from buildkite.client import BuildkiteClient, StartLookup
 from handlers.errors import report_bolt_error
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ async def open_services(
     # Each client is closed on the way out, also when a later one fails to be created.
     async with contextlib.AsyncExitStack() as closing:
         http = httpx.AsyncClient(
-            timeout=httpx.Timeout(15.0),
+            timeout=httpx.Timeout(settings.buildkite_timeout),
             limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
         )
         closing.push_async_callback(http.aclose)
@@ -112,6 +112,8 @@ async def open_services(
             settings.buildkite_org,
             base_url=str(settings.buildkite_api_url),
             http=http,
+            timeout=settings.buildkite_timeout,
+            start_lookup=StartLookup(patience=settings.buildkite_start_patience),
         )
         closing.push_async_callback(buildkite.aclose)
         slack_session = create_slack_session()

@@ -126,6 +126,11 @@ class Settings(BaseSettings):
     buildkite_webhook_token: SecretStr | None = None
     #: The cluster new pipelines join on a clustered organization (a template may name its own).
     buildkite_cluster_id: str | None = None
+    #: Seconds to wait for one Buildkite answer.
+    buildkite_timeout: Annotated[float, Field(gt=0, le=300)] = 15.0
+    #: Seconds to look for the build of a create or rebuild that got no answer (it is never
+    #: sent again) before telling the person it may have started; the poller keeps looking.
+    buildkite_start_patience: Annotated[float, Field(ge=0, le=600)] = 60.0
 
     redis_url: str | None = None
     port: Annotated[int, Field(ge=1, le=65535)] = 3000

@@ -666,9 +666,9 @@ class Tracker:
         pending builds stay pending, and the next cycle lists every build finished meanwhile.
         """
         report = PollReport()
-        if await self.store.pending_count() == 0:
-            return report
         now = self.clock()
+        if await self.store.pending_count() == 0 and not await self.store.awaited_count(due_by=now):
+            return report
         state = await self.store.poll_state()
         if state.resume_at is not None and now < state.resume_at:
             report.skipped, report.backoff = True, state.resume_at - now
@@ -698,6 +698,7 @@ class Tracker:
         return report
 
     async def _poll(self, report: PollReport, state: PollState, now: float) -> None:
+        await self._adopt_awaited(report, now)
         pending = set(await self.store.pending())
         mine = {SOURCE_META_KEY: SOURCE_META_VALUE}
         since = state.finished_from if state.finished_from is not None else now - 3600
@@ -757,6 +758,58 @@ class Tracker:
             report.observed += 1
             if await self.observe(build) is not None:
                 report.changed += 1
+
+    async def _adopt_awaited(self, report: PollReport, now: float) -> None:
+        """Look for the builds asked for without an answer, and follow each one that appeared
+        in its requester's channel: tracked first, then taken, so that a crash in between
+        leaves it to be adopted again, and `track` gives it one message whoever adopts it."""
+        for awaited in await self.store.awaited_due(now, limit=MAX_SINGLE_FETCHES):
+            if now > awaited.until:
+                if await self.store.take_awaited(awaited.request_id):
+                    log.warning(
+                        "gave up waiting for the build asked for by request %s on %s",
+                        awaited.request_id,
+                        awaited.pipeline,
+                    )
+                continue
+            if self._rate_limit_wait() is not None:
+                return
+            report.requests += 1
+            try:
+                if awaited.rebuild_of is None:
+                    build = await self.buildkite.find_created_build(
+                        awaited.pipeline, awaited.request_id
+                    )
+                else:
+                    build = await self.buildkite.find_rebuild(
+                        awaited.pipeline,
+                        awaited.rebuild_of,
+                        since=datetime.fromtimestamp(awaited.sent_at, tz=UTC),
+                    )
+            except (RateLimited, ServerError, BuildkiteUnavailable):
+                raise  # Buildkite's trouble: the poller backs off
+            except BuildkiteError as exc:
+                log.warning("looking for request %s failed: %s", awaited.request_id, exc)
+                continue
+            if build is None:
+                continue
+            target = awaited.target
+            await self.track(
+                build,
+                pipeline=awaited.pipeline,
+                channel=target.channel,
+                requester=target.requester,
+                thread_ts=target.thread_ts,
+                notify_url=target.notify_url,
+            )
+            report.observed += 1
+            if await self.store.take_awaited(awaited.request_id):
+                log.info(
+                    "adopted %s #%s, asked for by request %s without an answer",
+                    awaited.pipeline,
+                    build.number,
+                    awaited.request_id,
+                )
 
     async def _observe_listed(
         self, builds: AsyncIterator[Build], pending: set[str], report: PollReport

@@ -164,7 +164,7 @@ class _Fault:
     seconds: float = 0.0
     reset: int = 1
     scope: Literal["rest", "rest_user"] = "rest"
-    how: Literal["cut", "delay"] = "cut"
+    how: Literal["cut", "delay", "fail"] = "cut"
 
     def matches(self, method: str, path: str) -> bool:
         return (
@@ -778,6 +778,34 @@ class FakeBuildkite:
         """Create the next ``n`` builds, then lose the HTTP responses (see drop_response_next)."""
         self.drop_response_next(n, "/builds", method="POST", how=how, seconds=seconds)
 
+    def fail_after_create_next(self, n: int = 1, status: int = 502) -> None:
+        """Create the next ``n`` builds, then answer ``status`` (a proxy's 5xx, say)."""
+        fault = _Fault("drop", n, "/builds", "POST", status=status)
+        fault.how = "fail"
+        self._faults.append(fault)
+
+    def answer_late_next(
+        self,
+        seconds: float,
+        path_contains: str,
+        *,
+        method: str,
+        visible_after: float | None = None,
+        n: int = 1,
+    ) -> None:
+        """Take ``seconds`` to answer the next ``n`` matching requests, as a slow Buildkite does.
+
+        The work is done (a build created, say, and listed from then on) ``visible_after``
+        seconds in (by default: as it answers), whether or not the client is still waiting.
+        """
+        visible = seconds if visible_after is None else min(visible_after, seconds)
+        if visible > 0:
+            self.delay_next(n, visible, path_contains, method=method)
+        if seconds > visible:
+            self.drop_response_next(
+                n, path_contains, method=method, how="delay", seconds=seconds - visible
+            )
+
     def clear_faults(self) -> None:
         self._faults.clear()
 
@@ -855,6 +883,8 @@ class FakeBuildkite:
             if drop.how == "cut":
                 if request.transport is not None:
                     request.transport.close()
+            elif drop.how == "fail":
+                response = web.json_response({"message": "Bad Gateway"}, status=drop.status)
             else:
                 await self._pause(drop.seconds)
         return response
