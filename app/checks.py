@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 from redis.exceptions import AuthenticationError as RedisAuthenticationError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
@@ -138,7 +138,8 @@ async def check_redis(store: Store, settings: Settings, *, show_url: bool = Fals
         await asyncio.wait_for(store.ping(), REDIS_TIMEOUT)
     except RedisAuthenticationError:
         return Check("redis", False, f"PING failed{where}: Redis refused the credentials")
-    except (RedisError, OSError, TimeoutError) as exc:
+    except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+        # RedisClusterException (no node reachable) is not a RedisError.
         return Check("redis", False, f"PING failed{where}: {type(exc).__name__}")
     return Check("redis", True, f"ok{where}")
 

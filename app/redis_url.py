@@ -87,14 +87,16 @@ def parse_redis_url(url: str) -> RedisTarget:
 def _parse_server(url: str) -> RedisTarget:
     try:
         parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"the port must be a number from 1 to 65535{_PERCENT_HINT}") from None
-    host_part = parts.netloc.rpartition("@")[2]
-    if "," in host_part:
+    except ValueError:  # an unbalanced [ or ] around a host
+        raise ValueError(f"the host cannot be read{_PERCENT_HINT}") from None
+    if "," in parts.netloc.rpartition("@")[2]:
         raise ValueError(
             "several hosts are only possible with redis+sentinel:// or redis+cluster://"
         )
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"the port must be a number from 1 to 65535{_PERCENT_HINT}") from None
     if port == 0:
         raise ValueError("the port must be a number from 1 to 65535")
     options = _options(
@@ -235,15 +237,16 @@ def mask_url(url: str) -> str:
     `/`, `?` or `#` is hidden too; only a username before a `:` stays readable.
     """
     scheme = _URL_SCHEME.match(url)
-    if scheme is None:
-        return _QUERY_SECRET.sub(r"\1***", url)
-    rest = _QUERY_SECRET.sub(r"\1***", url[scheme.end() :])
-    credentials, at, host = rest.rpartition("@")
+    start = scheme.end() if scheme else 0
+    credentials, at, rest = url[start:].rpartition("@")
+    # The credentials go first and whole: a query-like piece of an unencoded password must not
+    # be taken for the query.
+    rest = _QUERY_SECRET.sub(r"\1***", rest)
     if at:
         user, colon, _ = credentials.partition(":")
         shown = f"{user}:" if colon and not re.search(r"[/?#]", user) else ""
-        rest = f"{shown}***@{host}"
-    return url[: scheme.end()] + rest
+        rest = f"{shown}***@{rest}"
+    return url[:start] + rest
 
 
 def mask_redis_urls(text: str) -> str:
