@@ -224,3 +224,28 @@ async def test_another_organizations_build_is_ignored_with_one_warning(
     assert warnings == ["webhook build.finished refused: a build of organization 'evil-corp'"]
     assert seen(bot) == before
     assert await transitions_recorded(redis_client) == transitions
+
+
+async def test_a_signed_delivery_that_could_not_be_recorded_counts_when_sent_again(
+    bot: BotClient, bk: FakeBuildkite, slack: FakeSlack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    ts = await deploy(bot)
+    bk.set_build_state("deploy-prod", 1, "passed")
+    passed = bk.webhook_payload("deploy-prod", 1)
+    now = int(time.time())
+    router = bot.services.router
+    on_build = router.on_build
+
+    async def redis_down(*args: Any) -> None:
+        monkeypatch.setattr(router, "on_build", on_build)
+        raise RedisConnectionError("Redis went away")
+
+    monkeypatch.setattr(router, "on_build", redis_down)
+    assert (await bot.webhook(passed, signed=True, timestamp=now)).status == 503
+
+    again = await bot.webhook(passed, signed=True, timestamp=now)
+
+    assert await body(again) == {"ok": True, "changed": True}
+    await finished(slack, ts)
