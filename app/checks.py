@@ -16,12 +16,14 @@ from pathlib import Path
 
 import aiohttp
 import httpx
-import redis.asyncio as redis_module
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError as RedisAuthenticationError
+from redis.exceptions import RedisClusterException, RedisError
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from app.logs import mask_url
+from app.metrics import Metrics
+from app.redis_connection import connect_redis
+from app.redis_url import mask_url
 from app.settings import Settings
 from app.store import Store
 from buildkite.client import BuildkiteClient
@@ -125,16 +127,21 @@ async def check_buildkite(client: BuildkiteClient, *, thorough: bool = True) -> 
     return Check("buildkite", True, f"token ok for organization {client.org} (scopes {has})")
 
 
-async def check_redis(store: Store, settings: Settings) -> Check:
+async def check_redis(store: Store, settings: Settings, *, show_url: bool = False) -> Check:
+    """PING the store. `/readyz` is open to anyone, so only `show_url` (the operator's own
+    `--check-config`) names the server, its password masked; neither shows an error's text."""
     if settings.redis_url is None:
-        where = "embedded store, REDIS_URL not set"
+        where = " (embedded store, REDIS_URL not set)"
     else:
-        where = mask_url(settings.redis_url)
+        where = f" ({mask_url(settings.redis_url)})" if show_url else ""
     try:
         await asyncio.wait_for(store.ping(), REDIS_TIMEOUT)
-    except (RedisError, OSError, TimeoutError) as exc:
-        return Check("redis", False, f"PING to {where} failed: {type(exc).__name__}")
-    return Check("redis", True, f"PING ok ({where})")
+    except RedisAuthenticationError:
+        return Check("redis", False, f"PING failed{where}: Redis refused the credentials")
+    except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+        # RedisClusterException (no node reachable) is not a RedisError.
+        return Check("redis", False, f"PING failed{where}: {type(exc).__name__}")
+    return Check("redis", True, f"ok{where}")
 
 
 def check_policy(settings: Settings) -> Check:
@@ -234,11 +241,9 @@ async def check_config(settings: Settings) -> list[Check]:
             )
         )
     else:
-        client = redis_module.Redis.from_url(
-            settings.redis_url, socket_timeout=5, socket_connect_timeout=5, retry=None
-        )
+        client = connect_redis(settings, Metrics())
         try:
-            checks.append(await check_redis(Store(client), settings))
+            checks.append(await check_redis(Store(client), settings, show_url=True))
         finally:
             await client.aclose()
     return checks

@@ -14,8 +14,9 @@ from collections.abc import Iterable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import TextIO
-from urllib.parse import urlsplit, urlunsplit
 
+from app.redis_url import mask_redis_urls, parse_redis_url, url_secrets
+from app.redis_url import mask_url as mask_url  # re-exported: the log-facing name
 from app.settings import Settings
 
 _correlation_id: ContextVar[str | None] = ContextVar("correlation_id", default=None)
@@ -34,29 +35,20 @@ def current_correlation_id() -> str | None:
 
 
 def url_password(url: str | None) -> str | None:
-    """The password in a URL such as `redis://user:pass@host/0`, if there is one."""
+    """The password in a REDIS_URL (userinfo or `?password=`), if there is one."""
     if not url:
         return None
     try:
-        return urlsplit(url).password
+        target = parse_redis_url(url)
     except ValueError:
         return None
-
-
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by `***`, fit to print or log."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return target.password
 
 
 class RedactSecrets(logging.Filter):
-    """Replace every known secret value in a log record's final text with `***`."""
+    """Replace every known secret value in a log record's final text with `***`, and the
+    password of any Redis URL in it, known or not (a safety net for what the bot did not log
+    itself: a library's message, an exception's text)."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
@@ -65,7 +57,7 @@ class RedactSecrets(logging.Filter):
     def redact(self, text: str) -> str:
         for secret in self.secrets:
             text = text.replace(secret, "***")
-        return text
+        return mask_redis_urls(text)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -189,5 +181,4 @@ def secrets_of(settings: Settings) -> list[str]:
         )
         if s is not None
     ]
-    password = url_password(settings.redis_url)
-    return values + ([password] if password else [])
+    return values + url_secrets(settings.redis_url)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 from typing import cast
-from urllib.parse import unquote
 
 import redis.asyncio as redis
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.sentinel import Sentinel
 
-from app.logs import mask_url
 from app.metrics import HEALTH_CHECK_INTERVAL, CountingRetry, Metrics
+from app.redis_url import RedisTarget, mask_url, parse_redis_url
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,12 +36,15 @@ def connect_redis(settings: Settings, metrics: Metrics) -> redis.Redis:
         # A server of its own: fakeredis would otherwise share one between clients alike.
         return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
     log.debug("using Redis at %s", mask_url(settings.redis_url))
-    url = settings.redis_url
-    if url.startswith(SENTINEL_SCHEME):
-        return _sentinel_master(url, metrics)
-    if url.startswith(CLUSTER_SCHEME):
-        cluster = redis.RedisCluster.from_url(
-            "redis://" + url.removeprefix(CLUSTER_SCHEME),
+    # Settings checked the URL already; this reads it the same way.
+    target = parse_redis_url(settings.redis_url)
+    if target.kind == "sentinel":
+        return _sentinel_master(target, metrics)
+    if target.kind == "cluster":
+        cluster = redis.RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in target.hosts],
+            username=target.username,
+            password=target.password,
             socket_timeout=5,
             socket_connect_timeout=5,
         )
@@ -49,7 +52,7 @@ def connect_redis(settings: Settings, metrics: Metrics) -> redis.Redis:
     # A burst (say, 100 webhooks at once beside the notifier's writes) waits for a free
     # connection rather than failing with redis-py's "Too many connections".
     pool = redis.BlockingConnectionPool.from_url(
-        url,
+        target.url,
         max_connections=MAX_CONNECTIONS,
         timeout=POOL_WAIT,
         socket_timeout=5,
@@ -65,30 +68,6 @@ MAX_CONNECTIONS = 64
 POOL_WAIT = 10.0
 
 
-SENTINEL_SCHEME = "redis+sentinel://"
-CLUSTER_SCHEME = "redis+cluster://"
-
-
-def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str | None]:
-    """`redis+sentinel://[:password@]host:26379[,host:26379…]/service[/db]`, as
-    (sentinels, service name, db, password). The password is the Redis servers' own."""
-    rest = url.removeprefix(SENTINEL_SCHEME)
-    password = None
-    if "@" in rest:
-        credentials, rest = rest.rsplit("@", 1)
-        password = unquote(credentials.split(":", 1)[1] if ":" in credentials else credentials)
-    hosts, _, path = rest.partition("/")
-    parts = [p for p in path.split("/") if p]
-    if not hosts or not parts:
-        raise ValueError("expected redis+sentinel://host:26379[,host:26379]/service-name[/db]")
-    sentinels = []
-    for host in hosts.split(","):
-        name, _, port = host.rpartition(":")
-        sentinels.append((name or host, int(port) if name else 26379))
-    db = int(parts[1]) if len(parts) > 1 else 0
-    return sentinels, parts[0], db, password
-
-
 class _SentinelMaster(redis.Redis):
     """The master's client, which also closes its connections to the sentinels."""
 
@@ -99,17 +78,25 @@ class _SentinelMaster(redis.Redis):
             await sentinel.aclose()
 
 
-def _sentinel_master(url: str, metrics: Metrics) -> redis.Redis:
+def _sentinel_master(target: RedisTarget, metrics: Metrics) -> redis.Redis:
     """A client for the current master of a Sentinel-managed Redis (it follows failovers)."""
-    sentinels, service, db, password = parse_sentinel_url(url)
+    assert target.service is not None
+    sentinel_kwargs: dict[str, object] = {"socket_timeout": 5, "socket_connect_timeout": 5}
+    if target.sentinel_password is not None:
+        # Sentinels with a `requirepass` of their own (?sentinel_password=).
+        sentinel_kwargs["password"] = target.sentinel_password
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        sentinels, socket_timeout=5, socket_connect_timeout=5
+        list(target.hosts),
+        sentinel_kwargs=sentinel_kwargs,
+        socket_timeout=5,
+        socket_connect_timeout=5,
     )
     master: redis.Redis = sentinel.master_for(
-        service,
+        target.service,
         redis_class=_SentinelMaster,
-        db=db,
-        password=password,
+        db=target.db,
+        username=target.username,
+        password=target.password,
         socket_timeout=5,
         socket_connect_timeout=5,
         health_check_interval=HEALTH_CHECK_INTERVAL,

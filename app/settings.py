@@ -27,6 +27,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.redis_url import parse_redis_url
+
 _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 #: Where Slack hands out every response_url (SLACK_HOOKS_URL's default).
@@ -200,14 +202,10 @@ class Settings(BaseSettings):
 
     @field_validator("redis_url")
     @classmethod
-    def _redis_scheme(cls, value: str | None) -> str | None:
+    def _redis_url(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
-        schemes = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
-        if not value.startswith(schemes):
-            raise ValueError(
-                "must be a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL"
-            )
+        parse_redis_url(value)  # its ValueError quotes no part of the URL
         return value
 
     @field_validator("log_level", mode="before")

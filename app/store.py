@@ -19,6 +19,8 @@ import redis.asyncio as redis
 from pydantic import BaseModel, ConfigDict
 from redis.commands.core import AsyncScript
 
+from buildkite.webhooks import SIGNATURE_TOLERANCE, Signature
+
 # The braces are a Redis Cluster hash tag: every key of the bot lives in one slot, so the Lua
 # scripts and transactions that touch several keys also work on a cluster.
 PREFIX = "{bkchatops}:"
@@ -40,6 +42,9 @@ EVENTS_STREAM = PREFIX + "events"
 EVENTS_GROUP = "notifiers"
 #: req:{id} -> who claimed a mutation request (SET NX), so a duplicate does nothing.
 REQUEST_KEY = TEMPLATE_PREFIX + "req:{request_id}"
+#: webhook:{timestamp}:{signature} -> a signed Buildkite webhook already received (SET NX), so a
+#: replay of it within its signature's tolerance does nothing.
+WEBHOOK_KEY = TEMPLATE_PREFIX + "webhook:{timestamp}:{signature}"
 #: Markers kept in the build's record: a thread reply was posted, or a per-build action (an
 #: auto-retry) was taken, once per generation.
 POSTED_MARK = "{channel}:{gen}:{kind}"
@@ -84,6 +89,10 @@ PENDING_TTL = 30 * 24 * 3600  # a build may sit on a block step for weeks
 FINAL_TTL = 7 * 24 * 3600  # keep finished builds around for /rebuild threading and buttons
 REQUEST_TTL = 24 * 3600
 ACTION_TTL = 30  # double clicks on one button within this window do one thing
+#: A signature is accepted up to SIGNATURE_TOLERANCE (300 s) either side of its timestamp, so a
+#: delivery can be replayed for up to 600 s after it arrives; a minute more covers clock skew
+#: between replicas.
+WEBHOOK_TTL = 2 * SIGNATURE_TOLERANCE + 60
 LOCK_TTL_MS = 30_000  # renewed every third of it while held
 DEPLOY_REQUEST_TTL = 15 * 60  # a confirmation left unanswered this long is forgotten
 APPROVAL_KEEP = 24 * 3600  # an approval's record outlives its expiry by this much
@@ -500,6 +509,16 @@ class Store:
             return None
         previous = await self.redis.get(key)
         return _text(previous or "")
+
+    async def claim_webhook(self, delivery: Signature) -> bool:
+        """Claim a signed webhook delivery; False if it was received before (a replay)."""
+        key = WEBHOOK_KEY.format(timestamp=delivery.timestamp, signature=delivery.signature)
+        return bool(await self.redis.set(key, "1", nx=True, ex=WEBHOOK_TTL))
+
+    async def release_webhook(self, delivery: Signature) -> None:
+        """Forget a delivery the bot could not process, so that its redelivery counts."""
+        key = WEBHOOK_KEY.format(timestamp=delivery.timestamp, signature=delivery.signature)
+        await self.redis.delete(key)
 
     async def release_request(self, request_id: str) -> None:
         """Forget a claim whose mutation never reached Buildkite, so the user may try again."""

@@ -31,6 +31,8 @@ from app.verification import (
 from buildkite.webhooks import (
     WebhookPayloadError,
     WebhookVerificationError,
+    buildkite_hosts,
+    implausible_build,
     parse_webhook,
     verify_webhook,
 )
@@ -138,7 +140,8 @@ async def metrics_page(request: web.Request) -> web.Response:
 
 
 async def buildkite_webhook(request: web.Request) -> web.Response:
-    """Verify a Buildkite webhook, then feed its build to the tracker."""
+    """Verify a Buildkite webhook, drop a replay or an impossible build, then feed its build to
+    the tracker."""
     services = request.app[SERVICES_KEY]
     count = request.app[METRICS_KEY].webhook
     token = services.settings.buildkite_webhook_token
@@ -148,26 +151,53 @@ async def buildkite_webhook(request: web.Request) -> web.Response:
         count(None, "not_configured")
         return web.json_response({"error": "webhooks are not configured"}, status=401)
     try:
-        verify_webhook(request.headers, body, token)
+        signature = verify_webhook(request.headers, body, token)
     except WebhookVerificationError as exc:
         log.warning("webhook refused: %s", exc)
         count(None, "unverified")
         return web.json_response({"error": "unverified"}, status=401)
+    event_name = request.headers.get("X-Buildkite-Event")
+    try:
+        # The same signed delivery again: Buildkite signs each one with its own time.
+        replayed = signature is not None and not await services.store.claim_webhook(signature)
+    except RedisError as exc:
+        log.error("webhook %s not recorded, redis unavailable: %s", event_name, exc)
+        count(event_name, "tracking_unavailable")
+        return web.json_response({"error": "tracking unavailable"}, status=503)
+    if replayed:
+        log.info("webhook %s dropped: a replay of a delivery already received", event_name)
+        count(event_name, "duplicate")
+        return web.json_response({"ok": True, "duplicate": True})
     try:
         event = parse_webhook(request.headers, body)
     except WebhookPayloadError as exc:
         log.warning("webhook payload rejected: %s", exc)
-        count(request.headers.get("X-Buildkite-Event"), "bad_payload")
+        count(event_name, "bad_payload")
         return web.json_response({"error": "bad payload"}, status=400)
     if event.build is None:
         count(event.event, "ignored")
         return web.json_response({"ok": True, "ignored": event.event})
+    settings = services.settings
+    web_hosts, api_hosts = buildkite_hosts(str(settings.buildkite_api_url))
+    problem = implausible_build(
+        event.build, org=settings.buildkite_org, web_hosts=web_hosts, api_hosts=api_hosts
+    )
+    if problem is not None:
+        log.warning("webhook %s refused: %s", event.event, problem.reason)
+        if problem.foreign:
+            count(event.event, "other_organization")
+            return web.json_response({"ok": True, "ignored": "another organization's build"})
+        count(event.event, "implausible")
+        return web.json_response({"error": f"impossible build: {problem.reason}"}, status=400)
     try:
         changed = await services.router.on_build(event.build, event.pipeline)
     except RedisError as exc:
         # Buildkite retries nothing we can count on; the poller catches up once Redis is back.
         log.error("webhook %s not recorded, redis unavailable: %s", event.event, exc)
         count(event.event, "tracking_unavailable")
+        if signature is not None:
+            with contextlib.suppress(RedisError):
+                await services.store.release_webhook(signature)
         return web.json_response({"error": "tracking unavailable"}, status=503)
     count(event.event, "accepted")
     return web.json_response({"ok": True, "changed": changed is not None})

@@ -244,7 +244,8 @@ def test_the_header_event_wins_over_the_body() -> None:
         (b"\xff\xfe", "not JSON"),
         (b"[1, 2]", "not a JSON object"),
         (b"{}", "no event name"),
-        (b'{"event": "build.finished", "build": {"number": "x"}}', "unexpected build"),
+        (b'{"event": "build.finished", "build": {"number": 1}}', "unexpected build"),
+        (b'{"event": "build.finished", "build": {"number": "x"}}', "build number"),
     ],
 )
 def test_payloads_that_cannot_be_understood(body: bytes, reason: str) -> None:

@@ -81,7 +81,7 @@ async def test_each_problem_is_named_on_its_own_line(
     )
     assert lines["✓ slack app token"] == "Socket Mode connections can be opened"
     assert "lacks the write_builds scope" in lines["✗ buildkite"]
-    assert lines["✗ redis"].startswith("PING to redis://:***@127.0.0.1:")
+    assert lines["✗ redis"].startswith("PING failed (redis://:***@127.0.0.1:")
     assert text.splitlines()[-1] == "4 of 6 checks failed."
     for secret in secrets_of(settings):
         assert secret not in text

@@ -15,7 +15,8 @@ import pytest
 import redis as sync_redis
 
 from app.metrics import Metrics
-from app.redis_connection import MAX_CONNECTIONS, connect_redis, parse_sentinel_url
+from app.redis_connection import MAX_CONNECTIONS, connect_redis
+from app.redis_url import parse_redis_url
 from app.settings import Settings
 from app.store import MessageTarget, Store
 from tests.redis_server import RedisServer, free_port
@@ -90,20 +91,24 @@ async def exercise(store: Store) -> None:
 
 
 def test_sentinel_urls_are_parsed() -> None:
-    assert parse_sentinel_url("redis+sentinel://:p%40ss@a:26379,b:26380/mymaster/2") == (
-        [("a", 26379), ("b", 26380)],
+    target = parse_redis_url("redis+sentinel://:p%40ss@a:26379,b:26380/mymaster/2")
+    assert (target.kind, target.hosts, target.service, target.db, target.password) == (
+        "sentinel",
+        (("a", 26379), ("b", 26380)),
         "mymaster",
         2,
         "p@ss",
     )
-    assert parse_sentinel_url("redis+sentinel://sentinel/mymaster") == (
-        [("sentinel", 26379)],
+    target = parse_redis_url("redis+sentinel://sentinel/mymaster?sentinel_password=s%2Fpw")
+    assert (target.hosts, target.service, target.db, target.password) == (
+        (("sentinel", 26379),),
         "mymaster",
         0,
         None,
     )
+    assert target.sentinel_password == "s/pw"
     with pytest.raises(ValueError, match="service-name"):
-        parse_sentinel_url("redis+sentinel://a:26379")
+        parse_redis_url("redis+sentinel://a:26379")
 
 
 async def test_sentinel(tmp_path: Path, processes: list[Any]) -> None:
@@ -162,7 +167,9 @@ async def test_cluster(tmp_path: Path, processes: list[Any]) -> None:
         assert time.monotonic() < deadline, "the one-node cluster did not come up"
         await asyncio.sleep(0.05)
     node.close()
-    client = connect_redis(settings(f"redis+cluster://127.0.0.1:{port}"), Metrics())
+    # Several start-up nodes: one that is down is passed over.
+    url = f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{port}"
+    client = connect_redis(settings(url), Metrics())
     try:
         await exercise(Store(client))
     finally:
