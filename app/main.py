@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.web_log import AccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
+from redis.exceptions import RedisError
 from slack_bolt.async_app import AsyncApp, AsyncBoltRequest
 from slack_bolt.middleware.async_middleware import AsyncMiddleware
 from slack_bolt.response import BoltResponse
@@ -253,6 +254,9 @@ async def expire_approvals(services: Services, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
             await operations.expire_approvals()
+        except (RedisError, OSError) as exc:
+            # Redis is down: the readiness check says so; a traceback every sweep would not.
+            log.warning("approval expiry sweep skipped, redis unavailable: %s", exc)
         except Exception:
             log.exception("approval expiry sweep failed; retrying")
         with contextlib.suppress(TimeoutError):

@@ -11,8 +11,10 @@ import logging
 from typing import cast
 
 import redis.asyncio as redis
-from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.cluster import ClusterNode, NodesManager
 from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 
 from app.metrics import HEALTH_CHECK_INTERVAL, CountingRetry, Metrics
 from app.redis_url import RedisTarget, mask_url, parse_redis_url
@@ -48,6 +50,7 @@ def connect_redis(settings: Settings, metrics: Metrics) -> redis.Redis:
             socket_timeout=5,
             socket_connect_timeout=5,
         )
+        _unreachable_is_a_connection_error(cluster)
         return cast(redis.Redis, cluster)
     # A burst (say, 100 webhooks at once beside the notifier's writes) waits for a free
     # connection rather than failing with redis-py's "Too many connections".
@@ -61,6 +64,34 @@ def connect_redis(settings: Settings, metrics: Metrics) -> redis.Redis:
         retry=CountingRetry(metrics),
     )
     return redis.Redis.from_pool(pool)
+
+
+class _NodesManager(NodesManager):
+    """redis-py's node discovery, with "no node answers" raised as a RedisError.
+
+    redis-py's cluster client raises RedisClusterException, which is not a RedisError, when it
+    cannot (re)discover the cluster's nodes, and every command, pipeline and transaction goes
+    through that discovery. Without this, every `except RedisError` in the bot would miss an
+    unreachable cluster: a webhook would be answered 500 instead of 503, a loop would log a
+    traceback instead of waiting for Redis.
+    """
+
+    __slots__ = ()
+
+    async def initialize(
+        self,
+        additional_startup_nodes_info: list[tuple[str, int]] | None = None,
+        last_failed_node_name: str | None = None,
+    ) -> None:
+        try:
+            await super().initialize(additional_startup_nodes_info, last_failed_node_name)
+        except RedisClusterException as exc:
+            raise RedisConnectionError(f"Redis Cluster unavailable: {exc}") from exc
+
+
+def _unreachable_is_a_connection_error(cluster: redis.RedisCluster) -> None:
+    """Give `cluster` the discovery above (NodesManager has slots: no attribute to patch)."""
+    cluster.nodes_manager.__class__ = _NodesManager
 
 
 #: Connections to Redis per process, and how long a command waits for one when all are busy.

@@ -299,6 +299,10 @@ class Tracker:
                     continue
                 log.exception("notifier cycle failed; retrying")
                 await asyncio.sleep(1.0)
+            except (RedisError, OSError) as exc:
+                # Redis is down: /readyz says so; a traceback every second would not help.
+                log.warning("notifier waiting, redis unavailable: %s", exc)
+                await asyncio.sleep(1.0)
             except Exception:
                 log.exception("notifier cycle failed; retrying")
                 await asyncio.sleep(1.0)
@@ -643,6 +647,9 @@ class Tracker:
                 self.metrics.poll_cycle(await self.poll_once())
             except asyncio.CancelledError:
                 raise
+            except (RedisError, OSError) as exc:
+                log.warning("poll cycle skipped, redis unavailable: %s", exc)
+                self.metrics.poll_cycle(None)
             except Exception:
                 log.exception("poll cycle failed; retrying next interval")
                 self.metrics.poll_cycle(None)

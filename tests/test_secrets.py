@@ -303,3 +303,22 @@ def test_an_unusable_redis_url_stops_start_up_with_one_line(case: str, tmp_path:
     for result in (started, checked):
         assert "Traceback" not in result.stdout + result.stderr
         assert "pw-Zq" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("form", ["default user", "sentinel", "cluster"])
+async def test_an_unreachable_redis_answers_webhooks_503_in_every_topology(
+    form: str, slack: FakeSlack, bk: FakeBuildkite
+) -> None:
+    # redis-py raises RedisClusterException, which is no RedisError, when no cluster node
+    # answers: it must still read as "Redis is unavailable", never as a 500.
+    url = unusable_forms(closed_port())[form]
+    bk.add_pipeline("deploy-prod", default_branch="main")
+    bk.add_build("deploy-prod", state="running")
+    with configured_logs("DEBUG", []) as stream:
+        async with running_bot(slack, bk, url) as bot:
+            response = await bot.webhook(bk.webhook_payload("deploy-prod", 1))
+            answer = json.loads(await response.text())
+    assert response.status == 503, answer
+    assert answer == {"error": "tracking unavailable"}
+    assert "Traceback" not in stream.getvalue(), stream.getvalue()[-3000:]
+    assert_hidden(stream.getvalue(), url)
