@@ -10,6 +10,8 @@ import html
 import re
 from dataclasses import dataclass, field
 
+from app import mrkdwn
+
 PIPELINE_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}$")
 COMMIT = re.compile(r"^(HEAD|[0-9a-fA-F]{7,40})$")
 _HEXISH = re.compile(r"^[0-9a-fA-F]+$")
@@ -227,5 +229,6 @@ def parse_build_ref(text: str, *, org: str, usage: str) -> BuildRef | HelpReques
 
 
 def _clip(value: str, limit: int = 60) -> str:
+    """What someone typed, cut short and escaped, to quote back inside backticks."""
     value = value.replace("`", "'")
-    return value if len(value) <= limit else value[: limit - 1] + "…"
+    return mrkdwn.escape(value if len(value) <= limit else value[: limit - 1] + "…")

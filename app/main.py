@@ -30,6 +30,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 import handlers
+from app import mrkdwn
 from app.audit import Auditor
 from app.checks import Readiness, check_buildkite, check_slack
 from app.digest import run_digest_schedules
@@ -95,6 +96,7 @@ async def open_services(
     """
     metrics = metrics if metrics is not None else Metrics()
     policy = load_policy(settings.policy_file)  # first: a bad file leaves no client unclosed
+    mrkdwn.trust_web_host(str(settings.buildkite_api_url))
     # Each client is closed on the way out, also when a later one fails to be created.
     async with contextlib.AsyncExitStack() as closing:
         http = httpx.AsyncClient(

@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar
 
 from redis.exceptions import RedisError
 
-from app import digest, messages
+from app import digest, messages, mrkdwn
 from app.commands import (
     BuildRef,
     HelpRequest,
@@ -439,8 +439,9 @@ def parse_pipeline_form(
 
 
 def _clip(value: str, limit: int = 60) -> str:
+    """What someone typed, cut short and escaped, to quote back inside backticks."""
     value = value.replace("`", "'")
-    return value if len(value) <= limit else value[: limit - 1] + "…"
+    return mrkdwn.escape(value if len(value) <= limit else value[: limit - 1] + "…")
 
 
 # -- the service ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from app.messages import (
     BuildButtonValue,
     UnblockButtonValue,
     UnblockMetadata,
+    escape,
     field_block_id,
     link,
     notice,
@@ -84,7 +85,7 @@ async def unblock_button(
         raise UserError(
             explain(exc, action="unblock", pipeline=value.pipeline, number=value.number)
         ) from None
-    await _ephemeral(respond, f":unlock: Unblocked *{label}*.")
+    await _ephemeral(respond, f":unlock: Unblocked *{escape(label)}*.")
 
 
 def _submitted_values(view: dict[str, Any]) -> dict[str, str]:
@@ -142,7 +143,7 @@ async def unblock_submit(ack: AsyncAck, body: dict[str, Any], services: Services
             await ack(response_action="errors", errors=errors)
         else:
             await services.outbox.ephemeral(
-                meta.channel, user, notice(f"Unblock refused: {exc.message}")
+                meta.channel, user, notice(f"Unblock refused: {escape(exc.message)}")
             )
         return
     except (UserError, BuildkiteError) as exc:
