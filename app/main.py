@@ -33,6 +33,7 @@ import handlers
 from app import mrkdwn
 from app.audit import Auditor
 from app.checks import Readiness, check_buildkite, check_slack
+from app.clicks import DropReplayedClicks
 from app.digest import run_digest_schedules
 from app.directory import Directory
 from app.metrics import CountSlackCalls, Metrics, count_buildkite_requests
@@ -196,6 +197,7 @@ def create_bolt_app(
     observe_slack_requests(bolt, metrics if metrics is not None else Metrics())
 
     bolt.use(InjectServices(services))
+    bolt.use(DropReplayedClicks(services.store))
     bolt.error(report_error)
     handlers.register(bolt)
     return bolt

@@ -28,6 +28,7 @@ from slack_sdk.models.blocks import (
 from app.mrkdwn import code as code
 from app.mrkdwn import escape as escape
 from app.mrkdwn import link as link
+from app.mrkdwn import plain as plain
 from app.mrkdwn import preformatted as preformatted
 from app.mrkdwn import trusted_url as trusted_url
 from buildkite.models import Build, BuildState, Job
@@ -233,7 +234,7 @@ def build_message(
     if build.message:
         blocks.append(
             ContextBlock(
-                elements=[MarkdownTextObject(text=clip(escape(build.message), SECTION_TEXT_LIMIT))]
+                elements=[MarkdownTextObject(text=clip(plain(build.message), SECTION_TEXT_LIMIT))]
             ).to_dict()
         )
     buttons = []
@@ -389,7 +390,7 @@ def _plan_lines(plan: DeployPlan) -> list[str]:
         f"*Pipeline:* {code(plan.pipeline)}",
         f"*Branch:* {code(plan.branch)}",  # at most 255 characters, shown in full
         f"*Commit:* {commit}",
-        f"*Message:* {clip(escape(plan.message), 500)}",
+        f"*Message:* {clip(plain(plan.message), 500)}",
     ]
     if plan.rebuild_of is not None:
         lines.insert(1, f"*Rebuild of:* #{plan.rebuild_of} (as a new build)")
@@ -524,7 +525,7 @@ def approval_request(
 
 def lock_reason(reason: object) -> str:
     """A lock's reason, as typed, for after a lock's holder: ` (reason)`, or nothing."""
-    return f" ({clip(escape(str(reason)), 300)})" if reason else ""
+    return f" ({clip(plain(str(reason)), 300)})" if reason else ""
 
 
 def locked_text(pipeline: str, holder: str, reason: object) -> str:
@@ -534,7 +535,7 @@ def locked_text(pipeline: str, holder: str, reason: object) -> str:
 
 def lock_announcement(user: str, pipeline: str, until: str, reason: str) -> str:
     """The in-channel note that someone locked a pipeline, with their reason shown as text."""
-    said = f": {clip(escape(reason), 300)}" if reason else "."
+    said = f": {clip(plain(reason), 300)}" if reason else "."
     return (
         f":lock: <@{user}> locked {code(pipeline)}{until}{said} "
         "Nobody else can deploy it meanwhile."
@@ -552,7 +553,7 @@ def locks_list(locks: list[dict[str, Any]]) -> str:
                 f", until <!date^{int(lock['expires_at'])}^{{date_short_pretty}} {{time}}|later>"
             )
         reason = (
-            f": {clip(escape(str(lock.get('reason') or '')), 300)}" if lock.get("reason") else ""
+            f": {clip(plain(str(lock.get('reason') or '')), 300)}" if lock.get("reason") else ""
         )
         lines.append(f"• `{lock['pipeline']}` by <@{lock['user']}>{until}{reason}")
     return clip("\n".join(lines), SECTION_TEXT_LIMIT)
@@ -569,7 +570,7 @@ def audit_list(entries: list[dict[str, str]], pipeline: str | None) -> str:
             target += f" #{entry['build']}"
         where = f" in <#{entry['channel']}>" if entry.get("channel") else ""
         url = f" {link(entry['url'], 'build')}" if entry.get("url") else ""
-        detail = f" ({clip(escape(entry['detail']), 200)})" if entry.get("detail") else ""
+        detail = f" ({clip(plain(entry['detail']), 200)})" if entry.get("detail") else ""
         lines.append(
             f"• <!date^{int(float(entry.get('time', '0')))}^{{date_short}} {{time}}|?> "
             f"<@{entry.get('user', '?')}> {entry.get('action', '?')} `{target}`{where}: "
@@ -658,7 +659,7 @@ def unblock_modal(
 
 
 def unblocked_reply(user: str, label: str, fields: dict[str, str]) -> Rendered:
-    text = f":unlock: <@{user}> unblocked *{clip(escape(label), 200)}*."
+    text = f":unlock: <@{user}> unblocked *{clip(plain(label), 200)}*."
     if fields:
         pairs = "\n".join(f"• {escape(k)}: {code(clip(v, 200))}" for k, v in fields.items())
         text += "\n" + clip(pairs, 2000)
@@ -880,7 +881,7 @@ def _build_line(build: Build, pipeline: str | None = None) -> str:
     if took:
         parts.append(took)
     if build.message:
-        parts.append(clip(escape(build.message.splitlines()[0]), 80))
+        parts.append(clip(plain(build.message.splitlines()[0]), 80))
     return " · ".join(parts)
 
 
@@ -1157,7 +1158,7 @@ def pipeline_changed(
 ) -> Rendered:
     """The in-channel note that someone created, changed or deleted a pipeline."""
     target = link(web_url, slug) if trusted_url(web_url) else code(slug)
-    extra = f" {clip(escape(detail), 500)}" if detail else ""
+    extra = f" {clip(plain(detail), 500)}" if detail else ""
     return _section(f":building_construction: <@{user}> {verb} the pipeline {target}{extra}.")
 
 

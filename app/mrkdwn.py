@@ -7,6 +7,7 @@ of an entity; escaping `&`, `<` and `>` makes all of them show as the text that 
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
 
 #: Buildkite's web hosts: a link to any other host is shown as text (see `trusted_url`).
@@ -15,11 +16,18 @@ _extra_hosts: set[str] = set()
 
 #: After a backtick, so that a run of them in someone's text cannot end a preformatted block.
 _ZWSP = "\u200b"
+_BACKTICK_RUN = re.compile(r"`(?=`)")
 
 
 def escape(text: str) -> str:
     """Escape the three characters Slack's mrkdwn treats as control characters."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def plain(text: str) -> str:
+    """Someone's free text (a reason, a build message) to show as it is: escaped, and with its
+    runs of backticks broken up, so that it cannot open a code block over the bot's own text."""
+    return _BACKTICK_RUN.sub("`" + _ZWSP, escape(text))
 
 
 def code(text: str) -> str:

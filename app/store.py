@@ -40,6 +40,9 @@ EVENTS_STREAM = PREFIX + "events"
 EVENTS_GROUP = "notifiers"
 #: req:{id} -> who claimed a mutation request (SET NX), so a duplicate does nothing.
 REQUEST_KEY = TEMPLATE_PREFIX + "req:{request_id}"
+#: click:{id} -> a button click already handled (SET NX), by its identity: action_ts, message and
+#: user. A signed click delivered again within Slack's signature window is dropped.
+CLICK_KEY = TEMPLATE_PREFIX + "click:{click_id}"
 #: Markers kept in the build's record: a thread reply was posted, or a per-build action (an
 #: auto-retry) was taken, once per generation.
 POSTED_MARK = "{channel}:{gen}:{kind}"
@@ -80,6 +83,7 @@ PENDING_TTL = 30 * 24 * 3600  # a build may sit on a block step for weeks
 FINAL_TTL = 7 * 24 * 3600  # keep finished builds around for /rebuild threading and buttons
 REQUEST_TTL = 24 * 3600
 ACTION_TTL = 30  # double clicks on one button within this window do one thing
+CLICK_TTL = 6 * 60  # Slack's 5-minute signature window plus a minute of clock skew
 LOCK_TTL_MS = 30_000  # renewed every third of it while held
 DEPLOY_REQUEST_TTL = 15 * 60  # a confirmation left unanswered this long is forgotten
 APPROVAL_KEEP = 24 * 3600  # an approval's record outlives its expiry by this much
@@ -475,6 +479,11 @@ class Store:
             return None
         previous = await self.redis.get(key)
         return _text(previous or "")
+
+    async def first_click(self, click_id: str) -> bool:
+        """Remember a button click; False if this very click was seen before (a replay)."""
+        key = CLICK_KEY.format(click_id=click_id)
+        return bool(await self.redis.set(key, "1", nx=True, ex=CLICK_TTL))
 
     async def release_request(self, request_id: str) -> None:
         """Forget a claim whose mutation never reached Buildkite, so the user may try again."""
