@@ -19,6 +19,7 @@ from app.messages import (
     escape,
     field_block_id,
     link,
+    modal_notice,
     notice,
     unblock_modal,
 )
@@ -109,7 +110,9 @@ async def unblock_submit(ack: AsyncAck, body: dict[str, Any], services: Services
     try:
         meta = UnblockMetadata.model_validate_json(view.get("private_metadata") or "")
     except ValidationError:
-        await ack(response_action="errors", errors={})
+        # Not a form the bot opened (or one from an older version): say so in the modal.
+        text = "This form is not valid any more; nothing was done. Click *Unblock* again."
+        await ack(response_action="update", view=modal_notice("Unblock", text))
         return
     values = _submitted_values(view)
     value = UnblockButtonValue(pipeline=meta.pipeline, number=meta.number, job=meta.job)
