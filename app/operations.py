@@ -879,7 +879,10 @@ class Operations:
         if job is None or job.type != "manual":
             raise UserError("That block step is not part of this build any more.")
         if job.state != "blocked":
-            raise UserError(f"*{job.display_name}* is not waiting any more ({job.state}).")
+            raise UserError(
+                f"*{messages.plain(job.display_name)}* is not waiting any more "
+                f"({messages.escape(job.state or 'unknown')})."
+            )
         return job.display_name, list(job.fields or [])
 
     async def unblock(
@@ -922,7 +925,7 @@ class Operations:
                 await self.s.buildkite.get_build(value.pipeline, value.number)
             )
         if not_posted:
-            raise UserError(f":unlock: Unblocked *{label}*. {not_posted}")
+            raise UserError(f":unlock: Unblocked *{messages.plain(label)}*. {not_posted}")
 
     async def retry_failed(
         self, ref: BuildRef, actor: Actor, *, thread: tuple[str, str | None], dedup_key: str

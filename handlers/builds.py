@@ -16,11 +16,11 @@ from app.messages import (
     BuildButtonValue,
     UnblockButtonValue,
     UnblockMetadata,
-    escape,
     field_block_id,
     link,
     modal_notice,
     notice,
+    plain,
     unblock_modal,
 )
 from app.operations import Actor, Operations, Services, UserError, explain
@@ -86,7 +86,7 @@ async def unblock_button(
         raise UserError(
             explain(exc, action="unblock", pipeline=value.pipeline, number=value.number)
         ) from None
-    await _ephemeral(respond, f":unlock: Unblocked *{escape(label)}*.")
+    await _ephemeral(respond, f":unlock: Unblocked *{plain(label)}*.")
 
 
 def _submitted_values(view: dict[str, Any]) -> dict[str, str]:
@@ -146,7 +146,7 @@ async def unblock_submit(ack: AsyncAck, body: dict[str, Any], services: Services
             await ack(response_action="errors", errors=errors)
         else:
             await services.outbox.ephemeral(
-                meta.channel, user, notice(f"Unblock refused: {escape(exc.message)}")
+                meta.channel, user, notice(f"Unblock refused: {plain(exc.message)}")
             )
         return
     except (UserError, BuildkiteError) as exc:

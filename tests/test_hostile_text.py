@@ -224,3 +224,49 @@ async def test_a_colleagues_separate_click_within_30_s_is_told_it_is_handled(
     await slack.wait_for(lambda: bot.response_texts(name))
     assert "already asked" in bot.response_texts(name)[0]
     assert len(rebuilds(bk)) == 1
+
+
+# -- what the fuzz test found --------------------------------------------------------------------
+
+
+async def test_an_unblock_form_the_bot_did_not_write_is_answered_not_500(
+    bot: BotClient, slack: FakeSlack, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.bot import SIGNING_SECRET
+    from tests.fakes import slack_requests
+
+    body, headers = slack_requests.view_submission(
+        "unblock_submit", {}, '{"channel": "C0CHAN"}', signing_secret=SIGNING_SECRET
+    )
+    async with bot.http.post(f"{bot.base}/slack/events", data=body, headers=headers) as resp:
+        answer = await resp.json()
+    assert resp.status == 200
+    assert answer["response_action"] == "update"
+    assert "not valid any more" in json.dumps(answer["view"])
+    assert "Traceback" not in caplog.text and "unexpected error" not in caplog.text
+
+
+async def test_a_webhook_with_an_impossible_pipeline_slug_is_not_announced(
+    slack: FakeSlack,
+    bk: FakeBuildkite,
+    redis_url: str,
+    redis_client: redis.Redis,
+    tmp_path: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from tests.bot import running_bot
+
+    policy = tmp_path / "policy.yml"
+    policy.write_text(f"notifications:\n  - pipelines: ['*']\n    channel: {CHANNEL}\n")
+    bk.add_pipeline("web")
+    bk.add_build("web", state="failed")
+    async with running_bot(slack, bk, redis_url, policy_file=str(policy)) as bot:
+        payload = bk.webhook_payload("web", 1)
+        payload["pipeline"]["slug"] = "<!channel> web"
+        assert (await bot.webhook(payload)).status in (200, 400)
+        good = bk.webhook_payload("web", 1)
+        assert (await bot.webhook(good)).status == 200
+        await slack.wait_for(lambda: roots(slack))
+    assert len(roots(slack)) == 1  # only the real one
+    assert "<!channel>" not in slack_json(slack)
+    assert "transition of build" not in caplog.text and "Traceback" not in caplog.text
