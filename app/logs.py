@@ -80,6 +80,54 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+#: The loggers of Bolt and slack_sdk (and of the Bolt app, named under them in app.main).
+SLACK_LIBRARIES = ("slack_bolt", "slack_sdk")
+#: Lines of theirs that quote a Slack request's body, and what is kept of each.
+_BODY_LINES = (
+    ("Invalid request signature detected", " (body not logged)"),
+    ("A global middleware (", " skipped next() (body not logged)"),
+    ("Unhandled request (", " (body not logged)"),
+)
+_BODY_STARTS = ("{", "response_url", "hooks.slack.com", ", body:")
+_LIBRARY_LINE_MAX = 300
+
+
+def without_body(message: str) -> str:
+    """A Bolt or slack_sdk log line cut before anything of a request body it quotes.
+
+    Their known lines that quote one are cut after their first words; any other is cut where a
+    body would start (a `{`, a response_url) and at 300 characters, a backstop for lines of
+    versions not known here.
+    """
+    for start, note in _BODY_LINES:
+        if message.startswith(start):
+            return start.rstrip(" (") + note
+    cut = min(
+        [len(message), _LIBRARY_LINE_MAX] + [i for s in _BODY_STARTS if (i := message.find(s)) >= 0]
+    )
+    return message if cut == len(message) else message[:cut].rstrip() + " … (cut: body not logged)"
+
+
+class HideSlackBodies(logging.Filter):
+    """Keep Slack request bodies, response_urls above all, out of Bolt's and slack_sdk's lines.
+
+    Their DEBUG lines hold whole request bodies and response_urls, so they are dropped whatever
+    LOG_LEVEL says (a handler filter: Bolt copies a logger's level into its own loggers when the
+    app is built). Their other lines are kept, cut before any body (`without_body`).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(SLACK_LIBRARIES):
+            return True
+        if record.levelno < logging.INFO:
+            return False
+        message = record.getMessage()
+        shortened = without_body(message)
+        if shortened != message:
+            record.msg, record.args = shortened, None
+        return True
+
+
 class AddCorrelationId(logging.Filter):
     """Stamp each record with the correlation id of the request it was logged in."""
 
@@ -118,12 +166,13 @@ def configure(level: str, secrets: Iterable[str], stream: TextIO | None = None) 
     handler = logging.StreamHandler(stream)
     handler.setFormatter(TextFormatter() if stream.isatty() else JsonFormatter())
     handler.addFilter(AddCorrelationId())
+    handler.addFilter(HideSlackBodies())
     handler.addFilter(RedactSecrets(secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # Quieter third parties: their debug lines can echo request headers.
-    for noisy in ("httpx", "httpcore", "aiohttp.access", "slack_sdk", "slack_bolt"):
+    # Quieter third parties: their debug lines can echo request headers and bodies.
+    for noisy in ("httpx", "httpcore", "aiohttp.access", *SLACK_LIBRARIES):
         logging.getLogger(noisy).setLevel(max(logging.getLevelName(level), logging.INFO))
 
 

@@ -12,6 +12,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import httpx
@@ -42,13 +43,14 @@ from app.operations import Operations, Services
 from app.outbox import Outbox
 from app.policy import load_policy
 from app.redis_connection import connect_redis
+from app.response_urls import SlackHooks
 from app.routing import Router
 from app.settings import Settings
 from app.store import Store
 from app.tracker import Tracker
 from app.web import create_web_app
-from buildkite.client import BuildkiteClient
-from handlers.errors import report_error
+from buildkite.client import BuildkiteClient, StartLookup
+from handlers.errors import report_bolt_error
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +103,7 @@ async def open_services(
     # Each client is closed on the way out, also when a later one fails to be created.
     async with contextlib.AsyncExitStack() as closing:
         http = httpx.AsyncClient(
-            timeout=httpx.Timeout(15.0),
+            timeout=httpx.Timeout(settings.buildkite_timeout),
             limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
         )
         closing.push_async_callback(http.aclose)
@@ -113,6 +115,8 @@ async def open_services(
             settings.buildkite_org,
             base_url=str(settings.buildkite_api_url),
             http=http,
+            timeout=settings.buildkite_timeout,
+            start_lookup=StartLookup(patience=settings.buildkite_start_patience),
         )
         closing.push_async_callback(buildkite.aclose)
         slack_session = create_slack_session()
@@ -123,8 +127,14 @@ async def open_services(
         outbox = Outbox(slack)
         closing.push_async_callback(_drain, outbox)  # first out: edits need the Slack session
         directory = Directory(slack)
+        hooks = SlackHooks(settings.slack_hooks_url, outbox, metrics)
         tracker = Tracker(
-            store, buildkite, outbox, poll_interval=settings.poll_interval, people=directory
+            store,
+            buildkite,
+            outbox,
+            poll_interval=settings.poll_interval,
+            people=directory,
+            hooks=hooks,
         )
         tracker.metrics = metrics
         services = Services(
@@ -139,6 +149,7 @@ async def open_services(
             directory=directory,
             auditor=Auditor(store),
             router=Router(tracker, store, policy),
+            hooks=hooks,
         )
         tracker.auto_retry = Operations(services).auto_retry
         yield services
@@ -181,6 +192,19 @@ class FailedRequestsLog(AccessLogger):
             super().log(request, response, time)
 
 
+class ChatOpsBolt(AsyncApp):
+    """Bolt, with each request's `respond` guarded by SLACK_HOOKS_URL (`SlackHooks`) before the
+    first middleware runs: Bolt's own middleware and its error handler answer through it too."""
+
+    def __init__(self, *, hooks: SlackHooks, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.hooks = hooks
+
+    async def async_dispatch(self, req: AsyncBoltRequest) -> BoltResponse:
+        req.context["respond"] = self.hooks.respond_for(req.context)
+        return await super().async_dispatch(req)
+
+
 def create_bolt_app(
     settings: Settings, services: Services, metrics: Metrics | None = None
 ) -> AsyncApp:
@@ -188,17 +212,20 @@ def create_bolt_app(
 
     Each request gets a correlation id for its logs, and is counted and timed in `metrics`.
     """
-    bolt = AsyncApp(
+    bolt = ChatOpsBolt(
+        hooks=services.hooks,
         client=services.outbox.client,
         signing_secret=settings.slack_signing_secret.get_secret_value(),
         process_before_response=False,
         logger=logging.getLogger("slack_bolt"),
+        # Its listener logger, under slack_bolt so that app.logs keeps request bodies out of it.
+        name="slack_bolt.app",
     )
     observe_slack_requests(bolt, metrics if metrics is not None else Metrics())
 
     bolt.use(InjectServices(services))
     bolt.use(DropReplayedClicks(services.store))
-    bolt.error(report_error)
+    bolt.error(report_bolt_error)
     handlers.register(bolt)
     return bolt
 

@@ -31,6 +31,7 @@ from app.mrkdwn import link as link
 from app.mrkdwn import plain as plain
 from app.mrkdwn import preformatted as preformatted
 from app.mrkdwn import trusted_url as trusted_url
+from app.unblock_forms import BlockForm, FormField, Option
 from buildkite.models import Build, BuildState, Job
 
 SECTION_TEXT_LIMIT = 3000
@@ -64,7 +65,6 @@ class BlockStep:
 
     job_id: str
     label: str
-    has_fields: bool = False
 
 
 @dataclass(frozen=True)
@@ -599,54 +599,45 @@ def field_block_id(key: str) -> str:
     return f"field:{key}"[:255]
 
 
-def unblock_modal(
-    label: str, fields: list[dict[str, Any]], metadata: UnblockMetadata
-) -> dict[str, Any]:
-    """A modal built from a block step's fields (text and select), as in the pipeline's YAML."""
-    blocks: list[dict[str, Any]] = [
-        SectionBlock(text=MarkdownTextObject(text=f"*{clip(escape(label), 300)}*")).to_dict()
-    ]
-    for spec in fields[:95]:
-        key = str(spec.get("key") or "")
-        if not key:
-            continue
-        optional = not spec.get("required", True)
-        if "select" in spec:
-            title = str(spec.get("select") or key)
-            options = [
-                {
-                    "text": {
-                        "type": "plain_text",
-                        "text": clip(str(o.get("label") or o.get("value")), 75),
-                    },
-                    "value": clip(str(o.get("value")), 150),
-                }
-                for o in (spec.get("options") or [])[:100]
-            ]
-            element: dict[str, Any] = {
-                "type": "static_select",
-                "action_id": "value",
-                "options": options,
-            }
-            default = spec.get("default")
-            initial = next((o for o in options if o["value"] == default), None)
-            if initial is not None:
-                element["initial_option"] = initial
+#: The block_id of the free-form `key=value` input (a step whose fields the bot does not know).
+FREEFORM_BLOCK = "unblock_freeform"
+
+
+def _option(option: Option) -> dict[str, Any]:
+    return {"text": {"type": "plain_text", "text": clip(option.label, 75)}, "value": option.value}
+
+
+def _field_input(spec: FormField) -> dict[str, Any]:
+    element: dict[str, Any]
+    if spec.kind == "select":
+        options = [_option(o) for o in spec.options]
+        initial = [_option(o) for o in spec.initial_options]
+        if spec.multiple:
+            element = {"type": "multi_static_select", "action_id": "value", "options": options}
+            if initial:
+                element["initial_options"] = initial
         else:
-            title = str(spec.get("text") or key)
-            element = {"type": "plain_text_input", "action_id": "value"}
-            if spec.get("default"):
-                element["initial_value"] = clip(str(spec["default"]), 3000)
-        block: dict[str, Any] = {
-            "type": "input",
-            "block_id": field_block_id(key),
-            "label": {"type": "plain_text", "text": clip(title, 2000)},
-            "element": element,
-            "optional": optional,
-        }
-        if spec.get("hint"):
-            block["hint"] = {"type": "plain_text", "text": clip(str(spec["hint"]), 2000)}
-        blocks.append(block)
+            element = {"type": "static_select", "action_id": "value", "options": options}
+            if initial:
+                element["initial_option"] = initial[0]
+    else:
+        element = {"type": "plain_text_input", "action_id": "value"}
+        if spec.default:
+            element["initial_value"] = clip(spec.default[0], 3000)
+            element["multiline"] = "\n" in spec.default[0]
+    block: dict[str, Any] = {
+        "type": "input",
+        "block_id": field_block_id(spec.key),
+        "label": {"type": "plain_text", "text": clip(spec.label, 2000)},
+        "element": element,
+        "optional": not spec.required,
+    }
+    if spec.hint:
+        block["hint"] = {"type": "plain_text", "text": clip(spec.hint, 2000)}
+    return block
+
+
+def _modal(metadata: UnblockMetadata, blocks: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "type": "modal",
         "callback_id": UNBLOCK_CALLBACK,
@@ -658,10 +649,72 @@ def unblock_modal(
     }
 
 
+def unblock_modal(label: str, form: BlockForm, metadata: UnblockMetadata) -> dict[str, Any]:
+    """A modal built from a block step's fields (text and select, as in Buildkite's YAML)."""
+    title = f"*{clip(escape(label), 300)}*"
+    if form.prompt:
+        title += "\n" + clip(escape(form.prompt), 2500)
+    blocks: list[dict[str, Any]] = [
+        SectionBlock(text=MarkdownTextObject(text=title)).to_dict(),
+        {
+            "type": "context",
+            "elements": [{"type": "mrkdwn", "text": f"Fields from {form.source}."}],
+        },
+    ]
+    blocks += [_field_input(spec) for spec in form.fields]
+    return _modal(metadata, blocks)
+
+
+def unblock_freeform_modal(
+    label: str, build_url: str | None, problem: str | None, metadata: UnblockMetadata
+) -> dict[str, Any]:
+    """The modal for a block step whose fields the bot does not know: `key=value` lines."""
+    where = (
+        link(build_url, f"{metadata.pipeline} #{metadata.number}")
+        if build_url
+        else f"`{metadata.pipeline}` #{metadata.number}"
+    )
+    why = (
+        f"The bot does not know this step's fields: {escape(problem)}."
+        if problem
+        else "The bot does not know this step's fields: Buildkite's API does not return them, "
+        "and neither the pipeline's steps nor the policy's `unblock_forms` describe this step "
+        "(steps uploaded by an agent live only in the build)."
+    )
+    text = (
+        f"*{clip(escape(label), 300)}*\n{why}\nSee them on {where}, and type them below, "
+        "one `key=value` a line, or leave it empty if the step has none."
+    )
+    blocks = [
+        SectionBlock(text=MarkdownTextObject(text=clip(text, 3000))).to_dict(),
+        {
+            "type": "input",
+            "block_id": FREEFORM_BLOCK,
+            "label": {"type": "plain_text", "text": "Fields (key=value, one a line)"},
+            "element": {
+                "type": "plain_text_input",
+                "action_id": "value",
+                "multiline": True,
+                "placeholder": {"type": "plain_text", "text": "release-name=Flying Dolphin"},
+            },
+            "optional": True,
+            "hint": {
+                "type": "plain_text",
+                "text": "Keys are letters, digits, /, - and _. Give a key twice for several "
+                "choices of one select.",
+            },
+        },
+    ]
+    return _modal(metadata, blocks)
+
+
 def unblocked_reply(user: str, label: str, fields: dict[str, str]) -> Rendered:
     text = f":unlock: <@{user}> unblocked *{clip(plain(label), 200)}*."
     if fields:
-        pairs = "\n".join(f"• {escape(k)}: {code(clip(v, 200))}" for k, v in fields.items())
+        # A select's several choices come as lines; inline code cannot hold a line break.
+        pairs = "\n".join(
+            f"• {escape(k)}: {code(clip(v.replace(chr(10), ', '), 200))}" for k, v in fields.items()
+        )
         text += "\n" + clip(pairs, 2000)
     return _section(text)
 

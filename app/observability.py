@@ -64,30 +64,22 @@ class _TimedAck(AsyncAck):
 
 
 class _NotingRespond(AsyncRespond):
-    """`respond`, counting its posts and noting the outcome when it answers a failure.
+    """`respond`, noting the outcome when it answers a failure (the inner one posts and counts).
 
     Listeners answer every failure through `handlers.errors.report_error`, which calls `respond`
     while the failure is being handled: that exception is the request's outcome.
     """
 
-    def __init__(self, inner: AsyncRespond, record: SlackRequest, metrics: Metrics) -> None:
+    def __init__(self, inner: AsyncRespond, record: SlackRequest) -> None:
         super().__init__(response_url=inner.response_url, proxy=inner.proxy, ssl=inner.ssl)
+        self._inner = inner
         self._record = record
-        self._metrics = metrics
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         failure = sys.exc_info()[1]
         if failure is not None:
             self._record.outcome = "user_error" if isinstance(failure, UserError) else "error"
-        try:
-            response = await super().__call__(*args, **kwargs)
-        except Exception:
-            self._metrics.slack_calls.labels("response_url", "connection_error").inc()
-            raise
-        status = getattr(response, "status_code", None)
-        label = "ok" if status == 200 else f"http_{status}"
-        self._metrics.slack_calls.labels("response_url", label).inc()
-        return response
+        return await self._inner(*args, **kwargs)
 
 
 class _CountOnCompletion(AsyncListenerCompletionHandler):
@@ -121,7 +113,7 @@ def observe_slack_requests(bolt: AsyncApp, metrics: Metrics) -> None:
         context["ack"] = _TimedAck(acked)
         respond = context.respond
         if respond is not None:
-            context["respond"] = _NotingRespond(respond, record, metrics)
+            context["respond"] = _NotingRespond(respond, record)
         await next()
 
     bolt.use(observe_request)

@@ -38,15 +38,26 @@ from app.directory import Directory
 from app.messages import DeployPlan, Rendered, UnblockButtonValue, link
 from app.outbox import Outbox, SlackDeliveryError, not_in_channel_text
 from app.policy import Action, Policy, Rule, principal_ref
+from app.response_urls import SlackHooks
 from app.routing import Router
 from app.settings import Settings
-from app.store import ACTION_TTL, REQUEST_TTL, Store, TrackedBuild
+from app.store import (
+    ACTION_TTL,
+    AWAITED_TTL,
+    REQUEST_TTL,
+    AwaitedBuild,
+    MessageTarget,
+    Store,
+    TrackedBuild,
+)
 from app.tracker import Tracker
+from app.unblock_forms import BlockForm, form_in_pipeline
 from buildkite.client import BuildkiteClient
 from buildkite.errors import (
     AuthenticationError,
     BuildkiteError,
     BuildkiteUnavailable,
+    BuildMaybeStarted,
     NotFound,
     PermissionDenied,
     RateLimited,
@@ -177,6 +188,8 @@ class Services:
     directory: Directory
     auditor: Auditor
     router: Router
+    #: The only way to a response_url outside Bolt's `respond` (see app.response_urls).
+    hooks: SlackHooks
     #: Listener tasks still working after their ack, awaited at shutdown.
     inflight: set[asyncio.Task[Any]] = field(default_factory=set)
     #: Slash-command deploys: how many run at once, and how many may wait for their turn.
@@ -246,6 +259,20 @@ def explain(exc: BuildkiteError, *, action: str, pipeline: str, number: int | No
         )
     message = messages.escape(str(getattr(exc, "message", "") or "an unexpected error"))
     return f"Could not {action} {what}: Buildkite answered {message}."
+
+
+@dataclass(frozen=True)
+class UnblockTarget:
+    """A block step about to be unblocked: its label, its build, and its form.
+
+    `form` None means the bot does not know the step's fields; `problem` then says why, when
+    there is more to say than "the step is not in the pipeline's steps" (an upload).
+    """
+
+    label: str
+    build_url: str | None
+    form: BlockForm | None
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -722,6 +749,7 @@ class Operations:
         meta = {"chatops_requested_by": actor.user_id}
         if approved_by:
             meta["chatops_approved_by"] = approved_by
+        await self._await(request_id, plan.pipeline, actor, thread=thread)
         try:
             build = await self.s.buildkite.create_build(
                 plan.pipeline,
@@ -733,12 +761,18 @@ class Operations:
                 meta_data=meta,
                 request_id=request_id,
             )
+        except BuildMaybeStarted as exc:
+            raise await self._maybe_started(
+                exc, request_id, "deploy", plan.pipeline, actor
+            ) from None
         except BuildkiteError as exc:
             await self._forget(request_id)
+            await self._stop_awaiting(request_id)
             await self._audit(actor, "deploy", plan.pipeline, "failed", detail=str(exc))
             raise UserError(explain(exc, action="deploy", pipeline=plan.pipeline)) from None
         await self._audit(actor, "deploy", plan.pipeline, "started", build=build)
         await self._track(build, plan.pipeline, actor, thread=thread)
+        await self._stop_awaiting(request_id)
         return build
 
     # -- cancel and rebuild -----------------------------------------------------------------
@@ -791,10 +825,25 @@ class Operations:
         await self._claim(dedup_key, actor.user_id, ttl=ACTION_TTL)
         if rule.asks_first:
             return await self._rebuild_as_deploy(ref, actor, rule, dedup_key, trigger)
+        thread_ts = None
+        try:
+            original = await self.s.store.find(ref.pipeline, ref.number)
+            target = original.target(actor.channel_id) if original is not None else None
+            if target is not None:
+                thread_ts = target.reply_thread
+        except RedisError:
+            pass  # _track below reports the outage with the build's link
+        request_id = request_id_for("rebuild", trigger)
+        await self._await(request_id, ref.pipeline, actor, thread=thread_ts, rebuild_of=ref.number)
         try:
             build = await self.s.buildkite.rebuild_build(ref.pipeline, ref.number)
+        except BuildMaybeStarted as exc:
+            raise await self._maybe_started(
+                exc, request_id, "rebuild", ref.pipeline, actor, number=ref.number
+            ) from None
         except BuildkiteError as exc:
             await self._forget(dedup_key)
+            await self._stop_awaiting(request_id)
             await self._audit(
                 actor, "rebuild", ref.pipeline, "failed", number=ref.number, detail=str(exc)
             )
@@ -804,15 +853,8 @@ class Operations:
         await self._audit(
             actor, "rebuild", ref.pipeline, "started", build=build, detail=f"of #{ref.number}"
         )
-        thread_ts = None
-        try:
-            original = await self.s.store.find(ref.pipeline, ref.number)
-            target = original.target(actor.channel_id) if original is not None else None
-            if target is not None:
-                thread_ts = target.reply_thread
-        except RedisError:
-            pass  # _track below reports the outage with the build's link
         await self._track(build, ref.pipeline, actor, thread=thread_ts)
+        await self._stop_awaiting(request_id)
         return Started(build)
 
     async def _rebuild_as_deploy(
@@ -864,13 +906,12 @@ class Operations:
 
     # -- unblock and retry ---------------------------------------------------------------
 
-    async def block_fields(
-        self, value: UnblockButtonValue, actor: Actor
-    ) -> tuple[str, list[dict[str, Any]]]:
-        """Check the unblock is allowed, and read the block step's label and fields."""
+    async def unblock_form(self, value: UnblockButtonValue, actor: Actor) -> UnblockTarget:
+        """Check the unblock is allowed, and find the block step's form (see unblock_forms)."""
         await self._authorize(Action.UNBLOCK, value.pipeline, actor, number=value.number)
+        bk = self.s.buildkite
         try:
-            build = await self.s.buildkite.get_build(value.pipeline, value.number)
+            build = await bk.get_build(value.pipeline, value.number)
         except BuildkiteError as exc:
             raise UserError(
                 explain(exc, action="unblock", pipeline=value.pipeline, number=value.number)
@@ -883,7 +924,24 @@ class Operations:
                 f"*{messages.plain(job.display_name)}* is not waiting any more "
                 f"({messages.escape(job.state or 'unknown')})."
             )
-        return job.display_name, list(job.fields or [])
+        label = job.label or job.name
+        problem = None
+        try:
+            pipeline = await bk.get_pipeline(value.pipeline)
+        except BuildkiteError as exc:
+            log.warning("could not read the steps of %s for an unblock: %s", value.pipeline, exc)
+            scope = exc.missing_scope if isinstance(exc, PermissionDenied) else None
+            problem = "the bot could not read the pipeline's steps" + (
+                f" (its token lacks the `{scope}` scope)" if scope else ""
+            )
+        else:
+            form, problem = form_in_pipeline(
+                pipeline.configuration, pipeline.steps, step_key=job.step_key, label=label
+            )
+            if form is not None:
+                return UnblockTarget(job.display_name, build.web_url, form)
+        form = self.s.policy.unblock_form(value.pipeline, step_key=job.step_key, label=label)
+        return UnblockTarget(job.display_name, build.web_url, form, problem)
 
     async def unblock(
         self,
@@ -1159,6 +1217,75 @@ class Operations:
             await self.s.tracker.observe(build)
         except RedisError as exc:
             log.warning("could not record the new state of %s: %s", build.web_url, exc)
+
+    # -- builds asked for without an answer ------------------------------------------------
+
+    async def _await(
+        self,
+        request_id: str,
+        pipeline: str,
+        actor: Actor,
+        *,
+        thread: str | None,
+        rebuild_of: int | None = None,
+    ) -> None:
+        """Note the build about to be asked for before asking, so that if no answer comes (or
+        this process dies waiting) the poller adopts it when it appears, once."""
+        now = time.time()
+        awaited = AwaitedBuild(
+            request_id=request_id,
+            pipeline=pipeline,
+            rebuild_of=rebuild_of,
+            sent_at=now,
+            until=now + AWAITED_TTL,
+            target=MessageTarget(
+                channel=actor.channel_id,
+                requester=actor.user_id,
+                thread_ts=thread,
+                notify_url=actor.response_url,
+            ),
+        )
+        # Looked for by the poller only once this process should have given up itself.
+        lookup = self.s.buildkite.start_lookup.patience
+        look_at = now + 2 * (self.s.settings.buildkite_timeout + lookup)
+        try:
+            await self.s.store.await_build(awaited, look_at=look_at)
+        except RedisError as exc:
+            log.warning("could not note the build asked for by %s: %s", request_id, exc)
+
+    async def _stop_awaiting(self, request_id: str) -> None:
+        with contextlib.suppress(RedisError):
+            await self.s.store.take_awaited(request_id)
+
+    async def _maybe_started(
+        self,
+        exc: BuildMaybeStarted,
+        request_id: str,
+        action: str,
+        pipeline: str,
+        actor: Actor,
+        *,
+        number: int | None = None,
+    ) -> UserError:
+        """No answer and no build found: say so plainly, and leave the build to the poller."""
+        log.warning("%s of %s may have started (request %s): %s", action, pipeline, request_id, exc)
+        await self._audit(actor, action, pipeline, "unknown", number=number, detail=str(exc))
+        try:
+            await self.s.store.look_for_awaited(request_id, at=time.time())
+        except RedisError:
+            follow = "but cannot reach its Redis right now, so it may not post it here"
+        else:
+            follow = "and will post the build here if it appears"
+        what = f"the rebuild of #{number}" if number is not None else "the deploy"
+        builds = link(
+            f"https://buildkite.com/{self.s.buildkite.org}/{pipeline}/builds",
+            "the pipeline's builds",
+        )
+        return UserError(
+            f":warning: Buildkite did not confirm {what} of `{pipeline}` (no answer in time, or an "
+            f"error after it was sent), so it may have started. The bot did not send it again, "
+            f"{follow}. Check {builds} before asking again."
+        )
 
     async def _forget(self, request_id: str) -> None:
         # The mutation never happened, so a retry by the user must not be taken for a duplicate.

@@ -59,7 +59,7 @@ LOOKUP_PAGES = 5
 #: What the operator should do about the permanent errors seen most often.
 PERMANENT_ERRORS: dict[str, str] = {
     "channel_not_found": "the channel does not exist or the bot cannot see it; invite the bot",
-    "not_in_channel": "invite the bot to the channel (/invite @bot) or add chat:write.public",
+    "not_in_channel": "invite the bot to the channel (/invite @buildkite) or add chat:write.public",
     "is_archived": "the channel is archived",
     "message_not_found": "the build's message was deleted",
     "cant_update_message": "the message was not posted by this bot",
@@ -357,8 +357,8 @@ class Outbox:
 LOOKUP_HINTS = {
     "missing_scope": "Add the channels:history and groups:history scopes (reinstall the app from "
     "manifest.yml).",
-    "not_in_channel": "Invite the bot to the channel (/invite @bot).",
-    "channel_not_found": "Invite the bot to the channel (/invite @bot).",
+    "not_in_channel": "Invite the bot to the channel (/invite @buildkite).",
+    "channel_not_found": "Invite the bot to the channel (/invite @buildkite).",
 }
 
 

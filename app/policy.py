@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    field_validator,
+)
+
+from app.unblock_forms import BlockForm, FormError, FormField, match_step, parse_field
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +309,35 @@ class Rule(BaseModel):
         return own if own is not None else self.deployers
 
 
+def _policy_field(raw: Any) -> FormField:
+    try:
+        return parse_field(raw, strict=True)
+    except FormError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class UnblockFormSpec(BaseModel):
+    """The form of one block step the pipeline's own steps do not describe (uploaded steps)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    fields: list[Annotated[FormField, PlainValidator(_policy_field)]] = Field(max_length=98)
+
+    @field_validator("fields")
+    @classmethod
+    def _unique_keys(cls, fields: list[FormField]) -> list[FormField]:
+        keys = [f.key for f in fields]
+        if duplicate := next((k for k in keys if keys.count(k) > 1), None):
+            raise ValueError(f"the key `{duplicate}` is used by two fields")
+        return fields
+
+    def form(self) -> BlockForm:
+        return BlockForm(
+            fields=tuple(self.fields), prompt=self.prompt, source="the policy's unblock_forms"
+        )
+
+
 class PolicyFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -312,6 +350,8 @@ class PolicyFile(BaseModel):
     usergroup_cache_ttl: int = 300
     #: Who may stop Buildkite agents from Slack, besides the admins (None: only admins).
     agent_stoppers: Principals = None
+    #: Block step forms by pipeline (slug or glob), then step key or label.
+    unblock_forms: dict[str, dict[str, UnblockFormSpec]] = Field(default_factory=dict)
 
     _principals = field_validator("admins", "agent_stoppers")(_check_principals)
 
@@ -355,6 +395,33 @@ class Policy:
 
     def routes_for(self, pipeline: str, branch: str | None) -> list[Route]:
         return [r for r in self.data.notifications if r.matches(pipeline, branch)]
+
+    def unblock_form(
+        self, pipeline: str, *, step_key: str | None, label: str | None
+    ) -> BlockForm | None:
+        """The policy's form for a block step: its pipeline by slug then glob, then the step by
+        key, then by label (exactly, then without emoji and case)."""
+        forms = self.data.unblock_forms
+        steps = forms.get(pipeline)
+        if steps is None:
+            steps = next(
+                (
+                    s
+                    for pattern, s in forms.items()
+                    if any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(pipeline, pattern)
+                ),
+                None,
+            )
+        if not steps:
+            return None
+        # An entry's name is a step key or a label: offered as both, the key wins.
+        candidates = [(name, name, spec) for name, spec in steps.items()]
+        spec = match_step(candidates, step_key=step_key, label=label)
+        if spec is None and step_key:
+            spec = match_step(
+                [(name, None, s) for name, s in steps.items()], step_key=None, label=label
+            )
+        return spec.form() if isinstance(spec, UnblockFormSpec) else None
 
     def rule_for(self, pipeline: str) -> Rule:
         rules = self.data.pipelines

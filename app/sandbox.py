@@ -112,6 +112,7 @@ async def run(args: argparse.Namespace, script: list[str] | None, out: TextIO) -
             slack_signing_secret=SIGNING_SECRET,
             slack_app_token=None,
             slack_api_url=slack.api_url,
+            slack_hooks_url=slack.hooks_url,
             buildkite_api_token=bk.token,
             buildkite_org=bk.org,
             buildkite_api_url=bk.url,

@@ -10,6 +10,7 @@ import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -27,6 +28,10 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+#: Where Slack hands out every response_url (SLACK_HOOKS_URL's default).
+DEFAULT_SLACK_HOOKS_URL = "https://hooks.slack.com/"
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -112,6 +117,8 @@ class Settings(BaseSettings):
     slack_signing_secret: SecretStr
     slack_app_token: SecretStr | None = None
     slack_api_url: AnyHttpUrl = AnyHttpUrl("https://slack.com/api/")
+    #: Only response_urls starting with this are posted to (tests point it at their fake).
+    slack_hooks_url: str = DEFAULT_SLACK_HOOKS_URL
 
     buildkite_api_token: SecretStr
     buildkite_org: str
@@ -119,6 +126,11 @@ class Settings(BaseSettings):
     buildkite_webhook_token: SecretStr | None = None
     #: The cluster new pipelines join on a clustered organization (a template may name its own).
     buildkite_cluster_id: str | None = None
+    #: Seconds to wait for one Buildkite answer.
+    buildkite_timeout: Annotated[float, Field(gt=0, le=300)] = 15.0
+    #: Seconds to look for the build of a create or rebuild that got no answer (it is never
+    #: sent again) before telling the person it may have started; the poller keeps looking.
+    buildkite_start_patience: Annotated[float, Field(ge=0, le=600)] = 60.0
 
     redis_url: str | None = None
     port: Annotated[int, Field(ge=1, le=65535)] = 3000
@@ -160,6 +172,24 @@ class Settings(BaseSettings):
         if value is None or not value.get_secret_value().strip():
             return None
         return value
+
+    @field_validator("slack_hooks_url")
+    @classmethod
+    def _hooks_prefix(cls, value: str) -> str:
+        value = value.strip() or DEFAULT_SLACK_HOOKS_URL
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise ValueError("must be a URL such as https://hooks.slack.com/") from None
+        if not parts.hostname or parts.username is not None or parts.query or parts.fragment:
+            raise ValueError("must be a URL such as https://hooks.slack.com/ (no user, query or #)")
+        if parts.scheme != "https" and not (
+            parts.scheme == "http" and parts.hostname in _LOOPBACK_HOSTS
+        ):
+            raise ValueError("must be an https:// URL (plain http only for 127.0.0.1 or localhost)")
+        # A prefix ending in "/" pins the host: `https://hooks.slack.com.evil.example/` is out.
+        return value if value.endswith("/") else value + "/"
 
     @field_validator("buildkite_org")
     @classmethod

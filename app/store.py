@@ -52,6 +52,10 @@ ONCE_MARK = "{gen}:{what}"
 LEGACY_MESSAGES_KEY = TEMPLATE_PREFIX + "msgs:{build_id}"
 LEGACY_POSTED_KEY = TEMPLATE_PREFIX + "posted:{build_id}:{channel}:{gen}:{kind}"
 LEGACY_ONCE_KEY = TEMPLATE_PREFIX + "once:{build_id}:{gen}:{what}"
+#: Hash of request id -> JSON of a build the bot asked for without (yet) an answer (see
+#: AwaitedBuild), and a sorted set of the same ids by when the poller should look for it.
+AWAITED_KEY = PREFIX + "awaited"
+AWAITED_DUE_KEY = PREFIX + "awaited:due"
 #: post:{key} -> when a keyed Slack post was first attempted (unix time), until it is recorded
 #: (deleted then, so it costs nothing once the post is made).
 POST_ATTEMPT_KEY = TEMPLATE_PREFIX + "post:{key}"
@@ -87,6 +91,9 @@ CLICK_TTL = 6 * 60  # Slack's 5-minute signature window plus a minute of clock s
 LOCK_TTL_MS = 30_000  # renewed every third of it while held
 DEPLOY_REQUEST_TTL = 15 * 60  # a confirmation left unanswered this long is forgotten
 APPROVAL_KEEP = 24 * 3600  # an approval's record outlives its expiry by this much
+#: How long a build asked for without an answer is looked for: Buildkite creates one within
+#: minutes or not at all. Both awaited keys are given this TTL again on every write.
+AWAITED_TTL = 3600
 AUDIT_MAXLEN = 10_000
 EVENTS_MAXLEN = 100_000
 
@@ -320,6 +327,24 @@ class TrackedBuild(BaseModel):
         return next((t for t in self.targets if t.channel == channel), None)
 
 
+class AwaitedBuild(BaseModel):
+    """A create or rebuild sent to Buildkite whose build the bot has not seen yet, and where
+    its message goes once it appears (whichever process finds it)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    request_id: str
+    pipeline: str
+    #: The build rebuilt, for a rebuild (whose new build names it in `rebuilt_from`); None for
+    #: a create (whose build carries `request_id` in its meta_data).
+    rebuild_of: int | None = None
+    #: When the request was sent (unix time).
+    sent_at: float
+    #: Given up after this (unix time).
+    until: float
+    target: MessageTarget
+
+
 @dataclass(frozen=True)
 class PollState:
     """What one poll cycle leaves for the next, whichever process runs it (times: unix seconds)."""
@@ -488,6 +513,51 @@ class Store:
     async def release_request(self, request_id: str) -> None:
         """Forget a claim whose mutation never reached Buildkite, so the user may try again."""
         await self.redis.delete(REQUEST_KEY.format(request_id=request_id))
+
+    # -- builds asked for, not seen yet ------------------------------------------------------
+
+    async def await_build(self, awaited: AwaitedBuild, *, look_at: float) -> None:
+        """Note a build asked for, to be looked for by the poller from `look_at` (unix time)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(AWAITED_KEY, awaited.request_id, awaited.model_dump_json())
+            pipe.zadd(AWAITED_DUE_KEY, {awaited.request_id: look_at})
+            pipe.expire(AWAITED_KEY, AWAITED_TTL)
+            pipe.expire(AWAITED_DUE_KEY, AWAITED_TTL)
+            await pipe.execute()
+
+    async def look_for_awaited(self, request_id: str, *, at: float) -> None:
+        """Have the poller look for an awaited build from `at` on (if it is still awaited)."""
+        await self.redis.zadd(AWAITED_DUE_KEY, {request_id: at}, xx=True)
+
+    async def awaited_due(self, now: float, *, limit: int) -> list[AwaitedBuild]:
+        """The awaited builds due to be looked for, soonest first."""
+        ids = [
+            _text(i)
+            for i in await self.redis.zrangebyscore(
+                AWAITED_DUE_KEY, "-inf", now, start=0, num=limit
+            )
+        ]
+        if not ids:
+            return []
+        found = []
+        for request_id, raw in zip(ids, await self.redis.hmget(AWAITED_KEY, ids), strict=True):
+            if raw is None:  # taken meanwhile, or its hash expired
+                await self.redis.zrem(AWAITED_DUE_KEY, request_id)
+                continue
+            found.append(AwaitedBuild.model_validate_json(raw))
+        return found
+
+    async def awaited_count(self, *, due_by: float) -> int:
+        """How many awaited builds are due to be looked for by `due_by` (unix time)."""
+        return int(await self.redis.zcount(AWAITED_DUE_KEY, "-inf", due_by))
+
+    async def take_awaited(self, request_id: str) -> bool:
+        """Stop awaiting a build; True for the one caller that took it (once across replicas)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(AWAITED_KEY, request_id)
+            pipe.zrem(AWAITED_DUE_KEY, request_id)
+            taken, _ = await pipe.execute()
+        return bool(taken)
 
     # -- tracking ---------------------------------------------------------------------------
 

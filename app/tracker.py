@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from redis.exceptions import RedisError, ResponseError
-from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from app import messages
 from app.directory import Directory
 from app.metrics import UNWIRED, Metrics
 from app.outbox import Outbox, SlackDeliveryError
+from app.response_urls import SlackHooks
+from app.settings import DEFAULT_SLACK_HOOKS_URL
 from app.store import (
     FINAL_RANK,
     LOCK_TTL_MS,
@@ -169,10 +170,13 @@ class Tracker:
         consumer: str | None = None,
         clock: Callable[[], float] = time.time,
         people: Directory | None = None,
+        hooks: SlackHooks | None = None,
     ) -> None:
         self.store = store
         self.buildkite = buildkite
         self.outbox = outbox
+        #: The only way to a requester's response_url (see app.response_urls).
+        self.hooks = hooks or SlackHooks(DEFAULT_SLACK_HOOKS_URL, outbox, UNWIRED)
         self.poll_interval = poll_interval
         self.people = people
         #: Slack writes in flight, at most MAX_PARALLEL_WRITES at once, in order per build.
@@ -568,15 +572,15 @@ class Tracker:
             f"in this channel (`{exc.error}`). Invite the bot here (`/invite @buildkite`) or run "
             "the command from a channel it is in."
         )
+        # No fallback to the channel: the bot just failed to post there.
+        respond = self.hooks.respond(target.notify_url, channel=None, user=target.requester)
         try:
-            await AsyncWebhookClient(target.notify_url).send(
-                text=text, response_type="ephemeral", replace_original=False
-            )
+            await respond(text=text, response_type="ephemeral", replace_original=False)
         except Exception as notify_error:  # the build is fine; the hint is best effort
             log.warning("could not tell %s about %s: %s", target.requester, exc, notify_error)
 
     async def _block_step(self, tracked: TrackedBuild) -> messages.BlockStep | None:
-        """The block step a build waits on (its job id, label and fields), from Buildkite."""
+        """The block step a build waits on (its job id and label), from Buildkite."""
         try:
             full = await self.buildkite.get_build(tracked.pipeline, tracked.number)
         except BuildkiteError as exc:
@@ -586,9 +590,7 @@ class Tracker:
             return None
         for job in full.jobs:
             if job.type == "manual" and job.state == "blocked":
-                return messages.BlockStep(
-                    job_id=job.id, label=job.display_name, has_fields=bool(job.fields)
-                )
+                return messages.BlockStep(job_id=job.id, label=job.display_name)
         return None
 
     async def _reply(
@@ -664,9 +666,9 @@ class Tracker:
         pending builds stay pending, and the next cycle lists every build finished meanwhile.
         """
         report = PollReport()
-        if await self.store.pending_count() == 0:
-            return report
         now = self.clock()
+        if await self.store.pending_count() == 0 and not await self.store.awaited_count(due_by=now):
+            return report
         state = await self.store.poll_state()
         if state.resume_at is not None and now < state.resume_at:
             report.skipped, report.backoff = True, state.resume_at - now
@@ -696,6 +698,7 @@ class Tracker:
         return report
 
     async def _poll(self, report: PollReport, state: PollState, now: float) -> None:
+        await self._adopt_awaited(report, now)
         pending = set(await self.store.pending())
         mine = {SOURCE_META_KEY: SOURCE_META_VALUE}
         since = state.finished_from if state.finished_from is not None else now - 3600
@@ -755,6 +758,58 @@ class Tracker:
             report.observed += 1
             if await self.observe(build) is not None:
                 report.changed += 1
+
+    async def _adopt_awaited(self, report: PollReport, now: float) -> None:
+        """Look for the builds asked for without an answer, and follow each one that appeared
+        in its requester's channel: tracked first, then taken, so that a crash in between
+        leaves it to be adopted again, and `track` gives it one message whoever adopts it."""
+        for awaited in await self.store.awaited_due(now, limit=MAX_SINGLE_FETCHES):
+            if now > awaited.until:
+                if await self.store.take_awaited(awaited.request_id):
+                    log.warning(
+                        "gave up waiting for the build asked for by request %s on %s",
+                        awaited.request_id,
+                        awaited.pipeline,
+                    )
+                continue
+            if self._rate_limit_wait() is not None:
+                return
+            report.requests += 1
+            try:
+                if awaited.rebuild_of is None:
+                    build = await self.buildkite.find_created_build(
+                        awaited.pipeline, awaited.request_id
+                    )
+                else:
+                    build = await self.buildkite.find_rebuild(
+                        awaited.pipeline,
+                        awaited.rebuild_of,
+                        since=datetime.fromtimestamp(awaited.sent_at, tz=UTC),
+                    )
+            except (RateLimited, ServerError, BuildkiteUnavailable):
+                raise  # Buildkite's trouble: the poller backs off
+            except BuildkiteError as exc:
+                log.warning("looking for request %s failed: %s", awaited.request_id, exc)
+                continue
+            if build is None:
+                continue
+            target = awaited.target
+            await self.track(
+                build,
+                pipeline=awaited.pipeline,
+                channel=target.channel,
+                requester=target.requester,
+                thread_ts=target.thread_ts,
+                notify_url=target.notify_url,
+            )
+            report.observed += 1
+            if await self.store.take_awaited(awaited.request_id):
+                log.info(
+                    "adopted %s #%s, asked for by request %s without an answer",
+                    awaited.pipeline,
+                    build.number,
+                    awaited.request_id,
+                )
 
     async def _observe_listed(
         self, builds: AsyncIterator[Build], pending: set[str], report: PollReport

@@ -8,18 +8,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
-from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
-from slack_bolt.async_app import AsyncApp
+from slack_bolt.adapter.aiohttp import to_aiohttp_response
+from slack_bolt.async_app import AsyncApp, AsyncBoltRequest
 
 from app import logs
 from app.checks import Readiness
 from app.metrics import Metrics
 from app.operations import Services
+from app.verification import (
+    VERIFIED,
+    SlackPayloadError,
+    SlackVerificationError,
+    read_slack_body,
+    verify_slack_request,
+)
 from buildkite.webhooks import (
     WebhookPayloadError,
     WebhookVerificationError,
@@ -45,13 +53,7 @@ def create_web_app(
     app[METRICS_KEY] = metrics
     app[READINESS_KEY] = readiness
     if bolt is not None:
-
-        async def slack_events(request: web.Request) -> web.Response:
-            return await to_aiohttp_response(
-                await bolt.async_dispatch(await to_bolt_request(request))
-            )
-
-        app.router.add_post("/slack/events", slack_events)
+        app.router.add_post("/slack/events", slack_events_route(bolt))
     app.router.add_post("/buildkite/webhook", buildkite_webhook)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -64,6 +66,47 @@ async def correlate(request: web.Request, handler: Handler) -> web.StreamRespons
     """A fresh correlation id for every request's log lines (a connection serves several)."""
     logs.new_correlation_id()
     return await handler(request)
+
+
+def slack_events_route(bolt: AsyncApp) -> Handler:
+    """POST /slack/events: Slack's signature checked first, then the request handed to Bolt.
+
+    Refused requests are answered here, unread: 401 when not signed by Slack within 5 minutes,
+    400 when signed but not a body Slack sends. Neither reaches Bolt, so nothing in the body (its
+    response_url above all) is ever acted on or logged. Bolt checks the signature again.
+    """
+
+    async def slack_events(request: web.Request) -> web.StreamResponse:
+        services = request.app[SERVICES_KEY]
+        body = await request.read()
+        secret = services.settings.slack_signing_secret.get_secret_value()
+        try:
+            verify_slack_request(request.headers, body, secret, now=time.time())
+        except SlackVerificationError as exc:
+            log.warning("slack request refused (%d bytes): %s", len(body), exc)
+            return web.json_response({"error": "unverified"}, status=401)
+        try:
+            text = read_slack_body(request.headers, body)
+            bolt_request = AsyncBoltRequest(
+                body=text,
+                query=request.query_string,
+                headers=request.headers,  # type: ignore[arg-type]
+                context={VERIFIED: True},
+            )
+        except SlackPayloadError as exc:
+            log.warning("slack request rejected (%d bytes): %s", len(body), exc)
+            return web.json_response({"error": "bad request"}, status=400)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            # Bolt could not read a body of a shape Slack does not send.
+            log.warning(
+                "slack request rejected (%d bytes): Bolt cannot read it (%s)",
+                len(body),
+                type(exc).__name__,
+            )
+            return web.json_response({"error": "bad request"}, status=400)
+        return await to_aiohttp_response(await bolt.async_dispatch(bolt_request))
+
+    return slack_events
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -113,6 +113,7 @@ async def run(redis_url: str, *, seconds: float, clients: int = 50) -> dict[str,
             await client.aclose()
             server_config = {
                 "slack_api_url": info["slack_api_url"],
+                "slack_hooks_url": info["slack_hooks_url"],
                 "bk_url": info["bk_url"],
                 "redis_url": redis_url,
             }

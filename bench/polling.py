@@ -179,6 +179,7 @@ async def simulate(
             slack_bot_token=slack.bot_token,
             slack_signing_secret=SIGNING_SECRET,
             slack_api_url=slack.api_url,
+            slack_hooks_url=slack.hooks_url,
             buildkite_api_token=BUILDKITE_TOKEN,
             buildkite_org=bk.org,
             buildkite_api_url=bk.url,

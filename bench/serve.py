@@ -41,6 +41,7 @@ async def serve_bot(config: dict[str, Any]) -> None:
         slack_bot_token=SLACK_TOKEN,
         slack_signing_secret=SIGNING_SECRET,
         slack_api_url=config["slack_api_url"],
+        slack_hooks_url=config["slack_hooks_url"],
         buildkite_api_token=BUILDKITE_TOKEN,
         buildkite_org=config.get("org", "acme"),
         buildkite_api_url=config["bk_url"],
@@ -121,7 +122,12 @@ async def serve_fakes(config: dict[str, Any]) -> None:
             bk.add_pipeline(slug)
         for index in range(config.get("response_urls", 0)):
             slack.response_url(f"r{index}")
-        _ready(slack_api_url=slack.api_url, slack_base=slack.base_url, bk_url=bk.url)
+        _ready(
+            slack_api_url=slack.api_url,
+            slack_hooks_url=slack.hooks_url,
+            slack_base=slack.base_url,
+            bk_url=bk.url,
+        )
         await _until_stdin_closes()
         summary = {
             "builds": len(bk.builds),

@@ -220,7 +220,12 @@ async def run(
         fake = Child("buildkite", {"pipelines": PIPELINES})
         info = await fake.start()
         bk = Buildkite(session, info["control"])
-        config = {"slack_api_url": slack.api_url, "bk_url": info["bk_url"], "redis_url": redis_url}
+        config = {
+            "slack_api_url": slack.api_url,
+            "slack_hooks_url": slack.hooks_url,
+            "bk_url": info["bk_url"],
+            "redis_url": redis_url,
+        }
         bare, bot = Child("bare", config), Child("bot", config)
         try:
             await bare.start()

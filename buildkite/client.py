@@ -12,7 +12,8 @@ import random
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from types import TracebackType
@@ -26,6 +27,7 @@ from buildkite.errors import (
     BuildkiteAPIError,
     BuildkiteError,
     BuildkiteUnavailable,
+    BuildMaybeStarted,
     RateLimited,
     ServerError,
     UnexpectedResponse,
@@ -53,6 +55,7 @@ __all__ = [
     "SOURCE_META_VALUE",
     "BuildkiteClient",
     "RateLimitBudget",
+    "StartLookup",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,6 +92,32 @@ ORGANIZATION_SCOPE = "organization"
 USER_SCOPE = "user"
 _SCOPE_HEADERS = {ORGANIZATION_SCOPE: "RateLimit-", USER_SCOPE: "RateLimit-User-"}
 _BODY_SCOPES = {"rest": ORGANIZATION_SCOPE, "rest_user": USER_SCOPE}
+
+
+@dataclass(frozen=True)
+class StartLookup:
+    """How long to look for the build of a create or rebuild that may have reached Buildkite
+    without an answer: as long as a create can take, with waits doubling up to ``max_wait``."""
+
+    #: Seconds of waiting in all; a create that is still unknown then is reported as such.
+    patience: float = 60.0
+    first_wait: float = 1.0
+    max_wait: float = 16.0
+
+    def __post_init__(self) -> None:
+        if self.patience < 0 or self.first_wait <= 0 or self.max_wait < self.first_wait:
+            raise ValueError("start lookup waits must be positive and patience not negative")
+
+    def waits(self) -> Iterator[float]:
+        """The wait before each look: 1, 2, 4, 8, 16, 16, ... adding up to ``patience``."""
+        left, wait = self.patience, self.first_wait
+        while True:
+            this = min(wait, left) if left > 0 else 0.0
+            yield this
+            left -= this
+            if left <= 0:
+                return
+            wait = min(wait * 2, self.max_wait)
 
 
 class RateLimitBudget:
@@ -139,6 +168,7 @@ class BuildkiteClient:
         backoff_base: float = 0.5,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
+        start_lookup: StartLookup | None = None,
     ) -> None:
         """``max_concurrent_requests`` should not exceed the pool size of ``http``; the others
         wait their turn, first come first served."""
@@ -170,6 +200,8 @@ class BuildkiteClient:
             scope: RateLimitBudget(scope) for scope in _SCOPE_HEADERS
         }
         self._clusters: tuple[float, list[Cluster]] | None = None
+        #: How long a create or rebuild without an answer is looked for (see _start_build).
+        self.start_lookup = start_lookup or StartLookup()
 
     def __repr__(self) -> str:
         return f"BuildkiteClient(org={self.org!r}, base_url={self.base_url!r})"
@@ -249,17 +281,24 @@ class BuildkiteClient:
             body["clean_checkout"] = clean_checkout
 
         async def find_created() -> Build | None:
-            found = [
-                build
-                async for build in self.list_builds(
-                    pipeline=pipeline, meta_data={REQUEST_ID_META_KEY: request_id}, limit=10
-                )
-            ]
-            # A rebuild of our build may copy its meta_data; the original is the one we made.
-            originals = [build for build in found if build.rebuilt_from is None] or found
-            return min(originals, key=lambda build: build.number, default=None)
+            return await self.find_created_build(pipeline, request_id)
 
-        return await self._start_build("POST", path, body, find_created)
+        return await self._start_build("POST", path, body, find_created, request_id=request_id)
+
+    async def find_created_build(self, pipeline: str, request_id: str) -> Build | None:
+        """The build that a create with this ``request_id`` started, if it exists.
+
+        https://buildkite.com/docs/apis/rest-api/builds#list-builds-for-a-pipeline
+        """
+        found = [
+            build
+            async for build in self.list_builds(
+                pipeline=pipeline, meta_data={REQUEST_ID_META_KEY: request_id}, limit=10
+            )
+        ]
+        # A rebuild of our build copies its meta_data; the original is the one we made.
+        originals = [build for build in found if build.rebuilt_from is None] or found
+        return min(originals, key=lambda build: build.number, default=None)
 
     async def get_build(self, pipeline: str, number: int) -> Build:
         """Get one build of a pipeline by its number.
@@ -279,8 +318,8 @@ class BuildkiteClient:
     async def rebuild_build(self, pipeline: str, number: int) -> Build:
         """Rebuild a build and return the NEW build, never starting two for one call.
 
-        After a lost answer it returns the newest rebuild of ``number`` made in the last few
-        minutes, if there is one, rather than rebuilding again.
+        After a lost answer it looks for a rebuild of ``number`` made since the request was
+        sent (give or take clock skew) rather than rebuilding again.
 
         https://buildkite.com/docs/apis/rest-api/builds#rebuild-a-build
         """
@@ -288,14 +327,23 @@ class BuildkiteClient:
         sent_at = datetime.now(UTC)
 
         async def find_rebuild() -> Build | None:
-            async for build in self.list_builds(
-                pipeline=pipeline, created_from=sent_at - _CLOCK_SKEW, limit=MAX_PER_PAGE
-            ):
-                if build.rebuilt_from is not None and build.rebuilt_from.number == number:
-                    return build
-            return None
+            return await self.find_rebuild(pipeline, number, since=sent_at)
 
-        return await self._start_build("PUT", path, None, find_rebuild)
+        return await self._start_build("PUT", path, None, find_rebuild, request_id=None)
+
+    async def find_rebuild(self, pipeline: str, number: int, *, since: datetime) -> Build | None:
+        """The oldest rebuild of build ``number`` created since ``since`` (less clock skew).
+
+        Buildkite has no filter by ``rebuilt_from``: the pipeline's recent builds are read.
+        https://buildkite.com/docs/apis/rest-api/builds#list-builds-for-a-pipeline
+        """
+        found = None
+        async for build in self.list_builds(
+            pipeline=pipeline, created_from=since - _CLOCK_SKEW, limit=MAX_PER_PAGE
+        ):
+            if build.rebuilt_from is not None and build.rebuilt_from.number == number:
+                found = build  # newest first: the last one listed is the oldest
+        return found
 
     async def retry_failed_jobs(self, pipeline: str, number: int) -> None:
         """Retry every failed job of a build (202 Accepted).
@@ -651,31 +699,65 @@ class BuildkiteClient:
         path: str,
         body: dict[str, Any] | None,
         find_started: Callable[[], Awaitable[Build | None]],
+        *,
+        request_id: str | None,
     ) -> Build:
-        """Send a request that starts a build without ever starting two.
+        """Send a request that starts a build, and never send it twice once it may have arrived.
 
-        After a timeout, a dropped connection or a 5xx the build may exist all the same, so the
-        request is only sent again once ``find_started`` has looked for it and found nothing.
+        A request that certainly never reached Buildkite (no connection was made) is retried
+        like any other. After one that may have (a timeout once sent, a lost answer, a 5xx),
+        ``find_started`` looks for its build, with backoff, for ``start_lookup.patience``
+        seconds; ``BuildMaybeStarted`` if it never shows up. Buildkite may still be creating it.
         """
-        failure: BuildkiteError | None = None
-        for attempt in range(1, self._max_retries + 2):
+        failures = 0
+        while True:
             try:
                 response = await self._request(method, path, json=body, retry=False)
-            except (BuildkiteUnavailable, ServerError) as exc:
-                failure = exc
+            except BuildkiteUnavailable as exc:
+                if _never_sent(exc) and failures < self._max_retries:
+                    failures += 1
+                    await self._sleep(self._backoff(failures))
+                    continue
+                if _never_sent(exc):
+                    raise BuildkiteUnavailable(
+                        method, exc.path, attempts=failures + 1, reason=exc.reason
+                    ) from exc
+                reason = exc.reason
+            except ServerError as exc:
+                reason = f"HTTP {exc.status}"
             else:
                 return self._parse(response, Build)
-            # Give a request that is still being processed time to land before looking for it.
-            await self._sleep(self._backoff(attempt))
-            found = await find_started()
+            break
+        waited = 0.0
+        began = time.monotonic()
+        for wait in self.start_lookup.waits():
+            await self._sleep(wait)
+            waited += wait
+            try:
+                found = await find_started()
+            except BuildkiteError as exc:
+                # Not an answer either way: keep looking while patience lasts.
+                log.warning("looking for the build of %s %s failed: %s", method, path, exc)
+                found = None
             if found is not None:
+                log.info(
+                    "%s %s got no answer (%s); its build #%s was found after %.0f s",
+                    method,
+                    self._display_path(self.base_url + path),
+                    reason,
+                    found.number,
+                    time.monotonic() - began,
+                )
                 return found
-        assert failure is not None
-        if isinstance(failure, BuildkiteUnavailable):
-            raise BuildkiteUnavailable(
-                method, failure.path, attempts=self._max_retries + 1, reason=failure.reason
-            )
-        raise failure
+            if time.monotonic() - began >= self.start_lookup.patience:
+                break
+        raise BuildMaybeStarted(
+            method,
+            self._display_path(self.base_url + path),
+            reason=reason,
+            waited=max(waited, time.monotonic() - began),
+            request_id=request_id,
+        )
 
     def _paginate(
         self,
@@ -858,6 +940,16 @@ class BuildkiteClient:
     def _scrub(self, text: str) -> str:
         # Buildkite does not echo tokens, but a proxy or a future message might.
         return text.replace(self._token.get_secret_value(), "[redacted]")
+
+
+#: Failures that mean no connection was made, so the request never left: safe to send again.
+#: Any other transport failure (a read or write timeout, a reset or a closed connection) may
+#: come after Buildkite received the request.
+_NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+def _never_sent(error: BuildkiteUnavailable) -> bool:
+    return isinstance(error.__cause__, _NEVER_SENT)
 
 
 def _slug(value: str, what: str) -> str:

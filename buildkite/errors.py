@@ -10,6 +10,7 @@ BuildkiteError
  │    ├── RateLimited            429: gave up waiting (``reset`` seconds)
  │    └── ServerError            5xx, after retries
  ├── BuildkiteUnavailable        connection error or timeout, after retries
+ ├── BuildMaybeStarted          a create or rebuild was maybe sent, and its build not found (yet)
  ├── UnexpectedResponse          a 2xx whose body is not what the endpoint returns
  └── WebhookError
       ├── WebhookVerificationError   the webhook's token or signature did not verify
@@ -28,6 +29,7 @@ from typing import Any
 __all__ = [
     "AuthenticationError",
     "BadRequest",
+    "BuildMaybeStarted",
     "BuildkiteAPIError",
     "BuildkiteError",
     "BuildkiteUnavailable",
@@ -156,6 +158,37 @@ class BuildkiteUnavailable(BuildkiteError):
         )
 
 
+class BuildMaybeStarted(BuildkiteError):
+    """A request that starts a build may have reached Buildkite (it timed out, lost its answer
+    or got a 5xx), and no build it started was found in ``waited`` seconds of looking.
+
+    It is never sent again: the build may still appear. ``request_id`` is the create's
+    (in the build's meta_data); a rebuild has none, its build names ``rebuilt_from``.
+    """
+
+    def __init__(
+        self, method: str, path: str, *, reason: str, waited: float, request_id: str | None
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.reason = reason
+        self.waited = waited
+        self.request_id = request_id
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return (
+            f"{self.method} {self.path} may have started a build ({self.reason}); none found "
+            f"after looking for {self.waited:.0f} s"
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"BuildMaybeStarted(method={self.method!r}, path={self.path!r}, "
+            f"reason={self.reason!r}, waited={self.waited!r}, request_id={self.request_id!r})"
+        )
+
+
 class UnexpectedResponse(BuildkiteError):
     """A successful answer whose body we cannot read: not JSON, or not the expected shape."""
 
@@ -227,6 +260,8 @@ def describe(error: BuildkiteError) -> str:
         return f"Buildkite answered HTTP {error.status}: {error.message}"
     if isinstance(error, BuildkiteUnavailable):
         return "Buildkite could not be reached"
+    if isinstance(error, BuildMaybeStarted):
+        return "Buildkite did not answer in time; the build may have started all the same"
     if isinstance(error, UnexpectedResponse):
         return "Buildkite sent an answer the bot did not understand"
     if isinstance(error, WebhookError):

@@ -195,7 +195,6 @@ class Job(_Model):
     retries_count: int | None = None
     unblock_url: str | None = None
     unblockable: bool | None = None
-    fields: list[dict[str, Any]] | None = None
     broken_reason: str | None = None
     agent: JobAgent | None = None
     started_at: Timestamp = None
@@ -341,6 +340,20 @@ class Pipeline(_Model):
     provider: dict[str, Any] | None = None
     running_builds_count: int | None = None
     scheduled_builds_count: int | None = None
+    #: The pipeline's YAML steps, as saved in Buildkite (often just a `pipeline upload`).
+    configuration: str | None = None
+    #: Step objects, for pipelines whose steps were defined in Buildkite's UI.
+    steps: list[Any] | None = None
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _step_list(cls, value: Any) -> Any:
+        return value if isinstance(value, list) else None
+
+    @field_validator("configuration", mode="before")
+    @classmethod
+    def _configuration_text(cls, value: Any) -> Any:
+        return value if isinstance(value, str) else None
 
 
 class Agent(_Model):

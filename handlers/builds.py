@@ -11,6 +11,7 @@ from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 
 from app.commands import BuildRef
 from app.messages import (
+    FREEFORM_BLOCK,
     UNBLOCK_CALLBACK,
     ActionId,
     BuildButtonValue,
@@ -21,9 +22,11 @@ from app.messages import (
     modal_notice,
     notice,
     plain,
+    unblock_freeform_modal,
     unblock_modal,
 )
 from app.operations import Actor, Operations, Services, UserError, explain
+from app.unblock_forms import FormError, parse_freeform
 from buildkite.errors import BuildkiteError, ValidationFailed
 from handlers.deploy import _ephemeral
 from handlers.errors import answer_errors
@@ -62,45 +65,94 @@ async def unblock_button(
         raise UserError("This button's data is not valid any more; nothing was done.") from None
     actor = Actor.from_button(body)
     ops = Operations(services)
-    label, fields = await ops.block_fields(value, actor)
+    target = await ops.unblock_form(value, actor)
     channel, thread_ts = _thread_of(body)
-    if fields:
+    if target.form is None or target.form.fields:
         metadata = UnblockMetadata(
             pipeline=value.pipeline,
             number=value.number,
             job=value.job,
             channel=channel,
             thread_ts=thread_ts,
-            label=label[:200],
+            label=target.label[:200],
         )
-        await services.outbox.client.views_open(
-            trigger_id=body["trigger_id"], view=unblock_modal(label, fields, metadata)
+        view = (
+            unblock_modal(target.label, target.form, metadata)
+            if target.form is not None
+            else unblock_freeform_modal(target.label, target.build_url, target.problem, metadata)
         )
+        await services.outbox.client.views_open(trigger_id=body["trigger_id"], view=view)
         return
     key = f"unblock:{value.pipeline}:{value.number}:{value.job}"
     try:
         await ops.unblock(
-            value, actor, label=label, fields={}, thread=(channel, thread_ts), dedup_key=key
+            value, actor, label=target.label, fields={}, thread=(channel, thread_ts), dedup_key=key
         )
     except BuildkiteError as exc:
         raise UserError(
             explain(exc, action="unblock", pipeline=value.pipeline, number=value.number)
         ) from None
-    await _ephemeral(respond, f":unlock: Unblocked *{plain(label)}*.")
+    await _ephemeral(respond, f":unlock: Unblocked *{plain(target.label)}*.")
 
 
 def _submitted_values(view: dict[str, Any]) -> dict[str, str]:
+    """The fields to send: one value a field, a multiple select's choices one a line (as
+    Buildkite keeps them in the build's meta-data), and the free-form lines parsed.
+
+    Raises FormError for a free-form line that is not `key=value`.
+    """
     values: dict[str, str] = {}
     for block_id, actions in (view.get("state") or {}).get("values", {}).items():
+        entry = actions.get("value") or {}
+        if block_id == FREEFORM_BLOCK:
+            values.update(parse_freeform(str(entry.get("value") or "")))
+            continue
         if not block_id.startswith("field:"):
             continue
-        entry = actions.get("value") or {}
-        value = entry.get("value")
-        if value is None and entry.get("selected_option"):
+        if "selected_options" in entry:
+            chosen = [str(o.get("value")) for o in entry.get("selected_options") or []]
+            value = "\n".join(chosen) or None
+        elif entry.get("selected_option"):
             value = entry["selected_option"].get("value")
+        else:
+            value = entry.get("value")
         if value not in (None, ""):
             values[block_id.removeprefix("field:")] = str(value)
     return values
+
+
+def _field_errors(exc: ValidationFailed, view: dict[str, Any]) -> dict[str, str]:
+    """Buildkite's 422, each problem next to the input of its field (the first input when the
+    field is not in the form, or when Buildkite does not say which field)."""
+    inputs = _block_ids(view)
+    if not inputs:
+        return {}
+    freeform = FREEFORM_BLOCK in inputs
+    errors: dict[str, list[str]] = {}
+    for error in exc.errors:
+        field = str(error.get("field") or "")
+        code = str(error.get("code") or "invalid")
+        what = "missing field (a value is required)" if code.startswith("missing") else code
+        target = field_block_id(field)
+        if freeform or target not in inputs:
+            target, what = inputs[0], f"`{field}`: {what}" if field else what
+        errors.setdefault(target, []).append(what)
+    if not errors:  # only a message: put it on the field it names (by key or label), if any
+        named = [
+            b["block_id"]
+            for b in view.get("blocks") or []
+            if b.get("type") == "input"
+            and str(b.get("block_id")).startswith("field:")
+            and any(
+                name and name in exc.message
+                for name in (
+                    str(b["block_id"]).removeprefix("field:"),
+                    str((b.get("label") or {}).get("text") or ""),
+                )
+            )
+        ]
+        errors[named[0] if named else inputs[0]] = [exc.message]
+    return {block: f"Buildkite says: {'; '.join(texts)}"[:150] for block, texts in errors.items()}
 
 
 async def unblock_submit(ack: AsyncAck, body: dict[str, Any], services: Services) -> None:
@@ -114,7 +166,11 @@ async def unblock_submit(ack: AsyncAck, body: dict[str, Any], services: Services
         text = "This form is not valid any more; nothing was done. Click *Unblock* again."
         await ack(response_action="update", view=modal_notice("Unblock", text))
         return
-    values = _submitted_values(view)
+    try:
+        values = _submitted_values(view)
+    except FormError as exc:
+        await ack(response_action="errors", errors={FREEFORM_BLOCK: str(exc)[:150]})
+        return
     value = UnblockButtonValue(pipeline=meta.pipeline, number=meta.number, job=meta.job)
     actor = Actor.from_user(body["user"], meta.channel)
     ops = Operations(services)
@@ -134,16 +190,8 @@ async def unblock_submit(ack: AsyncAck, body: dict[str, Any], services: Services
     try:
         await asyncio.shield(work)
     except ValidationFailed as exc:
-        inputs = _block_ids(view)
-        errors: dict[str, str] = {}
-        for error in exc.errors:
-            block_id = field_block_id(str(error.get("field")))
-            target = block_id if block_id in inputs else (inputs[0] if inputs else block_id)
-            errors[target] = f"Buildkite says: {error.get('code', 'invalid')}"
-        if not errors and inputs:
-            errors[inputs[0]] = exc.message[:150]
         if done:
-            await ack(response_action="errors", errors=errors)
+            await ack(response_action="errors", errors=_field_errors(exc, view))
         else:
             await services.outbox.ephemeral(
                 meta.channel, user, notice(f"Unblock refused: {plain(exc.message)}")

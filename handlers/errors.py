@@ -3,7 +3,9 @@
 Listeners are wrapped with `answer_errors` rather than left to Bolt's error handler alone: with
 `process_before_response=False`, Bolt resets an acknowledged request to "not acknowledged" when
 its listener raises within a few milliseconds of `ack()`, and Slack then sees a 404. The same
-`report_error` also serves as the app's `@app.error` handler for failures outside listeners.
+`report_error` also serves, through `report_bolt_error`, as the app's `@app.error` handler for
+failures outside listeners: only for a request whose signature was checked (or that came over
+Socket Mode's authenticated websocket), so that nothing is ever said to a stranger.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec
 
+from slack_bolt.request.async_request import AsyncBoltRequest
+
 from app.logs import current_correlation_id
 from app.operations import UserError
+from app.verification import VERIFIED
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,17 @@ async def report_error(error: Exception, body: dict[str, Any], respond: Any) -> 
         await respond(text=text, response_type="ephemeral", replace_original=False)
     else:
         log.warning("could not tell the user: %s", text)
+
+
+async def report_bolt_error(
+    error: Exception, body: dict[str, Any], respond: Any, request: AsyncBoltRequest
+) -> None:
+    """Bolt's error handler: `report_error`, for a request known to come from Slack only."""
+    if request.mode == "socket_mode" or request.context.get(VERIFIED) is True:
+        await report_error(error, body, respond)
+        return
+    # Unreachable through the bot's routes, which verify first; never answer such a request.
+    log.warning("unverified request not answered: %s", type(error).__name__)
 
 
 def answer_errors(listener: Callable[P, Awaitable[None]]) -> Callable[P, Awaitable[None]]:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import io
 import json
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
 
+from app import logs
 from app.main import RunningBot, start_bot
 from app.settings import Settings
 from tests.fakes import slack_requests
@@ -21,6 +24,8 @@ from tests.fakes.slack import FakeSlack
 SIGNING_SECRET = "test-signing-secret"
 WEBHOOK_TOKEN = "test-webhook-token"
 BUILDKITE_TOKEN = "bk-test-token"
+#: Every secret a test bot is given (FakeSlack's default bot token first).
+SECRETS = ("xoxb-test", SIGNING_SECRET, BUILDKITE_TOKEN, WEBHOOK_TOKEN)
 
 
 def bot_settings(slack: FakeSlack, bk: FakeBuildkite, redis_url: str, **overrides: Any) -> Settings:
@@ -28,6 +33,7 @@ def bot_settings(slack: FakeSlack, bk: FakeBuildkite, redis_url: str, **override
         "slack_bot_token": slack.bot_token,
         "slack_signing_secret": SIGNING_SECRET,
         "slack_api_url": slack.api_url,
+        "slack_hooks_url": slack.hooks_url,
         "buildkite_api_token": BUILDKITE_TOKEN,
         "buildkite_org": bk.org,
         "buildkite_api_url": bk.url,
@@ -153,3 +159,47 @@ async def running_bot(
             yield client
         finally:
             await client.close()
+
+
+class BotLog:
+    """What the bot's own logging set-up (`app.logs.configure`) writes, as JSON lines."""
+
+    def __init__(self, stream: io.StringIO) -> None:
+        self.stream = stream
+        self.start = 0
+
+    def mark(self) -> None:
+        """Only lines written from now on count."""
+        self.start = len(self.stream.getvalue())
+
+    @property
+    def text(self) -> str:
+        return self.stream.getvalue()[self.start :]
+
+    def entries(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.text.splitlines() if line.strip()]
+
+    def at_least(self, level: int) -> list[dict[str, Any]]:
+        return [e for e in self.entries() if logging.getLevelName(e["level"].upper()) >= level]
+
+    def leaks(self, *values: str) -> list[str]:
+        """Which of `values` and of the bots' secrets appear anywhere in the log (marked or not)."""
+        whole = self.stream.getvalue()
+        return [v for v in (*values, *SECRETS) if v and v in whole]
+
+
+@contextlib.contextmanager
+def bot_logging(level: str = "DEBUG") -> Iterator[BotLog]:
+    """The bot's logging as `python -m app` sets it up, into a string; restored afterwards."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    saved = {name: logging.getLogger(name).level for name in list(logging.root.manager.loggerDict)}
+    stream = io.StringIO()
+    logs.configure(level, SECRETS, stream)
+    try:
+        yield BotLog(stream)
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        for name in list(logging.root.manager.loggerDict):
+            logging.getLogger(name).setLevel(saved.get(name, logging.NOTSET))

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 
-from tests.bot import BotClient, running_bot
+from tests.bot import BotClient, BotLog, bot_logging, running_bot
 from tests.fakes.buildkite import FakeBuildkite
 from tests.fakes.slack import FakeSlack
 from tests.redis_server import RedisServerMissing, redis_url_or_throwaway
@@ -45,6 +45,18 @@ async def slack() -> AsyncIterator[FakeSlack]:
     async with FakeSlack() as fake:
         yield fake
         assert fake.unexpected == [], f"unexpected Slack requests: {fake.unexpected}"
+
+
+@pytest.fixture
+def bot_log(slack: FakeSlack) -> Iterator[BotLog]:
+    """The bot's own logging at its most talkative (LOG_LEVEL=DEBUG), into a string.
+
+    Whatever the test did, no secret and no response_url (none under the fake's SLACK_HOOKS_URL)
+    may have reached a line.
+    """
+    with bot_logging("DEBUG") as log:
+        yield log
+        assert log.leaks(slack.hooks_url) == []
 
 
 @pytest.fixture

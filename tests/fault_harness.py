@@ -161,7 +161,12 @@ class Fleet:
         self._responses = 0
 
     def _env(
-        self, port: int, slack_token: str, poll_interval: float, lock_ttl_ms: int
+        self,
+        port: int,
+        slack_token: str,
+        poll_interval: float,
+        lock_ttl_ms: int,
+        extra: dict[str, str] | None = None,
     ) -> dict[str, str]:
         # A clean environment: nothing of the developer's own settings reaches the bots.
         return {
@@ -170,6 +175,7 @@ class Fleet:
             "SLACK_BOT_TOKEN": slack_token,
             "SLACK_SIGNING_SECRET": SIGNING_SECRET,
             "SLACK_API_URL": self.slack.api_url,
+            "SLACK_HOOKS_URL": self.slack.hooks_url,
             "BUILDKITE_API_TOKEN": BUILDKITE_TOKEN,
             "BUILDKITE_ORG": self.bk.org,
             "BUILDKITE_API_URL": self.bk.url,
@@ -180,16 +186,23 @@ class Fleet:
             "POLICY_FILE": str(self.log_dir / "no-policy.yml"),
             "LOG_LEVEL": "INFO",
             "FAULT_LOCK_TTL_MS": str(lock_ttl_ms),
+            **(extra or {}),
         }
 
     async def start(
-        self, count: int, *, poll_interval: float = 1.0, lock_ttl_ms: int = FAULT_LOCK_TTL_MS
+        self,
+        count: int,
+        *,
+        poll_interval: float = 1.0,
+        lock_ttl_ms: int = FAULT_LOCK_TTL_MS,
+        env: dict[str, str] | None = None,
     ) -> list[BotProcess]:
         """Start `count` bots and wait until each answers /healthz; a bot that lost its port
-        to another program between our pick and its bind is started again on another."""
+        to another program between our pick and its bind is started again on another. `env`
+        adds settings to the bots' environment."""
         self.http = self.http or aiohttp.ClientSession()
         started = [
-            self._spawn(f"bot{len(self.bots) + 1}", poll_interval, lock_ttl_ms)
+            self._spawn(f"bot{len(self.bots) + 1}", poll_interval, lock_ttl_ms, env=env)
             for _ in range(count)
         ]
         for attempt in range(1, 4):
@@ -201,12 +214,18 @@ class Fleet:
                     self.bots.remove(bot)
                     bot.log_file.close()
                     started[index] = self._spawn(
-                        bot.name, poll_interval, lock_ttl_ms, log_suffix=f"-{attempt}"
+                        bot.name, poll_interval, lock_ttl_ms, log_suffix=f"-{attempt}", env=env
                     )
         raise AssertionError(f"no free port for the bots\n{self.describe()}")
 
     def _spawn(
-        self, name: str, poll_interval: float, lock_ttl_ms: int, *, log_suffix: str = ""
+        self,
+        name: str,
+        poll_interval: float,
+        lock_ttl_ms: int,
+        *,
+        log_suffix: str = "",
+        env: dict[str, str] | None = None,
     ) -> BotProcess:
         port = free_port()
         slack_token = f"{self.slack.bot_token}-{name}"
@@ -218,7 +237,7 @@ class Fleet:
         process = subprocess.Popen(
             [sys.executable, "-m", "tests.fault_harness"],
             cwd=self.log_dir,  # so that no developer's .env is read
-            env=self._env(port, slack_token, poll_interval, lock_ttl_ms),
+            env=self._env(port, slack_token, poll_interval, lock_ttl_ms, env),
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -273,22 +292,28 @@ class Fleet:
 
     async def deploy(self, bot: BotProcess, pipeline: str, channel: str) -> str:
         """A signed `/deploy <pipeline>` from `channel`; returns its response_url's name."""
-        self._responses += 1
-        name = f"deploy-{self._responses}"
-        body, headers = slack_requests.slash_command(
-            "/deploy",
-            pipeline,
-            response_url=self.slack.response_url(name),
-            signing_secret=SIGNING_SECRET,
-            channel_id=channel,
-            channel_name=channel.lower(),
-        )
-        status, text = await self.post(bot, "/slack/events", body, headers)
+        name, (status, text) = await self.command(bot, "/deploy", pipeline, channel)
         # In a burst, a deploy may wait its turn behind the few the bot runs at once.
         assert status == 200 and ("Starting a build" in text or " in line " in text), (
             f"/deploy {pipeline} to {bot.name}: {status} {text}\n{bot.tail()}"
         )
         return name
+
+    async def command(
+        self, bot: BotProcess, command: str, text: str, channel: str
+    ) -> tuple[str, tuple[int, str]]:
+        """A signed slash command from `channel`: its response_url's name, and the answer."""
+        self._responses += 1
+        name = f"{command.lstrip('/')}-{self._responses}"
+        body, headers = slack_requests.slash_command(
+            command,
+            text,
+            response_url=self.slack.response_url(name),
+            signing_secret=SIGNING_SECRET,
+            channel_id=channel,
+            channel_name=channel.lower(),
+        )
+        return name, await self.post(bot, "/slack/events", body, headers)
 
     async def post(
         self, bot: BotProcess, path: str, body: bytes, headers: dict[str, str]
@@ -317,13 +342,16 @@ class Fleet:
         return status
 
     def secrets_in_logs(self) -> list[str]:
-        """Which bots' logs contain one of the secrets they were given (masked by position)."""
+        """Which bots' logs contain one of the secrets they were given (masked by position), or a
+        response_url (a credential for its channel: anything under SLACK_HOOKS_URL)."""
         leaks = []
         for bot in self.bots:
             text = bot.log()
             for number, secret in enumerate(self.secrets):
                 if secret in text:
                     leaks.append(f"{bot.name}: secret #{number}")
+            if self.slack.hooks_url in text:
+                leaks.append(f"{bot.name}: a response_url")
         return leaks
 
 

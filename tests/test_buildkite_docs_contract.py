@@ -201,12 +201,8 @@ async def test_builds_and_jobs_examples_are_read_by_the_client(client: Buildkite
         "Deploy",
     ]
     manual = build.jobs[-1]
-    assert (manual.type, manual.state, manual.web_url, manual.fields) == (
-        "manual",
-        "unblocked",
-        None,
-        None,
-    )
+    assert (manual.type, manual.state, manual.web_url) == ("manual", "unblocked", None)
+    assert "fields" not in type(manual).model_fields  # Buildkite never returns a step's fields
     assert build.failed_jobs == [] and build.log_tail_job is None
     created = await client.create_build("my-pipeline", commit="HEAD", branch="main")
     assert created.message == "Testing all the things :rocket:"

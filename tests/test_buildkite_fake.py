@@ -124,23 +124,45 @@ async def test_a_clustered_organization_needs_a_cluster_id_to_create_a_pipeline(
     assert created.json()["cluster_id"] == cluster["id"]
 
 
-async def test_manual_jobs_can_be_served_without_fields_as_buildkite_does(
+async def test_manual_jobs_carry_no_fields_as_on_buildkite(
     bk: FakeBuildkite, http: httpx.AsyncClient
 ) -> None:
     fields = [{"text": "Notes", "key": "notes"}]
     bk.add_pipeline("forms", block="Approve", block_fields=fields, block_key="approve")
     bk.add_build("forms", blocked=True)
-    bk.block_fields_in_jobs = False
     build = (await http.get(f"{ORG}/pipelines/forms/builds/1")).json()
     (manual,) = [job for job in build["jobs"] if job["type"] == "manual"]
-    assert "fields" not in manual
+    # The recorded shape of a real manual job, and nothing else.
+    assert set(manual) == {
+        "id",
+        "graphql_id",
+        "type",
+        "label",
+        "state",
+        "step_key",
+        "web_url",
+        "created_at",
+        "unblock_url",
+        "unblockable",
+        "unblocked_by",
+        "unblocked_at",
+    }
     assert (manual["state"], manual["step_key"], manual["unblockable"]) == (
         "blocked",
         "approve",
         True,
     )
-    # Buildkite still checks the step's fields (from the pipeline's YAML) when unblocking.
+    assert manual["web_url"] is None
+    # The fields are in the pipeline's YAML, and Buildkite checks them when unblocking.
+    pipeline = (await http.get(f"{ORG}/pipelines/forms")).json()
+    assert "key: notes" in pipeline["configuration"]
     unblock = f"{ORG}/pipelines/forms/builds/1/jobs/{manual['id']}/unblock"
+    refused = await http.put(unblock, json={"fields": {}})
+    assert refused.status_code == 422
+    assert refused.json() == {
+        "message": "Validation Failed",
+        "errors": [{"field": "notes", "code": "missing"}],
+    }
     assert (await http.put(unblock, json={"fields": {"notes": "ok"}})).status_code == 200
 
 

@@ -13,13 +13,14 @@ from typing import Any
 import httpx
 import pytest
 
-from buildkite.client import REQUEST_ID_META_KEY, BuildkiteClient
+from buildkite.client import REQUEST_ID_META_KEY, BuildkiteClient, StartLookup
 from buildkite.errors import (
     AuthenticationError,
     BadRequest,
     BuildkiteAPIError,
     BuildkiteError,
     BuildkiteUnavailable,
+    BuildMaybeStarted,
     NotFound,
     PermissionDenied,
     RateLimited,
@@ -366,56 +367,106 @@ async def test_a_create_whose_response_is_lost_makes_one_build(
     assert lookup.params("meta_data[chatops_request_id]") == ["req-42"]
 
 
-async def test_a_create_that_failed_is_sent_again_after_looking(
+async def test_a_create_answered_5xx_is_looked_for_never_sent_again(
+    bk: FakeBuildkite, make_client: Callable[..., BuildkiteClient], sleeps: Sleeps
+) -> None:
+    """A 502 may come from a proxy after Buildkite took the create: whether a build exists is
+    unknown, so the client looks for it for as long as a create can take, and no longer."""
+    bk.fail_next(1, status=502, method="POST")
+
+    lookup = StartLookup(patience=20.0, first_wait=1.0, max_wait=8.0)
+    async with make_client(start_lookup=lookup) as bk_client:
+        with pytest.raises(BuildMaybeStarted) as caught:
+            await bk_client.create_build(
+                "deploy-prod", commit="HEAD", branch="main", request_id="req-7"
+            )
+
+    assert sleeps.calls == [1.0, 2.0, 4.0, 8.0, 5.0]  # backoff, capped, adding up to 20 s
+    assert [request.method for request in bk.requests] == ["POST"] + ["GET"] * 5
+    assert all(r.params("meta_data[chatops_request_id]") == ["req-7"] for r in bk.requests[1:])
+    assert bk.builds == []
+    error = caught.value
+    assert (error.request_id, error.reason) == ("req-7", "HTTP 502")
+    assert "may have started" in str(error) and "may have started" in describe(error)
+    assert_no_secret(error)
+
+
+async def test_a_create_that_buildkite_made_before_its_5xx_is_found(
     bk: FakeBuildkite, client: BuildkiteClient
 ) -> None:
-    bk.fail_next(1, status=502, method="POST")
+    bk.fail_after_create_next(1, status=503)
 
     build = await client.create_build("deploy-prod", commit="HEAD", branch="main")
 
-    assert build.number == 1
-    assert [request.method for request in bk.requests] == ["POST", "GET", "POST"]
-    assert len(bk.builds) == 1
+    assert build.number == 1 and len(bk.builds) == 1
+    assert [request.method for request in bk.requests] == ["POST", "GET"]
 
 
-async def test_a_create_that_keeps_failing_gives_up_without_a_build(
-    bk: FakeBuildkite, make_client: Callable[..., BuildkiteClient]
+async def test_a_create_that_could_not_connect_is_sent_again(
+    make_client: Callable[..., BuildkiteClient], sleeps: Sleeps
 ) -> None:
-    bk.fail_next(10, status=500, method="POST")
-
-    async with make_client(max_retries=2) as bk_client:
-        with pytest.raises(ServerError):
+    """Refused connections never carried the request: retried like any other call."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    async with BuildkiteClient(
+        SECRET, "acme", base_url=f"http://127.0.0.1:{port}/v2", sleep=sleeps, max_retries=2
+    ) as bk_client:
+        with pytest.raises(BuildkiteUnavailable) as caught:
             await bk_client.create_build("deploy-prod", commit="HEAD", branch="main")
-
-    assert [request.method for request in bk.requests] == ["POST", "GET"] * 3
-    assert bk.builds == []
+    assert caught.value.attempts == 3 and len(sleeps.calls) == 2
 
 
 async def test_a_create_is_not_resent_when_the_lookup_fails(
     bk: FakeBuildkite, make_client: Callable[..., BuildkiteClient]
 ) -> None:
     bk.drop_after_create_next(1)
-    bk.fail_next(10, status=503, method="GET")
+    bk.fail_next(2, status=503, method="GET")
 
-    async with make_client(max_retries=1) as bk_client:
-        with pytest.raises(ServerError):
-            await bk_client.create_build("deploy-prod", commit="HEAD", branch="main")
+    async with make_client(max_retries=0) as bk_client:
+        build = await bk_client.create_build("deploy-prod", commit="HEAD", branch="main")
 
-    assert [request.method for request in bk.requests] == ["POST", "GET", "GET"]
-    assert len(bk.builds) == 1  # exactly the one that was made
+    # Two failed looks are no answer: it kept looking, and found the one build.
+    assert [request.method for request in bk.requests] == ["POST", "GET", "GET", "GET"]
+    assert build.number == 1 and len(bk.builds) == 1
 
 
-async def test_a_create_that_times_out_everywhere_is_unavailable(
+async def test_a_create_that_times_out_everywhere_may_have_started(
     bk: FakeBuildkite, make_client: Callable[..., BuildkiteClient]
 ) -> None:
     bk.delay_next(10, 30.0)
 
-    async with make_client(timeout=0.1, max_retries=0) as bk_client:
-        with pytest.raises(BuildkiteUnavailable):
+    lookup = StartLookup(patience=0.0)
+    async with make_client(timeout=0.1, max_retries=0, start_lookup=lookup) as bk_client:
+        with pytest.raises(BuildMaybeStarted) as caught:
             await bk_client.create_build("deploy-prod", commit="HEAD", branch="main")
 
-    # The create may or may not have happened; it is looked for, never blindly sent again.
+    # The create may or may not have happened; it is looked for, never sent again.
     assert [request.method for request in bk.requests] == ["POST", "GET"]
+    assert caught.value.reason.startswith("ReadTimeout")
+
+
+async def test_a_slow_create_is_found_when_buildkite_makes_it_after_the_timeout(
+    bk: FakeBuildkite, make_client: Callable[..., BuildkiteClient]
+) -> None:
+    """Buildkite takes 1.5 s where the client waits 0.5 s: the build appears a second after
+    the timeout, while the client looks for it, and is found rather than created twice."""
+    bk.answer_late_next(1.5, "/builds", method="POST")
+
+    async with BuildkiteClient(
+        SECRET,
+        "acme",
+        base_url=bk.url,
+        timeout=0.5,
+        start_lookup=StartLookup(patience=10.0, first_wait=0.2, max_wait=0.4),
+    ) as bk_client:
+        build = await bk_client.create_build(
+            "deploy-prod", commit="HEAD", branch="main", request_id="req-slow"
+        )
+
+    assert build.meta_data[REQUEST_ID_META_KEY] == "req-slow"
+    assert len(bk.builds) == 1
+    assert len(bk.requests_to("POST")) == 1
 
 
 async def test_a_rebuild_whose_response_is_lost_makes_one_rebuild(
@@ -432,6 +483,25 @@ async def test_a_rebuild_whose_response_is_lost_makes_one_rebuild(
     assert len(bk.builds) == 2
     assert [request.method for request in bk.requests] == ["PUT", "GET"]
     assert bk.requests[1].param("created_from") is not None
+
+
+async def test_a_slow_rebuild_is_found_not_sent_again(
+    bk: FakeBuildkite, make_client: Callable[..., BuildkiteClient]
+) -> None:
+    bk.add_build("deploy-prod", state="failed")
+    bk.answer_late_next(1.5, "/rebuild", method="PUT")
+
+    async with BuildkiteClient(
+        SECRET,
+        "acme",
+        base_url=bk.url,
+        timeout=0.5,
+        start_lookup=StartLookup(patience=10.0, first_wait=0.2, max_wait=0.4),
+    ) as bk_client:
+        build = await bk_client.rebuild_build("deploy-prod", 1)
+
+    assert build.rebuilt_from is not None and build.rebuilt_from.number == 1
+    assert len(bk.builds) == 2 and len(bk.requests_to("PUT")) == 1
 
 
 # Pagination

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import socket
 from typing import Any
 
@@ -19,7 +18,8 @@ from app import store as keys
 from app import tracker as tracker_module
 from app.tracker import phase_of, snapshot
 from buildkite.models import Build
-from tests.bot import SIGNING_SECRET, WEBHOOK_TOKEN, BotClient, running_bot, work_requests
+from tests.bot import BotClient, bot_logging, running_bot, work_requests
+from tests.fakes import slack_requests
 from tests.fakes.buildkite import FakeBuildkite
 from tests.fakes.slack import FakeSlack
 from tests.redis_server import RedisServer
@@ -568,18 +568,25 @@ async def test_redis_down_refuses_clearly_and_starts_nothing(
 
 
 async def test_no_secret_reaches_the_logs(
-    bot: BotClient, slack: FakeSlack, caplog: pytest.LogCaptureFixture
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
 ) -> None:
-    caplog.set_level(logging.DEBUG)
-    ts = await deploy(bot)
-    await send_state(bot, "failed", failed_jobs=["Test"])
-    await slack.wait_for(lambda: replies(slack, ts))
-    await bot.webhook(bot.bk.webhook_payload("deploy-prod", 1), token="wrong-token")
-    await _answer(bot, "/cancel", "deploy-prod 1")
-    logged = "\n".join(r.getMessage() for r in caplog.records)
-    assert "webhook refused" in logged
-    for secret in ("xoxb-test", SIGNING_SECRET, WEBHOOK_TOKEN, "bk-test-token"):
-        assert secret not in logged
+    # Through the bot's own logging set-up at DEBUG: no token, no signing secret and no
+    # response_url (a live credential for the channel) in any line.
+    bk.add_pipeline("deploy-prod", default_branch="main")
+    with bot_logging("DEBUG") as log:
+        async with running_bot(slack, bk, redis_url) as bot:
+            ts = await deploy(bot)
+            await send_state(bot, "failed", failed_jobs=["Test"])
+            await slack.wait_for(lambda: replies(slack, ts))
+            await bot.webhook(bot.bk.webhook_payload("deploy-prod", 1), token="wrong-token")
+            await _answer(bot, "/cancel", "deploy-prod 1")
+            unsigned, _ = slack_requests.slash_command(
+                "/deploy", "deploy-prod", response_url=slack.response_url("x"), signing_secret="?"
+            )
+            await bot.post_slack(unsigned, {"X-Slack-Request-Timestamp": "abc"})
+    assert "webhook refused" in log.text and "slack request refused" in log.text
+    assert slack.responses, "the test used response_urls"
+    assert log.leaks(slack.hooks_url) == []
 
 
 async def test_an_unexpected_error_gives_a_reference_not_a_traceback(

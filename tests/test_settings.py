@@ -49,6 +49,28 @@ def test_defaults(env: pytest.MonkeyPatch) -> None:
     assert settings.buildkite_webhook_token is None
 
 
+def test_slack_hooks_url_defaults_to_slacks_and_must_be_https(env: pytest.MonkeyPatch) -> None:
+    assert load_settings().slack_hooks_url == "https://hooks.slack.com/"
+    # A prefix always ends in "/", so that it pins the host.
+    env.setenv("SLACK_HOOKS_URL", "https://hooks.slack.com")
+    assert load_settings().slack_hooks_url == "https://hooks.slack.com/"
+    env.setenv("SLACK_HOOKS_URL", "http://127.0.0.1:4000/response/")
+    assert load_settings().slack_hooks_url == "http://127.0.0.1:4000/response/"
+    for bad in (
+        "http://hooks.slack.com/",
+        "ftp://hooks.slack.com/",
+        "hooks.slack.com",
+        "https://user@hooks.slack.com/",
+        "https://hooks.slack.com/?x=1",
+        "https://hooks.slack.com:port/",
+    ):
+        env.setenv("SLACK_HOOKS_URL", bad)
+        with pytest.raises(SettingsError) as caught:
+            load_settings()
+        (problem,) = caught.value.problems
+        assert problem.startswith("SLACK_HOOKS_URL is invalid:"), problem
+
+
 def test_app_token_turns_on_socket_mode(env: pytest.MonkeyPatch) -> None:
     env.setenv("SLACK_APP_TOKEN", "xapp-1-abc")
     assert load_settings().socket_mode is True

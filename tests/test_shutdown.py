@@ -33,6 +33,7 @@ async def test_sigterm_finishes_in_flight_work_and_exits_cleanly(
         SLACK_BOT_TOKEN=slack.bot_token,
         SLACK_SIGNING_SECRET=SIGNING_SECRET,
         SLACK_API_URL=slack.api_url,
+        SLACK_HOOKS_URL=slack.hooks_url,
         BUILDKITE_API_TOKEN=BUILDKITE_TOKEN,
         BUILDKITE_ORG=bk.org,
         BUILDKITE_API_URL=bk.url,

@@ -33,6 +33,7 @@ from typing import Any, Literal, Self
 from urllib.parse import unquote, urlencode
 
 import aiohttp
+import yaml
 from aiohttp import web
 from multidict import CIMultiDict, MultiDictProxy
 
@@ -163,7 +164,7 @@ class _Fault:
     seconds: float = 0.0
     reset: int = 1
     scope: Literal["rest", "rest_user"] = "rest"
-    how: Literal["cut", "delay"] = "cut"
+    how: Literal["cut", "delay", "fail"] = "cut"
 
     def matches(self, method: str, path: str) -> bool:
         return (
@@ -289,10 +290,11 @@ class FakeBuildkite:
         #: The organization's clusters; when there are any, creating a pipeline needs a
         #: ``cluster_id`` naming one of them, as on Buildkite.
         self.clusters: list[JSON] = []
-        #: Manual jobs carry their block step's ``fields`` in API answers. Buildkite's never do
-        #: (neither REST nor GraphQL returns them); this stays on until the unblock flow reads the
-        #: fields from the pipeline's YAML, then goes (see issue 14).
-        self.block_fields_in_jobs = True
+        #: The fields of each manual job's block step, by job id. Like Buildkite's API, the fake
+        #: never shows them on the job (neither REST nor GraphQL does): they are in the
+        #: pipeline's ``configuration`` or ``steps``, or nowhere for an uploaded step. The
+        #: unblock endpoint checks a submission against them.
+        self._block_fields: dict[str, list[JSON]] = {}
         #: Seconds every request waits before it is answered.
         self.latency = latency
         #: The clock used for created_at and the like; tests may replace it.
@@ -406,16 +408,52 @@ class FakeBuildkite:
         block: str | None = None,
         block_fields: Sequence[JSON] | None = None,
         block_key: str | None = None,
+        block_prompt: str | None = None,
+        block_in: Literal["configuration", "group", "steps", "upload"] = "configuration",
     ) -> JSON:
         """Add a pipeline whose builds get one script job per ``steps`` name.
 
-        ``block`` adds a block (manual) step with that label before the last step, with
-        ``block_fields`` as its fields, in the pipeline YAML's shape
-        (``{"text": label, "key": ..., "required": ...}`` or ``{"select": label, "key": ...,
-        "options": [{"label", "value"}]}``). The unblock endpoint then requires the required
-        ones, and answers 422 for a select value not among its options, as Buildkite does.
+        ``block`` adds a block step with that label before the last step, with ``block_fields``
+        as its fields in Buildkite's YAML syntax (``{"text": label, "key": ..., "required": ...}``
+        or ``{"select": label, "key": ..., "multiple": ..., "options": [{"label", "value"}]}``).
+        ``block_in`` says where the pipeline defines it, as GET pipeline shows it: its YAML
+        ``configuration`` (at the top, or inside a ``group``), the ``steps`` of a pipeline defined
+        in the UI (no YAML), or nowhere (``upload``: the YAML only runs
+        ``buildkite-agent pipeline upload``, the step comes with the build). The unblock endpoint
+        requires the required fields and answers 422 for a select value not among its options,
+        as Buildkite does; the jobs never show the fields.
         """
         pipeline_url = f"{API_URL}/organizations/{self.org}/pipelines/{slug}"
+        templates: list[JSON] = [{"type": "script", "name": step} for step in steps]
+        yaml_steps: list[JSON] = [
+            {"label": step, "command": f"make {_key(step)}"} for step in steps
+        ]
+        rest_steps: list[JSON] = [
+            {"type": "script", "name": step, "command": f"make {_key(step)}"} for step in steps
+        ]
+        if block is not None:
+            manual: JSON = {"type": "manual", "label": block, "fields": list(block_fields or [])}
+            yaml_block: JSON = {"block": block}
+            rest_block: JSON = {"type": "manual", "label": block}
+            if block_key is not None:
+                manual["key"] = yaml_block["key"] = rest_block["key"] = block_key
+            if block_prompt is not None:
+                yaml_block["prompt"] = rest_block["prompt"] = block_prompt
+            if block_fields:
+                yaml_block["fields"] = rest_block["fields"] = [dict(f) for f in block_fields]
+            at = max(len(templates) - 1, 0)
+            templates.insert(at, manual)
+            yaml_steps.insert(
+                at,
+                {"group": "Release", "steps": [yaml_block]} if block_in == "group" else yaml_block,
+            )
+            rest_steps.insert(at, rest_block)
+        configuration: str | None = yaml.safe_dump({"steps": yaml_steps}, sort_keys=False)
+        if block_in == "upload":
+            configuration = (
+                'steps:\n  - label: ":pipeline: Upload"\n'
+                "    command: buildkite-agent pipeline upload\n"
+            )
         pipeline: JSON = {
             "id": str(uuid.uuid4()),
             "graphql_id": f"pipeline-{slug}",
@@ -441,16 +479,9 @@ class FakeBuildkite:
             "running_builds_count": 0,
             "visibility": "private",
             "tags": None,
-            "configuration": "steps:\n"
-            + "".join(f"  - label: {step}\n    command: make {_key(step)}\n" for step in steps),
-            "steps": [],
+            "configuration": None if block_in == "steps" else configuration,
+            "steps": rest_steps if block_in == "steps" else [],
         }
-        templates: list[JSON] = [{"type": "script", "name": step} for step in steps]
-        if block is not None:
-            manual: JSON = {"type": "manual", "label": block, "fields": list(block_fields or [])}
-            if block_key is not None:
-                manual["key"] = block_key
-            templates.insert(max(len(templates) - 1, 0), manual)
         self.pipelines[slug] = pipeline
         self._steps[slug] = templates
         self._next_number.setdefault(slug, 1)
@@ -747,6 +778,34 @@ class FakeBuildkite:
         """Create the next ``n`` builds, then lose the HTTP responses (see drop_response_next)."""
         self.drop_response_next(n, "/builds", method="POST", how=how, seconds=seconds)
 
+    def fail_after_create_next(self, n: int = 1, status: int = 502) -> None:
+        """Create the next ``n`` builds, then answer ``status`` (a proxy's 5xx, say)."""
+        fault = _Fault("drop", n, "/builds", "POST", status=status)
+        fault.how = "fail"
+        self._faults.append(fault)
+
+    def answer_late_next(
+        self,
+        seconds: float,
+        path_contains: str,
+        *,
+        method: str,
+        visible_after: float | None = None,
+        n: int = 1,
+    ) -> None:
+        """Take ``seconds`` to answer the next ``n`` matching requests, as a slow Buildkite does.
+
+        The work is done (a build created, say, and listed from then on) ``visible_after``
+        seconds in (by default: as it answers), whether or not the client is still waiting.
+        """
+        visible = seconds if visible_after is None else min(visible_after, seconds)
+        if visible > 0:
+            self.delay_next(n, visible, path_contains, method=method)
+        if seconds > visible:
+            self.drop_response_next(
+                n, path_contains, method=method, how="delay", seconds=seconds - visible
+            )
+
     def clear_faults(self) -> None:
         self._faults.clear()
 
@@ -824,6 +883,8 @@ class FakeBuildkite:
             if drop.how == "cut":
                 if request.transport is not None:
                     request.transport.close()
+            elif drop.how == "fail":
+                response = web.json_response({"message": "Bad Gateway"}, status=drop.status)
             else:
                 await self._pause(drop.seconds)
         return response
@@ -1135,16 +1196,9 @@ class FakeBuildkite:
         if job["state"] != "blocked":
             raise _Reply(422, "This job can't be unblocked because it isn't blocked")
         fields = body.get("fields") or {}
-        if not isinstance(fields, dict):
+        if not isinstance(fields, dict) or not all(isinstance(v, str) for v in fields.values()):
             raise _Reply(422, "Validation Failed", [{"field": "fields", "code": "invalid"}])
-        for spec in job.get("fields") or []:
-            key = spec.get("key")
-            value = fields.get(key)
-            if spec.get("required", True) and not value:
-                raise _Reply(422, "Validation Failed", [{"field": key, "code": "missing"}])
-            options = [o.get("value") for o in spec.get("options") or []]
-            if "select" in spec and value and value not in options:
-                raise _Reply(422, "Validation Failed", [{"field": key, "code": "invalid"}])
+        self._check_block_fields(self._block_fields.get(job["id"], []), fields)
         now = _now_iso(self.now())
         unblocker = body.get("unblocker")
         job.update(
@@ -1161,6 +1215,24 @@ class FakeBuildkite:
             if other["id"] in reachable and other.get("state") == "waiting":
                 other["state"] = "scheduled"
         return web.json_response(self._job_json(job))
+
+    @staticmethod
+    def _check_block_fields(specs: list[JSON], fields: Mapping[str, str]) -> None:
+        """422 for a required field left out, or a select value not among its options (a
+        ``multiple: true`` select's choices come one a line, as Buildkite keeps them)."""
+
+        def flag(value: Any, default: bool) -> bool:
+            return default if value is None else str(value).lower() == "true"
+
+        for spec in specs:
+            key = str(spec.get("key") or "")
+            value = fields.get(key)
+            if flag(spec.get("required"), True) and not value:
+                raise _Reply(422, "Validation Failed", [{"field": key, "code": "missing"}])
+            options = {str(o.get("value")) for o in spec.get("options") or []}
+            chosen = value.split("\n") if value and flag(spec.get("multiple"), False) else [value]
+            if "select" in spec and value and not set(chosen) <= options:
+                raise _Reply(422, "Validation Failed", [{"field": key, "code": "invalid"}])
 
     def _job_log(self, call: _Call) -> web.StreamResponse:
         self._no_body(call)
@@ -1432,8 +1504,9 @@ class FakeBuildkite:
                 unblockable=False,
                 unblocked_by=None,
                 unblocked_at=None,
-                fields=[dict(f) for f in template.get("fields") or []] or None,
             )
+            job["web_url"] = None  # as on Buildkite: a block step has no page of its own
+            self._block_fields[job_id] = [dict(f) for f in template.get("fields") or []]
             return job
         name = template["name"]
         job.update(
@@ -1502,11 +1575,9 @@ class FakeBuildkite:
         lines.append(f"exit status {job.get('exit_status')}")
         return "\n".join(lines) + "\n"
 
-    def _job_json(self, job: JSON) -> JSON:
-        data = copy.deepcopy(job)
-        if not self.block_fields_in_jobs:
-            data.pop("fields", None)
-        return data
+    @staticmethod
+    def _job_json(job: JSON) -> JSON:
+        return copy.deepcopy(job)
 
     def _build_json(
         self, build: JSON, *, jobs: bool = True, pipeline: bool = True, retried: bool = False

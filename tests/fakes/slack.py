@@ -259,6 +259,12 @@ class FakeSlack:
         """The Web API base URL for `AsyncWebClient(base_url=...)`, with a trailing slash."""
         return f"{self.base_url}/api/"
 
+    @property
+    def hooks_url(self) -> str:
+        """The prefix of every response_url this fake hands out (the bot's SLACK_HOOKS_URL), as
+        `https://hooks.slack.com/` is for Slack's."""
+        return f"{self.base_url}/response/"
+
     def response_url(
         self, name: str, *, channel: str | None = None, message_ts: str | None = None
     ) -> str:
@@ -269,7 +275,7 @@ class FakeSlack:
         `response_type: in_channel` posts a new one.
         """
         self._response_urls.setdefault(name, _ResponseUrl(channel, message_ts))
-        return f"{self.base_url}/response/{name}"
+        return f"{self.hooks_url}{name}"
 
     # ------------------------------------------------------------------ seeding
 
@@ -1148,6 +1154,39 @@ def _text_of(obj: Any) -> str:
     return str(obj.get("text", "")) if isinstance(obj, dict) else ""
 
 
+def _input_problems(where: str, block: Json) -> list[str]:
+    """An input block as Slack checks it: label, hint, and a select's options and defaults."""
+    problems = []
+    label = _text_of(block.get("label"))
+    if not label or len(label) > 2000:
+        problems.append(f"{where}: label missing or longer than 2000")
+    if len(_text_of(block.get("hint"))) > 2000:
+        problems.append(f"{where}: hint longer than 2000")
+    element = block.get("element")
+    if not isinstance(element, dict) or "type" not in element:
+        return [*problems, f"{where}: no element"]
+    if element["type"] == "plain_text_input":
+        if len(str(element.get("initial_value", ""))) > 3000:
+            problems.append(f"{where}: initial_value longer than 3000")
+    elif element["type"] in ("static_select", "multi_static_select"):
+        options = element.get("options") or []
+        if not 1 <= len(options) <= 100:
+            problems.append(f"{where}: {len(options)} options (1 to 100)")
+        for option in options:
+            if len(_text_of(option.get("text"))) > 75 or len(str(option.get("value", ""))) > 150:
+                problems.append(f"{where}: option text over 75 or value over 150")
+        initial = element.get("initial_options") or []
+        if "initial_option" in element:
+            if element["type"] != "static_select":
+                problems.append(f"{where}: initial_option on a {element['type']}")
+            initial = [element["initial_option"]]
+        elif initial and element["type"] != "multi_static_select":
+            problems.append(f"{where}: initial_options on a {element['type']}")
+        if any(o not in options for o in initial):
+            problems.append(f"{where}: an initial option is not one of the options")
+    return problems
+
+
 def block_problems(blocks: list[Any], *, max_blocks: int) -> list[str]:
     """Block Kit limits a real Slack would reject (PLATFORM.md), as readable problems."""
     problems: list[str] = []
@@ -1173,6 +1212,8 @@ def block_problems(blocks: list[Any], *, max_blocks: int) -> list[str]:
             problems.append(f"{where}: more than 10 elements")
         elif kind == "actions" and len(block.get("elements", [])) > 25:
             problems.append(f"{where}: more than 25 elements")
+        elif kind == "input":
+            problems += _input_problems(where, block)
         elements = list(block.get("elements", []))
         if isinstance(block.get("accessory"), dict):
             elements.append(block["accessory"])
