@@ -156,6 +156,18 @@ def test_links_go_only_to_https_on_buildkites_host() -> None:
     assert mrkdwn.preformatted("```<!here>") == "`\u200b`\u200b`\u200b&lt;!here&gt;"
 
 
+def test_the_configured_apis_web_host_is_trusted_only_over_https(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(mrkdwn, "_extra_hosts", set())
+    mrkdwn.trust_web_host("http://127.0.0.1:8080/v2")  # a local fake: nothing to link to
+    assert mrkdwn.trusted_url("https://127.0.0.1/acme") is None
+    mrkdwn.trust_web_host("https://api.bk.example.org/v2")
+    assert mrkdwn.trusted_url("https://bk.example.org/acme/x/builds/1") is not None
+    assert mrkdwn.trusted_url("http://bk.example.org/acme/x/builds/1") is None
+    assert mrkdwn.trusted_url("https://example.org/acme") is None
+
+
 # -- §6: a replayed click acts once ---------------------------------------------------------------
 
 
