@@ -10,6 +10,8 @@ import html
 import re
 from dataclasses import dataclass, field
 
+from app import mrkdwn
+
 PIPELINE_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}$")
 COMMIT = re.compile(r"^(HEAD|[0-9a-fA-F]{7,40})$")
 _HEXISH = re.compile(r"^[0-9a-fA-F]+$")
@@ -106,13 +108,15 @@ REBUILD_USAGE = (
 )
 
 
-def _words(text: str) -> list[str]:
-    # Slack escapes &, < and > in command text, and may wrap a pasted URL as <url> or <url|label>.
+def split_words(text: str) -> list[str]:
+    """The words of a command's text, as the person typed them."""
+    # Slack wraps a pasted URL as <url> or <url|label>, and escapes &, < and > that people type:
+    # unwrap first, then unescape, so that a typed "<!channel>" stays those characters.
     words = []
-    for word in html.unescape(text or "").split():
+    for word in (text or "").split():
         if word.startswith("<") and word.endswith(">"):
             word = word[1:-1].split("|", 1)[0]
-        words.append(word)
+        words.append(html.unescape(word))
     return words
 
 
@@ -140,7 +144,7 @@ def check_branch(branch: str) -> str:
 def parse_deploy(text: str) -> DeployCommand:
     """Parse `/deploy <pipeline> [branch] [commit] [message…]` with KEY=value words anywhere,
     or one of its subcommands: lock, unlock, locks, audit."""
-    words = _words(text)
+    words = split_words(text)
     if is_help(words):
         return HelpRequest()
     sub = words[0].lower()
@@ -201,7 +205,7 @@ def _looks_like_commit(word: str) -> bool:
 
 def parse_build_ref(text: str, *, org: str, usage: str) -> BuildRef | HelpRequest:
     """Parse `<pipeline> <number>` or a pasted Buildkite build URL."""
-    words = _words(text)
+    words = split_words(text)
     if is_help(words):
         return HelpRequest()
     if len(words) == 1 and words[0].startswith(("http://", "https://")):
@@ -227,5 +231,6 @@ def parse_build_ref(text: str, *, org: str, usage: str) -> BuildRef | HelpReques
 
 
 def _clip(value: str, limit: int = 60) -> str:
+    """What someone typed, cut short and escaped, to quote back inside backticks."""
     value = value.replace("`", "'")
-    return value if len(value) <= limit else value[: limit - 1] + "…"
+    return mrkdwn.escape(value if len(value) <= limit else value[: limit - 1] + "…")

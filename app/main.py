@@ -32,8 +32,10 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 import handlers
+from app import mrkdwn
 from app.audit import Auditor
 from app.checks import Readiness, check_buildkite, check_slack
+from app.clicks import DropReplayedClicks
 from app.digest import run_digest_schedules
 from app.directory import Directory
 from app.metrics import CountSlackCalls, Metrics, count_buildkite_requests
@@ -98,6 +100,7 @@ async def open_services(
     """
     metrics = metrics if metrics is not None else Metrics()
     policy = load_policy(settings.policy_file)  # first: a bad file leaves no client unclosed
+    mrkdwn.trust_web_host(str(settings.buildkite_api_url))
     # Each client is closed on the way out, also when a later one fails to be created.
     async with contextlib.AsyncExitStack() as closing:
         http = httpx.AsyncClient(
@@ -222,6 +225,7 @@ def create_bolt_app(
     observe_slack_requests(bolt, metrics if metrics is not None else Metrics())
 
     bolt.use(InjectServices(services))
+    bolt.use(DropReplayedClicks(services.store))
     bolt.error(report_bolt_error)
     handlers.register(bolt)
     return bolt

@@ -24,6 +24,13 @@ from slack_sdk.models.blocks import (
     SectionBlock,
 )
 
+# Re-exported: every caller escapes and links through the rendering module.
+from app.mrkdwn import code as code
+from app.mrkdwn import escape as escape
+from app.mrkdwn import link as link
+from app.mrkdwn import plain as plain
+from app.mrkdwn import preformatted as preformatted
+from app.mrkdwn import trusted_url as trusted_url
 from app.unblock_forms import BlockForm, FormField, Option
 from buildkite.models import Build, BuildState, Job
 
@@ -134,11 +141,6 @@ STATE_LABEL: dict[str, str] = {
 }
 
 
-def escape(text: str) -> str:
-    """Escape the three characters Slack's mrkdwn treats as control characters."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
 def clip(text: str, limit: int) -> str:
     """Cut to `limit` characters, without splitting an escaped entity like `&amp;`."""
     if len(text) <= limit:
@@ -148,11 +150,6 @@ def clip(text: str, limit: int) -> str:
     if amp != -1 and ";" not in cut[amp:] and len(cut) - amp < 6:
         cut = cut[:amp]
     return cut + "…"
-
-
-def link(url: str | None, label: str) -> str:
-    label = escape(label).replace("|", "¦")
-    return f"<{url}|{label}>" if url else label
 
 
 def state_emoji(key: str) -> str:
@@ -221,8 +218,8 @@ def build_message(
     title = _title(pipeline, build)
     fields = [
         f"*State*\n{state_text(build)}",
-        f"*Branch*\n`{clip(escape(build.branch or '?'), 200)}`",
-        f"*Commit*\n`{escape(short_commit(build.commit))}`",
+        f"*Branch*\n{code(clip(build.branch or '?', 200))}",
+        f"*Commit*\n{code(short_commit(build.commit))}",
         f"*Requested by*\n<@{requester}>" if requester else f"*Triggered by*\n{_trigger(build)}",
     ]
     took = duration(build)
@@ -237,7 +234,7 @@ def build_message(
     if build.message:
         blocks.append(
             ContextBlock(
-                elements=[MarkdownTextObject(text=clip(escape(build.message), SECTION_TEXT_LIMIT))]
+                elements=[MarkdownTextObject(text=clip(plain(build.message), SECTION_TEXT_LIMIT))]
             ).to_dict()
         )
     buttons = []
@@ -260,7 +257,7 @@ def build_message(
                 style="danger",
                 confirm=ConfirmObject(
                     title="Cancel this build?",
-                    text=f"Cancel {pipeline} #{build.number}?",
+                    text=f"Cancel {escape(pipeline)} #{build.number}?",
                     confirm="Cancel build",
                     deny="Keep it running",
                 ),
@@ -272,11 +269,13 @@ def build_message(
         buttons.append(
             ButtonElement(text="Retry failed jobs", action_id=ActionId.RETRY_FAILED, value=value)
         )
-    buttons.append(
-        ButtonElement(text="Open in Buildkite", action_id=ActionId.OPEN, url=build.web_url)
-    )
+    web_url = trusted_url(build.web_url)
+    if web_url:
+        buttons.append(
+            ButtonElement(text="Open in Buildkite", action_id=ActionId.OPEN, url=web_url)
+        )
     blocks.append(ActionsBlock(block_id="build_actions", elements=buttons).to_dict())
-    text = f"{pipeline} #{build.number}: {state_label(state_key(build))}"
+    text = f"{escape(pipeline)} #{build.number}: {state_label(state_key(build))}"
     return Rendered(text=text, blocks=blocks)
 
 
@@ -382,30 +381,29 @@ MAX_BLOCKS = 50
 
 
 def _plan_lines(plan: DeployPlan) -> list[str]:
-    commit = f"`{escape(plan.commit)}`"
+    commit = code(plan.commit)
     if plan.commit == "HEAD" and plan.resolved_sha:
         commit += (
-            f" (last built as `{plan.resolved_sha[:12]}` in {escape(plan.resolved_from or '')})"
+            f" (last built as {code(plan.resolved_sha[:12])} in {escape(plan.resolved_from or '')})"
         )
     lines = [
-        f"*Pipeline:* `{plan.pipeline}`",
-        f"*Branch:* `{escape(plan.branch)}`",  # at most 255 characters, shown in full
+        f"*Pipeline:* {code(plan.pipeline)}",
+        f"*Branch:* {code(plan.branch)}",  # at most 255 characters, shown in full
         f"*Commit:* {commit}",
-        f"*Message:* {clip(escape(plan.message), 500)}",
+        f"*Message:* {clip(plain(plan.message), 500)}",
     ]
     if plan.rebuild_of is not None:
         lines.insert(1, f"*Rebuild of:* #{plan.rebuild_of} (as a new build)")
     if plan.env:
         lines.append(f"*Environment:* {len(plan.env)} variables, in full below")
     if plan.diff_url:
-        lines.append(f"*Changes:* {link(plan.diff_url, 'compare with the last passed build')}")
+        label = "compare with the last passed build"
+        lines.append(f"*Changes:* {link(plan.diff_url, label, hosts=('github.com',))}")
     return lines
 
 
 def _env_line(name: str, value: str) -> str:
-    # Inside a preformatted block only a run of three backticks ends it: a zero-width space after
-    # each backtick keeps a value from closing it (values may not contain one themselves).
-    return escape(f"{name}={value}").replace("`", "`\u200b")
+    return preformatted(f"{name}={value}")
 
 
 def _env_blocks(plan: DeployPlan) -> list[dict[str, Any]]:
@@ -525,6 +523,25 @@ def approval_request(
     return Rendered(text=clip(header, 300), blocks=blocks)
 
 
+def lock_reason(reason: object) -> str:
+    """A lock's reason, as typed, for after a lock's holder: ` (reason)`, or nothing."""
+    return f" ({clip(plain(str(reason)), 300)})" if reason else ""
+
+
+def locked_text(pipeline: str, holder: str, reason: object) -> str:
+    """Why a deploy cannot go ahead: someone else holds the pipeline's lock."""
+    return f":lock: {code(pipeline)} is locked by <@{holder}>{lock_reason(reason)}."
+
+
+def lock_announcement(user: str, pipeline: str, until: str, reason: str) -> str:
+    """The in-channel note that someone locked a pipeline, with their reason shown as text."""
+    said = f": {clip(plain(reason), 300)}" if reason else "."
+    return (
+        f":lock: <@{user}> locked {code(pipeline)}{until}{said} "
+        "Nobody else can deploy it meanwhile."
+    )
+
+
 def locks_list(locks: list[dict[str, Any]]) -> str:
     if not locks:
         return ":unlock: No pipeline is locked."
@@ -536,7 +553,7 @@ def locks_list(locks: list[dict[str, Any]]) -> str:
                 f", until <!date^{int(lock['expires_at'])}^{{date_short_pretty}} {{time}}|later>"
             )
         reason = (
-            f": {clip(escape(str(lock.get('reason') or '')), 300)}" if lock.get("reason") else ""
+            f": {clip(plain(str(lock.get('reason') or '')), 300)}" if lock.get("reason") else ""
         )
         lines.append(f"• `{lock['pipeline']}` by <@{lock['user']}>{until}{reason}")
     return clip("\n".join(lines), SECTION_TEXT_LIMIT)
@@ -553,7 +570,7 @@ def audit_list(entries: list[dict[str, str]], pipeline: str | None) -> str:
             target += f" #{entry['build']}"
         where = f" in <#{entry['channel']}>" if entry.get("channel") else ""
         url = f" {link(entry['url'], 'build')}" if entry.get("url") else ""
-        detail = f" ({clip(escape(entry['detail']), 200)})" if entry.get("detail") else ""
+        detail = f" ({clip(plain(entry['detail']), 200)})" if entry.get("detail") else ""
         lines.append(
             f"• <!date^{int(float(entry.get('time', '0')))}^{{date_short}} {{time}}|?> "
             f"<@{entry.get('user', '?')}> {entry.get('action', '?')} `{target}`{where}: "
@@ -692,12 +709,11 @@ def unblock_freeform_modal(
 
 
 def unblocked_reply(user: str, label: str, fields: dict[str, str]) -> Rendered:
-    text = f":unlock: <@{user}> unblocked *{clip(escape(label), 200)}*."
+    text = f":unlock: <@{user}> unblocked *{clip(plain(label), 200)}*."
     if fields:
         # A select's several choices come as lines; inline code cannot hold a line break.
         pairs = "\n".join(
-            f"• {escape(k)}: `{clip(escape(v.replace(chr(10), ', ')), 200)}`"
-            for k, v in fields.items()
+            f"• {escape(k)}: {code(clip(v.replace(chr(10), ', '), 200))}" for k, v in fields.items()
         )
         text += "\n" + clip(pairs, 2000)
     return _section(text)
@@ -910,21 +926,21 @@ def _build_line(build: Build, pipeline: str | None = None) -> str:
     if took is None and build.started_at is not None and not build.is_final:
         took = "running"
     key = state_key(build)
-    unknown = "" if key in STATE_LABEL else f" `{state_label(key)}`"
+    unknown = "" if key in STATE_LABEL else f" {code(key)}"
     parts = [
         f"{state_emoji(key)}{unknown} {_title(slug, build)}",
-        f"`{clip(escape(build.branch or '?'), 60)}`",
+        code(clip(build.branch or "?", 60)),
     ]
     if took:
         parts.append(took)
     if build.message:
-        parts.append(clip(escape(build.message.splitlines()[0]), 80))
+        parts.append(clip(plain(build.message.splitlines()[0]), 80))
     return " · ".join(parts)
 
 
 def pipelines_list(page: PipelinesPage) -> Rendered:
     """A page of pipelines: slug, default branch and the state of the last build."""
-    where = f" matching `{escape(page.filter)}`" if page.filter else ""
+    where = f" matching {code(page.filter)}" if page.filter else ""
     if not page.rows:
         return _section(f"No pipelines{where}" + (" on this page." if page.page > 1 else "."))
     blocks = [_text_section(f":building_construction: *Pipelines{where}* (page {page.page})")]
@@ -935,7 +951,7 @@ def pipelines_list(page: PipelinesPage) -> Rendered:
             if last is not None
             else "no builds yet"
         )
-        branch = f"`{clip(escape(row.default_branch or '?'), 100)}`"
+        branch = code(clip(row.default_branch or "?", 100))
         blocks.append(_text_section(f"*{link(row.web_url, row.slug)}* · {branch} · {state}"))
     blocks.append(_context(f"This page cost {_cost(page.requests)}."))
     if page.has_more:
@@ -946,9 +962,9 @@ def pipelines_list(page: PipelinesPage) -> Rendered:
 
 def builds_list(page: BuildsPage) -> Rendered:
     """A page of recent builds, newest first, with state, duration and links."""
-    scope = f"`{page.pipeline}`" if page.pipeline else "all pipelines"
+    scope = code(page.pipeline) if page.pipeline else "all pipelines"
     filters = "".join(
-        f", {what} `{clip(escape(value), 100)}`"
+        f", {what} {code(clip(value, 100))}"
         for what, value in (("state", page.state), ("branch", page.branch))
         if value
     )
@@ -987,7 +1003,8 @@ JOB_EMOJI: dict[str, str] = {
 def _job_line(job: Job) -> str:
     state = job.state or "pending"
     emoji = JOB_EMOJI.get(state, ":hourglass_flowing_sand:")
-    line = f"{emoji} {link(job.web_url, clip(job.display_name, 100))} {state.replace('_', ' ')}"
+    shown = escape(state.replace("_", " "))
+    line = f"{emoji} {link(job.web_url, clip(job.display_name, 100))} {shown}"
     if job.soft_failed:
         line += " (soft fail)"
     if job.started_at is not None and job.finished_at is not None:
@@ -1010,7 +1027,7 @@ def build_details(pipeline: str, build: Build) -> Rendered:
 
 def agents_list(page: AgentsPage) -> Rendered:
     """A page of connected agents, each with Stop (graceful) and Force stop (confirmed)."""
-    where = f" in queue `{escape(page.queue)}`" if page.queue else ""
+    where = f" in queue {code(page.queue)}" if page.queue else ""
     if not page.rows:
         return _section(
             f"No connected agents{where}" + (" on this page." if page.page > 1 else ".")
@@ -1025,8 +1042,7 @@ def agents_list(page: AgentsPage) -> Rendered:
         version = f"v{escape(row.version)}" if row.version else "version ?"
         blocks.append(
             _text_section(
-                f"*{link(row.web_url, row.name)}* · queue `{escape(row.queue)}` · {version} · "
-                f"{status}"
+                f"*{link(row.web_url, row.name)}* · queue {code(row.queue)} · {version} · {status}"
             )
         )
         value = AgentButtonValue(id=row.id, name=clip(row.name, 100)).model_dump_json()
@@ -1042,7 +1058,9 @@ def agents_list(page: AgentsPage) -> Rendered:
                         style="danger",
                         confirm=ConfirmObject(
                             title="Force-stop this agent?",
-                            text=clip(f"Stop {row.name} now? Its current job is canceled.", 300),
+                            text=clip(
+                                f"Stop {escape(row.name)} now? Its current job is canceled.", 300
+                            ),
                             confirm="Force stop",
                             deny="Keep it",
                         ),
@@ -1069,9 +1087,9 @@ def whoami_message(who: WhoAmI) -> Rendered:
         user += f" ({escape(who.user_email)})"
     if who.org_name is None:
         org += " (details need the `read_organizations` scope)"
-    scopes = ", ".join(f"`{escape(s)}`" for s in who.scopes) or "none"
+    scopes = ", ".join(code(s) for s in who.scopes) or "none"
     lines = [
-        f"*Organisation:* {org} (`{who.org_slug}`)",
+        f"*Organisation:* {org} ({code(who.org_slug)})",
         f"*API token of:* {user}",
         f"*Token scopes:* {scopes}",
     ]
@@ -1113,7 +1131,7 @@ def health_digest(digest: Digest) -> Rendered:
         width = max(8, *(len(p.slug) for p in shown))
         header = f"{'pipeline':<{width}}  builds   pass   median      p95  failed"
         lines = [
-            f"{p.slug:<{width}}  {p.builds:>6}  {_percent(p.pass_rate):>5}  "
+            f"{preformatted(p.slug):<{width}}  {p.builds:>6}  {_percent(p.pass_rate):>5}  "
             f"{seconds_text(p.median):>7}  {seconds_text(p.p95):>7}  {p.failed:>6}"
             for p in shown
         ]
@@ -1121,14 +1139,16 @@ def health_digest(digest: Digest) -> Rendered:
         blocks.append(_text_section("```" + "\n".join([header, *lines]) + "```" + more))
         if digest.top_failing:
             worst = [
-                f"• `{p.slug}`: {p.failed} failed of {p.builds} (pass rate {_percent(p.pass_rate)})"
+                f"• {code(p.slug)}: {p.failed} failed of {p.builds} "
+                f"(pass rate {_percent(p.pass_rate)})"
                 for p in digest.top_failing
             ]
             blocks.append(_text_section("*Most failures*\n" + "\n".join(worst)))
         if digest.jobs_read is not None:
             if digest.flaky:
                 flaky = [
-                    f"• `{p.slug}`: {p.flaky} passed build{'s' if p.flaky != 1 else ''} after a "
+                    f"• {code(p.slug)}: {p.flaky} passed build{'s' if p.flaky != 1 else ''} "
+                    "after a "
                     "retried job ("
                     + ", ".join(link(url, f"#{url.rsplit('/', 1)[-1]}") for url in p.flaky_urls[:5])
                     + ")"
@@ -1152,7 +1172,7 @@ def health_digest(digest: Digest) -> Rendered:
             "passed and failed builds; median and p95 by nearest rank."
         )
     )
-    text = f"Build health of {scope}, last {digest.window}"
+    text = f"Build health of {escape(scope)}, last {digest.window}"
     return Rendered(text=text, blocks=blocks)
 
 
@@ -1160,7 +1180,7 @@ def confirm_pipeline_delete(slug: str, name: str, web_url: str | None) -> Render
     """The ephemeral 'are you sure?' before a pipeline is deleted."""
     value = PipelineButtonValue(pipeline=slug).model_dump_json()
     text = (
-        f":warning: Delete the pipeline {link(web_url, name)} (`{slug}`) with all its builds? "
+        f":warning: Delete the pipeline {link(web_url, name)} ({code(slug)}) with all its builds? "
         "This cannot be undone."
     )
     blocks = [
@@ -1190,8 +1210,8 @@ def pipeline_changed(
     user: str, verb: str, slug: str, web_url: str | None, detail: str = ""
 ) -> Rendered:
     """The in-channel note that someone created, changed or deleted a pipeline."""
-    target = link(web_url, slug) if web_url else f"`{slug}`"
-    extra = f" {clip(escape(detail), 500)}" if detail else ""
+    target = link(web_url, slug) if trusted_url(web_url) else code(slug)
+    extra = f" {clip(plain(detail), 500)}" if detail else ""
     return _section(f":building_construction: <@{user}> {verb} the pipeline {target}{extra}.")
 
 

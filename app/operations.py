@@ -218,20 +218,21 @@ def request_id_for(*parts: str) -> str:
 
 def explain(exc: BuildkiteError, *, action: str, pipeline: str, number: int | None = None) -> str:
     """A human explanation of a Buildkite failure: which pipeline, which scope, what to do."""
-    what = f"`{pipeline}` #{number}" if number is not None else f"`{pipeline}`"
+    slug = messages.code(pipeline)
+    what = f"{slug} #{number}" if number is not None else slug
     if isinstance(exc, NotFound):
         if number is not None:
-            return f"Build #{number} of pipeline `{pipeline}` was not found."
+            return f"Build #{number} of pipeline {slug} was not found."
         return (
-            f"Pipeline `{pipeline}` was not found in this Buildkite organisation. "
+            f"Pipeline {slug} was not found in this Buildkite organisation. "
             "Check the slug in the pipeline's Buildkite URL."
         )
     if isinstance(exc, PermissionDenied):
         if exc.missing_scope:
             return (
                 f"Could not {action} {what}: the bot's Buildkite API token lacks the "
-                f"`{exc.missing_scope}` scope. An admin can add it to the token in Buildkite's "
-                "API Access Tokens settings."
+                f"{messages.code(exc.missing_scope)} scope. An admin can add it to the token in "
+                "Buildkite's API Access Tokens settings."
             )
         return f"Could not {action} {what}: Buildkite says the bot's token may not do that (403)."
     if isinstance(exc, AuthenticationError):
@@ -243,7 +244,7 @@ def explain(exc: BuildkiteError, *, action: str, pipeline: str, number: int | No
         details = ", ".join(
             f"{e.get('field', '?')} {e.get('code', 'invalid')}" for e in exc.errors if e
         )
-        reason = exc.message + (f" ({details})" if details else "")
+        reason = messages.escape(exc.message + (f" ({details})" if details else ""))
         return f"Buildkite refused to {action} {what}: {reason}."
     if isinstance(exc, RateLimited):
         wait = f" in about {int(exc.reset)} s" if exc.reset else " in a minute"
@@ -256,7 +257,7 @@ def explain(exc: BuildkiteError, *, action: str, pipeline: str, number: int | No
             f"Could not {action} {what}: Buildkite is not answering right now. "
             "Please try again in a minute."
         )
-    message = getattr(exc, "message", "") or "an unexpected error"
+    message = messages.escape(str(getattr(exc, "message", "") or "an unexpected error"))
     return f"Could not {action} {what}: Buildkite answered {message}."
 
 
@@ -407,13 +408,12 @@ class Operations:
         except RedisError:
             raise UserError(TRACKING_DOWN) from None
         if lock and lock["user"] != actor.user_id:
-            reason = f" ({lock['reason']})" if lock.get("reason") else ""
             await self._audit(
                 actor, "deploy", pipeline, "refused", detail=f"locked by {lock['user']}"
             )
             raise UserError(
-                f":lock: `{pipeline}` is locked by <@{lock['user']}>{reason}. "
-                "Ask them to `/deploy unlock` it when they are done."
+                messages.locked_text(pipeline, lock["user"], lock.get("reason"))
+                + " Ask them to `/deploy unlock` it when they are done."
             )
 
     async def _claim(self, request_id: str, user_id: str, ttl: int = REQUEST_TTL) -> None:
@@ -689,10 +689,11 @@ class Operations:
         except RedisError:
             raise UserError(TRACKING_DOWN) from None
         if lock and lock["user"] not in (plan.requester, approver.user_id):
-            reason = f" ({messages.escape(str(lock['reason']))})" if lock.get("reason") else ""
             return Refusal(
-                f"`{plan.pipeline}` is locked by <@{lock['user']}>{reason}. Ask again once it "
-                "is unlocked.",
+                messages.locked_text(plan.pipeline, lock["user"], lock.get("reason")).removeprefix(
+                    ":lock: "
+                )
+                + " Ask again once it is unlocked.",
                 f"locked by {lock['user']}",
             )
         try:
@@ -919,7 +920,10 @@ class Operations:
         if job is None or job.type != "manual":
             raise UserError("That block step is not part of this build any more.")
         if job.state != "blocked":
-            raise UserError(f"*{job.display_name}* is not waiting any more ({job.state}).")
+            raise UserError(
+                f"*{messages.plain(job.display_name)}* is not waiting any more "
+                f"({messages.escape(job.state or 'unknown')})."
+            )
         label = job.label or job.name
         problem = None
         try:
@@ -979,7 +983,7 @@ class Operations:
                 await self.s.buildkite.get_build(value.pipeline, value.number)
             )
         if not_posted:
-            raise UserError(f":unlock: Unblocked *{label}*. {not_posted}")
+            raise UserError(f":unlock: Unblocked *{messages.plain(label)}*. {not_posted}")
 
     async def retry_failed(
         self, ref: BuildRef, actor: Actor, *, thread: tuple[str, str | None], dedup_key: str
@@ -1145,11 +1149,7 @@ class Operations:
             )
         await self._audit(actor, "lock", request.pipeline, "locked", detail=request.reason)
         until = f" for {_human(request.ttl)}" if request.ttl else " until unlocked"
-        return (
-            f":lock: <@{actor.user_id}> locked `{request.pipeline}`{until}"
-            + (f": {request.reason}" if request.reason else ".")
-            + " Nobody else can deploy it meanwhile."
-        )
+        return messages.lock_announcement(actor.user_id, request.pipeline, until, request.reason)
 
     async def unlock(self, request: UnlockRequest, actor: Actor) -> str:
         lock = await self.s.store.pipeline_lock(request.pipeline)

@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar
 
 from redis.exceptions import RedisError
 
-from app import digest, messages
+from app import digest, messages, mrkdwn
 from app.commands import (
     BuildRef,
     HelpRequest,
@@ -28,6 +28,7 @@ from app.commands import (
     check_pipeline,
     is_help,
     parse_build_ref,
+    split_words,
 )
 from app.messages import (
     AgentButtonValue,
@@ -212,7 +213,7 @@ OperatorRequest = (
 
 def parse_operator(text: str, *, org: str, templates: Mapping[str, str]) -> OperatorRequest:
     """Parse what follows `/buildkite`; a mistake raises UsageError saying how to fix it."""
-    words = _words(text)
+    words = split_words(text)
     if is_help(words):
         return HelpRequest()
     sub, args = words[0].lower(), words[1:]
@@ -240,16 +241,6 @@ def parse_operator(text: str, *, org: str, templates: Mapping[str, str]) -> Oper
     if sub == "health":
         return _parse_health(args)
     raise UsageError(f"`{_clip(words[0])}` is not a /buildkite subcommand.")
-
-
-def _words(text: str) -> list[str]:
-    # Slack escapes &, < and >, and may wrap a pasted URL as <url> or <url|label>.
-    words = []
-    for word in html.unescape(text or "").split():
-        if word.startswith("<") and word.endswith(">"):
-            word = word[1:-1].split("|", 1)[0]
-        words.append(word)
-    return words
 
 
 def _one(args: list[str], pattern: re.Pattern[str], what: str, usage_line: str) -> str | None:
@@ -439,8 +430,9 @@ def parse_pipeline_form(
 
 
 def _clip(value: str, limit: int = 60) -> str:
+    """What someone typed, cut short and escaped, to quote back inside backticks."""
     value = value.replace("`", "'")
-    return value if len(value) <= limit else value[: limit - 1] + "…"
+    return mrkdwn.escape(value if len(value) <= limit else value[: limit - 1] + "…")
 
 
 # -- the service ---------------------------------------------------------------------------------

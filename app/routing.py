@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from app.commands import PIPELINE_SLUG
 from app.policy import NotifyEvent, Policy, Route
 from app.store import Store
 from app.tracker import Tracker
@@ -64,6 +65,10 @@ class Router:
         changed = await self.tracker.observe(build)
         slug = (pipeline.slug if pipeline else None) or build.pipeline_slug
         if slug is None:
+            return changed
+        if not PIPELINE_SLUG.match(slug):
+            # Not a slug Buildkite makes: nothing to announce, nor to ask Buildkite about.
+            log.warning("not announcing build %s: its pipeline slug is not valid", build.id)
             return changed
         routes = self.policy.routes_for(slug, build.branch)
         if not routes:

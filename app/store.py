@@ -45,6 +45,9 @@ REQUEST_KEY = TEMPLATE_PREFIX + "req:{request_id}"
 #: webhook:{timestamp}:{signature} -> a signed Buildkite webhook already received (SET NX), so a
 #: replay of it within its signature's tolerance does nothing.
 WEBHOOK_KEY = TEMPLATE_PREFIX + "webhook:{timestamp}:{signature}"
+#: click:{id} -> a button click already handled (SET NX), by its identity: action_ts, message and
+#: user. A signed click delivered again within Slack's signature window is dropped.
+CLICK_KEY = TEMPLATE_PREFIX + "click:{click_id}"
 #: Markers kept in the build's record: a thread reply was posted, or a per-build action (an
 #: auto-retry) was taken, once per generation.
 POSTED_MARK = "{channel}:{gen}:{kind}"
@@ -93,6 +96,7 @@ ACTION_TTL = 30  # double clicks on one button within this window do one thing
 #: delivery can be replayed for up to 600 s after it arrives; a minute more covers clock skew
 #: between replicas.
 WEBHOOK_TTL = 2 * SIGNATURE_TOLERANCE + 60
+CLICK_TTL = 6 * 60  # Slack's 5-minute signature window plus a minute of clock skew
 LOCK_TTL_MS = 30_000  # renewed every third of it while held
 DEPLOY_REQUEST_TTL = 15 * 60  # a confirmation left unanswered this long is forgotten
 APPROVAL_KEEP = 24 * 3600  # an approval's record outlives its expiry by this much
@@ -519,6 +523,11 @@ class Store:
         """Forget a delivery the bot could not process, so that its redelivery counts."""
         key = WEBHOOK_KEY.format(timestamp=delivery.timestamp, signature=delivery.signature)
         await self.redis.delete(key)
+
+    async def first_click(self, click_id: str) -> bool:
+        """Remember a button click; False if this very click was seen before (a replay)."""
+        key = CLICK_KEY.format(click_id=click_id)
+        return bool(await self.redis.set(key, "1", nx=True, ex=CLICK_TTL))
 
     async def release_request(self, request_id: str) -> None:
         """Forget a claim whose mutation never reached Buildkite, so the user may try again."""

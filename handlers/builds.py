@@ -19,7 +19,9 @@ from app.messages import (
     UnblockMetadata,
     field_block_id,
     link,
+    modal_notice,
     notice,
+    plain,
     unblock_freeform_modal,
     unblock_modal,
 )
@@ -90,7 +92,7 @@ async def unblock_button(
         raise UserError(
             explain(exc, action="unblock", pipeline=value.pipeline, number=value.number)
         ) from None
-    await _ephemeral(respond, f":unlock: Unblocked *{target.label}*.")
+    await _ephemeral(respond, f":unlock: Unblocked *{plain(target.label)}*.")
 
 
 def _submitted_values(view: dict[str, Any]) -> dict[str, str]:
@@ -160,7 +162,9 @@ async def unblock_submit(ack: AsyncAck, body: dict[str, Any], services: Services
     try:
         meta = UnblockMetadata.model_validate_json(view.get("private_metadata") or "")
     except ValidationError:
-        await ack(response_action="errors", errors={})
+        # Not a form the bot opened (or one from an older version): say so in the modal.
+        text = "This form is not valid any more; nothing was done. Click *Unblock* again."
+        await ack(response_action="update", view=modal_notice("Unblock", text))
         return
     try:
         values = _submitted_values(view)
@@ -190,7 +194,7 @@ async def unblock_submit(ack: AsyncAck, body: dict[str, Any], services: Services
             await ack(response_action="errors", errors=_field_errors(exc, view))
         else:
             await services.outbox.ephemeral(
-                meta.channel, user, notice(f"Unblock refused: {exc.message}")
+                meta.channel, user, notice(f"Unblock refused: {plain(exc.message)}")
             )
         return
     except (UserError, BuildkiteError) as exc:

@@ -32,6 +32,7 @@ from app.messages import (
     PipelineModalMetadata,
     PipelinesPageValue,
     Rendered,
+    code,
     link,
 )
 from app.operations import Actor, Services, UserError, request_id_for
@@ -279,7 +280,7 @@ async def agent_stop(
     agent = _button_value(body, AgentButtonValue)
     await Operator(services).stop_agent(agent, Actor.from_button(body), force=False)
     await _say(
-        respond, f":octagonal_sign: Asked `{agent.name}` to stop once its current job finishes."
+        respond, f":octagonal_sign: Asked {code(agent.name)} to stop once its current job finishes."
     )
 
 
@@ -289,7 +290,7 @@ async def agent_force_stop(
     await ack()
     agent = _button_value(body, AgentButtonValue)
     await Operator(services).stop_agent(agent, Actor.from_button(body), force=True)
-    await _say(respond, f":octagonal_sign: Force-stopped `{agent.name}`; its job was canceled.")
+    await _say(respond, f":octagonal_sign: Force-stopped {code(agent.name)}; its job was canceled.")
 
 
 async def pipeline_delete(

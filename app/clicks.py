@@ -1,0 +1,80 @@
+"""Button clicks happen once: a signed click delivered again (a replay) is acknowledged and dropped.
+
+Slack accepts a signature for five minutes, so anyone who captures one click can send it again in
+that time. A click is identified by what Slack sent for it (its action_ts, the message it was on
+and who clicked); a deliberate new click has a new action_ts and goes through. The 30-second
+guard per button (app.store.ACTION_TTL) still turns a colleague's separate click into "already
+asked".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from redis.exceptions import RedisError
+from slack_bolt.async_app import AsyncBoltRequest
+from slack_bolt.middleware.async_middleware import AsyncMiddleware
+from slack_bolt.response import BoltResponse
+
+from app.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def click_identity(body: dict[str, Any]) -> str | None:
+    """The identity of a block_actions click, or None for any other request (or no action_ts)."""
+    if body.get("type") != "block_actions":
+        return None
+    actions = body.get("actions")
+    action = actions[0] if isinstance(actions, list) and actions else None
+    if not isinstance(action, dict) or not action.get("action_ts"):
+        return None
+    container, message, user, view = (
+        _mapping(body, key) for key in ("container", "message", "user", "view")
+    )
+    parts = [
+        str(action.get("action_ts")),
+        str(action.get("action_id")),
+        str(container.get("message_ts") or message.get("ts") or view.get("id") or ""),
+        str(user.get("id") or ""),
+    ]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
+
+def _mapping(body: dict[str, Any], key: str) -> dict[str, Any]:
+    value = body.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+class DropReplayedClicks(AsyncMiddleware):
+    """Acknowledge a click seen before and run no listener for it.
+
+    Runs after Bolt's signature check, so only signed requests are remembered. Without Redis the
+    click goes on: the operation's own claim then answers that tracking is unavailable.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def async_process(
+        self,
+        *,
+        req: AsyncBoltRequest,
+        resp: BoltResponse,
+        next: Callable[[], Awaitable[BoltResponse]],
+    ) -> BoltResponse | None:
+        identity = click_identity(req.body)
+        if identity is not None:
+            try:
+                first = await self.store.first_click(identity)
+            except RedisError as exc:
+                log.warning("could not check a click for a replay (redis: %s)", exc)
+                first = True
+            if not first:
+                log.warning("dropped a replayed button click (click %s)", identity[:12])
+                return BoltResponse(status=200, body="")
+        return await next()
