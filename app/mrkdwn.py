@@ -10,8 +10,9 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-#: Buildkite's web hosts: a link to any other host is shown as text (see `trusted_url`).
-BUILDKITE_WEB_HOST = "buildkite.com"
+from buildkite.webhooks import BUILDKITE_WEB_HOST, buildkite_hosts
+
+#: Buildkite's web host: a link to any other host (but the configured API's) is shown as text.
 _extra_hosts: set[str] = set()
 
 #: After a backtick, so that a run of them in someone's text cannot end a preformatted block.
@@ -41,15 +42,10 @@ def preformatted(text: str) -> str:
 
 
 def trust_web_host(api_url: str) -> None:
-    """Trust the web host of a configured Buildkite API (`api.example.com` → `example.com`)."""
-    parts = urlsplit(api_url)
-    if parts.scheme != "https":
-        return  # a local fake or a test double: no web host of its own to link to
-    host = (parts.hostname or "").lower()
-    if host.startswith("api."):
-        host = host.removeprefix("api.")
-    if host and not _on_host(host, BUILDKITE_WEB_HOST):
-        _extra_hosts.add(host)
+    """Trust the web host of a configured Buildkite API (`api.example.com` → `example.com`),
+    derived as the webhook checks derive it (`buildkite_hosts`), so both agree."""
+    web_hosts, _ = buildkite_hosts(api_url)
+    _extra_hosts.update(h for h in web_hosts if not _on_host(h, BUILDKITE_WEB_HOST))
 
 
 def _on_host(host: str, allowed: str) -> bool:
