@@ -252,6 +252,16 @@ def explain(exc: BuildkiteError, *, action: str, pipeline: str, number: int | No
             f"Could not {action} {what}: the Buildkite API rate limit is used up. "
             f"Please try again{wait}."
         )
+    if (
+        isinstance(exc, ServerError | BuildkiteUnavailable)
+        and exc.method not in ("GET", "HEAD")
+        and getattr(exc, "reached", True)
+    ):
+        # A write is not sent again after an answer that was lost: it may have been done.
+        return (
+            f"Buildkite's answer to {action} {what} was lost, so it may have been done; it was "
+            "not sent again. Check the build in Buildkite before trying again."
+        )
     if isinstance(exc, ServerError | BuildkiteUnavailable):
         return (
             f"Could not {action} {what}: Buildkite is not answering right now. "

@@ -1,0 +1,122 @@
+"""Where the promises of issues #13 and #14 met: attacks on the seams between their parts,
+played through the bot's real HTTP port and checked on what reached the fakes.
+
+- a write Buildkite may have done (a lost answer, a 5xx) is never sent again: unblock, cancel
+  and retry are one PUT each, however slow Buildkite is;
+- a replayed slash command or modal submission, signed and within Slack's five minutes, does
+  nothing more than the first copy did;
+- a lock stops everybody else's retries and unblocks too, not only deploys and rebuilds;
+- a pipeline's YAML that PyYAML reads into a ValueError (a date that is no date, a huge int)
+  falls back to the free-form form, like any other YAML the bot cannot use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as redis
+
+from tests.bot import SIGNING_SECRET, BotClient, running_bot
+from tests.fakes import slack_requests
+from tests.fakes.buildkite import FakeBuildkite
+from tests.fakes.slack import FakeSlack
+from tests.test_deploy_loop import CHANNEL, buttons, current, deploy, roots, send_state
+from tests.test_hostile_text import advance_redis_clock
+from tests.test_unblock_forms import inputs, open_unblock, submit, text_of, unblock_puts
+
+#: Buildkite answers within this, or the bot's client gives up (production: 15 s).
+SHORT_TIMEOUT = {"buildkite_timeout": 0.5}
+
+
+@pytest.fixture
+async def started(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any, tmp_path: Path
+) -> AsyncIterator[Any]:
+    """Start the bot with a policy file and settings (the pipelines are added first)."""
+    bots: list[Any] = []
+
+    async def start(policy: str = "{}\n", **settings: Any) -> BotClient:
+        path = tmp_path / "policy.yml"
+        path.write_text(policy)
+        manager = running_bot(slack, bk, redis_url, policy_file=str(path), **settings)
+        bots.append(manager)
+        return await manager.__aenter__()
+
+    yield start
+    for manager in reversed(bots):
+        await manager.__aexit__(None, None, None)
+
+
+def puts_to(bk: FakeBuildkite, suffix: str) -> list[Any]:
+    return [r for r in bk.requests_to("PUT") if r.path.endswith(suffix)]
+
+
+async def blocked_build(bot: BotClient, pipeline: str) -> tuple[str, dict[str, Any]]:
+    """Deploy `pipeline`, block its build: the build message's ts and its Unblock button."""
+    before = len(roots(bot.slack))
+    await bot.command("/deploy", pipeline)
+    await bot.slack.wait_for(lambda: len(roots(bot.slack)) > before)
+    ts = str(roots(bot.slack)[-1].response["ts"])
+    bot.bk.set_build_state(pipeline, 1, "passed", blocked=True)
+    assert (await bot.webhook(bot.bk.webhook_payload(pipeline, 1))).status == 200
+    button = await bot.slack.wait_for(
+        lambda: buttons(current(bot.slack, ts)["blocks"]).get("build_unblock")
+    )
+    return ts, button
+
+
+# -- a write Buildkite may have done is sent once ---------------------------------------------
+
+
+async def test_an_unblock_whose_answer_is_lost_is_not_sent_again(
+    started: Any, bk: FakeBuildkite, slack: FakeSlack
+) -> None:
+    bk.add_pipeline("release", block="Release")  # no fields: the click unblocks at once
+    bot = await started(**SHORT_TIMEOUT)
+    ts, button = await blocked_build(bot, "release")
+    bk.drop_response_next(1, "/unblock", method="PUT", how="cut")
+    _, name = await bot.click("build_unblock", button["value"], channel=CHANNEL, message_ts=ts)
+    (said,) = await slack.wait_for(lambda: bot.response_texts(name))
+    # Buildkite unblocked it on the one PUT; a second would be refused ("isn't blocked").
+    assert len(puts_to(bk, "/unblock")) == 1
+    assert "isn't blocked" not in said and "refused" not in said
+    assert "answer to unblock `release` #1 was lost, so it may have been done" in said
+    manual = next(j for j in bk.build("release", 1)["jobs"] if j["type"] == "manual")
+    assert manual["state"] == "unblocked"
+
+
+async def test_a_cancel_whose_answer_is_lost_is_not_sent_again(
+    bot: BotClient, bk: FakeBuildkite, slack: FakeSlack
+) -> None:
+    await deploy(bot)
+    bk.set_build_state("deploy-prod", 1, "running")
+    bk.drop_response_next(1, "/cancel", method="PUT", how="cut")
+    _, name, _ = await bot.command("/cancel", "deploy-prod 1")
+    (said,) = await slack.wait_for(lambda: bot.response_texts(name))
+    # Canceled on the one PUT; a second is refused ("already finished").
+    assert len(puts_to(bk, "/cancel")) == 1, said
+    assert bk.build("deploy-prod", 1)["state"] == "canceled"
+    assert "already finished" not in said
+    assert "answer to cancel `deploy-prod` #1 was lost, so it may have been done" in said
+
+
+async def test_a_retry_answered_502_after_it_happened_is_not_sent_again(
+    bot: BotClient, bk: FakeBuildkite, slack: FakeSlack
+) -> None:
+    ts = await deploy(bot)
+    await send_state(bot, "failed", failed_jobs=["Test"])
+    button = await slack.wait_for(
+        lambda: buttons(current(slack, ts)["blocks"]).get("build_retry_failed")
+    )
+    bk.drop_response_next(1, "/retry_failed_jobs", method="PUT", how="fail")
+    _, name = await bot.click(
+        "build_retry_failed", button["value"], channel=CHANNEL, message_ts=ts
+    )
+    (said,) = await slack.wait_for(lambda: bot.response_texts(name))
+    assert len(puts_to(bk, "/retry_failed_jobs")) == 1
+    assert "was lost, so it may have been done; it was not sent again" in said
