@@ -787,10 +787,17 @@ class Operations:
 
     # -- cancel and rebuild -----------------------------------------------------------------
 
-    async def cancel(self, ref: BuildRef, actor: Actor, *, dedup_key: str) -> Build:
-        """Cancel a running build, once per request."""
+    async def cancel(
+        self, ref: BuildRef, actor: Actor, *, dedup_key: str, dedup_ttl: int = ACTION_TTL
+    ) -> Build:
+        """Cancel a running build, once per request.
+
+        `dedup_key` names a button (anyone's click within `dedup_ttl`, 30 s, is the same
+        request) or one Slack request (a slash command's trigger): that one is claimed for
+        REQUEST_TTL, so that the same signed request replayed later does nothing.
+        """
         await self._authorize(Action.CANCEL, ref.pipeline, actor, number=ref.number)
-        await self._claim(dedup_key, actor.user_id, ttl=ACTION_TTL)
+        await self._claim(dedup_key, actor.user_id, ttl=dedup_ttl)
         bk = self.s.buildkite
         try:
             try:
@@ -824,15 +831,22 @@ class Operations:
         return build
 
     async def rebuild(
-        self, ref: BuildRef, actor: Actor, *, dedup_key: str, trigger: str
+        self,
+        ref: BuildRef,
+        actor: Actor,
+        *,
+        dedup_key: str,
+        trigger: str,
+        dedup_ttl: int = ACTION_TTL,
     ) -> Started | NeedsConfirmation:
         """Rebuild a build; the new build is tracked in the original's thread when we know it.
 
         On a pipeline whose rule asks first, a rebuild is a deploy: see `_rebuild_as_deploy`.
+        `dedup_key` and `dedup_ttl` are as for `cancel`.
         """
         rule = await self._authorize(Action.REBUILD, ref.pipeline, actor, number=ref.number)
         await self._check_lock(ref.pipeline, actor)
-        await self._claim(dedup_key, actor.user_id, ttl=ACTION_TTL)
+        await self._claim(dedup_key, actor.user_id, ttl=dedup_ttl)
         if rule.asks_first:
             return await self._rebuild_as_deploy(ref, actor, rule, dedup_key, trigger)
         thread_ts = None

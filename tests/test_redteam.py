@@ -12,7 +12,6 @@ played through the bot's real HTTP port and checked on what reached the fakes.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from tests.fakes.buildkite import FakeBuildkite
 from tests.fakes.slack import FakeSlack
 from tests.test_deploy_loop import CHANNEL, buttons, current, deploy, roots, send_state
 from tests.test_hostile_text import advance_redis_clock
-from tests.test_unblock_forms import inputs, open_unblock, submit, text_of, unblock_puts
+from tests.test_unblock_forms import inputs, open_unblock, unblock_puts
 
 #: Buildkite answers within this, or the bot's client gives up (production: 15 s).
 SHORT_TIMEOUT = {"buildkite_timeout": 0.5}
@@ -114,9 +113,76 @@ async def test_a_retry_answered_502_after_it_happened_is_not_sent_again(
         lambda: buttons(current(slack, ts)["blocks"]).get("build_retry_failed")
     )
     bk.drop_response_next(1, "/retry_failed_jobs", method="PUT", how="fail")
-    _, name = await bot.click(
-        "build_retry_failed", button["value"], channel=CHANNEL, message_ts=ts
-    )
+    _, name = await bot.click("build_retry_failed", button["value"], channel=CHANNEL, message_ts=ts)
     (said,) = await slack.wait_for(lambda: bot.response_texts(name))
     assert len(puts_to(bk, "/retry_failed_jobs")) == 1
     assert "was lost, so it may have been done; it was not sent again" in said
+
+
+# -- replays within Slack's five minutes do nothing more ---------------------------------------
+
+
+def rebuilds(bk: FakeBuildkite) -> list[Any]:
+    return puts_to(bk, "/rebuild")
+
+
+@pytest.mark.parametrize("command", ["/rebuild", "/cancel"])
+async def test_a_replayed_slash_command_acts_once(
+    bot: BotClient, bk: FakeBuildkite, slack: FakeSlack, redis_client: redis.Redis, command: str
+) -> None:
+    await deploy(bot)
+    if command == "/rebuild":
+        await send_state(bot, "passed")
+    else:
+        bk.set_build_state("deploy-prod", 1, "running")
+    name, url = bot.new_response_url()
+    body, headers = slack_requests.slash_command(
+        command, "deploy-prod 1", response_url=url, signing_secret=SIGNING_SECRET
+    )
+    assert (await bot.post_slack(body, headers)).status == 200
+    await slack.wait_for(lambda: bot.response_texts(name))
+    sent = rebuilds(bk) if command == "/rebuild" else puts_to(bk, "/cancel")
+    assert len(sent) == 1
+
+    # The same signed bytes 35 s later: Slack's signature is still good for 4 more minutes.
+    await advance_redis_clock(redis_client, 35)
+    if command == "/cancel":
+        bk.set_build_state("deploy-prod", 1, "running")  # a second cancel would go through
+    assert (await bot.post_slack(body, headers)).status == 200
+    await slack.wait_for(lambda: len(bot.response_texts(name)) >= 2)
+    assert "You already asked for this" in bot.response_texts(name)[-1]
+    assert len(rebuilds(bk) if command == "/rebuild" else puts_to(bk, "/cancel")) == 1
+    assert len(bk.builds_of("deploy-prod")) == (2 if command == "/rebuild" else 1)
+
+
+async def test_a_replayed_unblock_form_unblocks_once(
+    started: Any,
+    bk: FakeBuildkite,
+    slack: FakeSlack,
+    redis_client: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bk.add_pipeline("release", block="Release", block_fields=[{"text": "Name", "key": "name"}])
+    bot = await started()
+    view = await open_unblock(bot, "release")
+    (block_id,) = inputs(view)
+    state = {block_id: {"value": {"type": "plain_text_input", "value": "v1"}}}
+    body, headers = slack_requests.view_submission(
+        view["callback_id"],
+        state,
+        view["private_metadata"],
+        view=view,
+        signing_secret=SIGNING_SECRET,
+    )
+    assert (await bot.post_slack(body, headers)).status == 200
+    await slack.wait_for(lambda: unblock_puts(bk))
+    # Meanwhile the build reaches another block step with the same job (as far as the signed
+    # bytes go): a replay must not send what someone typed once a second time.
+    await advance_redis_clock(redis_client, 35)
+    manual = next(j for j in bk.build("release", 1)["jobs"] if j["type"] == "manual")
+    manual["state"] = "blocked"
+    with caplog.at_level(logging.WARNING, logger="app.clicks"):
+        assert (await bot.post_slack(body, headers)).status == 200
+    assert "dropped a replayed modal submission" in caplog.text
+    # A submission is answered once its unblock is done (or 2 s on): any PUT is in by now.
+    assert [p.json for p in unblock_puts(bk)] == [{"fields": {"name": "v1"}}]
