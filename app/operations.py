@@ -412,14 +412,36 @@ class Operations:
             raise UserError(f":no_entry: {decision.reason}")
         return self.s.policy.rule_for(pipeline)
 
-    async def _check_lock(self, pipeline: str, actor: Actor) -> None:
+    async def _check_lock(
+        self, pipeline: str, actor: Actor, *, action: str = "deploy", build: BuildRef | None = None
+    ) -> None:
+        """Refuse when someone else holds the pipeline's lock.
+
+        For an action inside a running `build` (retrying its failed jobs, unblocking it), the
+        holder's own build may still be helped along by others, as an approval may: the lock
+        then stops only builds that someone other than its holder asked for.
+        """
         try:
             lock = await self.s.store.pipeline_lock(pipeline)
         except RedisError:
             raise UserError(TRACKING_DOWN) from None
+        if lock and lock["user"] != actor.user_id and build is not None:
+            try:
+                current = await self.s.buildkite.get_build(build.pipeline, build.number)
+            except BuildkiteError as exc:
+                raise UserError(
+                    explain(exc, action=action, pipeline=build.pipeline, number=build.number)
+                ) from None
+            if current.meta_data.get("chatops_requested_by") == lock["user"]:
+                return
         if lock and lock["user"] != actor.user_id:
             await self._audit(
-                actor, "deploy", pipeline, "refused", detail=f"locked by {lock['user']}"
+                actor,
+                action,
+                pipeline,
+                "refused",
+                number=build.number if build else None,
+                detail=f"locked by {lock['user']}",
             )
             raise UserError(
                 messages.locked_text(pipeline, lock["user"], lock.get("reason"))
@@ -933,6 +955,8 @@ class Operations:
     async def unblock_form(self, value: UnblockButtonValue, actor: Actor) -> UnblockTarget:
         """Check the unblock is allowed, and find the block step's form (see unblock_forms)."""
         await self._authorize(Action.UNBLOCK, value.pipeline, actor, number=value.number)
+        ref = BuildRef(value.pipeline, value.number)
+        await self._check_lock(value.pipeline, actor, action="unblock", build=ref)
         bk = self.s.buildkite
         try:
             build = await bk.get_build(value.pipeline, value.number)
@@ -979,6 +1003,8 @@ class Operations:
     ) -> None:
         """Unblock a block step (with its fields); the result goes to the build's thread."""
         await self._authorize(Action.UNBLOCK, value.pipeline, actor, number=value.number)
+        ref = BuildRef(value.pipeline, value.number)
+        await self._check_lock(value.pipeline, actor, action="unblock", build=ref)
         await self._claim(dedup_key, actor.user_id, ttl=ACTION_TTL)
         try:
             await self.s.buildkite.unblock_job(
@@ -1014,6 +1040,7 @@ class Operations:
     ) -> list[Job]:
         """Retry a failed build's failed jobs (not a rebuild) and follow it again."""
         await self._authorize(Action.REBUILD, ref.pipeline, actor, number=ref.number)
+        await self._check_lock(ref.pipeline, actor, action="retry", build=ref)
         await self._claim(dedup_key, actor.user_id, ttl=ACTION_TTL)
         bk = self.s.buildkite
         try:

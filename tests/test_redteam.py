@@ -186,3 +186,74 @@ async def test_a_replayed_unblock_form_unblocks_once(
     assert "dropped a replayed modal submission" in caplog.text
     # A submission is answered once its unblock is done (or 2 s on): any PUT is in by now.
     assert [p.json for p in unblock_puts(bk)] == [{"fields": {"name": "v1"}}]
+
+
+# -- a lock stops everybody else's retries and unblocks ----------------------------------------
+
+
+async def test_a_lock_stops_retries_of_builds_its_holder_did_not_ask_for(
+    bot: BotClient, bk: FakeBuildkite, slack: FakeSlack
+) -> None:
+    ts = await deploy(bot)  # by U0USER
+    await send_state(bot, "failed", failed_jobs=["Test"])
+    button = await slack.wait_for(
+        lambda: buttons(current(slack, ts)["blocks"]).get("build_retry_failed")
+    )
+    _, locked, _ = await bot.command("/deploy", "lock deploy-prod 2h freeze", user_id="U0CAROL")
+    await slack.wait_for(lambda: bot.response_texts(locked))
+
+    # Neither Bob nor the build's requester may re-run a deploy through Carol's freeze.
+    for n, user in enumerate(("U0BOB", "U0USER")):
+        _, name = await bot.click(
+            "build_retry_failed",
+            button["value"],
+            channel=CHANNEL,
+            message_ts=ts,
+            user_id=user,
+            action_ts=f"{n + 1}.0",
+        )
+        (said,) = await slack.wait_for(lambda name=name: bot.response_texts(name))
+        assert "`deploy-prod` is locked by <@U0CAROL> (freeze)" in said, user
+    assert puts_to(bk, "/retry_failed_jobs") == []
+
+    # The holder may.
+    _, name = await bot.click(
+        "build_retry_failed", button["value"], channel=CHANNEL, message_ts=ts, user_id="U0CAROL"
+    )
+    (said,) = await slack.wait_for(lambda: bot.response_texts(name))
+    assert "Retrying" in said
+    assert len(puts_to(bk, "/retry_failed_jobs")) == 1
+
+
+async def test_a_lock_stops_unblocks_of_builds_its_holder_did_not_ask_for(
+    started: Any, bk: FakeBuildkite, slack: FakeSlack
+) -> None:
+    bk.add_pipeline("release", block="Release")
+    bot = await started()
+    ts, button = await blocked_build(bot, "release")  # by U0USER
+    _, locked, _ = await bot.command("/deploy", "lock release 2h freeze", user_id="U0CAROL")
+    await slack.wait_for(lambda: bot.response_texts(locked))
+
+    _, name = await bot.click(
+        "build_unblock", button["value"], channel=CHANNEL, message_ts=ts, user_id="U0BOB"
+    )
+    (said,) = await slack.wait_for(lambda: bot.response_texts(name))
+    assert "`release` is locked by <@U0CAROL> (freeze)" in said
+    assert puts_to(bk, "/unblock") == []
+
+    # The lock holder's own build may be helped along by others (as an approval may).
+    _, unlocked, _ = await bot.command("/deploy", "unlock release", user_id="U0CAROL")
+    await slack.wait_for(lambda: bot.response_texts(unlocked))
+    _, locked, _ = await bot.command("/deploy", "lock release 2h mine", user_id="U0USER")
+    await slack.wait_for(lambda: bot.response_texts(locked))
+    _, name = await bot.click(
+        "build_unblock",
+        button["value"],
+        channel=CHANNEL,
+        message_ts=ts,
+        user_id="U0BOB",
+        action_ts="2.0",
+    )
+    (said,) = await slack.wait_for(lambda: bot.response_texts(name))
+    assert "Unblocked" in said
+    assert len(puts_to(bk, "/unblock")) == 1
