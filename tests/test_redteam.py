@@ -26,7 +26,7 @@ from tests.fakes.buildkite import FakeBuildkite
 from tests.fakes.slack import FakeSlack
 from tests.test_deploy_loop import CHANNEL, buttons, current, deploy, roots, send_state
 from tests.test_hostile_text import advance_redis_clock
-from tests.test_unblock_forms import inputs, open_unblock, unblock_puts
+from tests.test_unblock_forms import inputs, open_unblock, text_of, unblock_puts
 
 #: Buildkite answers within this, or the bot's client gives up (production: 15 s).
 SHORT_TIMEOUT = {"buildkite_timeout": 0.5}
@@ -257,3 +257,67 @@ async def test_a_lock_stops_unblocks_of_builds_its_holder_did_not_ask_for(
     (said,) = await slack.wait_for(lambda: bot.response_texts(name))
     assert "Unblocked" in said
     assert len(puts_to(bk, "/unblock")) == 1
+
+
+# -- a pipeline's YAML that PyYAML cannot turn into values ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["2021-13-01", "!!float not-a-number", "!!int 0x", "1" * 5000],
+    ids=["no-such-date", "bad-float", "bad-int", "int-over-4300-digits"],
+)
+async def test_yaml_with_values_that_cannot_be_built_falls_back_to_free_form(
+    started: Any, bk: FakeBuildkite, caplog: pytest.LogCaptureFixture, value: str
+) -> None:
+    bk.add_pipeline("release", block="Release")
+    bk.pipelines["release"]["configuration"] = (
+        f"env:\n  WHEN: {value}\nsteps:\n  - block: Release\n    fields:\n"
+        "      - text: Name\n        key: name\n"
+    )
+    bot = await started()
+    with caplog.at_level(logging.WARNING):
+        view = await open_unblock(bot, "release")
+    assert "does not know this step's fields" in text_of(view)
+    assert "cannot be read" in text_of(view)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        "steps:\n  - command: make\n    when: 2021-13-01\n",
+        "steps:\n  - command: " + "9" * 4400 + "\n",
+        "steps: " + "[" * 2900,
+    ],
+    ids=["no-such-date", "int-over-4300-digits", "nested-2900-deep"],
+)
+async def test_steps_yaml_pasted_in_the_pipeline_form_that_cannot_be_built_is_named(
+    slack: FakeSlack,
+    bk: FakeBuildkite,
+    redis_url: str,
+    redis_client: Any,
+    tmp_path: Path,
+    bot_log: Any,
+    steps: str,
+) -> None:
+    from tests.test_operator import ADMIN, POLICY, submit
+
+    policy = tmp_path / "policy.yml"
+    policy.write_text(POLICY)
+    async with running_bot(slack, bk, redis_url, policy_file=str(policy)) as bot:
+        await bot.command(
+            "/buildkite",
+            "pipeline create web https://github.com/acme/web.git",
+            user_id=ADMIN,
+            user_name="admin",
+        )
+        (opened,) = await slack.wait_for(lambda: slack.calls_to("views.open"))
+        view = slack.views[opened.response["view"]["id"]]
+        values = {"name": "web", "repository": "https://github.com/acme/web.git", "steps": steps}
+        answer = await submit(bot, view, values)
+    assert answer["response_action"] == "errors"
+    assert "not valid YAML" in answer["errors"]["steps"]
+    assert [r for r in bk.requests if r.method == "POST"] == []
+    assert not [e for e in bot_log.entries() if e["level"] in ("error", "critical")]
+    assert "Traceback" not in bot_log.text
