@@ -514,7 +514,11 @@ def load_policy(path: str | Path | None) -> Policy:
             f" at {path}" if path else "",
         )
         return Policy.open_to_everyone()
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise PolicyError(f"cannot read {path}: {reason}") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         raw = yaml.safe_load(text) or {}

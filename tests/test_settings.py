@@ -139,6 +139,48 @@ def test_the_bot_refuses_to_start_with_a_clear_report(tmp_cwd: Path) -> None:
     assert "bk-secret-value" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        (
+            "pipelines:\n  web:\n    deployer: [U1]\n",
+            "policy.yml, line 3: pipelines.web.deployer: Extra inputs are not permitted",
+        ),
+        ("pipelines: [\n", "policy.yml, line 2: not valid YAML"),
+        (b"admins: [\xff]\n", "cannot read policy.yml: not UTF-8 text"),
+        (None, "cannot read policy.yml: Is a directory"),
+    ],
+)
+def test_a_bad_policy_file_stops_start_up_with_one_line_per_problem(
+    tmp_cwd: Path, policy: str | bytes | None, expected: str
+) -> None:
+    if policy is None:
+        (tmp_cwd / "policy.yml").mkdir()
+    elif isinstance(policy, bytes):
+        (tmp_cwd / "policy.yml").write_bytes(policy)
+    else:
+        (tmp_cwd / "policy.yml").write_text(policy)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLACK_", "BUILDKITE_", "REDIS_", "POLICY_"))
+    }
+    env.update(GOOD, PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-m", "app"],
+        env=env,
+        cwd=tmp_cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "The bot cannot start; fix the policy file (POLICY_FILE):" in result.stderr
+    assert f"  - {expected}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "bk-secret-value" not in result.stderr
+
+
 async def test_without_redis_url_the_bot_starts_on_the_embedded_store(
     tmp_cwd: Path, slack: FakeSlack, bk: FakeBuildkite
 ) -> None:
