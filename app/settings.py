@@ -328,6 +328,11 @@ def load_settings(**overrides: Any) -> Settings:
     """Read the settings, turning pydantic's report into one clear line per bad variable."""
     try:
         return Settings(**overrides)
+    except UnicodeDecodeError as exc:  # python-dotenv reading .env; the bytes are not shown
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise SettingsError(
+            [f".env, line {line}: not UTF-8 text; save the file as UTF-8"]
+        ) from None
     except ValidationError as exc:
         problems = []
         for error in exc.errors():

@@ -131,6 +131,14 @@ def test_every_problem_starts_with_its_variable_and_reads_plainly(
     ]
 
 
+def test_a_dotenv_file_that_is_not_utf8_is_one_line(env: pytest.MonkeyPatch, tmp_cwd: Path) -> None:
+    env.delenv("SLACK_SIGNING_SECRET")
+    (tmp_cwd / ".env").write_bytes(b"BUILDKITE_ORG=acme\nSLACK_SIGNING_SECRET=s\xffcret\n")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert caught.value.problems == [".env, line 2: not UTF-8 text; save the file as UTF-8"]
+
+
 def test_a_template_with_a_good_cluster_id_keeps_it_apart(env: pytest.MonkeyPatch) -> None:
     env.setenv(
         "PIPELINE_TEMPLATES",
