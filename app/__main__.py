@@ -62,8 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level, secrets)
 
     from app.main import run
+    from app.policy import PolicyError
 
-    run(settings)
+    try:
+        run(settings)
+    except PolicyError as exc:
+        print("The bot cannot start; fix the policy file (POLICY_FILE):", file=sys.stderr)
+        for problem in str(exc).splitlines():
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -159,8 +159,6 @@ def check_policy(settings: Settings) -> Check:
         policy = load_policy(path)
     except PolicyError as exc:
         return Check("policy", False, str(exc).replace("\n", "; "))
-    except OSError as exc:
-        return Check("policy", False, f"cannot read {path}: {exc.strerror}")
     return Check("policy", True, f"{path}: {len(policy.data.pipelines)} pipeline rules")
 
 
@@ -216,8 +214,14 @@ async def check_config(settings: Settings) -> list[Check]:
     )
     mode = "Socket Mode" if settings.socket_mode else "HTTP mode"
     storage = "Redis" if settings.redis_url else "embedded store"
+    webhooks = (
+        ""
+        if settings.buildkite_webhook_token
+        else "; BUILDKITE_WEBHOOK_TOKEN not set: every webhook is refused (401), builds are "
+        "followed by polling"
+    )
     checks = [
-        Check("settings", True, f"valid ({mode}, port {settings.port}, {storage})"),
+        Check("settings", True, f"valid ({mode}, port {settings.port}, {storage}){webhooks}"),
         check_policy(settings),
         await bounded("slack", check_slack(slack)),
     ]

@@ -62,11 +62,18 @@ MAX_PER_PAGE = 100
 SCOPE_FEATURES: dict[str, str] = {
     "read_builds": "following builds, `/buildkite builds`, `/buildkite build`, the health digest",
     "write_builds": "deploy, cancel, rebuild, unblock and retry",
-    "read_pipelines": "`/buildkite pipelines` and deploy defaults (the default branch)",
+    "read_pipelines": (
+        "`/buildkite pipelines`, deploy defaults (the default branch) and unblock forms "
+        "(the pipeline's steps)"
+    ),
     "write_pipelines": "`/buildkite pipeline create`, `update` and `delete`",
     "read_agents": "`/buildkite agents`",
     "write_agents": "the agents' Stop buttons",
     "read_build_logs": "the log tail of a failed job",
+    "read_clusters": (
+        "`/buildkite pipeline create` on a clustered organisation without `BUILDKITE_CLUSTER_ID` "
+        "(finding its only cluster)"
+    ),
     "read_organizations": "`/buildkite whoami` (the organisation)",
     "read_user": "`/buildkite whoami` (the token's owner)",
 }

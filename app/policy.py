@@ -515,7 +515,11 @@ def load_policy(path: str | Path | None) -> Policy:
             f" at {path}" if path else "",
         )
         return Policy.open_to_everyone()
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise PolicyError(f"cannot read {path}: {reason}") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         raw = yaml_input.load(text) or {}
@@ -538,7 +542,10 @@ def load_policy(path: str | Path | None) -> Policy:
         for error in exc.errors():
             loc = [str(p) for p in error["loc"]]
             where = ".".join(loc) or "(top level)"
-            problems.append(f"{path}, line {_line_of(node, loc)}: {where}: {error['msg']}")
+            message = error["msg"]
+            if error["type"] == "value_error":  # our own sentence, without pydantic's tag
+                message = message.removeprefix("Value error, ")
+            problems.append(f"{path}, line {_line_of(node, loc)}: {where}: {message}")
         raise PolicyError("\n".join(problems)) from None
     for pattern, rule in data.pipelines.items():
         rule.name = pattern

@@ -259,13 +259,11 @@ class Settings(BaseSettings):
         clusters: dict[str, str] = {}
         plain: dict[Any, Any] = {}
         for name, template in templates.items():
-            if isinstance(template, dict) and "cluster_id" in template:
+            cluster = template.get("cluster_id") if isinstance(template, dict) else None
+            # A bad cluster_id stays in its template, for the field's validator to report.
+            if isinstance(cluster, str) and _CLUSTER_ID.match(cluster):
                 template = dict(template)
-                cluster = template.pop("cluster_id")
-                if not (isinstance(cluster, str) and _CLUSTER_ID.match(cluster)):
-                    raise ValueError(
-                        f"PIPELINE_TEMPLATES: template {name!r}: cluster_id must be a cluster id"
-                    )
+                del template["cluster_id"]
                 clusters[str(name)] = cluster
                 if isinstance(template.get("steps"), str) and len(template) == 1:
                     template = template["steps"]
@@ -285,6 +283,10 @@ class Settings(BaseSettings):
             if not isinstance(name, str) or not _TEMPLATE_NAME.match(name):
                 raise ValueError(
                     f"template name {name!r} must be lowercase letters, digits, - or _"
+                )
+            if isinstance(steps, dict) and "cluster_id" in steps:  # a valid one was split off
+                raise ValueError(
+                    f"template {name!r}: cluster_id must be a cluster id (letters, digits and -)"
                 )
             text = steps if isinstance(steps, str) else yaml.safe_dump(steps, sort_keys=False)
             if problem := steps_problem(text):
@@ -327,6 +329,11 @@ def load_settings(**overrides: Any) -> Settings:
     """Read the settings, turning pydantic's report into one clear line per bad variable."""
     try:
         return Settings(**overrides)
+    except UnicodeDecodeError as exc:  # python-dotenv reading .env; the bytes are not shown
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise SettingsError(
+            [f".env, line {line}: not UTF-8 text; save the file as UTF-8"]
+        ) from None
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
@@ -335,5 +342,8 @@ def load_settings(**overrides: Any) -> Settings:
                 problems.append(f"{name} is not set")
             else:
                 # Only `msg` is shown: it never contains the (possibly secret) input value.
-                problems.append(f"{name} is invalid: {error['msg']}")
+                message = error["msg"]
+                if error["type"] == "value_error":  # our own sentence, without pydantic's tag
+                    message = message.removeprefix("Value error, ")
+                problems.append(f"{name} is invalid: {message}")
         raise SettingsError(problems) from None

@@ -572,9 +572,10 @@ class Tracker:
         url = tracked.snapshot.get("web_url")
         title = messages.link(str(url) if url else None, f"{tracked.pipeline} #{tracked.number}")
         text = (
-            f":warning: Your build {title} was started, but the bot cannot post its progress "
-            f"in this channel (`{exc.error}`). Invite the bot here (`/invite @buildkite`) or run "
-            "the command from a channel it is in."
+            # Follows "Its progress will be posted here": say plainly that it will not be.
+            f":warning: Correction: your build {title} was started, but the bot cannot post its "
+            f"progress in this channel after all (`{exc.error}`). Invite the bot here "
+            "(`/invite @buildkite`) or run the command from a channel it is in."
         )
         # No fallback to the channel: the bot just failed to post there.
         respond = self.hooks.respond(target.notify_url, channel=None, user=target.requester)

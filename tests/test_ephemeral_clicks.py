@@ -139,6 +139,9 @@ async def test_a_deploy_in_a_channel_the_bot_is_not_in_says_to_invite_it(
         lambda: [t for t in bot.response_texts(name) if "cannot post" in t]
     )
     assert "`channel_not_found`" in texts[0] and "/invite @buildkite" in texts[0]
+    # It follows the first answer's "Its progress will be posted here", and corrects it.
+    first, *_ = bot.response_texts(name)
+    assert "will be posted here" in first and texts[0].startswith(":warning: Correction:")
     assert len(bk.requests_to("POST", BUILDS.format("web"))) == 1
     assert slack.posts(PRIVATE) == []
 

@@ -333,6 +333,7 @@ async def test_whoami_warns_about_missing_scopes_and_never_shows_the_token(
 ) -> None:
     bk.scopes.remove("write_agents")
     bk.scopes.remove("read_user")
+    bk.scopes.remove("read_clusters")
     reply = await answer(bot, "whoami")
     text = reply["text"]
     assert "*Organisation:* <https://buildkite.com/acme|Acme> (`acme`)" in text
@@ -341,6 +342,7 @@ async def test_whoami_warns_about_missing_scopes_and_never_shows_the_token(
     warning = text.split("lacks scopes the bot needs", 1)[1]
     assert "• `write_agents`: the agents' Stop buttons" in warning
     assert "• `read_user`: `/buildkite whoami` (the token's owner)" in warning
+    assert "• `read_clusters`: `/buildkite pipeline create` on a clustered organisation" in warning
     assert "read_builds" not in warning
     assert [r.api_path for r in bk.requests] == ["/access-token", ORG, "/user"]
 

@@ -87,6 +87,20 @@ async def test_each_problem_is_named_on_its_own_line(
         assert secret not in text
 
 
+async def test_webhooks_left_off_are_said_so(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str
+) -> None:
+    settings = bot_settings(slack, bk, redis_url, buildkite_webhook_token=None)
+    checks = {c.name: c for c in await check_config(settings)}
+    assert checks["settings"].ok
+    assert checks["settings"].detail.endswith(
+        "; BUILDKITE_WEBHOOK_TOKEN not set: every webhook is refused (401), builds are followed "
+        "by polling"
+    )
+    with_token = {c.name: c for c in await check_config(bot_settings(slack, bk, redis_url))}
+    assert "BUILDKITE_WEBHOOK_TOKEN" not in with_token["settings"].detail
+
+
 async def test_an_unknown_organization_is_named(
     slack: FakeSlack, bk: FakeBuildkite, redis_url: str
 ) -> None:

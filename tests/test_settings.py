@@ -111,6 +111,44 @@ def test_each_problem_is_one_line_naming_the_variable(env: pytest.MonkeyPatch) -
     assert "bad-app-token-secret" not in joined
 
 
+def test_every_problem_starts_with_its_variable_and_reads_plainly(
+    env: pytest.MonkeyPatch,
+) -> None:
+    """A template's bad cluster_id is PIPELINE_TEMPLATES' problem, reported beside the others."""
+    env.setenv(
+        "PIPELINE_TEMPLATES",
+        json.dumps({"ios": {"cluster_id": "bad/id", "steps": "steps:\n  - command: x\n"}}),
+    )
+    env.setenv("PORT", "abc")
+    env.setenv("SLACK_SIGNING_SECRET", " ")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert sorted(caught.value.problems) == [
+        "PIPELINE_TEMPLATES is invalid: template 'ios': cluster_id must be a cluster id "
+        "(letters, digits and -)",
+        "PORT is invalid: Input should be a valid integer, unable to parse string as an integer",
+        "SLACK_SIGNING_SECRET is invalid: must not be empty",
+    ]
+
+
+def test_a_dotenv_file_that_is_not_utf8_is_one_line(env: pytest.MonkeyPatch, tmp_cwd: Path) -> None:
+    env.delenv("SLACK_SIGNING_SECRET")
+    (tmp_cwd / ".env").write_bytes(b"BUILDKITE_ORG=acme\nSLACK_SIGNING_SECRET=s\xffcret\n")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert caught.value.problems == [".env, line 2: not UTF-8 text; save the file as UTF-8"]
+
+
+def test_a_template_with_a_good_cluster_id_keeps_it_apart(env: pytest.MonkeyPatch) -> None:
+    env.setenv(
+        "PIPELINE_TEMPLATES",
+        json.dumps({"ios": {"cluster_id": "c-1", "steps": [{"command": "x"}]}}),
+    )
+    settings = load_settings()
+    assert settings.pipeline_template_clusters == {"ios": "c-1"}
+    assert settings.pipeline_templates["ios"].startswith("steps:")
+
+
 def test_tokens_are_secret(env: pytest.MonkeyPatch) -> None:
     settings = load_settings()
     text = repr(settings) + str(settings.model_dump())
@@ -134,7 +172,53 @@ def test_the_bot_refuses_to_start_with_a_clear_report(tmp_cwd: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 2
-    assert "SLACK_SIGNING_SECRET is invalid: Value error, must not be empty" in result.stderr
+    assert "SLACK_SIGNING_SECRET is invalid: must not be empty" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "bk-secret-value" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        (
+            "pipelines:\n  web:\n    deployer: [U1]\n",
+            "policy.yml, line 3: pipelines.web.deployer: Extra inputs are not permitted",
+        ),
+        ("pipelines: [\n", "policy.yml, line 2: not valid YAML"),
+        (
+            'pipelines:\n  web:\n    env:\n      allow: ["bad pattern!"]\n',
+            "policy.yml, line 4: pipelines.web.env.allow: 'bad pattern!' is not an env name",
+        ),
+        (b"admins: [\xff]\n", "cannot read policy.yml: not UTF-8 text"),
+        (None, "cannot read policy.yml: Is a directory"),
+    ],
+)
+def test_a_bad_policy_file_stops_start_up_with_one_line_per_problem(
+    tmp_cwd: Path, policy: str | bytes | None, expected: str
+) -> None:
+    if policy is None:
+        (tmp_cwd / "policy.yml").mkdir()
+    elif isinstance(policy, bytes):
+        (tmp_cwd / "policy.yml").write_bytes(policy)
+    else:
+        (tmp_cwd / "policy.yml").write_text(policy)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLACK_", "BUILDKITE_", "REDIS_", "POLICY_"))
+    }
+    env.update(GOOD, PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-m", "app"],
+        env=env,
+        cwd=tmp_cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "The bot cannot start; fix the policy file (POLICY_FILE):" in result.stderr
+    assert f"  - {expected}" in result.stderr
     assert "Traceback" not in result.stderr
     assert "bk-secret-value" not in result.stderr
 
