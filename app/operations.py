@@ -1094,6 +1094,25 @@ class Operations:
         rule = self.s.policy.rule_for(tracked.pipeline).auto_retry
         if rule is None:
             return
+        lock = await self.s.store.pipeline_lock(tracked.pipeline)
+        asked_by = {build.meta_data.get("chatops_requested_by")} | {
+            t.requester for t in tracked.targets
+        }
+        if lock and lock["user"] not in asked_by:
+            # A freeze stops the bot's own re-runs too, as it stops everybody's Retry clicks.
+            for target in tracked.targets:
+                await self.s.outbox.post(
+                    target.channel,
+                    messages.notice(
+                        ":hourglass: Not auto-retried: "
+                        + messages.locked_text(
+                            tracked.pipeline, lock["user"], lock.get("reason")
+                        ).removeprefix(":lock: ")
+                    ),
+                    thread_ts=target.reply_thread,
+                    key=f"{tracked.build_id}:{target.channel}:{tracked.gen}:locked",
+                )
+            return
         attempt = await self.s.store.count_auto_retry(tracked.build_id)
         if attempt > rule.max_attempts:
             return

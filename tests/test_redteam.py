@@ -321,3 +321,44 @@ async def test_steps_yaml_pasted_in_the_pipeline_form_that_cannot_be_built_is_na
     assert [r for r in bk.requests if r.method == "POST"] == []
     assert not [e for e in bot_log.entries() if e["level"] in ("error", "critical")]
     assert "Traceback" not in bot_log.text
+
+
+async def test_a_lock_stops_auto_retries_of_builds_its_holder_did_not_ask_for(
+    started: Any, bk: FakeBuildkite, slack: FakeSlack
+) -> None:
+    from tests.test_builds_e2e import thread
+
+    bk.add_pipeline("flaky")
+    bot = await started(
+        "pipelines:\n  flaky:\n    auto_retry: {max_attempts: 1, hourly_budget: 5}\n"
+    )
+
+    async def deploy_flaky(user: str) -> str:
+        before = len(roots(slack))
+        await bot.command("/deploy", "flaky", user_id=user)
+        await slack.wait_for(lambda: len(roots(slack)) > before)
+        return str(roots(slack)[-1].response["ts"])
+
+    async def fail(number: int) -> None:
+        bk.set_build_state("flaky", number, "failed", failed_jobs=["Test"])
+        assert (await bot.webhook(bk.webhook_payload("flaky", number))).status == 200
+
+    first = await deploy_flaky("U0USER")  # before the freeze
+    _, locked, _ = await bot.command("/deploy", "lock flaky 2h freeze", user_id="U0CAROL")
+    await slack.wait_for(lambda: bot.response_texts(locked))
+
+    # It fails during Carol's freeze: the bot does not re-run it on its own.
+    await fail(1)
+    (notice,) = await slack.wait_for(
+        lambda: [t for t in thread(slack, first) if "Not auto-retried" in t]
+    )
+    assert "`flaky` is locked by <@U0CAROL> (freeze)" in notice
+    assert puts_to(bk, "/retry_failed_jobs") == []
+
+    # The holder's own build is retried as the policy says.
+    second = await deploy_flaky("U0CAROL")
+    await fail(2)
+    await slack.wait_for(lambda: any("Auto-retried" in t for t in thread(slack, second)))
+    assert [r.path.split("/builds/")[1] for r in puts_to(bk, "/retry_failed_jobs")] == [
+        "2/retry_failed_jobs"
+    ]
