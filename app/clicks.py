@@ -1,10 +1,13 @@
-"""Button clicks happen once: a signed click delivered again (a replay) is acknowledged and dropped.
+"""Button clicks and modal submissions happen once: a signed one delivered again (a replay) is
+acknowledged and dropped.
 
 Slack accepts a signature for five minutes, so anyone who captures one click can send it again in
 that time. A click is identified by what Slack sent for it (its action_ts, the message it was on
 and who clicked); a deliberate new click has a new action_ts and goes through. The 30-second
 guard per button (app.store.ACTION_TTL) still turns a colleague's separate click into "already
-asked".
+asked". A modal submission is identified by its own trigger_id: the unblock form's values are
+sent to Buildkite once. (A slash command's claim, by its trigger_id, lasts a day: see
+Operations.)
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ log = logging.getLogger(__name__)
 
 
 def click_identity(body: dict[str, Any]) -> str | None:
-    """The identity of a block_actions click, or None for any other request (or no action_ts)."""
+    """The identity of a block_actions click or a modal submission, or None for any other
+    request (or one without the action_ts or trigger_id that tells it apart)."""
+    if body.get("type") == "view_submission":
+        return _submission_identity(body)
     if body.get("type") != "block_actions":
         return None
     actions = body.get("actions")
@@ -42,6 +48,16 @@ def click_identity(body: dict[str, Any]) -> str | None:
         str(container.get("message_ts") or message.get("ts") or view.get("id") or ""),
         str(user.get("id") or ""),
     ]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
+
+def _submission_identity(body: dict[str, Any]) -> str | None:
+    # Slack sends each submission of a modal with a trigger_id of its own: submitting it again
+    # (after a "missing field" answer, say) is a new request, and the same bytes again a replay.
+    view, user = _mapping(body, "view"), _mapping(body, "user")
+    if not body.get("trigger_id"):
+        return None
+    parts = ["view", str(body["trigger_id"]), str(view.get("id") or ""), str(user.get("id") or "")]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
 
@@ -75,6 +91,11 @@ class DropReplayedClicks(AsyncMiddleware):
                 log.warning("could not check a click for a replay (redis: %s)", exc)
                 first = True
             if not first:
-                log.warning("dropped a replayed button click (click %s)", identity[:12])
+                what = (
+                    "modal submission"
+                    if req.body.get("type") == "view_submission"
+                    else "button click"
+                )
+                log.warning("dropped a replayed %s (%s)", what, identity[:12])
                 return BoltResponse(status=200, body="")
         return await next()

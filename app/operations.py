@@ -252,6 +252,16 @@ def explain(exc: BuildkiteError, *, action: str, pipeline: str, number: int | No
             f"Could not {action} {what}: the Buildkite API rate limit is used up. "
             f"Please try again{wait}."
         )
+    if (
+        isinstance(exc, ServerError | BuildkiteUnavailable)
+        and exc.method not in ("GET", "HEAD")
+        and getattr(exc, "reached", True)
+    ):
+        # A write is not sent again after an answer that was lost: it may have been done.
+        return (
+            f"Buildkite's answer to {action} {what} was lost, so it may have been done; it was "
+            "not sent again. Check the build in Buildkite before trying again."
+        )
     if isinstance(exc, ServerError | BuildkiteUnavailable):
         return (
             f"Could not {action} {what}: Buildkite is not answering right now. "
@@ -402,14 +412,36 @@ class Operations:
             raise UserError(f":no_entry: {decision.reason}")
         return self.s.policy.rule_for(pipeline)
 
-    async def _check_lock(self, pipeline: str, actor: Actor) -> None:
+    async def _check_lock(
+        self, pipeline: str, actor: Actor, *, action: str = "deploy", build: BuildRef | None = None
+    ) -> None:
+        """Refuse when someone else holds the pipeline's lock.
+
+        For an action inside a running `build` (retrying its failed jobs, unblocking it), the
+        holder's own build may still be helped along by others, as an approval may: the lock
+        then stops only builds that someone other than its holder asked for.
+        """
         try:
             lock = await self.s.store.pipeline_lock(pipeline)
         except RedisError:
             raise UserError(TRACKING_DOWN) from None
+        if lock and lock["user"] != actor.user_id and build is not None:
+            try:
+                current = await self.s.buildkite.get_build(build.pipeline, build.number)
+            except BuildkiteError as exc:
+                raise UserError(
+                    explain(exc, action=action, pipeline=build.pipeline, number=build.number)
+                ) from None
+            if current.meta_data.get("chatops_requested_by") == lock["user"]:
+                return
         if lock and lock["user"] != actor.user_id:
             await self._audit(
-                actor, "deploy", pipeline, "refused", detail=f"locked by {lock['user']}"
+                actor,
+                action,
+                pipeline,
+                "refused",
+                number=build.number if build else None,
+                detail=f"locked by {lock['user']}",
             )
             raise UserError(
                 messages.locked_text(pipeline, lock["user"], lock.get("reason"))
@@ -777,10 +809,17 @@ class Operations:
 
     # -- cancel and rebuild -----------------------------------------------------------------
 
-    async def cancel(self, ref: BuildRef, actor: Actor, *, dedup_key: str) -> Build:
-        """Cancel a running build, once per request."""
+    async def cancel(
+        self, ref: BuildRef, actor: Actor, *, dedup_key: str, dedup_ttl: int = ACTION_TTL
+    ) -> Build:
+        """Cancel a running build, once per request.
+
+        `dedup_key` names a button (anyone's click within `dedup_ttl`, 30 s, is the same
+        request) or one Slack request (a slash command's trigger): that one is claimed for
+        REQUEST_TTL, so that the same signed request replayed later does nothing.
+        """
         await self._authorize(Action.CANCEL, ref.pipeline, actor, number=ref.number)
-        await self._claim(dedup_key, actor.user_id, ttl=ACTION_TTL)
+        await self._claim(dedup_key, actor.user_id, ttl=dedup_ttl)
         bk = self.s.buildkite
         try:
             try:
@@ -814,15 +853,22 @@ class Operations:
         return build
 
     async def rebuild(
-        self, ref: BuildRef, actor: Actor, *, dedup_key: str, trigger: str
+        self,
+        ref: BuildRef,
+        actor: Actor,
+        *,
+        dedup_key: str,
+        trigger: str,
+        dedup_ttl: int = ACTION_TTL,
     ) -> Started | NeedsConfirmation:
         """Rebuild a build; the new build is tracked in the original's thread when we know it.
 
         On a pipeline whose rule asks first, a rebuild is a deploy: see `_rebuild_as_deploy`.
+        `dedup_key` and `dedup_ttl` are as for `cancel`.
         """
         rule = await self._authorize(Action.REBUILD, ref.pipeline, actor, number=ref.number)
         await self._check_lock(ref.pipeline, actor)
-        await self._claim(dedup_key, actor.user_id, ttl=ACTION_TTL)
+        await self._claim(dedup_key, actor.user_id, ttl=dedup_ttl)
         if rule.asks_first:
             return await self._rebuild_as_deploy(ref, actor, rule, dedup_key, trigger)
         thread_ts = None
@@ -909,6 +955,8 @@ class Operations:
     async def unblock_form(self, value: UnblockButtonValue, actor: Actor) -> UnblockTarget:
         """Check the unblock is allowed, and find the block step's form (see unblock_forms)."""
         await self._authorize(Action.UNBLOCK, value.pipeline, actor, number=value.number)
+        ref = BuildRef(value.pipeline, value.number)
+        await self._check_lock(value.pipeline, actor, action="unblock", build=ref)
         bk = self.s.buildkite
         try:
             build = await bk.get_build(value.pipeline, value.number)
@@ -955,6 +1003,8 @@ class Operations:
     ) -> None:
         """Unblock a block step (with its fields); the result goes to the build's thread."""
         await self._authorize(Action.UNBLOCK, value.pipeline, actor, number=value.number)
+        ref = BuildRef(value.pipeline, value.number)
+        await self._check_lock(value.pipeline, actor, action="unblock", build=ref)
         await self._claim(dedup_key, actor.user_id, ttl=ACTION_TTL)
         try:
             await self.s.buildkite.unblock_job(
@@ -990,6 +1040,7 @@ class Operations:
     ) -> list[Job]:
         """Retry a failed build's failed jobs (not a rebuild) and follow it again."""
         await self._authorize(Action.REBUILD, ref.pipeline, actor, number=ref.number)
+        await self._check_lock(ref.pipeline, actor, action="retry", build=ref)
         await self._claim(dedup_key, actor.user_id, ttl=ACTION_TTL)
         bk = self.s.buildkite
         try:
@@ -1042,6 +1093,25 @@ class Operations:
         """Retry a failed build's jobs when its pipeline opted in, within the rule's bounds."""
         rule = self.s.policy.rule_for(tracked.pipeline).auto_retry
         if rule is None:
+            return
+        lock = await self.s.store.pipeline_lock(tracked.pipeline)
+        asked_by = {build.meta_data.get("chatops_requested_by")} | {
+            t.requester for t in tracked.targets
+        }
+        if lock and lock["user"] not in asked_by:
+            # A freeze stops the bot's own re-runs too, as it stops everybody's Retry clicks.
+            for target in tracked.targets:
+                await self.s.outbox.post(
+                    target.channel,
+                    messages.notice(
+                        ":hourglass: Not auto-retried: "
+                        + messages.locked_text(
+                            tracked.pipeline, lock["user"], lock.get("reason")
+                        ).removeprefix(":lock: ")
+                    ),
+                    thread_ts=target.reply_thread,
+                    key=f"{tracked.build_id}:{target.channel}:{tracked.gen}:locked",
+                )
             return
         attempt = await self.s.store.count_auto_retry(tracked.build_id)
         if attempt > rule.max_attempts:

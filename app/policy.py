@@ -28,6 +28,7 @@ from pydantic import (
     field_validator,
 )
 
+from app import yaml_input
 from app.unblock_forms import BlockForm, FormError, FormField, match_step, parse_field
 
 log = logging.getLogger(__name__)
@@ -521,11 +522,15 @@ def load_policy(path: str | Path | None) -> Policy:
         raise PolicyError(f"cannot read {path}: {reason}") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text) or {}
+        raw = yaml_input.load(text) or {}
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f"line {mark.line + 1}" if mark else "an unknown line"
         raise PolicyError(f"{path}, {line}: not valid YAML ({exc.problem})") from None
+    except (yaml_input.UnreadableYAML, RecursionError) as exc:
+        # A value PyYAML cannot build (a date that is no date), or nesting too deep.
+        why = exc.kind if isinstance(exc, yaml_input.UnreadableYAML) else "RecursionError"
+        raise PolicyError(f"{path}: not valid YAML ({why})") from None
     if not isinstance(raw, dict):
         raise PolicyError(
             f"{path}, line 1: the policy must be a mapping (admins, default, pipelines)"

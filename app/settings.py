@@ -27,6 +27,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app import yaml_input
 from app.redis_url import parse_redis_url
 
 _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -44,11 +45,11 @@ _CLUSTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,99}$")
 def steps_problem(text: str) -> str | None:
     """Why `text` is not a pipeline's steps YAML (a mapping with a non-empty `steps` list)."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        return f"not valid YAML{where}"
+        data = yaml_input.load(text)
+    except yaml_input.UnreadableYAML as exc:
+        if exc.too_deep:
+            return "not valid YAML (nested too deeply)"
+        return f"not valid YAML at line {exc.line}" if exc.line else "not valid YAML"
     if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
         return "must be YAML with a top-level `steps:` list"
     if not data["steps"]:
@@ -72,8 +73,8 @@ def _template_source(value: Any) -> Any:
     if not path.is_file():
         raise ValueError(f"{text} is neither a JSON object nor an existing YAML file")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError:
+        return yaml_input.load(path.read_text(encoding="utf-8")) or {}
+    except yaml_input.UnreadableYAML:
         raise ValueError(f"{text} is not valid YAML") from None
 
 

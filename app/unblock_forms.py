@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import yaml
+from app import yaml_input
 
 log = logging.getLogger(__name__)
 
@@ -237,11 +237,11 @@ def configuration_steps(text: str) -> list[Any]:
     if len(text.encode("utf-8", "replace")) > MAX_CONFIGURATION_BYTES:
         raise FormError(f"the pipeline's YAML is larger than {MAX_CONFIGURATION_BYTES // 1024} KiB")
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise FormError(f"the pipeline's YAML cannot be read ({type(exc).__name__})") from None
-    except RecursionError:
-        raise FormError("the pipeline's YAML is nested too deeply") from None
+        data = yaml_input.load(text)
+    except yaml_input.UnreadableYAML as exc:
+        if exc.too_deep:
+            raise FormError("the pipeline's YAML is nested too deeply") from None
+        raise FormError(f"the pipeline's YAML cannot be read ({exc.kind})") from None
     if isinstance(data, Mapping):
         data = data.get("steps")
     return data if isinstance(data, list) else []

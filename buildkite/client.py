@@ -641,8 +641,15 @@ class BuildkiteClient:
     ) -> httpx.Response:
         """Send one API call: wait out 429s, retry transient failures when ``retry``.
 
+        After a failure that may have reached Buildkite (a timeout once sent, a cut connection,
+        a 5xx) only a request safe to send twice (``_SAFE_TO_RESEND``) is sent again: an
+        unblock, a cancel or a retry of jobs may have been done already, and a second copy
+        would be refused, or act twice. Those are sent again only when they certainly never
+        left (no connection) or got a 429.
+
         ``target`` is a path under the base URL, or an absolute URL from a ``Link`` header.
         """
+        resend = retry and method.upper() in _SAFE_TO_RESEND
         url = target if target.startswith(("http://", "https://")) else self.base_url + target
         path = self._display_path(url)
         request_headers = {
@@ -667,13 +674,14 @@ class BuildkiteClient:
                         follow_redirects=follow_redirects,
                     )
             except httpx.TransportError as exc:
-                if retry and failures < self._max_retries:
+                never_sent = isinstance(exc, _NEVER_SENT)
+                if (resend or (retry and never_sent)) and failures < self._max_retries:
                     failures += 1
                     await self._sleep(self._backoff(failures))
                     continue
                 reason = self._scrub(f"{type(exc).__name__}: {exc}".rstrip(": "))
                 raise BuildkiteUnavailable(
-                    method, path, attempts=failures + 1, reason=reason
+                    method, path, attempts=failures + 1, reason=reason, reached=not never_sent
                 ) from exc
             self._note_rate_limit(response)
             status = response.status_code
@@ -685,7 +693,7 @@ class BuildkiteClient:
                 rate_limit_waited += delay
                 await self._sleep(delay)
                 continue
-            if status >= 500 and retry and failures < self._max_retries:
+            if status >= 500 and resend and failures < self._max_retries:
                 failures += 1
                 await self._sleep(self._backoff(failures))
                 continue
@@ -720,7 +728,7 @@ class BuildkiteClient:
                     continue
                 if _never_sent(exc):
                     raise BuildkiteUnavailable(
-                        method, exc.path, attempts=failures + 1, reason=exc.reason
+                        method, exc.path, attempts=failures + 1, reason=exc.reason, reached=False
                     ) from exc
                 reason = exc.reason
             except ServerError as exc:
@@ -941,6 +949,11 @@ class BuildkiteClient:
         # Buildkite does not echo tokens, but a proxy or a future message might.
         return text.replace(self._token.get_secret_value(), "[redacted]")
 
+
+#: Methods whose second copy does what the first did and gets the same answer: reads, and a
+#: PATCH of a pipeline's settings. A PUT action (cancel, unblock, retry, stop) or a DELETE sent
+#: again after it was done is refused (422, 404), or acts twice.
+_SAFE_TO_RESEND = frozenset({"GET", "HEAD", "PATCH"})
 
 #: Failures that mean no connection was made, so the request never left: safe to send again.
 #: Any other transport failure (a read or write timeout, a reset or a closed connection) may

@@ -137,11 +137,15 @@ class ServerError(BuildkiteAPIError):
 class BuildkiteUnavailable(BuildkiteError):
     """Buildkite could not be reached (connection error or timeout), even after retries."""
 
-    def __init__(self, method: str, path: str, *, attempts: int, reason: str) -> None:
+    def __init__(
+        self, method: str, path: str, *, attempts: int, reason: str, reached: bool = True
+    ) -> None:
         self.method = method
         self.path = path
         self.attempts = attempts
         self.reason = reason
+        #: False when no connection was made: the request certainly did nothing.
+        self.reached = reached
         super().__init__(str(self))
 
     def __str__(self) -> str:

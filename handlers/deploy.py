@@ -48,6 +48,7 @@ from app.operations import (
     UserError,
     request_id_for,
 )
+from app.store import REQUEST_TTL
 from handlers.errors import answer_errors
 
 COMMANDS = ("/deploy", "/cancel", "/rebuild")
@@ -192,8 +193,12 @@ async def cancel_command(
     if ref is None:
         return
     await ack(text=f":hourglass_flowing_sand: Canceling `{ref.pipeline}` #{ref.number}…")
+    # The key is this one request's, so it is kept as long as a request's: a replay of the
+    # same signed command (good for five minutes) is answered "You already asked".
     key = request_id_for("cancel", _trigger(command))
-    build = await Operations(services).cancel(ref, Actor.from_command(command), dedup_key=key)
+    build = await Operations(services).cancel(
+        ref, Actor.from_command(command), dedup_key=key, dedup_ttl=REQUEST_TTL
+    )
     title = link(build.web_url, f"{ref.pipeline} #{ref.number}")
     await _ephemeral(respond, f":no_entry_sign: Cancel requested for {title}.")
 
@@ -210,7 +215,11 @@ async def rebuild_command(
         await ack(text=f":hourglass_flowing_sand: Rebuilding `{ref.pipeline}` #{ref.number}…")
     key = request_id_for("rebuild", _trigger(command))
     outcome = await Operations(services).rebuild(
-        ref, Actor.from_command(command), dedup_key=key, trigger=_trigger(command)
+        ref,
+        Actor.from_command(command),
+        dedup_key=key,
+        trigger=_trigger(command),
+        dedup_ttl=REQUEST_TTL,  # as for /cancel: the key is this request's alone
     )
     if isinstance(outcome, NeedsConfirmation):
         await _ephemeral(respond, outcome.rendered.text, blocks=outcome.rendered.blocks)

@@ -143,6 +143,9 @@ def test_missing_file_allows_everything_and_says_so(
             "line 4: pipelines.web.approval.expires_after",
         ),
         ("- just\n- a list\n", "line 1: the policy must be a mapping"),
+        # Values PyYAML's safe loader cannot build: ValueErrors, not YAMLErrors.
+        ("admins: []\nsince: 2021-13-01\n", "not valid YAML (ValueError)"),
+        ("admins: []\nn: " + "9" * 4400 + "\n", "not valid YAML (ValueError)"),
     ],
 )
 def test_malformed_file_names_the_line(tmp_path: Path, text: str, expected: str) -> None:

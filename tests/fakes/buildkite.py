@@ -760,15 +760,19 @@ class FakeBuildkite:
         path_contains: str | None = None,
         *,
         method: str | None = None,
-        how: Literal["cut", "delay"] = "cut",
+        how: Literal["cut", "delay", "fail"] = "cut",
         seconds: float = 60.0,
+        status: int = 502,
     ) -> None:
         """Handle the next ``n`` matching requests, then lose the response.
 
         ``how="cut"`` closes the connection unanswered; ``"delay"`` holds the answer ``seconds``
-        (past the client's timeout). Either way the change has happened on the server.
+        (past the client's timeout); ``"fail"`` answers ``status`` instead (a proxy's 5xx).
+        Either way the change has happened on the server.
         """
-        fault = _Fault("drop", n, path_contains, method and method.upper(), seconds=seconds)
+        fault = _Fault(
+            "drop", n, path_contains, method and method.upper(), seconds=seconds, status=status
+        )
         fault.how = how
         self._faults.append(fault)
 
