@@ -29,7 +29,7 @@ from app.operations import Actor, Operations, Services, UserError, explain
 from app.unblock_forms import FormError, parse_freeform
 from buildkite.errors import BuildkiteError, ValidationFailed
 from handlers.deploy import _ephemeral
-from handlers.errors import answer_errors
+from handlers.errors import answer_errors, error_text
 
 #: How long a modal submission waits for Buildkite before closing and answering later.
 SUBMIT_WAIT = 2.0
@@ -38,7 +38,7 @@ SUBMIT_WAIT = 2.0
 def register(app: AsyncApp) -> None:
     app.action(ActionId.UNBLOCK.value)(answer_errors(unblock_button))
     app.action(ActionId.RETRY_FAILED.value)(answer_errors(retry_button))
-    app.view(UNBLOCK_CALLBACK)(unblock_submit)
+    app.view(UNBLOCK_CALLBACK)(answer_errors(unblock_submit))
 
 
 def _thread_of(body: dict[str, Any]) -> tuple[str, str | None]:
@@ -197,11 +197,11 @@ async def unblock_submit(ack: AsyncAck, body: dict[str, Any], services: Services
                 meta.channel, user, notice(f"Unblock refused: {plain(exc.message)}")
             )
         return
-    except (UserError, BuildkiteError) as exc:
+    except Exception as exc:  # every failure gets an answer, in the modal or beside it
         text = (
-            exc.text
-            if isinstance(exc, UserError)
-            else explain(exc, action="unblock", pipeline=meta.pipeline, number=meta.number)
+            explain(exc, action="unblock", pipeline=meta.pipeline, number=meta.number)
+            if isinstance(exc, BuildkiteError)
+            else error_text(exc)
         )
         if done:
             await ack(

@@ -28,17 +28,23 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 
 
+def error_text(error: Exception) -> str:
+    """What to tell the person about `error`: a `UserError`'s own text, or, for anything else,
+    a reference to the ERROR line logged here with its traceback."""
+    if isinstance(error, UserError):
+        return error.text
+    ref = current_correlation_id() or uuid.uuid4().hex[:8]
+    log.error("unexpected error (ref %s)", ref, exc_info=error)
+    return (
+        # At most 150 characters: it must fit a modal's field error whole.
+        f":boom: Something went wrong on the bot's side (ref `{ref}`). Nothing more will "
+        "happen for this request; an admin can find it in the bot's logs."
+    )
+
+
 async def report_error(error: Exception, body: dict[str, Any], respond: Any) -> None:
     """Tell the person what went wrong, ephemerally; log unexpected errors with a reference."""
-    if isinstance(error, UserError):
-        text = error.text
-    else:
-        ref = current_correlation_id() or uuid.uuid4().hex[:8]
-        log.error("unexpected error (ref %s)", ref, exc_info=error)
-        text = (
-            f":boom: Something went wrong on the bot's side (ref `{ref}`). Nothing more will "
-            "happen for this request; an admin can find the details in the bot's logs."
-        )
+    text = error_text(error)
     if respond is not None and (body.get("response_url") or body.get("response_urls")):
         await respond(text=text, response_type="ephemeral", replace_original=False)
     else:

@@ -355,6 +355,25 @@ async def test_a_422_with_only_a_message_goes_to_the_field_it_names(
     }
 
 
+async def test_an_unexpected_failure_on_submit_is_answered_in_the_modal(
+    started: Any, bk: FakeBuildkite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bk.add_pipeline("release", block="Request release", block_fields=RELEASE_FIELDS)
+    bot = await started()
+    view = await open_unblock(bot, "release")
+
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("app.operations.Operations.unblock", broken)
+    answer = await submit(bot, view, {"field:release-name": "v1", "field:deploy-regions": ["na"]})
+    assert answer["response_action"] == "errors"
+    (text,) = answer["errors"].values()
+    assert text.startswith(":boom: Something went wrong on the bot's side (ref `")
+    assert text.endswith("in the bot's logs.")  # whole, within a field error's 150 characters
+    assert unblock_puts(bk) == []
+
+
 async def test_check_config_names_a_bad_unblock_form_with_its_line(
     slack: FakeSlack, bk: FakeBuildkite, tmp_path: Path
 ) -> None:
