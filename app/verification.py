@@ -86,5 +86,7 @@ def _json_object(text: str, what: str) -> None:
         value = json.loads(text)
     except ValueError:
         raise SlackPayloadError(f"{what} is not JSON") from None
+    except RecursionError:  # nested deeper than Python's stack: no body Slack sends
+        raise SlackPayloadError(f"{what} is nested too deeply") from None
     if not isinstance(value, dict):
         raise SlackPayloadError(f"{what} is not a JSON object")

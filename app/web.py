@@ -98,7 +98,7 @@ def slack_events_route(bolt: AsyncApp) -> Handler:
         except SlackPayloadError as exc:
             log.warning("slack request rejected (%d bytes): %s", len(body), exc)
             return web.json_response({"error": "bad request"}, status=400)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
             # Bolt could not read a body of a shape Slack does not send.
             log.warning(
                 "slack request rejected (%d bytes): Bolt cannot read it (%s)",

@@ -137,6 +137,8 @@ def parse_webhook(headers: Mapping[str, str], body: bytes) -> WebhookEvent:
         payload = json.loads(body)
     except ValueError:  # JSONDecodeError and UnicodeDecodeError both
         raise WebhookPayloadError("body is not JSON") from None
+    except RecursionError:  # nested deeper than Python's stack: no body Buildkite sends
+        raise WebhookPayloadError("body is nested too deeply") from None
     if not isinstance(payload, dict):
         raise WebhookPayloadError("body is not a JSON object")
     event = _header(headers, EVENT_HEADER) or payload.get("event")

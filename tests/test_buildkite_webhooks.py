@@ -243,6 +243,7 @@ def test_the_header_event_wins_over_the_body() -> None:
         (b"{not json", "not JSON"),
         (b"\xff\xfe", "not JSON"),
         (b"[1, 2]", "not a JSON object"),
+        (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, "nested too deeply"),
         (b"{}", "no event name"),
         (b'{"event": "build.finished", "build": {"number": 1}}', "unexpected build"),
         (b'{"event": "build.finished", "build": {"number": "x"}}', "build number"),

@@ -199,6 +199,10 @@ MALFORMED: dict[str, tuple[bytes, str]] = {
     "payload not an object": (urlencode({"payload": f'["{MARK}"]'}).encode(), slack_requests.FORM),
     "JSON body not an object": (f'"{MARK}"'.encode(), "application/json"),
     "JSON body broken": (b'{"type": "event_callback", "x": "' + MARK.encode(), "application/json"),
+    "payload nested too deeply": (
+        urlencode({"payload": '{"a":' * 50_000 + f'"{MARK}"' + "}" * 50_000}).encode(),
+        slack_requests.FORM,
+    ),
 }
 
 

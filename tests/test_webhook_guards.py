@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as redis
 
 from app.store import EVENTS_STREAM, PREFIX
-from tests.bot import BotClient
+from tests.bot import WEBHOOK_TOKEN, BotClient
 from tests.fakes.buildkite import FakeBuildkite
 from tests.fakes.slack import FakeSlack
 
@@ -249,3 +249,20 @@ async def test_a_signed_delivery_that_could_not_be_recorded_counts_when_sent_aga
 
     assert await body(again) == {"ok": True, "changed": True}
     await finished(slack, ts)
+
+
+async def test_a_verified_body_nested_too_deeply_is_a_400_not_a_500(
+    bot: BotClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = b'{"event": "build.finished", "a": ' + b'{"a":' * 50_000 + b"1" + b"}" * 50_001
+    before = seen(bot)
+    headers = {"Content-Type": "application/json", "X-Buildkite-Token": WEBHOOK_TOKEN}
+    with caplog.at_level(logging.WARNING):
+        async with bot.http.post(f"{bot.base}/buildkite/webhook", data=body, headers=headers) as r:
+            status = r.status
+    assert status == 400
+    assert seen(bot) == before
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "webhook payload rejected: Buildkite webhook payload not understood: "
+        "body is nested too deeply"
+    ]
