@@ -53,7 +53,9 @@ T = TypeVar("T")
 
 PIPELINES_PER_PAGE = 10
 BUILDS_PER_PAGE = 10
-AGENTS_PER_PAGE = 15
+#: Each agent takes about 1,000 characters of blocks (two buttons, a confirm): 15 went over what
+#: Slack takes in one message (msg_blocks_too_long near 13k characters).
+AGENTS_PER_PAGE = 10
 #: The organisation's newest builds read to find each listed pipeline's last build.
 LATEST_BUILDS_READ = 100
 MAX_PER_PAGE = 100
@@ -608,7 +610,7 @@ class Operator:
             ) from None
 
     async def agents_page(self, query: AgentsQuery) -> AgentsPage:
-        """Connected agents: one request for pages up to 6 without a queue; a queue filter
+        """Connected agents: one request for pages up to 9 without a queue; a queue filter
         reads 100 agents per request until the page is full."""
         size = AGENTS_PER_PAGE
         want = query.page * size + 1

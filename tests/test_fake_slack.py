@@ -197,6 +197,28 @@ async def test_response_url_posts_are_recorded_and_applied(fake: FakeSlack) -> N
     assert fake.history("C0CHAN")[-1]["text"] == "Deploy started"
 
 
+async def test_blocks_too_large_in_all_are_refused_as_slack_does(
+    fake: FakeSlack, client: AsyncWebClient
+) -> None:
+    # Each block is within its own limit; together they are over what Slack takes.
+    section = {"type": "section", "text": {"type": "mrkdwn", "text": "x" * 2900}}
+    with pytest.raises(SlackApiError) as too_long:
+        await client.chat_postMessage(channel="C0CHAN", text="big", blocks=[section] * 5)
+    assert too_long.value.response["error"] == "msg_blocks_too_long"
+    assert fake.posts() == []
+    await client.chat_postMessage(channel="C0CHAN", text="fits", blocks=[section] * 4)
+
+    url = fake.response_url("big", channel="C0CHAN")
+    response = await AsyncWebhookClient(url).send(text="big", blocks=[section] * 5)
+    assert response.status_code == 400
+    # Both are recorded as unexpected too: a bot should never send them.
+    assert fake.unexpected == [
+        "chat.postMessage: blocks of 14,805 characters in all",
+        "response_url big: msg_blocks_too_long",
+    ]
+    fake.unexpected.clear()
+
+
 async def test_views_open_and_update(fake: FakeSlack, client: AsyncWebClient) -> None:
     modal = {
         "type": "modal",

@@ -43,6 +43,9 @@ BOOL_FIELDS = frozenset(
 APP_TOKEN_METHODS = frozenset({"apps.connections.open"})
 PERMALINK_BASE = "https://fake-workspace.slack.com/archives"
 RESPONSE_URL_MAX_USES = 5
+#: Slack answers `msg_blocks_too_long` for a message whose blocks are much over 13k characters
+#: in all (seen in practice; not documented exactly): measured here on the blocks' JSON.
+MAX_BLOCKS_JSON = 13_000
 #: The bot scopes manifest.yml asks for; `chat:write.public` lets it post in public channels
 #: it is not a member of.
 MANIFEST_SCOPES = frozenset(
@@ -970,6 +973,11 @@ class FakeSlack:
             problems = block_problems(blocks, max_blocks=50)
             if problems:
                 raise _ApiError("invalid_blocks", unexpected="; ".join(problems))
+            size = len(json.dumps(blocks, ensure_ascii=False))
+            if size > MAX_BLOCKS_JSON:
+                raise _ApiError(
+                    "msg_blocks_too_long", unexpected=f"blocks of {size:,} characters in all"
+                )
         if required and not (text or blocks or args.get("attachments")):
             raise _ApiError("no_text")
         return (None if text is None else str(text)), blocks
@@ -1055,6 +1063,19 @@ class FakeSlack:
         if target is None:
             self.unexpected.append(f"post to response_url {name} that was never handed out")
             return web.json_response({"ok": False, "error": "expired_url"}, status=404)
+        blocks = body.get("blocks")
+        if blocks is not None:
+            problems = (
+                block_problems(blocks, max_blocks=50)
+                if isinstance(blocks, list)
+                else [f"blocks is not a list: {blocks!r}"]
+            )
+            if not problems and len(json.dumps(blocks, ensure_ascii=False)) > MAX_BLOCKS_JSON:
+                problems = ["msg_blocks_too_long"]
+            if problems:
+                # Checked as chat.postMessage checks them; a bot should never send these.
+                self.unexpected.append(f"response_url {name}: " + "; ".join(problems))
+                return web.json_response({"ok": False, "error": "invalid_blocks"}, status=400)
         target.uses += 1
         if target.uses > RESPONSE_URL_MAX_USES:
             self.unexpected.append(f"response_url {name} used more than 5 times")
