@@ -841,13 +841,7 @@ class Operations:
                     ) from None
                 raise
         except BuildkiteError as exc:
-            await self._forget(dedup_key)
-            await self._audit(
-                actor, "cancel", ref.pipeline, "failed", number=ref.number, detail=str(exc)
-            )
-            raise UserError(
-                explain(exc, action="cancel", pipeline=ref.pipeline, number=ref.number)
-            ) from None
+            raise await self._refused(exc, dedup_key, actor, "cancel", ref) from None
         await self._audit(actor, "cancel", ref.pipeline, "requested", build=build)
         await self._observe(build)
         return build
@@ -888,14 +882,8 @@ class Operations:
                 exc, request_id, "rebuild", ref.pipeline, actor, number=ref.number
             ) from None
         except BuildkiteError as exc:
-            await self._forget(dedup_key)
             await self._stop_awaiting(request_id)
-            await self._audit(
-                actor, "rebuild", ref.pipeline, "failed", number=ref.number, detail=str(exc)
-            )
-            raise UserError(
-                explain(exc, action="rebuild", pipeline=ref.pipeline, number=ref.number)
-            ) from None
+            raise await self._refused(exc, dedup_key, actor, "rebuild", ref) from None
         await self._audit(
             actor, "rebuild", ref.pipeline, "started", build=build, detail=f"of #{ref.number}"
         )
@@ -914,13 +902,7 @@ class Operations:
             original = await bk.get_build(ref.pipeline, ref.number)
             pipeline = await bk.get_pipeline(ref.pipeline)
         except BuildkiteError as exc:
-            await self._forget(dedup_key)
-            await self._audit(
-                actor, "rebuild", ref.pipeline, "failed", number=ref.number, detail=str(exc)
-            )
-            raise UserError(
-                explain(exc, action="rebuild", pipeline=ref.pipeline, number=ref.number)
-            ) from None
+            raise await self._refused(exc, dedup_key, actor, "rebuild", ref) from None
         env = {str(k): str(v) for k, v in (original.env or {}).items()}
         branch = original.branch or pipeline.default_branch or "main"
         commit = original.commit or "HEAD"
@@ -1054,14 +1036,8 @@ class Operations:
             await bk.retry_failed_jobs(ref.pipeline, ref.number)
             fresh = await bk.get_build(ref.pipeline, ref.number)
         except BuildkiteError as exc:
-            await self._forget(dedup_key)
-            await self._audit(
-                actor, "retry", ref.pipeline, "failed", number=ref.number, detail=str(exc)
-            )
-            raise UserError(
-                explain(
-                    exc, action="retry the failed jobs of", pipeline=ref.pipeline, number=ref.number
-                )
+            raise await self._refused(
+                exc, dedup_key, actor, "retry", ref, verb="retry the failed jobs of"
             ) from None
         await self._audit(
             actor,
@@ -1355,6 +1331,23 @@ class Operations:
             f":warning: Buildkite did not confirm {what} of `{pipeline}` (no answer in time, or an "
             f"error after it was sent), so it may have started. The bot did not send it again, "
             f"{follow}. Check {builds} before asking again."
+        )
+
+    async def _refused(
+        self,
+        exc: BuildkiteError,
+        dedup_key: str,
+        actor: Actor,
+        action: str,
+        ref: BuildRef,
+        *,
+        verb: str | None = None,
+    ) -> UserError:
+        """Buildkite refused a mutation of `ref`: free its claim, audit it, and say why."""
+        await self._forget(dedup_key)
+        await self._audit(actor, action, ref.pipeline, "failed", number=ref.number, detail=str(exc))
+        return UserError(
+            explain(exc, action=verb or action, pipeline=ref.pipeline, number=ref.number)
         )
 
     async def _forget(self, request_id: str) -> None:

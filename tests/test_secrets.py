@@ -224,7 +224,7 @@ async def test_a_refused_password_is_said_plainly(
 
 def run_app(tmp_path: Path, redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = child_env(
-        SLACK_BOT_TOKEN="xoxb-secrets-test",
+        SLACK_BOT_TOKEN="xoxb-fake",
         SLACK_SIGNING_SECRET="sign-secret-value",
         SLACK_API_URL=f"http://127.0.0.1:{closed_port()}/api/",
         BUILDKITE_API_TOKEN="bk-secret-value",
