@@ -10,7 +10,7 @@ import argparse
 import asyncio
 import sys
 
-from app import logs
+from app.ops import logs
 from app.settings import SettingsError, load_settings
 
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     secrets = logs.secrets_of(settings)
     if args.check_config:
-        from app.checks import check_config, report
+        from app.ops.checks import check_config, report
 
         logs.configure("ERROR", secrets)
         text, ok = report(asyncio.run(check_config(settings)), logs.RedactSecrets(secrets).redact)
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if ok else 1
     logs.configure(settings.log_level, secrets)
 
+    from app.core.policy import PolicyError
     from app.main import run
-    from app.policy import PolicyError
 
     try:
         run(settings)

@@ -32,23 +32,23 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 import handlers
-from app import mrkdwn
-from app.audit import Auditor
-from app.checks import Readiness, check_buildkite, check_slack
-from app.clicks import DropReplayedClicks
-from app.digest import run_digest_schedules
-from app.directory import Directory
-from app.metrics import CountSlackCalls, Metrics, count_buildkite_requests
-from app.observability import observe_slack_requests
-from app.operations import Operations, Services
-from app.outbox import Outbox
-from app.policy import load_policy
-from app.redis_connection import connect_redis
-from app.response_urls import SlackHooks
-from app.routing import Router
+from app.core.audit import Auditor
+from app.core.digest import run_digest_schedules
+from app.core.operations import Operations, Services
+from app.core.policy import load_policy
+from app.core.routing import Router
+from app.ops.checks import Readiness, check_buildkite, check_slack
+from app.ops.metrics import CountSlackCalls, Metrics, count_buildkite_requests
+from app.ops.observability import observe_slack_requests
 from app.settings import Settings
-from app.store import Store
-from app.tracker import Tracker
+from app.slack import mrkdwn
+from app.slack.clicks import DropReplayedClicks
+from app.slack.directory import Directory
+from app.slack.outbox import Outbox
+from app.slack.response_urls import SlackHooks
+from app.storage.connection import connect_redis
+from app.storage.store import Store
+from app.tracking.tracker import Tracker
 from app.web import create_web_app
 from buildkite.client import BuildkiteClient, StartLookup
 from handlers.errors import report_bolt_error
@@ -96,7 +96,7 @@ async def open_services(
 ) -> AsyncIterator[Services]:
     """Create the process's shared clients (one pool each) and close them on the way out.
 
-    Without REDIS_URL the store is embedded in the process (see app.redis_connection).
+    Without REDIS_URL the store is embedded in the process (see app.storage.connection).
     """
     metrics = metrics if metrics is not None else Metrics()
     policy = load_policy(settings.policy_file)  # first: a bad file leaves no client unclosed
@@ -219,7 +219,7 @@ def create_bolt_app(
         signing_secret=settings.slack_signing_secret.get_secret_value(),
         process_before_response=False,
         logger=logging.getLogger("slack_bolt"),
-        # Its listener logger, under slack_bolt so that app.logs keeps request bodies out of it.
+        # Its listener logger, under slack_bolt so that app.ops.logs keeps request bodies out of it.
         name="slack_bolt.app",
     )
     observe_slack_requests(bolt, metrics if metrics is not None else Metrics())

@@ -10,7 +10,7 @@ store unless --redis-url is given.
     python -m app sandbox --run "/deploy web main" --run Rebuild   # print a transcript
     python -m app sandbox --script demo.txt --fail --speed 4
 
-The fakes live in tests/fakes/, so run it from a source checkout.
+The fakes live in app/simulators/, so run it from a source checkout.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from app import logs
+from app.ops import logs
 from app.settings import Settings
 
 PIPELINES = ("web", "api")
@@ -69,13 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        from tests.fakes.buildkite import FakeBuildkite  # noqa: F401
-        from tests.fakes.slack import FakeSlack  # noqa: F401
+        from app.simulators.buildkite import FakeBuildkite  # noqa: F401
+        from app.simulators.slack import FakeSlack  # noqa: F401
     except ImportError:
         print(
-            "The sandbox needs the Slack and Buildkite fakes in tests/fakes/, which only a source "
-            "checkout has: clone the repository, `pip install -e .` there, and run "
-            "`python -m app sandbox` from its top directory.",
+            "The sandbox needs the Slack and Buildkite simulators of app/simulators/: "
+            "reinstall the package.",
             file=sys.stderr,
         )
         return 2
@@ -100,9 +99,9 @@ def main(args: argparse.Namespace) -> int:
 async def run(args: argparse.Namespace, script: list[str] | None, out: TextIO) -> int:
     """Run the sandbox: the lines of `script`, or what is typed when it is None."""
     from app.main import start_bot
-    from tests.bot import SIGNING_SECRET, BotClient
-    from tests.fakes.buildkite import FakeBuildkite
-    from tests.fakes.slack import FakeSlack
+    from app.simulators.bot import SIGNING_SECRET, BotClient
+    from app.simulators.buildkite import FakeBuildkite
+    from app.simulators.slack import FakeSlack
 
     async with FakeSlack() as slack, FakeBuildkite() as bk:
         for slug in PIPELINES:

@@ -27,8 +27,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app import yaml_input
-from app.redis_url import parse_redis_url
+from app.core import yaml_input
+from app.storage.redis_url import parse_redis_url
 
 _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 

@@ -17,11 +17,11 @@ from redis.exceptions import RedisError
 from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.async_app import AsyncApp, AsyncBoltRequest
 
-from app import logs
-from app.checks import Readiness
-from app.metrics import Metrics
-from app.operations import Services
-from app.verification import (
+from app.core.operations import Services
+from app.ops import logs
+from app.ops.checks import Readiness
+from app.ops.metrics import Metrics
+from app.slack.verification import (
     VERIFIED,
     SlackPayloadError,
     SlackVerificationError,

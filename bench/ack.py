@@ -16,8 +16,8 @@ from typing import Any
 import aiohttp
 import redis.asyncio as redis
 
+from app.simulators import slack_requests
 from bench.common import SIGNING_SECRET, Child, child, median, percentile
-from tests.fakes import slack_requests
 
 PIPELINES = [f"svc-{n}" for n in range(20)]
 CHANNELS = 200

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.redis_server import RedisServerMissing, redis_url_or_throwaway
+from app.simulators.redis_server import RedisServerMissing, redis_url_or_throwaway
 
 #: Secrets of the benchmark's fakes: obviously fake, never real-looking.
 SIGNING_SECRET = "bench-signing-secret"  # noqa: S105 - the fakes' own

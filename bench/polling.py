@@ -28,8 +28,10 @@ import redis.asyncio as redis
 
 from app.main import open_services
 from app.settings import Settings
-from app.store import EVENTS_STREAM, POLL_LEASE_KEY
-from app.tracker import next_poll_at
+from app.simulators.buildkite import FakeBuildkite, sign_webhook
+from app.simulators.slack import FakeSlack, RecordedCall
+from app.storage.store import EVENTS_STREAM, POLL_LEASE_KEY
+from app.tracking.tracker import next_poll_at
 from bench.common import (
     BUILDKITE_TOKEN,
     SIGNING_SECRET,
@@ -40,8 +42,6 @@ from bench.common import (
 from buildkite.client import REQUEST_ID_META_KEY, SOURCE_META_KEY, SOURCE_META_VALUE
 from buildkite.models import Build
 from buildkite.webhooks import parse_webhook, verify_webhook
-from tests.fakes.buildkite import FakeBuildkite, sign_webhook
-from tests.fakes.slack import FakeSlack, RecordedCall
 
 #: The bot's default POLL_INTERVAL.
 POLL_INTERVAL = float(Settings.model_fields["poll_interval"].default)

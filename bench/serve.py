@@ -33,8 +33,8 @@ def _ready(**info: Any) -> None:
 
 
 async def serve_bot(config: dict[str, Any]) -> None:
-    from app import logs
     from app.main import start_bot
+    from app.ops import logs
     from app.settings import Settings
 
     settings = Settings(
@@ -109,8 +109,8 @@ async def serve_bare(config: dict[str, Any]) -> None:
 
 
 async def serve_fakes(config: dict[str, Any]) -> None:
-    from tests.fakes.buildkite import FakeBuildkite
-    from tests.fakes.slack import FakeSlack
+    from app.simulators.buildkite import FakeBuildkite
+    from app.simulators.slack import FakeSlack
 
     async with (
         FakeSlack() as slack,
@@ -145,7 +145,7 @@ async def serve_buildkite(config: dict[str, Any]) -> None:
     """FakeBuildkite alone, with control routes on a port of their own (the fake's own server
     answers every path as the API): move a build to a state and get its webhook body, and list
     the builds."""
-    from tests.fakes.buildkite import FakeBuildkite
+    from app.simulators.buildkite import FakeBuildkite
 
     async with FakeBuildkite(token=BUILDKITE_TOKEN, rate_limit=10**9) as bk:
         for slug in config.get("pipelines", []):

@@ -21,7 +21,10 @@ from typing import Any
 import aiohttp
 import redis.asyncio as redis
 
-from app.store import EVENTS_STREAM, PREFIX, Store
+from app.simulators import slack_requests
+from app.simulators.buildkite import sign_webhook
+from app.simulators.slack import FakeSlack, RecordedCall
+from app.storage.store import EVENTS_STREAM, PREFIX, Store
 from bench.common import (
     SIGNING_SECRET,
     WEBHOOK_TOKEN,
@@ -32,9 +35,6 @@ from bench.common import (
     unexpected,
 )
 from bench.polling import rate_budget
-from tests.fakes import slack_requests
-from tests.fakes.buildkite import sign_webhook
-from tests.fakes.slack import FakeSlack, RecordedCall
 
 PIPELINES = [f"svc-{n}" for n in range(20)]
 WINDOWS = 5

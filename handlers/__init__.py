@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from slack_bolt.async_app import AsyncApp
 
-from handlers import builds, deploy, operator
+from handlers import admin, builds, deploy
 
 #: Every slash command the bot listens to (the manifest must declare exactly these).
-COMMANDS: tuple[str, ...] = deploy.COMMANDS + operator.COMMANDS
+COMMANDS: tuple[str, ...] = deploy.COMMANDS + admin.COMMANDS
 
 
 def register(app: AsyncApp) -> None:
     deploy.register(app)
     builds.register(app)
-    operator.register(app)
+    admin.register(app)

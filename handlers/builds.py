@@ -9,8 +9,10 @@ from typing import Any
 from pydantic import ValidationError
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 
-from app.commands import BuildRef
-from app.messages import (
+from app.core.commands import BuildRef
+from app.core.operations import Actor, Operations, Services, UserError, explain
+from app.core.unblock_forms import FormError, parse_freeform
+from app.slack.messages import (
     FREEFORM_BLOCK,
     UNBLOCK_CALLBACK,
     ActionId,
@@ -25,8 +27,6 @@ from app.messages import (
     unblock_freeform_modal,
     unblock_modal,
 )
-from app.operations import Actor, Operations, Services, UserError, explain
-from app.unblock_forms import FormError, parse_freeform
 from buildkite.errors import BuildkiteError, ValidationFailed
 from handlers.deploy import _ephemeral
 from handlers.errors import answer_errors, error_text

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 
-from app.commands import (
+from app.core.commands import (
     CANCEL_USAGE,
     DEPLOY_USAGE,
     REBUILD_USAGE,
@@ -29,15 +29,7 @@ from app.commands import (
     parse_build_ref,
     parse_deploy,
 )
-from app.messages import (
-    ActionId,
-    BuildButtonValue,
-    RequestButtonValue,
-    audit_list,
-    link,
-    locks_list,
-)
-from app.operations import (
+from app.core.operations import (
     Actor,
     AwaitingApproval,
     NeedsConfirmation,
@@ -48,7 +40,15 @@ from app.operations import (
     UserError,
     request_id_for,
 )
-from app.store import REQUEST_TTL
+from app.slack.messages import (
+    ActionId,
+    BuildButtonValue,
+    RequestButtonValue,
+    audit_list,
+    link,
+    locks_list,
+)
+from app.storage.store import REQUEST_TTL
 from handlers.errors import answer_errors
 
 COMMANDS = ("/deploy", "/cancel", "/rebuild")

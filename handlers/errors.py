@@ -19,9 +19,9 @@ from typing import Any, ParamSpec
 
 from slack_bolt.request.async_request import AsyncBoltRequest
 
-from app.logs import current_correlation_id
-from app.operations import UserError
-from app.verification import VERIFIED
+from app.core.operations import UserError
+from app.ops.logs import current_correlation_id
+from app.slack.verification import VERIFIED
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 
-from tests.bot import BotClient, BotLog, bot_logging, running_bot
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
-from tests.redis_server import RedisServerMissing, redis_url_or_throwaway
+from app.simulators.bot import BotClient, BotLog, bot_logging, running_bot
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.redis_server import RedisServerMissing, redis_url_or_throwaway
+from app.simulators.slack import FakeSlack
 
 
 @pytest.fixture(scope="session")

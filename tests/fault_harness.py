@@ -28,12 +28,12 @@ from typing import IO, Any, TypeVar
 
 import aiohttp
 
-from app.messages import STATE_LABEL
-from tests.bot import BUILDKITE_TOKEN, SIGNING_SECRET, WEBHOOK_TOKEN
-from tests.fakes import slack_requests
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack, RecordedCall
-from tests.redis_server import free_port
+from app.simulators import slack_requests
+from app.simulators.bot import BUILDKITE_TOKEN, SIGNING_SECRET, WEBHOOK_TOKEN
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.redis_server import free_port
+from app.simulators.slack import FakeSlack, RecordedCall
+from app.slack.messages import STATE_LABEL
 
 T = TypeVar("T")
 BuildKey = tuple[str, int]
@@ -332,7 +332,7 @@ class Fleet:
         if timestamp is None:
             headers["X-Buildkite-Token"] = WEBHOOK_TOKEN
         else:
-            from tests.fakes.buildkite import sign_webhook
+            from app.simulators.buildkite import sign_webhook
 
             headers.update(sign_webhook(body, WEBHOOK_TOKEN, timestamp))
         try:
@@ -554,7 +554,8 @@ def _run_bot() -> None:
     """`python -m app`, with the build lock (and so the reclaim delay) from FAULT_LOCK_TTL_MS."""
     import runpy
 
-    from app import store, tracker
+    from app.storage import store
+    from app.tracking import tracker
 
     lock_ms = os.environ.get("FAULT_LOCK_TTL_MS")
     if lock_ms:

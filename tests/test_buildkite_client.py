@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.simulators.buildkite import FakeBuildkite, RecordedRequest
 from buildkite.client import (
     REQUEST_ID_META_KEY,
     SOURCE_META_KEY,
@@ -22,7 +23,6 @@ from buildkite.client import (
 )
 from buildkite.errors import BadRequest, PermissionDenied, RateLimited, ValidationFailed
 from buildkite.models import Author, BuildState
-from tests.fakes.buildkite import FakeBuildkite, RecordedRequest
 
 ORG = "/v2/organizations/acme"
 PIPE = f"{ORG}/pipelines/deploy-prod"

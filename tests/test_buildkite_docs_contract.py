@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from app.simulators.bot import BotClient, running_bot
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
 from buildkite.client import BuildkiteClient
 from buildkite.errors import RateLimited
 from buildkite.models import Build
 from buildkite.webhooks import parse_webhook
-from tests.bot import BotClient, running_bot
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
 
 DOCS = Path(__file__).parent / "data" / "buildkite-docs"
 ORG = "my-great-org"

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from tests.fakes.buildkite import UNAUTHORIZED_MESSAGE, UNEXPECTED_STATUS, FakeBuildkite
+from app.simulators.buildkite import UNAUTHORIZED_MESSAGE, UNEXPECTED_STATUS, FakeBuildkite
 
 ORG = "/organizations/acme"
 PIPE = f"{ORG}/pipelines/deploy-prod"

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.simulators.buildkite import FakeBuildkite
 from buildkite.client import REQUEST_ID_META_KEY, BuildkiteClient, StartLookup
 from buildkite.errors import (
     AuthenticationError,
@@ -29,7 +30,6 @@ from buildkite.errors import (
     ValidationFailed,
     describe,
 )
-from tests.fakes.buildkite import FakeBuildkite
 
 PIPE = "/v2/organizations/acme/pipelines/deploy-prod"
 SECRET = "bk-secret-token-0123456789"

@@ -12,10 +12,10 @@ from aiohttp import web
 from multidict import CIMultiDict
 from pydantic import SecretStr
 
+from app.simulators.buildkite import FakeBuildkite, sign_webhook
 from buildkite.errors import WebhookPayloadError, WebhookVerificationError
 from buildkite.models import BuildState
 from buildkite.webhooks import parse_webhook, sign, verify_webhook
-from tests.fakes.buildkite import FakeBuildkite, sign_webhook
 
 TOKEN = "29b1ff5779c76bd48ba6705eb99ff970"
 TIMESTAMP = 1642080837

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from app import store as keys
-from tests.bot import SIGNING_SECRET, BotClient, running_bot
-from tests.fakes import slack_requests
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
+from app.simulators import slack_requests
+from app.simulators.bot import SIGNING_SECRET, BotClient, running_bot
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
+from app.storage import store as keys
 
 CHANNEL, NOTIFY, OTHER = "C0CHAN", "C0NOTIFY", "C0OTHER"
 ALICE, BOB = "U0USER", "U0BOB"

@@ -13,16 +13,16 @@ from typing import Any
 
 import pytest
 
-from app import messages
-from app import store as keys
-from app import tracker as tracker_module
-from app.tracker import phase_of, snapshot
+from app.simulators import slack_requests
+from app.simulators.bot import BotClient, bot_logging, running_bot, work_requests
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.redis_server import RedisServer
+from app.simulators.slack import FakeSlack
+from app.slack import messages
+from app.storage import store as keys
+from app.tracking import tracker as tracker_module
+from app.tracking.tracker import phase_of, snapshot
 from buildkite.models import Build
-from tests.bot import BotClient, bot_logging, running_bot, work_requests
-from tests.fakes import slack_requests
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
-from tests.redis_server import RedisServer
 
 CHANNEL = "C0CHAN"
 USER = "U0USER"
@@ -308,8 +308,8 @@ async def test_open_in_buildkite_button_is_acknowledged(bot: BotClient, slack: F
 async def test_duplicate_delivery_of_one_command_creates_one_build(
     bot: BotClient, slack: FakeSlack, bk: FakeBuildkite
 ) -> None:
-    from tests.bot import SIGNING_SECRET
-    from tests.fakes import slack_requests
+    from app.simulators import slack_requests
+    from app.simulators.bot import SIGNING_SECRET
 
     body, headers = slack_requests.slash_command(
         "/deploy",
@@ -329,7 +329,7 @@ async def test_duplicate_delivery_of_one_command_creates_one_build(
 async def test_bad_signature_is_rejected_and_starts_nothing(
     bot: BotClient, slack: FakeSlack, bk: FakeBuildkite
 ) -> None:
-    from tests.fakes import slack_requests
+    from app.simulators import slack_requests
 
     body, headers = slack_requests.slash_command(
         "/deploy",

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from app import main
-from app.operations import DeployQueue
-from tests.bot import BotClient, running_bot
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
+from app.core.operations import DeployQueue
+from app.simulators.bot import BotClient, running_bot
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
 
 PIPELINES = [f"svc-{n}" for n in range(6)]
 

@@ -12,15 +12,15 @@ from typing import Any
 
 import pytest
 
-from app import digest as digest_module
-from app import messages
-from app.digest import compute_digest, latest_slot, nearest_rank, run_digest_schedules
+from app.core import digest as digest_module
+from app.core.digest import compute_digest, latest_slot, nearest_rank, run_digest_schedules
 from app.settings import DigestSchedule, Settings
+from app.simulators.bot import BotClient, running_bot
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
+from app.slack import messages
 from buildkite.client import BuildkiteClient
 from buildkite.models import Build
-from tests.bot import BotClient, running_bot
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
 
 UNTIL = datetime(2026, 3, 10, 9, 0, tzinfo=UTC)
 CHANNEL = "C0CHAN"

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from app.digest import run_digest_schedules
-from tests.bot import BotClient, running_bot
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
+from app.core.digest import run_digest_schedules
+from app.simulators.bot import BotClient, running_bot
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
 
 CHANNEL, PRIVATE = "C0CHAN", "C0PRIV"
 ALICE, BOB = "U0USER", "U0BOB"

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from app import outbox as outbox_module
-from app import store as keys
-from app import tracker as tracker_module
-from tests.bot import BotClient
-from tests.fakes.slack import FakeSlack
+from app.simulators.bot import BotClient
+from app.simulators.slack import FakeSlack
+from app.slack import outbox as outbox_module
+from app.storage import store as keys
+from app.tracking import tracker as tracker_module
 
 CHANNEL = "C0CHAN"
 

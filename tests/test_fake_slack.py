@@ -21,8 +21,8 @@ from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
-from tests.fakes.slack import FakeSlack
-from tests.fakes.slack_requests import (
+from app.simulators.slack import FakeSlack
+from app.simulators.slack_requests import (
     block_action,
     block_action_payload,
     slash_command,

@@ -19,14 +19,15 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 
-from app import store as store_module
-from app import tracker as tracker_module
-from app.store import EVENTS_GROUP, EVENTS_STREAM, PENDING_KEY, PREFIX, Transition
-from app.tracker import Tracker
-from tests.bot import SIGNING_SECRET, running_bot
-from tests.fakes import slack_requests
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack, RecordedCall
+from app.simulators import slack_requests
+from app.simulators.bot import SIGNING_SECRET, running_bot
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.redis_server import RedisServer
+from app.simulators.slack import FakeSlack, RecordedCall
+from app.storage import store as store_module
+from app.storage.store import EVENTS_GROUP, EVENTS_STREAM, PENDING_KEY, PREFIX, Transition
+from app.tracking import tracker as tracker_module
+from app.tracking.tracker import Tracker
 from tests.fault_harness import (
     FAULT_LOCK_TTL_MS,
     FINAL_STATES,
@@ -45,7 +46,6 @@ from tests.fault_harness import (
     threads,
     wait_until,
 )
-from tests.redis_server import RedisServer
 
 PIPELINES = [f"svc-{i:02d}" for i in range(10)]
 

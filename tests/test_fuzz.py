@@ -36,16 +36,16 @@ import redis.asyncio as redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.messages import (
+from app.simulators import slack_requests
+from app.simulators.bot import SIGNING_SECRET, WEBHOOK_TOKEN, BotClient, running_bot
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
+from app.slack.messages import (
     PIPELINE_CREATE_CALLBACK,
     PIPELINE_UPDATE_CALLBACK,
     UNBLOCK_CALLBACK,
     ActionId,
 )
-from tests.bot import SIGNING_SECRET, WEBHOOK_TOKEN, BotClient, running_bot
-from tests.fakes import slack_requests
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
 
 T = TypeVar("T")
 

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 
-from app import mrkdwn
-from tests.bot import BotClient
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
+from app.simulators.bot import BotClient
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
+from app.slack import mrkdwn
 from tests.test_deploy_loop import (
     BUILDS,
     CHANNEL,
@@ -172,8 +172,8 @@ def test_the_configured_apis_web_host_is_trusted_only_over_https(
 
 
 def _rebuild_click(bot: BotClient, slack: FakeSlack, ts: str, **fields: Any) -> tuple[bytes, Any]:
-    from tests.bot import SIGNING_SECRET
-    from tests.fakes import slack_requests
+    from app.simulators import slack_requests
+    from app.simulators.bot import SIGNING_SECRET
 
     value = buttons(current(slack, ts)["blocks"])["build_rebuild"]["value"]
     _, url = bot.new_response_url()
@@ -209,7 +209,7 @@ async def test_a_replayed_rebuild_click_rebuilds_once(
     await slack.wait_for(lambda: len(roots(slack) + replies(slack, ts)) >= 2 and rebuilds(bk))
 
     await advance_redis_clock(redis_client, later)
-    with caplog.at_level(logging.WARNING, logger="app.clicks"):
+    with caplog.at_level(logging.WARNING, logger="app.slack.clicks"):
         replay = await bot.post_slack(body, headers)  # the same signed bytes, again
     assert replay.status == 200
     # A deliberate new click (a new action_ts) on the same button still works.
@@ -244,8 +244,8 @@ async def test_a_colleagues_separate_click_within_30_s_is_told_it_is_handled(
 async def test_an_unblock_form_the_bot_did_not_write_is_answered_not_500(
     bot: BotClient, slack: FakeSlack, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from tests.bot import SIGNING_SECRET
-    from tests.fakes import slack_requests
+    from app.simulators import slack_requests
+    from app.simulators.bot import SIGNING_SECRET
 
     body, headers = slack_requests.view_submission(
         "unblock_submit", {}, '{"channel": "C0CHAN"}', signing_secret=SIGNING_SECRET
@@ -266,7 +266,7 @@ async def test_a_webhook_with_an_impossible_pipeline_slug_is_not_announced(
     tmp_path: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from tests.bot import running_bot
+    from app.simulators.bot import running_bot
 
     policy = tmp_path / "policy.yml"
     policy.write_text(f"notifications:\n  - pipelines: ['*']\n    channel: {CHANNEL}\n")

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 import handlers
-from tests.bot import running_bot
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
+from app.simulators.bot import running_bot
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
 
 ROOT = Path(__file__).resolve().parent.parent
 # A copy of slackapi/manifest-schema's schema (see tests/data/SOURCE.txt).

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 
-from app.store import AUDIT_STREAM, AWAITED_DUE_KEY, AWAITED_KEY
-from tests.bot import BotClient, running_bot
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
+from app.simulators.bot import BotClient, running_bot
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
+from app.storage.store import AUDIT_STREAM, AWAITED_DUE_KEY, AWAITED_KEY
 from tests.fault_harness import wait_until
 
 CHANNEL = "C0CHAN"

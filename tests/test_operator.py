@@ -15,11 +15,17 @@ from typing import Any
 
 import pytest
 
-from app.operator import PipelineUpdate, parse_operator
-from tests.bot import BUILDKITE_TOKEN, SIGNING_SECRET, BotClient, running_bot, work_requests
-from tests.fakes import slack_requests
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
+from app.core.admin import PipelineUpdate, parse_operator
+from app.simulators import slack_requests
+from app.simulators.bot import (
+    BUILDKITE_TOKEN,
+    SIGNING_SECRET,
+    BotClient,
+    running_bot,
+    work_requests,
+)
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
 
 CHANNEL = "C0CHAN"
 ALICE, ADMIN, OPS = "U0USER", "U0ADMIN", "U0OPS"

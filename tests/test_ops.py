@@ -18,14 +18,14 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import logs
-from app.checks import Check, Readiness
-from app.metrics import endpoint_template
+from app.ops import logs
+from app.ops.checks import Check, Readiness
+from app.ops.metrics import endpoint_template
 from app.settings import Settings
-from app.store import Store
-from tests.bot import BotClient, running_bot
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
+from app.simulators.bot import BotClient, running_bot
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
+from app.storage.store import Store
 
 CHANNEL = "C0CHAN"
 

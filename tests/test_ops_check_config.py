@@ -8,11 +8,11 @@ import socket
 import sys
 from pathlib import Path
 
-from app.checks import check_config, report
-from app.logs import RedactSecrets, secrets_of
-from tests.bot import bot_settings
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
+from app.ops.checks import check_config, report
+from app.ops.logs import RedactSecrets, secrets_of
+from app.simulators.bot import bot_settings
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -165,7 +165,7 @@ def test_bad_settings_fail_the_check_without_showing_them(tmp_path: Path) -> Non
 async def test_the_policy_check_names_each_bad_env_rule(
     slack: FakeSlack, bk: FakeBuildkite, tmp_path: Path
 ) -> None:
-    from app.checks import check_policy
+    from app.ops.checks import check_policy
 
     policy = tmp_path / "policy.yml"
     policy.write_text("default:\n  env:\n    deny: [LD_*, 'a b']\n    allows: []\n")

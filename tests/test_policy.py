@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.policy import Action, PolicyError, load_policy
+from app.core.policy import Action, PolicyError, load_policy
 
 POLICY = """\
 admins: [U0ADMIN]

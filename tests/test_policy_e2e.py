@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from app import store as keys
-from tests.bot import BotClient, running_bot, work_requests
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
+from app.simulators.bot import BotClient, running_bot, work_requests
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
+from app.storage import store as keys
 
 CHANNEL = "C0CHAN"  # "#deploys" in the fake
 ALICE, BOB, CAROL, MALLORY = "U0USER", "U0BOB", "U0CAROL", "U0MAL"

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from app import store as keys
-from tests.bot import BotClient, running_bot
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
+from app.simulators.bot import BotClient, running_bot
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
+from app.storage import store as keys
 from tests.test_policy_e2e import (
     ALICE,
     BOB,

@@ -19,10 +19,13 @@ from typing import Any
 
 import pytest
 
-from app import store as keys
 from app.main import Services, open_services
-from app.metrics import Metrics
-from app.tracker import PollReport, next_poll_at
+from app.ops.metrics import Metrics
+from app.simulators.bot import BUILDKITE_TOKEN, bot_settings
+from app.simulators.buildkite import FakeBuildkite, RecordedRequest
+from app.simulators.slack import FakeSlack
+from app.storage import store as keys
+from app.tracking.tracker import PollReport, next_poll_at
 from buildkite.client import (
     REQUEST_ID_META_KEY,
     SOURCE_META_KEY,
@@ -30,9 +33,6 @@ from buildkite.client import (
     BuildkiteClient,
 )
 from buildkite.models import Build
-from tests.bot import BUILDKITE_TOKEN, bot_settings
-from tests.fakes.buildkite import FakeBuildkite, RecordedRequest
-from tests.fakes.slack import FakeSlack
 
 INTERVAL = 10.0
 PIPELINE = "web"
@@ -268,7 +268,7 @@ async def test_the_reserve_is_kept_of_the_token_users_budget_when_it_is_the_tigh
     # Buildkite) has one request left.
     poller.bk.user_rate_limit = len(poller.bk.requests) + 1
     poller.bk.set_build_state(PIPELINE, numbers[0], "passed")
-    with caplog.at_level(logging.WARNING, logger="app.tracker"):
+    with caplog.at_level(logging.WARNING, logger="app.tracking.tracker"):
         report, requests = await poller.cycle()
     assert lists(requests) == ["finished"]
     assert report.backed_off == "rate_limit_low"
@@ -286,7 +286,7 @@ async def test_low_rate_limit_remaining_defers_the_active_list_then_waits_for_th
     # the fake counts every request so far in it).
     poller.bk.rate_limit = len(poller.bk.requests) + 1
     poller.bk.set_build_state(PIPELINE, numbers[0], "passed")
-    with caplog.at_level(logging.INFO, logger="app.tracker"):
+    with caplog.at_level(logging.INFO, logger="app.tracking.tracker"):
         report, requests = await poller.cycle()
         # The final states are still fetched; the active list waits for the budget.
         assert lists(requests) == ["finished"]
@@ -303,7 +303,7 @@ async def test_low_rate_limit_remaining_defers_the_active_list_then_waits_for_th
         assert lists(requests) == ["finished", "active"]
         assert report.backoff == 0 and not report.backed_off
         assert await poller.phase(numbers[1]) == "passed"
-    messages = [r.getMessage() for r in caplog.records if r.name == "app.tracker"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "app.tracking.tracker"]
     assert sum("Buildkite polling waits" in m for m in messages) == 1, messages
     assert sum("Buildkite polling resumed" in m for m in messages) == 1, messages
     assert (await poller.services.store.poll_state()).backoff == ""
@@ -325,7 +325,7 @@ async def test_failures_back_off_doubling_up_to_a_cap_and_reset_on_success(
 
     kind = {"429": "rate_limited", "5xx": "server_error", "connection": "unavailable"}[failure]
     waits = []
-    with caplog.at_level(logging.INFO, logger="app.tracker"):
+    with caplog.at_level(logging.INFO, logger="app.tracking.tracker"):
         fail(7)
         report, requests = await poller.cycle()
         for _ in range(7):
@@ -342,7 +342,7 @@ async def test_failures_back_off_doubling_up_to_a_cap_and_reset_on_success(
         report, _ = await poller.cycle()
     assert waits == [20, 40, 80, 160, 300, 300, 300]
     assert report.backoff == 20
-    messages = [r.getMessage() for r in caplog.records if r.name == "app.tracker"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "app.tracking.tracker"]
     assert sum("Buildkite polling waits" in m for m in messages) == 2, messages  # per backoff
     assert sum("Buildkite polling resumed" in m for m in messages) == 1, messages
     assert await poller.services.store.pending_count() == 2

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from tests.bot import BotClient, running_bot
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
+from app.simulators.bot import BotClient, running_bot
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
 
 CHANNEL = "C0CHAN"
 ADMIN = "U0ADMIN"

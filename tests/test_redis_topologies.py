@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 import redis as sync_redis
 
-from app.metrics import Metrics
-from app.redis_connection import MAX_CONNECTIONS, connect_redis
-from app.redis_url import parse_redis_url
+from app.ops.metrics import Metrics
 from app.settings import Settings
-from app.store import MessageTarget, Store
-from tests.redis_server import RedisServer, free_port
+from app.simulators.redis_server import RedisServer, free_port
+from app.storage.connection import MAX_CONNECTIONS, connect_redis
+from app.storage.redis_url import parse_redis_url
+from app.storage.store import MessageTarget, Store
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
 

@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 
-from tests.bot import SIGNING_SECRET, BotClient, running_bot
-from tests.fakes import slack_requests
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
+from app.simulators import slack_requests
+from app.simulators.bot import SIGNING_SECRET, BotClient, running_bot
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
 from tests.test_deploy_loop import CHANNEL, buttons, current, deploy, roots, send_state
 from tests.test_hostile_text import advance_redis_clock
 from tests.test_unblock_forms import inputs, open_unblock, text_of, unblock_puts
@@ -181,7 +181,7 @@ async def test_a_replayed_unblock_form_unblocks_once(
     await advance_redis_clock(redis_client, 35)
     manual = next(j for j in bk.build("release", 1)["jobs"] if j["type"] == "manual")
     manual["state"] = "blocked"
-    with caplog.at_level(logging.WARNING, logger="app.clicks"):
+    with caplog.at_level(logging.WARNING, logger="app.slack.clicks"):
         assert (await bot.post_slack(body, headers)).status == 200
     assert "dropped a replayed modal submission" in caplog.text
     # A submission is answered once its unblock is done (or 2 s on): any PUT is in by now.

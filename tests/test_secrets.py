@@ -23,11 +23,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app import logs
-from app.logs import mask_url
-from tests.bot import running_bot
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
+from app.ops import logs
+from app.ops.logs import mask_url
+from app.simulators.bot import running_bot
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
 from tests.test_ops import configured_logs, deploy_to_passed, get
 from tests.test_ops_check_config import child_env, closed_port
 
@@ -135,7 +135,7 @@ def test_mask_url_never_raises_and_never_shows_the_password(case: tuple[str, str
 @settings(max_examples=300, deadline=None)
 @given(urls())
 def test_the_log_redaction_knows_the_password_of_every_form(case: tuple[str, str]) -> None:
-    from app.redis_url import url_secrets
+    from app.storage.redis_url import url_secrets
 
     url, password = case
     assert password in url_secrets(url)

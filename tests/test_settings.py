@@ -15,9 +15,9 @@ import aiohttp
 import pytest
 
 from app.settings import Settings, SettingsError, load_settings
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
-from tests.redis_server import free_port
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.redis_server import free_port
+from app.simulators.slack import FakeSlack
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {

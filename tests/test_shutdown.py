@@ -13,12 +13,12 @@ from typing import Any
 
 import aiohttp
 
-from app import store as keys
-from tests.bot import BUILDKITE_TOKEN, SIGNING_SECRET, WEBHOOK_TOKEN
-from tests.fakes import slack_requests
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
-from tests.redis_server import free_port
+from app.simulators import slack_requests
+from app.simulators.bot import BUILDKITE_TOKEN, SIGNING_SECRET, WEBHOOK_TOKEN
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.redis_server import free_port
+from app.simulators.slack import FakeSlack
+from app.storage import store as keys
 
 ROOT = Path(__file__).resolve().parent.parent
 

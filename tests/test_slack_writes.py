@@ -9,11 +9,11 @@ from typing import Any
 from slack_sdk.web.async_client import AsyncWebClient
 
 from app.main import create_slack_client
-from app.messages import Rendered
-from app.outbox import Outbox
-from tests.bot import bot_settings, running_bot
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
+from app.simulators.bot import bot_settings, running_bot
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
+from app.slack.messages import Rendered
+from app.slack.outbox import Outbox
 
 CHANNEL = "C0CHAN"
 INTERVAL = 0.3

@@ -7,10 +7,10 @@ from typing import Any
 
 import aiohttp
 
-from tests.bot import running_bot
-from tests.fakes import slack_requests
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
+from app.simulators import slack_requests
+from app.simulators.bot import running_bot
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
 
 
 async def test_socket_mode_deploy_round_trip(

@@ -15,8 +15,8 @@ from typing import Any
 import fakeredis
 import pytest
 
-from app import store as keys
-from app.store import REGRESSED, MessageTarget, Store
+from app.storage import store as keys
+from app.storage.store import REGRESSED, MessageTarget, Store
 
 CHANNEL = "C0CHAN"
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import redis.asyncio as redis
 
-from app import store as keys
-from app.store import MessageTarget, Store
-from app.tracker import phase_of, snapshot
+from app.storage import store as keys
+from app.storage.store import MessageTarget, Store
+from app.tracking.tracker import phase_of, snapshot
 from buildkite.models import Build
 
 #: A build as Buildkite's API returns it (shape of GET .../builds/{number}), with the lengths a

@@ -15,9 +15,7 @@ from typing import Any
 
 import pytest
 
-from app.checks import check_policy
-from app.messages import UnblockMetadata, unblock_modal
-from app.unblock_forms import (
+from app.core.unblock_forms import (
     BlockForm,
     FormError,
     form_in_pipeline,
@@ -25,10 +23,12 @@ from app.unblock_forms import (
     parse_fields,
     parse_freeform,
 )
-from tests.bot import SIGNING_SECRET, BotClient, bot_settings, running_bot
-from tests.fakes import slack_requests
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack, block_problems
+from app.ops.checks import check_policy
+from app.simulators import slack_requests
+from app.simulators.bot import SIGNING_SECRET, BotClient, bot_settings, running_bot
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack, block_problems
+from app.slack.messages import UnblockMetadata, unblock_modal
 
 CHANNEL = "C0CHAN"
 
@@ -365,7 +365,7 @@ async def test_an_unexpected_failure_on_submit_is_answered_in_the_modal(
     async def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("app.operations.Operations.unblock", broken)
+    monkeypatch.setattr("app.core.operations.Operations.unblock", broken)
     answer = await submit(bot, view, {"field:release-name": "v1", "field:deploy-regions": ["na"]})
     assert answer["response_action"] == "errors"
     (text,) = answer["errors"].values()

@@ -22,10 +22,10 @@ from slack_bolt.middleware.request_verification.async_request_verification impor
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.response import BoltResponse
 
-from tests.bot import SIGNING_SECRET, BotClient, BotLog, running_bot
-from tests.fakes import slack_requests
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
+from app.simulators import slack_requests
+from app.simulators.bot import SIGNING_SECRET, BotClient, BotLog, running_bot
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
 
 #: What a request from someone who does not hold the signing secret carries in its body.
 MARK = "attacker-mark-7f3a"

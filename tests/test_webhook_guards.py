@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 
-from app.store import EVENTS_STREAM, PREFIX
-from tests.bot import WEBHOOK_TOKEN, BotClient
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
+from app.simulators.bot import WEBHOOK_TOKEN, BotClient
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
+from app.storage.store import EVENTS_STREAM, PREFIX
 
 CHANNEL = "C0CHAN"
 

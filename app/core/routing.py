@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 
-from app.commands import PIPELINE_SLUG
-from app.policy import NotifyEvent, Policy, Route
-from app.store import Store
-from app.tracker import Tracker
+from app.core.commands import PIPELINE_SLUG
+from app.core.policy import NotifyEvent, Policy, Route
+from app.storage.store import Store
+from app.tracking.tracker import Tracker
 from buildkite.models import Build, BuildState, PipelineRef
 
 log = logging.getLogger(__name__)

@@ -17,9 +17,9 @@ from slack_bolt.context.ack.async_ack import AsyncAck
 from slack_bolt.context.respond.async_respond import AsyncRespond
 from slack_bolt.listener.async_listener_completion_handler import AsyncListenerCompletionHandler
 
-from app import logs
-from app.metrics import Metrics
-from app.operations import UserError
+from app.core.operations import UserError
+from app.ops import logs
+from app.ops.metrics import Metrics
 
 _REQUEST_KEY = "request_metrics"
 

@@ -22,9 +22,8 @@ import httpx
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from app import messages
-from app.audit import Auditor
-from app.commands import (
+from app.core.audit import Auditor
+from app.core.commands import (
     COMMIT,
     AuditRequest,
     BuildRef,
@@ -34,14 +33,16 @@ from app.commands import (
     UsageError,
     check_branch,
 )
-from app.directory import Directory
-from app.messages import DeployPlan, Rendered, UnblockButtonValue, link
-from app.outbox import Outbox, SlackDeliveryError, not_in_channel_text
-from app.policy import Action, Policy, Rule, principal_ref
-from app.response_urls import SlackHooks
-from app.routing import Router
+from app.core.policy import Action, Policy, Rule, principal_ref
+from app.core.routing import Router
+from app.core.unblock_forms import BlockForm, form_in_pipeline
 from app.settings import Settings
-from app.store import (
+from app.slack import messages
+from app.slack.directory import Directory
+from app.slack.messages import DeployPlan, Rendered, UnblockButtonValue, link
+from app.slack.outbox import Outbox, SlackDeliveryError, not_in_channel_text
+from app.slack.response_urls import SlackHooks
+from app.storage.store import (
     ACTION_TTL,
     AWAITED_TTL,
     REQUEST_TTL,
@@ -50,8 +51,7 @@ from app.store import (
     Store,
     TrackedBuild,
 )
-from app.tracker import Tracker
-from app.unblock_forms import BlockForm, form_in_pipeline
+from app.tracking.tracker import Tracker
 from buildkite.client import BuildkiteClient
 from buildkite.errors import (
     AuthenticationError,
@@ -188,7 +188,7 @@ class Services:
     directory: Directory
     auditor: Auditor
     router: Router
-    #: The only way to a response_url outside Bolt's `respond` (see app.response_urls).
+    #: The only way to a response_url outside Bolt's `respond` (see app.slack.response_urls).
     hooks: SlackHooks
     #: Listener tasks still working after their ack, awaited at shutdown.
     inflight: set[asyncio.Task[Any]] = field(default_factory=set)

@@ -10,7 +10,7 @@ import html
 import re
 from dataclasses import dataclass, field
 
-from app import mrkdwn
+from app.slack import mrkdwn
 
 PIPELINE_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}$")
 COMMIT = re.compile(r"^(HEAD|[0-9a-fA-F]{7,40})$")

@@ -17,9 +17,9 @@ import aiohttp
 from slack_bolt.context.respond.async_respond import AsyncRespond
 from slack_sdk.webhook import WebhookResponse
 
-from app.messages import Rendered
-from app.metrics import Metrics
-from app.outbox import Outbox, SlackDeliveryError
+from app.ops.metrics import Metrics
+from app.slack.messages import Rendered
+from app.slack.outbox import Outbox, SlackDeliveryError
 
 log = logging.getLogger(__name__)
 

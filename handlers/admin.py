@@ -18,25 +18,7 @@ from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from app import messages
-from app.commands import BuildRef, HelpRequest, UsageError
-from app.logs import current_correlation_id
-from app.messages import (
-    PIPELINE_CREATE_CALLBACK,
-    PIPELINE_UPDATE_CALLBACK,
-    ActionId,
-    AgentButtonValue,
-    AgentsPageValue,
-    BuildsPageValue,
-    PipelineButtonValue,
-    PipelineModalMetadata,
-    PipelinesPageValue,
-    Rendered,
-    code,
-    link,
-)
-from app.operations import Actor, Services, UserError, request_id_for
-from app.operator import (
+from app.core.admin import (
     AgentsQuery,
     BuildsQuery,
     FormErrors,
@@ -53,6 +35,24 @@ from app.operator import (
     parse_operator,
     parse_pipeline_form,
     usage,
+)
+from app.core.commands import BuildRef, HelpRequest, UsageError
+from app.core.operations import Actor, Services, UserError, request_id_for
+from app.ops.logs import current_correlation_id
+from app.slack import messages
+from app.slack.messages import (
+    PIPELINE_CREATE_CALLBACK,
+    PIPELINE_UPDATE_CALLBACK,
+    ActionId,
+    AgentButtonValue,
+    AgentsPageValue,
+    BuildsPageValue,
+    PipelineButtonValue,
+    PipelineModalMetadata,
+    PipelinesPageValue,
+    Rendered,
+    code,
+    link,
 )
 from handlers.errors import answer_errors
 

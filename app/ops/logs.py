@@ -15,9 +15,9 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import TextIO
 
-from app.redis_url import mask_redis_urls, parse_redis_url, url_secrets
-from app.redis_url import mask_url as mask_url  # re-exported: the log-facing name
 from app.settings import Settings
+from app.storage.redis_url import mask_redis_urls, parse_redis_url, url_secrets
+from app.storage.redis_url import mask_url as mask_url  # re-exported: the log-facing name
 
 _correlation_id: ContextVar[str | None] = ContextVar("correlation_id", default=None)
 

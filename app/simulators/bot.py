@@ -14,12 +14,12 @@ from typing import Any
 
 import aiohttp
 
-from app import logs
 from app.main import RunningBot, start_bot
+from app.ops import logs
 from app.settings import Settings
-from tests.fakes import slack_requests
-from tests.fakes.buildkite import FakeBuildkite
-from tests.fakes.slack import FakeSlack
+from app.simulators import slack_requests
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
 
 SIGNING_SECRET = "test-signing-secret"
 WEBHOOK_TOKEN = "test-webhook-token"
@@ -162,7 +162,7 @@ async def running_bot(
 
 
 class BotLog:
-    """What the bot's own logging set-up (`app.logs.configure`) writes, as JSON lines."""
+    """What the bot's own logging set-up (`app.ops.logs.configure`) writes, as JSON lines."""
 
     def __init__(self, stream: io.StringIO) -> None:
         self.stream = stream

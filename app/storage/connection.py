@@ -16,9 +16,9 @@ from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
 
-from app.metrics import HEALTH_CHECK_INTERVAL, CountingRetry, Metrics
-from app.redis_url import RedisTarget, mask_url, parse_redis_url
+from app.ops.metrics import HEALTH_CHECK_INTERVAL, CountingRetry, Metrics
 from app.settings import Settings
+from app.storage.redis_url import RedisTarget, mask_url, parse_redis_url
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from redis.exceptions import RedisClusterException, RedisError
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from app.metrics import Metrics
-from app.redis_connection import connect_redis
-from app.redis_url import mask_url
+from app.ops.metrics import Metrics
 from app.settings import Settings
-from app.store import Store
+from app.storage.connection import connect_redis
+from app.storage.redis_url import mask_url
+from app.storage.store import Store
 from buildkite.client import BuildkiteClient
 from buildkite.errors import AuthenticationError, BuildkiteError, NotFound
 
@@ -153,7 +153,7 @@ def check_policy(settings: Settings) -> Check:
             True,
             f"no file at {path}: everyone may deploy, cancel and rebuild every pipeline",
         )
-    from app.policy import PolicyError, load_policy
+    from app.core.policy import PolicyError, load_policy
 
     try:
         policy = load_policy(path)

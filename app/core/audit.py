@@ -7,9 +7,9 @@ import time
 
 from redis.exceptions import RedisError
 
-from app.store import Store
+from app.storage.store import Store
 
-log = logging.getLogger("app.audit")
+log = logging.getLogger("app.core.audit")
 
 
 class Auditor:

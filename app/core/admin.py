@@ -19,8 +19,8 @@ from typing import Any, Literal, TypeVar
 
 from redis.exceptions import RedisError
 
-from app import digest, messages, mrkdwn
-from app.commands import (
+from app.core import digest
+from app.core.commands import (
     BuildRef,
     HelpRequest,
     UsageError,
@@ -30,7 +30,11 @@ from app.commands import (
     parse_build_ref,
     split_words,
 )
-from app.messages import (
+from app.core.operations import TRACKING_DOWN, Actor, Services, UserError, explain
+from app.core.policy import principal_ref
+from app.settings import steps_problem
+from app.slack import messages, mrkdwn
+from app.slack.messages import (
     AgentButtonValue,
     AgentRow,
     AgentsPage,
@@ -41,11 +45,8 @@ from app.messages import (
     Rendered,
     WhoAmI,
 )
-from app.operations import TRACKING_DOWN, Actor, Services, UserError, explain
-from app.outbox import SlackDeliveryError
-from app.policy import principal_ref
-from app.settings import steps_problem
-from app.store import ACTION_TTL, REQUEST_TTL
+from app.slack.outbox import SlackDeliveryError
+from app.storage.store import ACTION_TTL, REQUEST_TTL
 from buildkite.errors import BuildkiteError, NotFound, PermissionDenied, ValidationFailed
 from buildkite.models import Build, BuildState, Organization, Pipeline, User
 

@@ -3,7 +3,7 @@
 Each bot has its own `CollectorRegistry`, so several bots can run in one process (the tests do).
 Counting happens at the edges: httpx event hooks for Buildkite, a slack_sdk retry handler
 (consulted on every answer) for the Web API, redis-py's retry policy for Redis errors, and a Bolt
-middleware for Slack requests (app/observability.py), so the code in between knows nothing of
+middleware for Slack requests (app/ops/observability.py), so the code in between knows nothing of
 metrics, but for a line each in the tracker (transitions, poll cycles) and the webhook route.
 """
 
@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from slack_sdk.http_retry.async_handler import AsyncRetryHandler
 
 if TYPE_CHECKING:
-    from app.tracker import PollReport
+    from app.tracking.tracker import PollReport
 
 T = TypeVar("T")
 

@@ -24,14 +24,15 @@ from slack_sdk.models.blocks import (
     SectionBlock,
 )
 
+from app.core.unblock_forms import BlockForm, FormField, Option
+
 # Re-exported: every caller escapes and links through the rendering module.
-from app.mrkdwn import code as code
-from app.mrkdwn import escape as escape
-from app.mrkdwn import link as link
-from app.mrkdwn import plain as plain
-from app.mrkdwn import preformatted as preformatted
-from app.mrkdwn import trusted_url as trusted_url
-from app.unblock_forms import BlockForm, FormField, Option
+from app.slack.mrkdwn import code as code
+from app.slack.mrkdwn import escape as escape
+from app.slack.mrkdwn import link as link
+from app.slack.mrkdwn import plain as plain
+from app.slack.mrkdwn import preformatted as preformatted
+from app.slack.mrkdwn import trusted_url as trusted_url
 from buildkite.models import Build, BuildState, Job
 
 SECTION_TEXT_LIMIT = 3000
@@ -855,7 +856,7 @@ class WhoAmI:
 
 @dataclass(frozen=True)
 class PipelineHealth:
-    """One pipeline's figures over a digest's window (see app.digest for the definitions)."""
+    """One pipeline's figures over a digest's window (see app.core.digest for the definitions)."""
 
     slug: str
     builds: int

@@ -26,16 +26,16 @@ from typing import TYPE_CHECKING, Literal
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from app import messages
-from app.messages import Digest, PipelineHealth
-from app.outbox import SlackDeliveryError
 from app.settings import DigestSchedule
-from app.store import TEMPLATE_PREFIX
+from app.slack import messages
+from app.slack.messages import Digest, PipelineHealth
+from app.slack.outbox import SlackDeliveryError
+from app.storage.store import TEMPLATE_PREFIX
 from buildkite.client import BuildkiteClient
 from buildkite.models import Build, BuildState
 
 if TYPE_CHECKING:
-    from app.operations import Services
+    from app.core.operations import Services
 
 log = logging.getLogger(__name__)
 

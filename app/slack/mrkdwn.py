@@ -1,5 +1,5 @@
 """How any text from a person or from Buildkite is put into Slack mrkdwn: escaped, and linked
-only to the hosts the bot trusts. The renderers in app.messages (and nothing else) call these.
+only to the hosts the bot trusts. The renderers in app.slack.messages (and nothing else) call these.
 
 Slack reads `<…>` as a link, a mention (`<@U…>`, `<!channel>`) or a date, and `&` as the start
 of an entity; escaping `&`, `<` and `>` makes all of them show as the text that was typed.

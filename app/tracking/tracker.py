@@ -23,13 +23,13 @@ from datetime import UTC, datetime
 
 from redis.exceptions import RedisError, ResponseError
 
-from app import messages
-from app.directory import Directory
-from app.metrics import UNWIRED, Metrics
-from app.outbox import Outbox, SlackDeliveryError
-from app.response_urls import SlackHooks
+from app.ops.metrics import UNWIRED, Metrics
 from app.settings import DEFAULT_SLACK_HOOKS_URL
-from app.store import (
+from app.slack import messages
+from app.slack.directory import Directory
+from app.slack.outbox import Outbox, SlackDeliveryError
+from app.slack.response_urls import SlackHooks
+from app.storage.store import (
     FINAL_RANK,
     LOCK_TTL_MS,
     REGRESSED,
@@ -175,7 +175,7 @@ class Tracker:
         self.store = store
         self.buildkite = buildkite
         self.outbox = outbox
-        #: The only way to a requester's response_url (see app.response_urls).
+        #: The only way to a requester's response_url (see app.slack.response_urls).
         self.hooks = hooks or SlackHooks(DEFAULT_SLACK_HOOKS_URL, outbox, UNWIRED)
         self.poll_interval = poll_interval
         self.people = people

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from app import yaml_input
+from app.core import yaml_input
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ acknowledged and dropped.
 Slack accepts a signature for five minutes, so anyone who captures one click can send it again in
 that time. A click is identified by what Slack sent for it (its action_ts, the message it was on
 and who clicked); a deliberate new click has a new action_ts and goes through. The 30-second
-guard per button (app.store.ACTION_TTL) still turns a colleague's separate click into "already
-asked". A modal submission is identified by its own trigger_id: the unblock form's values are
-sent to Buildkite once. (A slash command's claim, by its trigger_id, lasts a day: see
+guard per button (ACTION_TTL in app.storage) still turns a colleague's separate click into
+"already asked". A modal submission is identified by its own trigger_id: the unblock form's
+values are sent to Buildkite once. (A slash command's claim, by its trigger_id, lasts a day: see
 Operations.)
 """
 
@@ -23,7 +23,7 @@ from slack_bolt.async_app import AsyncBoltRequest
 from slack_bolt.middleware.async_middleware import AsyncMiddleware
 from slack_bolt.response import BoltResponse
 
-from app.store import Store
+from app.storage.store import Store
 
 log = logging.getLogger(__name__)
 

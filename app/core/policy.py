@@ -28,8 +28,8 @@ from pydantic import (
     field_validator,
 )
 
-from app import yaml_input
-from app.unblock_forms import BlockForm, FormError, FormField, match_step, parse_field
+from app.core import yaml_input
+from app.core.unblock_forms import BlockForm, FormError, FormField, match_step, parse_field
 
 log = logging.getLogger(__name__)
 

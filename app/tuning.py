@@ -1,0 +1,73 @@
+"""Every tuning value of the bot in one object: pacing, lock and lease times, poll budgets, waits.
+
+Production uses the defaults. `main` passes one `Tuning` to every constructor that needs a value,
+and a test passes its own (a short build lock, no Slack pacing) instead of patching module globals.
+These are not settings: an operator has no reason to change them, so they are not read from the
+environment. Values a person may want to change (poll interval, timeouts) live in `Settings`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class SlackPacing:
+    """How fast the outbox writes to Slack (Slack allows about one message a second per channel)."""
+
+    post_interval: float = 1.0
+    edit_interval: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class TrackingTuning:
+    """The notifier's locks and stream, and the poller's budgets."""
+
+    #: A build's write lock; renewed every third of it while held.
+    lock_ttl_ms: int = 30_000
+    #: A transition left unacknowledged this long by a dead replica is taken over.
+    reclaim_idle_ms: int = 60_000
+    #: Writes to Slack in flight at once, across builds.
+    max_parallel_writes: int = 64
+    #: A transition delivered this often without success is dropped (and logged).
+    max_deliveries: int = 8
+    #: A consumer idle this long is removed from the stream's group.
+    dead_consumer_idle_ms: int = 24 * 3600 * 1000
+    prune_consumers_every: float = 3600.0
+    #: How long `record` waits for a build's lock before leaving the write to the notifier.
+    record_patience: float = 15.0
+    #: A pending build not seen for this many poll intervals is fetched by itself.
+    stale_after_intervals: int = 4
+    max_single_fetches: int = 10
+    #: Finished builds are listed back this far before the last poll, to miss none.
+    finished_overlap: float = 120.0
+    #: A finished build is fetched again for this long, until its jobs have settled.
+    finished_settle: float = 30.0
+    active_pages_per_minute: int = 10
+    #: Polling slows down when less than this share of the rate limit is left.
+    rate_limit_reserve: float = 0.2
+    max_poll_backoff: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeployTuning:
+    """The deploy queue and the waits of a person's command."""
+
+    running: int = 4
+    waiting: int = 100
+    #: How long a cancelled Slack request still waits for Buildkite's answer.
+    answer_on_cancel_timeout: float = 2.0
+    approval_sweep_interval: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Tuning:
+    slack: SlackPacing = field(default_factory=SlackPacing)
+    tracking: TrackingTuning = field(default_factory=TrackingTuning)
+    deploys: DeployTuning = field(default_factory=DeployTuning)
+    #: How long a stopping bot waits for work in flight.
+    shutdown_grace: float = 10.0
+
+
+#: What production runs with.
+DEFAULT = Tuning()
