@@ -49,6 +49,7 @@ from app.slack.response_urls import SlackHooks
 from app.storage.connection import connect_redis
 from app.storage.store import Store
 from app.tracking.tracker import Tracker
+from app.tuning import DEFAULT, Tuning
 from app.web import create_web_app
 from buildkite.client import BuildkiteClient, StartLookup
 from handlers.errors import report_bolt_error
@@ -92,7 +93,7 @@ def create_slack_client(
 
 @contextlib.asynccontextmanager
 async def open_services(
-    settings: Settings, metrics: Metrics | None = None
+    settings: Settings, metrics: Metrics | None = None, tuning: Tuning = DEFAULT
 ) -> AsyncIterator[Services]:
     """Create the process's shared clients (one pool each) and close them on the way out.
 
@@ -125,7 +126,11 @@ async def open_services(
         slack = create_slack_client(settings, slack_session)
         slack.retry_handlers.insert(0, CountSlackCalls(metrics))
         store = Store(redis_client)
-        outbox = Outbox(slack)
+        outbox = Outbox(
+            slack,
+            post_interval=tuning.slack.post_interval,
+            edit_interval=tuning.slack.edit_interval,
+        )
         closing.push_async_callback(_drain, outbox)  # first out: edits need the Slack session
         directory = Directory(slack)
         hooks = SlackHooks(settings.slack_hooks_url, outbox, metrics)
@@ -280,13 +285,14 @@ async def start_bot(
     *,
     host: str = "0.0.0.0",  # noqa: S104 - the bot serves Slack and Buildkite from outside
     port: int | None = None,
+    tuning: Tuning = DEFAULT,
 ) -> AsyncIterator[RunningBot]:
     """Start the whole bot (web routes, Slack connection, notifier, poller) for the block's life.
 
     `port=0` picks a free port (tests); the bound port is in the result.
     """
     metrics = Metrics()
-    async with open_services(settings, metrics) as services:
+    async with open_services(settings, metrics, tuning) as services:
         bolt = create_bolt_app(settings, services, metrics)
         readiness = Readiness(
             services.store,

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 
-from app.simulators.bot import BotClient, BotLog, bot_logging, running_bot
+from app.simulators.bot import FAST, BotClient, BotLog, bot_logging, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.redis_server import RedisServerMissing, redis_url_or_throwaway
 from app.simulators.slack import FakeSlack
@@ -70,7 +70,8 @@ def tmp_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 async def bot(
     slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
 ) -> AsyncIterator[BotClient]:
-    """The bot, running on a real port against the fakes, with one pipeline: deploy-prod."""
+    """The bot, running on a real port against the fakes, with one pipeline: deploy-prod, and
+    without Slack pacing."""
     bk.add_pipeline("deploy-prod", default_branch="main")
-    async with running_bot(slack, bk, redis_url) as client:
+    async with running_bot(slack, bk, redis_url, tuning=FAST) as client:
         yield client

@@ -64,6 +64,7 @@ async def deploy(bot: BotClient, text: str = "deploy-prod", **kwargs: Any) -> st
     assert resp.status == 200
     assert "Starting a build of `deploy-prod`" in ack["text"]
     call = await bot.slack.wait_for(lambda: roots(bot.slack)[-1] if roots(bot.slack) else None)
+    assert call is not None
     return str(call.response["ts"])
 
 
@@ -362,6 +363,7 @@ async def test_webhook_with_bad_token_is_rejected_and_changes_nothing(
     assert (await bot.webhook(payload, token="not-the-token", signed=True)).status == 401
     assert replies(slack, ts) == []
     tracked = await bot.services.store.get(bk.build("deploy-prod", 1)["id"])
+    assert tracked is not None
     assert tracked.phase == "scheduled"
     # A correctly signed one is accepted.
     assert (await bot.webhook(payload, signed=True)).status == 200

@@ -14,21 +14,28 @@ from typing import Any
 
 import aiohttp
 
+from app.core.operations import Services
 from app.main import RunningBot, start_bot
 from app.ops import logs
 from app.settings import Settings
 from app.simulators import slack_requests
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
+from app.tuning import DEFAULT, SlackPacing, Tuning
 
 SIGNING_SECRET = "test-signing-secret"
 WEBHOOK_TOKEN = "test-webhook-token"
 BUILDKITE_TOKEN = "bk-test-token"
 #: Every secret a test bot is given (FakeSlack's default bot token first).
 SECRETS = ("xoxb-test", SIGNING_SECRET, BUILDKITE_TOKEN, WEBHOOK_TOKEN)
+#: A bot under test that does not wait on Slack's pacing (the fakes have no rate limit); tests
+#: of the pacing itself run with `DEFAULT`.
+FAST = Tuning(slack=SlackPacing(post_interval=0.0, edit_interval=0.0))
 
 
-def bot_settings(slack: FakeSlack, bk: FakeBuildkite, redis_url: str, **overrides: Any) -> Settings:
+def bot_settings(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str | None, **overrides: Any
+) -> Settings:
     values: dict[str, Any] = {
         "slack_bot_token": slack.bot_token,
         "slack_signing_secret": SIGNING_SECRET,
@@ -56,8 +63,12 @@ def work_requests(bk: FakeBuildkite) -> list[Any]:
 class BotClient:
     """Sends signed Slack requests and Buildkite webhooks to a running bot."""
 
-    def __init__(self, bot: RunningBot, slack: FakeSlack, bk: FakeBuildkite) -> None:
+    def __init__(
+        self, bot: RunningBot, slack: FakeSlack, bk: FakeBuildkite, tuning: Tuning = DEFAULT
+    ) -> None:
         self.bot = bot
+        #: What the bot was started with, for a test's waits (its pacing, its lock times).
+        self.tuning = tuning
         self.slack = slack
         self.bk = bk
         self.base = f"http://127.0.0.1:{bot.port}"
@@ -65,7 +76,7 @@ class BotClient:
         self._responses = 0
 
     @property
-    def services(self) -> Any:
+    def services(self) -> Services:
         return self.bot.services
 
     async def close(self) -> None:
@@ -150,11 +161,18 @@ class BotClient:
 
 @contextlib.asynccontextmanager
 async def running_bot(
-    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, **overrides: Any
+    slack: FakeSlack,
+    bk: FakeBuildkite,
+    redis_url: str | None,
+    *,
+    tuning: Tuning = FAST,
+    **overrides: Any,
 ) -> AsyncIterator[BotClient]:
+    """The bot, started against the fakes; `overrides` are settings, `tuning` its timings (by
+    default without Slack pacing)."""
     settings = bot_settings(slack, bk, redis_url, **overrides)
-    async with start_bot(settings, host="127.0.0.1", port=0) as bot:
-        client = BotClient(bot, slack, bk)
+    async with start_bot(settings, host="127.0.0.1", port=0, tuning=tuning) as bot:
+        client = BotClient(bot, slack, bk, tuning)
         try:
             yield client
         finally:
