@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,25 @@ from app.simulators.redis_server import RedisServerMissing, redis_url_or_throwaw
 from app.simulators.slack import FakeSlack
 
 
+def worker_database(url: str, worker: str | None) -> str:
+    """`url` for one pytest-xdist worker: gw0 keeps its database, gwN uses database N, so that
+    workers sharing one REDIS_URL never flush each other's keys."""
+    if not worker or not worker.startswith("gw") or worker == "gw0":
+        return url
+    base, _, query = url.partition("?")
+    scheme, _, rest = base.partition("://")
+    host = rest.split("/", 1)[0]
+    return f"{scheme}://{host}/{int(worker[2:])}" + (f"?{query}" if query else "")
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """REDIS_URL when set (a Redis the tests may flush), else a throwaway redis-server."""
+    """REDIS_URL when set (a Redis the tests may flush; a database of it per xdist worker), else
+    a throwaway redis-server (one per worker)."""
     try:
         with redis_url_or_throwaway() as url:
-            yield url
+            shared = bool(os.environ.get("REDIS_URL"))
+            yield worker_database(url, os.environ.get("PYTEST_XDIST_WORKER")) if shared else url
     except RedisServerMissing as exc:
         pytest.exit(str(exc), returncode=3)
 

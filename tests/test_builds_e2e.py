@@ -359,7 +359,7 @@ async def test_never_two_messages_for_one_build_in_one_channel(
     await slack.wait_for(lambda: roots(slack, NOTIFY))
     await routed.services.tracker.poll_once()
     await routed.webhook(payload)
-    await asyncio.sleep(1.2)
+    await routed.settled()
     assert len(roots(slack, NOTIFY)) == 1
 
 
@@ -391,7 +391,7 @@ async def test_first_failure_and_fixed_transitions(
                 bot, "api", number, state, failed_jobs=["Test"] if state == "failed" else ()
             )
         await slack.wait_for(lambda: len(roots(slack, NOTIFY)) == 2)
-        await asyncio.sleep(1.2)
+        await bot.settled()
     assert [c.args["text"] for c in roots(slack, NOTIFY)] == ["api #2: Failed", "api #4: Passed"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
+from redis.exceptions import ResponseError
 
 from app.core.operations import Services
 from app.main import RunningBot, start_bot
@@ -21,6 +23,7 @@ from app.settings import Settings
 from app.simulators import slack_requests
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
+from app.storage.store import EVENTS_GROUP, EVENTS_STREAM
 from app.tuning import DEFAULT, SlackPacing, Tuning
 
 SIGNING_SECRET = "test-signing-secret"
@@ -81,6 +84,36 @@ class BotClient:
 
     async def close(self) -> None:
         await self.http.close()
+
+    async def settled(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Wait until the bot has done all it was given: its requests' work is finished, the
+        notifier has read and acknowledged every recorded transition, and no Slack write is in
+        flight. A test asserts that something did *not* happen after this, not after a sleep."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        services = self.services
+        while True:
+            busy = [t for t in services.inflight if not t.done()]
+            if busy:
+                await asyncio.wait(busy, timeout=max(0.0, deadline - loop.time()))
+            await services.tracker.finish_writing(max(0.0, deadline - loop.time()))
+            await services.outbox.drain()
+            if not busy and await self._stream_consumed():
+                return
+            if loop.time() >= deadline:
+                raise AssertionError(f"the bot did not settle within {timeout}s")
+            await asyncio.sleep(0.01)
+
+    async def _stream_consumed(self) -> bool:
+        try:
+            groups = await self.services.redis.xinfo_groups(EVENTS_STREAM)
+        except ResponseError:  # no stream yet: nothing was recorded
+            return True
+        return all(
+            not g["pending"] and not g.get("lag")
+            for g in groups
+            if g["name"] in (EVENTS_GROUP, EVENTS_GROUP.encode())
+        )
 
     def new_response_url(
         self, *, channel: str | None = None, message_ts: str | None = None
