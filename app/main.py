@@ -57,7 +57,6 @@ from handlers.errors import report_bolt_error
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 10.0
-APPROVAL_SWEEP_INTERVAL = 5.0
 #: slack_sdk's default timeout for a Web API call (a shared session brings its own).
 SLACK_TIMEOUT = 30.0
 
@@ -237,13 +236,16 @@ def create_bolt_app(
 
 
 @contextlib.asynccontextmanager
-async def background(services: Services) -> AsyncIterator[None]:
+async def background(services: Services, tuning: Tuning = DEFAULT) -> AsyncIterator[None]:
     """Run the notifier and the poller until the block ends."""
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(services.tracker.run_notifier(stop), name="notifier"),
         asyncio.create_task(services.tracker.run_poller(stop), name="poller"),
-        asyncio.create_task(expire_approvals(services, stop), name="approvals"),
+        asyncio.create_task(
+            expire_approvals(services, stop, tuning.deploys.approval_sweep_interval),
+            name="approvals",
+        ),
         asyncio.create_task(run_digest_schedules(services, stop), name="digests"),
     ]
     try:
@@ -257,7 +259,11 @@ async def background(services: Services) -> AsyncIterator[None]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def expire_approvals(services: Services, stop: asyncio.Event) -> None:
+async def expire_approvals(
+    services: Services,
+    stop: asyncio.Event,
+    interval: float = DEFAULT.deploys.approval_sweep_interval,
+) -> None:
     """Close approval requests that ran out of time, so their message says so."""
     operations = Operations(services)
     while not stop.is_set():
@@ -269,7 +275,7 @@ async def expire_approvals(services: Services, stop: asyncio.Event) -> None:
         except Exception:
             log.exception("approval expiry sweep failed; retrying")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=APPROVAL_SWEEP_INTERVAL)
+            await asyncio.wait_for(stop.wait(), timeout=interval)
 
 
 @dataclass
@@ -321,7 +327,7 @@ async def start_bot(
             await site.start()
             bound = runner.addresses[0][1] if runner.addresses else settings.port
             await readiness.check_at_start()
-            async with background(services):
+            async with background(services, tuning):
                 if settings.socket_mode:
                     from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 

@@ -27,6 +27,15 @@ def worker_database(url: str, worker: str | None) -> str:
     return f"{scheme}://{host}/{int(worker[2:])}" + (f"?{query}" if query else "")
 
 
+#: Modules whose tests take tens of seconds each (bots as processes, Buildkite answering after
+#: 20 s, many `python -m app` runs): started first, so that none of them ends the run alone.
+LONG_FIRST = ("test_faults.py", "test_secrets.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in LONG_FIRST)
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """REDIS_URL when set (a Redis the tests may flush; a database of it per xdist worker), else

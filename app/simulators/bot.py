@@ -24,16 +24,19 @@ from app.simulators import slack_requests
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
 from app.storage.store import EVENTS_GROUP, EVENTS_STREAM
-from app.tuning import DEFAULT, SlackPacing, Tuning
+from app.tuning import DEFAULT, DeployTuning, SlackPacing, Tuning
 
 SIGNING_SECRET = "test-signing-secret"
 WEBHOOK_TOKEN = "test-webhook-token"
 BUILDKITE_TOKEN = "bk-test-token"
 #: Every secret a test bot is given (FakeSlack's default bot token first).
 SECRETS = ("xoxb-test", SIGNING_SECRET, BUILDKITE_TOKEN, WEBHOOK_TOKEN)
-#: A bot under test that does not wait on Slack's pacing (the fakes have no rate limit); tests
-#: of the pacing itself run with `DEFAULT`.
-FAST = Tuning(slack=SlackPacing(post_interval=0.0, edit_interval=0.0))
+#: A bot under test that does not wait on Slack's pacing (the fakes have no rate limit), and
+#: sweeps expired approvals often; tests of the pacing itself run with `DEFAULT`.
+FAST = Tuning(
+    slack=SlackPacing(post_interval=0.0, edit_interval=0.0),
+    deploys=DeployTuning(approval_sweep_interval=0.1),
+)
 
 
 def bot_settings(
