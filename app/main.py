@@ -49,6 +49,7 @@ from app.slack.response_urls import SlackHooks
 from app.storage.connection import connect_redis
 from app.storage.store import Store
 from app.tracking.tracker import Tracker
+from app.tuning import DEFAULT, Tuning
 from app.web import create_web_app
 from buildkite.client import BuildkiteClient, StartLookup
 from handlers.errors import report_bolt_error
@@ -56,7 +57,6 @@ from handlers.errors import report_bolt_error
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 10.0
-APPROVAL_SWEEP_INTERVAL = 5.0
 #: slack_sdk's default timeout for a Web API call (a shared session brings its own).
 SLACK_TIMEOUT = 30.0
 
@@ -92,7 +92,7 @@ def create_slack_client(
 
 @contextlib.asynccontextmanager
 async def open_services(
-    settings: Settings, metrics: Metrics | None = None
+    settings: Settings, metrics: Metrics | None = None, tuning: Tuning = DEFAULT
 ) -> AsyncIterator[Services]:
     """Create the process's shared clients (one pool each) and close them on the way out.
 
@@ -125,7 +125,11 @@ async def open_services(
         slack = create_slack_client(settings, slack_session)
         slack.retry_handlers.insert(0, CountSlackCalls(metrics))
         store = Store(redis_client)
-        outbox = Outbox(slack)
+        outbox = Outbox(
+            slack,
+            post_interval=tuning.slack.post_interval,
+            edit_interval=tuning.slack.edit_interval,
+        )
         closing.push_async_callback(_drain, outbox)  # first out: edits need the Slack session
         directory = Directory(slack)
         hooks = SlackHooks(settings.slack_hooks_url, outbox, metrics)
@@ -232,13 +236,16 @@ def create_bolt_app(
 
 
 @contextlib.asynccontextmanager
-async def background(services: Services) -> AsyncIterator[None]:
+async def background(services: Services, tuning: Tuning = DEFAULT) -> AsyncIterator[None]:
     """Run the notifier and the poller until the block ends."""
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(services.tracker.run_notifier(stop), name="notifier"),
         asyncio.create_task(services.tracker.run_poller(stop), name="poller"),
-        asyncio.create_task(expire_approvals(services, stop), name="approvals"),
+        asyncio.create_task(
+            expire_approvals(services, stop, tuning.deploys.approval_sweep_interval),
+            name="approvals",
+        ),
         asyncio.create_task(run_digest_schedules(services, stop), name="digests"),
     ]
     try:
@@ -252,7 +259,11 @@ async def background(services: Services) -> AsyncIterator[None]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def expire_approvals(services: Services, stop: asyncio.Event) -> None:
+async def expire_approvals(
+    services: Services,
+    stop: asyncio.Event,
+    interval: float = DEFAULT.deploys.approval_sweep_interval,
+) -> None:
     """Close approval requests that ran out of time, so their message says so."""
     operations = Operations(services)
     while not stop.is_set():
@@ -264,7 +275,7 @@ async def expire_approvals(services: Services, stop: asyncio.Event) -> None:
         except Exception:
             log.exception("approval expiry sweep failed; retrying")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=APPROVAL_SWEEP_INTERVAL)
+            await asyncio.wait_for(stop.wait(), timeout=interval)
 
 
 @dataclass
@@ -280,13 +291,14 @@ async def start_bot(
     *,
     host: str = "0.0.0.0",  # noqa: S104 - the bot serves Slack and Buildkite from outside
     port: int | None = None,
+    tuning: Tuning = DEFAULT,
 ) -> AsyncIterator[RunningBot]:
     """Start the whole bot (web routes, Slack connection, notifier, poller) for the block's life.
 
     `port=0` picks a free port (tests); the bound port is in the result.
     """
     metrics = Metrics()
-    async with open_services(settings, metrics) as services:
+    async with open_services(settings, metrics, tuning) as services:
         bolt = create_bolt_app(settings, services, metrics)
         readiness = Readiness(
             services.store,
@@ -315,7 +327,7 @@ async def start_bot(
             await site.start()
             bound = runner.addresses[0][1] if runner.addresses else settings.port
             await readiness.check_at_start()
-            async with background(services):
+            async with background(services, tuning):
                 if settings.socket_mode:
                     from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 

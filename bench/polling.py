@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 
 import httpx
 import redis.asyncio as redis
@@ -187,7 +188,7 @@ async def simulate(
             redis_url=redis_url,
             poll_interval=POLL_INTERVAL,
             policy_file="/nonexistent/policy.yml",
-            _env_file=None,  # type: ignore[call-arg]
+            _env_file=None,
         )
         recorded: list[float] = []
         in_flight: dict[int, float] = {}
@@ -278,7 +279,7 @@ async def simulate(
                 while done < len(order) and finish[order[done]] <= next_poll:
                     index = order[done]
                     slug, number = fleet[index]
-                    bk.now = lambda moment=finish[index]: clock.datetime(moment)
+                    bk.now = partial(clock.datetime, finish[index])
                     bk.set_build_state(slug, number, "passed")
                     bk.now = clock.datetime
                     if webhooks:

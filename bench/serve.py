@@ -50,7 +50,7 @@ async def serve_bot(config: dict[str, Any]) -> None:
         poll_interval=config.get("poll_interval", 15),
         log_level=config.get("log_level", "INFO"),
         policy_file="/nonexistent/policy.yml",
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
     )
     logs.configure(settings.log_level, logs.secrets_of(settings))
     async with start_bot(settings, host="127.0.0.1", port=0) as bot:

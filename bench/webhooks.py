@@ -247,7 +247,8 @@ async def run(
 
                 await asyncio.gather(*(one(i) for i in range(count)))
 
-                wanted, roots, read = set(channels), {}, 0
+                wanted, read = set(channels), 0
+                roots: dict[str, str] = {}
 
                 async def posted() -> bool:
                     nonlocal read

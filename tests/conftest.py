@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -9,18 +10,40 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 
-from app.simulators.bot import BotClient, BotLog, bot_logging, running_bot
+from app.simulators.bot import FAST, BotClient, BotLog, bot_logging, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.redis_server import RedisServerMissing, redis_url_or_throwaway
 from app.simulators.slack import FakeSlack
 
 
+def worker_database(url: str, worker: str | None) -> str:
+    """`url` for one pytest-xdist worker: gw0 keeps its database, gwN uses database N, so that
+    workers sharing one REDIS_URL never flush each other's keys."""
+    if not worker or not worker.startswith("gw") or worker == "gw0":
+        return url
+    base, _, query = url.partition("?")
+    scheme, _, rest = base.partition("://")
+    host = rest.split("/", 1)[0]
+    return f"{scheme}://{host}/{int(worker[2:])}" + (f"?{query}" if query else "")
+
+
+#: Modules whose tests take tens of seconds each (bots as processes, Buildkite answering after
+#: 20 s, many `python -m app` runs): started first, so that none of them ends the run alone.
+LONG_FIRST = ("test_faults.py", "test_secrets.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in LONG_FIRST)
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """REDIS_URL when set (a Redis the tests may flush), else a throwaway redis-server."""
+    """REDIS_URL when set (a Redis the tests may flush; a database of it per xdist worker), else
+    a throwaway redis-server (one per worker)."""
     try:
         with redis_url_or_throwaway() as url:
-            yield url
+            shared = bool(os.environ.get("REDIS_URL"))
+            yield worker_database(url, os.environ.get("PYTEST_XDIST_WORKER")) if shared else url
     except RedisServerMissing as exc:
         pytest.exit(str(exc), returncode=3)
 
@@ -70,7 +93,8 @@ def tmp_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 async def bot(
     slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
 ) -> AsyncIterator[BotClient]:
-    """The bot, running on a real port against the fakes, with one pipeline: deploy-prod."""
+    """The bot, running on a real port against the fakes, with one pipeline: deploy-prod, and
+    without Slack pacing."""
     bk.add_pipeline("deploy-prod", default_branch="main")
-    async with running_bot(slack, bk, redis_url) as client:
+    async with running_bot(slack, bk, redis_url, tuning=FAST) as client:
         yield client

@@ -24,7 +24,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, TypeVar, overload
 
 import aiohttp
 
@@ -61,13 +61,33 @@ _LABELS = {label: state for state, label in STATE_LABEL.items()}
 # -- waiting ------------------------------------------------------------------------------------
 
 
+@overload
 async def wait_until(
-    predicate: Callable[[], T | Awaitable[T]],
+    predicate: Callable[[], Awaitable[T]],
+    *,
+    timeout: float,  # noqa: ASYNC109
+    what: str,
+    describe: Callable[[], str] = ...,
+) -> T: ...
+
+
+@overload
+async def wait_until(
+    predicate: Callable[[], T],
+    *,
+    timeout: float,  # noqa: ASYNC109
+    what: str,
+    describe: Callable[[], str] = ...,
+) -> T: ...
+
+
+async def wait_until(
+    predicate: Callable[[], Any],
     *,
     timeout: float,  # noqa: ASYNC109
     what: str,
     describe: Callable[[], str] = lambda: "",
-) -> T:
+) -> Any:
     """Poll `predicate` until it is truthy; fail after `timeout` s saying what did not happen."""
     deadline = time.monotonic() + timeout
     while True:
@@ -498,7 +518,7 @@ class Audit:
         return len(self.duplicate_roots) + len(self.duplicate_finals)
 
     def problems(self) -> str:
-        parts = {
+        parts: dict[str, list[Any]] = {
             "duplicate roots": self.duplicate_roots,
             "duplicate finals": self.duplicate_finals,
             "missing roots": self.missing_roots,
@@ -559,7 +579,8 @@ def _run_bot() -> None:
 
     lock_ms = os.environ.get("FAULT_LOCK_TTL_MS")
     if lock_ms:
-        store.LOCK_TTL_MS = tracker.LOCK_TTL_MS = int(lock_ms)
+        store.LOCK_TTL_MS = int(lock_ms)
+        vars(tracker)["LOCK_TTL_MS"] = store.LOCK_TTL_MS  # the tracker's own copy of the name
         tracker.RECLAIM_IDLE_MS = 2 * int(lock_ms)
         tracker.RECORD_PATIENCE = int(lock_ms) / 2000
     runpy.run_module("app", run_name="__main__", alter_sys=True)

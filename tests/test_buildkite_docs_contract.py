@@ -332,7 +332,7 @@ async def test_the_docs_builds_agents_and_pipelines_show_up_in_slack(
 # -- the webhook examples, replayed ----------------------------------------------------------------
 
 #: The full REST object each abbreviated webhook object stands for.
-FULL = {
+FULL: dict[str, Callable[[], dict[str, Any]]] = {
     "build": lambda: {k: v for k, v in one("rest_api__builds__02.json").items() if k != "jobs"},
     "job": lambda: doc("rest_api__jobs__02.json"),
     "pipeline": lambda: doc("rest_api__pipelines__02.json"),

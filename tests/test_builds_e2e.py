@@ -71,6 +71,7 @@ async def deploy(bot: BotClient, pipeline: str) -> str:
     before = len(roots(bot.slack))
     await bot.command("/deploy", pipeline)
     posts = await bot.slack.wait_for(lambda: len(roots(bot.slack)) > before and roots(bot.slack))
+    assert posts
     return str(posts[-1].response["ts"])
 
 
@@ -86,6 +87,7 @@ async def test_unblock_without_fields(bot: BotClient, slack: FakeSlack, bk: Fake
     ts = await deploy(bot, "deploy-prod")
     await move(bot, "deploy-prod", "passed", blocked=True)
     unblock = await slack.wait_for(lambda: _has(slack, ts, "build_unblock"))
+    assert unblock is not None
     assert unblock["text"]["text"] == "Unblock: Release"
     _, name = await bot.click("build_unblock", unblock["value"], channel=CHANNEL, message_ts=ts)
     assert "Unblocked *Release*" in (await slack.wait_for(lambda: bot.response_texts(name)))[0]
@@ -109,6 +111,7 @@ async def test_unblock_with_fields_opens_a_modal_and_sends_the_values(
     ts = await deploy(bot, "forms")
     await move(bot, "forms", "passed", blocked=True)
     unblock = await slack.wait_for(lambda: _has(slack, ts, "build_unblock"))
+    assert unblock is not None
     await bot.click("build_unblock", unblock["value"], channel=CHANNEL, message_ts=ts)
     opened = await slack.wait_for(lambda: slack.calls_to("views.open"))
     view = opened[0].args["view"]
@@ -163,6 +166,7 @@ async def test_an_unblock_refused_by_the_policy(
         ts = await deploy(bot, "deploy-prod")
         await move(bot, "deploy-prod", "passed", blocked=True)
         unblock = await slack.wait_for(lambda: _has(slack, ts, "build_unblock"))
+        assert unblock is not None
         _, name = await bot.click("build_unblock", unblock["value"], channel=CHANNEL, message_ts=ts)
         text = (await slack.wait_for(lambda: bot.response_texts(name)))[0]
     assert "You may not unblock `deploy-prod`" in text and "<@U0BOB>" in text
@@ -178,6 +182,7 @@ async def test_retry_failed_jobs_then_pass_is_reported_as_passed_after_retry(
     ts = await deploy(bot, "web")
     await move(bot, "web", "failed", failed_jobs=["Test"])
     retry = await slack.wait_for(lambda: _has(slack, ts, "build_retry_failed"))
+    assert retry is not None
     assert _has(slack, ts, "build_rebuild") is not None
     _, name = await bot.click("build_retry_failed", retry["value"], channel=CHANNEL, message_ts=ts)
     assert "Retrying" in (await slack.wait_for(lambda: bot.response_texts(name)))[0]
@@ -354,7 +359,7 @@ async def test_never_two_messages_for_one_build_in_one_channel(
     await slack.wait_for(lambda: roots(slack, NOTIFY))
     await routed.services.tracker.poll_once()
     await routed.webhook(payload)
-    await asyncio.sleep(1.2)
+    await routed.settled()
     assert len(roots(slack, NOTIFY)) == 1
 
 
@@ -386,7 +391,7 @@ async def test_first_failure_and_fixed_transitions(
                 bot, "api", number, state, failed_jobs=["Test"] if state == "failed" else ()
             )
         await slack.wait_for(lambda: len(roots(slack, NOTIFY)) == 2)
-        await asyncio.sleep(1.2)
+        await bot.settled()
     assert [c.args["text"] for c in roots(slack, NOTIFY)] == ["api #2: Failed", "api #4: Passed"]
 
 

@@ -64,6 +64,7 @@ async def deploy(bot: BotClient, text: str = "deploy-prod", **kwargs: Any) -> st
     assert resp.status == 200
     assert "Starting a build of `deploy-prod`" in ack["text"]
     call = await bot.slack.wait_for(lambda: roots(bot.slack)[-1] if roots(bot.slack) else None)
+    assert call is not None
     return str(call.response["ts"])
 
 
@@ -181,7 +182,7 @@ async def test_blocked_build_says_so_and_is_not_final(bot: BotClient, slack: Fak
         lambda: "Waiting on a block step" in blocks_text(current(slack, ts)["blocks"])
     )
     assert "build_cancel" in buttons(current(slack, ts)["blocks"])
-    await asyncio.sleep(1.5)  # longer than the outbox's pacing: a reply would have been posted
+    await bot.settled()  # a reply would have been posted by now
     assert replies(slack, ts) == []  # not final, no thread reply
     assert len(await bot.services.store.pending()) == 1
 
@@ -362,6 +363,7 @@ async def test_webhook_with_bad_token_is_rejected_and_changes_nothing(
     assert (await bot.webhook(payload, token="not-the-token", signed=True)).status == 401
     assert replies(slack, ts) == []
     tracked = await bot.services.store.get(bk.build("deploy-prod", 1)["id"])
+    assert tracked is not None
     assert tracked.phase == "scheduled"
     # A correctly signed one is accepted.
     assert (await bot.webhook(payload, signed=True)).status == 200
@@ -421,10 +423,11 @@ async def test_restart_mid_build_posts_the_final_state_once(
         await slack.wait_for(lambda: len(replies(slack, ts)) == 1)
         # A late webhook and more polls change nothing.
         await second.webhook(bk.webhook_payload("deploy-prod", 1))
-        await asyncio.sleep(1.2)
+        await second.services.tracker.poll_once()
+        await second.settled()
     async with running_bot(slack, bk, redis_url) as third:
         await third.webhook(bk.webhook_payload("deploy-prod", 1))
-        await asyncio.sleep(0.3)
+        await third.settled()
     assert len(replies(slack, ts)) == 1
     assert len(roots(slack)) == 1
     assert await redis_client.zcard(keys.PENDING_KEY) == 0
@@ -682,7 +685,7 @@ async def test_a_late_webhook_does_not_undo_a_newer_state(
     await send_state(bot, "passed")
     await slack.wait_for(lambda: replies(slack, ts))
     assert (await bot.webhook(running)).status == 200  # delivered late, out of order
-    await asyncio.sleep(1.2)
+    await bot.settled()
     assert "Passed" in blocks_text(current(slack, ts)["blocks"])
     assert len(replies(slack, ts)) == 1
 

@@ -5,6 +5,7 @@ in order, and any more are refused in their ack. Nobody is left without an answe
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -53,7 +54,7 @@ async def test_a_burst_of_deploys_runs_one_at_a_time_in_order_and_refuses_the_re
 
     # Every admitted deploy is started and answered, first come first served.
     for name in names[:3]:
-        await slack.wait_for(lambda name=name: bot.response_texts(name))
+        await slack.wait_for(partial(bot.response_texts, name))
     assert created(bk) == PIPELINES[:3]
     for name, slug in zip(names[:3], PIPELINES[:3], strict=True):
         (text,) = bot.response_texts(name)
@@ -76,7 +77,7 @@ async def test_a_deploy_that_fails_still_frees_its_place(
     for _ in range(5):
         _, name, ack = await bot.command("/deploy", "no-such-pipeline")
         assert "Starting a build" in ack["text"]
-        (text,) = await slack.wait_for(lambda name=name: bot.response_texts(name))
+        (text,) = await slack.wait_for(partial(bot.response_texts, name))
         assert "was not found" in text
     _, name, ack = await bot.command("/deploy", "svc-0")
     assert "Starting a build of `svc-0`" in ack["text"]

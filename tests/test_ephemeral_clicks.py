@@ -115,6 +115,7 @@ async def test_retry_from_a_buildkite_build_answer_is_not_threaded_under_it(
     retried = [r for r in bk.requests_to("PUT") if r.path.endswith("/retry_failed_jobs")]
     assert len(retried) == 1
     posts = await slack.wait_for(lambda: len(slack.posts(CHANNEL)) >= 2 and slack.posts(CHANNEL))
+    assert posts
     assert any("retried" in c.args["text"].lower() for c in posts)
     ephemeral_ts = set(slack.ephemeral_messages[CHANNEL])
     assert all(c.args.get("thread_ts") not in ephemeral_ts for c in slack.posts(CHANNEL))
@@ -219,6 +220,7 @@ async def test_an_unblock_after_the_bot_left_the_channel_is_done_and_says_to_inv
         return None
 
     unblock = await slack.wait_for(unblock_button)
+    assert unblock is not None
     slack.remove_bot_from(CHANNEL)
     slack.channels[CHANNEL]["is_private"] = True
     _, name = await bot.click("build_unblock", unblock["value"], channel=CHANNEL, message_ts=ts)

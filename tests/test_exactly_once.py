@@ -74,6 +74,7 @@ async def test_a_reply_made_but_not_recorded_is_not_repeated(
     (as another process would after a crash) and finds the reply instead of posting it twice."""
     _, _, _ = await bot.command("/deploy", "deploy-prod")
     root = await slack.wait_for(lambda: roots(slack)[0] if roots(slack) else None)
+    assert root is not None
     monkeypatch.setattr(tracker_module, "RECORD_PATIENCE", 0.05)
     monkeypatch.setattr(tracker_module, "RECLAIM_IDLE_MS", 300)
     failures = [1, 1]  # the first try and its retry within RECORD_PATIENCE

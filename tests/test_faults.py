@@ -14,7 +14,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as redis
@@ -116,6 +116,7 @@ async def deploy_all(
     started = await wait_until(
         all_started, timeout=60, what=f"{count} builds started", describe=fleet.describe
     )
+    assert started is not None
     by_bot: dict[str, list[BuildKey]] = {bot.name: [] for bot in bots}
     for bot, name in sent:
         by_bot[bot.name].append(started[name])
@@ -182,7 +183,8 @@ async def unfinished(client: redis.Redis, consumer: str, bk: FakeBuildkite) -> d
     found = {}
     for entry in entries:
         entry_id = entry["message_id"]
-        for _, fields in await client.xrange(EVENTS_STREAM, entry_id, entry_id):
+        read = await client.xrange(EVENTS_STREAM, entry_id, entry_id)
+        for _, fields in cast(list[tuple[bytes, dict[bytes, bytes]]], read):
             found[by_id[fields[b"build_id"].decode()]] = fields[b"to"].decode()
     return found
 
@@ -216,7 +218,7 @@ async def test_three_bots_one_killed_and_half_the_webhooks_lost(
     deployed_at = time.monotonic()
     keys = sorted(key for started in by_bot.values() for key in started)
     plan = {key: rng.choice(PATHS) for key in keys}
-    rounds = [[(key, plan[key][r]) for key in keys if plan[key][r]] for r in range(3)]
+    rounds = [[(key, step) for key in keys if (step := plan[key][r])] for r in range(3)]
 
     webhooks = await send_changes(fleet, rounds[0], rng=rng, deliver=0.5)
     for changes in (rounds[1], rounds[2][:100]):
@@ -404,7 +406,11 @@ async def test_a_post_answered_while_redis_is_down_is_recorded_not_repeated(
 async def end_renewals() -> None:
     """Cancel build-lock renewals until they end."""
     for _ in range(100):
-        renewals = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__.endswith(".renew")]
+        renewals = [
+            t
+            for t in asyncio.all_tasks()
+            if getattr(t.get_coro(), "__qualname__", "").endswith(".renew")
+        ]
         if not renewals:
             return
         for task in renewals:
@@ -836,6 +842,7 @@ async def test_a_burst_of_changes_under_slack_429s_ends_with_every_message_true(
             timeout=30,
             what="50 builds started",
         )
+        assert started
         keys = sorted(started.values())
         await wait_until(
             lambda: all(threads(slack)[key].roots for key in keys), timeout=30, what="50 roots"

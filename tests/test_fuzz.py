@@ -117,7 +117,7 @@ WORDS = [
     "https://buildkite.com/other/deploy-prod/builds/1",
 ]
 
-text_chars = st.characters(blacklist_categories=("Cs",))
+text_chars = st.characters(blacklist_categories=["Cs"])
 # Markup is drawn often: a case without any proves little.
 word = st.one_of(
     st.sampled_from(HOSTILE), st.sampled_from(WORDS + HOSTILE), st.text(text_chars, max_size=12)
@@ -277,6 +277,7 @@ class Harness:
         posts = await self.slack.wait_for(
             lambda: len(self.slack.posts(CHANNEL)) >= 2 and self.slack.posts(CHANNEL)
         )
+        assert posts
         self.message_ts = str(posts[0].response["ts"])
         self.bk.set_build_state("forms", 1, "blocked")
         await self.bot.webhook(self.bk.webhook_payload("forms", 1))

@@ -22,11 +22,15 @@ SCHEMA = ROOT / "tests/data/manifest.schema.1.0.0.json"
 
 
 def _manifest() -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "manifest.yml").read_text())
+    manifest = yaml.safe_load((ROOT / "manifest.yml").read_text())
+    assert isinstance(manifest, dict)
+    return manifest
 
 
 def _schema() -> dict[str, Any]:
-    return json.loads(SCHEMA.read_text())
+    schema = json.loads(SCHEMA.read_text())
+    assert isinstance(schema, dict)
+    return schema
 
 
 def test_manifest_is_valid_against_slacks_schema() -> None:

@@ -8,7 +8,7 @@ makes the build only as it answers: the bot's first look, a second after its tim
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as redis
@@ -23,9 +23,17 @@ CHANNEL = "C0CHAN"
 PIPELINE = "deploy-prod"
 BUILDS = f"/v2/organizations/acme/pipelines/{PIPELINE}/builds"
 #: The bot waits 1 s for an answer, then looks for the build for up to 10 s.
-PATIENT = {"buildkite_timeout": 1.0, "buildkite_start_patience": 10.0, "poll_interval": 0.5}
+PATIENT: dict[str, Any] = {
+    "buildkite_timeout": 1.0,
+    "buildkite_start_patience": 10.0,
+    "poll_interval": 0.5,
+}
 #: ...or for only 1 s, so that a build Buildkite makes after 4 s is not found in time.
-IMPATIENT = {"buildkite_timeout": 1.0, "buildkite_start_patience": 1.0, "poll_interval": 0.5}
+IMPATIENT: dict[str, Any] = {
+    "buildkite_timeout": 1.0,
+    "buildkite_start_patience": 1.0,
+    "poll_interval": 0.5,
+}
 
 
 def roots(slack: FakeSlack) -> list[Any]:
@@ -95,14 +103,17 @@ async def test_a_deploy_whose_build_appears_too_late_is_said_to_maybe_have_start
         assert "may have started" in text and "did not send it again" in text, text
         assert f"https://buildkite.com/acme/{PIPELINE}/builds" in text
         assert bk.builds == []  # Buildkite is still making it
-        (request_id,) = [i.decode() for i in await redis_client.hkeys(AWAITED_KEY)]
-        audited = [fields for _, fields in await redis_client.xrange(AUDIT_STREAM)]
+        awaited = cast(list[bytes], await redis_client.hkeys(AWAITED_KEY))
+        (request_id,) = [i.decode() for i in awaited]
+        stream = await redis_client.xrange(AUDIT_STREAM)
+        audited = [fields for _, fields in cast(list[tuple[bytes, dict[bytes, bytes]]], stream)]
         assert [(f[b"action"], f[b"outcome"]) for f in audited] == [(b"deploy", b"unknown")]
 
         # The build appears; the poller finds it by its request id and follows it.
         build = await wait_until(
             lambda: bk.builds[0] if bk.builds else None, timeout=10, what="the late build"
         )
+        assert build is not None
         assert build["meta_data"]["chatops_request_id"] == request_id
         root = await slack.wait_for(lambda: roots(slack), timeout=10)
         ts = str(root[0].response["ts"])

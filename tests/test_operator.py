@@ -92,7 +92,7 @@ def value_of(reply: dict[str, Any], action_id: str) -> str:
 
 
 def text_of(reply: dict[str, Any]) -> str:
-    return json.dumps(reply.get("blocks", [])) + reply.get("text", "")
+    return json.dumps(reply.get("blocks", [])) + str(reply.get("text", ""))
 
 
 def changes(bk: FakeBuildkite) -> list[Any]:

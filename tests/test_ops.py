@@ -350,7 +350,7 @@ async def test_without_redis_url_the_bot_runs_on_the_embedded_store(
 ) -> None:
     bk.add_pipeline("deploy-prod", default_branch="main")
     caplog.set_level(logging.INFO)
-    async with running_bot(slack, bk, None) as bot:  # type: ignore[arg-type]
+    async with running_bot(slack, bk, None) as bot:
         await deploy_to_passed(bot)
         status, body = await get(bot, "/readyz")
         assert status == 200

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,7 @@ async def test_a_forged_button_naming_another_pipeline_is_refused(
         '{"pipeline": "web", "number": -3}',
     ):
         _, name = await bot.click("build_rebuild", bad, channel=CHANNEL, message_ts="1.000001")
-        texts = await bot.slack.wait_for(lambda n=name: bot.response_texts(n))
+        texts = await bot.slack.wait_for(partial(bot.response_texts, name))
         assert "This button's data is not valid" in texts[0]
     assert mutations(bk) == []
 

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from app.main import Services, open_services
+from app.core.operations import Services
+from app.main import open_services
 from app.ops.metrics import Metrics
 from app.simulators.bot import BUILDKITE_TOKEN, bot_settings
 from app.simulators.buildkite import FakeBuildkite, RecordedRequest
@@ -363,6 +364,7 @@ async def test_builds_that_finish_while_buildkite_is_down_get_their_final_messag
             ),
             timeout=15,
         )
+        assert posted
         roots = [c.response["ts"] for c in posted]
         await poller.cycle()
         # Buildkite answers 502 for five minutes (four cycles, backing off), meanwhile the

@@ -115,6 +115,7 @@ async def test_agents_in_a_cluster_are_found_by_their_queue(
 async def test_the_health_digest_reads_past_an_odd_build(bot: BotClient, bk: FakeBuildkite) -> None:
     bk.add_pipeline("web")
     start = datetime.now(UTC) - timedelta(hours=1)
+    author: str | dict[str, Any]
     for author in ("dev@example.com", {}):
         build = bk.add_build("web", state="passed", author=author)
         build["started_at"], build["finished_at"] = iso(start), iso(start + timedelta(seconds=100))
@@ -252,5 +253,6 @@ async def test_the_cluster_setting_and_a_templates_own_cluster(
             "/buildkite", "pipeline create app git@github.com:acme/app.git ios", user_id=ADMIN
         )
         bodies = await slack.wait_for(lambda: len(created(bk)) == 2 and created(bk))
+        assert bodies
     assert {b["name"]: b["cluster_id"] for b in bodies} == {"web": linux["id"], "app": mac["id"]}
     assert not any(r.api_path.endswith("/clusters") for r in bk.requests)

@@ -31,7 +31,7 @@ def settings(url: str) -> Settings:
         buildkite_api_token="bk-test-token",
         buildkite_org="acme",
         redis_url=url,
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
     )
 
 
@@ -127,7 +127,7 @@ async def test_sentinel(tmp_path: Path, processes: list[Any]) -> None:
 
 
 def _cluster_state(node: sync_redis.Redis) -> str:
-    info = node.execute_command("CLUSTER INFO")
+    info = node.cluster("INFO")
     if isinstance(info, dict):
         return str(info.get("cluster_state"))
     text = info.decode() if isinstance(info, bytes) else str(info)
@@ -161,7 +161,7 @@ async def test_cluster(tmp_path: Path, processes: list[Any]) -> None:
         )
     )
     node = sync_redis.Redis(port=port)
-    node.execute_command("CLUSTER ADDSLOTSRANGE", 0, 16383)
+    node.cluster("ADDSLOTSRANGE", 0, 16383)
     deadline = time.monotonic() + 10
     while _cluster_state(node) != "ok":
         assert time.monotonic() < deadline, "the one-node cluster did not come up"

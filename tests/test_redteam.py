@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ async def blocked_build(bot: BotClient, pipeline: str) -> tuple[str, dict[str, A
     button = await bot.slack.wait_for(
         lambda: buttons(current(bot.slack, ts)["blocks"]).get("build_unblock")
     )
+    assert button is not None
     return ts, button
 
 
@@ -112,6 +114,7 @@ async def test_a_retry_answered_502_after_it_happened_is_not_sent_again(
     button = await slack.wait_for(
         lambda: buttons(current(slack, ts)["blocks"]).get("build_retry_failed")
     )
+    assert button is not None
     bk.drop_response_next(1, "/retry_failed_jobs", method="PUT", how="fail")
     _, name = await bot.click("build_retry_failed", button["value"], channel=CHANNEL, message_ts=ts)
     (said,) = await slack.wait_for(lambda: bot.response_texts(name))
@@ -199,6 +202,7 @@ async def test_a_lock_stops_retries_of_builds_its_holder_did_not_ask_for(
     button = await slack.wait_for(
         lambda: buttons(current(slack, ts)["blocks"]).get("build_retry_failed")
     )
+    assert button is not None
     _, locked, _ = await bot.command("/deploy", "lock deploy-prod 2h freeze", user_id="U0CAROL")
     await slack.wait_for(lambda: bot.response_texts(locked))
 
@@ -212,7 +216,7 @@ async def test_a_lock_stops_retries_of_builds_its_holder_did_not_ask_for(
             user_id=user,
             action_ts=f"{n + 1}.0",
         )
-        (said,) = await slack.wait_for(lambda name=name: bot.response_texts(name))
+        (said,) = await slack.wait_for(partial(bot.response_texts, name))
         assert "`deploy-prod` is locked by <@U0CAROL> (freeze)" in said, user
     assert puts_to(bk, "/retry_failed_jobs") == []
 

@@ -4,6 +4,7 @@ message more often than Slack allows (while still showing the latest state)."""
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Any
 
 from slack_sdk.web.async_client import AsyncWebClient
@@ -102,7 +103,7 @@ async def test_the_bot_reuses_its_connections_to_slack(
             bk.set_build_state("web", 1, state)
             assert (await bot.webhook(bk.webhook_payload("web", 1))).status == 200
             await slack.wait_for(
-                lambda shown=shown: shown in str(slack.message(CHANNEL, ts)), timeout=10
+                partial(lambda s: s in str(slack.message(CHANNEL, ts)), shown), timeout=10
             )
         await slack.wait_for(lambda: "passed" in str(slack.thread(CHANNEL, ts)), timeout=10)
         session = bot.services.outbox.client.session

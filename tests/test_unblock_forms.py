@@ -59,7 +59,7 @@ RELEASE_FIELDS: list[dict[str, Any]] = [
     },
 ]
 
-UPLOADED_FIELDS = [{"text": "Release name", "key": "release-name"}]
+UPLOADED_FIELDS: list[dict[str, Any]] = [{"text": "Release name", "key": "release-name"}]
 
 
 @pytest.fixture
@@ -96,6 +96,7 @@ async def open_unblock(
     bot.bk.set_build_state(pipeline, 1, "passed", blocked=True)
     assert (await bot.webhook(bot.bk.webhook_payload(pipeline, 1))).status == 200
     unblock = await bot.slack.wait_for(lambda: _button(bot.slack, ts))
+    assert unblock is not None
     if before_click is not None:
         before_click()
     opened_before = len(bot.slack.calls_to("views.open"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -13,22 +14,34 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
+from redis.exceptions import ResponseError
 
+from app.core.operations import Services
 from app.main import RunningBot, start_bot
 from app.ops import logs
 from app.settings import Settings
 from app.simulators import slack_requests
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
+from app.storage.store import EVENTS_GROUP, EVENTS_STREAM
+from app.tuning import DEFAULT, DeployTuning, SlackPacing, Tuning
 
 SIGNING_SECRET = "test-signing-secret"
 WEBHOOK_TOKEN = "test-webhook-token"
 BUILDKITE_TOKEN = "bk-test-token"
 #: Every secret a test bot is given (FakeSlack's default bot token first).
 SECRETS = ("xoxb-test", SIGNING_SECRET, BUILDKITE_TOKEN, WEBHOOK_TOKEN)
+#: A bot under test that does not wait on Slack's pacing (the fakes have no rate limit), and
+#: sweeps expired approvals often; tests of the pacing itself run with `DEFAULT`.
+FAST = Tuning(
+    slack=SlackPacing(post_interval=0.0, edit_interval=0.0),
+    deploys=DeployTuning(approval_sweep_interval=0.1),
+)
 
 
-def bot_settings(slack: FakeSlack, bk: FakeBuildkite, redis_url: str, **overrides: Any) -> Settings:
+def bot_settings(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str | None, **overrides: Any
+) -> Settings:
     values: dict[str, Any] = {
         "slack_bot_token": slack.bot_token,
         "slack_signing_secret": SIGNING_SECRET,
@@ -56,8 +69,12 @@ def work_requests(bk: FakeBuildkite) -> list[Any]:
 class BotClient:
     """Sends signed Slack requests and Buildkite webhooks to a running bot."""
 
-    def __init__(self, bot: RunningBot, slack: FakeSlack, bk: FakeBuildkite) -> None:
+    def __init__(
+        self, bot: RunningBot, slack: FakeSlack, bk: FakeBuildkite, tuning: Tuning = DEFAULT
+    ) -> None:
         self.bot = bot
+        #: What the bot was started with, for a test's waits (its pacing, its lock times).
+        self.tuning = tuning
         self.slack = slack
         self.bk = bk
         self.base = f"http://127.0.0.1:{bot.port}"
@@ -65,11 +82,41 @@ class BotClient:
         self._responses = 0
 
     @property
-    def services(self) -> Any:
+    def services(self) -> Services:
         return self.bot.services
 
     async def close(self) -> None:
         await self.http.close()
+
+    async def settled(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Wait until the bot has done all it was given: its requests' work is finished, the
+        notifier has read and acknowledged every recorded transition, and no Slack write is in
+        flight. A test asserts that something did *not* happen after this, not after a sleep."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        services = self.services
+        while True:
+            busy = [t for t in services.inflight if not t.done()]
+            if busy:
+                await asyncio.wait(busy, timeout=max(0.0, deadline - loop.time()))
+            await services.tracker.finish_writing(max(0.0, deadline - loop.time()))
+            await services.outbox.drain()
+            if not busy and await self._stream_consumed():
+                return
+            if loop.time() >= deadline:
+                raise AssertionError(f"the bot did not settle within {timeout}s")
+            await asyncio.sleep(0.01)
+
+    async def _stream_consumed(self) -> bool:
+        try:
+            groups = await self.services.redis.xinfo_groups(EVENTS_STREAM)
+        except ResponseError:  # no stream yet: nothing was recorded
+            return True
+        return all(
+            not g["pending"] and not g.get("lag")
+            for g in groups
+            if g["name"] in (EVENTS_GROUP, EVENTS_GROUP.encode())
+        )
 
     def new_response_url(
         self, *, channel: str | None = None, message_ts: str | None = None
@@ -150,11 +197,18 @@ class BotClient:
 
 @contextlib.asynccontextmanager
 async def running_bot(
-    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, **overrides: Any
+    slack: FakeSlack,
+    bk: FakeBuildkite,
+    redis_url: str | None,
+    *,
+    tuning: Tuning = FAST,
+    **overrides: Any,
 ) -> AsyncIterator[BotClient]:
+    """The bot, started against the fakes; `overrides` are settings, `tuning` its timings (by
+    default without Slack pacing)."""
     settings = bot_settings(slack, bk, redis_url, **overrides)
-    async with start_bot(settings, host="127.0.0.1", port=0) as bot:
-        client = BotClient(bot, slack, bk)
+    async with start_bot(settings, host="127.0.0.1", port=0, tuning=tuning) as bot:
+        client = BotClient(bot, slack, bk, tuning)
         try:
             yield client
         finally:
