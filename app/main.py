@@ -49,6 +49,7 @@ from app.slack.response_urls import SlackHooks
 from app.storage.connection import connect_redis
 from app.storage.store import Store
 from app.tracking.tracker import Tracker
+from app.tuning import DEFAULT, Tuning
 from app.web import create_web_app
 from buildkite.client import BuildkiteClient, StartLookup
 from handlers.errors import report_bolt_error
@@ -92,7 +93,7 @@ def create_slack_client(
 
 @contextlib.asynccontextmanager
 async def open_services(
-    settings: Settings, metrics: Metrics | None = None
+    settings: Settings, metrics: Metrics | None = None, tuning: Tuning = DEFAULT
 ) -> AsyncIterator[Services]:
     """Create the process's shared clients (one pool each) and close them on the way out.
 
@@ -124,7 +125,7 @@ async def open_services(
         closing.push_async_callback(slack_session.close)
         slack = create_slack_client(settings, slack_session)
         slack.retry_handlers.insert(0, CountSlackCalls(metrics))
-        store = Store(redis_client)
+        store = Store(redis_client, tuning)
         outbox = Outbox(slack)
         closing.push_async_callback(_drain, outbox)  # first out: edits need the Slack session
         directory = Directory(slack)
@@ -280,13 +281,14 @@ async def start_bot(
     *,
     host: str = "0.0.0.0",  # noqa: S104 - the bot serves Slack and Buildkite from outside
     port: int | None = None,
+    tuning: Tuning = DEFAULT,
 ) -> AsyncIterator[RunningBot]:
     """Start the whole bot (web routes, Slack connection, notifier, poller) for the block's life.
 
     `port=0` picks a free port (tests); the bound port is in the result.
     """
     metrics = Metrics()
-    async with open_services(settings, metrics) as services:
+    async with open_services(settings, metrics, tuning) as services:
         bolt = create_bolt_app(settings, services, metrics)
         readiness = Readiness(
             services.store,
@@ -343,18 +345,18 @@ async def start_bot(
             await runner.cleanup()
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> None:
+async def serve(settings: Settings, stop: asyncio.Event, tuning: Tuning = DEFAULT) -> None:
     """Run the bot until `stop` is set."""
-    async with start_bot(settings):
+    async with start_bot(settings, tuning=tuning):
         await stop.wait()
 
 
-def run(settings: Settings) -> None:
+def run(settings: Settings, tuning: Tuning = DEFAULT) -> None:
     async def _main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
+        await serve(settings, stop, tuning)
 
     asyncio.run(_main())
