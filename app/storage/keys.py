@@ -14,7 +14,7 @@ TEMPLATE_PREFIX = PREFIX.replace("{", "{{").replace("}", "}}")
 
 # -- builds ----------------------------------------------------------------------------------
 
-#: build:{build_id} -> the build's record: one compact JSON string (see `codec.encode_record`),
+#: build:{build_id} -> the build's record: one compact JSON string (laid out in `codec`),
 #: with its phase, generation, snapshot, one message per channel and its posted/once markers, so
 #: that a tracked build costs one key plus its number index. A string has no small/large encoding
 #: cliff (a hash turns into a hashtable as soon as one value passes hash-max-listpack-value).

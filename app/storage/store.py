@@ -35,8 +35,13 @@ class Store(
     def __init__(self, client: redis.Redis, tuning: Tuning = DEFAULT) -> None:
         # Each part keeps the client and registers its own scripts (their names do not clash).
         BuildRecords.__init__(self, client, lock_ttl_ms=tuning.tracking.lock_ttl_ms)
+        TransitionStream.__init__(self, client)
+        RequestClaims.__init__(self, client)
+        AwaitedBuilds.__init__(self, client)
         Approvals.__init__(self, client)
-        self.redis = client
+        PipelineLocks.__init__(self, client)
+        AuditTrail.__init__(self, client)
+        PollLedger.__init__(self, client)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
