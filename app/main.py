@@ -124,7 +124,7 @@ async def open_services(
         closing.push_async_callback(slack_session.close)
         slack = create_slack_client(settings, slack_session)
         slack.retry_handlers.insert(0, CountSlackCalls(metrics))
-        store = Store(redis_client)
+        store = Store(redis_client, tuning)
         outbox = Outbox(
             slack,
             post_interval=tuning.slack.post_interval,
@@ -355,18 +355,18 @@ async def start_bot(
             await runner.cleanup()
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> None:
+async def serve(settings: Settings, stop: asyncio.Event, tuning: Tuning = DEFAULT) -> None:
     """Run the bot until `stop` is set."""
-    async with start_bot(settings):
+    async with start_bot(settings, tuning=tuning):
         await stop.wait()
 
 
-def run(settings: Settings) -> None:
+def run(settings: Settings, tuning: Tuning = DEFAULT) -> None:
     async def _main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
+        await serve(settings, stop, tuning)
 
     asyncio.run(_main())

@@ -31,7 +31,7 @@ from app.main import open_services
 from app.settings import Settings
 from app.simulators.buildkite import FakeBuildkite, sign_webhook
 from app.simulators.slack import FakeSlack, RecordedCall
-from app.storage.store import EVENTS_STREAM, POLL_LEASE_KEY
+from app.storage.keys import EVENTS_STREAM, POLL_LEASE_KEY
 from app.tracking.tracker import next_poll_at
 from bench.common import (
     BUILDKITE_TOKEN,

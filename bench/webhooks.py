@@ -24,7 +24,8 @@ import redis.asyncio as redis
 from app.simulators import slack_requests
 from app.simulators.buildkite import sign_webhook
 from app.simulators.slack import FakeSlack, RecordedCall
-from app.storage.store import EVENTS_STREAM, PREFIX, Store
+from app.storage.keys import EVENTS_STREAM, PREFIX
+from app.storage.store import Store
 from bench.common import (
     SIGNING_SECRET,
     WEBHOOK_TOKEN,

@@ -48,7 +48,7 @@ from app.slack.messages import (
     link,
     locks_list,
 )
-from app.storage.store import REQUEST_TTL
+from app.storage.keys import REQUEST_TTL
 from handlers.errors import answer_errors
 
 COMMANDS = ("/deploy", "/cancel", "/rebuild")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import inspect
 import json
 import os
@@ -574,13 +575,16 @@ def _run_bot() -> None:
     """`python -m app`, with the build lock (and so the reclaim delay) from FAULT_LOCK_TTL_MS."""
     import runpy
 
-    from app.storage import store
+    from app import main as bot_main
     from app.tracking import tracker
+    from app.tuning import TrackingTuning, Tuning
 
     lock_ms = os.environ.get("FAULT_LOCK_TTL_MS")
     if lock_ms:
-        store.LOCK_TTL_MS = int(lock_ms)
-        vars(tracker)["LOCK_TTL_MS"] = store.LOCK_TTL_MS  # the tracker's own copy of the name
+        # `python -m app` calls app.main.run(settings): give it the short build lock.
+        tuning = Tuning(tracking=TrackingTuning(lock_ttl_ms=int(lock_ms)))
+        bot_main.run = functools.partial(bot_main.run, tuning=tuning)
+        tracker.LOCK_TTL_MS = int(lock_ms)
         tracker.RECLAIM_IDLE_MS = 2 * int(lock_ms)
         tracker.RECORD_PATIENCE = int(lock_ms) / 2000
     runpy.run_module("app", run_name="__main__", alter_sys=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -15,7 +14,6 @@ from app.simulators import slack_requests
 from app.simulators.bot import SIGNING_SECRET, BotClient, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
-from app.storage import store as keys
 
 CHANNEL, NOTIFY, OTHER = "C0CHAN", "C0NOTIFY", "C0OTHER"
 ALICE, BOB = "U0USER", "U0BOB"
@@ -195,11 +193,6 @@ async def test_retry_failed_jobs_then_pass_is_reported_as_passed_after_retry(
     await slack.wait_for(lambda: "Running" in json.dumps(slack.message(CHANNEL, ts)["blocks"]))
     await move(bot, "web", "passed")
     await slack.wait_for(lambda: any("passed after retry" in t for t in thread(slack, ts)))
-    for _ in range(50):  # recorded right after the reply is posted
-        if await redis_client.zscore(keys.FLAKY_KEY, "web#1") is not None:
-            break
-        await asyncio.sleep(0.05)
-    assert await redis_client.zscore(keys.FLAKY_KEY, "web#1") is not None
     assert len(roots(slack)) == 1
 
 

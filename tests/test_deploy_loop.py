@@ -19,7 +19,8 @@ from app.simulators.buildkite import FakeBuildkite
 from app.simulators.redis_server import RedisServer
 from app.simulators.slack import FakeSlack
 from app.slack import messages
-from app.storage import store as keys
+from app.storage import keys
+from app.storage.store import Store
 from app.tracking import tracker as tracker_module
 from app.tracking.tracker import phase_of, snapshot
 from buildkite.models import Build
@@ -445,7 +446,7 @@ async def test_a_transition_left_unposted_by_a_dead_process_is_posted_after_rest
     async with running_bot(slack, bk, redis_url) as first:
         ts = await deploy(first)
     # What the dead process did: record the final state, and read the transition it emitted.
-    store = keys.Store(redis_client)
+    store = Store(redis_client)
     build = Build.model_validate(bk.set_build_state("deploy-prod", 1, "passed"))
     phase, rank = phase_of(build)
     await store.observe(

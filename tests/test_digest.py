@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from app.core import digest as digest_module
 from app.core.digest import compute_digest, latest_slot, nearest_rank, run_digest_schedules
 from app.settings import DigestSchedule, Settings
 from app.simulators.bot import BotClient, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
 from app.slack import messages
+from app.storage.keys import DIGEST_LAST_KEY
 from buildkite.client import BuildkiteClient
 from buildkite.models import Build
 
@@ -251,9 +251,9 @@ async def test_a_schedule_fires_once_with_two_processes(
     blocks = json.dumps(posted.args["blocks"])
     assert "web            4    75%" in blocks and "posted late" not in blocks
     slot = latest_slot(DigestSchedule.model_validate(schedules[0]), datetime.now(UTC))
-    last = await redis_client.get(digest_module.DIGEST_LAST_KEY.format(schedule=key))
+    last = await redis_client.get(DIGEST_LAST_KEY.format(schedule=key))
     assert int(last) == int(slot.timestamp())
-    assert await redis_client.ttl(digest_module.DIGEST_LAST_KEY.format(schedule=key)) > 0
+    assert await redis_client.ttl(DIGEST_LAST_KEY.format(schedule=key)) > 0
 
 
 async def test_a_slot_missed_while_down_is_posted_late_once(
@@ -264,7 +264,7 @@ async def test_a_slot_missed_while_down_is_posted_late_once(
     schedule = DigestSchedule.model_validate(schedules[0])
     slot = latest_slot(schedule, datetime.now(UTC))
     # The digest three days ago was posted; the two since were missed while the bot was down.
-    last_key = digest_module.DIGEST_LAST_KEY.format(schedule=schedule.key)
+    last_key = DIGEST_LAST_KEY.format(schedule=schedule.key)
     await redis_client.set(last_key, int((slot - timedelta(days=3)).timestamp()))
     async with (
         running_bot(slack, bk, redis_url, digest_schedules=schedules) as one,

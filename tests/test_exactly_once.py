@@ -13,7 +13,8 @@ import pytest
 from app.simulators.bot import BotClient
 from app.simulators.slack import FakeSlack
 from app.slack import outbox as outbox_module
-from app.storage import store as keys
+from app.storage import keys
+from app.storage.store import Store
 from app.tracking import tracker as tracker_module
 
 CHANNEL = "C0CHAN"
@@ -78,19 +79,19 @@ async def test_a_reply_made_but_not_recorded_is_not_repeated(
     monkeypatch.setattr(tracker_module, "RECORD_PATIENCE", 0.05)
     monkeypatch.setattr(tracker_module, "RECLAIM_IDLE_MS", 300)
     failures = [1, 1]  # the first try and its retry within RECORD_PATIENCE
-    real_mark = keys.Store.mark_posted
+    real_mark = Store.mark_posted
 
-    async def mark_posted_once_failing(self: keys.Store, *args: Any) -> None:
+    async def mark_posted_once_failing(self: Store, *args: Any) -> None:
         if failures:
             failures.pop()
             raise ConnectionError("Redis went away")
         await real_mark(self, *args)
 
-    monkeypatch.setattr(keys.Store, "mark_posted", mark_posted_once_failing)
+    monkeypatch.setattr(Store, "mark_posted", mark_posted_once_failing)
     await send_state(bot, "passed")
     lookup = await slack.wait_for(lambda: slack.calls_to("conversations.replies"), timeout=10)
     assert lookup[0].args["ts"] == root["ts"]
-    store = keys.Store(redis_client)
+    store = Store(redis_client)
     [build_id] = [b["id"] for b in bot.bk.builds if b["number"] == 1]
     await slack.wait_for(lambda: not failures, timeout=10)
 
@@ -151,15 +152,15 @@ async def test_a_message_found_after_a_crash_is_brought_up_to_date(
     monkeypatch.setattr(tracker_module, "RECORD_PATIENCE", 0.05)
     monkeypatch.setattr(tracker_module, "RECLAIM_IDLE_MS", 300)
     failures = [1, 1]
-    real_save = keys.Store.save_target
+    real_save = Store.save_target
 
-    async def save_target_failing_first(self: keys.Store, *args: Any) -> None:
+    async def save_target_failing_first(self: Store, *args: Any) -> None:
         if failures:
             failures.pop()
             raise ConnectionError("Redis went away")
         await real_save(self, *args)
 
-    monkeypatch.setattr(keys.Store, "save_target", save_target_failing_first)
+    monkeypatch.setattr(Store, "save_target", save_target_failing_first)
     await bot.command("/deploy", "deploy-prod")
     await slack.wait_for(lambda: not failures and roots(slack))
     assert "Scheduled" in json.dumps(roots(slack)[0]["blocks"])

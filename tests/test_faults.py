@@ -24,10 +24,11 @@ from app.simulators.bot import SIGNING_SECRET, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.redis_server import RedisServer
 from app.simulators.slack import FakeSlack, RecordedCall
-from app.storage import store as store_module
-from app.storage.store import EVENTS_GROUP, EVENTS_STREAM, PENDING_KEY, PREFIX, Transition
+from app.storage.keys import EVENTS_GROUP, EVENTS_STREAM, PENDING_KEY, PREFIX
+from app.storage.records import Transition
 from app.tracking import tracker as tracker_module
 from app.tracking.tracker import Tracker
+from app.tuning import TrackingTuning, Tuning
 from tests.fault_harness import (
     FAULT_LOCK_TTL_MS,
     FINAL_STATES,
@@ -364,12 +365,12 @@ async def test_a_post_answered_while_redis_is_down_is_recorded_not_repeated(
     # locks renewed every 0.7 s (so during the outage), and a lock left behind lasts 20 s.
     monkeypatch.setattr(tracker_module, "RECLAIM_IDLE_MS", 3000)
     monkeypatch.setattr(tracker_module, "LOCK_TTL_MS", 2000)
-    monkeypatch.setattr(store_module, "LOCK_TTL_MS", 20_000)
+    long_lock = Tuning(tracking=TrackingTuning(lock_ttl_ms=20_000))
     server = RedisServer(persistent=True)
     server.start()
     bk.add_pipeline("svc-00")
     try:
-        async with running_bot(slack, bk, server.url, poll_interval=0.5) as bot:
+        async with running_bot(slack, bk, server.url, poll_interval=0.5, tuning=long_lock) as bot:
             slack.latency = 1.0  # Slack keeps each message at once, and answers a second later
             assert (await bot.command("/deploy", "svc-00"))[0].status == 200
             await slack.wait_for(lambda: slack.messages.get("C0CHAN"), timeout=10)

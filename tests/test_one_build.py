@@ -16,7 +16,7 @@ import redis.asyncio as redis
 from app.simulators.bot import BotClient, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
-from app.storage.store import AUDIT_STREAM, AWAITED_DUE_KEY, AWAITED_KEY
+from app.storage.keys import AUDIT_STREAM, AWAITED_DUE_KEY, AWAITED_KEY
 from tests.fault_harness import wait_until
 
 CHANNEL = "C0CHAN"

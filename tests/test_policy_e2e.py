@@ -14,7 +14,7 @@ import pytest
 from app.simulators.bot import BotClient, running_bot, work_requests
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
-from app.storage import store as keys
+from app.storage import keys
 
 CHANNEL = "C0CHAN"  # "#deploys" in the fake
 ALICE, BOB, CAROL, MALLORY = "U0USER", "U0BOB", "U0CAROL", "U0MAL"

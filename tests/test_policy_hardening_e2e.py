@@ -14,7 +14,7 @@ import pytest
 from app.simulators.bot import BotClient, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
-from app.storage import store as keys
+from app.storage import keys
 from tests.test_policy_e2e import (
     ALICE,
     BOB,

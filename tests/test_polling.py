@@ -25,7 +25,7 @@ from app.ops.metrics import Metrics
 from app.simulators.bot import BUILDKITE_TOKEN, bot_settings
 from app.simulators.buildkite import FakeBuildkite, RecordedRequest
 from app.simulators.slack import FakeSlack
-from app.storage import store as keys
+from app.storage import keys
 from app.tracking.tracker import PollReport, next_poll_at
 from buildkite.client import (
     REQUEST_ID_META_KEY,

@@ -18,8 +18,9 @@ from app.ops.metrics import Metrics
 from app.settings import Settings
 from app.simulators.redis_server import RedisServer, free_port
 from app.storage.connection import MAX_CONNECTIONS, connect_redis
+from app.storage.records import MessageTarget, Observation
 from app.storage.redis_url import parse_redis_url
-from app.storage.store import MessageTarget, Store
+from app.storage.store import Store
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
 
@@ -80,12 +81,9 @@ async def exercise(store: Store) -> None:
     (transition,) = await store.read_transitions("c1", block_ms=10)
     assert transition.new == "scheduled"
     await store.ack_transition(transition.entry_id)
-    assert (
-        await store.observe(
-            "b1", phase="passed", rank=6, snapshot={"id": "b1"}, final=True, blocked=False
-        )
-        == "scheduled"
-    )
+    assert await store.observe(
+        "b1", phase="passed", rank=6, snapshot={"id": "b1"}, final=True, blocked=False
+    ) == Observation.changed("scheduled")
     assert await store.pending() == []
     assert await store.lock_pipeline("web", user="U1", reason="", ttl=60, now=time.time()) is None
 

@@ -18,7 +18,7 @@ from app.simulators.bot import BUILDKITE_TOKEN, SIGNING_SECRET, WEBHOOK_TOKEN
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.redis_server import free_port
 from app.simulators.slack import FakeSlack
-from app.storage import store as keys
+from app.storage import keys
 
 ROOT = Path(__file__).resolve().parent.parent
 

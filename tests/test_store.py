@@ -7,7 +7,6 @@ fakeredis store the bot uses when REDIS_URL is unset, so the embedded store cann
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,10 +14,24 @@ from typing import Any
 import fakeredis
 import pytest
 
-from app.storage import store as keys
-from app.storage.store import REGRESSED, MessageTarget, Store
+from app.storage import keys
+from app.storage.records import (
+    REGRESSED,
+    UNCHANGED,
+    AuditEntry,
+    MessageTarget,
+    Observation,
+    PendingDeploy,
+    PipelineLock,
+    PollState,
+)
+from app.storage.records import ApprovalDecision as Decision
+from app.storage.records import ApprovalStatus as Status
+from app.storage.store import Store
+from app.tuning import DEFAULT, TrackingTuning, Tuning
 
 CHANNEL = "C0CHAN"
+changed = Observation.changed
 
 
 @pytest.fixture(params=["redis", "embedded"])
@@ -47,7 +60,7 @@ async def track(store: Store, build_id: str = "b1", number: int = 1, **kwargs: A
 
 async def observe(
     store: Store, phase: str, rank: int, build_id: str = "b1", **kwargs: Any
-) -> str | None:
+) -> Observation:
     values: dict[str, Any] = {"snapshot": {"state": phase}, "final": False, "blocked": False}
     values.update(kwargs)
     return await store.observe(build_id, phase=phase, rank=rank, **values)
@@ -104,11 +117,13 @@ async def test_track_records_the_build_once_and_emits_its_first_transition(store
 
 async def test_observe_is_a_compare_and_set_that_only_moves_forward(store: Store) -> None:
     await track(store)
-    assert await observe(store, "running", 2) == "scheduled"
-    assert await observe(store, "running", 2) is None  # the same phase again: no transition
+    assert await observe(store, "running", 2) == changed("scheduled")
+    assert await observe(store, "running", 2) == UNCHANGED  # the same phase again: no transition
     assert await observe(store, "scheduled", 1) == REGRESSED  # a late webhook changes nothing
     assert (await store.get("b1")).phase == "running"  # type: ignore[union-attr]
-    assert await observe(store, "failing", 3, snapshot={"state": "failing", "n": 1}) == "running"
+    assert await observe(store, "failing", 3, snapshot={"state": "failing", "n": 1}) == changed(
+        "running"
+    )
     tracked = await store.get("b1")
     assert tracked is not None and tracked.snapshot == {"state": "failing", "n": 1}
     await store.ensure_group()
@@ -123,14 +138,14 @@ async def test_observe_is_a_compare_and_set_that_only_moves_forward(store: Store
 async def test_concurrent_observers_emit_one_transition(store: Store) -> None:
     await track(store)
     results = await asyncio.gather(*(observe(store, "running", 2) for _ in range(10)))
-    assert results.count("scheduled") == 1
-    assert results.count(None) == 9
+    assert results.count(changed("scheduled")) == 1
+    assert results.count(UNCHANGED) == 9
 
 
 async def test_a_final_state_retires_the_build_from_pending(store: Store) -> None:
     await track(store)
     assert await store.pending() == ["b1"]
-    assert await observe(store, "passed", keys.FINAL_RANK, final=True) == "scheduled"
+    assert await observe(store, "passed", keys.FINAL_RANK, final=True) == changed("scheduled")
     assert await store.pending() == []
     assert await store.pending_count() == 0
     assert await ttl(store, keys.BUILD_KEY.format(build_id="b1")) <= keys.FINAL_TTL
@@ -141,10 +156,10 @@ async def test_a_final_state_retires_the_build_from_pending(store: Store) -> Non
 async def test_leaving_a_block_step_needs_a_reset(store: Store) -> None:
     """The blocked exception: a build on a block step goes back to running once unblocked."""
     await track(store)
-    assert await observe(store, "passed:blocked", 4, blocked=True) == "scheduled"
+    assert await observe(store, "passed:blocked", 4, blocked=True) == changed("scheduled")
     assert await observe(store, "running", 2) == REGRESSED
     assert await store.reset("b1", new_generation=False) == 0
-    assert await observe(store, "running", 2) == "passed:blocked"
+    assert await observe(store, "running", 2) == changed("passed:blocked")
     assert (await store.get("b1")).gen == 0  # type: ignore[union-attr]
 
 
@@ -153,14 +168,14 @@ async def test_a_finished_build_run_again_is_reopened_in_a_new_generation(store:
     await observe(store, "failed", keys.FINAL_RANK, final=True)
     assert await store.reset("b1", new_generation=True) == 1
     assert await store.pending() == ["b1"]
-    assert await observe(store, "running", 2) == "failed"
+    assert await observe(store, "running", 2) == changed("failed")
     assert (await store.get("b1")).gen == 1  # type: ignore[union-attr]
     assert await store.reset("untracked", new_generation=True) is None
 
 
 async def test_an_untracked_build_is_not_recorded(store: Store) -> None:
     await store.redis.zadd(keys.PENDING_KEY, {"ghost": 1.0})
-    assert await observe(store, "running", 2, build_id="ghost") is None
+    assert await observe(store, "running", 2, build_id="ghost") == UNCHANGED
     assert await store.pending() == []
     assert not await store.redis.exists(keys.BUILD_KEY.format(build_id="ghost"))
 
@@ -244,7 +259,7 @@ async def test_build_locks_belong_to_their_holder(store: Store) -> None:
     assert token is not None
     assert await store.acquire_lock("b1") is None
     key = keys.BUILD_LOCK_KEY.format(build_id="b1")
-    assert 0 < await store.redis.pttl(key) <= keys.LOCK_TTL_MS
+    assert 0 < await store.redis.pttl(key) <= DEFAULT.tracking.lock_ttl_ms
     await store.release_lock("b1", "someone-else")
     assert await store.acquire_lock("b1") is None  # not released by a stranger
     assert await store.renew_lock("b1", token) is True
@@ -254,20 +269,31 @@ async def test_build_locks_belong_to_their_holder(store: Store) -> None:
     assert await store.acquire_lock("b1") is not None
 
 
+async def test_the_build_lock_lives_as_long_as_the_tuning_says(store: Store) -> None:
+    short = Store(store.redis, Tuning(tracking=TrackingTuning(lock_ttl_ms=5_000)))
+    token = await short.acquire_lock("b1")
+    assert token is not None
+    key = keys.BUILD_LOCK_KEY.format(build_id="b1")
+    assert 4_000 < await store.redis.pttl(key) <= 5_000
+    await store.redis.pexpire(key, 10)
+    assert await short.renew_lock("b1", token) is True
+    assert 4_000 < await store.redis.pttl(key) <= 5_000
+
+
 async def test_one_poller_per_lease(store: Store) -> None:
     assert await store.acquire_poll_lease("p1", 50) is True
     assert await store.acquire_poll_lease("p2", 50) is False
     await asyncio.sleep(0.1)
     assert await store.acquire_poll_lease("p2", 50) is True
-    assert await store.poll_state() == keys.PollState()
+    assert await store.poll_state() == PollState()
     await store.save_poll_state(finished_from=1234.5, failures=2, backoff="rate_limited")
     await store.save_poll_state(resume_at=1300.0)
-    assert await store.poll_state() == keys.PollState(
+    assert await store.poll_state() == PollState(
         finished_from=1234.5, resume_at=1300.0, failures=2, backoff="rate_limited"
     )
     assert 0 < await ttl(store, keys.POLL_STATE_KEY) <= keys.PENDING_TTL
     await store.end_poll_backoff()
-    assert await store.poll_state() == keys.PollState(finished_from=1234.5)
+    assert await store.poll_state() == PollState(finished_from=1234.5)
 
 
 # -- the commands the rest of the store relies on ------------------------------------------------
@@ -277,20 +303,26 @@ async def test_deploy_locks_requests_approvals_and_audit(store: Store) -> None:
     """Not the policy's rules (tests/test_policy*.py), only that both backends run them."""
     assert await store.lock_pipeline("web", user="U1", reason="r", ttl=60, now=1.0) is None
     held = await store.lock_pipeline("web", user="U2", reason="r", ttl=60, now=2.0)
-    assert held is not None and held["user"] == "U1"
-    assert [lock["pipeline"] for lock in await store.pipeline_locks()] == ["web"]
+    assert held == PipelineLock(pipeline="web", user="U1", reason="r", since=1.0, expires_at=61.0)
+    assert [lock.pipeline for lock in await store.pipeline_locks()] == ["web"]
     assert await store.unlock_pipeline("web") is True
-    await store.save_deploy_request("d1", {"pipeline": "web"})
-    assert await store.take_deploy_request("d1") == {"pipeline": "web"}
+    request = PendingDeploy(plan={"pipeline": "web"}, user_name="ann")
+    await store.save_deploy_request("d1", request)
+    assert await store.take_deploy_request("d1") == request
     assert await store.take_deploy_request("d1") is None
     now = time.time()
-    await store.create_approval("a1", {"pipeline": "web"}, expires_at=now + 60)
+    await store.create_approval("a1", request, expires_at=now + 60)
     assert await store.due_approvals(now + 61) == ["a1"]
-    assert await store.decide_approval("a1", status="approved", user="U2", now=now) == "ok"
-    assert await store.decide_approval("a1", status="rejected", user="U3", now=now) == "approved"
-    await store.audit({"pipeline": "web", "action": "deploy"})
-    await store.audit({"pipeline": "api", "action": "deploy"})
-    assert [e["pipeline"] for e in await store.audit_entries(pipeline=None, limit=5)] == [
+    approved = await store.decide_approval("a1", status=Status.APPROVED, user="U2", now=now)
+    assert approved is Decision.DECIDED
+    late = await store.decide_approval("a1", status=Status.REJECTED, user="U3", now=now)
+    assert late is Decision.APPROVED
+    approval = await store.approval("a1")
+    assert approval is not None and approval.request == request
+    assert (approval.status, approval.decided_by) == (Status.APPROVED, "U2")
+    await store.audit(AuditEntry(pipeline="web", action="deploy"))
+    await store.audit(AuditEntry(pipeline="api", action="deploy"))
+    assert [e.pipeline for e in await store.audit_entries(pipeline=None, limit=5)] == [
         "api",
         "web",
     ]
@@ -368,77 +400,6 @@ async def test_number_index_and_record_expire_together(store: Store) -> None:
     assert await store.reset("b1", new_generation=True) == 1  # run again: followed for longer
     for key in (record, index):
         assert keys.FINAL_TTL < await ttl(store, key) <= keys.PENDING_TTL
-
-
-async def test_a_build_tracked_by_the_previous_layout_is_converted_and_carries_on(
-    store: Store,
-) -> None:
-    """Records written before the one-string layout stay readable, and their guards hold."""
-    r = store.redis
-    key = keys.BUILD_KEY.format(build_id="b1")
-    legacy_snapshot = {"id": "b1", "number": 7, "state": "running", "author": None}
-    await r.hset(
-        key,
-        mapping={
-            "build_id": "b1",
-            "pipeline": "web",
-            "number": "7",
-            "phase": "running",
-            "rank": "2",
-            "gen": "0",
-            "blocked": "0",
-            "retried": "1",
-            "snapshot": json.dumps(legacy_snapshot),
-            "updated": "1700000000.5",
-            "auto_retries": "1",
-        },
-    )
-    await r.expire(key, 1000)
-    target = MessageTarget(channel=CHANNEL, requester="U0USER", ts="1.2", rendered="abc")
-    messages = keys.LEGACY_MESSAGES_KEY.format(build_id="b1")
-    await r.hset(messages, CHANNEL, target.model_dump_json(exclude_none=True))
-    posted = keys.LEGACY_POSTED_KEY.format(build_id="b1", channel=CHANNEL, gen=0, kind="running")
-    await r.set(posted, "1", ex=1000)
-    await r.set(keys.BY_NUMBER_KEY.format(pipeline="web", number=7), "b1", ex=1000)
-    await r.zadd(keys.PENDING_KEY, {"b1": 1.0})
-
-    tracked = await store.find("web", 7)
-    assert tracked is not None
-    assert (tracked.pipeline, tracked.number, tracked.phase, tracked.retried) == (
-        "web",
-        7,
-        "running",
-        True,
-    )
-    assert tracked.snapshot == {"id": "b1", "number": 7, "state": "running"}
-    assert tracked.targets == [target]
-    assert await store.was_posted("b1", CHANNEL, 0, "running")
-    assert not await store.was_posted("b1", CHANNEL, 0, "final")
-    assert await store.count_auto_retry("b1") == 2
-    assert 900 < await ttl(store, key) <= 1000  # the legacy record's TTL is kept
-    assert not await r.exists(messages, posted)
-    assert await observe(store, "passed", keys.FINAL_RANK, final=True) == "running"
-    assert await store.pending() == []
-
-
-async def test_legacy_records_are_converted_by_whichever_script_meets_them(store: Store) -> None:
-    r = store.redis
-    for n, build_id in enumerate(("b1", "b2", "b3"), start=1):
-        await r.hset(
-            keys.BUILD_KEY.format(build_id=build_id),
-            mapping={"build_id": build_id, "pipeline": "web", "number": str(n), "phase": "running",
-                     "rank": "2", "gen": "0", "snapshot": "{}"},
-        )  # fmt: skip
-    assert await observe(store, "failing", 3, build_id="b1") == "running"
-    assert await store.reset("b2", new_generation=True) == 1
-    assert await track(store, "b3", number=3) is True  # a new channel for the converted build
-    assert await store.once("b3", 0, "final") is True
-    for build_id in ("b1", "b2", "b3"):
-        assert await r.type(keys.BUILD_KEY.format(build_id=build_id)) == b"string"
-    # A stray field left on an expired legacy record is no build: it is dropped.
-    await r.hset(keys.BUILD_KEY.format(build_id="b4"), "retried", "1")
-    assert await store.get("b4") is None
-    assert not await r.exists(keys.BUILD_KEY.format(build_id="b4"))
 
 
 async def test_stopped_processes_consumers_are_forgotten_but_not_their_work(store: Store) -> None:

@@ -7,8 +7,9 @@ from typing import Any
 
 import redis.asyncio as redis
 
-from app.storage import store as keys
-from app.storage.store import MessageTarget, Store
+from app.storage import keys
+from app.storage.records import MessageTarget, Observation
+from app.storage.store import Store
 from app.tracking.tracker import phase_of, snapshot
 from buildkite.models import Build
 
@@ -65,7 +66,7 @@ RECORD_BUDGET = 1024
 INDEX_BUDGET = 144
 
 
-async def observe(store: Store, build: Build) -> str | None:
+async def observe(store: Store, build: Build) -> Observation:
     phase, rank = phase_of(build)
     return await store.observe(
         build.id, phase=phase, rank=rank, snapshot=snapshot(build), final=build.is_final,
@@ -130,10 +131,10 @@ async def test_nothing_of_a_final_build_outlives_the_final_ttl(redis_client: red
     )  # fmt: skip
     await store.mark_posted(BUILD_ID, CHANNEL, 0, "running")
     failing = Build.model_validate({**BUILD, "state": "failing"})
-    assert await observe(store, failing) == "running"
+    assert await observe(store, failing) == Observation.changed("running")
     await store.mark_posted(BUILD_ID, CHANNEL, 0, "failing")
     failed = Build.model_validate({**BUILD, "state": "failed", "finished_at": BUILD["started_at"]})
-    assert await observe(store, failed) == "failing"
+    assert await observe(store, failed) == Observation.changed("failing")
     await store.mark_posted(BUILD_ID, CHANNEL, 0, "final")
     assert await store.once(BUILD_ID, 0, "final") is True
     assert await store.count_auto_retry(BUILD_ID) == 1

@@ -17,7 +17,7 @@ import redis.asyncio as redis
 from app.simulators.bot import WEBHOOK_TOKEN, BotClient
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
-from app.storage.store import EVENTS_STREAM, PREFIX
+from app.storage.keys import EVENTS_STREAM, PREFIX
 
 CHANNEL = "C0CHAN"
 

@@ -46,7 +46,7 @@ from app.slack.messages import (
     WhoAmI,
 )
 from app.slack.outbox import SlackDeliveryError
-from app.storage.store import ACTION_TTL, REQUEST_TTL
+from app.storage.keys import ACTION_TTL, REQUEST_TTL
 from buildkite.errors import BuildkiteError, NotFound, PermissionDenied, ValidationFailed
 from buildkite.models import Build, BuildState, Organization, Pipeline, User
 

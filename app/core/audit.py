@@ -7,6 +7,7 @@ import time
 
 from redis.exceptions import RedisError
 
+from app.storage.records import AuditEntry
 from app.storage.store import Store
 
 log = logging.getLogger("app.core.audit")
@@ -51,6 +52,6 @@ class Auditor:
             extra={"audit": entry},
         )
         try:
-            await self.store.audit(entry)
+            await self.store.audit(AuditEntry(**entry))
         except RedisError as exc:  # the log line above still records it
             log.warning("audit entry not stored in redis: %s", exc)

@@ -30,7 +30,12 @@ from app.settings import DigestSchedule
 from app.slack import messages
 from app.slack.messages import Digest, PipelineHealth
 from app.slack.outbox import SlackDeliveryError
-from app.storage.store import TEMPLATE_PREFIX
+from app.storage.keys import (
+    DIGEST_LAST_KEY,
+    DIGEST_LAST_TTL,
+    DIGEST_LEASE_KEY,
+    DIGEST_LEASE_TTL,
+)
 from buildkite.client import BuildkiteClient
 from buildkite.models import Build, BuildState
 
@@ -47,13 +52,6 @@ PER_PAGE = 100
 MAX_BUILDS = 2000
 TOP_FAILING = 3
 
-#: digest:lease:{schedule}:{slot} -> the process posting that slot's digest (SET NX, expires).
-DIGEST_LEASE_KEY = TEMPLATE_PREFIX + "digest:lease:{schedule}:{slot}"
-#: digest:last:{schedule} -> the slot (unix seconds) of the schedule's latest posted digest.
-DIGEST_LAST_KEY = TEMPLATE_PREFIX + "digest:last:{schedule}"
-#: A process that took a slot and died is replaced after this long (the digest is then late).
-LEASE_TTL = 15 * 60
-LAST_TTL = 35 * 24 * 3600  # outlives a weekly schedule's gap
 #: A digest posted more than this long after its slot says that it is late.
 LATE_AFTER = timedelta(minutes=10)
 TICK = 30.0
@@ -264,11 +262,11 @@ class DigestLedger:
     async def claim(self, schedule: str, slot: datetime, owner: str) -> bool:
         """Take a slot for this process; False when another process has it."""
         key = DIGEST_LEASE_KEY.format(schedule=schedule, slot=int(slot.timestamp()))
-        return bool(await self.redis.set(key, owner, nx=True, ex=LEASE_TTL))
+        return bool(await self.redis.set(key, owner, nx=True, ex=DIGEST_LEASE_TTL))
 
     async def mark_posted(self, schedule: str, slot: datetime) -> None:
         key = DIGEST_LAST_KEY.format(schedule=schedule)
-        await self._mark(keys=[key], args=[int(slot.timestamp()), LAST_TTL])
+        await self._mark(keys=[key], args=[int(slot.timestamp()), DIGEST_LAST_TTL])
 
 
 async def post_due_digest(
@@ -313,7 +311,7 @@ async def run_digest_schedules(
 ) -> None:
     """Post each scheduled digest when its slot comes (or late, after downtime) until `stop`.
 
-    A failed digest is tried again once its lease expires (LEASE_TTL).
+    A failed digest is tried again once its lease expires (DIGEST_LEASE_TTL).
     """
     schedules = services.settings.digest_schedules
     if not schedules:
@@ -334,13 +332,13 @@ async def run_digest_schedules(
                     "the digest for %s was not posted (%s); it is tried again in %d min",
                     schedule.channel,
                     exc.error,
-                    LEASE_TTL // 60,
+                    DIGEST_LEASE_TTL // 60,
                 )
             except Exception:
                 log.exception(
                     "the digest for %s failed; it is tried again in %d min",
                     schedule.channel,
-                    LEASE_TTL // 60,
+                    DIGEST_LEASE_TTL // 60,
                 )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=tick)

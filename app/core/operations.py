@@ -42,15 +42,18 @@ from app.slack.directory import Directory
 from app.slack.messages import DeployPlan, Rendered, UnblockButtonValue, link
 from app.slack.outbox import Outbox, SlackDeliveryError, not_in_channel_text
 from app.slack.response_urls import SlackHooks
-from app.storage.store import (
-    ACTION_TTL,
-    AWAITED_TTL,
-    REQUEST_TTL,
+from app.storage.keys import ACTION_TTL, AWAITED_TTL, REQUEST_TTL
+from app.storage.records import (
+    Approval,
+    ApprovalDecision,
+    ApprovalStatus,
+    AuditEntry,
     AwaitedBuild,
     MessageTarget,
-    Store,
+    PendingDeploy,
     TrackedBuild,
 )
+from app.storage.store import Store
 from app.tracking.tracker import Tracker
 from buildkite.client import BuildkiteClient
 from buildkite.errors import (
@@ -425,26 +428,26 @@ class Operations:
             lock = await self.s.store.pipeline_lock(pipeline)
         except RedisError:
             raise UserError(TRACKING_DOWN) from None
-        if lock and lock["user"] != actor.user_id and build is not None:
+        if lock and lock.user != actor.user_id and build is not None:
             try:
                 current = await self.s.buildkite.get_build(build.pipeline, build.number)
             except BuildkiteError as exc:
                 raise UserError(
                     explain(exc, action=action, pipeline=build.pipeline, number=build.number)
                 ) from None
-            if current.meta_data.get("chatops_requested_by") == lock["user"]:
+            if current.meta_data.get("chatops_requested_by") == lock.user:
                 return
-        if lock and lock["user"] != actor.user_id:
+        if lock and lock.user != actor.user_id:
             await self._audit(
                 actor,
                 action,
                 pipeline,
                 "refused",
                 number=build.number if build else None,
-                detail=f"locked by {lock['user']}",
+                detail=f"locked by {lock.user}",
             )
             raise UserError(
-                messages.locked_text(pipeline, lock["user"], lock.get("reason"))
+                messages.locked_text(pipeline, lock.user, lock.reason)
                 + " Ask them to `/deploy unlock` it when they are done."
             )
 
@@ -608,7 +611,7 @@ class Operations:
 
     async def _own_request(
         self, request_id: str, actor: Actor, *, verb: str
-    ) -> tuple[DeployPlan, dict[str, Any]]:
+    ) -> tuple[DeployPlan, PendingDeploy]:
         """Use up a waiting confirmation, only when `actor` is the one who asked for it."""
         expired = UserError("This confirmation has expired or was already used; nothing was done.")
         try:
@@ -633,7 +636,7 @@ class Operations:
         approval = await self.s.store.approval(approval_id)
         if approval is None:
             raise UserError("This approval request no longer exists.")
-        data = approval["request"]
+        data = approval.request
         plan = _plan_from(data)
         rule = self.s.policy.rule_for(plan.pipeline)
         action = "approve" if approve else "reject"
@@ -653,15 +656,20 @@ class Operations:
                 f"Only {', '.join(plan.approvers) or 'the approvers'} may {action} this deploy."
             )
         refusal = await self._recheck(plan, data, approval, actor) if approve else None
-        status = "rejected" if not approve else "refused" if refusal else "approved"
+        status = (
+            ApprovalStatus.REJECTED
+            if not approve
+            else ApprovalStatus.REFUSED
+            if refusal
+            else ApprovalStatus.APPROVED
+        )
         result = await self.s.store.decide_approval(
             approval_id, status=status, user=actor.user_id, now=time.time()
         )
-        if result == "expired!":
+        if result is ApprovalDecision.EXPIRED_NOW:
             await self._show_approval(approval, plan, "expired")
-        if result != "ok":
-            state = result.rstrip("!")
-            raise UserError(f"This deploy request was already {state}; nothing was done.")
+        if result is not ApprovalDecision.DECIDED:
+            raise UserError(f"This deploy request was already {result.status}; nothing was done.")
         if refusal is not None:
             await self._audit(actor, action, plan.pipeline, "refused", detail=refusal.detail)
             await self._show_approval(
@@ -674,16 +682,16 @@ class Operations:
             return None
         requester = Actor(
             user_id=plan.requester,
-            user_name=str(data.get("user_name") or plan.requester),
-            channel_id=approval["channel"] or actor.channel_id,
-            channel_name=data.get("channel_name"),
+            user_name=data.user_name or plan.requester,
+            channel_id=approval.channel or actor.channel_id,
+            channel_name=data.channel_name,
         )
         try:
             build = await self._start(
                 plan,
                 requester,
                 request_id=approval_id,
-                thread=approval["ts"] or None,
+                thread=approval.ts or None,
                 approved_by=actor.user_id,
             )
         except UserError:
@@ -693,17 +701,17 @@ class Operations:
         return build
 
     async def _recheck(
-        self, plan: DeployPlan, data: dict[str, Any], approval: dict[str, Any], approver: Actor
+        self, plan: DeployPlan, data: PendingDeploy, approval: Approval, approver: Actor
     ) -> Refusal | None:
         """Check again, as the approval takes effect, what was checked when it was asked for."""
         action = _plan_action(plan)
-        channel = approval.get("channel") or approver.channel_id
+        channel = approval.channel or approver.channel_id
         decision = await self.s.policy.check(
             action,
             plan.pipeline,
             user=plan.requester,
             channel_id=channel,
-            channel_name=data.get("channel_name"),
+            channel_name=data.channel_name,
             resolve=self.s.directory.usergroup_members,
         )
         if not decision.allowed:
@@ -720,13 +728,11 @@ class Operations:
             lock = await self.s.store.pipeline_lock(plan.pipeline)
         except RedisError:
             raise UserError(TRACKING_DOWN) from None
-        if lock and lock["user"] not in (plan.requester, approver.user_id):
+        if lock and lock.user not in (plan.requester, approver.user_id):
             return Refusal(
-                messages.locked_text(plan.pipeline, lock["user"], lock.get("reason")).removeprefix(
-                    ":lock: "
-                )
+                messages.locked_text(plan.pipeline, lock.user, lock.reason).removeprefix(":lock: ")
                 + " Ask again once it is unlocked.",
-                f"locked by {lock['user']}",
+                f"locked by {lock.user}",
             )
         try:
             await self.s.buildkite.get_pipeline(plan.pipeline)
@@ -743,17 +749,17 @@ class Operations:
         expired = 0
         for approval_id in await self.s.store.due_approvals(time.time()):
             result = await self.s.store.decide_approval(
-                approval_id, status="expired", user="", now=time.time()
+                approval_id, status=ApprovalStatus.EXPIRED, user="", now=time.time()
             )
             approval = await self.s.store.approval(approval_id)
-            if result == "expired!" and approval is not None:
-                await self._show_approval(approval, _plan_from(approval["request"]), "expired")
+            if result is ApprovalDecision.EXPIRED_NOW and approval is not None:
+                await self._show_approval(approval, _plan_from(approval.request), "expired")
                 expired += 1
         return expired
 
     async def _show_approval(
         self,
-        approval: dict[str, Any],
+        approval: Approval,
         plan: DeployPlan,
         status: str,
         *,
@@ -761,12 +767,12 @@ class Operations:
         build: Build | None = None,
         reason: str | None = None,
     ) -> None:
-        if not approval.get("ts"):
+        if not approval.ts:
             return
         rendered = messages.approval_request(
             plan, "0" * 16, status=status, decided_by=decided_by, build=build, reason=reason
         )
-        await self.s.outbox.update(approval["channel"], approval["ts"], rendered)
+        await self.s.outbox.update(approval.channel, approval.ts, rendered)
 
     async def _start(
         self,
@@ -1074,7 +1080,7 @@ class Operations:
         asked_by = {build.meta_data.get("chatops_requested_by")} | {
             t.requester for t in tracked.targets
         }
-        if lock and lock["user"] not in asked_by:
+        if lock and lock.user not in asked_by:
             # A freeze stops the bot's own re-runs too, as it stops everybody's Retry clicks.
             for target in tracked.targets:
                 await self.s.outbox.post(
@@ -1082,7 +1088,7 @@ class Operations:
                     messages.notice(
                         ":hourglass: Not auto-retried: "
                         + messages.locked_text(
-                            tracked.pipeline, lock["user"], lock.get("reason")
+                            tracked.pipeline, lock.user, lock.reason
                         ).removeprefix(":lock: ")
                     ),
                     thread_ts=target.reply_thread,
@@ -1186,13 +1192,11 @@ class Operations:
             ttl=request.ttl,
             now=time.time(),
         )
-        if holder is not None and holder["user"] != actor.user_id:
+        if holder is not None and holder.user != actor.user_id:
             await self._audit(
-                actor, "lock", request.pipeline, "refused", detail=f"held by {holder['user']}"
+                actor, "lock", request.pipeline, "refused", detail=f"held by {holder.user}"
             )
-            raise UserError(
-                f":lock: `{request.pipeline}` is already locked by <@{holder['user']}>."
-            )
+            raise UserError(f":lock: `{request.pipeline}` is already locked by <@{holder.user}>.")
         await self._audit(actor, "lock", request.pipeline, "locked", detail=request.reason)
         until = f" for {_human(request.ttl)}" if request.ttl else " until unlocked"
         return messages.lock_announcement(actor.user_id, request.pipeline, until, request.reason)
@@ -1201,21 +1205,20 @@ class Operations:
         lock = await self.s.store.pipeline_lock(request.pipeline)
         if lock is None:
             raise UserError(f"`{request.pipeline}` is not locked.")
-        if lock["user"] != actor.user_id and not await self.s.policy.is_admin(
+        if lock.user != actor.user_id and not await self.s.policy.is_admin(
             actor.user_id, self.s.directory.usergroup_members
         ):
             await self._audit(
-                actor, "unlock", request.pipeline, "refused", detail=f"held by {lock['user']}"
+                actor, "unlock", request.pipeline, "refused", detail=f"held by {lock.user}"
             )
             raise UserError(
-                f"Only <@{lock['user']}>, who locked `{request.pipeline}`, or an admin can "
-                "unlock it."
+                f"Only <@{lock.user}>, who locked `{request.pipeline}`, or an admin can unlock it."
             )
         await self.s.store.unlock_pipeline(request.pipeline)
         await self._audit(actor, "unlock", request.pipeline, "unlocked")
         return f":unlock: <@{actor.user_id}> unlocked `{request.pipeline}`."
 
-    async def audit_entries(self, request: AuditRequest, actor: Actor) -> list[dict[str, str]]:
+    async def audit_entries(self, request: AuditRequest, actor: Actor) -> list[AuditEntry]:
         """The audit trail, for admins (everything) or a pipeline's deployers (that pipeline)."""
         resolve = self.s.directory.usergroup_members
         admin = await self.s.policy.is_admin(actor.user_id, resolve)
@@ -1381,16 +1384,15 @@ def _plan_action(plan: DeployPlan) -> Action:
     return Action.REBUILD if plan.rebuild_of is not None else Action.DEPLOY
 
 
-def _plan_data(plan: DeployPlan, actor: Actor) -> dict[str, Any]:
+def _plan_data(plan: DeployPlan, actor: Actor) -> PendingDeploy:
     data = asdict(plan)
     data["approvers"] = list(plan.approvers)
-    data.update(user_name=actor.user_name, channel_name=actor.channel_name)
-    return data
+    return PendingDeploy(plan=data, user_name=actor.user_name, channel_name=actor.channel_name)
 
 
-def _plan_from(data: dict[str, Any]) -> DeployPlan:
+def _plan_from(request: PendingDeploy) -> DeployPlan:
     fields = {f.name for f in dataclass_fields(DeployPlan)}
-    values = {k: v for k, v in data.items() if k in fields}
+    values = {k: v for k, v in request.plan.items() if k in fields}
     values["approvers"] = tuple(values.get("approvers") or ())
     values["env"] = dict(values.get("env") or {})
     return DeployPlan(**values)

@@ -23,7 +23,7 @@ from app.settings import Settings
 from app.simulators import slack_requests
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
-from app.storage.store import EVENTS_GROUP, EVENTS_STREAM
+from app.storage.keys import EVENTS_GROUP, EVENTS_STREAM
 from app.tuning import DEFAULT, DeployTuning, SlackPacing, Tuning
 
 SIGNING_SECRET = "test-signing-secret"

@@ -33,6 +33,7 @@ from app.slack.mrkdwn import link as link
 from app.slack.mrkdwn import plain as plain
 from app.slack.mrkdwn import preformatted as preformatted
 from app.slack.mrkdwn import trusted_url as trusted_url
+from app.storage.records import AuditEntry, PipelineLock
 from buildkite.models import Build, BuildState, Job
 
 SECTION_TEXT_LIMIT = 3000
@@ -543,39 +544,35 @@ def lock_announcement(user: str, pipeline: str, until: str, reason: str) -> str:
     )
 
 
-def locks_list(locks: list[dict[str, Any]]) -> str:
+def locks_list(locks: list[PipelineLock]) -> str:
     if not locks:
         return ":unlock: No pipeline is locked."
     lines = [":lock: *Locked pipelines:*"]
     for lock in locks:
         until = ""
-        if lock.get("expires_at"):
-            until = (
-                f", until <!date^{int(lock['expires_at'])}^{{date_short_pretty}} {{time}}|later>"
-            )
-        reason = (
-            f": {clip(plain(str(lock.get('reason') or '')), 300)}" if lock.get("reason") else ""
-        )
-        lines.append(f"• `{lock['pipeline']}` by <@{lock['user']}>{until}{reason}")
+        if lock.expires_at:
+            until = f", until <!date^{int(lock.expires_at)}^{{date_short_pretty}} {{time}}|later>"
+        reason = f": {clip(plain(lock.reason), 300)}" if lock.reason else ""
+        lines.append(f"• `{lock.pipeline}` by <@{lock.user}>{until}{reason}")
     return clip("\n".join(lines), SECTION_TEXT_LIMIT)
 
 
-def audit_list(entries: list[dict[str, str]], pipeline: str | None) -> str:
+def audit_list(entries: list[AuditEntry], pipeline: str | None) -> str:
     scope = f" for `{pipeline}`" if pipeline else ""
     if not entries:
         return f"No audit entries{scope} yet."
     lines = [f":scroll: *Last {len(entries)} audited actions{scope}* (newest first):"]
     for entry in entries:
-        target = entry.get("pipeline", "")
-        if entry.get("build"):
-            target += f" #{entry['build']}"
-        where = f" in <#{entry['channel']}>" if entry.get("channel") else ""
-        url = f" {link(entry['url'], 'build')}" if entry.get("url") else ""
-        detail = f" ({clip(plain(entry['detail']), 200)})" if entry.get("detail") else ""
+        target = entry.pipeline
+        if entry.build:
+            target += f" #{entry.build}"
+        where = f" in <#{entry.channel}>" if entry.channel else ""
+        url = f" {link(entry.url, 'build')}" if entry.url else ""
+        detail = f" ({clip(plain(entry.detail), 200)})" if entry.detail else ""
         lines.append(
-            f"• <!date^{int(float(entry.get('time', '0')))}^{{date_short}} {{time}}|?> "
-            f"<@{entry.get('user', '?')}> {entry.get('action', '?')} `{target}`{where}: "
-            f"*{entry.get('outcome', '?')}*{detail}{url}"
+            f"• <!date^{int(float(entry.time))}^{{date_short}} {{time}}|?> "
+            f"<@{entry.user}> {entry.action} `{target}`{where}: "
+            f"*{entry.outcome}*{detail}{url}"
         )
     return clip("\n".join(lines), SECTION_TEXT_LIMIT)
 

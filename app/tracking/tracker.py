@@ -29,16 +29,16 @@ from app.slack import messages
 from app.slack.directory import Directory
 from app.slack.outbox import Outbox, SlackDeliveryError
 from app.slack.response_urls import SlackHooks
-from app.storage.store import (
-    FINAL_RANK,
-    LOCK_TTL_MS,
-    REGRESSED,
+from app.storage.keys import FINAL_RANK
+from app.storage.records import (
     MessageTarget,
+    PhaseOutcome,
     PollState,
-    Store,
     TrackedBuild,
     Transition,
 )
+from app.storage.store import Store
+from app.tuning import DEFAULT
 from buildkite.client import SOURCE_META_KEY, SOURCE_META_VALUE, BuildkiteClient, RateLimitBudget
 from buildkite.errors import (
     BuildkiteError,
@@ -69,6 +69,9 @@ _SNAPSHOT_FIELDS = {
     "finished_at",
 }
 
+#: The build lock's TTL, as the store gives it by default (Tuning.tracking.lock_ttl_ms): the
+#: waits below are paced by it.
+LOCK_TTL_MS = DEFAULT.tracking.lock_ttl_ms
 #: How long a transition may stay unfinished by its reader before another process takes it.
 #: Longer than a build lock, which its holder renews while it writes.
 RECLAIM_IDLE_MS = 2 * LOCK_TTL_MS
@@ -246,8 +249,10 @@ class Tracker:
             blocked=build.is_waiting_on_block and not build.is_final,
             now=self.clock(),
         )
-        if result != REGRESSED:
-            return result
+        if result.outcome is PhaseOutcome.CHANGED:
+            return result.previous
+        if result.outcome is PhaseOutcome.UNCHANGED:
+            return None
         if confirmed:
             return None
         tracked = await self.store.get(build.id)
@@ -628,13 +633,11 @@ class Tracker:
     async def _after_final(
         self, tracked: TrackedBuild, build: Build, transition: Transition
     ) -> None:
-        """Once per build and generation: the branch's outcome, flaky signal, auto-retry."""
+        """Once per build and generation: the branch's outcome, auto-retry."""
         if reply_kind(transition.new) != "final" or transition.new != tracked.phase:
             return
         if not await self.store.once(tracked.build_id, tracked.gen, "final"):
             return
-        if tracked.retried and build.state is BuildState.PASSED:
-            await self.store.record_flaky(tracked.pipeline, tracked.number, self.clock())
         if build.state is BuildState.FAILED and self.auto_retry is not None:
             await self.auto_retry(tracked, build)
 

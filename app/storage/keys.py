@@ -1,0 +1,113 @@
+"""Every Redis key the bot writes and every TTL it gives them, in one place.
+
+The braces of PREFIX are a Redis Cluster hash tag: every key of the bot lives in one slot, so the
+Lua scripts and transactions that touch several keys also work on a cluster.
+"""
+
+from __future__ import annotations
+
+from buildkite.webhooks import SIGNATURE_TOLERANCE
+
+PREFIX = "{bkchatops}:"
+#: PREFIX as it must be written in key templates filled in with str.format.
+TEMPLATE_PREFIX = PREFIX.replace("{", "{{").replace("}", "}}")
+
+# -- builds ----------------------------------------------------------------------------------
+
+#: build:{build_id} -> the build's record: one compact JSON string (laid out in `codec`),
+#: with its phase, generation, snapshot, one message per channel and its posted/once markers, so
+#: that a tracked build costs one key plus its number index. A string has no small/large encoding
+#: cliff (a hash turns into a hashtable as soon as one value passes hash-max-listpack-value).
+BUILD_KEY = TEMPLATE_PREFIX + "build:{build_id}"
+#: bynum:{pipeline}:{number} -> build id, to find a tracked build from a command or URL. It lives
+#: exactly as long as the build's record (the scripts extend both together).
+BY_NUMBER_KEY = TEMPLATE_PREFIX + "bynum:{pipeline}:{number}"
+#: Sorted set of builds still being followed; the score is when they were last observed.
+PENDING_KEY = PREFIX + "pending"
+#: Stream of transitions waiting to be turned into Slack messages, consumed by a group.
+EVENTS_STREAM = PREFIX + "events"
+EVENTS_GROUP = "notifiers"
+#: Markers kept in the build's record: a thread reply was posted, or a per-build action (an
+#: auto-retry) was taken, once per generation.
+POSTED_MARK = "{channel}:{gen}:{kind}"
+ONCE_MARK = "{gen}:{what}"
+#: lock:{build_id} -> the process currently writing this build's Slack messages (its TTL is
+#: `Tuning.tracking.lock_ttl_ms`).
+BUILD_LOCK_KEY = TEMPLATE_PREFIX + "lock:{build_id}"
+#: outcome:{pipeline}:{branch} -> the final state of the branch's last finished build.
+OUTCOME_KEY = TEMPLATE_PREFIX + "outcome:{pipeline}:{branch}"
+#: retries:{pipeline}:{hour} -> automatic retries spent in that hour (the hourly budget).
+RETRY_BUDGET_KEY = TEMPLATE_PREFIX + "retries:{pipeline}:{hour}"
+
+PENDING_TTL = 30 * 24 * 3600  # a build may sit on a block step for weeks
+FINAL_TTL = 7 * 24 * 3600  # keep finished builds around for /rebuild threading and buttons
+OUTCOME_TTL = 4 * FINAL_TTL
+RETRY_BUDGET_TTL = 2 * 3600  # the hour it counts, and the next
+EVENTS_MAXLEN = 100_000
+#: A build's rank once it is final; see tracker.phase_of for the others.
+FINAL_RANK = 6
+
+# -- requests, clicks, webhooks, keyed posts, awaited builds -------------------------------
+
+#: req:{id} -> who claimed a mutation request (SET NX), so a duplicate does nothing.
+REQUEST_KEY = TEMPLATE_PREFIX + "req:{request_id}"
+#: webhook:{timestamp}:{signature} -> a signed Buildkite webhook already received (SET NX), so a
+#: replay of it within its signature's tolerance does nothing.
+WEBHOOK_KEY = TEMPLATE_PREFIX + "webhook:{timestamp}:{signature}"
+#: click:{id} -> a button click already handled (SET NX), by its identity: action_ts, message and
+#: user. A signed click delivered again within Slack's signature window is dropped.
+CLICK_KEY = TEMPLATE_PREFIX + "click:{click_id}"
+#: post:{key} -> when a keyed Slack post was first attempted (unix time), until it is recorded
+#: (deleted then, so it costs nothing once the post is made).
+POST_ATTEMPT_KEY = TEMPLATE_PREFIX + "post:{key}"
+#: Hash of request id -> JSON of a build the bot asked for without (yet) an answer (see
+#: AwaitedBuild), and a sorted set of the same ids by when the poller should look for it.
+AWAITED_KEY = PREFIX + "awaited"
+AWAITED_DUE_KEY = PREFIX + "awaited:due"
+
+REQUEST_TTL = 24 * 3600
+ACTION_TTL = 30  # double clicks on one button within this window do one thing
+#: A signature is accepted up to SIGNATURE_TOLERANCE (300 s) either side of its timestamp, so a
+#: delivery can be replayed for up to 600 s after it arrives; a minute more covers clock skew
+#: between replicas.
+WEBHOOK_TTL = 2 * SIGNATURE_TOLERANCE + 60
+CLICK_TTL = 6 * 60  # Slack's 5-minute signature window plus a minute of clock skew
+POST_ATTEMPT_TTL = FINAL_TTL
+#: How long a build asked for without an answer is looked for: Buildkite creates one within
+#: minutes or not at all. Both awaited keys are given this TTL again on every write.
+AWAITED_TTL = 3600
+
+# -- the poller ------------------------------------------------------------------------------
+
+#: The poller's lease, so that one process polls Buildkite per cycle.
+POLL_LEASE_KEY = PREFIX + "poll:lease"
+#: Hash of the poller's state, shared by every process (see PollState).
+POLL_STATE_KEY = PREFIX + "poll:state"
+POLL_STATE_TTL = PENDING_TTL
+
+# -- deploy locks, confirmations, approvals, audit -----------------------------------------
+
+#: pipelock:{pipeline} -> JSON of the deploy lock on a pipeline (optional expiry).
+PIPELINE_LOCK_KEY = TEMPLATE_PREFIX + "pipelock:{pipeline}"
+#: deployreq:{id} -> JSON of a deploy waiting for its requester's confirmation.
+DEPLOY_REQUEST_KEY = TEMPLATE_PREFIX + "deployreq:{request_id}"
+#: approval:{id} -> hash of a deploy waiting for a second person's approval.
+APPROVAL_KEY = TEMPLATE_PREFIX + "approval:{approval_id}"
+#: Approvals by expiry time, so that expired ones get their message updated.
+APPROVAL_EXPIRY_KEY = PREFIX + "approvals:expiring"
+#: Stream of audit entries (bounded).
+AUDIT_STREAM = PREFIX + "audit"
+
+DEPLOY_REQUEST_TTL = 15 * 60  # a confirmation left unanswered this long is forgotten
+APPROVAL_KEEP = 24 * 3600  # an approval's record outlives its expiry by this much
+AUDIT_MAXLEN = 10_000
+
+# -- the digest ------------------------------------------------------------------------------
+
+#: digest:lease:{schedule}:{slot} -> the process posting that slot's digest (SET NX, expires).
+DIGEST_LEASE_KEY = TEMPLATE_PREFIX + "digest:lease:{schedule}:{slot}"
+#: digest:last:{schedule} -> the slot (unix seconds) of the schedule's latest posted digest.
+DIGEST_LAST_KEY = TEMPLATE_PREFIX + "digest:last:{schedule}"
+#: A process that took a slot and died is replaced after this long (the digest is then late).
+DIGEST_LEASE_TTL = 15 * 60
+DIGEST_LAST_TTL = 35 * 24 * 3600  # outlives a weekly schedule's gap
