@@ -37,7 +37,8 @@ from app.core.admin import (
     usage,
 )
 from app.core.commands import BuildRef, HelpRequest, UsageError
-from app.core.operations import Actor, Services, UserError, request_id_for
+from app.core.errors import UserError
+from app.core.services import Actor, Services, request_id_for
 from app.ops.logs import current_correlation_id
 from app.slack import messages
 from app.slack.messages import (

@@ -30,8 +30,10 @@ from app.core.commands import (
     parse_build_ref,
     split_words,
 )
-from app.core.operations import TRACKING_DOWN, Actor, Services, UserError, explain
+from app.core.errors import UserError, explain
 from app.core.policy import principal_ref
+from app.core.services import Actor, Services
+from app.core.texts import TRACKING_DOWN
 from app.settings import steps_problem
 from app.slack import messages, mrkdwn
 from app.slack.messages import (

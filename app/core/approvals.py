@@ -1,0 +1,176 @@
+"""Approvals of protected deploys: an approver's decision, checked again as it takes effect,
+and the expiry of those nobody decided.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from app.core.actions import Actions
+from app.core.deploys import plan_action, plan_from
+from app.core.errors import UserError, explain
+from app.core.services import Actor
+from app.core.texts import TRACKING_DOWN
+from app.slack import messages
+from app.slack.messages import DeployPlan
+from buildkite.errors import (
+    BuildkiteError,
+    NotFound,
+)
+from buildkite.models import Build
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a decision cannot take effect now: `text` for people, `detail` for the audit trail."""
+
+    text: str
+    detail: str
+
+
+class Approvals(Actions):
+    """Approve, reject and expire the approval requests of protected deploys."""
+
+    async def decide(self, approval_id: str, actor: Actor, *, approve: bool) -> Build | None:
+        """An approver's click: the first valid decision wins; the requester cannot approve."""
+        approval = await self.s.store.approval(approval_id)
+        if approval is None:
+            raise UserError("This approval request no longer exists.")
+        data = approval["request"]
+        plan = plan_from(data)
+        rule = self.s.policy.rule_for(plan.pipeline)
+        action = "approve" if approve else "reject"
+        if actor.user_id == plan.requester and approve:
+            await self._audit(actor, action, plan.pipeline, "refused", detail="self-approval")
+            raise UserError(
+                "You cannot approve your own deploy: someone else from "
+                f"{', '.join(plan.approvers) or 'the approvers'} has to."
+            )
+        approvers = rule.approval.approvers if rule.approval else []
+        allowed = actor.user_id == plan.requester or actor.user_id in await self.s.policy.members(
+            approvers, self.s.directory.usergroup_members
+        )
+        if not allowed:
+            await self._audit(actor, action, plan.pipeline, "refused", detail="not an approver")
+            raise UserError(
+                f"Only {', '.join(plan.approvers) or 'the approvers'} may {action} this deploy."
+            )
+        refusal = await self._recheck(plan, data, approval, actor) if approve else None
+        status = "rejected" if not approve else "refused" if refusal else "approved"
+        result = await self.s.store.decide_approval(
+            approval_id, status=status, user=actor.user_id, now=time.time()
+        )
+        if result == "expired!":
+            await self._show_approval(approval, plan, "expired")
+        if result != "ok":
+            state = result.rstrip("!")
+            raise UserError(f"This deploy request was already {state}; nothing was done.")
+        if refusal is not None:
+            await self._audit(actor, action, plan.pipeline, "refused", detail=refusal.detail)
+            await self._show_approval(
+                approval, plan, "refused", decided_by=actor.user_id, reason=refusal.text
+            )
+            raise UserError(f":no_entry: Approved, but not started: {refusal.text}")
+        await self._audit(actor, action, plan.pipeline, "approved" if approve else "rejected")
+        if not approve:
+            await self._show_approval(approval, plan, "rejected", decided_by=actor.user_id)
+            return None
+        requester = Actor(
+            user_id=plan.requester,
+            user_name=str(data.get("user_name") or plan.requester),
+            channel_id=approval["channel"] or actor.channel_id,
+            channel_name=data.get("channel_name"),
+        )
+        try:
+            build = await self._start(
+                plan,
+                requester,
+                request_id=approval_id,
+                thread=approval["ts"] or None,
+                approved_by=actor.user_id,
+            )
+        except UserError:
+            await self._show_approval(approval, plan, "approved", decided_by=actor.user_id)
+            raise
+        await self._show_approval(approval, plan, "approved", decided_by=actor.user_id, build=build)
+        return build
+
+    async def _recheck(
+        self, plan: DeployPlan, data: dict[str, Any], approval: dict[str, Any], approver: Actor
+    ) -> Refusal | None:
+        """Check again, as the approval takes effect, what was checked when it was asked for."""
+        action = plan_action(plan)
+        channel = approval.get("channel") or approver.channel_id
+        decision = await self.s.policy.check(
+            action,
+            plan.pipeline,
+            user=plan.requester,
+            channel_id=channel,
+            channel_name=data.get("channel_name"),
+            resolve=self.s.directory.usergroup_members,
+        )
+        if not decision.allowed:
+            return Refusal(
+                f"<@{plan.requester}> may no longer {action.value} `{plan.pipeline}` from "
+                f"<#{channel}> (policy rule `{decision.rule}`).",
+                f"rule {decision.rule}",
+            )
+        rule = self.s.policy.rule_for(plan.pipeline)
+        env_refusal = rule.env_refusal(plan.env)
+        if env_refusal is not None:
+            return Refusal(env_refusal, f"env: rule {rule.name}")
+        try:
+            lock = await self.s.store.pipeline_lock(plan.pipeline)
+        except RedisError:
+            raise UserError(TRACKING_DOWN) from None
+        if lock and lock["user"] not in (plan.requester, approver.user_id):
+            return Refusal(
+                messages.locked_text(plan.pipeline, lock["user"], lock.get("reason")).removeprefix(
+                    ":lock: "
+                )
+                + " Ask again once it is unlocked.",
+                f"locked by {lock['user']}",
+            )
+        try:
+            await self.s.buildkite.get_pipeline(plan.pipeline)
+        except NotFound:
+            return Refusal(
+                f"pipeline `{plan.pipeline}` no longer exists in Buildkite.", "pipeline gone"
+            )
+        except BuildkiteError as exc:  # not a refusal: the approval stays open for a new click
+            raise UserError(explain(exc, action="deploy", pipeline=plan.pipeline)) from None
+        return None
+
+    async def expire_approvals(self) -> int:
+        """Mark approvals past their time as expired and say so on their messages."""
+        expired = 0
+        for approval_id in await self.s.store.due_approvals(time.time()):
+            result = await self.s.store.decide_approval(
+                approval_id, status="expired", user="", now=time.time()
+            )
+            approval = await self.s.store.approval(approval_id)
+            if result == "expired!" and approval is not None:
+                await self._show_approval(approval, plan_from(approval["request"]), "expired")
+                expired += 1
+        return expired
+
+    async def _show_approval(
+        self,
+        approval: dict[str, Any],
+        plan: DeployPlan,
+        status: str,
+        *,
+        decided_by: str | None = None,
+        build: Build | None = None,
+        reason: str | None = None,
+    ) -> None:
+        if not approval.get("ts"):
+            return
+        rendered = messages.approval_request(
+            plan, "0" * 16, status=status, decided_by=decided_by, build=build, reason=reason
+        )
+        await self.s.outbox.update(approval["channel"], approval["ts"], rendered)
