@@ -7,10 +7,12 @@ from buildkite.errors import (
     AuthenticationError,
     BuildkiteError,
     BuildkiteUnavailable,
+    BuildMaybeStarted,
     NotFound,
     PermissionDenied,
     RateLimited,
     ServerError,
+    UnexpectedResponse,
     ValidationFailed,
 )
 
@@ -23,15 +25,26 @@ class UserError(Exception):
         super().__init__(text)
 
 
-def explain(exc: BuildkiteError, *, action: str, pipeline: str, number: int | None = None) -> str:
-    """A human explanation of a Buildkite failure: which pipeline, which scope, what to do."""
+def explain(
+    exc: BuildkiteError,
+    *,
+    action: str,
+    pipeline: str,
+    number: int | None = None,
+    organisation: bool = False,
+) -> str:
+    """A human explanation of a Buildkite failure: which pipeline, which scope, what to do.
+
+    `organisation`: `pipeline` is the organisation's slug (a listing across its pipelines).
+    """
     slug = messages.code(pipeline)
     what = f"{slug} #{number}" if number is not None else slug
     if isinstance(exc, NotFound):
         if number is not None:
             return f"Build #{number} of pipeline {slug} was not found."
         return (
-            f"Pipeline {slug} was not found in this Buildkite organisation. "
+            f"{'Organisation' if organisation else 'Pipeline'} {slug} was not found in this "
+            "Buildkite organisation. "
             "Check the slug in the pipeline's Buildkite URL."
         )
     if isinstance(exc, PermissionDenied):
@@ -69,6 +82,13 @@ def explain(exc: BuildkiteError, *, action: str, pipeline: str, number: int | No
             f"Buildkite's answer to {action} {what} was lost, so it may have been done; it was "
             "not sent again. Check the build in Buildkite before trying again."
         )
+    if isinstance(exc, BuildMaybeStarted):
+        return (
+            f"Buildkite did not confirm {action} {what}, so it may have started; it was not sent "
+            "again. Check the pipeline's builds in Buildkite before trying again."
+        )
+    if isinstance(exc, UnexpectedResponse):
+        return f"Could not {action} {what}: Buildkite sent an answer the bot did not understand."
     if isinstance(exc, ServerError | BuildkiteUnavailable):
         return (
             f"Could not {action} {what}: Buildkite is not answering right now. "
@@ -76,3 +96,11 @@ def explain(exc: BuildkiteError, *, action: str, pipeline: str, number: int | No
         )
     message = messages.escape(str(getattr(exc, "message", "") or "an unexpected error"))
     return f"Could not {action} {what}: Buildkite answered {message}."
+
+
+def about_cluster(exc: BuildkiteError) -> bool:
+    """Buildkite refused a pipeline for want of a cluster (said as `texts.NAME_A_CLUSTER`)."""
+    if not isinstance(exc, ValidationFailed):
+        return False
+    named = [str(error.get("field", "")) for error in exc.errors] + [exc.message]
+    return any("cluster" in text.lower() for text in named)
