@@ -5,6 +5,7 @@ from __future__ import annotations
 from app.slack import messages
 from buildkite.errors import (
     AuthenticationError,
+    BadRequest,
     BuildkiteError,
     BuildkiteUnavailable,
     BuildMaybeStarted,
@@ -60,7 +61,7 @@ def explain(
             f"Could not {action} {what}: Buildkite rejected the bot's API token (401). "
             "An admin should check BUILDKITE_API_TOKEN."
         )
-    if isinstance(exc, ValidationFailed):
+    if isinstance(exc, ValidationFailed | BadRequest):
         details = ", ".join(
             f"{e.get('field', '?')} {e.get('code', 'invalid')}" for e in exc.errors if e
         )
