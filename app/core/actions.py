@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 from redis.exceptions import RedisError
 
+from app.core import texts
 from app.core.commands import (
     BuildRef,
 )
@@ -18,7 +19,6 @@ from app.core.errors import UserError, explain
 from app.core.policy import Action, Rule
 from app.core.services import Actor, Services
 from app.core.texts import TRACKING_DOWN
-from app.slack import messages
 from app.slack.messages import DeployPlan, Rendered, link
 from app.slack.outbox import SlackDeliveryError, not_in_channel_text
 from app.storage.store import (
@@ -84,7 +84,7 @@ class Actions:
                 number=number,
                 detail=f"rule {decision.rule}",
             )
-            raise UserError(f":no_entry: {decision.reason}")
+            raise UserError(texts.refused(decision.reason))
         return self.s.policy.rule_for(pipeline)
 
     async def _check_lock(
@@ -118,10 +118,7 @@ class Actions:
                 number=build.number if build else None,
                 detail=f"locked by {lock['user']}",
             )
-            raise UserError(
-                messages.locked_text(pipeline, lock["user"], lock.get("reason"))
-                + " Ask them to `/deploy unlock` it when they are done."
-            )
+            raise UserError(texts.locked(pipeline, lock["user"], lock.get("reason")))
 
     async def _claim(self, request_id: str, user_id: str, ttl: int = REQUEST_TTL) -> None:
         """Claim a request, or explain that it (or the same click by someone) is already handled."""
@@ -130,13 +127,8 @@ class Actions:
         except RedisError as exc:
             log.warning("redis unavailable while claiming a request: %s", exc)
             raise UserError(TRACKING_DOWN) from None
-        if first is None:
-            return
-        if first == user_id:
-            raise UserError(
-                ":hourglass_flowing_sand: You already asked for this; it is being handled."
-            )
-        raise UserError(f":hourglass_flowing_sand: <@{first}> already asked for this a moment ago.")
+        if first is not None:
+            raise UserError(texts.already_asked(first, user_id))
 
     async def _check_env(
         self,
@@ -155,7 +147,7 @@ class Actions:
         await self._audit(
             actor, action, pipeline, "refused", number=number, detail=f"env: rule {rule.name}"
         )
-        raise UserError(f":no_entry: {refusal} Nothing was started.")
+        raise UserError(texts.env_refused(refusal))
 
     async def _start(
         self,
@@ -237,11 +229,7 @@ class Actions:
         except RedisError as exc:
             log.error("build %s started but could not be tracked: %s", build.web_url, exc)
             title = link(build.web_url, f"{pipeline} #{build.number}")
-            raise UserError(
-                f":warning: Your build was started: {title}, but tracking is unavailable right "
-                "now (the bot cannot reach its Redis), so its progress will not be posted here. "
-                "Follow it in Buildkite."
-            ) from None
+            raise UserError(texts.started_untracked(title)) from None
 
     async def _observe(self, build: Build) -> None:
         try:
@@ -302,19 +290,12 @@ class Actions:
         try:
             await self.s.store.look_for_awaited(request_id, at=time.time())
         except RedisError:
-            follow = "but cannot reach its Redis right now, so it may not post it here"
+            followed = False
         else:
-            follow = "and will post the build here if it appears"
+            followed = True
         what = f"the rebuild of #{number}" if number is not None else "the deploy"
-        builds = link(
-            f"https://buildkite.com/{self.s.buildkite.org}/{pipeline}/builds",
-            "the pipeline's builds",
-        )
-        return UserError(
-            f":warning: Buildkite did not confirm {what} of `{pipeline}` (no answer in time, or an "
-            f"error after it was sent), so it may have started. The bot did not send it again, "
-            f"{follow}. Check {builds} before asking again."
-        )
+        builds = f"https://buildkite.com/{self.s.buildkite.org}/{pipeline}/builds"
+        return UserError(texts.maybe_started(what, pipeline, builds, followed=followed))
 
     async def _refused(
         self,

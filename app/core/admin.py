@@ -12,8 +12,8 @@ from collections.abc import Mapping
 
 from redis.exceptions import RedisError
 
+from app.core import texts
 from app.core.commands.admin import PipelineSpec
-from app.core.commands.deploy import clip as _clip
 from app.core.errors import UserError, about_cluster, explain
 from app.core.listings import Listings
 from app.core.policy import principal_ref
@@ -40,15 +40,11 @@ class Admin(Listings):
         policy = self.s.policy
         if not policy.admins:
             await self._audit(actor, action, pipeline, "refused", detail="no admins configured")
-            raise UserError(
-                f":no_entry: Only admins may {what}, and the deploy policy names none. Add Slack "
-                f"user ids (U…) or user groups (S…) under `admins:` in the policy file "
-                f"(`{policy.source}`, see POLICY_FILE) and restart the bot."
-            )
+            raise UserError(texts.no_admins(what, policy.source))
         if not await policy.is_admin(actor.user_id, self.s.directory.usergroup_members):
             await self._audit(actor, action, pipeline, "refused", detail="not an admin")
             who = ", ".join(principal_ref(p) for p in policy.admins)
-            raise UserError(f":no_entry: Only admins may {what}: {who}.")
+            raise UserError(texts.only_admins(what, who))
 
     async def _require_agent_stopper(self, actor: Actor, action: str, detail: str) -> None:
         policy = self.s.policy
@@ -56,16 +52,11 @@ class Admin(Listings):
         allowed = [*policy.admins, *stoppers]
         if not allowed:
             await self._audit(actor, action, "", "refused", detail=f"{detail}; nobody may")
-            raise UserError(
-                ":no_entry: Only admins and the policy's `agent_stoppers` may stop agents, and "
-                "the deploy policy names neither. Add Slack user ids (U…) or user groups (S…) "
-                f"under `admins:` or `agent_stoppers:` in the policy file (`{policy.source}`, see "
-                "POLICY_FILE) and restart the bot."
-            )
+            raise UserError(texts.no_agent_stoppers(policy.source))
         if actor.user_id not in await policy.members(allowed, self.s.directory.usergroup_members):
             await self._audit(actor, action, "", "refused", detail=detail)
             who = ", ".join(principal_ref(p) for p in allowed)
-            raise UserError(f":no_entry: Only these may stop agents: {who}.")
+            raise UserError(texts.only_agent_stoppers(who))
 
     async def create_pipeline(
         self, spec: PipelineSpec, actor: Actor, *, request_id: str
@@ -150,9 +141,7 @@ class Admin(Listings):
         """Change a pipeline's description, default branch or repository."""
         await self.require_admin(actor, "change pipelines", action="pipeline update", pipeline=slug)
         if not fields:
-            raise UserError(
-                "Nothing to change: give `field=value` words, or leave them out for a form."
-            )
+            raise UserError(texts.NOTHING_TO_CHANGE)
         try:
             pipeline = await self.bk.update_pipeline(slug, **fields)
         except BuildkiteError as exc:
@@ -205,9 +194,7 @@ class Admin(Listings):
             await self._release(request_id)
             await self._audit(actor, action, "", "failed", detail=f"{detail}: {exc}")
             if isinstance(exc, NotFound):
-                raise UserError(
-                    f"The agent `{_clip(agent.name)}` is not connected any more; nothing to stop."
-                ) from None
+                raise UserError(texts.agent_gone(agent.name)) from None
             verb = "force-stop" if force else "stop"
             raise UserError(explain(exc, action=verb, pipeline=agent.name)) from None
         await self._audit(actor, action, "", "requested", detail=detail)
@@ -225,11 +212,7 @@ class Admin(Listings):
         except RedisError:
             raise UserError(TRACKING_DOWN) from None
         if first is not None:
-            who = "You" if first == user_id else f"<@{first}>"
-            raise UserError(
-                f":hourglass_flowing_sand: {who} already asked for this a moment ago; "
-                "it is being handled."
-            )
+            raise UserError(texts.already_asked_admin(first, user_id))
 
     async def _release(self, request_id: str) -> None:
         with contextlib.suppress(RedisError):

@@ -10,6 +10,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from app.core import texts
 from app.core.actions import Actions
 from app.core.deploys import plan_action, plan_from
 from app.core.errors import UserError, explain
@@ -39,26 +40,21 @@ class Approvals(Actions):
         """An approver's click: the first valid decision wins; the requester cannot approve."""
         approval = await self.s.store.approval(approval_id)
         if approval is None:
-            raise UserError("This approval request no longer exists.")
+            raise UserError(texts.APPROVAL_GONE)
         data = approval["request"]
         plan = plan_from(data)
         rule = self.s.policy.rule_for(plan.pipeline)
         action = "approve" if approve else "reject"
         if actor.user_id == plan.requester and approve:
             await self._audit(actor, action, plan.pipeline, "refused", detail="self-approval")
-            raise UserError(
-                "You cannot approve your own deploy: someone else from "
-                f"{', '.join(plan.approvers) or 'the approvers'} has to."
-            )
+            raise UserError(texts.no_self_approval(plan.approvers))
         approvers = rule.approval.approvers if rule.approval else []
         allowed = actor.user_id == plan.requester or actor.user_id in await self.s.policy.members(
             approvers, self.s.directory.usergroup_members
         )
         if not allowed:
             await self._audit(actor, action, plan.pipeline, "refused", detail="not an approver")
-            raise UserError(
-                f"Only {', '.join(plan.approvers) or 'the approvers'} may {action} this deploy."
-            )
+            raise UserError(texts.only_approvers(plan.approvers, action))
         refusal = await self._recheck(plan, data, approval, actor) if approve else None
         status = "rejected" if not approve else "refused" if refusal else "approved"
         result = await self.s.store.decide_approval(
@@ -68,13 +64,13 @@ class Approvals(Actions):
             await self._show_approval(approval, plan, "expired")
         if result != "ok":
             state = result.rstrip("!")
-            raise UserError(f"This deploy request was already {state}; nothing was done.")
+            raise UserError(texts.already_decided(state))
         if refusal is not None:
             await self._audit(actor, action, plan.pipeline, "refused", detail=refusal.detail)
             await self._show_approval(
                 approval, plan, "refused", decided_by=actor.user_id, reason=refusal.text
             )
-            raise UserError(f":no_entry: Approved, but not started: {refusal.text}")
+            raise UserError(texts.approved_not_started(refusal.text))
         await self._audit(actor, action, plan.pipeline, "approved" if approve else "rejected")
         if not approve:
             await self._show_approval(approval, plan, "rejected", decided_by=actor.user_id)
@@ -115,8 +111,9 @@ class Approvals(Actions):
         )
         if not decision.allowed:
             return Refusal(
-                f"<@{plan.requester}> may no longer {action.value} `{plan.pipeline}` from "
-                f"<#{channel}> (policy rule `{decision.rule}`).",
+                texts.no_longer_allowed(
+                    plan.requester, action.value, plan.pipeline, channel, decision.rule
+                ),
                 f"rule {decision.rule}",
             )
         rule = self.s.policy.rule_for(plan.pipeline)
@@ -129,18 +126,13 @@ class Approvals(Actions):
             raise UserError(TRACKING_DOWN) from None
         if lock and lock["user"] not in (plan.requester, approver.user_id):
             return Refusal(
-                messages.locked_text(plan.pipeline, lock["user"], lock.get("reason")).removeprefix(
-                    ":lock: "
-                )
-                + " Ask again once it is unlocked.",
+                texts.locked_reason(plan.pipeline, lock["user"], lock.get("reason")),
                 f"locked by {lock['user']}",
             )
         try:
             await self.s.buildkite.get_pipeline(plan.pipeline)
         except NotFound:
-            return Refusal(
-                f"pipeline `{plan.pipeline}` no longer exists in Buildkite.", "pipeline gone"
-            )
+            return Refusal(texts.pipeline_gone(plan.pipeline), "pipeline gone")
         except BuildkiteError as exc:  # not a refusal: the approval stays open for a new click
             raise UserError(explain(exc, action="deploy", pipeline=plan.pipeline)) from None
         return None

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
+from app.core import texts
 from app.core.actions import Actions
 from app.core.commands import (
     BuildRef,
@@ -83,10 +84,8 @@ class BuildActions(Actions):
                         build=current,
                         detail=f"already {current.state.value}",
                     )
-                    raise UserError(
-                        f"{link(current.web_url, f'{ref.pipeline} #{ref.number}')} already "
-                        f"finished ({current.state.value}); there is nothing to cancel."
-                    ) from None
+                    title = link(current.web_url, f"{ref.pipeline} #{ref.number}")
+                    raise UserError(texts.nothing_to_cancel(title, current.state.value)) from None
                 raise
         except BuildkiteError as exc:
             raise await self._refused(exc, dedup_key, actor, "cancel", ref) from None
@@ -153,12 +152,9 @@ class BuildActions(Actions):
             ) from None
         job = next((j for j in build.jobs if j.id == value.job), None)
         if job is None or job.type != "manual":
-            raise UserError("That block step is not part of this build any more.")
+            raise UserError(texts.STEP_GONE)
         if job.state != "blocked":
-            raise UserError(
-                f"*{messages.plain(job.display_name)}* is not waiting any more "
-                f"({messages.escape(job.state or 'unknown')})."
-            )
+            raise UserError(texts.step_not_waiting(job.display_name, job.state))
         label = job.label or job.name
         problem = None
         try:
@@ -220,7 +216,7 @@ class BuildActions(Actions):
                 await self.s.buildkite.get_build(value.pipeline, value.number)
             )
         if not_posted:
-            raise UserError(f":unlock: Unblocked *{messages.plain(label)}*. {not_posted}")
+            raise UserError(texts.unblocked_not_shown(label, not_posted))
 
     async def retry_failed(
         self, ref: BuildRef, actor: Actor, *, thread: tuple[str, str | None], dedup_key: str
@@ -234,10 +230,8 @@ class BuildActions(Actions):
             build = await bk.get_build(ref.pipeline, ref.number)
             failed = build.failed_jobs
             if not failed:
-                raise UserError(
-                    f"{link(build.web_url, f'{ref.pipeline} #{ref.number}')} has no failed jobs "
-                    "to retry."
-                )
+                title = link(build.web_url, f"{ref.pipeline} #{ref.number}")
+                raise UserError(texts.no_failed_jobs(title))
             await bk.retry_failed_jobs(ref.pipeline, ref.number)
             fresh = await bk.get_build(ref.pipeline, ref.number)
         except BuildkiteError as exc:
@@ -264,10 +258,7 @@ class BuildActions(Actions):
         await self._follow_again(fresh, ref.pipeline, actor)
         if not_posted:
             title = link(fresh.web_url, f"{ref.pipeline} #{ref.number}")
-            raise UserError(
-                f":repeat: Retrying the failed jobs of {title}, but its progress cannot be "
-                f"shown here. {not_posted}"
-            )
+            raise UserError(texts.retrying_not_shown(title, not_posted))
         return failed
 
     async def auto_retry(self, tracked: TrackedBuild, build: Build) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from app.core import texts
 from app.core.actions import Actions
 from app.core.commands import (
     COMMIT,
@@ -94,7 +95,7 @@ class Deploys(Actions):
         if refusal is not None:
             await self._forget(claim)
             await self._audit(actor, action, plan.pipeline, "refused", detail="too large to show")
-            raise UserError(f":no_entry: {refusal}")
+            raise UserError(texts.refused(refusal))
         try:
             await self.s.store.save_deploy_request(request_id, plan_data(plan, actor))
         except RedisError:
@@ -168,9 +169,7 @@ class Deploys(Actions):
                 raise
             await self._audit(actor, "deploy", plan.pipeline, "failed", detail=exc.error)
             raise UserError(
-                f":warning: Nothing was started: the approval request for `{plan.pipeline}` "
-                f"could not be posted. {not_in_channel_text(exc.error)} Then run `/deploy` "
-                "again."
+                texts.approval_not_posted(plan.pipeline, not_in_channel_text(exc.error))
             ) from None
         await self.s.store.set_approval_message(approval_id, channel=actor.channel_id, ts=ts)
         await self._audit(actor, "deploy", plan.pipeline, "approval requested")
@@ -185,7 +184,7 @@ class Deploys(Actions):
         self, request_id: str, actor: Actor, *, verb: str
     ) -> tuple[DeployPlan, dict[str, Any]]:
         """Use up a waiting confirmation, only when `actor` is the one who asked for it."""
-        expired = UserError("This confirmation has expired or was already used; nothing was done.")
+        expired = UserError(texts.CONFIRMATION_GONE)
         try:
             data = await self.s.store.deploy_request(request_id)
             if data is None:
@@ -193,10 +192,7 @@ class Deploys(Actions):
             plan = plan_from(data)
             if plan.requester != actor.user_id:
                 what = "rebuild" if plan.rebuild_of is not None else "deploy"
-                raise UserError(
-                    f"Only <@{plan.requester}>, who asked, can {verb} this {what}; "
-                    "nothing was changed."
-                )
+                raise UserError(texts.only_requester(plan.requester, verb, what))
             if await self.s.store.take_deploy_request(request_id) is None:
                 raise expired
         except RedisError:
@@ -227,7 +223,7 @@ class Deploys(Actions):
                 if not COMMIT.match(commit):
                     raise UsageError(f"#{ref.number}'s commit is not a commit SHA.")
             except UsageError as exc:
-                raise UserError(f":no_entry: Cannot rebuild it as a new build: {exc}") from None
+                raise UserError(texts.not_a_new_build(str(exc))) from None
         except UserError:
             await self._forget(dedup_key)
             raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from app.core import texts
 from app.core.actions import Actions
 from app.core.commands import (
     AuditRequest,
@@ -34,9 +35,7 @@ class Locks(Actions):
             await self._audit(
                 actor, "lock", request.pipeline, "refused", detail=f"held by {holder['user']}"
             )
-            raise UserError(
-                f":lock: `{request.pipeline}` is already locked by <@{holder['user']}>."
-            )
+            raise UserError(texts.already_locked(request.pipeline, holder["user"]))
         await self._audit(actor, "lock", request.pipeline, "locked", detail=request.reason)
         until = f" for {_human(request.ttl)}" if request.ttl else " until unlocked"
         return messages.lock_announcement(actor.user_id, request.pipeline, until, request.reason)
@@ -44,20 +43,17 @@ class Locks(Actions):
     async def unlock(self, request: UnlockRequest, actor: Actor) -> str:
         lock = await self.s.store.pipeline_lock(request.pipeline)
         if lock is None:
-            raise UserError(f"`{request.pipeline}` is not locked.")
+            raise UserError(texts.not_locked(request.pipeline))
         if lock["user"] != actor.user_id and not await self.s.policy.is_admin(
             actor.user_id, self.s.directory.usergroup_members
         ):
             await self._audit(
                 actor, "unlock", request.pipeline, "refused", detail=f"held by {lock['user']}"
             )
-            raise UserError(
-                f"Only <@{lock['user']}>, who locked `{request.pipeline}`, or an admin can "
-                "unlock it."
-            )
+            raise UserError(texts.only_holder_unlocks(request.pipeline, lock["user"]))
         await self.s.store.unlock_pipeline(request.pipeline)
         await self._audit(actor, "unlock", request.pipeline, "unlocked")
-        return f":unlock: <@{actor.user_id}> unlocked `{request.pipeline}`."
+        return texts.unlocked(actor.user_id, request.pipeline)
 
     async def audit_entries(self, request: AuditRequest, actor: Actor) -> list[dict[str, str]]:
         """The audit trail, for admins (everything) or a pipeline's deployers (that pipeline)."""
@@ -66,17 +62,14 @@ class Locks(Actions):
         open_policy = not self.s.policy.admins
         if not admin:
             if request.pipeline is None and not open_policy:
-                raise UserError("Only admins can see the whole audit trail; name a pipeline.")
+                raise UserError(texts.WHOLE_AUDIT_FOR_ADMINS)
             if request.pipeline is not None:
                 rule = self.s.policy.rule_for(request.pipeline)
                 allowed = rule.allowed(Action.DEPLOY)
                 if allowed is not None and actor.user_id not in await self.s.policy.members(
                     allowed, resolve
                 ):
-                    raise UserError(
-                        f"Only admins and those who may deploy `{request.pipeline}` can see its "
-                        "audit trail."
-                    )
+                    raise UserError(texts.audit_for_deployers(request.pipeline))
         return await self.s.store.audit_entries(pipeline=request.pipeline, limit=AUDIT_SHOWN)
 
 
