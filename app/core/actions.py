@@ -12,25 +12,15 @@ from collections.abc import Mapping
 from redis.exceptions import RedisError
 
 from app.core import texts
-from app.core.commands import (
-    BuildRef,
-)
+from app.core.commands import BuildRef
 from app.core.errors import UserError, explain
 from app.core.policy import Action, Rule
 from app.core.services import Actor, Services
 from app.core.texts import TRACKING_DOWN
 from app.slack.messages import DeployPlan, Rendered, link
 from app.slack.outbox import SlackDeliveryError, not_in_channel_text
-from app.storage.store import (
-    AWAITED_TTL,
-    REQUEST_TTL,
-    AwaitedBuild,
-    MessageTarget,
-)
-from buildkite.errors import (
-    BuildkiteError,
-    BuildMaybeStarted,
-)
+from app.storage.store import AWAITED_TTL, REQUEST_TTL, AwaitedBuild, MessageTarget
+from buildkite.errors import BuildkiteError, BuildMaybeStarted
 from buildkite.models import Build
 
 log = logging.getLogger(__name__)

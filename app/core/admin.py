@@ -20,10 +20,7 @@ from app.core.policy import principal_ref
 from app.core.services import Actor
 from app.core.texts import NAME_A_CLUSTER, TRACKING_DOWN
 from app.slack import messages
-from app.slack.messages import (
-    AgentButtonValue,
-    Rendered,
-)
+from app.slack.messages import AgentButtonValue, Rendered
 from app.slack.outbox import SlackDeliveryError
 from app.storage.store import ACTION_TTL, REQUEST_TTL
 from buildkite.errors import BuildkiteError, NotFound

@@ -18,10 +18,7 @@ from app.core.services import Actor
 from app.core.texts import TRACKING_DOWN
 from app.slack import messages
 from app.slack.messages import DeployPlan
-from buildkite.errors import (
-    BuildkiteError,
-    NotFound,
-)
+from buildkite.errors import BuildkiteError, NotFound
 from buildkite.models import Build
 
 

@@ -11,9 +11,7 @@ from redis.exceptions import RedisError
 
 from app.core import texts
 from app.core.actions import Actions
-from app.core.commands import (
-    BuildRef,
-)
+from app.core.commands import BuildRef
 from app.core.deploys import Deploys, NeedsConfirmation, Started
 from app.core.errors import UserError, explain
 from app.core.policy import Action
@@ -21,16 +19,8 @@ from app.core.services import Actor, Services, request_id_for
 from app.core.unblock_forms import BlockForm, form_in_pipeline
 from app.slack import messages
 from app.slack.messages import UnblockButtonValue, link
-from app.storage.store import (
-    ACTION_TTL,
-    TrackedBuild,
-)
-from buildkite.errors import (
-    BuildkiteError,
-    BuildMaybeStarted,
-    PermissionDenied,
-    ValidationFailed,
-)
+from app.storage.store import ACTION_TTL, TrackedBuild
+from buildkite.errors import BuildkiteError, BuildMaybeStarted, PermissionDenied, ValidationFailed
 from buildkite.models import Build, Job
 
 log = logging.getLogger(__name__)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Self
 
-DEPLOYS_RUNNING = 4
-DEPLOYS_WAITING = 100
+from app.tuning import DEFAULT
 
 
 class DeployQueue:
@@ -18,7 +17,9 @@ class DeployQueue:
     decided in memory, before the ack, with no I/O.
     """
 
-    def __init__(self, *, running: int = DEPLOYS_RUNNING, waiting: int = DEPLOYS_WAITING) -> None:
+    def __init__(
+        self, *, running: int = DEFAULT.deploys.running, waiting: int = DEFAULT.deploys.waiting
+    ) -> None:
         if running < 1 or waiting < 0:
             raise ValueError("running must be at least 1 and waiting not negative")
         self.running = running

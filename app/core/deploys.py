@@ -15,13 +15,7 @@ from redis.exceptions import RedisError
 
 from app.core import texts
 from app.core.actions import Actions
-from app.core.commands import (
-    COMMIT,
-    BuildRef,
-    DeployRequest,
-    UsageError,
-    check_branch,
-)
+from app.core.commands import COMMIT, BuildRef, DeployRequest, UsageError, check_branch
 from app.core.errors import UserError, explain
 from app.core.policy import Action, Rule, principal_ref
 from app.core.services import Actor, request_id_for
@@ -29,9 +23,7 @@ from app.core.texts import TRACKING_DOWN
 from app.slack import messages
 from app.slack.messages import DeployPlan, Rendered
 from app.slack.outbox import SlackDeliveryError, not_in_channel_text
-from buildkite.errors import (
-    BuildkiteError,
-)
+from buildkite.errors import BuildkiteError
 from buildkite.models import Build, BuildState, Pipeline
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Literal, TypeVar
 
 from app.core import digest
-from app.core.commands import (
-    BuildRef,
-)
+from app.core.commands import BuildRef
 from app.core.commands.admin import AgentsQuery, BuildsQuery, HealthRequest, PipelinesQuery
 from app.core.errors import UserError, explain
 from app.core.services import Services

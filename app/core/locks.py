@@ -6,11 +6,7 @@ import time
 
 from app.core import texts
 from app.core.actions import Actions
-from app.core.commands import (
-    AuditRequest,
-    LockRequest,
-    UnlockRequest,
-)
+from app.core.commands import AuditRequest, LockRequest, UnlockRequest
 from app.core.errors import UserError
 from app.core.policy import Action
 from app.core.services import Actor

@@ -20,16 +20,12 @@ from app.settings import Settings
 from app.slack.directory import Directory
 from app.slack.outbox import Outbox
 from app.slack.response_urls import SlackHooks
-from app.storage.store import (
-    Store,
-)
+from app.storage.store import Store
 from app.tracking.tracker import Tracker
+from app.tuning import DEFAULT, Tuning
 from buildkite.client import BuildkiteClient
 
 log = logging.getLogger(__name__)
-
-
-ANSWER_ON_CANCEL_TIMEOUT = 2.0
 
 
 @dataclass
@@ -53,6 +49,8 @@ class Services:
     inflight: set[asyncio.Task[Any]] = field(default_factory=set)
     #: Slash-command deploys: how many run at once, and how many may wait for their turn.
     deploys: DeployQueue = field(default_factory=DeployQueue)
+    #: Waits and sizes; `main` may pass its own (see app.tuning).
+    tuning: Tuning = DEFAULT
 
     async def finish_inflight(self, timeout: float) -> None:  # noqa: ASYNC109
         """Wait (bounded) for acknowledged requests to finish what they started; deploys still
@@ -67,7 +65,7 @@ class Services:
                 task.cancel()
             if late:
                 # Long enough for a canceled request to tell its user, before the clients close.
-                await asyncio.wait(late, timeout=ANSWER_ON_CANCEL_TIMEOUT)
+                await asyncio.wait(late, timeout=self.tuning.deploys.answer_on_cancel_timeout)
 
 
 def request_id_for(*parts: str) -> str:
