@@ -32,11 +32,13 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 import handlers
+from app.core.approvals import Approvals
 from app.core.audit import Auditor
+from app.core.build_actions import BuildActions
 from app.core.digest import run_digest_schedules
-from app.core.operations import Operations, Services
 from app.core.policy import load_policy
 from app.core.routing import Router
+from app.core.services import Services
 from app.ops.checks import Readiness, check_buildkite, check_slack
 from app.ops.metrics import CountSlackCalls, Metrics, count_buildkite_requests
 from app.ops.observability import observe_slack_requests
@@ -156,7 +158,7 @@ async def open_services(
             router=Router(tracker, store, policy),
             hooks=hooks,
         )
-        tracker.auto_retry = Operations(services).auto_retry
+        tracker.auto_retry = BuildActions(services).auto_retry
         yield services
 
 
@@ -265,10 +267,10 @@ async def expire_approvals(
     interval: float = DEFAULT.deploys.approval_sweep_interval,
 ) -> None:
     """Close approval requests that ran out of time, so their message says so."""
-    operations = Operations(services)
+    approvals = Approvals(services)
     while not stop.is_set():
         try:
-            await operations.expire_approvals()
+            await approvals.expire_approvals()
         except (RedisError, OSError) as exc:
             # Redis is down: the readiness check says so; a traceback every sweep would not.
             log.warning("approval expiry sweep skipped, redis unavailable: %s", exc)

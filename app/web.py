@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.async_app import AsyncApp, AsyncBoltRequest
 
-from app.core.operations import Services
+from app.core.services import Services
 from app.ops import logs
 from app.ops.checks import Readiness
 from app.ops.metrics import Metrics

@@ -22,7 +22,6 @@ scrubs its token from any message Buildkite echoes back.
 
 from __future__ import annotations
 
-import itertools
 import re
 from typing import Any
 
@@ -42,7 +41,6 @@ __all__ = [
     "WebhookError",
     "WebhookPayloadError",
     "WebhookVerificationError",
-    "describe",
     "error_for_status",
 ]
 
@@ -240,39 +238,6 @@ def error_for_status(status: int) -> type[BuildkiteAPIError]:
     return _BY_STATUS.get(status, BuildkiteAPIError)
 
 
-def describe(error: BuildkiteError) -> str:
-    """A short explanation for a Slack user: what went wrong, in their terms, without secrets."""
-    if isinstance(error, AuthenticationError):
-        return "Buildkite rejected the bot's API token (it may be wrong, expired or revoked)"
-    if isinstance(error, PermissionDenied):
-        if error.missing_scope:
-            return f"your Buildkite token lacks the {error.missing_scope} scope"
-        return "Buildkite denied the bot access to that"
-    if isinstance(error, NotFound):
-        return f"Buildkite could not find {_resource(error.path)}"
-    if isinstance(error, RateLimited):
-        if error.reset is not None:
-            return f"Buildkite is rate-limiting the bot; try again in {error.reset:.0f} seconds"
-        return "Buildkite is rate-limiting the bot; try again in a minute"
-    if isinstance(error, ServerError):
-        return f"Buildkite had an internal error (HTTP {error.status}); try again shortly"
-    if isinstance(error, BadRequest | ValidationFailed):
-        details = _error_details(error.errors)
-        reason = f"{error.message} ({details})" if details else error.message
-        return f"Buildkite refused the request: {reason}"
-    if isinstance(error, BuildkiteAPIError):
-        return f"Buildkite answered HTTP {error.status}: {error.message}"
-    if isinstance(error, BuildkiteUnavailable):
-        return "Buildkite could not be reached"
-    if isinstance(error, BuildMaybeStarted):
-        return "Buildkite did not answer in time; the build may have started all the same"
-    if isinstance(error, UnexpectedResponse):
-        return "Buildkite sent an answer the bot did not understand"
-    if isinstance(error, WebhookError):
-        return "a Buildkite webhook could not be verified or understood"
-    return "something went wrong talking to Buildkite"
-
-
 def _error_details(errors: list[dict[str, Any]]) -> str:
     # 422 bodies look like [{"field": "commit", "code": "missing"}]; say "commit missing".
     parts = []
@@ -281,27 +246,3 @@ def _error_details(errors: list[dict[str, Any]]) -> str:
         if words:
             parts.append(" ".join(words))
     return ", ".join(parts)
-
-
-_RESOURCE_NAMES = {
-    "organizations": "organization",
-    "pipelines": "pipeline",
-    "jobs": "job",
-    "agents": "agent",
-}
-
-
-def _resource(path: str) -> str:
-    """Name the deepest thing a request path points at: "build deploy-prod#12", "agent 0a1b"."""
-    segments = [segment for segment in path.split("/") if segment]
-    found = "that"
-    pipeline = None
-    for kind, value in itertools.pairwise(segments):
-        if kind == "pipelines":
-            pipeline = value
-            found = f"pipeline {value}"
-        elif kind == "builds" and pipeline:
-            found = f"build {pipeline}#{value}"
-        elif kind in _RESOURCE_NAMES:
-            found = f"{_RESOURCE_NAMES[kind]} {value}"
-    return found

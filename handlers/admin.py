@@ -1,7 +1,7 @@
 """Slack listeners for /buildkite (pipelines, builds, agents, whoami, health), its "More",
 Stop and Delete buttons, and the pipeline forms.
 
-Each listener acknowledges first, parses, calls one `Operator` method and renders the answer,
+Each listener acknowledges first, parses, calls one `Admin` method and renders the answer,
 ephemerally; pipeline changes are also announced in the channel.
 """
 
@@ -18,26 +18,29 @@ from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from app.core.admin import (
+from app.core.admin import Admin
+from app.core.commands import (
+    AdminRequest,
     AgentsQuery,
+    BuildRef,
     BuildsQuery,
     FormErrors,
     HealthRequest,
-    Operator,
-    OperatorRequest,
+    HelpRequest,
     PipelineDelete,
     PipelineForm,
     PipelineSpec,
     PipelinesQuery,
     PipelineUpdate,
+    UsageError,
     WhoamiRequest,
     builds_query,
-    parse_operator,
+    parse_admin,
     parse_pipeline_form,
     usage,
 )
-from app.core.commands import BuildRef, HelpRequest, UsageError
-from app.core.operations import Actor, Services, UserError, request_id_for
+from app.core.errors import UserError
+from app.core.services import Actor, Services, request_id_for
 from app.ops.logs import current_correlation_id
 from app.slack import messages
 from app.slack.messages import (
@@ -109,7 +112,7 @@ def _button_value(body: dict[str, Any], model: type[M]) -> M:
 class _Asked:
     """One /buildkite command: who asked, from where, and how to answer."""
 
-    op: Operator
+    op: Admin
     actor: Actor
     trigger_id: str
     respond: AsyncRespond
@@ -125,7 +128,7 @@ async def buildkite_command(
 ) -> None:
     templates = services.settings.pipeline_templates
     try:
-        request = parse_operator(
+        request = parse_admin(
             command.get("text", ""), org=services.settings.buildkite_org, templates=templates
         )
     except UsageError as exc:
@@ -137,7 +140,7 @@ async def buildkite_command(
     await ack(text=_working(request))
     actor = Actor.from_command(command)
     trigger = str(command.get("trigger_id") or uuid.uuid4().hex)
-    asked = _Asked(Operator(services), actor, trigger, respond, client)
+    asked = _Asked(Admin(services), actor, trigger, respond, client)
     await _ANSWERS[type(request)](request, asked)
 
 
@@ -214,7 +217,7 @@ async def _delete(request: PipelineDelete, asked: _Asked) -> None:
     await _show(asked.respond, rendered)
 
 
-def _working(request: OperatorRequest) -> str:
+def _working(request: AdminRequest) -> str:
     """What the person sees at once, for the requests that take a while."""
     if isinstance(request, HealthRequest):
         return ":hourglass_flowing_sand: Reading the builds…"
@@ -225,7 +228,7 @@ def _working(request: OperatorRequest) -> str:
     return ""
 
 
-_ANSWERS: dict[type[OperatorRequest], Callable[[Any, _Asked], Awaitable[None]]] = {
+_ANSWERS: dict[type[AdminRequest], Callable[[Any, _Asked], Awaitable[None]]] = {
     PipelinesQuery: _pipelines,
     BuildsQuery: _builds,
     BuildRef: _build,
@@ -247,7 +250,7 @@ async def pipelines_more(
 ) -> None:
     await ack()
     value = _button_value(body, PipelinesPageValue)
-    page = await Operator(services).pipelines_page(PipelinesQuery(value.filter, value.page))
+    page = await Admin(services).pipelines_page(PipelinesQuery(value.filter, value.page))
     await _show(respond, messages.pipelines_list(page), replace=True)
 
 
@@ -260,7 +263,7 @@ async def builds_more(
         query = builds_query(value.pipeline, value.state, value.branch, value.page)
     except UsageError:
         raise UserError(STALE_BUTTON) from None
-    page = await Operator(services).builds_page(query)
+    page = await Admin(services).builds_page(query)
     await _show(respond, messages.builds_list(page), replace=True)
 
 
@@ -269,7 +272,7 @@ async def agents_more(
 ) -> None:
     await ack()
     value = _button_value(body, AgentsPageValue)
-    page = await Operator(services).agents_page(AgentsQuery(value.queue, value.page))
+    page = await Admin(services).agents_page(AgentsQuery(value.queue, value.page))
     await _show(respond, messages.agents_list(page), replace=True)
 
 
@@ -278,7 +281,7 @@ async def agent_stop(
 ) -> None:
     await ack()
     agent = _button_value(body, AgentButtonValue)
-    await Operator(services).stop_agent(agent, Actor.from_button(body), force=False)
+    await Admin(services).stop_agent(agent, Actor.from_button(body), force=False)
     await _say(
         respond, f":octagonal_sign: Asked {code(agent.name)} to stop once its current job finishes."
     )
@@ -289,7 +292,7 @@ async def agent_force_stop(
 ) -> None:
     await ack()
     agent = _button_value(body, AgentButtonValue)
-    await Operator(services).stop_agent(agent, Actor.from_button(body), force=True)
+    await Admin(services).stop_agent(agent, Actor.from_button(body), force=True)
     await _say(respond, f":octagonal_sign: Force-stopped {code(agent.name)}; its job was canceled.")
 
 
@@ -298,7 +301,7 @@ async def pipeline_delete(
 ) -> None:
     await ack()
     value = _button_value(body, PipelineButtonValue)
-    told = await Operator(services).delete_pipeline(value.pipeline, Actor.from_button(body))
+    told = await Admin(services).delete_pipeline(value.pipeline, Actor.from_button(body))
     note = "" if told else f" {NOT_ANNOUNCED}"
     await _say(
         respond, f":wastebasket: Deleted the pipeline `{value.pipeline}`.{note}", replace=True
@@ -328,7 +331,7 @@ async def pipeline_form_submitted(
     title = "New pipeline" if metadata.pipeline is None else "Update pipeline"
     await ack(response_action="update", view=messages.modal_notice(title, "Working on it…"))
     actor = Actor.from_user(body["user"], metadata.channel)
-    op = Operator(services)
+    op = Admin(services)
     try:
         if isinstance(form, PipelineSpec):
             request_id = request_id_for("pipeline create", view["id"], view.get("hash") or "")

@@ -9,8 +9,10 @@ from typing import Any
 from pydantic import ValidationError
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 
+from app.core.build_actions import BuildActions
 from app.core.commands import BuildRef
-from app.core.operations import Actor, Operations, Services, UserError, explain
+from app.core.errors import UserError, explain
+from app.core.services import Actor, Services
 from app.core.unblock_forms import FormError, parse_freeform
 from app.slack.messages import (
     FREEFORM_BLOCK,
@@ -64,7 +66,7 @@ async def unblock_button(
     except (ValidationError, KeyError, IndexError):
         raise UserError("This button's data is not valid any more; nothing was done.") from None
     actor = Actor.from_button(body)
-    ops = Operations(services)
+    ops = BuildActions(services)
     target = await ops.unblock_form(value, actor)
     channel, thread_ts = _thread_of(body)
     if target.form is None or target.form.fields:
@@ -173,7 +175,7 @@ async def unblock_submit(ack: AsyncAck, body: dict[str, Any], services: Services
         return
     value = UnblockButtonValue(pipeline=meta.pipeline, number=meta.number, job=meta.job)
     actor = Actor.from_user(body["user"], meta.channel)
-    ops = Operations(services)
+    ops = BuildActions(services)
     work = asyncio.ensure_future(
         ops.unblock(
             value,
@@ -228,7 +230,7 @@ async def retry_button(
     except (ValidationError, KeyError, IndexError):
         raise UserError("This button's data is not valid any more; nothing was done.") from None
     ref = BuildRef(value.pipeline, value.number)
-    jobs = await Operations(services).retry_failed(
+    jobs = await BuildActions(services).retry_failed(
         ref,
         Actor.from_button(body),
         thread=_thread_of(body),

@@ -15,6 +15,8 @@ from typing import Any
 from pydantic import ValidationError
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 
+from app.core.approvals import Approvals
+from app.core.build_actions import BuildActions
 from app.core.commands import (
     CANCEL_USAGE,
     DEPLOY_USAGE,
@@ -29,17 +31,11 @@ from app.core.commands import (
     parse_build_ref,
     parse_deploy,
 )
-from app.core.operations import (
-    Actor,
-    AwaitingApproval,
-    NeedsConfirmation,
-    Operations,
-    QueueClosed,
-    Services,
-    Started,
-    UserError,
-    request_id_for,
-)
+from app.core.deploy_queue import QueueClosed
+from app.core.deploys import AwaitingApproval, Deploys, NeedsConfirmation, Started
+from app.core.errors import UserError
+from app.core.locks import Locks
+from app.core.services import Actor, Services, request_id_for
 from app.slack.messages import (
     ActionId,
     BuildButtonValue,
@@ -122,22 +118,22 @@ async def deploy_command(
     if isinstance(request, HelpRequest):
         await ack(text=DEPLOY_USAGE)
         return
-    ops, actor = Operations(services), Actor.from_command(command)
+    locks, actor = Locks(services), Actor.from_command(command)
     if isinstance(request, LocksRequest):
         await ack()
         await _ephemeral(respond, locks_list(await services.store.pipeline_locks()))
         return
     if isinstance(request, AuditRequest):
         await ack()
-        entries = await ops.audit_entries(request, actor)
+        entries = await locks.audit_entries(request, actor)
         await _ephemeral(respond, audit_list(entries, request.pipeline))
         return
     if isinstance(request, LockRequest | UnlockRequest):
         await ack()
         text = await (
-            ops.lock(request, actor)
+            locks.lock(request, actor)
             if isinstance(request, LockRequest)
-            else ops.unlock(request, actor)
+            else locks.unlock(request, actor)
         )
         await respond(text=text, response_type="in_channel", replace_original=False)
         return
@@ -157,7 +153,7 @@ async def deploy_command(
                 raise
             return
         try:
-            outcome = await ops.deploy(request, actor, trigger=_trigger(command))
+            outcome = await Deploys(services).deploy(request, actor, trigger=_trigger(command))
         except asyncio.CancelledError:
             # Cut short by the shutdown's time limit, maybe after Buildkite created the build.
             with contextlib.suppress(Exception):
@@ -196,7 +192,7 @@ async def cancel_command(
     # The key is this one request's, so it is kept as long as a request's: a replay of the
     # same signed command (good for five minutes) is answered "You already asked".
     key = request_id_for("cancel", _trigger(command))
-    build = await Operations(services).cancel(
+    build = await BuildActions(services).cancel(
         ref, Actor.from_command(command), dedup_key=key, dedup_ttl=REQUEST_TTL
     )
     title = link(build.web_url, f"{ref.pipeline} #{ref.number}")
@@ -214,7 +210,7 @@ async def rebuild_command(
     else:
         await ack(text=f":hourglass_flowing_sand: Rebuilding `{ref.pipeline}` #{ref.number}…")
     key = request_id_for("rebuild", _trigger(command))
-    outcome = await Operations(services).rebuild(
+    outcome = await BuildActions(services).rebuild(
         ref,
         Actor.from_command(command),
         dedup_key=key,
@@ -249,7 +245,7 @@ async def cancel_button(
     await ack()
     ref = _button_ref(body)
     key = f"button:{ActionId.CANCEL}:{ref.pipeline}:{ref.number}"
-    build = await Operations(services).cancel(ref, Actor.from_button(body), dedup_key=key)
+    build = await BuildActions(services).cancel(ref, Actor.from_button(body), dedup_key=key)
     title = link(build.web_url, f"{ref.pipeline} #{ref.number}")
     await _ephemeral(respond, f":no_entry_sign: Cancel requested for {title}.")
 
@@ -263,7 +259,7 @@ async def rebuild_button(
     action = body["actions"][0]
     # One click, one request: a later click on the same button asks again.
     trigger = f"{body.get('trigger_id')}:{action.get('action_ts')}:{body['user']['id']}"
-    outcome = await Operations(services).rebuild(
+    outcome = await BuildActions(services).rebuild(
         ref, Actor.from_button(body), dedup_key=key, trigger=trigger
     )
     if isinstance(outcome, NeedsConfirmation):
@@ -283,7 +279,7 @@ async def confirm_button(
     ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
     await ack()
-    outcome = await Operations(services).confirm(_request_id(body), Actor.from_button(body))
+    outcome = await Deploys(services).confirm(_request_id(body), Actor.from_button(body))
     if isinstance(outcome, Started):
         build = outcome.build
         title = f"{build.pipeline_slug or 'build'} #{build.number}"
@@ -300,7 +296,7 @@ async def abort_button(
     ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
     await ack()
-    await Operations(services).abort(_request_id(body), Actor.from_button(body))
+    await Deploys(services).abort(_request_id(body), Actor.from_button(body))
     await respond(text="Deploy canceled; nothing was started.", replace_original=True)
 
 
@@ -308,7 +304,7 @@ async def approve_button(
     ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
     await ack()
-    build = await Operations(services).decide(
+    build = await Approvals(services).decide(
         _request_id(body), Actor.from_button(body), approve=True
     )
     if build is not None:
@@ -322,5 +318,5 @@ async def reject_button(
     ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
     await ack()
-    await Operations(services).decide(_request_id(body), Actor.from_button(body), approve=False)
+    await Approvals(services).decide(_request_id(body), Actor.from_button(body), approve=False)
     await _ephemeral(respond, ":no_entry: Rejected; nothing was started.")

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.core.errors import explain
 from app.simulators.buildkite import FakeBuildkite
 from buildkite.client import REQUEST_ID_META_KEY, BuildkiteClient, StartLookup
 from buildkite.errors import (
@@ -28,7 +29,6 @@ from buildkite.errors import (
     ServerError,
     UnexpectedResponse,
     ValidationFailed,
-    describe,
 )
 
 PIPE = "/v2/organizations/acme/pipelines/deploy-prod"
@@ -71,11 +71,16 @@ async def client(make_client: Callable[..., BuildkiteClient]) -> AsyncIterator[B
         yield bk_client
 
 
+def told(error: BuildkiteError, number: int | None = None) -> str:
+    """What a person is told of `error` (by the one explainer), asking about deploy-prod."""
+    return explain(error, action="deploy", pipeline="deploy-prod", number=number)
+
+
 def assert_no_secret(error: BaseException) -> None:
     for text in (str(error), repr(error), str(error.args)):
         assert SECRET not in text
     if isinstance(error, BuildkiteError):
-        assert SECRET not in describe(error)
+        assert SECRET not in told(error)
 
 
 def calls(bk: FakeBuildkite) -> list[str]:
@@ -100,7 +105,10 @@ async def test_401_is_an_authentication_error(
         "https://buildkite.com/docs/apis/rest-api#authentication"
     )
     assert "not-the-token" not in str(error) + repr(error)
-    assert describe(error).startswith("Buildkite rejected the bot's API token")
+    assert told(error) == (
+        "Could not deploy `deploy-prod`: Buildkite rejected the bot's API token (401). "
+        "An admin should check BUILDKITE_API_TOKEN."
+    )
     assert len(bk.requests) == 1
 
 
@@ -113,7 +121,10 @@ async def test_403_names_the_missing_scope_and_a_create_is_not_retried(
         await client.create_build("deploy-prod", commit="HEAD", branch="main")
 
     assert caught.value.missing_scope == "write_builds"
-    assert describe(caught.value) == "your Buildkite token lacks the write_builds scope"
+    assert told(caught.value) == (
+        "Could not deploy `deploy-prod`: the bot's Buildkite API token lacks the `write_builds` "
+        "scope. An admin can add it to the token in Buildkite's API Access Tokens settings."
+    )
     assert calls(bk) == ["POST /organizations/acme/pipelines/deploy-prod/builds"]
     assert bk.builds == []
 
@@ -126,7 +137,7 @@ async def test_404_says_what_was_not_found(bk: FakeBuildkite, client: BuildkiteC
         "Buildkite returned 404 for GET /organizations/acme/pipelines/deploy-prod/builds/7: "
         "Not Found"
     )
-    assert describe(caught.value) == "Buildkite could not find build deploy-prod#7"
+    assert told(caught.value, 7) == "Build #7 of pipeline `deploy-prod` was not found."
     assert len(bk.requests) == 1  # a 4xx is never retried
 
 
@@ -140,7 +151,9 @@ async def test_422_keeps_the_field_errors_and_is_not_retried(
     assert (error.status, error.message) == (422, "Validation Failed")
     assert error.errors == [{"field": "commit", "code": "missing"}]
     assert str(error).endswith(": Validation Failed (commit missing)")
-    assert describe(error) == "Buildkite refused the request: Validation Failed (commit missing)"
+    assert told(error) == (
+        "Buildkite refused to deploy `deploy-prod`: Validation Failed (commit missing)."
+    )
     assert len(bk.requests) == 1
     assert bk.builds == []
 
@@ -152,8 +165,9 @@ async def test_400_is_a_bad_request(bk: FakeBuildkite, client: BuildkiteClient) 
         await client.retry_job("deploy-prod", 1, job_id)
 
     assert caught.value.status == 400
-    assert describe(caught.value) == (
-        "Buildkite refused the request: Only failed, timed out or canceled jobs can be retried"
+    assert told(caught.value) == (
+        "Buildkite refused to deploy `deploy-prod`: Only failed, timed out or canceled jobs can "
+        "be retried."
     )
 
 
@@ -172,7 +186,10 @@ async def test_5xx_on_get_is_retried_with_backoff_then_raised(
     first, second = sleeps.calls
     assert 0.5 <= first <= 1.0
     assert 1.0 <= second <= 1.5
-    assert describe(caught.value) == "Buildkite had an internal error (HTTP 502); try again shortly"
+    assert told(caught.value) == (
+        "Could not deploy `deploy-prod`: Buildkite is not answering right now. "
+        "Please try again in a minute."
+    )
 
 
 async def test_5xx_then_success(bk: FakeBuildkite, client: BuildkiteClient, sleeps: Sleeps) -> None:
@@ -263,7 +280,10 @@ async def test_timeouts_end_in_buildkite_unavailable(
     assert (error.method, error.path, error.attempts) == ("GET", "/user", 2)
     assert str(error).startswith("Buildkite could not be reached for GET /user after 2 attempts")
     assert "ReadTimeout" in str(error)
-    assert describe(error) == "Buildkite could not be reached"
+    assert told(error) == (
+        "Could not deploy `deploy-prod`: Buildkite is not answering right now. "
+        "Please try again in a minute."
+    )
     assert_no_secret(error)
 
 
@@ -313,7 +333,10 @@ async def test_429_gives_up_past_max_rate_limit_wait(
     assert error.message.startswith("You have exceeded your API rate limit")
     assert len(sleeps.calls) == 1  # a second wait would pass 6 s in total
     assert len(bk.requests) == 2
-    assert describe(error) == "Buildkite is rate-limiting the bot; try again in 3 seconds"
+    assert told(error) == (
+        "Could not deploy `deploy-prod`: the Buildkite API rate limit is used up. "
+        "Please try again in about 3 s."
+    )
     assert_no_secret(error)
 
 
@@ -399,7 +422,7 @@ async def test_a_create_answered_5xx_is_looked_for_never_sent_again(
     assert bk.builds == []
     error = caught.value
     assert (error.request_id, error.reason) == ("req-7", "HTTP 502")
-    assert "may have started" in str(error) and "may have started" in describe(error)
+    assert "may have started" in str(error) and "may have started" in told(error)
     assert_no_secret(error)
 
 
@@ -763,4 +786,6 @@ async def test_a_2xx_body_that_is_not_the_resource_is_unexpected(
             await bk_client.get_user()
 
     assert str(caught.value) == f"Buildkite sent an unexpected answer to GET /user: {reason}"
-    assert describe(caught.value) == "Buildkite sent an answer the bot did not understand"
+    assert told(caught.value) == (
+        "Could not deploy `deploy-prod`: Buildkite sent an answer the bot did not understand."
+    )

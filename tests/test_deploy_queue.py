@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from app import main
-from app.core.operations import DeployQueue
+from app.core.deploy_queue import DeployQueue
 from app.simulators.bot import BotClient, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from app.core.admin import PipelineUpdate, parse_operator
+from app.core.commands import PipelineUpdate, parse_admin
 from app.simulators import slack_requests
 from app.simulators.bot import (
     BUILDKITE_TOKEN,
@@ -551,7 +551,7 @@ async def test_a_pipeline_is_deleted_after_a_confirmation(
 
 
 def test_update_fields_are_cut_after_the_slug_even_when_a_word_contains_it() -> None:
-    request = parse_operator(
+    request = parse_admin(
         "pipeline update date description=Dates &amp; times default_branch=main",
         org="acme",
         templates={},

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from app.core.operations import Services
+from app.core.services import Services
 from app.main import open_services
 from app.ops.metrics import Metrics
 from app.simulators.bot import BUILDKITE_TOKEN, bot_settings

@@ -366,7 +366,7 @@ async def test_an_unexpected_failure_on_submit_is_answered_in_the_modal(
     async def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("app.core.operations.Operations.unblock", broken)
+    monkeypatch.setattr("app.core.build_actions.BuildActions.unblock", broken)
     answer = await submit(bot, view, {"field:release-name": "v1", "field:deploy-regions": ["na"]})
     assert answer["response_action"] == "errors"
     (text,) = answer["errors"].values()

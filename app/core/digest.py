@@ -40,7 +40,7 @@ from buildkite.client import BuildkiteClient
 from buildkite.models import Build, BuildState
 
 if TYPE_CHECKING:
-    from app.core.operations import Services
+    from app.core.services import Services
 
 log = logging.getLogger(__name__)
 

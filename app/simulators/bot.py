@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 from redis.exceptions import ResponseError
 
-from app.core.operations import Services
+from app.core.services import Services
 from app.main import RunningBot, start_bot
 from app.ops import logs
 from app.settings import Settings

@@ -1,0 +1,171 @@
+"""Approvals of protected deploys: an approver's decision, checked again as it takes effect,
+and the expiry of those nobody decided.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+
+from app.core import texts
+from app.core.actions import Actions
+from app.core.deploys import plan_action, plan_from
+from app.core.errors import UserError, explain
+from app.core.services import Actor
+from app.core.texts import TRACKING_DOWN
+from app.slack import messages
+from app.slack.messages import DeployPlan
+from app.storage.records import Approval, ApprovalDecision, ApprovalStatus, PendingDeploy
+from buildkite.errors import BuildkiteError, NotFound
+from buildkite.models import Build
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a decision cannot take effect now: `text` for people, `detail` for the audit trail."""
+
+    text: str
+    detail: str
+
+
+class Approvals(Actions):
+    """Approve, reject and expire the approval requests of protected deploys."""
+
+    async def decide(self, approval_id: str, actor: Actor, *, approve: bool) -> Build | None:
+        """An approver's click: the first valid decision wins; the requester cannot approve."""
+        approval = await self.s.store.approval(approval_id)
+        if approval is None:
+            raise UserError(texts.APPROVAL_GONE)
+        data = approval.request
+        plan = plan_from(data)
+        rule = self.s.policy.rule_for(plan.pipeline)
+        action = "approve" if approve else "reject"
+        if actor.user_id == plan.requester and approve:
+            await self._audit(actor, action, plan.pipeline, "refused", detail="self-approval")
+            raise UserError(texts.no_self_approval(plan.approvers))
+        approvers = rule.approval.approvers if rule.approval else []
+        allowed = actor.user_id == plan.requester or actor.user_id in await self.s.policy.members(
+            approvers, self.s.directory.usergroup_members
+        )
+        if not allowed:
+            await self._audit(actor, action, plan.pipeline, "refused", detail="not an approver")
+            raise UserError(texts.only_approvers(plan.approvers, action))
+        refusal = await self._recheck(plan, data, approval, actor) if approve else None
+        status = (
+            ApprovalStatus.REJECTED
+            if not approve
+            else ApprovalStatus.REFUSED
+            if refusal
+            else ApprovalStatus.APPROVED
+        )
+        result = await self.s.store.decide_approval(
+            approval_id, status=status, user=actor.user_id, now=time.time()
+        )
+        if result is ApprovalDecision.EXPIRED_NOW:
+            await self._show_approval(approval, plan, "expired")
+        if result is not ApprovalDecision.DECIDED:
+            state = result.status
+            raise UserError(texts.already_decided(state))
+        if refusal is not None:
+            await self._audit(actor, action, plan.pipeline, "refused", detail=refusal.detail)
+            await self._show_approval(
+                approval, plan, "refused", decided_by=actor.user_id, reason=refusal.text
+            )
+            raise UserError(texts.approved_not_started(refusal.text))
+        await self._audit(actor, action, plan.pipeline, "approved" if approve else "rejected")
+        if not approve:
+            await self._show_approval(approval, plan, "rejected", decided_by=actor.user_id)
+            return None
+        requester = Actor(
+            user_id=plan.requester,
+            user_name=data.user_name or plan.requester,
+            channel_id=approval.channel or actor.channel_id,
+            channel_name=data.channel_name,
+        )
+        try:
+            build = await self._start(
+                plan,
+                requester,
+                request_id=approval_id,
+                thread=approval.ts or None,
+                approved_by=actor.user_id,
+            )
+        except UserError:
+            await self._show_approval(approval, plan, "approved", decided_by=actor.user_id)
+            raise
+        await self._show_approval(approval, plan, "approved", decided_by=actor.user_id, build=build)
+        return build
+
+    async def _recheck(
+        self, plan: DeployPlan, data: PendingDeploy, approval: Approval, approver: Actor
+    ) -> Refusal | None:
+        """Check again, as the approval takes effect, what was checked when it was asked for."""
+        action = plan_action(plan)
+        channel = approval.channel or approver.channel_id
+        decision = await self.s.policy.check(
+            action,
+            plan.pipeline,
+            user=plan.requester,
+            channel_id=channel,
+            channel_name=data.channel_name,
+            resolve=self.s.directory.usergroup_members,
+        )
+        if not decision.allowed:
+            return Refusal(
+                texts.no_longer_allowed(
+                    plan.requester, action.value, plan.pipeline, channel, decision.rule
+                ),
+                f"rule {decision.rule}",
+            )
+        rule = self.s.policy.rule_for(plan.pipeline)
+        env_refusal = rule.env_refusal(plan.env)
+        if env_refusal is not None:
+            return Refusal(env_refusal, f"env: rule {rule.name}")
+        try:
+            lock = await self.s.store.pipeline_lock(plan.pipeline)
+        except RedisError:
+            raise UserError(TRACKING_DOWN) from None
+        if lock and lock.user not in (plan.requester, approver.user_id):
+            return Refusal(
+                texts.locked_reason(plan.pipeline, lock.user, lock.reason),
+                f"locked by {lock.user}",
+            )
+        try:
+            await self.s.buildkite.get_pipeline(plan.pipeline)
+        except NotFound:
+            return Refusal(texts.pipeline_gone(plan.pipeline), "pipeline gone")
+        except BuildkiteError as exc:  # not a refusal: the approval stays open for a new click
+            raise UserError(explain(exc, action="deploy", pipeline=plan.pipeline)) from None
+        return None
+
+    async def expire_approvals(self) -> int:
+        """Mark approvals past their time as expired and say so on their messages."""
+        expired = 0
+        for approval_id in await self.s.store.due_approvals(time.time()):
+            result = await self.s.store.decide_approval(
+                approval_id, status=ApprovalStatus.EXPIRED, user="", now=time.time()
+            )
+            approval = await self.s.store.approval(approval_id)
+            if result is ApprovalDecision.EXPIRED_NOW and approval is not None:
+                await self._show_approval(approval, plan_from(approval.request), "expired")
+                expired += 1
+        return expired
+
+    async def _show_approval(
+        self,
+        approval: Approval,
+        plan: DeployPlan,
+        status: str,
+        *,
+        decided_by: str | None = None,
+        build: Build | None = None,
+        reason: str | None = None,
+    ) -> None:
+        if not approval.ts:
+            return
+        rendered = messages.approval_request(
+            plan, "0" * 16, status=status, decided_by=decided_by, build=build, reason=reason
+        )
+        await self.s.outbox.update(approval.channel, approval.ts, rendered)

@@ -1,0 +1,261 @@
+"""Deploys: start one, or ask first (confirm) on a protected pipeline; a protected rebuild
+is asked for like a deploy.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, replace
+from dataclasses import fields as dataclass_fields
+
+from redis.exceptions import RedisError
+
+from app.core import texts
+from app.core.actions import Actions
+from app.core.commands import COMMIT, BuildRef, DeployRequest, UsageError, check_branch
+from app.core.errors import UserError, explain
+from app.core.policy import Action, Rule, principal_ref
+from app.core.services import Actor, request_id_for
+from app.core.texts import TRACKING_DOWN
+from app.slack import messages
+from app.slack.messages import DeployPlan, Rendered
+from app.slack.outbox import SlackDeliveryError, not_in_channel_text
+from app.storage.records import PendingDeploy
+from buildkite.errors import BuildkiteError
+from buildkite.models import Build, BuildState, Pipeline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Started:
+    build: Build
+
+
+@dataclass(frozen=True)
+class NeedsConfirmation:
+    """A protected pipeline: the person must confirm this plan first."""
+
+    rendered: Rendered
+
+
+@dataclass(frozen=True)
+class AwaitingApproval:
+    approval_id: str
+
+
+DeployOutcome = Started | NeedsConfirmation | AwaitingApproval
+
+
+class Deploys(Actions):
+    """Deploy, confirm and abort, as requested by a Slack user."""
+
+    async def deploy(self, request: DeployRequest, actor: Actor, *, trigger: str) -> DeployOutcome:
+        """Start a build (once per Slack request), or ask first when the pipeline is protected."""
+        rule = await self._authorize(Action.DEPLOY, request.pipeline, actor)
+        await self._check_env(rule, request.env, actor, action="deploy", pipeline=request.pipeline)
+        await self._check_lock(request.pipeline, actor)
+        request_id = request_id_for("deploy", trigger)
+        await self._claim(request_id, actor.user_id)
+        try:
+            pipeline = await self.s.buildkite.get_pipeline(request.pipeline)
+        except BuildkiteError as exc:
+            await self._forget(request_id)
+            await self._audit(actor, "deploy", request.pipeline, "failed", detail=str(exc))
+            raise UserError(explain(exc, action="deploy", pipeline=request.pipeline)) from None
+        plan = DeployPlan(
+            pipeline=request.pipeline,
+            branch=request.branch or pipeline.default_branch or "main",
+            commit=request.commit,
+            message=request.message or f"Deployed from Slack by @{actor.user_name}",
+            env=dict(request.env),
+            requester=actor.user_id,
+        )
+        if not rule.asks_first:
+            return Started(await self._start(plan, actor, request_id=request_id))
+        plan = await self._describe(plan, pipeline, rule)
+        return await self._ask_first(plan, actor, request_id, claim=request_id)
+
+    async def _ask_first(
+        self, plan: DeployPlan, actor: Actor, request_id: str, *, claim: str
+    ) -> NeedsConfirmation:
+        """Keep the plan for the requester's confirmation, if it can be shown in full."""
+        refusal = messages.plan_refusal(plan)
+        action = plan_action(plan).value
+        if refusal is not None:
+            await self._forget(claim)
+            await self._audit(actor, action, plan.pipeline, "refused", detail="too large to show")
+            raise UserError(texts.refused(refusal))
+        try:
+            await self.s.store.save_deploy_request(request_id, plan_data(plan, actor))
+        except RedisError:
+            await self._forget(claim)
+            raise UserError(TRACKING_DOWN) from None
+        if plan.rebuild_of is not None:
+            await self._audit(
+                actor,
+                action,
+                plan.pipeline,
+                "confirmation requested",
+                number=plan.rebuild_of,
+                detail="as a new build",
+            )
+        return NeedsConfirmation(messages.confirm_deploy(plan, request_id))
+
+    async def _describe(self, plan: DeployPlan, pipeline: Pipeline, rule: Rule) -> DeployPlan:
+        """Resolve HEAD to the branch's last built SHA, and link the diff on GitHub."""
+        last: Build | None = None
+        last_passed: Build | None = None
+        try:
+            async for build in self.s.buildkite.list_builds(
+                pipeline=plan.pipeline,
+                branch=plan.branch,
+                exclude_jobs=True,
+                per_page=20,
+                limit=20,
+            ):
+                last = last or build
+                if build.state is BuildState.PASSED and last_passed is None:
+                    last_passed = build
+                if last_passed is not None:
+                    break
+        except BuildkiteError as exc:
+            log.info("could not look up recent builds of %s: %s", plan.pipeline, exc)
+        sha = plan.commit if plan.commit != "HEAD" else (last.commit if last else None)
+        diff = None
+        repo = _github_repo(pipeline.repository)
+        if repo and last_passed and last_passed.commit and sha and last_passed.commit != sha:
+            diff = f"https://github.com/{repo}/compare/{last_passed.commit}...{sha}"
+        approvers = (
+            tuple(principal_ref(p) for p in rule.approval.approvers) if rule.approval else ()
+        )
+        return replace(
+            plan,
+            resolved_sha=sha if plan.commit == "HEAD" else None,
+            resolved_from=f"#{last.number}" if last and plan.commit == "HEAD" else None,
+            diff_url=diff,
+            approvers=approvers,
+            expires_in=rule.approval.expires_after if rule.approval else None,
+        )
+
+    async def confirm(self, request_id: str, actor: Actor) -> DeployOutcome:
+        """The requester confirmed a protected deploy: start it, or ask for approval."""
+        plan, data = await self._own_request(request_id, actor, verb="confirm")
+        action = plan_action(plan)
+        rule = await self._authorize(action, plan.pipeline, actor)
+        await self._check_env(rule, plan.env, actor, action=action.value, pipeline=plan.pipeline)
+        await self._check_lock(plan.pipeline, actor)
+        if rule.approval is None:
+            return Started(await self._start(plan, actor, request_id=request_id))
+        approval_id = request_id_for("approval", request_id)
+        expires_at = time.time() + rule.approval.expires_after
+        await self.s.store.create_approval(approval_id, data, expires_at=expires_at)
+        try:
+            ts = await self.s.outbox.post(
+                actor.channel_id, messages.approval_request(plan, approval_id), key=approval_id
+            )
+        except SlackDeliveryError as exc:
+            if not exc.no_access:
+                raise
+            await self._audit(actor, "deploy", plan.pipeline, "failed", detail=exc.error)
+            raise UserError(
+                texts.approval_not_posted(plan.pipeline, not_in_channel_text(exc.error))
+            ) from None
+        await self.s.store.set_approval_message(approval_id, channel=actor.channel_id, ts=ts)
+        await self._audit(actor, "deploy", plan.pipeline, "approval requested")
+        return AwaitingApproval(approval_id)
+
+    async def abort(self, request_id: str, actor: Actor) -> None:
+        """The requester dropped their own confirmation (the Cancel button)."""
+        plan, _ = await self._own_request(request_id, actor, verb="cancel")
+        await self._audit(actor, plan_action(plan).value, plan.pipeline, "dropped")
+
+    async def _own_request(
+        self, request_id: str, actor: Actor, *, verb: str
+    ) -> tuple[DeployPlan, PendingDeploy]:
+        """Use up a waiting confirmation, only when `actor` is the one who asked for it."""
+        expired = UserError(texts.CONFIRMATION_GONE)
+        try:
+            data = await self.s.store.deploy_request(request_id)
+            if data is None:
+                raise expired
+            plan = plan_from(data)
+            if plan.requester != actor.user_id:
+                what = "rebuild" if plan.rebuild_of is not None else "deploy"
+                raise UserError(texts.only_requester(plan.requester, verb, what))
+            if await self.s.store.take_deploy_request(request_id) is None:
+                raise expired
+        except RedisError:
+            raise UserError(TRACKING_DOWN) from None
+        return plan, data
+
+    async def rebuild_as_deploy(
+        self, ref: BuildRef, actor: Actor, rule: Rule, dedup_key: str, trigger: str
+    ) -> NeedsConfirmation:
+        """A protected rebuild: confirm (and approve) it like a deploy, then create it as a NEW
+        build of the original's commit, branch and env. Buildkite's rebuild would copy the
+        original's meta_data, and with it an approval that nobody gave to this build."""
+        bk = self.s.buildkite
+        try:
+            original = await bk.get_build(ref.pipeline, ref.number)
+            pipeline = await bk.get_pipeline(ref.pipeline)
+        except BuildkiteError as exc:
+            raise await self._refused(exc, dedup_key, actor, "rebuild", ref) from None
+        env = {str(k): str(v) for k, v in (original.env or {}).items()}
+        branch = original.branch or pipeline.default_branch or "main"
+        commit = original.commit or "HEAD"
+        try:
+            await self._check_env(
+                rule, env, actor, action="rebuild", pipeline=ref.pipeline, number=ref.number
+            )
+            try:  # written by whoever started the original: checked like a typed /deploy
+                check_branch(branch)
+                if not COMMIT.match(commit):
+                    raise UsageError(f"#{ref.number}'s commit is not a commit SHA.")
+            except UsageError as exc:
+                raise UserError(texts.not_a_new_build(str(exc))) from None
+        except UserError:
+            await self._forget(dedup_key)
+            raise
+        plan = DeployPlan(
+            pipeline=ref.pipeline,
+            branch=branch,
+            commit=commit,
+            message=original.message or f"Rebuild of #{ref.number}",
+            env=env,
+            requester=actor.user_id,
+            rebuild_of=ref.number,
+        )
+        plan = await self._describe(plan, pipeline, rule)
+        request_id = request_id_for("rebuild", trigger)
+        return await self._ask_first(plan, actor, request_id, claim=dedup_key)
+
+
+def _github_repo(repository: str | None) -> str | None:
+    """`owner/name` of a GitHub repository URL (https or ssh), else None."""
+    if not repository:
+        return None
+    match = re.match(
+        r"^(?:https://github\.com/|git@github\.com:)([\w.-]+/[\w.-]+?)(?:\.git)?/?$", repository
+    )
+    return match.group(1) if match else None
+
+
+def plan_action(plan: DeployPlan) -> Action:
+    return Action.REBUILD if plan.rebuild_of is not None else Action.DEPLOY
+
+
+def plan_data(plan: DeployPlan, actor: Actor) -> PendingDeploy:
+    data = asdict(plan)
+    data["approvers"] = list(plan.approvers)
+    return PendingDeploy(plan=data, user_name=actor.user_name, channel_name=actor.channel_name)
+
+
+def plan_from(request: PendingDeploy) -> DeployPlan:
+    fields = {f.name for f in dataclass_fields(DeployPlan)}
+    values = {k: v for k, v in request.plan.items() if k in fields}
+    values["approvers"] = tuple(values.get("approvers") or ())
+    values["env"] = dict(values.get("env") or {})
+    return DeployPlan(**values)

@@ -1,0 +1,124 @@
+"""The shared clients a request needs, who asked (`Actor`), and a request's stable id."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import redis.asyncio as redis
+
+from app.core.audit import Auditor
+from app.core.deploy_queue import DeployQueue
+from app.core.policy import Policy
+from app.core.routing import Router
+from app.settings import Settings
+from app.slack.directory import Directory
+from app.slack.outbox import Outbox
+from app.slack.response_urls import SlackHooks
+from app.storage.store import Store
+from app.tracking.tracker import Tracker
+from app.tuning import DEFAULT, Tuning
+from buildkite.client import BuildkiteClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """The shared clients and services, created once per process and passed down via context."""
+
+    settings: Settings
+    http: httpx.AsyncClient
+    redis: redis.Redis
+    buildkite: BuildkiteClient
+    store: Store
+    outbox: Outbox
+    tracker: Tracker
+    policy: Policy
+    directory: Directory
+    auditor: Auditor
+    router: Router
+    #: The only way to a response_url outside Bolt's `respond` (see app.slack.response_urls).
+    hooks: SlackHooks
+    #: Listener tasks still working after their ack, awaited at shutdown.
+    inflight: set[asyncio.Task[Any]] = field(default_factory=set)
+    #: Slash-command deploys: how many run at once, and how many may wait for their turn.
+    deploys: DeployQueue = field(default_factory=DeployQueue)
+    #: Waits and sizes; `main` may pass its own (see app.tuning).
+    tuning: Tuning = DEFAULT
+
+    async def finish_inflight(self, timeout: float) -> None:  # noqa: ASYNC109
+        """Wait (bounded) for acknowledged requests to finish what they started; deploys still
+        waiting for their turn are told at once that they were not started."""
+        self.deploys.close()
+        current = asyncio.current_task()
+        tasks = [t for t in self.inflight if t is not current and not t.done()]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=timeout)
+            for task in late:
+                log.warning("shutdown: a request was still running after %.0f s", timeout)
+                task.cancel()
+            if late:
+                # Long enough for a canceled request to tell its user, before the clients close.
+                await asyncio.wait(late, timeout=self.tuning.deploys.answer_on_cancel_timeout)
+
+
+def request_id_for(*parts: str) -> str:
+    """A short, stable id for a request, derived from what Slack sent."""
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who asked, and from where: what the policy and the audit trail need to know."""
+
+    user_id: str
+    user_name: str
+    channel_id: str
+    channel_name: str | None = None
+    response_url: str | None = None
+
+    @classmethod
+    def from_user(
+        cls,
+        user: Mapping[str, Any],
+        channel_id: str,
+        *,
+        channel_name: str | None = None,
+        response_url: str | None = None,
+    ) -> Actor:
+        """From the `user` object of an interaction payload (button click, modal submission)."""
+        return cls(
+            user_id=user["id"],
+            user_name=user.get("username") or user.get("name") or user["id"],
+            channel_id=channel_id,
+            channel_name=channel_name,
+            response_url=response_url,
+        )
+
+    @classmethod
+    def from_button(cls, body: Mapping[str, Any]) -> Actor:
+        """The person who clicked a button, in the channel of the clicked message."""
+        channel = body.get("channel") or {}
+        return cls.from_user(
+            body["user"],
+            channel.get("id") or body["container"]["channel_id"],
+            channel_name=channel.get("name"),
+            response_url=body.get("response_url"),
+        )
+
+    @classmethod
+    def from_command(cls, command: Mapping[str, Any]) -> Actor:
+        """The person who ran a slash command, in its channel."""
+        return cls(
+            user_id=command["user_id"],
+            user_name=command.get("user_name") or command["user_id"],
+            channel_id=command["channel_id"],
+            channel_name=command.get("channel_name"),
+            response_url=command.get("response_url"),
+        )
