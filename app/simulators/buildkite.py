@@ -1,5 +1,7 @@
 """A fake Buildkite REST API v2 on a real aiohttp server, for tests, benchmarks and the sandbox.
 
+It is the sandbox's and the tests' simulator of Buildkite, shipped in the package.
+
 It keeps pipelines, builds, jobs and agents in memory and answers like Buildkite does (bodies,
 status codes, ``Link`` pagination, ``RateLimit-*`` headers, token scopes). It records every
 request, injects faults on demand, and fails LOUDLY on anything it does not expect: such a request

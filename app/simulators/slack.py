@@ -1,5 +1,7 @@
 """A fake Slack: a real aiohttp server that answers the Web API, response_urls and Socket Mode.
 
+It is the sandbox's and the tests' simulator of Slack, shipped in the package.
+
 Point `AsyncWebClient(base_url=fake.api_url)` at it, drive the bot with `socket_send()` or
 signed HTTP requests, then assert on `calls`, `messages` and `responses`. Anything the fake
 does not expect lands in `unexpected`, which tests assert is empty.
