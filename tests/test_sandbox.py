@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import io
 import os
 import shutil
@@ -169,6 +170,20 @@ def test_the_installed_package_runs_it_from_any_directory(tmp_path: Path) -> Non
         check=True,
     ).stdout
     assert Path(where.strip()).is_relative_to(venv), where
+
+
+def test_the_bot_and_the_benchmarks_never_import_the_tests() -> None:
+    """The simulators are the product's: nothing outside tests/ may reach into it."""
+    for path in [*(ROOT / "app").rglob("*.py"), *(ROOT / "bench").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] != "tests", f"{path.relative_to(ROOT)} imports {name}"
 
 
 def dockerfile_copies() -> list[str]:
