@@ -20,6 +20,9 @@ RUN useradd --create-home --uid 10001 bot
 COPY --from=build /opt/venv /opt/venv
 USER 10001
 WORKDIR /home/bot
+# The sandbox (and its simulators of Slack and Buildkite) needs only the installed package:
+# run it on the image as shipped, far from any source tree, so a build that broke it fails here.
+RUN python -m app sandbox --speed 20 --run "/deploy web main" | grep "passed in"
 EXPOSE 3000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '3000'), timeout=4)"]

@@ -10,7 +10,8 @@ store unless --redis-url is given.
     python -m app sandbox --run "/deploy web main" --run Rebuild   # print a transcript
     python -m app sandbox --script demo.txt --fail --speed 4
 
-The fakes live in app/simulators/, so run it from a source checkout.
+The simulators of Slack and Buildkite (app.simulators) ship with the package, so it runs from
+any directory of an installed bot, the Docker image's included.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def main(args: argparse.Namespace) -> int:
         from app.simulators.slack import FakeSlack  # noqa: F401
     except ImportError:
         print(
-            "The sandbox needs the Slack and Buildkite simulators of app/simulators/: "
-            "reinstall the package.",
+            "The sandbox needs the Slack and Buildkite simulators of app.simulators, which this "
+            "installation lacks: reinstall the bot's package.",
             file=sys.stderr,
         )
         return 2

@@ -76,6 +76,42 @@ def test_dependencies_come_from_the_lock_file() -> None:
         assert (ROOT / source).exists(), source
 
 
+def test_the_image_holds_the_installed_package_and_no_source_tree() -> None:
+    build, runtime = dockerfile_stages()[0], dockerfile_stages()[-1]
+    installs = [run for run in instructions(build, "RUN") if run.startswith("pip install")]
+    # Installed, not linked to /src: an editable install would break once /src is left behind.
+    assert not any("-e" in run.split() or "--editable" in run for run in installs)
+    for stage in (build, runtime):
+        assert "PYTHONPATH" not in env_names(stage)
+    (source,) = instructions(build, "WORKDIR")
+    assert instructions(runtime, "WORKDIR") != [source]
+    assert not any(source in args for args in instructions(runtime, "COPY"))
+
+
+def test_the_build_copies_everything_the_package_is_built_from() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    copied = {
+        name for args in instructions(dockerfile_stages()[0], "COPY") for name in args.split()
+    }
+    project = pyproject["project"]
+    assert {"pyproject.toml", project["readme"], *project["license-files"]} <= copied
+    setuptools = pyproject["tool"]["setuptools"]
+    packages = {name.rstrip("*") for name in setuptools["packages"]["find"]["include"]}
+    packages |= {name.split(".")[0] for name in setuptools.get("package-data", {})}
+    assert packages <= copied
+
+
+def test_the_image_runs_the_sandbox_with_nothing_but_the_package() -> None:
+    runtime = dockerfile_stages()[-1]
+    names = [instruction for instruction, _ in runtime]
+    (smoke,) = [run for run in instructions(runtime, "RUN") if "-m app sandbox" in run]
+    # As the bot's user in its home, after only the virtualenv was copied in.
+    position = names.index("RUN", names.index("WORKDIR"))
+    assert runtime[position] == ("RUN", smoke)
+    assert names.index("USER") < position
+    assert re.search(r'--run "/deploy \w+ \w+" \| grep "passed in"$', smoke), smoke
+
+
 def test_the_lock_file_pins_every_runtime_dependency() -> None:
     def norm(name: str) -> str:
         return re.sub(r"[-_.]+", "-", name).lower()

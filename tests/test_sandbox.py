@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import io
 import os
+import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from app import sandbox
+from tests.test_container import dockerfile_stages, instructions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,9 +99,9 @@ async def test_failing_builds_buttons_and_mistakes(tmp_path: Path) -> None:
         assert expected in transcript, f"{expected!r} not in the transcript:\n{transcript}"
 
 
-def test_outside_a_source_checkout_it_says_what_to_do(tmp_path: Path) -> None:
+def test_without_the_simulators_it_says_what_to_do(tmp_path: Path) -> None:
     code = (
-        "import sys; sys.modules['tests'] = None\n"
+        "import sys; sys.modules['app.simulators'] = None\n"
         "from app.__main__ import main\n"
         "sys.exit(main(['sandbox']))\n"
     )
@@ -108,5 +114,79 @@ def test_outside_a_source_checkout_it_says_what_to_do(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 2
-    assert "source checkout" in result.stderr
+    assert "reinstall the bot's package" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(30)
+def test_the_installed_package_runs_it_from_any_directory(tmp_path: Path) -> None:
+    """Built from only what the Dockerfile copies, installed, run far from the checkout."""
+    source = tmp_path / "src"
+    source.mkdir()
+    caches = shutil.ignore_patterns("__pycache__")
+    for name in dockerfile_copies():
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=caches)
+        else:
+            shutil.copy(ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    wheels = tmp_path / "wheels"
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", wheels, source], check=True, timeout=25)
+    # A venv of its own that borrows the dependencies of this one, but not its editable install.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    (Path(purelib) / "borrowed.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    (wheel,) = wheels.glob("*.whl")
+    install = ["--python", python, "install", "--no-deps", "--no-index", wheel]
+    subprocess.run([*pip, *install], check=True, timeout=25)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(source)
+    env = {k: v for k, v in child_env().items() if k != "PYTHONPATH"}
+    run = [python, "-I", "-m", "app", "sandbox", "--speed", "10", "--run", "/deploy web main"]
+    result = subprocess.run(run, env=env, cwd=elsewhere, capture_output=True, text=True, timeout=25)
+    assert result.returncode == 0, result.stderr
+    for expected in (
+        "> /deploy web main",
+        "    web #1 (https://buildkite.com/acme/web/builds/1)",
+        "State: ✅ Passed",
+        "@alice ✅ web #1 (https://buildkite.com/acme/web/builds/1) passed in",
+    ):
+        assert expected in result.stdout, f"{expected!r} not in the transcript:\n{result.stdout}"
+    assert "did not expect" not in result.stderr
+    where = subprocess.run(
+        [python, "-I", "-c", "import app.simulators.slack as m; print(m.__file__)"],
+        env=env,
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert Path(where.strip()).is_relative_to(venv), where
+
+
+def test_the_bot_and_the_benchmarks_never_import_the_tests() -> None:
+    """The simulators are the product's: nothing outside tests/ may reach into it."""
+    for path in [*(ROOT / "app").rglob("*.py"), *(ROOT / "bench").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] != "tests", f"{path.relative_to(ROOT)} imports {name}"
+
+
+def dockerfile_copies() -> list[str]:
+    """What the Dockerfile's build stage copies from the checkout."""
+    (build, *_) = dockerfile_stages()
+    return [name for args in instructions(build, "COPY") for name in args.split()[:-1]]

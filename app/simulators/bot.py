@@ -1,4 +1,7 @@
-"""A bot under test, driven the way Slack and Buildkite drive it: signed HTTP to its real port."""
+"""A bot under test, driven the way Slack and Buildkite drive it: signed HTTP to its real port.
+
+Part of the sandbox's and the tests' simulators of Slack and Buildkite.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""A throwaway redis-server on a free port, for the tests and the benchmarks."""
+"""A throwaway redis-server on a free port, for the tests and the benchmarks.
+
+Part of the sandbox's and the tests' simulators of Slack and Buildkite: the real Redis they run
+beside them (the sandbox itself uses the embedded store, or --redis-url).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """Inbound Slack requests as Slack sends them: signed HTTP bodies and Socket Mode payloads.
 
+Part of the sandbox's and the tests' simulators of Slack and Buildkite.
+
 Every `*_payload` function returns the plain dict Slack puts in a Socket Mode envelope; its
 unsuffixed twin returns `(body, headers)` for an HTTP POST, signed the way Slack signs it.
 """
