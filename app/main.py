@@ -33,6 +33,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 import handlers
 from app.core.audit import Auditor
+from app.core.auto_retry import AutoRetry
 from app.core.digest import run_digest_schedules
 from app.core.operations import Operations, Services
 from app.core.policy import load_policy
@@ -48,7 +49,12 @@ from app.slack.outbox import Outbox
 from app.slack.response_urls import SlackHooks
 from app.storage.connection import connect_redis
 from app.storage.store import Store
-from app.tracking.tracker import Tracker
+from app.tracking.intake import Intake
+from app.tracking.notifier import Notifier
+from app.tracking.phases import process_name
+from app.tracking.poller import Poller
+from app.tracking.writer import MessageWriter
+from app.tuning import DEFAULT, Tuning
 from app.web import create_web_app
 from buildkite.client import BuildkiteClient, StartLookup
 from handlers.errors import report_bolt_error
@@ -92,7 +98,7 @@ def create_slack_client(
 
 @contextlib.asynccontextmanager
 async def open_services(
-    settings: Settings, metrics: Metrics | None = None
+    settings: Settings, metrics: Metrics | None = None, tuning: Tuning = DEFAULT
 ) -> AsyncIterator[Services]:
     """Create the process's shared clients (one pool each) and close them on the way out.
 
@@ -129,31 +135,44 @@ async def open_services(
         closing.push_async_callback(_drain, outbox)  # first out: edits need the Slack session
         directory = Directory(slack)
         hooks = SlackHooks(settings.slack_hooks_url, outbox, metrics)
-        tracker = Tracker(
+        auditor = Auditor(store)
+        intake = Intake(store, buildkite)
+        auto_retry = AutoRetry(policy, store, buildkite, outbox, auditor, follow=intake.reopen)
+        consumer = process_name()  # its stream consumer and its poll lease
+        writer = MessageWriter(store, buildkite, outbox, hooks, tuning.tracking, people=directory)
+        notifier = Notifier(
+            store,
+            writer,
+            tuning.tracking,
+            metrics=metrics,
+            on_final=[auto_retry.on_final],
+            consumer=consumer,
+        )
+        poller = Poller(
             store,
             buildkite,
-            outbox,
+            intake,
+            tuning.tracking,
             poll_interval=settings.poll_interval,
-            people=directory,
-            hooks=hooks,
+            metrics=metrics,
+            consumer=consumer,
         )
-        tracker.metrics = metrics
-        services = Services(
+        yield Services(
             settings=settings,
             http=http,
             redis=redis_client,
             buildkite=buildkite,
             store=store,
             outbox=outbox,
-            tracker=tracker,
+            tracker=intake,
+            notifier=notifier,
+            poller=poller,
             policy=policy,
             directory=directory,
-            auditor=Auditor(store),
-            router=Router(tracker, store, policy),
+            auditor=auditor,
+            router=Router(intake, store, policy),
             hooks=hooks,
         )
-        tracker.auto_retry = Operations(services).auto_retry
-        yield services
 
 
 async def _drain(outbox: Outbox) -> None:
@@ -236,8 +255,8 @@ async def background(services: Services) -> AsyncIterator[None]:
     """Run the notifier and the poller until the block ends."""
     stop = asyncio.Event()
     tasks = [
-        asyncio.create_task(services.tracker.run_notifier(stop), name="notifier"),
-        asyncio.create_task(services.tracker.run_poller(stop), name="poller"),
+        asyncio.create_task(services.notifier.run(stop), name="notifier"),
+        asyncio.create_task(services.poller.run(stop), name="poller"),
         asyncio.create_task(expire_approvals(services, stop), name="approvals"),
         asyncio.create_task(run_digest_schedules(services, stop), name="digests"),
     ]
@@ -245,7 +264,7 @@ async def background(services: Services) -> AsyncIterator[None]:
         yield
     finally:
         stop.set()
-        await services.tracker.finish_writing(SHUTDOWN_GRACE)
+        await services.notifier.finish_writing(SHUTDOWN_GRACE)
         _, still_running = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
         for task in still_running:
             task.cancel()
@@ -280,13 +299,14 @@ async def start_bot(
     *,
     host: str = "0.0.0.0",  # noqa: S104 - the bot serves Slack and Buildkite from outside
     port: int | None = None,
+    tuning: Tuning = DEFAULT,
 ) -> AsyncIterator[RunningBot]:
     """Start the whole bot (web routes, Slack connection, notifier, poller) for the block's life.
 
     `port=0` picks a free port (tests); the bound port is in the result.
     """
     metrics = Metrics()
-    async with open_services(settings, metrics) as services:
+    async with open_services(settings, metrics, tuning) as services:
         bolt = create_bolt_app(settings, services, metrics)
         readiness = Readiness(
             services.store,
@@ -343,18 +363,18 @@ async def start_bot(
             await runner.cleanup()
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> None:
+async def serve(settings: Settings, stop: asyncio.Event, tuning: Tuning = DEFAULT) -> None:
     """Run the bot until `stop` is set."""
-    async with start_bot(settings):
+    async with start_bot(settings, tuning=tuning):
         await stop.wait()
 
 
-def run(settings: Settings) -> None:
+def run(settings: Settings, tuning: Tuning = DEFAULT) -> None:
     async def _main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
+        await serve(settings, stop, tuning)
 
     asyncio.run(_main())

@@ -553,15 +553,28 @@ def figures(title: str, values: dict[str, Any]) -> str:
 def _run_bot() -> None:
     """`python -m app`, with the build lock (and so the reclaim delay) from FAULT_LOCK_TTL_MS."""
     import runpy
+    from dataclasses import replace
 
+    from app import main
+    from app.settings import Settings
     from app.storage import store
-    from app.tracking import tracker
+    from app.tuning import DEFAULT
 
     lock_ms = os.environ.get("FAULT_LOCK_TTL_MS")
     if lock_ms:
-        store.LOCK_TTL_MS = tracker.LOCK_TTL_MS = int(lock_ms)
-        tracker.RECLAIM_IDLE_MS = 2 * int(lock_ms)
-        tracker.RECORD_PATIENCE = int(lock_ms) / 2000
+        store.LOCK_TTL_MS = int(lock_ms)
+        tracking = replace(
+            DEFAULT.tracking,
+            lock_ttl_ms=int(lock_ms),
+            reclaim_idle_ms=2 * int(lock_ms),
+            record_patience=int(lock_ms) / 2000,
+        )
+        run = main.run
+
+        def run_tuned(settings: Settings) -> None:
+            run(settings, replace(DEFAULT, tracking=tracking))
+
+        main.run = run_tuned  # what `python -m app` calls
     runpy.run_module("app", run_name="__main__", alter_sys=True)
 
 

@@ -9,7 +9,7 @@ import redis.asyncio as redis
 
 from app.storage import store as keys
 from app.storage.store import MessageTarget, Store
-from app.tracking.tracker import phase_of, snapshot
+from app.tracking.phases import phase_of, snapshot
 from buildkite.models import Build
 
 #: A build as Buildkite's API returns it (shape of GET .../builds/{number}), with the lengths a

@@ -49,9 +49,10 @@ from app.storage.store import (
     AwaitedBuild,
     MessageTarget,
     Store,
-    TrackedBuild,
 )
-from app.tracking.tracker import Tracker
+from app.tracking.intake import Intake
+from app.tracking.notifier import Notifier
+from app.tracking.poller import Poller
 from buildkite.client import BuildkiteClient
 from buildkite.errors import (
     AuthenticationError,
@@ -183,7 +184,9 @@ class Services:
     buildkite: BuildkiteClient
     store: Store
     outbox: Outbox
-    tracker: Tracker
+    tracker: Intake
+    notifier: Notifier
+    poller: Poller
     policy: Policy
     directory: Directory
     auditor: Auditor
@@ -1064,82 +1067,6 @@ class Operations:
                 f"shown here. {not_posted}"
             )
         return failed
-
-    async def auto_retry(self, tracked: TrackedBuild, build: Build) -> None:
-        """Retry a failed build's jobs when its pipeline opted in, within the rule's bounds."""
-        rule = self.s.policy.rule_for(tracked.pipeline).auto_retry
-        if rule is None:
-            return
-        lock = await self.s.store.pipeline_lock(tracked.pipeline)
-        asked_by = {build.meta_data.get("chatops_requested_by")} | {
-            t.requester for t in tracked.targets
-        }
-        if lock and lock["user"] not in asked_by:
-            # A freeze stops the bot's own re-runs too, as it stops everybody's Retry clicks.
-            for target in tracked.targets:
-                await self.s.outbox.post(
-                    target.channel,
-                    messages.notice(
-                        ":hourglass: Not auto-retried: "
-                        + messages.locked_text(
-                            tracked.pipeline, lock["user"], lock.get("reason")
-                        ).removeprefix(":lock: ")
-                    ),
-                    thread_ts=target.reply_thread,
-                    key=f"{tracked.build_id}:{target.channel}:{tracked.gen}:locked",
-                )
-            return
-        attempt = await self.s.store.count_auto_retry(tracked.build_id)
-        if attempt > rule.max_attempts:
-            return
-        if (
-            await self.s.store.spend_retry_budget(tracked.pipeline, rule.hourly_budget, time.time())
-            is None
-        ):
-            log.info(
-                "auto-retry of %s #%s skipped: hourly budget of %d spent",
-                tracked.pipeline,
-                tracked.number,
-                rule.hourly_budget,
-            )
-            for target in tracked.targets:
-                await self.s.outbox.post(
-                    target.channel,
-                    messages.notice(
-                        f":hourglass: Not auto-retried: `{tracked.pipeline}` used its budget of "
-                        f"{rule.hourly_budget} automatic retries this hour."
-                    ),
-                    thread_ts=target.reply_thread,
-                    key=f"{tracked.build_id}:{target.channel}:{tracked.gen}:budget",
-                )
-            return
-        bk = self.s.buildkite
-        try:
-            full = await bk.get_build(tracked.pipeline, tracked.number)
-            await bk.retry_failed_jobs(tracked.pipeline, tracked.number)
-            fresh = await bk.get_build(tracked.pipeline, tracked.number)
-        except BuildkiteError as exc:
-            log.warning("auto-retry of %s #%s failed: %s", tracked.pipeline, tracked.number, exc)
-            return
-        await self.s.auditor.record(
-            user="auto-retry",
-            action="retry",
-            pipeline=tracked.pipeline,
-            channel="",
-            outcome="retried",
-            number=tracked.number,
-            url=build.web_url,
-            detail=f"attempt {attempt} of {rule.max_attempts}",
-        )
-        reply = messages.retried_reply(None, full.failed_jobs, attempt=(attempt, rule.max_attempts))
-        for target in tracked.targets:
-            await self.s.outbox.post(
-                target.channel,
-                reply,
-                thread_ts=target.reply_thread,
-                key=f"{tracked.build_id}:{target.channel}:{tracked.gen}:autoretry{attempt}",
-            )
-        await self.s.tracker.reopen(fresh)
 
     async def _follow_again(self, fresh: Build, pipeline: str, actor: Actor) -> None:
         tracked = await self.s.store.get(fresh.id)

@@ -20,6 +20,7 @@ from app.settings import Settings
 from app.simulators import slack_requests
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
+from app.tuning import DEFAULT, Tuning
 
 SIGNING_SECRET = "test-signing-secret"
 WEBHOOK_TOKEN = "test-webhook-token"
@@ -150,10 +151,15 @@ class BotClient:
 
 @contextlib.asynccontextmanager
 async def running_bot(
-    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, **overrides: Any
+    slack: FakeSlack,
+    bk: FakeBuildkite,
+    redis_url: str,
+    *,
+    tuning: Tuning = DEFAULT,
+    **overrides: Any,
 ) -> AsyncIterator[BotClient]:
     settings = bot_settings(slack, bk, redis_url, **overrides)
-    async with start_bot(settings, host="127.0.0.1", port=0) as bot:
+    async with start_bot(settings, host="127.0.0.1", port=0, tuning=tuning) as bot:
         client = BotClient(bot, slack, bk)
         try:
             yield client
