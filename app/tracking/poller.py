@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PollReport:
+    """What one poll cycle did (counted by app.ops.metrics)."""
+
     #: Buildkite requests made (pages of lists, single builds).
     requests: int = 0
     observed: int = 0
