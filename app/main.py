@@ -34,7 +34,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 import handlers
 from app.core.approvals import Approvals
 from app.core.audit import Auditor
-from app.core.build_actions import BuildActions
+from app.core.auto_retry import AutoRetry
 from app.core.digest import run_digest_schedules
 from app.core.policy import load_policy
 from app.core.routing import Router
@@ -50,7 +50,11 @@ from app.slack.outbox import Outbox
 from app.slack.response_urls import SlackHooks
 from app.storage.connection import connect_redis
 from app.storage.store import Store
-from app.tracking.tracker import Tracker
+from app.tracking.intake import Intake
+from app.tracking.notifier import Notifier
+from app.tracking.phases import process_name
+from app.tracking.poller import Poller
+from app.tracking.writer import MessageWriter
 from app.tuning import DEFAULT, Tuning
 from app.web import create_web_app
 from buildkite.client import BuildkiteClient, StartLookup
@@ -135,31 +139,44 @@ async def open_services(
         closing.push_async_callback(_drain, outbox)  # first out: edits need the Slack session
         directory = Directory(slack)
         hooks = SlackHooks(settings.slack_hooks_url, outbox, metrics)
-        tracker = Tracker(
+        auditor = Auditor(store)
+        intake = Intake(store, buildkite)
+        auto_retry = AutoRetry(policy, store, buildkite, outbox, auditor, follow=intake.reopen)
+        consumer = process_name()  # its stream consumer and its poll lease
+        writer = MessageWriter(store, buildkite, outbox, hooks, tuning.tracking, people=directory)
+        notifier = Notifier(
+            store,
+            writer,
+            tuning.tracking,
+            metrics=metrics,
+            on_final=[auto_retry.on_final],
+            consumer=consumer,
+        )
+        poller = Poller(
             store,
             buildkite,
-            outbox,
+            intake,
+            tuning.tracking,
             poll_interval=settings.poll_interval,
-            people=directory,
-            hooks=hooks,
+            metrics=metrics,
+            consumer=consumer,
         )
-        tracker.metrics = metrics
-        services = Services(
+        yield Services(
             settings=settings,
             http=http,
             redis=redis_client,
             buildkite=buildkite,
             store=store,
             outbox=outbox,
-            tracker=tracker,
+            tracker=intake,
+            notifier=notifier,
+            poller=poller,
             policy=policy,
             directory=directory,
-            auditor=Auditor(store),
-            router=Router(tracker, store, policy),
+            auditor=auditor,
+            router=Router(intake, store, policy),
             hooks=hooks,
         )
-        tracker.auto_retry = BuildActions(services).auto_retry
-        yield services
 
 
 async def _drain(outbox: Outbox) -> None:
@@ -242,8 +259,8 @@ async def background(services: Services, tuning: Tuning = DEFAULT) -> AsyncItera
     """Run the notifier and the poller until the block ends."""
     stop = asyncio.Event()
     tasks = [
-        asyncio.create_task(services.tracker.run_notifier(stop), name="notifier"),
-        asyncio.create_task(services.tracker.run_poller(stop), name="poller"),
+        asyncio.create_task(services.notifier.run(stop), name="notifier"),
+        asyncio.create_task(services.poller.run(stop), name="poller"),
         asyncio.create_task(
             expire_approvals(services, stop, tuning.deploys.approval_sweep_interval),
             name="approvals",
@@ -254,7 +271,7 @@ async def background(services: Services, tuning: Tuning = DEFAULT) -> AsyncItera
         yield
     finally:
         stop.set()
-        await services.tracker.finish_writing(SHUTDOWN_GRACE)
+        await services.notifier.finish_writing(SHUTDOWN_GRACE)
         _, still_running = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
         for task in still_running:
             task.cancel()

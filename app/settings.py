@@ -141,7 +141,7 @@ class Settings(BaseSettings):
 
     #: Seconds between two polls of Buildkite for builds whose webhooks did not arrive: a final
     #: state missed by its webhook reaches Slack within about this long. Builds still running are
-    #: listed less often at scale (see Tracker.poll_once).
+    #: listed less often at scale (see Poller.poll_once).
     poll_interval: Annotated[float, Field(gt=0, le=3600)] = 10.0
     #: The deploy policy (YAML). A missing file means everyone may do everything (logged).
     policy_file: str = "policy.yml"

@@ -25,6 +25,8 @@ class TrackingTuning:
 
     #: A build's write lock; renewed every third of it while held.
     lock_ttl_ms: int = 30_000
+    #: How often its holder renews it (a third of its life, so a missed renewal is no loss).
+    lock_renew_ms: int = 10_000
     #: A transition left unacknowledged this long by a dead replica is taken over.
     reclaim_idle_ms: int = 60_000
     #: Writes to Slack in flight at once, across builds.
@@ -34,14 +36,16 @@ class TrackingTuning:
     #: A consumer idle this long is removed from the stream's group.
     dead_consumer_idle_ms: int = 24 * 3600 * 1000
     prune_consumers_every: float = 3600.0
-    #: How long `record` waits for a build's lock before leaving the write to the notifier.
+    #: How long a Slack post already made is retried to be recorded through a Redis outage
+    #: (left unrecorded, it would be posted again); shorter than the build lock, held meanwhile.
     record_patience: float = 15.0
     #: A pending build not seen for this many poll intervals is fetched by itself.
     stale_after_intervals: int = 4
     max_single_fetches: int = 10
-    #: Finished builds are listed back this far before the last poll, to miss none.
+    #: Overlap of the list of finished builds with the last one, for clock skew with Buildkite.
     finished_overlap: float = 120.0
-    #: A finished build is fetched again for this long, until its jobs have settled.
+    #: The next list of finished builds starts this long before the newest finish Buildkite
+    #: reported (on its clock), for builds that had finished but were not listed yet.
     finished_settle: float = 30.0
     active_pages_per_minute: int = 10
     #: Polling slows down when less than this share of the rate limit is left.

@@ -32,7 +32,7 @@ from app.settings import Settings
 from app.simulators.buildkite import FakeBuildkite, sign_webhook
 from app.simulators.slack import FakeSlack, RecordedCall
 from app.storage.keys import EVENTS_STREAM, POLL_LEASE_KEY
-from app.tracking.tracker import next_poll_at
+from app.tracking.poller import next_poll_at
 from bench.common import (
     BUILDKITE_TOKEN,
     SIGNING_SECRET,
@@ -207,9 +207,9 @@ async def simulate(
             services.http.event_hooks["request"].append(on_request)
             services.http.event_hooks["response"].append(on_response)
             tracker = services.tracker
-            tracker.clock = clock.now
+            tracker.clock = services.poller.clock = services.notifier.clock = clock.now
             stop = asyncio.Event()
-            notifier = asyncio.create_task(tracker.run_notifier(stop))
+            notifier = asyncio.create_task(services.notifier.run(stop))
 
             async def drain(limit: float = 300.0) -> None:
                 deadline = time.monotonic() + limit
@@ -221,7 +221,7 @@ async def simulate(
             async def poll() -> None:
                 await client.delete(POLL_LEASE_KEY)  # the lease would have expired by now
                 began = clock.now()
-                await tracker.poll_once()
+                await services.poller.poll_once()
                 result.polls += 1
                 result.poll_times.append((began, clock.now()))
 
@@ -297,7 +297,7 @@ async def simulate(
             await drain()
             stop.set()
             await notifier
-            finish_writing = getattr(tracker, "finish_writing", None)
+            finish_writing = getattr(services.notifier, "finish_writing", None)
             if finish_writing is not None:  # a notifier that writes in parallel
                 await finish_writing(10.0)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import functools
 import inspect
 import json
 import os
@@ -574,19 +573,27 @@ def figures(title: str, values: dict[str, Any]) -> str:
 def _run_bot() -> None:
     """`python -m app`, with the build lock (and so the reclaim delay) from FAULT_LOCK_TTL_MS."""
     import runpy
+    from dataclasses import replace
 
-    from app import main as bot_main
-    from app.tracking import tracker
-    from app.tuning import TrackingTuning, Tuning
+    from app import main
+    from app.settings import Settings
+    from app.tuning import DEFAULT, Tuning
 
     lock_ms = os.environ.get("FAULT_LOCK_TTL_MS")
     if lock_ms:
-        # `python -m app` calls app.main.run(settings): give it the short build lock.
-        tuning = Tuning(tracking=TrackingTuning(lock_ttl_ms=int(lock_ms)))
-        bot_main.run = functools.partial(bot_main.run, tuning=tuning)
-        tracker.LOCK_TTL_MS = int(lock_ms)
-        tracker.RECLAIM_IDLE_MS = 2 * int(lock_ms)
-        tracker.RECORD_PATIENCE = int(lock_ms) / 2000
+        tracking = replace(
+            DEFAULT.tracking,
+            lock_ttl_ms=int(lock_ms),
+            lock_renew_ms=int(lock_ms) // 3,
+            reclaim_idle_ms=2 * int(lock_ms),
+            record_patience=int(lock_ms) / 2000,
+        )
+        run = main.run
+
+        def run_tuned(settings: Settings, tuning: Tuning = DEFAULT) -> None:
+            run(settings, replace(tuning, tracking=tracking))
+
+        main.run = run_tuned  # what `python -m app` calls
     runpy.run_module("app", run_name="__main__", alter_sys=True)
 
 

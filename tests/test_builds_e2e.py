@@ -350,7 +350,7 @@ async def test_never_two_messages_for_one_build_in_one_channel(
     for _ in range(3):
         await routed.webhook(payload)
     await slack.wait_for(lambda: roots(slack, NOTIFY))
-    await routed.services.tracker.poll_once()
+    await routed.services.poller.poll_once()
     await routed.webhook(payload)
     await routed.settled()
     assert len(roots(slack, NOTIFY)) == 1

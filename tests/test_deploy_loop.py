@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -21,8 +22,8 @@ from app.simulators.slack import FakeSlack
 from app.slack import messages
 from app.storage import keys
 from app.storage.store import Store
-from app.tracking import tracker as tracker_module
-from app.tracking.tracker import phase_of, snapshot
+from app.tracking.phases import phase_of, snapshot
+from app.tuning import DEFAULT
 from buildkite.models import Build
 
 CHANNEL = "C0CHAN"
@@ -424,7 +425,7 @@ async def test_restart_mid_build_posts_the_final_state_once(
         await slack.wait_for(lambda: len(replies(slack, ts)) == 1)
         # A late webhook and more polls change nothing.
         await second.webhook(bk.webhook_payload("deploy-prod", 1))
-        await second.services.tracker.poll_once()
+        await second.services.poller.poll_once()
         await second.settled()
     async with running_bot(slack, bk, redis_url) as third:
         await third.webhook(bk.webhook_payload("deploy-prod", 1))
@@ -439,7 +440,6 @@ async def test_a_transition_left_unposted_by_a_dead_process_is_posted_after_rest
     bk: FakeBuildkite,
     redis_url: str,
     redis_client: Any,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A process recorded a change, then died before posting it: another one posts it."""
     bk.add_pipeline("deploy-prod", default_branch="main")
@@ -456,9 +456,9 @@ async def test_a_transition_left_unposted_by_a_dead_process_is_posted_after_rest
     assert [t.new for t in dead] == ["passed"]
     assert replies(slack, ts) == []
 
-    monkeypatch.setattr(tracker_module, "RECLAIM_IDLE_MS", 200)
     await asyncio.sleep(0.3)
-    async with running_bot(slack, bk, redis_url):
+    quick = replace(DEFAULT, tracking=replace(DEFAULT.tracking, reclaim_idle_ms=200))
+    async with running_bot(slack, bk, redis_url, tuning=quick):
         await slack.wait_for(lambda: len(replies(slack, ts)) == 1)
     assert "passed" in replies(slack, ts)[0].args["text"]
     assert await redis_client.xlen(keys.EVENTS_STREAM) == 0
@@ -711,7 +711,6 @@ async def test_a_stopped_process_consumer_is_forgotten_by_the_notifier(
     bk: FakeBuildkite,
     redis_url: str,
     redis_client: Any,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Each process reads the events stream under a new name; the names of stopped ones with
     nothing left pending are dropped instead of piling up in the group."""
@@ -720,8 +719,8 @@ async def test_a_stopped_process_consumer_is_forgotten_by_the_notifier(
         await deploy(first)
     consumers = await redis_client.xinfo_consumers(keys.EVENTS_STREAM, keys.EVENTS_GROUP)
     [old] = [c["name"] for c in consumers]
-    monkeypatch.setattr(tracker_module, "DEAD_CONSUMER_IDLE_MS", 0)
-    async with running_bot(slack, bk, redis_url):
+    forgetful = replace(DEFAULT, tracking=replace(DEFAULT.tracking, dead_consumer_idle_ms=0))
+    async with running_bot(slack, bk, redis_url, tuning=forgetful):
         for _ in range(50):
             consumers = await redis_client.xinfo_consumers(keys.EVENTS_STREAM, keys.EVENTS_GROUP)
             if old not in [c["name"] for c in consumers]:

@@ -6,18 +6,36 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from app.simulators.bot import BotClient
+from app.simulators.bot import BotClient, running_bot
+from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
 from app.slack import outbox as outbox_module
 from app.storage import keys
 from app.storage.store import Store
-from app.tracking import tracker as tracker_module
+from app.tuning import DEFAULT
 
 CHANNEL = "C0CHAN"
+#: A post made is retried to be recorded for 50 ms only; a transition left unfinished is taken
+#: over after 300 ms (as another process would, after a crash).
+QUICK_TAKEOVER = replace(
+    DEFAULT, tracking=replace(DEFAULT.tracking, record_patience=0.05, reclaim_idle_ms=300)
+)
+
+
+@pytest.fixture
+async def quick_bot(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str
+) -> AsyncIterator[BotClient]:
+    """The `bot` fixture's bot, giving up a record and taking over its transitions quickly."""
+    bk.add_pipeline("deploy-prod", default_branch="main")
+    async with running_bot(slack, bk, redis_url, tuning=QUICK_TAKEOVER) as client:
+        yield client
 
 
 def roots(slack: FakeSlack) -> list[dict[str, Any]]:
@@ -66,19 +84,17 @@ async def test_a_post_whose_answer_is_lost_is_found_not_sent_again(
 
 
 async def test_a_reply_made_but_not_recorded_is_not_repeated(
-    bot: BotClient,
+    quick_bot: BotClient,
     slack: FakeSlack,
     redis_client: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Slack took the final reply, then Redis failed the record: the transition is tried again
     (as another process would after a crash) and finds the reply instead of posting it twice."""
-    _, _, _ = await bot.command("/deploy", "deploy-prod")
+    _, _, _ = await quick_bot.command("/deploy", "deploy-prod")
     root = await slack.wait_for(lambda: roots(slack)[0] if roots(slack) else None)
     assert root is not None
-    monkeypatch.setattr(tracker_module, "RECORD_PATIENCE", 0.05)
-    monkeypatch.setattr(tracker_module, "RECLAIM_IDLE_MS", 300)
-    failures = [1, 1]  # the first try and its retry within RECORD_PATIENCE
+    failures = [1, 1]  # the first try and its retry within record_patience
     real_mark = Store.mark_posted
 
     async def mark_posted_once_failing(self: Store, *args: Any) -> None:
@@ -88,11 +104,11 @@ async def test_a_reply_made_but_not_recorded_is_not_repeated(
         await real_mark(self, *args)
 
     monkeypatch.setattr(Store, "mark_posted", mark_posted_once_failing)
-    await send_state(bot, "passed")
+    await send_state(quick_bot, "passed")
     lookup = await slack.wait_for(lambda: slack.calls_to("conversations.replies"), timeout=10)
     assert lookup[0].args["ts"] == root["ts"]
     store = Store(redis_client)
-    [build_id] = [b["id"] for b in bot.bk.builds if b["number"] == 1]
+    [build_id] = [b["id"] for b in quick_bot.bk.builds if b["number"] == 1]
     await slack.wait_for(lambda: not failures, timeout=10)
 
     async def recorded() -> bool:
@@ -145,12 +161,10 @@ def test_which_failures_leave_a_post_in_doubt() -> None:
 
 
 async def test_a_message_found_after_a_crash_is_brought_up_to_date(
-    bot: BotClient, slack: FakeSlack, redis_client: Any, monkeypatch: pytest.MonkeyPatch
+    quick_bot: BotClient, slack: FakeSlack, redis_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The build message was posted (showing Scheduled) but its ts never recorded; by the time
     it is found the build has passed: the message found is edited to show Passed."""
-    monkeypatch.setattr(tracker_module, "RECORD_PATIENCE", 0.05)
-    monkeypatch.setattr(tracker_module, "RECLAIM_IDLE_MS", 300)
     failures = [1, 1]
     real_save = Store.save_target
 
@@ -161,10 +175,10 @@ async def test_a_message_found_after_a_crash_is_brought_up_to_date(
         await real_save(self, *args)
 
     monkeypatch.setattr(Store, "save_target", save_target_failing_first)
-    await bot.command("/deploy", "deploy-prod")
+    await quick_bot.command("/deploy", "deploy-prod")
     await slack.wait_for(lambda: not failures and roots(slack))
     assert "Scheduled" in json.dumps(roots(slack)[0]["blocks"])
-    await send_state(bot, "passed")
+    await send_state(quick_bot, "passed")
     await slack.wait_for(lambda: slack.calls_to("conversations.history"), timeout=10)
     [root] = roots(slack)
     await slack.wait_for(

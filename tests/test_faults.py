@@ -13,6 +13,7 @@ import random
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,9 +27,8 @@ from app.simulators.redis_server import RedisServer
 from app.simulators.slack import FakeSlack, RecordedCall
 from app.storage.keys import EVENTS_GROUP, EVENTS_STREAM, PENDING_KEY, PREFIX
 from app.storage.records import Transition
-from app.tracking import tracker as tracker_module
-from app.tracking.tracker import Tracker
-from app.tuning import TrackingTuning, Tuning
+from app.tracking.notifier import Notifier
+from app.tuning import DEFAULT
 from tests.fault_harness import (
     FAULT_LOCK_TTL_MS,
     FINAL_STATES,
@@ -363,14 +363,17 @@ async def test_a_post_answered_while_redis_is_down_is_recorded_not_repeated(
     rather than leaving the transition to be written, and the message posted, again."""
     # Left-over transitions are taken over after 3 s (not while the first write is in flight),
     # locks renewed every 0.7 s (so during the outage), and a lock left behind lasts 20 s.
-    monkeypatch.setattr(tracker_module, "RECLAIM_IDLE_MS", 3000)
-    monkeypatch.setattr(tracker_module, "LOCK_TTL_MS", 2000)
-    long_lock = Tuning(tracking=TrackingTuning(lock_ttl_ms=20_000))
+    tuning = replace(
+        DEFAULT,
+        tracking=replace(
+            DEFAULT.tracking, reclaim_idle_ms=3000, lock_ttl_ms=20_000, lock_renew_ms=667
+        ),
+    )
     server = RedisServer(persistent=True)
     server.start()
     bk.add_pipeline("svc-00")
     try:
-        async with running_bot(slack, bk, server.url, poll_interval=0.5, tuning=long_lock) as bot:
+        async with running_bot(slack, bk, server.url, tuning=tuning, poll_interval=0.5) as bot:
             slack.latency = 1.0  # Slack keeps each message at once, and answers a second later
             assert (await bot.command("/deploy", "svc-00"))[0].status == 200
             await slack.wait_for(lambda: slack.messages.get("C0CHAN"), timeout=10)
@@ -430,11 +433,12 @@ async def test_a_lock_renewal_that_swallows_its_cancellation_does_not_hold_the_b
     command returns as if nothing happened. A lock renewal cancelled that way must still stop,
     or the write waits for it forever, its build lock renewed, and the build's next transitions
     are given up (the fault suite lost final messages so)."""
-    monkeypatch.setattr(tracker_module, "LOCK_TTL_MS", 30)  # a renewal is nearly always in flight
+    # A renewal is nearly always in flight.
+    tuning = replace(DEFAULT, tracking=replace(DEFAULT.tracking, lock_renew_ms=10))
     bk.add_pipeline("svc-00")
     losing = True
     try:
-        async with running_bot(slack, bk, redis_url) as bot:
+        async with running_bot(slack, bk, redis_url, tuning=tuning) as bot:
             store = bot.services.store
             renew_lock = store.renew_lock
 
@@ -477,7 +481,7 @@ async def test_a_builds_transitions_are_written_one_at_a_time_in_order(
     third transition that comes while the second is written (the first done) waits for it too.
     (Each write also needs the build's Redis lock, which a second writer in the same process
     waits 5 s for, then leaves to be taken over a minute later.)"""
-    tracker = Tracker(store=None, buildkite=None, outbox=None)  # type: ignore[arg-type]
+    notifier = Notifier(store=None, writer=None, tuning=DEFAULT.tracking)  # type: ignore[arg-type]
     done = {name: asyncio.Event() for name in ("first", "second", "third")}
     writing: list[str] = []
     overlaps: list[tuple[str, list[str]]] = []
@@ -491,22 +495,22 @@ async def test_a_builds_transitions_are_written_one_at_a_time_in_order(
         writing.remove(transition.entry_id)
         order.append(transition.entry_id)
 
-    monkeypatch.setattr(tracker, "_process_safely", write)
+    monkeypatch.setattr(notifier, "_process_safely", write)
 
     def transition(name: str) -> Transition:
         return Transition(entry_id=name, build_id="b1", old="", new="running", gen=0)
 
-    await tracker._start(transition("first"))
-    await tracker._start(transition("second"))
+    await notifier._start(transition("first"))
+    await notifier._start(transition("second"))
     await asyncio.sleep(0.01)
     done["first"].set()
     await wait_until(lambda: writing == ["second"], timeout=2, what="the second written")
-    await tracker._start(transition("third"))
+    await notifier._start(transition("third"))
     await asyncio.sleep(0.01)
     assert writing == ["second"], "the third is written beside the second"
     done["second"].set()
     done["third"].set()
-    await tracker.finish_writing(2)
+    await notifier.finish_writing(2)
     assert order == ["first", "second", "third"] and not overlaps
 
 

@@ -330,7 +330,7 @@ async def test_no_secret_is_logged_through_a_whole_deploy_at_debug(
                 await slack.wait_for(lambda: len(bk.builds) == 2)
                 await bot.command("/cancel", "deploy-prod 2")
                 await bot.webhook(bk.webhook_payload("deploy-prod", 1), token="wrong-token")
-                await bot.services.tracker.poll_once()
+                await bot.services.poller.poll_once()
                 await get(bot, "/readyz")
                 await slack.wait_for(lambda: len(slack.responses) >= 2)
     finally:

@@ -1,6 +1,6 @@
 """The polling fallback: what each cycle asks Buildkite, and how it backs off and resumes.
 
-The tracker runs on a clock of the test's (polls are driven by hand, each one interval later),
+The poller runs on a clock of the test's (polls are driven by hand, each one interval later),
 against the Buildkite fake and a real Redis; assertions are on the requests that reached the
 fake, on what is left pending in Redis, and on the Slack messages the builds end with.
 """
@@ -26,7 +26,10 @@ from app.simulators.bot import BUILDKITE_TOKEN, bot_settings
 from app.simulators.buildkite import FakeBuildkite, RecordedRequest
 from app.simulators.slack import FakeSlack
 from app.storage import keys
-from app.tracking.tracker import PollReport, next_poll_at
+from app.tracking.intake import Intake
+from app.tracking.poller import Poller as BuildPoller
+from app.tracking.poller import PollReport, next_poll_at
+from app.tuning import DEFAULT
 from buildkite.client import (
     REQUEST_ID_META_KEY,
     SOURCE_META_KEY,
@@ -42,7 +45,7 @@ ORG_BUILDS = "/v2/organizations/acme/builds"
 
 
 class Clock:
-    """The tracker's and the fake's clock: now, plus whatever the test skipped over."""
+    """The poller's and the fake's clock: now, plus whatever the test skipped over."""
 
     def __init__(self) -> None:
         self.offset = 0.0
@@ -60,6 +63,8 @@ class Clock:
 @dataclass
 class Poller:
     services: Services
+    intake: Intake
+    polls: BuildPoller
     bk: FakeBuildkite
     clock: Clock
     redis: Any
@@ -69,7 +74,7 @@ class Poller:
         self.clock.advance(after)
         await self.redis.delete(keys.POLL_LEASE_KEY)  # the lease would have expired by now
         before = len(self.bk.requests)
-        report = await self.services.tracker.poll_once()
+        report = await self.polls.poll_once()
         return report, self.bk.requests[before:]
 
     async def track(self, count: int) -> list[int]:
@@ -78,7 +83,7 @@ class Poller:
         for _ in range(count):
             meta = {SOURCE_META_KEY: SOURCE_META_VALUE, REQUEST_ID_META_KEY: uuid.uuid4().hex}
             live = self.bk.add_build(PIPELINE, meta_data=meta, state="running")
-            await self.services.tracker.track(
+            await self.intake.track(
                 Build.model_validate(live), pipeline=PIPELINE, channel=CHANNEL, requester="U0USER"
             )
             numbers.append(live["number"])
@@ -104,9 +109,18 @@ async def poller(
         BUILDKITE_TOKEN, bk.org, base_url=bk.url, max_retries=0, max_rate_limit_wait=0
     )
     async with open_services(settings) as services, client:
-        services.tracker.buildkite = client
-        services.tracker.clock = clock
-        yield Poller(services, bk, clock, redis_client)
+        intake = Intake(services.store, client, clock=clock)
+        polls = BuildPoller(
+            services.store,
+            client,
+            intake,
+            DEFAULT.tracking,
+            poll_interval=INTERVAL,
+            metrics=services.poller.metrics,
+            consumer=services.poller.consumer,
+            clock=clock,
+        )
+        yield Poller(services, intake, polls, bk, clock, redis_client)
 
 
 def lists(requests: list[RecordedRequest]) -> list[str]:
@@ -269,7 +283,7 @@ async def test_the_reserve_is_kept_of_the_token_users_budget_when_it_is_the_tigh
     # Buildkite) has one request left.
     poller.bk.user_rate_limit = len(poller.bk.requests) + 1
     poller.bk.set_build_state(PIPELINE, numbers[0], "passed")
-    with caplog.at_level(logging.WARNING, logger="app.tracking.tracker"):
+    with caplog.at_level(logging.WARNING, logger="app.tracking.poller"):
         report, requests = await poller.cycle()
     assert lists(requests) == ["finished"]
     assert report.backed_off == "rate_limit_low"
@@ -287,7 +301,7 @@ async def test_low_rate_limit_remaining_defers_the_active_list_then_waits_for_th
     # the fake counts every request so far in it).
     poller.bk.rate_limit = len(poller.bk.requests) + 1
     poller.bk.set_build_state(PIPELINE, numbers[0], "passed")
-    with caplog.at_level(logging.INFO, logger="app.tracking.tracker"):
+    with caplog.at_level(logging.INFO, logger="app.tracking.poller"):
         report, requests = await poller.cycle()
         # The final states are still fetched; the active list waits for the budget.
         assert lists(requests) == ["finished"]
@@ -304,7 +318,7 @@ async def test_low_rate_limit_remaining_defers_the_active_list_then_waits_for_th
         assert lists(requests) == ["finished", "active"]
         assert report.backoff == 0 and not report.backed_off
         assert await poller.phase(numbers[1]) == "passed"
-    messages = [r.getMessage() for r in caplog.records if r.name == "app.tracking.tracker"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "app.tracking.poller"]
     assert sum("Buildkite polling waits" in m for m in messages) == 1, messages
     assert sum("Buildkite polling resumed" in m for m in messages) == 1, messages
     assert (await poller.services.store.poll_state()).backoff == ""
@@ -326,7 +340,7 @@ async def test_failures_back_off_doubling_up_to_a_cap_and_reset_on_success(
 
     kind = {"429": "rate_limited", "5xx": "server_error", "connection": "unavailable"}[failure]
     waits = []
-    with caplog.at_level(logging.INFO, logger="app.tracking.tracker"):
+    with caplog.at_level(logging.INFO, logger="app.tracking.poller"):
         fail(7)
         report, requests = await poller.cycle()
         for _ in range(7):
@@ -343,7 +357,7 @@ async def test_failures_back_off_doubling_up_to_a_cap_and_reset_on_success(
         report, _ = await poller.cycle()
     assert waits == [20, 40, 80, 160, 300, 300, 300]
     assert report.backoff == 20
-    messages = [r.getMessage() for r in caplog.records if r.name == "app.tracking.tracker"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "app.tracking.poller"]
     assert sum("Buildkite polling waits" in m for m in messages) == 2, messages  # per backoff
     assert sum("Buildkite polling resumed" in m for m in messages) == 1, messages
     assert await poller.services.store.pending_count() == 2
@@ -353,7 +367,7 @@ async def test_builds_that_finish_while_buildkite_is_down_get_their_final_messag
     poller: Poller, slack: FakeSlack
 ) -> None:
     stop = asyncio.Event()
-    notifier = asyncio.create_task(poller.services.tracker.run_notifier(stop))
+    notifier = asyncio.create_task(poller.services.notifier.run(stop))
     try:
         numbers = await poller.track(3)
         posted = await slack.wait_for(
@@ -390,7 +404,7 @@ async def test_builds_that_finish_while_buildkite_is_down_get_their_final_messag
     finally:
         stop.set()
         await notifier
-        await poller.services.tracker.finish_writing(10.0)
+        await poller.services.notifier.finish_writing(10.0)
 
 
 def test_the_backoff_is_exported_as_metrics() -> None:

@@ -135,7 +135,7 @@ def test_the_installed_package_runs_it_from_any_directory(tmp_path: Path) -> Non
     # A venv of its own that borrows the dependencies of this one, but not its editable install.
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
-    python = venv / "bin" / "python"
+    python = str(venv / "bin" / "python")
     purelib = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
         check=True,
@@ -144,7 +144,7 @@ def test_the_installed_package_runs_it_from_any_directory(tmp_path: Path) -> Non
     ).stdout.strip()
     (Path(purelib) / "borrowed.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     (wheel,) = wheels.glob("*.whl")
-    install = ["--python", python, "install", "--no-deps", "--no-index", wheel]
+    install = ["--python", python, "install", "--no-deps", "--no-index", str(wheel)]
     subprocess.run([*pip, *install], check=True, timeout=25)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

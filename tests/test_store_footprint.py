@@ -10,7 +10,7 @@ import redis.asyncio as redis
 from app.storage import keys
 from app.storage.records import MessageTarget, Observation
 from app.storage.store import Store
-from app.tracking.tracker import phase_of, snapshot
+from app.tracking.phases import phase_of, snapshot
 from buildkite.models import Build
 
 #: A build as Buildkite's API returns it (shape of GET .../builds/{number}), with the lengths a

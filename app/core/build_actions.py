@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -20,7 +19,6 @@ from app.core.unblock_forms import BlockForm, form_in_pipeline
 from app.slack import messages
 from app.slack.messages import UnblockButtonValue, link
 from app.storage.keys import ACTION_TTL
-from app.storage.records import TrackedBuild
 from buildkite.errors import BuildkiteError, BuildMaybeStarted, PermissionDenied, ValidationFailed
 from buildkite.models import Build, Job
 
@@ -251,82 +249,6 @@ class BuildActions(Actions):
             title = link(fresh.web_url, f"{ref.pipeline} #{ref.number}")
             raise UserError(texts.retrying_not_shown(title, not_posted))
         return failed
-
-    async def auto_retry(self, tracked: TrackedBuild, build: Build) -> None:
-        """Retry a failed build's jobs when its pipeline opted in, within the rule's bounds."""
-        rule = self.s.policy.rule_for(tracked.pipeline).auto_retry
-        if rule is None:
-            return
-        lock = await self.s.store.pipeline_lock(tracked.pipeline)
-        asked_by = {build.meta_data.get("chatops_requested_by")} | {
-            t.requester for t in tracked.targets
-        }
-        if lock and lock.user not in asked_by:
-            # A freeze stops the bot's own re-runs too, as it stops everybody's Retry clicks.
-            for target in tracked.targets:
-                await self.s.outbox.post(
-                    target.channel,
-                    messages.notice(
-                        ":hourglass: Not auto-retried: "
-                        + messages.locked_text(
-                            tracked.pipeline, lock.user, lock.reason
-                        ).removeprefix(":lock: ")
-                    ),
-                    thread_ts=target.reply_thread,
-                    key=f"{tracked.build_id}:{target.channel}:{tracked.gen}:locked",
-                )
-            return
-        attempt = await self.s.store.count_auto_retry(tracked.build_id)
-        if attempt > rule.max_attempts:
-            return
-        if (
-            await self.s.store.spend_retry_budget(tracked.pipeline, rule.hourly_budget, time.time())
-            is None
-        ):
-            log.info(
-                "auto-retry of %s #%s skipped: hourly budget of %d spent",
-                tracked.pipeline,
-                tracked.number,
-                rule.hourly_budget,
-            )
-            for target in tracked.targets:
-                await self.s.outbox.post(
-                    target.channel,
-                    messages.notice(
-                        f":hourglass: Not auto-retried: `{tracked.pipeline}` used its budget of "
-                        f"{rule.hourly_budget} automatic retries this hour."
-                    ),
-                    thread_ts=target.reply_thread,
-                    key=f"{tracked.build_id}:{target.channel}:{tracked.gen}:budget",
-                )
-            return
-        bk = self.s.buildkite
-        try:
-            full = await bk.get_build(tracked.pipeline, tracked.number)
-            await bk.retry_failed_jobs(tracked.pipeline, tracked.number)
-            fresh = await bk.get_build(tracked.pipeline, tracked.number)
-        except BuildkiteError as exc:
-            log.warning("auto-retry of %s #%s failed: %s", tracked.pipeline, tracked.number, exc)
-            return
-        await self.s.auditor.record(
-            user="auto-retry",
-            action="retry",
-            pipeline=tracked.pipeline,
-            channel="",
-            outcome="retried",
-            number=tracked.number,
-            url=build.web_url,
-            detail=f"attempt {attempt} of {rule.max_attempts}",
-        )
-        reply = messages.retried_reply(None, full.failed_jobs, attempt=(attempt, rule.max_attempts))
-        for target in tracked.targets:
-            await self.s.outbox.post(
-                target.channel,
-                reply,
-                thread_ts=target.reply_thread,
-                key=f"{tracked.build_id}:{target.channel}:{tracked.gen}:autoretry{attempt}",
-            )
-        await self.s.tracker.reopen(fresh)
 
     async def _follow_again(self, fresh: Build, pipeline: str, actor: Actor) -> None:
         tracked = await self.s.store.get(fresh.id)

@@ -12,7 +12,7 @@ import logging
 from app.core.commands import PIPELINE_SLUG
 from app.core.policy import NotifyEvent, Policy, Route
 from app.storage.store import Store
-from app.tracking.tracker import Tracker
+from app.tracking.intake import Intake
 from buildkite.models import Build, BuildState, PipelineRef
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def announce(
 class Router:
     """Feeds webhook builds to the tracker, and starts routed channel messages."""
 
-    def __init__(self, tracker: Tracker, store: Store, policy: Policy) -> None:
+    def __init__(self, tracker: Intake, store: Store, policy: Policy) -> None:
         self.tracker = tracker
         self.store = store
         self.policy = policy

@@ -21,7 +21,9 @@ from app.slack.directory import Directory
 from app.slack.outbox import Outbox
 from app.slack.response_urls import SlackHooks
 from app.storage.store import Store
-from app.tracking.tracker import Tracker
+from app.tracking.intake import Intake
+from app.tracking.notifier import Notifier
+from app.tracking.poller import Poller
 from app.tuning import DEFAULT, Tuning
 from buildkite.client import BuildkiteClient
 
@@ -38,7 +40,9 @@ class Services:
     buildkite: BuildkiteClient
     store: Store
     outbox: Outbox
-    tracker: Tracker
+    tracker: Intake
+    notifier: Notifier
+    poller: Poller
     policy: Policy
     directory: Directory
     auditor: Auditor

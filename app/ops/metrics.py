@@ -13,7 +13,7 @@ import inspect
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -23,8 +23,21 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from slack_sdk.http_retry.async_handler import AsyncRetryHandler
 
-if TYPE_CHECKING:
-    from app.tracking.tracker import PollReport
+
+class PollOutcome(Protocol):
+    """What a poll cycle reports (app.tracking.poller.PollReport), as far as it is counted."""
+
+    @property
+    def requests(self) -> int: ...
+    @property
+    def skipped(self) -> bool: ...
+    @property
+    def failed(self) -> bool: ...
+    @property
+    def backoff(self) -> float: ...
+    @property
+    def backed_off(self) -> str: ...
+
 
 T = TypeVar("T")
 
@@ -134,7 +147,7 @@ class Metrics:
         if old != new:  # a channel joining a build replays its phase: not a change
             self.build_transitions.labels(new).inc()
 
-    def poll_cycle(self, report: PollReport | None) -> None:
+    def poll_cycle(self, report: PollOutcome | None) -> None:
         """Count a poll cycle from its report; None when it failed."""
         if report is None or report.failed:
             outcome = "failed"

@@ -102,7 +102,7 @@ class BotClient:
             busy = [t for t in services.inflight if not t.done()]
             if busy:
                 await asyncio.wait(busy, timeout=max(0.0, deadline - loop.time()))
-            await services.tracker.finish_writing(max(0.0, deadline - loop.time()))
+            await services.notifier.finish_writing(max(0.0, deadline - loop.time()))
             await services.outbox.drain()
             if not busy and await self._stream_consumed():
                 return
