@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 from typing import Any
 
-from pydantic import ValidationError
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 
 from app.core.commands import (
@@ -30,24 +29,19 @@ from app.core.commands import (
     parse_deploy,
 )
 from app.core.operations import (
-    Actor,
     AwaitingApproval,
     NeedsConfirmation,
     Operations,
     QueueClosed,
     Services,
     Started,
-    UserError,
     request_id_for,
 )
-from app.slack.messages import (
-    ActionId,
-    BuildButtonValue,
-    RequestButtonValue,
-    audit_list,
-    link,
-    locks_list,
-)
+from app.slack.actor import Actor
+from app.slack.ids import ActionId
+from app.slack.mrkdwn import link
+from app.slack.payloads import BuildButtonValue, RequestButtonValue, action_value
+from app.slack.render.deploys import audit_list, locks_list
 from app.storage.store import REQUEST_TTL
 from handlers.errors import answer_errors
 
@@ -229,18 +223,12 @@ async def rebuild_command(
 
 
 def _button_ref(body: dict[str, Any]) -> BuildRef:
-    try:
-        value = BuildButtonValue.model_validate_json(body["actions"][0].get("value") or "")
-    except (ValidationError, KeyError, IndexError):
-        raise UserError("This button's data is not valid any more; nothing was done.") from None
+    value = action_value(body, BuildButtonValue)
     return BuildRef(value.pipeline, value.number)
 
 
 def _request_id(body: dict[str, Any]) -> str:
-    try:
-        return RequestButtonValue.model_validate_json(body["actions"][0].get("value") or "").id
-    except (ValidationError, KeyError, IndexError):
-        raise UserError("This button's data is not valid any more; nothing was done.") from None
+    return action_value(body, RequestButtonValue).id
 
 
 async def cancel_button(

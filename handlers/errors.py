@@ -19,7 +19,7 @@ from typing import Any, ParamSpec
 
 from slack_bolt.request.async_request import AsyncBoltRequest
 
-from app.core.operations import UserError
+from app.core.errors import UserError
 from app.ops.logs import current_correlation_id
 from app.slack.verification import VERIFIED
 

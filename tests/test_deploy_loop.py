@@ -18,7 +18,8 @@ from app.simulators.bot import BotClient, bot_logging, running_bot, work_request
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.redis_server import RedisServer
 from app.simulators.slack import FakeSlack
-from app.slack import messages
+from app.slack.mrkdwn import escape
+from app.slack.render.common import clip
 from app.storage import store as keys
 from app.tracking import tracker as tracker_module
 from app.tracking.tracker import phase_of, snapshot
@@ -697,7 +698,7 @@ async def test_a_long_commit_message_is_clipped_to_block_kit_limits(
 
 
 def test_clipping_never_splits_an_escaped_entity() -> None:
-    text = messages.clip(messages.escape("a" * 2990 + " & more text"), 2996)
+    text = clip(escape("a" * 2990 + " & more text"), 2996)
     assert len(text) <= 2996
     assert not text.rstrip("…").endswith(("&", "&a", "&am", "&amp"))
 

@@ -30,25 +30,28 @@ from app.core.commands import (
     parse_build_ref,
     split_words,
 )
-from app.core.operations import TRACKING_DOWN, Actor, Services, UserError, explain
+from app.core.errors import UserError
+from app.core.operations import TRACKING_DOWN, Services, explain
 from app.core.policy import principal_ref
 from app.settings import steps_problem
-from app.slack import messages, mrkdwn
-from app.slack.messages import (
-    AgentButtonValue,
+from app.slack.actor import Actor
+from app.slack.mrkdwn import typed
+from app.slack.outbox import SlackDeliveryError
+from app.slack.payloads import AgentButtonValue
+from app.slack.render.admin import (
     AgentRow,
     AgentsPage,
     BuildsPage,
-    Digest,
     PipelineRow,
     PipelinesPage,
-    Rendered,
     WhoAmI,
+    pipeline_changed,
 )
-from app.slack.outbox import SlackDeliveryError
+from app.slack.render.common import Rendered
+from app.slack.render.digest import Digest
 from app.storage.store import ACTION_TTL, REQUEST_TTL
 from buildkite.errors import BuildkiteError, NotFound, PermissionDenied, ValidationFailed
-from buildkite.models import Build, BuildState, Organization, Pipeline, User
+from buildkite.models import STATE_FILTERS, Build, Organization, Pipeline, User
 
 T = TypeVar("T")
 
@@ -81,8 +84,6 @@ SCOPE_FEATURES: dict[str, str] = {
     "read_user": "`/buildkite whoami` (the token's owner)",
 }
 
-#: The build states `/buildkite builds` filters on.
-STATE_FILTERS = frozenset(state.value for state in BuildState) | {"finished"}
 _WINDOWS = frozenset(digest.WINDOWS)
 _FILTER = re.compile(r"^[A-Za-z0-9_.-]{1,50}$")
 _QUEUE = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
@@ -250,7 +251,7 @@ def parse_operator(text: str, *, org: str, templates: Mapping[str, str]) -> Oper
         return WhoamiRequest()
     if sub == "health":
         return _parse_health(args)
-    raise UsageError(f"`{_clip(words[0])}` is not a /buildkite subcommand.")
+    raise UsageError(f"`{typed(words[0])}` is not a /buildkite subcommand.")
 
 
 def _one(args: list[str], pattern: re.Pattern[str], what: str, usage_line: str) -> str | None:
@@ -284,7 +285,7 @@ def builds_query(
 ) -> BuildsQuery:
     """A builds query carried by a button, checked like a typed one."""
     if state is not None and state not in STATE_FILTERS:
-        raise UsageError(f"`{_clip(state)}` is not a build state.")
+        raise UsageError(f"`{typed(state)}` is not a build state.")
     return BuildsQuery(
         pipeline=check_pipeline(pipeline) if pipeline else None,
         state=state,
@@ -325,7 +326,7 @@ def _parse_pipeline(
         if template not in templates:
             known = ", ".join(f"`{t}`" for t in sorted(templates)) or "none are configured"
             raise UsageError(
-                f"There is no pipeline template `{_clip(template)}` (templates: {known}). "
+                f"There is no pipeline template `{typed(template)}` (templates: {known}). "
                 "Leave it out to paste the steps in a form."
             )
         assert name is not None and repository is not None
@@ -351,7 +352,7 @@ def parse_update_fields(text: str) -> dict[str, str]:
         key, sep, value = part.partition("=")
         if not sep or key not in _UPDATE_FIELDS:
             raise UsageError(
-                f"`{_clip(part)}` is not a field to change: use "
+                f"`{typed(part)}` is not a field to change: use "
                 + ", ".join(f"`{f}=…`" for f in _UPDATE_FIELDS)
                 + "."
             )
@@ -363,7 +364,7 @@ def check_name(name: str) -> str:
     name = name.strip()
     if not _PIPELINE_NAME.match(name):
         raise UsageError(
-            f"`{_clip(name)}` is not a pipeline name: letters, digits, spaces, `.`, `_` and `-`, "
+            f"`{typed(name)}` is not a pipeline name: letters, digits, spaces, `.`, `_` and `-`, "
             "starting with a letter or digit."
         )
     return name
@@ -373,7 +374,7 @@ def check_repository(url: str) -> str:
     url = url.strip()
     if not _REPOSITORY.match(url):
         raise UsageError(
-            f"`{_clip(url)}` is not a repository URL (e.g. `git@github.com:acme/web.git` or "
+            f"`{typed(url)}` is not a repository URL (e.g. `git@github.com:acme/web.git` or "
             "`https://github.com/acme/web.git`)."
         )
     return url
@@ -437,12 +438,6 @@ def parse_pipeline_form(
         default_branch=checked.get("default_branch"),
         description=checked.get("description"),
     )
-
-
-def _clip(value: str, limit: int = 60) -> str:
-    """What someone typed, cut short and escaped, to quote back inside backticks."""
-    value = value.replace("`", "'")
-    return mrkdwn.escape(value if len(value) <= limit else value[: limit - 1] + "…")
 
 
 # -- the service ---------------------------------------------------------------------------------
@@ -739,9 +734,7 @@ class Operator:
         await self._audit(actor, "pipeline create", pipeline.slug, "created", detail=detail)
         told = await self._announce(
             actor.channel_id,
-            messages.pipeline_changed(
-                actor.user_id, "created", pipeline.slug, pipeline.web_url, detail
-            ),
+            pipeline_changed(actor.user_id, "created", pipeline.slug, pipeline.web_url, detail),
         )
         return pipeline, told
 
@@ -791,9 +784,7 @@ class Operator:
         await self._audit(actor, "pipeline update", slug, "updated", detail=changed)
         told = await self._announce(
             actor.channel_id,
-            messages.pipeline_changed(
-                actor.user_id, "changed", slug, pipeline.web_url, f"({changed})"
-            ),
+            pipeline_changed(actor.user_id, "changed", slug, pipeline.web_url, f"({changed})"),
         )
         return pipeline, told
 
@@ -818,7 +809,7 @@ class Operator:
             raise UserError(self._explain_change(exc, "delete", slug)) from None
         await self._audit(actor, "pipeline delete", slug, "deleted")
         return await self._announce(
-            actor.channel_id, messages.pipeline_changed(actor.user_id, "deleted", slug, None)
+            actor.channel_id, pipeline_changed(actor.user_id, "deleted", slug, None)
         )
 
     # -- agents -----------------------------------------------------------------------------
@@ -837,7 +828,7 @@ class Operator:
             await self._audit(actor, action, "", "failed", detail=f"{detail}: {exc}")
             if isinstance(exc, NotFound):
                 raise UserError(
-                    f"The agent `{_clip(agent.name)}` is not connected any more; nothing to stop."
+                    f"The agent `{typed(agent.name)}` is not connected any more; nothing to stop."
                 ) from None
             verb = "force-stop" if force else "stop"
             raise UserError(explain(exc, action=verb, pipeline=agent.name)) from None

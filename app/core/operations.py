@@ -33,14 +33,26 @@ from app.core.commands import (
     UsageError,
     check_branch,
 )
+from app.core.errors import UserError
 from app.core.policy import Action, Policy, Rule, principal_ref
 from app.core.routing import Router
 from app.core.unblock_forms import BlockForm, form_in_pipeline
 from app.settings import Settings
-from app.slack import messages
+from app.slack.actor import Actor
 from app.slack.directory import Directory
-from app.slack.messages import DeployPlan, Rendered, UnblockButtonValue, link
+from app.slack.mrkdwn import code, escape, link, plain
 from app.slack.outbox import Outbox, SlackDeliveryError, not_in_channel_text
+from app.slack.payloads import UnblockButtonValue
+from app.slack.render.builds import retried_reply, unblocked_reply
+from app.slack.render.common import Rendered, notice
+from app.slack.render.deploys import (
+    DeployPlan,
+    approval_request,
+    confirm_deploy,
+    lock_announcement,
+    locked_text,
+    plan_refusal,
+)
 from app.slack.response_urls import SlackHooks
 from app.storage.store import (
     ACTION_TTL,
@@ -77,14 +89,6 @@ TRACKING_DOWN = (
     ":warning: Tracking is unavailable right now (the bot cannot reach its Redis), "
     "so nothing was started. Please try again in a minute."
 )
-
-
-class UserError(Exception):
-    """A request that could not be done, with an explanation for the person who asked."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        super().__init__(text)
 
 
 class DeployQueue:
@@ -218,7 +222,7 @@ def request_id_for(*parts: str) -> str:
 
 def explain(exc: BuildkiteError, *, action: str, pipeline: str, number: int | None = None) -> str:
     """A human explanation of a Buildkite failure: which pipeline, which scope, what to do."""
-    slug = messages.code(pipeline)
+    slug = code(pipeline)
     what = f"{slug} #{number}" if number is not None else slug
     if isinstance(exc, NotFound):
         if number is not None:
@@ -231,7 +235,7 @@ def explain(exc: BuildkiteError, *, action: str, pipeline: str, number: int | No
         if exc.missing_scope:
             return (
                 f"Could not {action} {what}: the bot's Buildkite API token lacks the "
-                f"{messages.code(exc.missing_scope)} scope. An admin can add it to the token in "
+                f"{code(exc.missing_scope)} scope. An admin can add it to the token in "
                 "Buildkite's API Access Tokens settings."
             )
         return f"Could not {action} {what}: Buildkite says the bot's token may not do that (403)."
@@ -244,7 +248,7 @@ def explain(exc: BuildkiteError, *, action: str, pipeline: str, number: int | No
         details = ", ".join(
             f"{e.get('field', '?')} {e.get('code', 'invalid')}" for e in exc.errors if e
         )
-        reason = messages.escape(exc.message + (f" ({details})" if details else ""))
+        reason = escape(exc.message + (f" ({details})" if details else ""))
         return f"Buildkite refused to {action} {what}: {reason}."
     if isinstance(exc, RateLimited):
         wait = f" in about {int(exc.reset)} s" if exc.reset else " in a minute"
@@ -267,7 +271,7 @@ def explain(exc: BuildkiteError, *, action: str, pipeline: str, number: int | No
             f"Could not {action} {what}: Buildkite is not answering right now. "
             "Please try again in a minute."
         )
-    message = messages.escape(str(getattr(exc, "message", "") or "an unexpected error"))
+    message = escape(str(getattr(exc, "message", "") or "an unexpected error"))
     return f"Could not {action} {what}: Buildkite answered {message}."
 
 
@@ -283,57 +287,6 @@ class UnblockTarget:
     build_url: str | None
     form: BlockForm | None
     problem: str | None = None
-
-
-@dataclass(frozen=True)
-class Actor:
-    """Who asked, and from where: what the policy and the audit trail need to know."""
-
-    user_id: str
-    user_name: str
-    channel_id: str
-    channel_name: str | None = None
-    response_url: str | None = None
-
-    @classmethod
-    def from_user(
-        cls,
-        user: Mapping[str, Any],
-        channel_id: str,
-        *,
-        channel_name: str | None = None,
-        response_url: str | None = None,
-    ) -> Actor:
-        """From the `user` object of an interaction payload (button click, modal submission)."""
-        return cls(
-            user_id=user["id"],
-            user_name=user.get("username") or user.get("name") or user["id"],
-            channel_id=channel_id,
-            channel_name=channel_name,
-            response_url=response_url,
-        )
-
-    @classmethod
-    def from_button(cls, body: Mapping[str, Any]) -> Actor:
-        """The person who clicked a button, in the channel of the clicked message."""
-        channel = body.get("channel") or {}
-        return cls.from_user(
-            body["user"],
-            channel.get("id") or body["container"]["channel_id"],
-            channel_name=channel.get("name"),
-            response_url=body.get("response_url"),
-        )
-
-    @classmethod
-    def from_command(cls, command: Mapping[str, Any]) -> Actor:
-        """The person who ran a slash command, in its channel."""
-        return cls(
-            user_id=command["user_id"],
-            user_name=command.get("user_name") or command["user_id"],
-            channel_id=command["channel_id"],
-            channel_name=command.get("channel_name"),
-            response_url=command.get("response_url"),
-        )
 
 
 @dataclass(frozen=True)
@@ -444,7 +397,7 @@ class Operations:
                 detail=f"locked by {lock['user']}",
             )
             raise UserError(
-                messages.locked_text(pipeline, lock["user"], lock.get("reason"))
+                locked_text(pipeline, lock["user"], lock.get("reason"))
                 + " Ask them to `/deploy unlock` it when they are done."
             )
 
@@ -514,7 +467,7 @@ class Operations:
         self, plan: DeployPlan, actor: Actor, request_id: str, *, claim: str
     ) -> NeedsConfirmation:
         """Keep the plan for the requester's confirmation, if it can be shown in full."""
-        refusal = messages.plan_refusal(plan)
+        refusal = plan_refusal(plan, request_id, request_id_for("approval", request_id))
         action = _plan_action(plan).value
         if refusal is not None:
             await self._forget(claim)
@@ -534,7 +487,7 @@ class Operations:
                 number=plan.rebuild_of,
                 detail="as a new build",
             )
-        return NeedsConfirmation(messages.confirm_deploy(plan, request_id))
+        return NeedsConfirmation(confirm_deploy(plan, request_id))
 
     async def _describe(self, plan: DeployPlan, pipeline: Pipeline, rule: Rule) -> DeployPlan:
         """Resolve HEAD to the branch's last built SHA, and link the diff on GitHub."""
@@ -586,7 +539,7 @@ class Operations:
         await self.s.store.create_approval(approval_id, data, expires_at=expires_at)
         try:
             ts = await self.s.outbox.post(
-                actor.channel_id, messages.approval_request(plan, approval_id), key=approval_id
+                actor.channel_id, approval_request(plan, approval_id), key=approval_id
             )
         except SlackDeliveryError as exc:
             if not exc.no_access:
@@ -722,9 +675,7 @@ class Operations:
             raise UserError(TRACKING_DOWN) from None
         if lock and lock["user"] not in (plan.requester, approver.user_id):
             return Refusal(
-                messages.locked_text(plan.pipeline, lock["user"], lock.get("reason")).removeprefix(
-                    ":lock: "
-                )
+                locked_text(plan.pipeline, lock["user"], lock.get("reason")).removeprefix(":lock: ")
                 + " Ask again once it is unlocked.",
                 f"locked by {lock['user']}",
             )
@@ -763,8 +714,8 @@ class Operations:
     ) -> None:
         if not approval.get("ts"):
             return
-        rendered = messages.approval_request(
-            plan, "0" * 16, status=status, decided_by=decided_by, build=build, reason=reason
+        rendered = approval_request(
+            plan, None, status=status, decided_by=decided_by, build=build, reason=reason
         )
         await self.s.outbox.update(approval["channel"], approval["ts"], rendered)
 
@@ -951,8 +902,8 @@ class Operations:
             raise UserError("That block step is not part of this build any more.")
         if job.state != "blocked":
             raise UserError(
-                f"*{messages.plain(job.display_name)}* is not waiting any more "
-                f"({messages.escape(job.state or 'unknown')})."
+                f"*{plain(job.display_name)}* is not waiting any more "
+                f"({escape(job.state or 'unknown')})."
             )
         label = job.label or job.name
         problem = None
@@ -1007,7 +958,7 @@ class Operations:
             value.number,
             channel,
             thread_ts,
-            messages.unblocked_reply(actor.user_id, label, fields),
+            unblocked_reply(actor.user_id, label, fields),
             key=dedup_key,
         )
         with contextlib.suppress(BuildkiteError, RedisError):
@@ -1015,7 +966,7 @@ class Operations:
                 await self.s.buildkite.get_build(value.pipeline, value.number)
             )
         if not_posted:
-            raise UserError(f":unlock: Unblocked *{messages.plain(label)}*. {not_posted}")
+            raise UserError(f":unlock: Unblocked *{plain(label)}*. {not_posted}")
 
     async def retry_failed(
         self, ref: BuildRef, actor: Actor, *, thread: tuple[str, str | None], dedup_key: str
@@ -1053,7 +1004,7 @@ class Operations:
             ref.number,
             channel,
             thread_ts,
-            messages.retried_reply(actor.user_id, failed),
+            retried_reply(actor.user_id, failed),
             key=dedup_key,
         )
         await self._follow_again(fresh, ref.pipeline, actor)
@@ -1079,9 +1030,9 @@ class Operations:
             for target in tracked.targets:
                 await self.s.outbox.post(
                     target.channel,
-                    messages.notice(
+                    notice(
                         ":hourglass: Not auto-retried: "
-                        + messages.locked_text(
+                        + locked_text(
                             tracked.pipeline, lock["user"], lock.get("reason")
                         ).removeprefix(":lock: ")
                     ),
@@ -1105,7 +1056,7 @@ class Operations:
             for target in tracked.targets:
                 await self.s.outbox.post(
                     target.channel,
-                    messages.notice(
+                    notice(
                         f":hourglass: Not auto-retried: `{tracked.pipeline}` used its budget of "
                         f"{rule.hourly_budget} automatic retries this hour."
                     ),
@@ -1131,7 +1082,7 @@ class Operations:
             url=build.web_url,
             detail=f"attempt {attempt} of {rule.max_attempts}",
         )
-        reply = messages.retried_reply(None, full.failed_jobs, attempt=(attempt, rule.max_attempts))
+        reply = retried_reply(None, full.failed_jobs, attempt=(attempt, rule.max_attempts))
         for target in tracked.targets:
             await self.s.outbox.post(
                 target.channel,
@@ -1195,7 +1146,7 @@ class Operations:
             )
         await self._audit(actor, "lock", request.pipeline, "locked", detail=request.reason)
         until = f" for {_human(request.ttl)}" if request.ttl else " until unlocked"
-        return messages.lock_announcement(actor.user_id, request.pipeline, until, request.reason)
+        return lock_announcement(actor.user_id, request.pipeline, until, request.reason)
 
     async def unlock(self, request: UnlockRequest, actor: Actor) -> str:
         lock = await self.s.store.pipeline_lock(request.pipeline)

@@ -17,7 +17,7 @@ from slack_bolt.context.ack.async_ack import AsyncAck
 from slack_bolt.context.respond.async_respond import AsyncRespond
 from slack_bolt.listener.async_listener_completion_handler import AsyncListenerCompletionHandler
 
-from app.core.operations import UserError
+from app.core.errors import UserError
 from app.ops import logs
 from app.ops.metrics import Metrics
 
