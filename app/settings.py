@@ -28,6 +28,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.core import yaml_input
+from app.core.names import PIPELINE_SLUG_PATTERN
 from app.storage.redis_url import parse_redis_url
 
 _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -88,9 +89,7 @@ class DigestSchedule(BaseModel):
     at: str = Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
     window: Literal["24h", "7d"] = "24h"
     #: "all", or a list of pipeline slugs.
-    pipelines: (
-        Literal["all"] | list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,99}$")]]
-    ) = "all"
+    pipelines: Literal["all"] | list[Annotated[str, Field(pattern=PIPELINE_SLUG_PATTERN)]] = "all"
     #: Post weekly on this day instead of daily.
     weekday: Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"] | None = None
 

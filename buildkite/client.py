@@ -34,6 +34,7 @@ from buildkite.errors import (
     error_for_status,
 )
 from buildkite.models import (
+    STATE_FILTERS,
     AccessToken,
     Agent,
     Author,
@@ -82,7 +83,6 @@ DEFAULT_MAX_CONCURRENT_REQUESTS = 10
 _SLUG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _META_KEY_RE = re.compile(r"[^\[\]\s&=#]+")
-_STATE_FILTERS = frozenset(state.value for state in BuildState) | {"finished"}
 
 _Model = TypeVar("_Model", bound=BaseModel)
 
@@ -385,7 +385,7 @@ class BuildkiteClient:
         if state is not None:
             states = [state] if isinstance(state, str) else list(state)
             for value in states:
-                if str(value) not in _STATE_FILTERS:
+                if str(value) not in STATE_FILTERS:
                     raise ValueError(f"unknown build state filter {value!r}")
                 params.append(("state[]", str(value)))
         if isinstance(branch, str):

@@ -81,6 +81,8 @@ class BuildState(StrEnum):
 _STATE_RE = re.compile(r"[a-z][a-z0-9_]{0,39}")
 _UNKNOWN_STATES: dict[str, BuildState] = {}
 _KNOWN_STATES = frozenset(state.value for state in BuildState)
+#: What the builds API's `state` filter takes: a build state, or `finished` (any final one).
+STATE_FILTERS = _KNOWN_STATES | {"finished"}
 
 TERMINAL_STATES = frozenset(
     {

@@ -11,9 +11,8 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
@@ -40,37 +39,44 @@ from app.core.commands import (
     usage,
 )
 from app.core.errors import UserError
-from app.core.services import Actor, Services, request_id_for
+from app.core.services import Services, request_id_for
 from app.ops.logs import current_correlation_id
-from app.slack import messages
-from app.slack.messages import (
-    PIPELINE_CREATE_CALLBACK,
-    PIPELINE_UPDATE_CALLBACK,
-    ActionId,
+from app.slack.actor import Actor
+from app.slack.ids import ActionId, CallbackId
+from app.slack.mrkdwn import code, link
+from app.slack.payloads import (
+    STALE_BUTTON,
     AgentButtonValue,
     AgentsPageValue,
     BuildsPageValue,
     PipelineButtonValue,
     PipelineModalMetadata,
     PipelinesPageValue,
-    Rendered,
-    code,
-    link,
+    action_value,
+    view_metadata,
 )
+from app.slack.render.admin import (
+    agents_list,
+    builds_list,
+    confirm_pipeline_delete,
+    pipeline_modal,
+    pipelines_list,
+    whoami_message,
+)
+from app.slack.render.builds import build_details
+from app.slack.render.common import Rendered, modal_notice
+from app.slack.render.digest import health_digest
 from handlers.errors import answer_errors
 
 log = logging.getLogger(__name__)
 
 COMMANDS = ("/buildkite",)
-STALE_BUTTON = "This button's data is not valid any more; nothing was done."
 STALE_FORM = "This form's data is not valid any more; nothing was done. Run the command again."
 #: The channel post about a pipeline change failed (the outbox logged why, with the fix).
 NOT_ANNOUNCED = (
     "It could not be announced in this channel: if the bot is not in it, invite it with "
     "`/invite @buildkite`."
 )
-
-M = TypeVar("M", bound=BaseModel)
 
 
 def register(app: AsyncApp) -> None:
@@ -81,8 +87,8 @@ def register(app: AsyncApp) -> None:
     app.action(ActionId.AGENT_STOP.value)(answer_errors(agent_stop))
     app.action(ActionId.AGENT_FORCE_STOP.value)(answer_errors(agent_force_stop))
     app.action(ActionId.PIPELINE_DELETE.value)(answer_errors(pipeline_delete))
-    app.view(PIPELINE_CREATE_CALLBACK)(answer_errors(pipeline_form_submitted))
-    app.view(PIPELINE_UPDATE_CALLBACK)(answer_errors(pipeline_form_submitted))
+    app.view(CallbackId.PIPELINE_CREATE)(answer_errors(pipeline_form_submitted))
+    app.view(CallbackId.PIPELINE_UPDATE)(answer_errors(pipeline_form_submitted))
 
 
 async def _show(respond: AsyncRespond, rendered: Rendered, *, replace: bool = False) -> None:
@@ -96,13 +102,6 @@ async def _show(respond: AsyncRespond, rendered: Rendered, *, replace: bool = Fa
 
 async def _say(respond: AsyncRespond, text: str, *, replace: bool = False) -> None:
     await respond(text=text, response_type="ephemeral", replace_original=replace)
-
-
-def _button_value(body: dict[str, Any], model: type[M]) -> M:
-    try:
-        return model.model_validate_json(body["actions"][0].get("value") or "")
-    except (ValidationError, KeyError, IndexError):
-        raise UserError(STALE_BUTTON) from None
 
 
 # -- /buildkite ---------------------------------------------------------------------------------
@@ -146,30 +145,30 @@ async def buildkite_command(
 
 async def _pipelines(request: PipelinesQuery, asked: _Asked) -> None:
     page = await asked.op.pipelines_page(request)
-    await _show(asked.respond, messages.pipelines_list(page))
+    await _show(asked.respond, pipelines_list(page))
 
 
 async def _builds(request: BuildsQuery, asked: _Asked) -> None:
     page = await asked.op.builds_page(request)
-    await _show(asked.respond, messages.builds_list(page))
+    await _show(asked.respond, builds_list(page))
 
 
 async def _build(request: BuildRef, asked: _Asked) -> None:
     build = await asked.op.build(request)
-    await _show(asked.respond, messages.build_details(request.pipeline, build))
+    await _show(asked.respond, build_details(request.pipeline, build))
 
 
 async def _agents(request: AgentsQuery, asked: _Asked) -> None:
     page = await asked.op.agents_page(request)
-    await _show(asked.respond, messages.agents_list(page))
+    await _show(asked.respond, agents_list(page))
 
 
 async def _whoami(request: WhoamiRequest, asked: _Asked) -> None:
-    await _show(asked.respond, messages.whoami_message(await asked.op.whoami()))
+    await _show(asked.respond, whoami_message(await asked.op.whoami()))
 
 
 async def _health(request: HealthRequest, asked: _Asked) -> None:
-    await _show(asked.respond, messages.health_digest(await asked.op.health(request)))
+    await _show(asked.respond, health_digest(await asked.op.health(request)))
 
 
 async def _create(spec: PipelineSpec, asked: _Asked) -> None:
@@ -185,7 +184,7 @@ async def _form(request: PipelineForm, asked: _Asked) -> None:
         asked.actor, "create pipelines", action="pipeline create", pipeline=request.name or ""
     )
     templates = asked.op.s.settings.pipeline_templates
-    view = messages.pipeline_modal(
+    view = pipeline_modal(
         PipelineModalMetadata(channel=asked.actor.channel_id),
         name=request.name,
         repository=request.repository,
@@ -197,7 +196,7 @@ async def _form(request: PipelineForm, asked: _Asked) -> None:
 async def _update(request: PipelineUpdate, asked: _Asked) -> None:
     if not request.fields:
         pipeline = await asked.op.pipeline_for_update(request.pipeline, asked.actor)
-        view = messages.pipeline_modal(
+        view = pipeline_modal(
             PipelineModalMetadata(channel=asked.actor.channel_id, pipeline=pipeline.slug),
             repository=pipeline.repository,
             default_branch=pipeline.default_branch,
@@ -213,7 +212,7 @@ async def _update(request: PipelineUpdate, asked: _Asked) -> None:
 
 async def _delete(request: PipelineDelete, asked: _Asked) -> None:
     pipeline = await asked.op.pipeline_to_delete(request.pipeline, asked.actor)
-    rendered = messages.confirm_pipeline_delete(pipeline.slug, pipeline.name, pipeline.web_url)
+    rendered = confirm_pipeline_delete(pipeline.slug, pipeline.name, pipeline.web_url)
     await _show(asked.respond, rendered)
 
 
@@ -249,38 +248,38 @@ async def pipelines_more(
     ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
     await ack()
-    value = _button_value(body, PipelinesPageValue)
+    value = action_value(body, PipelinesPageValue)
     page = await Admin(services).pipelines_page(PipelinesQuery(value.filter, value.page))
-    await _show(respond, messages.pipelines_list(page), replace=True)
+    await _show(respond, pipelines_list(page), replace=True)
 
 
 async def builds_more(
     ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
     await ack()
-    value = _button_value(body, BuildsPageValue)
+    value = action_value(body, BuildsPageValue)
     try:
         query = builds_query(value.pipeline, value.state, value.branch, value.page)
     except UsageError:
         raise UserError(STALE_BUTTON) from None
     page = await Admin(services).builds_page(query)
-    await _show(respond, messages.builds_list(page), replace=True)
+    await _show(respond, builds_list(page), replace=True)
 
 
 async def agents_more(
     ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
     await ack()
-    value = _button_value(body, AgentsPageValue)
+    value = action_value(body, AgentsPageValue)
     page = await Admin(services).agents_page(AgentsQuery(value.queue, value.page))
-    await _show(respond, messages.agents_list(page), replace=True)
+    await _show(respond, agents_list(page), replace=True)
 
 
 async def agent_stop(
     ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
     await ack()
-    agent = _button_value(body, AgentButtonValue)
+    agent = action_value(body, AgentButtonValue)
     await Admin(services).stop_agent(agent, Actor.from_button(body), force=False)
     await _say(
         respond, f":octagonal_sign: Asked {code(agent.name)} to stop once its current job finishes."
@@ -291,7 +290,7 @@ async def agent_force_stop(
     ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
     await ack()
-    agent = _button_value(body, AgentButtonValue)
+    agent = action_value(body, AgentButtonValue)
     await Admin(services).stop_agent(agent, Actor.from_button(body), force=True)
     await _say(respond, f":octagonal_sign: Force-stopped {code(agent.name)}; its job was canceled.")
 
@@ -300,7 +299,7 @@ async def pipeline_delete(
     ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
     await ack()
-    value = _button_value(body, PipelineButtonValue)
+    value = action_value(body, PipelineButtonValue)
     told = await Admin(services).delete_pipeline(value.pipeline, Actor.from_button(body))
     note = "" if told else f" {NOT_ANNOUNCED}"
     await _say(
@@ -317,10 +316,9 @@ async def pipeline_form_submitted(
     """Check the form (mistakes show under their fields), then create or update the pipeline
     and show the outcome in the modal; a refusal from Buildkite shows the form again."""
     view = body["view"]
-    try:
-        metadata = PipelineModalMetadata.model_validate_json(view.get("private_metadata") or "")
-    except ValidationError:
-        await ack(response_action="update", view=messages.modal_notice("Pipeline", STALE_FORM))
+    metadata = view_metadata(view, PipelineModalMetadata)
+    if metadata is None:
+        await ack(response_action="update", view=modal_notice("Pipeline", STALE_FORM))
         return
     values = (view.get("state") or {}).get("values") or {}
     try:
@@ -329,7 +327,7 @@ async def pipeline_form_submitted(
         await ack(response_action="errors", errors=exc.errors)
         return
     title = "New pipeline" if metadata.pipeline is None else "Update pipeline"
-    await ack(response_action="update", view=messages.modal_notice(title, "Working on it…"))
+    await ack(response_action="update", view=modal_notice(title, "Working on it…"))
     actor = Actor.from_user(body["user"], metadata.channel)
     op = Admin(services)
     try:
@@ -341,7 +339,7 @@ async def pipeline_form_submitted(
             assert metadata.pipeline is not None
             pipeline, _ = await op.update_pipeline(metadata.pipeline, form, actor)
             verb = "Updated"
-        outcome = messages.modal_notice(
+        outcome = modal_notice(
             title, f":white_check_mark: {verb} {link(pipeline.web_url, pipeline.slug)}."
         )
     except UserError as exc:
@@ -356,11 +354,11 @@ async def pipeline_form_submitted(
             if isinstance(form, PipelineSpec)
             else dict(form)
         )
-        outcome = messages.pipeline_modal(metadata, error=exc.text, **fields)
+        outcome = pipeline_modal(metadata, error=exc.text, **fields)
     except Exception:
         ref = current_correlation_id() or uuid.uuid4().hex[:8]
         log.exception("pipeline form failed (ref %s)", ref)
-        outcome = messages.modal_notice(
+        outcome = modal_notice(
             title, f":boom: Something went wrong on the bot's side (ref `{ref}`)."
         )
     try:

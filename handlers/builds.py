@@ -6,29 +6,33 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from pydantic import ValidationError
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 
 from app.core.build_actions import BuildActions
 from app.core.commands import BuildRef
 from app.core.errors import UserError, explain
-from app.core.services import Actor, Services
+from app.core.services import Services
 from app.core.unblock_forms import FormError, parse_freeform
-from app.slack.messages import (
-    FREEFORM_BLOCK,
-    UNBLOCK_CALLBACK,
+from app.slack.actor import Actor
+from app.slack.ids import (
+    FIELD_PREFIX,
+    INPUT_ACTION,
     ActionId,
+    BlockId,
+    CallbackId,
+    field_block_id,
+    field_key,
+)
+from app.slack.mrkdwn import link, plain
+from app.slack.payloads import (
     BuildButtonValue,
     UnblockButtonValue,
     UnblockMetadata,
-    field_block_id,
-    link,
-    modal_notice,
-    notice,
-    plain,
-    unblock_freeform_modal,
-    unblock_modal,
+    action_value,
+    view_metadata,
 )
+from app.slack.render.common import modal_notice, notice
+from app.slack.render.unblock import unblock_freeform_modal, unblock_modal
 from buildkite.errors import BuildkiteError, ValidationFailed
 from handlers.deploy import _ephemeral
 from handlers.errors import answer_errors, error_text
@@ -40,7 +44,7 @@ SUBMIT_WAIT = 2.0
 def register(app: AsyncApp) -> None:
     app.action(ActionId.UNBLOCK.value)(answer_errors(unblock_button))
     app.action(ActionId.RETRY_FAILED.value)(answer_errors(retry_button))
-    app.view(UNBLOCK_CALLBACK)(answer_errors(unblock_submit))
+    app.view(CallbackId.UNBLOCK)(answer_errors(unblock_submit))
 
 
 def _thread_of(body: dict[str, Any]) -> tuple[str, str | None]:
@@ -61,10 +65,7 @@ async def unblock_button(
     ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
     await ack()
-    try:
-        value = UnblockButtonValue.model_validate_json(body["actions"][0].get("value") or "")
-    except (ValidationError, KeyError, IndexError):
-        raise UserError("This button's data is not valid any more; nothing was done.") from None
+    value = action_value(body, UnblockButtonValue)
     actor = Actor.from_button(body)
     ops = BuildActions(services)
     target = await ops.unblock_form(value, actor)
@@ -105,11 +106,12 @@ def _submitted_values(view: dict[str, Any]) -> dict[str, str]:
     """
     values: dict[str, str] = {}
     for block_id, actions in (view.get("state") or {}).get("values", {}).items():
-        entry = actions.get("value") or {}
-        if block_id == FREEFORM_BLOCK:
+        entry = actions.get(INPUT_ACTION) or {}
+        if block_id == BlockId.UNBLOCK_FREEFORM:
             values.update(parse_freeform(str(entry.get("value") or "")))
             continue
-        if not block_id.startswith("field:"):
+        key = field_key(block_id)
+        if key is None:
             continue
         if "selected_options" in entry:
             chosen = [str(o.get("value")) for o in entry.get("selected_options") or []]
@@ -119,7 +121,7 @@ def _submitted_values(view: dict[str, Any]) -> dict[str, str]:
         else:
             value = entry.get("value")
         if value not in (None, ""):
-            values[block_id.removeprefix("field:")] = str(value)
+            values[key] = str(value)
     return values
 
 
@@ -129,7 +131,7 @@ def _field_errors(exc: ValidationFailed, view: dict[str, Any]) -> dict[str, str]
     inputs = _block_ids(view)
     if not inputs:
         return {}
-    freeform = FREEFORM_BLOCK in inputs
+    freeform = BlockId.UNBLOCK_FREEFORM in inputs
     errors: dict[str, list[str]] = {}
     for error in exc.errors:
         field = str(error.get("field") or "")
@@ -144,11 +146,11 @@ def _field_errors(exc: ValidationFailed, view: dict[str, Any]) -> dict[str, str]
             b["block_id"]
             for b in view.get("blocks") or []
             if b.get("type") == "input"
-            and str(b.get("block_id")).startswith("field:")
+            and field_key(str(b.get("block_id"))) is not None
             and any(
                 name and name in exc.message
                 for name in (
-                    str(b["block_id"]).removeprefix("field:"),
+                    field_key(str(b["block_id"])),
                     str((b.get("label") or {}).get("text") or ""),
                 )
             )
@@ -161,9 +163,8 @@ async def unblock_submit(ack: AsyncAck, body: dict[str, Any], services: Services
     """The unblock modal was submitted: unblock with its values, or show what is wrong."""
     view = body["view"]
     user = body["user"]["id"]
-    try:
-        meta = UnblockMetadata.model_validate_json(view.get("private_metadata") or "")
-    except ValidationError:
+    meta = view_metadata(view, UnblockMetadata)
+    if meta is None:
         # Not a form the bot opened (or one from an older version): say so in the modal.
         text = "This form is not valid any more; nothing was done. Click *Unblock* again."
         await ack(response_action="update", view=modal_notice("Unblock", text))
@@ -171,7 +172,7 @@ async def unblock_submit(ack: AsyncAck, body: dict[str, Any], services: Services
     try:
         values = _submitted_values(view)
     except FormError as exc:
-        await ack(response_action="errors", errors={FREEFORM_BLOCK: str(exc)[:150]})
+        await ack(response_action="errors", errors={BlockId.UNBLOCK_FREEFORM: str(exc)[:150]})
         return
     value = UnblockButtonValue(pipeline=meta.pipeline, number=meta.number, job=meta.job)
     actor = Actor.from_user(body["user"], meta.channel)
@@ -208,7 +209,7 @@ async def unblock_submit(ack: AsyncAck, body: dict[str, Any], services: Services
         if done:
             await ack(
                 response_action="errors",
-                errors={next(iter(_block_ids(view)), "field:"): text[:150]},
+                errors={next(iter(_block_ids(view)), FIELD_PREFIX): text[:150]},
             )
         else:
             await services.outbox.ephemeral(meta.channel, user, notice(text))
@@ -225,10 +226,7 @@ async def retry_button(
     ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
     await ack()
-    try:
-        value = BuildButtonValue.model_validate_json(body["actions"][0].get("value") or "")
-    except (ValidationError, KeyError, IndexError):
-        raise UserError("This button's data is not valid any more; nothing was done.") from None
+    value = action_value(body, BuildButtonValue)
     ref = BuildRef(value.pipeline, value.number)
     jobs = await BuildActions(services).retry_failed(
         ref,

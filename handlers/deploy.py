@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 from typing import Any
 
-from pydantic import ValidationError
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 
 from app.core.approvals import Approvals
@@ -33,17 +32,13 @@ from app.core.commands import (
 )
 from app.core.deploy_queue import QueueClosed
 from app.core.deploys import AwaitingApproval, Deploys, NeedsConfirmation, Started
-from app.core.errors import UserError
 from app.core.locks import Locks
-from app.core.services import Actor, Services, request_id_for
-from app.slack.messages import (
-    ActionId,
-    BuildButtonValue,
-    RequestButtonValue,
-    audit_list,
-    link,
-    locks_list,
-)
+from app.core.services import Services, request_id_for
+from app.slack.actor import Actor
+from app.slack.ids import ActionId
+from app.slack.mrkdwn import link
+from app.slack.payloads import BuildButtonValue, RequestButtonValue, action_value
+from app.slack.render.deploys import audit_list, locks_list
 from app.storage.keys import REQUEST_TTL
 from handlers.errors import answer_errors
 
@@ -225,18 +220,12 @@ async def rebuild_command(
 
 
 def _button_ref(body: dict[str, Any]) -> BuildRef:
-    try:
-        value = BuildButtonValue.model_validate_json(body["actions"][0].get("value") or "")
-    except (ValidationError, KeyError, IndexError):
-        raise UserError("This button's data is not valid any more; nothing was done.") from None
+    value = action_value(body, BuildButtonValue)
     return BuildRef(value.pipeline, value.number)
 
 
 def _request_id(body: dict[str, Any]) -> str:
-    try:
-        return RequestButtonValue.model_validate_json(body["actions"][0].get("value") or "").id
-    except (ValidationError, KeyError, IndexError):
-        raise UserError("This button's data is not valid any more; nothing was done.") from None
+    return action_value(body, RequestButtonValue).id
 
 
 async def cancel_button(

@@ -33,7 +33,7 @@ from app.simulators.bot import BUILDKITE_TOKEN, SIGNING_SECRET, WEBHOOK_TOKEN
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.redis_server import free_port
 from app.simulators.slack import FakeSlack, RecordedCall
-from app.slack.messages import STATE_LABEL
+from app.slack.render.common import STATE_LABEL
 
 T = TypeVar("T")
 BuildKey = tuple[str, int]

@@ -19,7 +19,8 @@ from app.simulators.bot import BotClient, bot_logging, running_bot, work_request
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.redis_server import RedisServer
 from app.simulators.slack import FakeSlack
-from app.slack import messages
+from app.slack.mrkdwn import escape
+from app.slack.render.common import clip
 from app.storage import keys
 from app.storage.store import Store
 from app.tracking.phases import phase_of, snapshot
@@ -701,7 +702,7 @@ async def test_a_long_commit_message_is_clipped_to_block_kit_limits(
 
 
 def test_clipping_never_splits_an_escaped_entity() -> None:
-    text = messages.clip(messages.escape("a" * 2990 + " & more text"), 2996)
+    text = clip(escape("a" * 2990 + " & more text"), 2996)
     assert len(text) <= 2996
     assert not text.rstrip("…").endswith(("&", "&a", "&am", "&amp"))
 

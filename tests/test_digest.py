@@ -17,7 +17,7 @@ from app.settings import DigestSchedule, Settings
 from app.simulators.bot import BotClient, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
-from app.slack import messages
+from app.slack.render.digest import health_digest
 from app.storage.keys import DIGEST_LAST_KEY
 from buildkite.client import BuildkiteClient
 from buildkite.models import Build
@@ -102,7 +102,7 @@ def test_the_digest_figures_on_a_fixture() -> None:
     assert result.builds_read == 24
     assert result.since == UNTIL - timedelta(hours=24)
 
-    text = json.dumps(messages.health_digest(result).blocks)
+    text = json.dumps(health_digest(result).blocks)
     assert "web           14    75%    5m 0s    1h 0m       3" in text
     assert "api            4    50%      20s      40s       2" in text
     assert "ops            3    33%       7s       9s       2" in text
@@ -118,7 +118,7 @@ def test_without_jobs_there_is_no_flaky_signal() -> None:
         fixture(), scope="web", window="7d", until=UNTIL, requests=1, jobs_read=None
     )
     assert result.flaky == () and all(row.flaky == 0 for row in result.pipelines)
-    assert "Flaky" not in json.dumps(messages.health_digest(result).blocks)
+    assert "Flaky" not in json.dumps(health_digest(result).blocks)
 
 
 def test_latest_slot_daily_and_weekly() -> None:

@@ -40,12 +40,7 @@ from app.simulators import slack_requests
 from app.simulators.bot import SIGNING_SECRET, WEBHOOK_TOKEN, BotClient, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
-from app.slack.messages import (
-    PIPELINE_CREATE_CALLBACK,
-    PIPELINE_UPDATE_CALLBACK,
-    UNBLOCK_CALLBACK,
-    ActionId,
-)
+from app.slack.ids import ActionId, CallbackId
 
 T = TypeVar("T")
 
@@ -477,7 +472,7 @@ state_values = st.dictionaries(block_ids, st.one_of(st.none(), any_string), max_
 @FUZZ
 @given(
     callback_id=st.sampled_from(
-        [UNBLOCK_CALLBACK, PIPELINE_CREATE_CALLBACK, PIPELINE_UPDATE_CALLBACK, "not_ours"]
+        [CallbackId.UNBLOCK, CallbackId.PIPELINE_CREATE, CallbackId.PIPELINE_UPDATE, "not_ours"]
     ),
     private_metadata=metadata,
     values=state_values,

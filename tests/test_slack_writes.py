@@ -13,8 +13,8 @@ from app.main import create_slack_client
 from app.simulators.bot import bot_settings, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
-from app.slack.messages import Rendered
 from app.slack.outbox import Outbox
+from app.slack.render.common import Rendered
 
 CHANNEL = "C0CHAN"
 INTERVAL = 0.3

@@ -28,7 +28,8 @@ from app.simulators import slack_requests
 from app.simulators.bot import SIGNING_SECRET, BotClient, bot_settings, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack, block_problems
-from app.slack.messages import UnblockMetadata, unblock_modal
+from app.slack.payloads import UnblockMetadata
+from app.slack.render.unblock import unblock_modal
 
 CHANNEL = "C0CHAN"
 

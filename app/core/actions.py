@@ -15,10 +15,13 @@ from app.core import texts
 from app.core.commands import BuildRef
 from app.core.errors import UserError, explain
 from app.core.policy import Action, Rule
-from app.core.services import Actor, Services
+from app.core.services import Services
 from app.core.texts import TRACKING_DOWN
-from app.slack.messages import DeployPlan, Rendered, link
+from app.slack.actor import Actor
+from app.slack.mrkdwn import link
 from app.slack.outbox import SlackDeliveryError, not_in_channel_text
+from app.slack.render.common import Rendered
+from app.slack.render.deploys import DeployPlan
 from app.storage.keys import AWAITED_TTL, REQUEST_TTL
 from app.storage.records import AwaitedBuild, MessageTarget
 from buildkite.errors import BuildkiteError, BuildMaybeStarted

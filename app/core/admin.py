@@ -17,11 +17,12 @@ from app.core.commands.admin import PipelineSpec
 from app.core.errors import UserError, about_cluster, explain
 from app.core.listings import Listings
 from app.core.policy import principal_ref
-from app.core.services import Actor
 from app.core.texts import NAME_A_CLUSTER, TRACKING_DOWN
-from app.slack import messages
-from app.slack.messages import AgentButtonValue, Rendered
+from app.slack.actor import Actor
 from app.slack.outbox import SlackDeliveryError
+from app.slack.payloads import AgentButtonValue
+from app.slack.render.admin import pipeline_changed
+from app.slack.render.common import Rendered
 from app.storage.keys import ACTION_TTL, REQUEST_TTL
 from buildkite.errors import BuildkiteError, NotFound
 from buildkite.models import Pipeline
@@ -98,9 +99,7 @@ class Admin(Listings):
         await self._audit(actor, "pipeline create", pipeline.slug, "created", detail=detail)
         told = await self._announce(
             actor.channel_id,
-            messages.pipeline_changed(
-                actor.user_id, "created", pipeline.slug, pipeline.web_url, detail
-            ),
+            pipeline_changed(actor.user_id, "created", pipeline.slug, pipeline.web_url, detail),
         )
         return pipeline, told
 
@@ -148,9 +147,7 @@ class Admin(Listings):
         await self._audit(actor, "pipeline update", slug, "updated", detail=changed)
         told = await self._announce(
             actor.channel_id,
-            messages.pipeline_changed(
-                actor.user_id, "changed", slug, pipeline.web_url, f"({changed})"
-            ),
+            pipeline_changed(actor.user_id, "changed", slug, pipeline.web_url, f"({changed})"),
         )
         return pipeline, told
 
@@ -175,7 +172,7 @@ class Admin(Listings):
             raise UserError(self._explain_change(exc, "delete", slug)) from None
         await self._audit(actor, "pipeline delete", slug, "deleted")
         return await self._announce(
-            actor.channel_id, messages.pipeline_changed(actor.user_id, "deleted", slug, None)
+            actor.channel_id, pipeline_changed(actor.user_id, "deleted", slug, None)
         )
 
     async def stop_agent(self, agent: AgentButtonValue, actor: Actor, *, force: bool) -> None:

@@ -13,10 +13,9 @@ from app.core import texts
 from app.core.actions import Actions
 from app.core.deploys import plan_action, plan_from
 from app.core.errors import UserError, explain
-from app.core.services import Actor
 from app.core.texts import TRACKING_DOWN
-from app.slack import messages
-from app.slack.messages import DeployPlan
+from app.slack.actor import Actor
+from app.slack.render.deploys import DeployPlan, approval_request
 from app.storage.records import Approval, ApprovalDecision, ApprovalStatus, PendingDeploy
 from buildkite.errors import BuildkiteError, NotFound
 from buildkite.models import Build
@@ -165,7 +164,7 @@ class Approvals(Actions):
     ) -> None:
         if not approval.ts:
             return
-        rendered = messages.approval_request(
-            plan, "0" * 16, status=status, decided_by=decided_by, build=build, reason=reason
+        rendered = approval_request(
+            plan, None, status=status, decided_by=decided_by, build=build, reason=reason
         )
         await self.s.outbox.update(approval.channel, approval.ts, rendered)

@@ -12,8 +12,10 @@ from collections.abc import Awaitable, Callable
 
 from app.core.audit import Auditor
 from app.core.policy import Policy
-from app.slack import messages
 from app.slack.outbox import Outbox
+from app.slack.render.builds import retried_reply
+from app.slack.render.common import notice
+from app.slack.render.deploys import locked_text
 from app.storage.records import TrackedBuild
 from app.storage.store import Store
 from buildkite.client import BuildkiteClient
@@ -62,11 +64,11 @@ class AutoRetry:
             for target in tracked.targets:
                 await self.outbox.post(
                     target.channel,
-                    messages.notice(
+                    notice(
                         ":hourglass: Not auto-retried: "
-                        + messages.locked_text(
-                            tracked.pipeline, lock.user, lock.reason
-                        ).removeprefix(":lock: ")
+                        + locked_text(tracked.pipeline, lock.user, lock.reason).removeprefix(
+                            ":lock: "
+                        )
                     ),
                     thread_ts=target.reply_thread,
                     key=f"{tracked.build_id}:{target.channel}:{tracked.gen}:locked",
@@ -88,7 +90,7 @@ class AutoRetry:
             for target in tracked.targets:
                 await self.outbox.post(
                     target.channel,
-                    messages.notice(
+                    notice(
                         f":hourglass: Not auto-retried: `{tracked.pipeline}` used its budget of "
                         f"{rule.hourly_budget} automatic retries this hour."
                     ),
@@ -114,7 +116,7 @@ class AutoRetry:
             url=build.web_url,
             detail=f"attempt {attempt} of {rule.max_attempts}",
         )
-        reply = messages.retried_reply(None, full.failed_jobs, attempt=(attempt, rule.max_attempts))
+        reply = retried_reply(None, full.failed_jobs, attempt=(attempt, rule.max_attempts))
         for target in tracked.targets:
             await self.outbox.post(
                 target.channel,

@@ -14,10 +14,12 @@ from app.core.commands import BuildRef
 from app.core.deploys import Deploys, NeedsConfirmation, Started
 from app.core.errors import UserError, explain
 from app.core.policy import Action
-from app.core.services import Actor, Services, request_id_for
+from app.core.services import Services, request_id_for
 from app.core.unblock_forms import BlockForm, form_in_pipeline
-from app.slack import messages
-from app.slack.messages import UnblockButtonValue, link
+from app.slack.actor import Actor
+from app.slack.mrkdwn import link
+from app.slack.payloads import UnblockButtonValue
+from app.slack.render.builds import retried_reply, unblocked_reply
 from app.storage.keys import ACTION_TTL
 from buildkite.errors import BuildkiteError, BuildMaybeStarted, PermissionDenied, ValidationFailed
 from buildkite.models import Build, Job
@@ -197,7 +199,7 @@ class BuildActions(Actions):
             value.number,
             channel,
             thread_ts,
-            messages.unblocked_reply(actor.user_id, label, fields),
+            unblocked_reply(actor.user_id, label, fields),
             key=dedup_key,
         )
         with contextlib.suppress(BuildkiteError, RedisError):
@@ -241,7 +243,7 @@ class BuildActions(Actions):
             ref.number,
             channel,
             thread_ts,
-            messages.retried_reply(actor.user_id, failed),
+            retried_reply(actor.user_id, failed),
             key=dedup_key,
         )
         await self._follow_again(fresh, ref.pipeline, actor)

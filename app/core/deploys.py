@@ -17,11 +17,12 @@ from app.core.actions import Actions
 from app.core.commands import COMMIT, BuildRef, DeployRequest, UsageError, check_branch
 from app.core.errors import UserError, explain
 from app.core.policy import Action, Rule, principal_ref
-from app.core.services import Actor, request_id_for
+from app.core.services import request_id_for
 from app.core.texts import TRACKING_DOWN
-from app.slack import messages
-from app.slack.messages import DeployPlan, Rendered
+from app.slack.actor import Actor
 from app.slack.outbox import SlackDeliveryError, not_in_channel_text
+from app.slack.render.common import Rendered
+from app.slack.render.deploys import DeployPlan, approval_request, confirm_deploy, plan_refusal
 from app.storage.records import PendingDeploy
 from buildkite.errors import BuildkiteError
 from buildkite.models import Build, BuildState, Pipeline
@@ -82,7 +83,7 @@ class Deploys(Actions):
         self, plan: DeployPlan, actor: Actor, request_id: str, *, claim: str
     ) -> NeedsConfirmation:
         """Keep the plan for the requester's confirmation, if it can be shown in full."""
-        refusal = messages.plan_refusal(plan)
+        refusal = plan_refusal(plan, request_id, request_id_for("approval", request_id))
         action = plan_action(plan).value
         if refusal is not None:
             await self._forget(claim)
@@ -102,7 +103,7 @@ class Deploys(Actions):
                 number=plan.rebuild_of,
                 detail="as a new build",
             )
-        return NeedsConfirmation(messages.confirm_deploy(plan, request_id))
+        return NeedsConfirmation(confirm_deploy(plan, request_id))
 
     async def _describe(self, plan: DeployPlan, pipeline: Pipeline, rule: Rule) -> DeployPlan:
         """Resolve HEAD to the branch's last built SHA, and link the diff on GitHub."""
@@ -154,7 +155,7 @@ class Deploys(Actions):
         await self.s.store.create_approval(approval_id, data, expires_at=expires_at)
         try:
             ts = await self.s.outbox.post(
-                actor.channel_id, messages.approval_request(plan, approval_id), key=approval_id
+                actor.channel_id, approval_request(plan, approval_id), key=approval_id
             )
         except SlackDeliveryError as exc:
             if not exc.no_access:

@@ -27,9 +27,8 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from app.settings import DigestSchedule
-from app.slack import messages
-from app.slack.messages import Digest, PipelineHealth
 from app.slack.outbox import SlackDeliveryError
+from app.slack.render.digest import Digest, PipelineHealth, health_digest
 from app.storage.keys import (
     DIGEST_LAST_KEY,
     DIGEST_LAST_TTL,
@@ -294,7 +293,7 @@ async def post_due_digest(
         digest = replace(digest, late_for=slot)
     await services.outbox.post(
         schedule.channel,
-        messages.health_digest(digest),
+        health_digest(digest),
         key=f"digest:{schedule.key}:{int(slot.timestamp())}",
     )
     await ledger.mark_posted(schedule.key, slot)

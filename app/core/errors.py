@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.slack import messages
+from app.slack import mrkdwn
 from buildkite.errors import (
     AuthenticationError,
     BadRequest,
@@ -38,7 +38,7 @@ def explain(
 
     `organisation`: `pipeline` is the organisation's slug (a listing across its pipelines).
     """
-    slug = messages.code(pipeline)
+    slug = mrkdwn.code(pipeline)
     what = f"{slug} #{number}" if number is not None else slug
     if isinstance(exc, NotFound):
         if number is not None:
@@ -52,7 +52,7 @@ def explain(
         if exc.missing_scope:
             return (
                 f"Could not {action} {what}: the bot's Buildkite API token lacks the "
-                f"{messages.code(exc.missing_scope)} scope. An admin can add it to the token in "
+                f"{mrkdwn.code(exc.missing_scope)} scope. An admin can add it to the token in "
                 "Buildkite's API Access Tokens settings."
             )
         return f"Could not {action} {what}: Buildkite says the bot's token may not do that (403)."
@@ -65,7 +65,7 @@ def explain(
         details = ", ".join(
             f"{e.get('field', '?')} {e.get('code', 'invalid')}" for e in exc.errors if e
         )
-        reason = messages.escape(exc.message + (f" ({details})" if details else ""))
+        reason = mrkdwn.escape(exc.message + (f" ({details})" if details else ""))
         return f"Buildkite refused to {action} {what}: {reason}."
     if isinstance(exc, RateLimited):
         wait = f" in about {int(exc.reset)} s" if exc.reset else " in a minute"
@@ -95,7 +95,7 @@ def explain(
             f"Could not {action} {what}: Buildkite is not answering right now. "
             "Please try again in a minute."
         )
-    message = messages.escape(str(getattr(exc, "message", "") or "an unexpected error"))
+    message = mrkdwn.escape(str(getattr(exc, "message", "") or "an unexpected error"))
     return f"Could not {action} {what}: Buildkite answered {message}."
 
 

@@ -16,15 +16,15 @@ from app.core.commands import BuildRef
 from app.core.commands.admin import AgentsQuery, BuildsQuery, HealthRequest, PipelinesQuery
 from app.core.errors import UserError, explain
 from app.core.services import Services
-from app.slack.messages import (
+from app.slack.render.admin import (
     AgentRow,
     AgentsPage,
     BuildsPage,
-    Digest,
     PipelineRow,
     PipelinesPage,
     WhoAmI,
 )
+from app.slack.render.digest import Digest
 from buildkite.errors import BuildkiteError, NotFound, PermissionDenied
 from buildkite.models import Build, Organization, Pipeline, User
 

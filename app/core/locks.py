@@ -9,8 +9,8 @@ from app.core.actions import Actions
 from app.core.commands import AuditRequest, LockRequest, UnlockRequest
 from app.core.errors import UserError
 from app.core.policy import Action
-from app.core.services import Actor
-from app.slack import messages
+from app.slack.actor import Actor
+from app.slack.render.deploys import lock_announcement
 from app.storage.records import AuditEntry
 
 AUDIT_SHOWN = 15
@@ -35,7 +35,7 @@ class Locks(Actions):
             raise UserError(texts.already_locked(request.pipeline, holder.user))
         await self._audit(actor, "lock", request.pipeline, "locked", detail=request.reason)
         until = f" for {_human(request.ttl)}" if request.ttl else " until unlocked"
-        return messages.lock_announcement(actor.user_id, request.pipeline, until, request.reason)
+        return lock_announcement(actor.user_id, request.pipeline, until, request.reason)
 
     async def unlock(self, request: UnlockRequest, actor: Actor) -> str:
         lock = await self.s.store.pipeline_lock(request.pipeline)

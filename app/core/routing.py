@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from app.core.commands import PIPELINE_SLUG
+from app.core.names import PIPELINE_SLUG
 from app.core.policy import NotifyEvent, Policy, Route
 from app.storage.store import Store
 from app.tracking.intake import Intake

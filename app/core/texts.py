@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from app.core.commands import clip
-from app.slack import messages
-from app.slack.messages import link
+from app.slack.mrkdwn import escape, link, plain, typed
+from app.slack.render.deploys import locked_text
 
 TRACKING_DOWN = (
     ":warning: Tracking is unavailable right now (the bot cannot reach its Redis), "
@@ -60,7 +59,7 @@ def env_refused(refusal: str) -> str:
 
 def locked(pipeline: str, holder: str, reason: str | None) -> str:
     return (
-        messages.locked_text(pipeline, holder, reason)
+        locked_text(pipeline, holder, reason)
         + " Ask them to `/deploy unlock` it when they are done."
     )
 
@@ -68,7 +67,7 @@ def locked(pipeline: str, holder: str, reason: str | None) -> str:
 def locked_reason(pipeline: str, holder: str, reason: str | None) -> str:
     """A lock as the reason an approved deploy did not start."""
     return (
-        messages.locked_text(pipeline, holder, reason).removeprefix(":lock: ")
+        locked_text(pipeline, holder, reason).removeprefix(":lock: ")
         + " Ask again once it is unlocked."
     )
 
@@ -175,14 +174,11 @@ def nothing_to_cancel(title: str, state: str) -> str:
 
 
 def step_not_waiting(label: str, state: str | None) -> str:
-    return (
-        f"*{messages.plain(label)}* is not waiting any more "
-        f"({messages.escape(state or 'unknown')})."
-    )
+    return f"*{plain(label)}* is not waiting any more ({escape(state or 'unknown')})."
 
 
 def unblocked_not_shown(label: str, why: str) -> str:
-    return f":unlock: Unblocked *{messages.plain(label)}*. {why}"
+    return f":unlock: Unblocked *{plain(label)}*. {why}"
 
 
 def no_failed_jobs(title: str) -> str:
@@ -225,4 +221,4 @@ def only_agent_stoppers(who: str) -> str:
 
 
 def agent_gone(name: str) -> str:
-    return f"The agent `{clip(name)}` is not connected any more; nothing to stop."
+    return f"The agent `{typed(name)}` is not connected any more; nothing to stop."

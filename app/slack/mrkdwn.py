@@ -1,5 +1,6 @@
 """How any text from a person or from Buildkite is put into Slack mrkdwn: escaped, and linked
-only to the hosts the bot trusts. The renderers in app.slack.messages (and nothing else) call these.
+only to the hosts the bot trusts. The renderers in app.slack.render (and the parsers, to quote
+back what was typed) call these.
 
 Slack reads `<…>` as a link, a mention (`<@U…>`, `<!channel>`) or a date, and `&` as the start
 of an entity; escaping `&`, `<` and `>` makes all of them show as the text that was typed.
@@ -34,6 +35,12 @@ def plain(text: str) -> str:
 def code(text: str) -> str:
     """`text` as an inline code span that its own backticks cannot end early."""
     return "`" + escape(text).replace("`", "'") + "`"
+
+
+def typed(value: str, limit: int = 60) -> str:
+    """What someone typed, cut short and escaped, to quote back inside backticks."""
+    value = value.replace("`", "'")
+    return escape(value if len(value) <= limit else value[: limit - 1] + "…")
 
 
 def preformatted(text: str) -> str:

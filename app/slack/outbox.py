@@ -29,7 +29,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
-from app.slack.messages import Rendered
+from app.slack.render.common import Rendered
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from slack_bolt.context.respond.async_respond import AsyncRespond
 from slack_sdk.webhook import WebhookResponse
 
 from app.ops.metrics import Metrics
-from app.slack.messages import Rendered
 from app.slack.outbox import Outbox, SlackDeliveryError
+from app.slack.render.common import Rendered
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,18 @@ from collections.abc import Awaitable, Callable
 
 from redis.exceptions import RedisError
 
-from app.slack import messages
 from app.slack.directory import Directory
+from app.slack.mrkdwn import link
 from app.slack.outbox import Outbox, SlackDeliveryError
+from app.slack.render.builds import (
+    BlockStep,
+    LogTail,
+    build_message,
+    failing_reply,
+    final_reply,
+    running_reply,
+)
+from app.slack.render.common import Rendered
 from app.slack.response_urls import SlackHooks
 from app.storage.records import MessageTarget, TrackedBuild, Transition
 from app.storage.store import Store
@@ -112,7 +121,7 @@ class MessageWriter:
     ) -> None:
         """Post the build's message in one channel, or bring it up to date; a deleted one is
         posted again."""
-        root = messages.build_message(
+        root = build_message(
             tracked.pipeline,
             build,
             target.requester,
@@ -160,7 +169,7 @@ class MessageWriter:
         self,
         key: str,
         channel: str,
-        rendered: messages.Rendered,
+        rendered: Rendered,
         *,
         thread_ts: str | None,
         broadcast: bool = False,
@@ -207,7 +216,7 @@ class MessageWriter:
         if not target.notify_url:
             return
         url = tracked.snapshot.get("web_url")
-        title = messages.link(str(url) if url else None, f"{tracked.pipeline} #{tracked.number}")
+        title = link(str(url) if url else None, f"{tracked.pipeline} #{tracked.number}")
         text = (
             # Follows "Its progress will be posted here": say plainly that it will not be.
             f":warning: Correction: your build {title} was started, but the bot cannot post its "
@@ -221,7 +230,7 @@ class MessageWriter:
         except Exception as notify_error:  # the build is fine; the hint is best effort
             log.warning("could not tell %s about %s: %s", target.requester, exc, notify_error)
 
-    async def _block_step(self, tracked: TrackedBuild) -> messages.BlockStep | None:
+    async def _block_step(self, tracked: TrackedBuild) -> BlockStep | None:
         """The block step a build waits on (its job id and label), from Buildkite."""
         try:
             full = await self.buildkite.get_build(tracked.pipeline, tracked.number)
@@ -232,7 +241,7 @@ class MessageWriter:
             return None
         for job in full.jobs:
             if job.type == "manual" and job.state == "blocked":
-                return messages.BlockStep(job_id=job.id, label=job.display_name)
+                return BlockStep(job_id=job.id, label=job.display_name)
         return None
 
     async def _reply(
@@ -242,16 +251,16 @@ class MessageWriter:
         build: Build,
         target: MessageTarget,
         details: _Details,
-    ) -> tuple[messages.Rendered, bool]:
+    ) -> tuple[Rendered, bool]:
         if kind == "running":
-            return messages.running_reply(tracked.pipeline, build), False
+            return running_reply(tracked.pipeline, build), False
         if kind == "failing":
-            return messages.failing_reply(tracked.pipeline, build), False
+            return failing_reply(tracked.pipeline, build), False
         failed = build.state is BuildState.FAILED
         mention = target.requester
         if mention is None and failed:
             mention = await details.author_mention()
-        reply = messages.final_reply(
+        reply = final_reply(
             tracked.pipeline,
             build,
             mention,
@@ -277,7 +286,7 @@ class _Details:
         self.people = people
         self.tracked = tracked
         self.build = build
-        self.block: messages.BlockStep | None = None
+        self.block: BlockStep | None = None
         self._full: Build | None = None
         self._fetched = False
 
@@ -301,7 +310,7 @@ class _Details:
         full = await self._full_build()
         return full.failed_jobs if full else []
 
-    async def log_tail(self) -> messages.LogTail | None:
+    async def log_tail(self) -> LogTail | None:
         full = await self._full_build()
         job = full.log_tail_job if full else None
         if job is None:
@@ -311,11 +320,11 @@ class _Details:
                 self.tracked.pipeline, self.tracked.number, job.id, max_bytes=LOG_TAIL_BYTES
             )
         except PermissionDenied:
-            return messages.LogTail(job=job, text=None, missing_scope="read_build_logs")
+            return LogTail(job=job, text=None, missing_scope="read_build_logs")
         except BuildkiteError as exc:
             log.info("no log tail for %s: %s", job.web_url, exc)
             return None
-        return messages.LogTail(job=job, text=text)
+        return LogTail(job=job, text=text)
 
     async def author_mention(self) -> str | None:
         """The Slack user whose email is the build author's (or creator's), if there is one."""

@@ -21,11 +21,10 @@ from app.core.commands.deploy import (
     parse_build_ref,
     split_words,
 )
-from app.core.commands.deploy import clip as _clip
 from app.settings import steps_problem
-from buildkite.models import BuildState
+from app.slack.mrkdwn import typed
+from buildkite.models import STATE_FILTERS
 
-STATE_FILTERS = frozenset(state.value for state in BuildState) | {"finished"}
 _WINDOWS = frozenset(digest.WINDOWS)
 _FILTER = re.compile(r"^[A-Za-z0-9_.-]{1,50}$")
 _QUEUE = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
@@ -173,7 +172,7 @@ def parse_admin(text: str, *, org: str, templates: Mapping[str, str]) -> AdminRe
         return WhoamiRequest()
     if sub == "health":
         return _parse_health(args)
-    raise UsageError(f"`{_clip(words[0])}` is not a /buildkite subcommand.")
+    raise UsageError(f"`{typed(words[0])}` is not a /buildkite subcommand.")
 
 
 def _one(args: list[str], pattern: re.Pattern[str], what: str, usage_line: str) -> str | None:
@@ -207,7 +206,7 @@ def builds_query(
 ) -> BuildsQuery:
     """A builds query carried by a button, checked like a typed one."""
     if state is not None and state not in STATE_FILTERS:
-        raise UsageError(f"`{_clip(state)}` is not a build state.")
+        raise UsageError(f"`{typed(state)}` is not a build state.")
     return BuildsQuery(
         pipeline=check_pipeline(pipeline) if pipeline else None,
         state=state,
@@ -248,7 +247,7 @@ def _parse_pipeline(
         if template not in templates:
             known = ", ".join(f"`{t}`" for t in sorted(templates)) or "none are configured"
             raise UsageError(
-                f"There is no pipeline template `{_clip(template)}` (templates: {known}). "
+                f"There is no pipeline template `{typed(template)}` (templates: {known}). "
                 "Leave it out to paste the steps in a form."
             )
         assert name is not None and repository is not None
@@ -274,7 +273,7 @@ def parse_update_fields(text: str) -> dict[str, str]:
         key, sep, value = part.partition("=")
         if not sep or key not in _UPDATE_FIELDS:
             raise UsageError(
-                f"`{_clip(part)}` is not a field to change: use "
+                f"`{typed(part)}` is not a field to change: use "
                 + ", ".join(f"`{f}=…`" for f in _UPDATE_FIELDS)
                 + "."
             )
@@ -286,7 +285,7 @@ def check_name(name: str) -> str:
     name = name.strip()
     if not _PIPELINE_NAME.match(name):
         raise UsageError(
-            f"`{_clip(name)}` is not a pipeline name: letters, digits, spaces, `.`, `_` and `-`, "
+            f"`{typed(name)}` is not a pipeline name: letters, digits, spaces, `.`, `_` and `-`, "
             "starting with a letter or digit."
         )
     return name
@@ -296,7 +295,7 @@ def check_repository(url: str) -> str:
     url = url.strip()
     if not _REPOSITORY.match(url):
         raise UsageError(
-            f"`{_clip(url)}` is not a repository URL (e.g. `git@github.com:acme/web.git` or "
+            f"`{typed(url)}` is not a repository URL (e.g. `git@github.com:acme/web.git` or "
             "`https://github.com/acme/web.git`)."
         )
     return url

@@ -10,9 +10,9 @@ import html
 import re
 from dataclasses import dataclass, field
 
-from app.slack import mrkdwn
+from app.core.names import PIPELINE_SLUG
+from app.slack.mrkdwn import typed
 
-PIPELINE_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}$")
 COMMIT = re.compile(r"^(HEAD|[0-9a-fA-F]{7,40})$")
 _HEXISH = re.compile(r"^[0-9a-fA-F]+$")
 ENV_WORD = re.compile(r"^([A-Za-z_][A-Za-z0-9_]{0,127})=(.*)$")
@@ -127,7 +127,7 @@ def is_help(words: list[str]) -> bool:
 def check_pipeline(slug: str) -> str:
     if not PIPELINE_SLUG.match(slug):
         raise UsageError(
-            f"`{clip(slug)}` is not a pipeline slug: use lowercase letters, digits and dashes, "
+            f"`{typed(slug)}` is not a pipeline slug: use lowercase letters, digits and dashes, "
             "as in the pipeline's Buildkite URL (e.g. `deploy-prod`)."
         )
     return slug
@@ -136,7 +136,7 @@ def check_pipeline(slug: str) -> str:
 def check_branch(branch: str) -> str:
     if len(branch) > 255 or _BAD_REF.search(branch):
         raise UsageError(
-            f"`{clip(branch)}` is not a valid branch name (see `git check-ref-format`)."
+            f"`{typed(branch)}` is not a valid branch name (see `git check-ref-format`)."
         )
     return branch
 
@@ -190,7 +190,7 @@ def parse_deploy(text: str) -> DeployCommand:
             commit = rest.pop(0)
         elif _looks_like_commit(candidate):
             raise UsageError(
-                f"`{clip(candidate)}` is not a commit: use `HEAD` or 7 to 40 hex characters."
+                f"`{typed(candidate)}` is not a commit: use `HEAD` or 7 to 40 hex characters."
             )
     message = " ".join(rest) or None
     if message and len(message) > MAX_MESSAGE:
@@ -212,7 +212,7 @@ def parse_build_ref(text: str, *, org: str, usage: str) -> BuildRef | HelpReques
         match = BUILD_URL.match(words[0])
         if not match:
             raise UsageError(
-                f"`{clip(words[0])}` is not a Buildkite build URL "
+                f"`{typed(words[0])}` is not a Buildkite build URL "
                 "(expected https://buildkite.com/<org>/<pipeline>/builds/<number>)."
             )
         if match.group("org") != org:
@@ -226,11 +226,5 @@ def parse_build_ref(text: str, *, org: str, usage: str) -> BuildRef | HelpReques
     pipeline = check_pipeline(words[0])
     number = words[1].lstrip("#")
     if not number.isdigit() or not 0 < int(number) < 10**9:
-        raise UsageError(f"`{clip(words[1])}` is not a build number.\n{usage}")
+        raise UsageError(f"`{typed(words[1])}` is not a build number.\n{usage}")
     return BuildRef(pipeline, int(number))
-
-
-def clip(value: str, limit: int = 60) -> str:
-    """What someone typed, cut short and escaped, to quote back inside backticks."""
-    value = value.replace("`", "'")
-    return mrkdwn.escape(value if len(value) <= limit else value[: limit - 1] + "…")
