@@ -54,7 +54,7 @@ from app.slack.messages import (
     code,
     link,
 )
-from handlers.errors import answer_errors
+from handlers.common import listen
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +71,22 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def register(app: AsyncApp) -> None:
-    app.command("/buildkite")(answer_errors(buildkite_command))
-    app.action(ActionId.PIPELINES_MORE.value)(answer_errors(pipelines_more))
-    app.action(ActionId.BUILDS_MORE.value)(answer_errors(builds_more))
-    app.action(ActionId.AGENTS_MORE.value)(answer_errors(agents_more))
-    app.action(ActionId.AGENT_STOP.value)(answer_errors(agent_stop))
-    app.action(ActionId.AGENT_FORCE_STOP.value)(answer_errors(agent_force_stop))
-    app.action(ActionId.PIPELINE_DELETE.value)(answer_errors(pipeline_delete))
-    app.view(PIPELINE_CREATE_CALLBACK)(answer_errors(pipeline_form_submitted))
-    app.view(PIPELINE_UPDATE_CALLBACK)(answer_errors(pipeline_form_submitted))
+    listen(
+        app,
+        commands={"/buildkite": buildkite_command},
+        actions={
+            ActionId.PIPELINES_MORE.value: pipelines_more,
+            ActionId.BUILDS_MORE.value: builds_more,
+            ActionId.AGENTS_MORE.value: agents_more,
+            ActionId.AGENT_STOP.value: agent_stop,
+            ActionId.AGENT_FORCE_STOP.value: agent_force_stop,
+            ActionId.PIPELINE_DELETE.value: pipeline_delete,
+        },
+        views={
+            PIPELINE_CREATE_CALLBACK: pipeline_form_submitted,
+            PIPELINE_UPDATE_CALLBACK: pipeline_form_submitted,
+        },
+    )
 
 
 async def _show(respond: AsyncRespond, rendered: Rendered, *, replace: bool = False) -> None:

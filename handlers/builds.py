@@ -28,17 +28,19 @@ from app.slack.messages import (
     unblock_modal,
 )
 from buildkite.errors import BuildkiteError, ValidationFailed
-from handlers.deploy import _ephemeral
-from handlers.errors import answer_errors, error_text
+from handlers.common import ephemeral, listen
+from handlers.errors import error_text
 
 #: How long a modal submission waits for Buildkite before closing and answering later.
 SUBMIT_WAIT = 2.0
 
 
 def register(app: AsyncApp) -> None:
-    app.action(ActionId.UNBLOCK.value)(answer_errors(unblock_button))
-    app.action(ActionId.RETRY_FAILED.value)(answer_errors(retry_button))
-    app.view(UNBLOCK_CALLBACK)(answer_errors(unblock_submit))
+    listen(
+        app,
+        actions={ActionId.UNBLOCK.value: unblock_button, ActionId.RETRY_FAILED.value: retry_button},
+        views={UNBLOCK_CALLBACK: unblock_submit},
+    )
 
 
 def _thread_of(body: dict[str, Any]) -> tuple[str, str | None]:
@@ -81,7 +83,7 @@ async def unblock_button(
             if target.form is not None
             else unblock_freeform_modal(target.label, target.build_url, target.problem, metadata)
         )
-        await services.outbox.client.views_open(trigger_id=body["trigger_id"], view=view)
+        await services.outbox.open_view(body["trigger_id"], view)
         return
     key = f"unblock:{value.pipeline}:{value.number}:{value.job}"
     try:
@@ -92,7 +94,7 @@ async def unblock_button(
         raise UserError(
             explain(exc, action="unblock", pipeline=value.pipeline, number=value.number)
         ) from None
-    await _ephemeral(respond, f":unlock: Unblocked *{plain(target.label)}*.")
+    await ephemeral(respond, f":unlock: Unblocked *{plain(target.label)}*.")
 
 
 def _submitted_values(view: dict[str, Any]) -> dict[str, str]:
@@ -235,4 +237,4 @@ async def retry_button(
         dedup_key=f"button:{ActionId.RETRY_FAILED}:{ref.pipeline}:{ref.number}",
     )
     names = ", ".join(link(j.web_url, j.display_name) for j in jobs)
-    await _ephemeral(respond, f":repeat: Retrying {names}. Follow it in the thread.")
+    await ephemeral(respond, f":repeat: Retrying {names}. Follow it in the thread.")
