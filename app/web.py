@@ -98,7 +98,8 @@ def slack_events_route(bolt: AsyncApp) -> Handler:
                 body=text,
                 query=request.query_string,
                 headers=request.headers,  # type: ignore[arg-type]
-                context={VERIFIED: True},
+                # The id `correlate` gave this request: the dispatch keeps it.
+                context={VERIFIED: True, "correlation_id": logs.current_correlation_id()},
             )
         except SlackPayloadError as exc:
             log.warning("slack request rejected (%d bytes): %s", len(body), exc)

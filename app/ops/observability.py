@@ -75,8 +75,10 @@ class SlackRequestObserver:
         self.metrics = metrics
 
     def start(self, request: AsyncBoltRequest) -> SlackRequest:
-        """A fresh correlation id and record for `request`, current in this task from now."""
-        request.context["correlation_id"] = logs.new_correlation_id()
+        """A record for `request`, current in this task from now, and a correlation id for its
+        logs (a fresh one, unless the HTTP route gave it one already)."""
+        if not request.context.get("correlation_id"):
+            request.context["correlation_id"] = logs.new_correlation_id()
         record = SlackRequest(self.metrics, request.body, time.monotonic())
         _current.set(record)
         return record
