@@ -11,9 +11,9 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
@@ -54,12 +54,11 @@ from app.slack.messages import (
     code,
     link,
 )
-from handlers.common import listen
+from handlers.common import STALE_BUTTON, button_value, listen
 
 log = logging.getLogger(__name__)
 
 COMMANDS = ("/buildkite",)
-STALE_BUTTON = "This button's data is not valid any more; nothing was done."
 STALE_FORM = "This form's data is not valid any more; nothing was done. Run the command again."
 #: The channel post about a pipeline change failed (the outbox logged why, with the fix).
 NOT_ANNOUNCED = (
@@ -67,19 +66,17 @@ NOT_ANNOUNCED = (
     "`/invite @buildkite`."
 )
 
-M = TypeVar("M", bound=BaseModel)
-
 
 def register(app: AsyncApp) -> None:
     listen(
         app,
         commands={"/buildkite": buildkite_command},
         actions={
-            ActionId.PIPELINES_MORE.value: pipelines_more,
-            ActionId.BUILDS_MORE.value: builds_more,
-            ActionId.AGENTS_MORE.value: agents_more,
+            ActionId.PIPELINES_MORE.value: more_button,
+            ActionId.BUILDS_MORE.value: more_button,
+            ActionId.AGENTS_MORE.value: more_button,
             ActionId.AGENT_STOP.value: agent_stop,
-            ActionId.AGENT_FORCE_STOP.value: agent_force_stop,
+            ActionId.AGENT_FORCE_STOP.value: agent_stop,
             ActionId.PIPELINE_DELETE.value: pipeline_delete,
         },
         views={
@@ -100,13 +97,6 @@ async def _show(respond: AsyncRespond, rendered: Rendered, *, replace: bool = Fa
 
 async def _say(respond: AsyncRespond, text: str, *, replace: bool = False) -> None:
     await respond(text=text, response_type="ephemeral", replace_original=replace)
-
-
-def _button_value(body: dict[str, Any], model: type[M]) -> M:
-    try:
-        return model.model_validate_json(body["actions"][0].get("value") or "")
-    except (ValidationError, KeyError, IndexError):
-        raise UserError(STALE_BUTTON) from None
 
 
 # -- /buildkite ---------------------------------------------------------------------------------
@@ -249,62 +239,55 @@ _ANSWERS: dict[type[OperatorRequest], Callable[[Any, _Asked], Awaitable[None]]] 
 # -- buttons ------------------------------------------------------------------------------------
 
 
-async def pipelines_more(
+async def more_button(
     ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
+    """ "More" under a list of pipelines, builds or agents: the list's next page, in its place."""
     await ack()
-    value = _button_value(body, PipelinesPageValue)
-    page = await Operator(services).pipelines_page(PipelinesQuery(value.filter, value.page))
-    await _show(respond, messages.pipelines_list(page), replace=True)
-
-
-async def builds_more(
-    ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
-) -> None:
-    await ack()
-    value = _button_value(body, BuildsPageValue)
-    try:
-        query = builds_query(value.pipeline, value.state, value.branch, value.page)
-    except UsageError:
-        raise UserError(STALE_BUTTON) from None
-    page = await Operator(services).builds_page(query)
-    await _show(respond, messages.builds_list(page), replace=True)
-
-
-async def agents_more(
-    ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
-) -> None:
-    await ack()
-    value = _button_value(body, AgentsPageValue)
-    page = await Operator(services).agents_page(AgentsQuery(value.queue, value.page))
-    await _show(respond, messages.agents_list(page), replace=True)
+    op, action_id = Operator(services), body["actions"][0].get("action_id")
+    if action_id == ActionId.PIPELINES_MORE.value:
+        pipelines = button_value(body, PipelinesPageValue)
+        page = await op.pipelines_page(PipelinesQuery(pipelines.filter, pipelines.page))
+        rendered = messages.pipelines_list(page)
+    elif action_id == ActionId.AGENTS_MORE.value:
+        agents = button_value(body, AgentsPageValue)
+        rendered = messages.agents_list(
+            await op.agents_page(AgentsQuery(agents.queue, agents.page))
+        )
+    else:
+        builds = button_value(body, BuildsPageValue)
+        try:
+            query = builds_query(builds.pipeline, builds.state, builds.branch, builds.page)
+        except UsageError:
+            raise UserError(STALE_BUTTON) from None
+        rendered = messages.builds_list(await op.builds_page(query))
+    await _show(respond, rendered, replace=True)
 
 
 async def agent_stop(
     ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
+    """Stop and Force stop: the agent stops after its job, or at once, canceling the job."""
     await ack()
-    agent = _button_value(body, AgentButtonValue)
-    await Operator(services).stop_agent(agent, Actor.from_button(body), force=False)
-    await _say(
-        respond, f":octagonal_sign: Asked {code(agent.name)} to stop once its current job finishes."
-    )
-
-
-async def agent_force_stop(
-    ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
-) -> None:
-    await ack()
-    agent = _button_value(body, AgentButtonValue)
-    await Operator(services).stop_agent(agent, Actor.from_button(body), force=True)
-    await _say(respond, f":octagonal_sign: Force-stopped {code(agent.name)}; its job was canceled.")
+    agent = button_value(body, AgentButtonValue)
+    force = body["actions"][0].get("action_id") == ActionId.AGENT_FORCE_STOP.value
+    await Operator(services).stop_agent(agent, Actor.from_button(body), force=force)
+    if force:
+        await _say(
+            respond, f":octagonal_sign: Force-stopped {code(agent.name)}; its job was canceled."
+        )
+    else:
+        await _say(
+            respond,
+            f":octagonal_sign: Asked {code(agent.name)} to stop once its current job finishes.",
+        )
 
 
 async def pipeline_delete(
     ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
     await ack()
-    value = _button_value(body, PipelineButtonValue)
+    value = button_value(body, PipelineButtonValue)
     told = await Operator(services).delete_pipeline(value.pipeline, Actor.from_button(body))
     note = "" if told else f" {NOT_ANNOUNCED}"
     await _say(

@@ -28,7 +28,7 @@ from app.slack.messages import (
     unblock_modal,
 )
 from buildkite.errors import BuildkiteError, ValidationFailed
-from handlers.common import ephemeral, listen
+from handlers.common import button_value, ephemeral, listen
 from handlers.errors import error_text
 
 #: How long a modal submission waits for Buildkite before closing and answering later.
@@ -61,10 +61,7 @@ async def unblock_button(
     ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
     await ack()
-    try:
-        value = UnblockButtonValue.model_validate_json(body["actions"][0].get("value") or "")
-    except (ValidationError, KeyError, IndexError):
-        raise UserError("This button's data is not valid any more; nothing was done.") from None
+    value = button_value(body, UnblockButtonValue)
     actor = Actor.from_button(body)
     ops = Operations(services)
     target = await ops.unblock_form(value, actor)
@@ -225,10 +222,7 @@ async def retry_button(
     ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
     await ack()
-    try:
-        value = BuildButtonValue.model_validate_json(body["actions"][0].get("value") or "")
-    except (ValidationError, KeyError, IndexError):
-        raise UserError("This button's data is not valid any more; nothing was done.") from None
+    value = button_value(body, BuildButtonValue)
     ref = BuildRef(value.pipeline, value.number)
     jobs = await Operations(services).retry_failed(
         ref,

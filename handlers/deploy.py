@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 from typing import Any
 
-from pydantic import ValidationError
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
 
 from app.core.commands import (
@@ -38,7 +37,6 @@ from app.core.operations import (
     QueueClosed,
     Services,
     Started,
-    UserError,
     request_id_for,
 )
 from app.slack.messages import (
@@ -50,7 +48,7 @@ from app.slack.messages import (
     locks_list,
 )
 from app.storage.store import REQUEST_TTL
-from handlers.common import ephemeral, listen
+from handlers.common import button_value, ephemeral, listen
 
 COMMANDS = ("/deploy", "/cancel", "/rebuild")
 
@@ -231,18 +229,12 @@ async def build_command(
 
 
 def _button_ref(body: dict[str, Any]) -> BuildRef:
-    try:
-        value = BuildButtonValue.model_validate_json(body["actions"][0].get("value") or "")
-    except (ValidationError, KeyError, IndexError):
-        raise UserError("This button's data is not valid any more; nothing was done.") from None
+    value = button_value(body, BuildButtonValue)
     return BuildRef(value.pipeline, value.number)
 
 
 def _request_id(body: dict[str, Any]) -> str:
-    try:
-        return RequestButtonValue.model_validate_json(body["actions"][0].get("value") or "").id
-    except (ValidationError, KeyError, IndexError):
-        raise UserError("This button's data is not valid any more; nothing was done.") from None
+    return button_value(body, RequestButtonValue).id
 
 
 async def cancel_button(
