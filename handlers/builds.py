@@ -188,30 +188,29 @@ async def unblock_submit(ack: AsyncAck, body: dict[str, Any], services: Services
         await ack()  # Buildkite is slow: close the modal, answer when it is done
     try:
         await asyncio.shield(work)
-    except ValidationFailed as exc:
-        if done:
-            await ack(response_action="errors", errors=_field_errors(exc, view))
-        else:
-            await services.outbox.ephemeral(
-                meta.channel, user, notice(f"Unblock refused: {plain(exc.message)}")
-            )
-        return
     except Exception as exc:  # every failure gets an answer, in the modal or beside it
-        text = (
-            explain(exc, action="unblock", pipeline=meta.pipeline, number=meta.number)
-            if isinstance(exc, BuildkiteError)
-            else error_text(exc)
-        )
+        errors, text = _unblock_refusal(exc, view, meta)
         if done:
-            await ack(
-                response_action="errors",
-                errors={next(iter(_block_ids(view)), "field:"): text[:150]},
-            )
+            await ack(response_action="errors", errors=errors)
         else:
             await services.outbox.ephemeral(meta.channel, user, notice(text))
         return
     if done:
         await ack()
+
+
+def _unblock_refusal(
+    exc: Exception, view: dict[str, Any], meta: UnblockMetadata
+) -> tuple[dict[str, str], str]:
+    """A failed unblock, told in the modal (errors by input) or beside it (one text)."""
+    if isinstance(exc, ValidationFailed):
+        return _field_errors(exc, view), f"Unblock refused: {plain(exc.message)}"
+    text = (
+        explain(exc, action="unblock", pipeline=meta.pipeline, number=meta.number)
+        if isinstance(exc, BuildkiteError)
+        else error_text(exc)
+    )
+    return {next(iter(_block_ids(view)), "field:"): text[:150]}, text
 
 
 def _block_ids(view: dict[str, Any]) -> list[str]:
