@@ -318,7 +318,22 @@ async def pipeline_form_submitted(
     title = "New pipeline" if metadata.pipeline is None else "Update pipeline"
     await ack(response_action="update", view=messages.modal_notice(title, "Working on it…"))
     actor = Actor.from_user(body["user"], metadata.channel)
-    op = Operator(services)
+    outcome = await _save_pipeline(Operator(services), form, metadata, actor, view)
+    try:
+        await client.views_update(view_id=view["id"], view=outcome)
+    except SlackApiError as exc:  # the modal was closed; the channel post says what happened
+        log.info("could not show the outcome in the modal: %s", exc.response.get("error"))
+
+
+async def _save_pipeline(
+    op: Operator,
+    form: PipelineSpec | dict[str, str],
+    metadata: PipelineModalMetadata,
+    actor: Actor,
+    view: dict[str, Any],
+) -> dict[str, Any]:
+    """Create or update the pipeline from the form: the modal that tells how it went."""
+    title = "New pipeline" if metadata.pipeline is None else "Update pipeline"
     try:
         if isinstance(form, PipelineSpec):
             request_id = request_id_for("pipeline create", view["id"], view.get("hash") or "")
@@ -350,7 +365,4 @@ async def pipeline_form_submitted(
         outcome = messages.modal_notice(
             title, f":boom: Something went wrong on the bot's side (ref `{ref}`)."
         )
-    try:
-        await client.views_update(view_id=view["id"], view=outcome)
-    except SlackApiError as exc:  # the modal was closed; the channel post says what happened
-        log.info("could not show the outcome in the modal: %s", exc.response.get("error"))
+    return outcome
