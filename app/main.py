@@ -41,7 +41,7 @@ from app.core.routing import Router
 from app.core.services import Services
 from app.ops.checks import Readiness, check_buildkite, check_slack
 from app.ops.metrics import CountSlackCalls, Metrics, count_buildkite_requests
-from app.ops.observability import observe_slack_requests
+from app.ops.observability import SlackRequestObserver
 from app.settings import Settings
 from app.slack import mrkdwn
 from app.slack.clicks import DropReplayedClicks
@@ -56,7 +56,7 @@ from app.tracking.phases import process_name
 from app.tracking.poller import Poller
 from app.tracking.writer import MessageWriter
 from app.tuning import DEFAULT, Tuning
-from app.web import create_web_app
+from app.web import OnlyVerified, create_web_app
 from buildkite.client import BuildkiteClient, StartLookup
 from handlers.errors import report_bolt_error
 
@@ -220,13 +220,17 @@ class ChatOpsBolt(AsyncApp):
     """Bolt, with each request's `respond` guarded by SLACK_HOOKS_URL (`SlackHooks`) before the
     first middleware runs: Bolt's own middleware and its error handler answer through it too."""
 
-    def __init__(self, *, hooks: SlackHooks, **kwargs: Any) -> None:
+    def __init__(self, *, hooks: SlackHooks, observer: SlackRequestObserver, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.hooks = hooks
+        self.observer = observer
 
     async def async_dispatch(self, req: AsyncBoltRequest) -> BoltResponse:
+        record = self.observer.start(req)
         req.context["respond"] = self.hooks.respond_for(req.context)
-        return await super().async_dispatch(req)
+        response = await super().async_dispatch(req)
+        record.answered(req)
+        return response
 
 
 def create_bolt_app(
@@ -238,15 +242,18 @@ def create_bolt_app(
     """
     bolt = ChatOpsBolt(
         hooks=services.hooks,
+        observer=SlackRequestObserver(metrics if metrics is not None else Metrics()),
         client=services.outbox.client,
         signing_secret=settings.slack_signing_secret.get_secret_value(),
         process_before_response=False,
+        # Over HTTP the route checked the signature on the raw bytes, and `OnlyVerified` holds
+        # off anything else before Bolt calls Slack; Socket Mode keeps Bolt's check as it was.
+        request_verification_enabled=settings.socket_mode,
+        before_authorize=OnlyVerified(),
         logger=logging.getLogger("slack_bolt"),
         # Its listener logger, under slack_bolt so that app.ops.logs keeps request bodies out of it.
         name="slack_bolt.app",
     )
-    observe_slack_requests(bolt, metrics if metrics is not None else Metrics())
-
     bolt.use(InjectServices(services))
     bolt.use(DropReplayedClicks(services.store))
     bolt.error(report_bolt_error)

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -16,6 +17,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.async_app import AsyncApp, AsyncBoltRequest
+from slack_bolt.middleware.async_middleware import AsyncMiddleware
+from slack_bolt.response import BoltResponse
 
 from app.core.services import Services
 from app.ops import logs
@@ -75,7 +78,9 @@ def slack_events_route(bolt: AsyncApp) -> Handler:
 
     Refused requests are answered here, unread: 401 when not signed by Slack within 5 minutes,
     400 when signed but not a body Slack sends. Neither reaches Bolt, so nothing in the body (its
-    response_url above all) is ever acted on or logged. Bolt checks the signature again.
+    response_url above all) is ever acted on or logged. Bolt's own check is off over HTTP (it
+    would only repeat this one); `OnlyVerified` holds off any request that reaches Bolt some
+    other way.
     """
 
     async def slack_events(request: web.Request) -> web.StreamResponse:
@@ -93,7 +98,8 @@ def slack_events_route(bolt: AsyncApp) -> Handler:
                 body=text,
                 query=request.query_string,
                 headers=request.headers,  # type: ignore[arg-type]
-                context={VERIFIED: True},
+                # The id `correlate` gave this request: the dispatch keeps it.
+                context={VERIFIED: True, "correlation_id": logs.current_correlation_id()},
             )
         except SlackPayloadError as exc:
             log.warning("slack request rejected (%d bytes): %s", len(body), exc)
@@ -109,6 +115,30 @@ def slack_events_route(bolt: AsyncApp) -> Handler:
         return await to_aiohttp_response(await bolt.async_dispatch(bolt_request))
 
     return slack_events
+
+
+class UnverifiedRequest(Exception):
+    """A request reached Bolt without the route's signature check or Socket Mode's websocket."""
+
+
+class OnlyVerified(AsyncMiddleware):
+    """Let through only a request this route verified, or one from Socket Mode's websocket.
+
+    Bolt's own signature check is off over HTTP, since the route checked the raw bytes first: a
+    request dispatched some other way (a new route, another adapter) fails here, and the app's
+    error handler, seeing it unverified, answers nothing.
+    """
+
+    async def async_process(
+        self,
+        *,
+        req: AsyncBoltRequest,
+        resp: BoltResponse,
+        next: Callable[[], Awaitable[BoltResponse]],
+    ) -> BoltResponse | None:
+        if req.context.get(VERIFIED) is not True and req.mode != "socket_mode":
+            raise UnverifiedRequest("not verified by the Slack route")
+        return await next()
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -66,7 +66,7 @@ from app.slack.render.admin import (
 from app.slack.render.builds import build_details
 from app.slack.render.common import Rendered, modal_notice
 from app.slack.render.digest import health_digest
-from handlers.errors import answer_errors
+from handlers.common import listen
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +80,22 @@ NOT_ANNOUNCED = (
 
 
 def register(app: AsyncApp) -> None:
-    app.command("/buildkite")(answer_errors(buildkite_command))
-    app.action(ActionId.PIPELINES_MORE.value)(answer_errors(pipelines_more))
-    app.action(ActionId.BUILDS_MORE.value)(answer_errors(builds_more))
-    app.action(ActionId.AGENTS_MORE.value)(answer_errors(agents_more))
-    app.action(ActionId.AGENT_STOP.value)(answer_errors(agent_stop))
-    app.action(ActionId.AGENT_FORCE_STOP.value)(answer_errors(agent_force_stop))
-    app.action(ActionId.PIPELINE_DELETE.value)(answer_errors(pipeline_delete))
-    app.view(CallbackId.PIPELINE_CREATE)(answer_errors(pipeline_form_submitted))
-    app.view(CallbackId.PIPELINE_UPDATE)(answer_errors(pipeline_form_submitted))
+    listen(
+        app,
+        commands={"/buildkite": buildkite_command},
+        actions={
+            ActionId.PIPELINES_MORE.value: more_button,
+            ActionId.BUILDS_MORE.value: more_button,
+            ActionId.AGENTS_MORE.value: more_button,
+            ActionId.AGENT_STOP.value: agent_stop,
+            ActionId.AGENT_FORCE_STOP.value: agent_stop,
+            ActionId.PIPELINE_DELETE.value: pipeline_delete,
+        },
+        views={
+            CallbackId.PIPELINE_CREATE: pipeline_form_submitted,
+            CallbackId.PIPELINE_UPDATE: pipeline_form_submitted,
+        },
+    )
 
 
 async def _show(respond: AsyncRespond, rendered: Rendered, *, replace: bool = False) -> None:
@@ -244,55 +251,46 @@ _ANSWERS: dict[type[AdminRequest], Callable[[Any, _Asked], Awaitable[None]]] = {
 # -- buttons ------------------------------------------------------------------------------------
 
 
-async def pipelines_more(
+async def more_button(
     ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
+    """ "More" under a list of pipelines, builds or agents: the list's next page, in its place."""
     await ack()
-    value = action_value(body, PipelinesPageValue)
-    page = await Admin(services).pipelines_page(PipelinesQuery(value.filter, value.page))
-    await _show(respond, pipelines_list(page), replace=True)
-
-
-async def builds_more(
-    ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
-) -> None:
-    await ack()
-    value = action_value(body, BuildsPageValue)
-    try:
-        query = builds_query(value.pipeline, value.state, value.branch, value.page)
-    except UsageError:
-        raise UserError(STALE_BUTTON) from None
-    page = await Admin(services).builds_page(query)
-    await _show(respond, builds_list(page), replace=True)
-
-
-async def agents_more(
-    ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
-) -> None:
-    await ack()
-    value = action_value(body, AgentsPageValue)
-    page = await Admin(services).agents_page(AgentsQuery(value.queue, value.page))
-    await _show(respond, agents_list(page), replace=True)
+    op, action_id = Admin(services), body["actions"][0].get("action_id")
+    if action_id == ActionId.PIPELINES_MORE.value:
+        pipelines = action_value(body, PipelinesPageValue)
+        page = await op.pipelines_page(PipelinesQuery(pipelines.filter, pipelines.page))
+        rendered = pipelines_list(page)
+    elif action_id == ActionId.AGENTS_MORE.value:
+        agents = action_value(body, AgentsPageValue)
+        rendered = agents_list(await op.agents_page(AgentsQuery(agents.queue, agents.page)))
+    else:
+        builds = action_value(body, BuildsPageValue)
+        try:
+            query = builds_query(builds.pipeline, builds.state, builds.branch, builds.page)
+        except UsageError:
+            raise UserError(STALE_BUTTON) from None
+        rendered = builds_list(await op.builds_page(query))
+    await _show(respond, rendered, replace=True)
 
 
 async def agent_stop(
     ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
+    """Stop and Force stop: the agent stops after its job, or at once, canceling the job."""
     await ack()
     agent = action_value(body, AgentButtonValue)
-    await Admin(services).stop_agent(agent, Actor.from_button(body), force=False)
-    await _say(
-        respond, f":octagonal_sign: Asked {code(agent.name)} to stop once its current job finishes."
-    )
-
-
-async def agent_force_stop(
-    ack: AsyncAck, body: dict[str, Any], respond: AsyncRespond, services: Services
-) -> None:
-    await ack()
-    agent = action_value(body, AgentButtonValue)
-    await Admin(services).stop_agent(agent, Actor.from_button(body), force=True)
-    await _say(respond, f":octagonal_sign: Force-stopped {code(agent.name)}; its job was canceled.")
+    force = body["actions"][0].get("action_id") == ActionId.AGENT_FORCE_STOP.value
+    await Admin(services).stop_agent(agent, Actor.from_button(body), force=force)
+    if force:
+        await _say(
+            respond, f":octagonal_sign: Force-stopped {code(agent.name)}; its job was canceled."
+        )
+    else:
+        await _say(
+            respond,
+            f":octagonal_sign: Asked {code(agent.name)} to stop once its current job finishes.",
+        )
 
 
 async def pipeline_delete(
@@ -329,7 +327,22 @@ async def pipeline_form_submitted(
     title = "New pipeline" if metadata.pipeline is None else "Update pipeline"
     await ack(response_action="update", view=modal_notice(title, "Working on it…"))
     actor = Actor.from_user(body["user"], metadata.channel)
-    op = Admin(services)
+    outcome = await _save_pipeline(Admin(services), form, metadata, actor, view)
+    try:
+        await client.views_update(view_id=view["id"], view=outcome)
+    except SlackApiError as exc:  # the modal was closed; the channel post says what happened
+        log.info("could not show the outcome in the modal: %s", exc.response.get("error"))
+
+
+async def _save_pipeline(
+    op: Admin,
+    form: PipelineSpec | dict[str, str],
+    metadata: PipelineModalMetadata,
+    actor: Actor,
+    view: dict[str, Any],
+) -> dict[str, Any]:
+    """Create or update the pipeline from the form: the modal that tells how it went."""
+    title = "New pipeline" if metadata.pipeline is None else "Update pipeline"
     try:
         if isinstance(form, PipelineSpec):
             request_id = request_id_for("pipeline create", view["id"], view.get("hash") or "")
@@ -361,7 +374,4 @@ async def pipeline_form_submitted(
         outcome = modal_notice(
             title, f":boom: Something went wrong on the bot's side (ref `{ref}`)."
         )
-    try:
-        await client.views_update(view_id=view["id"], view=outcome)
-    except SlackApiError as exc:  # the modal was closed; the channel post says what happened
-        log.info("could not show the outcome in the modal: %s", exc.response.get("error"))
+    return outcome

@@ -14,15 +14,7 @@ from app.core.errors import UserError, explain
 from app.core.services import Services
 from app.core.unblock_forms import FormError, parse_freeform
 from app.slack.actor import Actor
-from app.slack.ids import (
-    FIELD_PREFIX,
-    INPUT_ACTION,
-    ActionId,
-    BlockId,
-    CallbackId,
-    field_block_id,
-    field_key,
-)
+from app.slack.ids import ActionId, BlockId, CallbackId, field_block_id
 from app.slack.mrkdwn import link, plain
 from app.slack.payloads import (
     BuildButtonValue,
@@ -34,17 +26,19 @@ from app.slack.payloads import (
 from app.slack.render.common import modal_notice, notice
 from app.slack.render.unblock import unblock_freeform_modal, unblock_modal
 from buildkite.errors import BuildkiteError, ValidationFailed
-from handlers.deploy import _ephemeral
-from handlers.errors import answer_errors, error_text
+from handlers.common import ephemeral, listen
+from handlers.errors import error_text
 
 #: How long a modal submission waits for Buildkite before closing and answering later.
 SUBMIT_WAIT = 2.0
 
 
 def register(app: AsyncApp) -> None:
-    app.action(ActionId.UNBLOCK.value)(answer_errors(unblock_button))
-    app.action(ActionId.RETRY_FAILED.value)(answer_errors(retry_button))
-    app.view(CallbackId.UNBLOCK)(answer_errors(unblock_submit))
+    listen(
+        app,
+        actions={ActionId.UNBLOCK.value: unblock_button, ActionId.RETRY_FAILED.value: retry_button},
+        views={CallbackId.UNBLOCK: unblock_submit},
+    )
 
 
 def _thread_of(body: dict[str, Any]) -> tuple[str, str | None]:
@@ -84,7 +78,7 @@ async def unblock_button(
             if target.form is not None
             else unblock_freeform_modal(target.label, target.build_url, target.problem, metadata)
         )
-        await services.outbox.client.views_open(trigger_id=body["trigger_id"], view=view)
+        await services.outbox.open_view(body["trigger_id"], view)
         return
     key = f"unblock:{value.pipeline}:{value.number}:{value.job}"
     try:
@@ -95,7 +89,7 @@ async def unblock_button(
         raise UserError(
             explain(exc, action="unblock", pipeline=value.pipeline, number=value.number)
         ) from None
-    await _ephemeral(respond, f":unlock: Unblocked *{plain(target.label)}*.")
+    await ephemeral(respond, f":unlock: Unblocked *{plain(target.label)}*.")
 
 
 def _submitted_values(view: dict[str, Any]) -> dict[str, str]:
@@ -106,12 +100,11 @@ def _submitted_values(view: dict[str, Any]) -> dict[str, str]:
     """
     values: dict[str, str] = {}
     for block_id, actions in (view.get("state") or {}).get("values", {}).items():
-        entry = actions.get(INPUT_ACTION) or {}
+        entry = actions.get("value") or {}
         if block_id == BlockId.UNBLOCK_FREEFORM:
             values.update(parse_freeform(str(entry.get("value") or "")))
             continue
-        key = field_key(block_id)
-        if key is None:
+        if not block_id.startswith("field:"):
             continue
         if "selected_options" in entry:
             chosen = [str(o.get("value")) for o in entry.get("selected_options") or []]
@@ -121,7 +114,7 @@ def _submitted_values(view: dict[str, Any]) -> dict[str, str]:
         else:
             value = entry.get("value")
         if value not in (None, ""):
-            values[key] = str(value)
+            values[block_id.removeprefix("field:")] = str(value)
     return values
 
 
@@ -146,11 +139,11 @@ def _field_errors(exc: ValidationFailed, view: dict[str, Any]) -> dict[str, str]
             b["block_id"]
             for b in view.get("blocks") or []
             if b.get("type") == "input"
-            and field_key(str(b.get("block_id"))) is not None
+            and str(b.get("block_id")).startswith("field:")
             and any(
                 name and name in exc.message
                 for name in (
-                    field_key(str(b["block_id"])),
+                    str(b["block_id"]).removeprefix("field:"),
                     str((b.get("label") or {}).get("text") or ""),
                 )
             )
@@ -192,30 +185,29 @@ async def unblock_submit(ack: AsyncAck, body: dict[str, Any], services: Services
         await ack()  # Buildkite is slow: close the modal, answer when it is done
     try:
         await asyncio.shield(work)
-    except ValidationFailed as exc:
-        if done:
-            await ack(response_action="errors", errors=_field_errors(exc, view))
-        else:
-            await services.outbox.ephemeral(
-                meta.channel, user, notice(f"Unblock refused: {plain(exc.message)}")
-            )
-        return
     except Exception as exc:  # every failure gets an answer, in the modal or beside it
-        text = (
-            explain(exc, action="unblock", pipeline=meta.pipeline, number=meta.number)
-            if isinstance(exc, BuildkiteError)
-            else error_text(exc)
-        )
+        errors, text = _unblock_refusal(exc, view, meta)
         if done:
-            await ack(
-                response_action="errors",
-                errors={next(iter(_block_ids(view)), FIELD_PREFIX): text[:150]},
-            )
+            await ack(response_action="errors", errors=errors)
         else:
             await services.outbox.ephemeral(meta.channel, user, notice(text))
         return
     if done:
         await ack()
+
+
+def _unblock_refusal(
+    exc: Exception, view: dict[str, Any], meta: UnblockMetadata
+) -> tuple[dict[str, str], str]:
+    """A failed unblock, told in the modal (errors by input) or beside it (one text)."""
+    if isinstance(exc, ValidationFailed):
+        return _field_errors(exc, view), f"Unblock refused: {plain(exc.message)}"
+    text = (
+        explain(exc, action="unblock", pipeline=meta.pipeline, number=meta.number)
+        if isinstance(exc, BuildkiteError)
+        else error_text(exc)
+    )
+    return {next(iter(_block_ids(view)), "field:"): text[:150]}, text
 
 
 def _block_ids(view: dict[str, Any]) -> list[str]:
@@ -235,4 +227,4 @@ async def retry_button(
         dedup_key=f"button:{ActionId.RETRY_FAILED}:{ref.pipeline}:{ref.number}",
     )
     names = ", ".join(link(j.web_url, j.display_name) for j in jobs)
-    await _ephemeral(respond, f":repeat: Retrying {names}. Follow it in the thread.")
+    await ephemeral(respond, f":repeat: Retrying {names}. Follow it in the thread.")

@@ -2,8 +2,8 @@
 buttons on build, confirmation and approval messages.
 
 Each listener acknowledges first (before any Buildkite call), then parses, calls one operation
-and answers the person. Failures raise `UserError`, which `answer_errors` turns into an
-ephemeral message.
+and answers the person. Failures raise `UserError`; the error wrapper (applied once, by
+`handlers.common.listen`) turns it into an ephemeral message.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from app.core.commands import (
     REBUILD_USAGE,
     AuditRequest,
     BuildRef,
+    DeployRequest,
     HelpRequest,
     LockRequest,
     LocksRequest,
@@ -40,26 +41,25 @@ from app.slack.mrkdwn import link
 from app.slack.payloads import BuildButtonValue, RequestButtonValue, action_value
 from app.slack.render.deploys import audit_list, locks_list
 from app.storage.keys import REQUEST_TTL
-from handlers.errors import answer_errors
+from handlers.common import ephemeral, listen
 
 COMMANDS = ("/deploy", "/cancel", "/rebuild")
 
 
 def register(app: AsyncApp) -> None:
-    app.command("/deploy")(answer_errors(deploy_command))
-    app.command("/cancel")(answer_errors(cancel_command))
-    app.command("/rebuild")(answer_errors(rebuild_command))
-    app.action(ActionId.CANCEL.value)(answer_errors(cancel_button))
-    app.action(ActionId.REBUILD.value)(answer_errors(rebuild_button))
-    app.action(ActionId.OPEN.value)(open_button)
-    app.action(ActionId.CONFIRM_DEPLOY.value)(answer_errors(confirm_button))
-    app.action(ActionId.ABORT_DEPLOY.value)(answer_errors(abort_button))
-    app.action(ActionId.APPROVE.value)(answer_errors(approve_button))
-    app.action(ActionId.REJECT.value)(answer_errors(reject_button))
-
-
-async def _ephemeral(respond: AsyncRespond, text: str, **kwargs: Any) -> None:
-    await respond(text=text, response_type="ephemeral", replace_original=False, **kwargs)
+    listen(
+        app,
+        commands={"/deploy": deploy_command, "/cancel": build_command, "/rebuild": build_command},
+        actions={
+            ActionId.CANCEL.value: cancel_button,
+            ActionId.REBUILD.value: rebuild_button,
+            ActionId.OPEN.value: open_button,
+            ActionId.CONFIRM_DEPLOY.value: confirm_button,
+            ActionId.ABORT_DEPLOY.value: abort_button,
+            ActionId.APPROVE.value: approve_button,
+            ActionId.REJECT.value: reject_button,
+        },
+    )
 
 
 def _trigger(command: dict[str, Any]) -> str:
@@ -105,6 +105,7 @@ def _not_started_shutdown(pipeline: str) -> str:
 async def deploy_command(
     ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
+    """/deploy: acknowledged with the deploy's place in line before anything else is done."""
     try:
         request = parse_deploy(command.get("text", ""))
     except UsageError as exc:
@@ -113,24 +114,9 @@ async def deploy_command(
     if isinstance(request, HelpRequest):
         await ack(text=DEPLOY_USAGE)
         return
-    locks, actor = Locks(services), Actor.from_command(command)
-    if isinstance(request, LocksRequest):
+    if not isinstance(request, DeployRequest):
         await ack()
-        await _ephemeral(respond, locks_list(await services.store.pipeline_locks()))
-        return
-    if isinstance(request, AuditRequest):
-        await ack()
-        entries = await locks.audit_entries(request, actor)
-        await _ephemeral(respond, audit_list(entries, request.pipeline))
-        return
-    if isinstance(request, LockRequest | UnlockRequest):
-        await ack()
-        text = await (
-            locks.lock(request, actor)
-            if isinstance(request, LockRequest)
-            else locks.unlock(request, actor)
-        )
-        await respond(text=text, response_type="in_channel", replace_original=False)
+        await _deploy_subcommand(request, command, respond, services)
         return
     place = services.deploys.reserve()
     if place is None:
@@ -143,22 +129,46 @@ async def deploy_command(
         except (asyncio.CancelledError, QueueClosed) as exc:
             # Shutting down before its turn came: say so rather than leave "Starting…" behind.
             with contextlib.suppress(Exception):
-                await _ephemeral(respond, _not_started_shutdown(request.pipeline))
+                await ephemeral(respond, _not_started_shutdown(request.pipeline))
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
         try:
-            outcome = await Deploys(services).deploy(request, actor, trigger=_trigger(command))
+            outcome = await Deploys(services).deploy(
+                request, Actor.from_command(command), trigger=_trigger(command)
+            )
         except asyncio.CancelledError:
             # Cut short by the shutdown's time limit, maybe after Buildkite created the build.
             with contextlib.suppress(Exception):
-                await _ephemeral(respond, _interrupted_shutdown(request.pipeline))
+                await ephemeral(respond, _interrupted_shutdown(request.pipeline))
             raise
     if isinstance(outcome, NeedsConfirmation):
-        await _ephemeral(respond, outcome.rendered.text, blocks=outcome.rendered.blocks)
+        await ephemeral(respond, outcome.rendered.text, blocks=outcome.rendered.blocks)
     elif isinstance(outcome, Started):
         title = f"{request.pipeline} #{outcome.build.number}"
-        await _ephemeral(respond, _started(outcome.build.web_url, title))
+        await ephemeral(respond, _started(outcome.build.web_url, title))
+
+
+async def _deploy_subcommand(
+    request: LocksRequest | AuditRequest | LockRequest | UnlockRequest,
+    command: dict[str, Any],
+    respond: AsyncRespond,
+    services: Services,
+) -> None:
+    """/deploy locks, audit, lock and unlock (already acknowledged)."""
+    ops, actor = Locks(services), Actor.from_command(command)
+    if isinstance(request, LocksRequest):
+        await ephemeral(respond, locks_list(await services.store.pipeline_locks()))
+    elif isinstance(request, AuditRequest):
+        entries = await ops.audit_entries(request, actor)
+        await ephemeral(respond, audit_list(entries, request.pipeline))
+    else:
+        text = await (
+            ops.lock(request, actor)
+            if isinstance(request, LockRequest)
+            else ops.unlock(request, actor)
+        )
+        await respond(text=text, response_type="in_channel", replace_original=False)
 
 
 async def _build_ref_command(
@@ -177,46 +187,38 @@ async def _build_ref_command(
     return ref
 
 
-async def cancel_command(
+async def build_command(
     ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
-    ref = await _build_ref_command(ack, command, services, CANCEL_USAGE)
+    """/cancel and /rebuild: acknowledged at once, then the build named is canceled or rebuilt."""
+    canceling = command.get("command") == "/cancel"
+    usage = CANCEL_USAGE if canceling else REBUILD_USAGE
+    ref = await _build_ref_command(ack, command, services, usage)
     if ref is None:
         return
-    await ack(text=f":hourglass_flowing_sand: Canceling `{ref.pipeline}` #{ref.number}…")
-    # The key is this one request's, so it is kept as long as a request's: a replay of the
-    # same signed command (good for five minutes) is answered "You already asked".
-    key = request_id_for("cancel", _trigger(command))
-    build = await BuildActions(services).cancel(
-        ref, Actor.from_command(command), dedup_key=key, dedup_ttl=REQUEST_TTL
-    )
-    title = link(build.web_url, f"{ref.pipeline} #{ref.number}")
-    await _ephemeral(respond, f":no_entry_sign: Cancel requested for {title}.")
-
-
-async def rebuild_command(
-    ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond, services: Services
-) -> None:
-    ref = await _build_ref_command(ack, command, services, REBUILD_USAGE)
-    if ref is None:
-        return
-    if services.policy.rule_for(ref.pipeline).asks_first:
+    if canceling:
+        await ack(text=f":hourglass_flowing_sand: Canceling `{ref.pipeline}` #{ref.number}…")
+    elif services.policy.rule_for(ref.pipeline).asks_first:
         await ack(text=f":shield: `{ref.pipeline}` is protected: showing #{ref.number} first…")
     else:
         await ack(text=f":hourglass_flowing_sand: Rebuilding `{ref.pipeline}` #{ref.number}…")
-    key = request_id_for("rebuild", _trigger(command))
-    outcome = await BuildActions(services).rebuild(
-        ref,
-        Actor.from_command(command),
-        dedup_key=key,
-        trigger=_trigger(command),
-        dedup_ttl=REQUEST_TTL,  # as for /cancel: the key is this request's alone
+    # The key is this one request's, so it is kept as long as a request's: a replay of the
+    # same signed command (good for five minutes) is answered "You already asked".
+    key = request_id_for("cancel" if canceling else "rebuild", _trigger(command))
+    ops, actor = BuildActions(services), Actor.from_command(command)
+    if canceling:
+        build = await ops.cancel(ref, actor, dedup_key=key, dedup_ttl=REQUEST_TTL)
+        title = link(build.web_url, f"{ref.pipeline} #{ref.number}")
+        await ephemeral(respond, f":no_entry_sign: Cancel requested for {title}.")
+        return
+    outcome = await ops.rebuild(
+        ref, actor, dedup_key=key, trigger=_trigger(command), dedup_ttl=REQUEST_TTL
     )
     if isinstance(outcome, NeedsConfirmation):
-        await _ephemeral(respond, outcome.rendered.text, blocks=outcome.rendered.blocks)
+        await ephemeral(respond, outcome.rendered.text, blocks=outcome.rendered.blocks)
         return
     build = outcome.build
-    await _ephemeral(respond, _started(build.web_url, f"{ref.pipeline} #{build.number}"))
+    await ephemeral(respond, _started(build.web_url, f"{ref.pipeline} #{build.number}"))
 
 
 def _button_ref(body: dict[str, Any]) -> BuildRef:
@@ -236,7 +238,7 @@ async def cancel_button(
     key = f"button:{ActionId.CANCEL}:{ref.pipeline}:{ref.number}"
     build = await BuildActions(services).cancel(ref, Actor.from_button(body), dedup_key=key)
     title = link(build.web_url, f"{ref.pipeline} #{ref.number}")
-    await _ephemeral(respond, f":no_entry_sign: Cancel requested for {title}.")
+    await ephemeral(respond, f":no_entry_sign: Cancel requested for {title}.")
 
 
 async def rebuild_button(
@@ -252,11 +254,11 @@ async def rebuild_button(
         ref, Actor.from_button(body), dedup_key=key, trigger=trigger
     )
     if isinstance(outcome, NeedsConfirmation):
-        await _ephemeral(respond, outcome.rendered.text, blocks=outcome.rendered.blocks)
+        await ephemeral(respond, outcome.rendered.text, blocks=outcome.rendered.blocks)
         return
     build = outcome.build
     title = link(build.web_url, f"{ref.pipeline} #{build.number}")
-    await _ephemeral(respond, f":repeat: Rebuild started: {title}. Follow it in the thread.")
+    await ephemeral(respond, f":repeat: Rebuild started: {title}. Follow it in the thread.")
 
 
 async def open_button(ack: AsyncAck) -> None:
@@ -298,7 +300,7 @@ async def approve_button(
     )
     if build is not None:
         title = f"{build.pipeline_slug or 'build'} #{build.number}"
-        await _ephemeral(
+        await ephemeral(
             respond, f":white_check_mark: Approved. Started {link(build.web_url, title)}."
         )
 
@@ -308,4 +310,4 @@ async def reject_button(
 ) -> None:
     await ack()
     await Approvals(services).decide(_request_id(body), Actor.from_button(body), approve=False)
-    await _ephemeral(respond, ":no_entry: Rejected; nothing was started.")
+    await ephemeral(respond, ":no_entry: Rejected; nothing was started.")

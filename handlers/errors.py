@@ -21,6 +21,7 @@ from slack_bolt.request.async_request import AsyncBoltRequest
 
 from app.core.errors import UserError
 from app.ops.logs import current_correlation_id
+from app.ops.observability import request_finished
 from app.slack.verification import VERIFIED
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,11 @@ async def report_bolt_error(
 
 
 def answer_errors(listener: Callable[P, Awaitable[None]]) -> Callable[P, Awaitable[None]]:
-    """Run a listener, answering its failures with `report_error` (keeps Bolt's injection)."""
+    """Run a listener, answering its failures with `report_error` (keeps Bolt's injection),
+    and count the request with its outcome once the listener is done.
+
+    Before the listener's `ack()` this costs a set insertion: the ack waits for nothing here.
+    """
 
     @functools.wraps(listener)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
@@ -73,12 +78,16 @@ def answer_errors(listener: Callable[P, Awaitable[None]]) -> Callable[P, Awaitab
         inflight: set[Any] = getattr(services, "inflight", set())
         if task is not None:
             inflight.add(task)
+        outcome = "error"
         try:
             await listener(*args, **kwargs)
+            outcome = "ok"
         except Exception as error:  # every failure gets an answer, never silence
+            outcome = "user_error" if isinstance(error, UserError) else "error"
             body: Any = kwargs.get("body") or kwargs.get("command")
             await report_error(error, body if isinstance(body, dict) else {}, kwargs.get("respond"))
         finally:
             inflight.discard(task)
+            request_finished(outcome)
 
     return wrapper

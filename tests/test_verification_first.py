@@ -280,7 +280,8 @@ async def test_fifty_unsigned_megabyte_posts_add_fifty_short_lines(
 
 
 async def test_bolts_own_verification_logs_no_body(bot_log: BotLog) -> None:
-    # Defence in depth: Bolt checks the signature again, and its check logs the whole body.
+    # Bolt's check still runs in Socket Mode (over HTTP the route's check replaces it), and it
+    # logs the whole body of a request it refuses.
     body = f"text={MARK}&response_url=https://hooks.slack.com/commands/T1/2/{MARK}"
     verification = AsyncRequestVerification(SIGNING_SECRET, logging.getLogger("slack_bolt"))
     request = AsyncBoltRequest(body=body, headers={"x-slack-request-timestamp": "0"})
@@ -423,8 +424,8 @@ async def test_bolts_error_handler_never_answers_a_request_not_verified_first(
     bot: BotClient, slack: FakeSlack, bk: FakeBuildkite, bot_log: BotLog
 ) -> None:
     # Should a request ever reach Bolt without the route's check (a new route, another
-    # adapter), Bolt's own check fails on `abc` with an exception: its error handler must stay
-    # silent rather than answer the body's response_url.
+    # adapter), the app's gate (`OnlyVerified`) fails it with an exception: its error handler
+    # must stay silent rather than answer the body's response_url.
     response_url = slack.response_url("bypass")
     body = _command_body(response_url).decode()
     request = AsyncBoltRequest(

@@ -299,6 +299,11 @@ HEALTH_CHECK_INTERVAL = 1
 
 def _runs_no_command(do: Callable[[], Awaitable[Any]]) -> bool:
     """True for redis-py's connect and health-check PING calls (safe to repeat)."""
+    # The one place that reads redis-py's internals: a connection hands the same retry policy
+    # its connect, its health-check PING and every command, with no public way to tell them
+    # apart (no per-call `is_retryable`, no separate connect policy, as of redis-py 8.1). The
+    # callable's name is the only sign; should it change, commands are still never repeated
+    # (only connects lose their one retry), and tests/test_redis_topologies.py fails.
     name = getattr(do, "__qualname__", "")
     return "connect" in name or name.endswith("_send_ping")
 

@@ -1,37 +1,25 @@
 """Per Slack request: a correlation id for its logs, the time to its ack, and its outcome.
 
-A Bolt middleware starts each request; Bolt's listener completion handler counts it once the
-listener is done, with the outcome its answer showed (see `_NotingRespond`).
+`SlackRequestObserver.start` opens a request's record as the app's dispatch begins;
+`SlackRequest.answered` times the ack once the dispatch returns Slack's answer, and the
+listener's error wrapper (`handlers.errors.answer_errors`) counts the outcome once the listener
+is done, through `request_finished`. Nothing here runs a label look-up before the ack.
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any
 
-from slack_bolt.async_app import AsyncApp, AsyncBoltContext
-from slack_bolt.context.ack.async_ack import AsyncAck
-from slack_bolt.context.respond.async_respond import AsyncRespond
-from slack_bolt.listener.async_listener_completion_handler import AsyncListenerCompletionHandler
+from slack_bolt.request.async_request import AsyncBoltRequest
 
-from app.core.errors import UserError
 from app.ops import logs
 from app.ops.metrics import Metrics
 
-_REQUEST_KEY = "request_metrics"
-
-
-@dataclass
-class SlackRequest:
-    """What is known of one Slack request while it is handled."""
-
-    kind: str
-    name: str
-    started: float
-    outcome: str = "ok"
+#: The request the current task handles: a listener's task inherits it from the dispatch.
+_current: ContextVar[SlackRequest | None] = ContextVar("slack_request", default=None)
 
 
 def describe_request(body: Mapping[str, Any]) -> tuple[str, str]:
@@ -51,73 +39,53 @@ def describe_request(body: Mapping[str, Any]) -> tuple[str, str]:
     return kind, "-"
 
 
-class _TimedAck(AsyncAck):
-    def __init__(self, on_first_ack: Callable[[], None]) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self._on_first_ack: Callable[[], None] | None = on_first_ack
+class SlackRequest:
+    """One Slack request while it is handled: when it arrived, and what to count it under."""
 
-    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self._on_first_ack is not None:
-            self._on_first_ack()
-            self._on_first_ack = None
-        return await super().__call__(*args, **kwargs)
+    __slots__ = ("_body", "_labels", "_metrics", "started")
 
+    def __init__(self, metrics: Metrics, body: Mapping[str, Any], started: float) -> None:
+        self._metrics = metrics
+        self._body = body
+        self._labels: tuple[str, str] | None = None
+        self.started = started
 
-class _NotingRespond(AsyncRespond):
-    """`respond`, noting the outcome when it answers a failure (the inner one posts and counts).
+    @property
+    def labels(self) -> tuple[str, str]:
+        """Its kind and name, read from the body when first needed (after the ack)."""
+        if self._labels is None:
+            self._labels = describe_request(self._body)
+        return self._labels
 
-    Listeners answer every failure through `handlers.errors.report_error`, which calls `respond`
-    while the failure is being handled: that exception is the request's outcome.
-    """
+    def answered(self, request: AsyncBoltRequest) -> None:
+        """The dispatch returned Slack's answer: time it, if a listener or middleware acked."""
+        if request.context.ack is not None and request.context.ack.response is not None:
+            seconds = time.monotonic() - self.started
+            self._metrics.ack_seconds.labels(*self.labels).observe(seconds)
 
-    def __init__(self, inner: AsyncRespond, record: SlackRequest) -> None:
-        super().__init__(response_url=inner.response_url, proxy=inner.proxy, ssl=inner.ssl)
-        self._inner = inner
-        self._record = record
-
-    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        failure = sys.exc_info()[1]
-        if failure is not None:
-            self._record.outcome = "user_error" if isinstance(failure, UserError) else "error"
-        return await self._inner(*args, **kwargs)
+    def finished(self, outcome: str) -> None:
+        """The listener is done: count the request with its outcome (ok, user_error, error)."""
+        self._metrics.slack_requests.labels(*self.labels, outcome).inc()
 
 
-class _CountOnCompletion(AsyncListenerCompletionHandler):
-    def __init__(self, inner: AsyncListenerCompletionHandler, metrics: Metrics) -> None:
-        self.inner = inner
+class SlackRequestObserver:
+    """Opens each Slack request's record, at the start of the app's dispatch (both modes)."""
+
+    def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    async def handle(self, request: Any, response: Any) -> None:
-        await self.inner.handle(request=request, response=response)
-        record = request.context.get(_REQUEST_KEY)
-        if isinstance(record, SlackRequest):
-            if response is not None and response.status >= 500:
-                record.outcome = "error"
-            self.metrics.slack_requests.labels(record.kind, record.name, record.outcome).inc()
+    def start(self, request: AsyncBoltRequest) -> SlackRequest:
+        """A record for `request`, current in this task from now, and a correlation id for its
+        logs (a fresh one, unless the HTTP route gave it one already)."""
+        if not request.context.get("correlation_id"):
+            request.context["correlation_id"] = logs.new_correlation_id()
+        record = SlackRequest(self.metrics, request.body, time.monotonic())
+        _current.set(record)
+        return record
 
 
-def observe_slack_requests(bolt: AsyncApp, metrics: Metrics) -> None:
-    """Give each Slack request a correlation id, time its ack and count its outcome."""
-
-    async def observe_request(
-        context: AsyncBoltContext, body: dict[str, Any], next: Callable[[], Awaitable[None]]
-    ) -> None:
-        context["correlation_id"] = logs.new_correlation_id()
-        kind, name = describe_request(body)
-        record = SlackRequest(kind, name, time.monotonic())
-        context[_REQUEST_KEY] = record
-
-        def acked() -> None:
-            metrics.ack_seconds.labels(kind, name).observe(time.monotonic() - record.started)
-
-        context["ack"] = _TimedAck(acked)
-        respond = context.respond
-        if respond is not None:
-            context["respond"] = _NotingRespond(respond, record)
-        await next()
-
-    bolt.use(observe_request)
-    runner = bolt.listener_runner
-    runner.listener_completion_handler = _CountOnCompletion(
-        runner.listener_completion_handler, metrics
-    )
+def request_finished(outcome: str) -> None:
+    """Count the Slack request the current listener handled (nothing outside a dispatch)."""
+    record = _current.get()
+    if record is not None:
+        record.finished(outcome)

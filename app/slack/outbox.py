@@ -346,6 +346,10 @@ class Outbox:
         }
         await self._call("chat.postEphemeral", channel, kwargs)
 
+    async def open_view(self, trigger_id: str, view: dict[str, Any]) -> None:
+        """Open the modal `view` for the click or command that sent `trigger_id` (3 s to live)."""
+        await self.client.views_open(trigger_id=trigger_id, view=view)
+
     async def drain(self) -> None:
         """Wait for edits in flight (used at shutdown)."""
         tasks = [e.task for e in self._edits.values() if e.task is not None]

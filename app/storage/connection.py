@@ -91,6 +91,8 @@ class _NodesManager(NodesManager):
 
 def _unreachable_is_a_connection_error(cluster: redis.RedisCluster) -> None:
     """Give `cluster` the discovery above (NodesManager has slots: no attribute to patch)."""
+    # The one swap of a redis-py class: RedisCluster builds its NodesManager in __init__ and
+    # takes no factory or class for it (redis-py 8.1), and the subclass adds no state.
     cluster.nodes_manager.__class__ = _NodesManager
 
 
