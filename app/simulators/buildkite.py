@@ -18,11 +18,9 @@ import asyncio
 import contextlib
 import json
 import math
-import socket
 import time
 import traceback
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -52,6 +50,7 @@ from app.simulators.buildkite_records import (
     token_webhook_headers,
     webhook_event_for,
 )
+from app.simulators.serving import LoopbackServer
 
 # What tests, benchmarks and the sandbox import from here.
 __all__ = [
@@ -74,7 +73,7 @@ __all__ = [
 ]
 
 
-class FakeBuildkite(BuildkiteApi):
+class FakeBuildkite(BuildkiteApi, LoopbackServer):
     """An in-memory Buildkite organization served over real HTTP on a free loopback port."""
 
     # Lifecycle
@@ -84,32 +83,12 @@ class FakeBuildkite(BuildkiteApi):
         self._stopping = asyncio.Event()
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        await web.SockSite(self._runner, sock).start()
+        self.port = await self._serve_app(app)
 
     async def stop(self) -> None:
         """Stop serving; requests still waiting on a delay are answered at once."""
         self._stopping.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
+        await self._stop_app()
 
     # Fault injection
 

@@ -13,10 +13,10 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from types import TracebackType
 
 from aiohttp import web
 
+from app.simulators.serving import LoopbackServer
 from app.simulators.slack_records import (
     APP_TOKEN_METHODS,
     BOOL_FIELDS,
@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 
-class FakeSlack(SlackSocketMode):
+class FakeSlack(SlackSocketMode, LoopbackServer):
     """A fake Slack workspace served on 127.0.0.1 on a free port.
 
     Seeded with user U0USER ("alice", alice@example.com), channel C0CHAN ("#deploys") and the
@@ -75,12 +75,7 @@ class FakeSlack(SlackSocketMode):
         app.router.add_post("/response/{name}", self._response_url_post)
         app.router.add_get("/socket-mode/{ticket}", self._socket_mode)
         app.router.add_route("*", "/{tail:.*}", self._unknown_path)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self._base_url = f"http://127.0.0.1:{port}"
+        self._base_url = f"http://127.0.0.1:{await self._serve_app(app)}"
 
     async def stop(self) -> None:
         """Close every Socket Mode connection, fail pending `socket_send`s and stop serving."""
@@ -89,21 +84,7 @@ class FakeSlack(SlackSocketMode):
                 future.cancel()
         for sock in list(self._sockets):
             await sock.ws.close(code=1001, message=b"fake slack stopping")
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> FakeSlack:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
+        await self._stop_app()
 
     # ------------------------------------------------------------------ fault injection
 
