@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -384,7 +385,17 @@ async def start_bot(
 async def serve(settings: Settings, stop: asyncio.Event, tuning: Tuning = DEFAULT) -> None:
     """Run the bot until `stop` is set."""
     async with start_bot(settings, tuning=tuning):
+        freeze_heap()
         await stop.wait()
+
+
+def freeze_heap() -> None:
+    """Move what start-up built (modules, clients, the Bolt app) out of the garbage collector's
+    reach: it lives as long as the process, and scanning it again on every collection was about
+    a twentieth of the bot's CPU per request. Only for a process that runs one bot: in a test
+    process it would keep every earlier test's garbage too."""
+    gc.collect()
+    gc.freeze()
 
 
 def run(settings: Settings, tuning: Tuning = DEFAULT) -> None:

@@ -33,7 +33,7 @@ def _ready(**info: Any) -> None:
 
 
 async def serve_bot(config: dict[str, Any]) -> None:
-    from app.main import start_bot
+    from app.main import freeze_heap, start_bot
     from app.ops import logs
     from app.settings import Settings
 
@@ -54,6 +54,7 @@ async def serve_bot(config: dict[str, Any]) -> None:
     )
     logs.configure(settings.log_level, logs.secrets_of(settings))
     async with start_bot(settings, host="127.0.0.1", port=0) as bot:
+        freeze_heap()  # as app.main.serve does in production
         _ready(port=bot.port)
         await _until_stdin_closes()
 
