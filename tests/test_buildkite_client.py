@@ -734,3 +734,42 @@ async def test_create_pipeline_sends_its_cluster(
     )
     assert created.cluster_id == cluster["id"]
     assert bk.last_request.json["cluster_id"] == cluster["id"]
+
+
+def test_the_packages_export_every_name_their_callers_import() -> None:
+    import buildkite.client
+    import buildkite.models
+
+    client_names = {
+        "BuildkiteClient",
+        "DEFAULT_BASE_URL",
+        "MAX_PER_PAGE",
+        "RateLimitBudget",
+        "REQUEST_ID_META_KEY",
+        "SOURCE_META_KEY",
+        "SOURCE_META_VALUE",
+        "StartLookup",
+    }
+    model_names = {
+        "ACTIVE_STATES",
+        "STATE_FILTERS",
+        "AccessToken",
+        "Agent",
+        "Author",
+        "Build",
+        "BuildState",
+        "Cluster",
+        "Job",
+        "Organization",
+        "Pipeline",
+        "PipelineRef",
+        "User",
+        "fields_at_fault",
+        "item_id",
+    }
+    assert client_names <= set(buildkite.client.__all__)
+    assert model_names <= set(buildkite.models.__all__)
+    for name in buildkite.client.__all__:
+        assert hasattr(buildkite.client, name), name
+    for name in buildkite.models.__all__:
+        assert hasattr(buildkite.models, name), name
