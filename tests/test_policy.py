@@ -125,6 +125,8 @@ def test_missing_file_allows_everything_and_says_so(
     policy = load_policy(tmp_path / "absent.yml")
     assert policy.rule_for("anything").deployers is None
     assert "everyone may deploy, cancel and rebuild every pipeline" in caplog.text
+    # Logged under the package's name, whichever of its modules speaks: log filters key on it.
+    assert {r.name for r in caplog.records} == {"app.core.policy"}
 
 
 @pytest.mark.parametrize(

@@ -1,46 +1,19 @@
-"""Try the bot locally: the real bot, wired to fakes of Slack and Buildkite on 127.0.0.1.
-
-Type slash commands as you would in Slack (`/deploy web main`); the bot's messages are printed,
-their buttons numbered (type the number, or the button's label, to press it). Builds move on by
-themselves (scheduled, running, then passed, or failed with --fail) and reach the bot as signed
-webhooks. No credentials are needed and nothing leaves this machine; tracking uses the embedded
-store unless --redis-url is given.
-
-    python -m app sandbox
-    python -m app sandbox --run "/deploy web main" --run Rebuild   # print a transcript
-    python -m app sandbox --script demo.txt --fail --speed 4
-
-The simulators of Slack and Buildkite (app.simulators) ship with the package, so it runs from
-any directory of an installed bot, the Docker image's included.
-"""
+"""One sandbox session: lines typed or scripted in, the bot's Slack messages printed with
+numbered buttons, and the fake Buildkite's builds moved along by signed webhooks."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import html
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from app.ops import logs
-from app.settings import Settings
+from app.sandbox.terminal import draw, indent, render_text
 
-PIPELINES = ("web", "api")
 CHANNEL = "C0CHAN"
-#: The Slack emoji the bot uses, drawn for a terminal: name, then emoji.
-_EMOJI = """
-hourglass_flowing_sand ⏳  hourglass ⌛  arrow_forward ▶️  warning ⚠️  white_check_mark ✅  x ❌
-no_entry ⛔  no_entry_sign 🚫  double_vertical_bar ⏸️  fast_forward ⏩  heavy_minus_sign ➖
-repeat 🔁  lock 🔒  unlock 🔓  rocket 🚀  boom 💥  raised_hand ✋  octagonal_sign 🛑  scroll 📜
-building_construction 🏗️  white_circle ⚪  large_green_circle 🟢  wastebasket 🗑️  shield 🛡️
-robot_face 🤖  bar_chart 📊  information_source ℹ️
-"""  # noqa: RUF001
-EMOJI = dict(zip(_EMOJI.split()[::2], _EMOJI.split()[1::2], strict=True))
 #: Seconds (at speed 1) at which a simulated build reaches each state.
 PASSING = ((1.5, "running"), (4.0, "passed"))
 FAILING = ((1.5, "running"), (3.0, "failing"), (5.0, "failed"))
@@ -50,105 +23,6 @@ HELP = (
     "Type a slash command (/deploy web main, /cancel web 1, /rebuild web 1, /deploy help), "
     "a button's number or label to press it, or quit."
 )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--fail", action="store_true", help="make every build fail")
-    parser.add_argument(
-        "--speed", type=float, default=1.0, help="how fast builds move (2 = twice as fast)"
-    )
-    parser.add_argument(
-        "--run",
-        action="append",
-        default=[],
-        metavar="LINE",
-        help="a line to run as if typed (repeatable); prints the transcript and exits",
-    )
-    parser.add_argument("--script", metavar="FILE", help="run the lines of FILE (# comments)")
-    parser.add_argument("--redis-url", help="track builds in this Redis instead of in memory")
-
-
-def main(args: argparse.Namespace) -> int:
-    try:
-        from app.simulators.buildkite import FakeBuildkite  # noqa: F401
-        from app.simulators.slack import FakeSlack  # noqa: F401
-    except ImportError:
-        print(
-            "The sandbox needs the Slack and Buildkite simulators of app.simulators, which this "
-            "installation lacks: reinstall the bot's package.",
-            file=sys.stderr,
-        )
-        return 2
-    if args.speed <= 0:
-        print("--speed must be positive", file=sys.stderr)
-        return 2
-    lines: list[str] | None = None
-    if args.script:
-        with open(args.script, encoding="utf-8") as script:
-            lines = script.read().splitlines()
-    if args.run:
-        lines = (lines or []) + args.run
-    if lines is None and not sys.stdin.isatty():
-        lines = sys.stdin.read().splitlines()
-    logs.configure("WARNING", [])
-    try:
-        return asyncio.run(run(args, lines, sys.stdout))
-    except KeyboardInterrupt:
-        return 130
-
-
-async def run(args: argparse.Namespace, script: list[str] | None, out: TextIO) -> int:
-    """Run the sandbox: the lines of `script`, or what is typed when it is None."""
-    from app.main import start_bot
-    from app.simulators.bot import SIGNING_SECRET, BotClient
-    from app.simulators.buildkite import FakeBuildkite
-    from app.simulators.slack import FakeSlack
-
-    async with FakeSlack() as slack, FakeBuildkite() as bk:
-        for slug in PIPELINES:
-            bk.add_pipeline(slug, default_branch="main")
-        settings = Settings(
-            slack_bot_token=slack.bot_token,
-            slack_signing_secret=SIGNING_SECRET,
-            slack_app_token=None,
-            slack_api_url=slack.api_url,
-            slack_hooks_url=slack.hooks_url,
-            buildkite_api_token=bk.token,
-            buildkite_org=bk.org,
-            buildkite_api_url=bk.url,
-            buildkite_webhook_token=bk.webhook_token,
-            redis_url=args.redis_url,
-            log_level="WARNING",
-            poll_interval=60,
-            _env_file=None,
-        )
-        async with start_bot(settings, host="127.0.0.1", port=0) as running:
-            # The fake has no rate limit: Slack's pacing follows the sandbox's clock.
-            running.services.outbox.post_interval /= args.speed
-            running.services.outbox.edit_interval /= args.speed
-            client = BotClient(running, slack, bk)
-            session = Session(slack, bk, client, out, fail=args.fail, speed=args.speed)
-            simulator = asyncio.create_task(session.simulate_builds())
-            try:
-                session.say(
-                    f"Sandbox: the bot listens on {client.base}, against fake Slack and "
-                    f"Buildkite. You are @alice in #deploys; pipelines: {', '.join(PIPELINES)}; "
-                    f"builds {'fail' if args.fail else 'pass'}, speed ×{args.speed:g}."  # noqa: RUF001
-                )
-                if script is None:
-                    session.say(HELP)
-                    await session.interactive()
-                else:
-                    await session.scripted(script)
-            finally:
-                simulator.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await simulator
-                await client.close()
-        for name, fake in (("Slack", slack.unexpected), ("Buildkite", bk.unexpected)):
-            for problem in fake:
-                print(f"fake {name} did not expect: {problem}", file=sys.stderr)
-    return 0
 
 
 @dataclass
@@ -340,25 +214,7 @@ class Session:
         return indent(label, self.render(body, CHANNEL, message))
 
     def render(self, content: dict[str, Any], channel: str, message: dict[str, Any]) -> str:
-        lines: list[str] = []
-        for block in content.get("blocks") or []:
-            kind = block.get("type")
-            if kind in ("section", "header") and block.get("text"):
-                lines.append(render_text(block["text"].get("text", ""), self.slack))
-            if kind == "section" and block.get("fields"):
-                fields = [render_text(f.get("text", ""), self.slack) for f in block["fields"]]
-                lines.append(" · ".join(f.replace("\n", ": ", 1) for f in fields))
-            elif kind == "context":
-                texts = [e.get("text", "") for e in block.get("elements", []) if "text" in e]
-                lines.append(render_text(" ".join(texts), self.slack))
-            elif kind == "actions":
-                buttons = [self.button(e, channel, message) for e in block["elements"]]
-                lines.append(" · ".join(buttons))
-            elif kind == "divider":
-                lines.append("───")
-        if not lines:
-            lines.append(render_text(str(content.get("text", "")), self.slack))
-        return "\n".join(lines)
+        return draw(content, self.slack, lambda element: self.button(element, channel, message))
 
     def button(self, element: dict[str, Any], channel: str, message: dict[str, Any]) -> str:
         label = render_text(str(element.get("text", {}).get("text", "?")), self.slack)
@@ -401,27 +257,3 @@ class Session:
                         await self.bk.send_webhook(url, payload, mode="signature")
                     self.last_activity = time.monotonic()
             await asyncio.sleep(0.05)
-
-
-def render_text(text: str, slack: Any) -> str:
-    """Slack mrkdwn for a terminal: links as `label (url)`, mentions by name, emoji drawn."""
-
-    def mention(match: re.Match[str]) -> str:
-        user = slack.users.get(match.group(1), {})
-        return "@" + str(user.get("name", match.group(1)))
-
-    text = re.sub(r"<@([UW][A-Z0-9]+)(?:\|[^>]*)?>", mention, text)
-    text = re.sub(r"<#C[A-Z0-9]+\|([^>]+)>", r"#\1", text)
-    text = re.sub(r"<(https?://[^|>]+)\|([^>]+)>", r"\2 (\1)", text)
-    text = re.sub(r"<(https?://[^>]+)>", r"\1", text)
-    text = re.sub(r":([a-z0-9_+-]+):", lambda m: EMOJI.get(m.group(1), m.group(0)), text)
-    text = re.sub(r"(?<![\w*])\*([^*\n]+)\*(?![\w*])", r"\1", text)
-    return html.unescape(text)
-
-
-def indent(label: str, body: str) -> str:
-    """`  label: body` for one line, else the label over the body's indented lines."""
-    lines = body.splitlines() or [""]
-    if len(lines) == 1:
-        return f"  {label}: {lines[0]}"
-    return f"  {label}:\n" + "\n".join(f"    {line}" for line in lines)

@@ -1,0 +1,242 @@
+"""The policy file's model: its rules, approvals, notification routes and unblock forms, each
+validated with a sentence that says what is wrong."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validator
+
+from app.core.policy.env import EnvRule
+from app.core.unblock_forms import BlockForm, FormError, FormField, parse_field
+
+_USER = re.compile(r"^[UW][A-Z0-9]{2,}$")
+_GROUP = re.compile(r"^S[A-Z0-9]{2,}$")
+_CHANNEL_ID = re.compile(r"^[CGD][A-Z0-9]{2,}$")
+_CHANNEL_NAME = re.compile(r"^#[a-z0-9][a-z0-9._-]{0,79}$")
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def is_group(principal: str) -> bool:
+    """A Slack user group id (S…), whose members are looked up, rather than a user id."""
+    return bool(_GROUP.match(principal))
+
+
+class Action(StrEnum):
+    """The mutations (and views) the policy rules on."""
+
+    DEPLOY = "deploy"
+    CANCEL = "cancel"
+    REBUILD = "rebuild"
+    UNBLOCK = "unblock"
+    LOCK = "lock"
+    AUDIT = "audit"
+
+
+def parse_duration(value: str | int) -> int:
+    """Seconds from `90`, `90s`, `30m`, `2h` or `1d`."""
+    if isinstance(value, int):
+        return value
+    match = _DURATION.match(value.strip())
+    if not match:
+        raise ValueError(f"{value!r} is not a duration like 30m, 2h or 1d")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _check_principals(values: list[str] | None) -> list[str] | None:
+    if values is None:
+        return None
+    for value in values:
+        if not (_USER.match(value) or is_group(value)):
+            raise ValueError(
+                f"{value!r} is neither a Slack user id (U…/W…) nor a user group id (S…)"
+            )
+    return values
+
+
+Principals = Annotated[list[str] | None, Field(default=None)]
+
+
+class Approval(BaseModel):
+    """A second person from `approvers` must approve each deploy of the pipeline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    approvers: list[str] = Field(min_length=1)
+    expires_after: int = 1800
+
+    _principals = field_validator("approvers")(_check_principals)
+
+    @field_validator("expires_after", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
+
+
+class AutoRetry(BaseModel):
+    """Retry a failed build's failed jobs automatically, within bounds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_attempts: int = Field(default=1, ge=1, le=5)
+    hourly_budget: int = Field(default=10, ge=1, le=1000)
+
+
+class NotifyEvent(StrEnum):
+    """What a notification route announces."""
+
+    STARTED = "started"
+    FAILED = "failed"
+    FIRST_FAILURE = "first_failure"
+    FIXED = "fixed"
+    BLOCKED = "blocked"
+    PASSED = "passed"
+    DEFAULT_BRANCH = "default_branch"
+
+
+#: The noise-controlled default: failures, blocks, transitions, and default-branch builds.
+DEFAULT_EVENTS = (
+    NotifyEvent.FAILED,
+    NotifyEvent.BLOCKED,
+    NotifyEvent.FIRST_FAILURE,
+    NotifyEvent.FIXED,
+    NotifyEvent.DEFAULT_BRANCH,
+)
+
+
+class Route(BaseModel):
+    """Announce builds of these pipelines (slugs or globs) and branches in a channel."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pipelines: list[str] = Field(min_length=1)
+    branches: list[str] | None = None
+    channel: str
+    events: list[NotifyEvent] = Field(default_factory=lambda: list(DEFAULT_EVENTS))
+
+    @field_validator("channel")
+    @classmethod
+    def _channel(cls, value: str) -> str:
+        if not _CHANNEL_ID.match(value):
+            raise ValueError(
+                f"{value!r} is not a channel id (C…): find it in the channel's details"
+            )
+        return value
+
+    def matches(self, pipeline: str, branch: str | None) -> bool:
+        if not any(fnmatch.fnmatchcase(pipeline, p) for p in self.pipelines):
+            return False
+        if self.branches is None:
+            return True
+        return branch is not None and any(fnmatch.fnmatchcase(branch, b) for b in self.branches)
+
+    @property
+    def name(self) -> str:
+        return f"{','.join(self.pipelines)} -> {self.channel}"
+
+
+class Rule(BaseModel):
+    """What one pipeline rule allows. A list left out means everyone; `[]` means nobody."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "default"
+    channels: list[str] | None = None
+    deployers: Principals = None
+    cancelers: Principals = None
+    rebuilders: Principals = None
+    unblockers: Principals = None
+    protected: bool = False
+    approval: Approval | None = None
+    auto_retry: AutoRetry | None = None
+    env: EnvRule = Field(default_factory=EnvRule)
+
+    _principals = field_validator("deployers", "cancelers", "rebuilders", "unblockers")(
+        _check_principals
+    )
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, values: list[str] | None) -> list[str] | None:
+        for value in values or []:
+            if not (_CHANNEL_ID.match(value) or _CHANNEL_NAME.match(value)):
+                raise ValueError(f"{value!r} is neither a channel id (C…) nor a #channel-name")
+        return values
+
+    @property
+    def asks_first(self) -> bool:
+        """A deploy (or rebuild) must be confirmed first: the rule protects it or wants approval."""
+        return self.protected or self.approval is not None
+
+    def env_refusal(self, env: Mapping[str, str]) -> str | None:
+        """Why this env may not be sent (naming the variable and the rule), or None."""
+        return self.env.refusal(env, rule=self.name)
+
+    def allowed(self, action: Action) -> list[str] | None:
+        """Who may do `action` (None: everyone). Cancel, rebuild, unblock default to deployers."""
+        own = {
+            Action.DEPLOY: self.deployers,
+            Action.CANCEL: self.cancelers,
+            Action.REBUILD: self.rebuilders,
+            Action.UNBLOCK: self.unblockers,
+            Action.LOCK: None,
+            Action.AUDIT: None,
+        }[action]
+        return own if own is not None else self.deployers
+
+
+def _policy_field(raw: Any) -> FormField:
+    try:
+        return parse_field(raw, strict=True)
+    except FormError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class UnblockFormSpec(BaseModel):
+    """The form of one block step the pipeline's own steps do not describe (uploaded steps)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    fields: list[Annotated[FormField, PlainValidator(_policy_field)]] = Field(max_length=98)
+
+    @field_validator("fields")
+    @classmethod
+    def _unique_keys(cls, fields: list[FormField]) -> list[FormField]:
+        keys = [f.key for f in fields]
+        if duplicate := next((k for k in keys if keys.count(k) > 1), None):
+            raise ValueError(f"the key `{duplicate}` is used by two fields")
+        return fields
+
+    def form(self) -> BlockForm:
+        return BlockForm(
+            fields=tuple(self.fields), prompt=self.prompt, source="the policy's unblock_forms"
+        )
+
+
+class PolicyFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    admins: list[str] = Field(default_factory=list)
+    default: Rule = Field(default_factory=Rule)
+    pipelines: dict[str, Rule] = Field(default_factory=dict)
+    #: Channel notifications for builds, whoever started them.
+    notifications: list[Route] = Field(default_factory=list)
+    #: How long Slack user-group memberships are cached.
+    usergroup_cache_ttl: int = 300
+    #: Who may stop Buildkite agents from Slack, besides the admins (None: only admins).
+    agent_stoppers: Principals = None
+    #: Block step forms by pipeline (slug or glob), then step key or label.
+    unblock_forms: dict[str, dict[str, UnblockFormSpec]] = Field(default_factory=dict)
+
+    _principals = field_validator("admins", "agent_stoppers")(_check_principals)
+
+    @field_validator("usergroup_cache_ttl", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
