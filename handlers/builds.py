@@ -29,9 +29,6 @@ from buildkite.errors import BuildkiteError, ValidationFailed
 from handlers.common import ephemeral, listen
 from handlers.errors import error_text
 
-#: How long a modal submission waits for Buildkite before closing and answering later.
-SUBMIT_WAIT = 2.0
-
 
 def register(app: AsyncApp) -> None:
     listen(
@@ -180,7 +177,7 @@ async def unblock_submit(ack: AsyncAck, body: dict[str, Any], services: Services
             dedup_key=f"unblock:{meta.pipeline}:{meta.number}:{meta.job}",
         )
     )
-    done, _ = await asyncio.wait({work}, timeout=SUBMIT_WAIT)
+    done, _ = await asyncio.wait({work}, timeout=services.tuning.deploys.submit_wait)
     if not done:
         await ack()  # Buildkite is slow: close the modal, answer when it is done
     try:
