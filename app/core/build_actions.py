@@ -153,9 +153,7 @@ class BuildActions(Actions):
         except BuildkiteError as exc:
             log.warning("could not read the steps of %s for an unblock: %s", value.pipeline, exc)
             scope = exc.missing_scope if isinstance(exc, PermissionDenied) else None
-            problem = "the bot could not read the pipeline's steps" + (
-                f" (its token lacks the `{scope}` scope)" if scope else ""
-            )
+            problem = texts.steps_unreadable(scope)
         else:
             form, problem = form_in_pipeline(
                 pipeline.configuration, pipeline.steps, step_key=job.step_key, label=label

@@ -214,7 +214,7 @@ class Deploys(Actions):
             try:  # written by whoever started the original: checked like a typed /deploy
                 check_branch(branch)
                 if not COMMIT.match(commit):
-                    raise UsageError(f"#{ref.number}'s commit is not a commit SHA.")
+                    raise UsageError(texts.not_a_commit(ref.number))
             except UsageError as exc:
                 raise UserError(texts.not_a_new_build(str(exc))) from None
         except UserError:
