@@ -299,7 +299,9 @@ async def pipeline_form_submitted(
     view = body["view"]
     metadata = view_metadata(view, PipelineModalMetadata)
     if metadata is None:
-        await ack(response_action="update", view=modal_notice("Pipeline", answers.STALE_FORM))
+        await ack(
+            response_action="update", view=modal_notice(answers.PIPELINE_TITLE, answers.STALE_FORM)
+        )
         return
     values = (view.get("state") or {}).get("values") or {}
     try:

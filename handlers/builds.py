@@ -156,7 +156,7 @@ async def unblock_submit(ack: AsyncAck, body: dict[str, Any], services: Services
     meta = view_metadata(view, UnblockMetadata)
     if meta is None:
         # Not a form the bot opened (or one from an older version): say so in the modal.
-        notice_view = modal_notice("Unblock", answers.STALE_UNBLOCK_FORM)
+        notice_view = modal_notice(answers.UNBLOCK_TITLE, answers.STALE_UNBLOCK_FORM)
         await ack(response_action="update", view=notice_view)
         return
     try:

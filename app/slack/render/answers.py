@@ -105,6 +105,7 @@ def approved(build_url: str | None, pipeline: str | None, number: int) -> str:
 
 # -- Unblock and Retry failed jobs -----------------------------------------------------------------
 
+UNBLOCK_TITLE = "Unblock"
 #: An unblock modal whose metadata the bot cannot read (not its own, or from an older version).
 STALE_UNBLOCK_FORM = "This form is not valid any more; nothing was done. Click *Unblock* again."
 #: Buildkite's 422 code for a field left empty, in words.
@@ -132,6 +133,7 @@ def retrying(jobs: Iterable[tuple[str | None, str]]) -> str:
 
 # -- /buildkite ----------------------------------------------------------------------------------
 
+PIPELINE_TITLE = "Pipeline"
 STALE_FORM = "This form's data is not valid any more; nothing was done. Run the command again."
 #: The channel post about a pipeline change failed (the outbox logged why, with the fix).
 NOT_ANNOUNCED = (
