@@ -26,6 +26,7 @@ from app.slack.payloads import (
     PipelineModalMetadata,
     PipelinesPageValue,
 )
+from app.slack.render.answers import pipeline_form_title
 from app.slack.render.common import (
     STATE_LABEL,
     Rendered,
@@ -366,7 +367,7 @@ def pipeline_modal(
     view = View(
         type="modal",
         callback_id=CallbackId.PIPELINE_UPDATE if updating else CallbackId.PIPELINE_CREATE,
-        title="Update pipeline" if updating else "New pipeline",
+        title=pipeline_form_title(updating=updating),
         submit="Save" if updating else "Create",
         close="Cancel",
         private_metadata=metadata.model_dump_json(exclude_none=True),
