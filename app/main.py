@@ -177,6 +177,7 @@ async def open_services(
             auditor=auditor,
             router=Router(intake, store, policy),
             hooks=hooks,
+            tuning=tuning,
         )
 
 

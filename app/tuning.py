@@ -62,6 +62,8 @@ class DeployTuning:
     #: How long a cancelled Slack request still waits for Buildkite's answer.
     answer_on_cancel_timeout: float = 2.0
     approval_sweep_interval: float = 5.0
+    #: How long a modal submission waits for Buildkite before closing and answering later.
+    submit_wait: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,7 +43,6 @@ from app.core.services import Services, request_id_for
 from app.ops.logs import current_correlation_id
 from app.slack.actor import Actor
 from app.slack.ids import ActionId, CallbackId
-from app.slack.mrkdwn import code, link
 from app.slack.payloads import (
     STALE_BUTTON,
     AgentButtonValue,
@@ -55,6 +54,7 @@ from app.slack.payloads import (
     action_value,
     view_metadata,
 )
+from app.slack.render import answers
 from app.slack.render.admin import (
     agents_list,
     builds_list,
@@ -71,12 +71,6 @@ from handlers.common import listen
 log = logging.getLogger(__name__)
 
 COMMANDS = ("/buildkite",)
-STALE_FORM = "This form's data is not valid any more; nothing was done. Run the command again."
-#: The channel post about a pipeline change failed (the outbox logged why, with the fix).
-NOT_ANNOUNCED = (
-    "It could not be announced in this channel: if the bot is not in it, invite it with "
-    "`/invite @buildkite`."
-)
 
 
 def register(app: AsyncApp) -> None:
@@ -138,7 +132,7 @@ async def buildkite_command(
             command.get("text", ""), org=services.settings.buildkite_org, templates=templates
         )
     except UsageError as exc:
-        await ack(text=f"{exc}\n\n{usage(templates)}")
+        await ack(text=answers.with_usage(exc, usage(templates)))
         return
     if isinstance(request, HelpRequest):
         await ack(text=usage(templates))
@@ -182,8 +176,8 @@ async def _create(spec: PipelineSpec, asked: _Asked) -> None:
     request_id = request_id_for("pipeline create", asked.trigger_id)
     pipeline, told = await asked.op.create_pipeline(spec, asked.actor, request_id=request_id)
     if not told:  # the channel post failed (a private channel without the bot, say)
-        title = link(pipeline.web_url, pipeline.slug)
-        await _say(asked.respond, f"Created the pipeline {title}. {NOT_ANNOUNCED}")
+        text = answers.pipeline_not_announced("Created", pipeline.web_url, pipeline.slug)
+        await _say(asked.respond, text)
 
 
 async def _form(request: PipelineForm, asked: _Asked) -> None:
@@ -213,8 +207,8 @@ async def _update(request: PipelineUpdate, asked: _Asked) -> None:
         return
     pipeline, told = await asked.op.update_pipeline(request.pipeline, request.fields, asked.actor)
     if not told:
-        title = link(pipeline.web_url, pipeline.slug)
-        await _say(asked.respond, f"Updated the pipeline {title}. {NOT_ANNOUNCED}")
+        text = answers.pipeline_not_announced("Updated", pipeline.web_url, pipeline.slug)
+        await _say(asked.respond, text)
 
 
 async def _delete(request: PipelineDelete, asked: _Asked) -> None:
@@ -226,11 +220,11 @@ async def _delete(request: PipelineDelete, asked: _Asked) -> None:
 def _working(request: AdminRequest) -> str:
     """What the person sees at once, for the requests that take a while."""
     if isinstance(request, HealthRequest):
-        return ":hourglass_flowing_sand: Reading the builds…"
+        return answers.READING_BUILDS
     if isinstance(request, PipelineSpec):
-        return ":hourglass_flowing_sand: Creating the pipeline…"
+        return answers.CREATING_PIPELINE
     if isinstance(request, PipelineUpdate) and request.fields:
-        return ":hourglass_flowing_sand: Updating the pipeline…"
+        return answers.UPDATING_PIPELINE
     return ""
 
 
@@ -282,15 +276,7 @@ async def agent_stop(
     agent = action_value(body, AgentButtonValue)
     force = body["actions"][0].get("action_id") == ActionId.AGENT_FORCE_STOP.value
     await Admin(services).stop_agent(agent, Actor.from_button(body), force=force)
-    if force:
-        await _say(
-            respond, f":octagonal_sign: Force-stopped {code(agent.name)}; its job was canceled."
-        )
-    else:
-        await _say(
-            respond,
-            f":octagonal_sign: Asked {code(agent.name)} to stop once its current job finishes.",
-        )
+    await _say(respond, answers.agent_stopping(agent.name, force=force))
 
 
 async def pipeline_delete(
@@ -299,10 +285,7 @@ async def pipeline_delete(
     await ack()
     value = action_value(body, PipelineButtonValue)
     told = await Admin(services).delete_pipeline(value.pipeline, Actor.from_button(body))
-    note = "" if told else f" {NOT_ANNOUNCED}"
-    await _say(
-        respond, f":wastebasket: Deleted the pipeline `{value.pipeline}`.{note}", replace=True
-    )
+    await _say(respond, answers.pipeline_deleted(value.pipeline, announced=told), replace=True)
 
 
 # -- the pipeline forms ---------------------------------------------------------------------------
@@ -316,7 +299,9 @@ async def pipeline_form_submitted(
     view = body["view"]
     metadata = view_metadata(view, PipelineModalMetadata)
     if metadata is None:
-        await ack(response_action="update", view=modal_notice("Pipeline", STALE_FORM))
+        await ack(
+            response_action="update", view=modal_notice(answers.PIPELINE_TITLE, answers.STALE_FORM)
+        )
         return
     values = (view.get("state") or {}).get("values") or {}
     try:
@@ -324,8 +309,8 @@ async def pipeline_form_submitted(
     except FormErrors as exc:
         await ack(response_action="errors", errors=exc.errors)
         return
-    title = "New pipeline" if metadata.pipeline is None else "Update pipeline"
-    await ack(response_action="update", view=modal_notice(title, "Working on it…"))
+    title = answers.pipeline_form_title(updating=metadata.pipeline is not None)
+    await ack(response_action="update", view=modal_notice(title, answers.WORKING))
     actor = Actor.from_user(body["user"], metadata.channel)
     outcome = await _save_pipeline(Admin(services), form, metadata, actor, view)
     try:
@@ -342,7 +327,7 @@ async def _save_pipeline(
     view: dict[str, Any],
 ) -> dict[str, Any]:
     """Create or update the pipeline from the form: the modal that tells how it went."""
-    title = "New pipeline" if metadata.pipeline is None else "Update pipeline"
+    title = answers.pipeline_form_title(updating=metadata.pipeline is not None)
     try:
         if isinstance(form, PipelineSpec):
             request_id = request_id_for("pipeline create", view["id"], view.get("hash") or "")
@@ -352,9 +337,7 @@ async def _save_pipeline(
             assert metadata.pipeline is not None
             pipeline, _ = await op.update_pipeline(metadata.pipeline, form, actor)
             verb = "Updated"
-        outcome = modal_notice(
-            title, f":white_check_mark: {verb} {link(pipeline.web_url, pipeline.slug)}."
-        )
+        outcome = modal_notice(title, answers.pipeline_saved(verb, pipeline.web_url, pipeline.slug))
     except UserError as exc:
         fields = (
             {
@@ -371,7 +354,5 @@ async def _save_pipeline(
     except Exception:
         ref = current_correlation_id() or uuid.uuid4().hex[:8]
         log.exception("pipeline form failed (ref %s)", ref)
-        outcome = modal_notice(
-            title, f":boom: Something went wrong on the bot's side (ref `{ref}`)."
-        )
+        outcome = modal_notice(title, answers.bot_failed_in_modal(ref))
     return outcome

@@ -15,7 +15,6 @@ from app.core.services import Services
 from app.core.unblock_forms import FormError, parse_freeform
 from app.slack.actor import Actor
 from app.slack.ids import ActionId, BlockId, CallbackId, field_block_id
-from app.slack.mrkdwn import link, plain
 from app.slack.payloads import (
     BuildButtonValue,
     UnblockButtonValue,
@@ -23,14 +22,12 @@ from app.slack.payloads import (
     action_value,
     view_metadata,
 )
+from app.slack.render import answers
 from app.slack.render.common import modal_notice, notice
 from app.slack.render.unblock import unblock_freeform_modal, unblock_modal
 from buildkite.errors import BuildkiteError, ValidationFailed
 from handlers.common import ephemeral, listen
 from handlers.errors import error_text
-
-#: How long a modal submission waits for Buildkite before closing and answering later.
-SUBMIT_WAIT = 2.0
 
 
 def register(app: AsyncApp) -> None:
@@ -89,7 +86,7 @@ async def unblock_button(
         raise UserError(
             explain(exc, action="unblock", pipeline=value.pipeline, number=value.number)
         ) from None
-    await ephemeral(respond, f":unlock: Unblocked *{plain(target.label)}*.")
+    await ephemeral(respond, answers.unblocked(target.label))
 
 
 def _submitted_values(view: dict[str, Any]) -> dict[str, str]:
@@ -129,7 +126,7 @@ def _field_errors(exc: ValidationFailed, view: dict[str, Any]) -> dict[str, str]
     for error in exc.errors:
         field = str(error.get("field") or "")
         code = str(error.get("code") or "invalid")
-        what = "missing field (a value is required)" if code.startswith("missing") else code
+        what = answers.MISSING_FIELD if code.startswith("missing") else code
         target = field_block_id(field)
         if freeform or target not in inputs:
             target, what = inputs[0], f"`{field}`: {what}" if field else what
@@ -149,7 +146,7 @@ def _field_errors(exc: ValidationFailed, view: dict[str, Any]) -> dict[str, str]
             )
         ]
         errors[named[0] if named else inputs[0]] = [exc.message]
-    return {block: f"Buildkite says: {'; '.join(texts)}"[:150] for block, texts in errors.items()}
+    return {block: answers.buildkite_says(problems) for block, problems in errors.items()}
 
 
 async def unblock_submit(ack: AsyncAck, body: dict[str, Any], services: Services) -> None:
@@ -159,8 +156,8 @@ async def unblock_submit(ack: AsyncAck, body: dict[str, Any], services: Services
     meta = view_metadata(view, UnblockMetadata)
     if meta is None:
         # Not a form the bot opened (or one from an older version): say so in the modal.
-        text = "This form is not valid any more; nothing was done. Click *Unblock* again."
-        await ack(response_action="update", view=modal_notice("Unblock", text))
+        notice_view = modal_notice(answers.UNBLOCK_TITLE, answers.STALE_UNBLOCK_FORM)
+        await ack(response_action="update", view=notice_view)
         return
     try:
         values = _submitted_values(view)
@@ -180,7 +177,7 @@ async def unblock_submit(ack: AsyncAck, body: dict[str, Any], services: Services
             dedup_key=f"unblock:{meta.pipeline}:{meta.number}:{meta.job}",
         )
     )
-    done, _ = await asyncio.wait({work}, timeout=SUBMIT_WAIT)
+    done, _ = await asyncio.wait({work}, timeout=services.tuning.deploys.submit_wait)
     if not done:
         await ack()  # Buildkite is slow: close the modal, answer when it is done
     try:
@@ -201,7 +198,7 @@ def _unblock_refusal(
 ) -> tuple[dict[str, str], str]:
     """A failed unblock, told in the modal (errors by input) or beside it (one text)."""
     if isinstance(exc, ValidationFailed):
-        return _field_errors(exc, view), f"Unblock refused: {plain(exc.message)}"
+        return _field_errors(exc, view), answers.unblock_refused(exc.message)
     text = (
         explain(exc, action="unblock", pipeline=meta.pipeline, number=meta.number)
         if isinstance(exc, BuildkiteError)
@@ -226,5 +223,4 @@ async def retry_button(
         thread=_thread_of(body),
         dedup_key=f"button:{ActionId.RETRY_FAILED}:{ref.pipeline}:{ref.number}",
     )
-    names = ", ".join(link(j.web_url, j.display_name) for j in jobs)
-    await ephemeral(respond, f":repeat: Retrying {names}. Follow it in the thread.")
+    await ephemeral(respond, answers.retrying((j.web_url, j.display_name) for j in jobs))

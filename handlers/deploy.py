@@ -37,8 +37,8 @@ from app.core.locks import Locks
 from app.core.services import Services, request_id_for
 from app.slack.actor import Actor
 from app.slack.ids import ActionId
-from app.slack.mrkdwn import link
 from app.slack.payloads import BuildButtonValue, RequestButtonValue, action_value
+from app.slack.render import answers
 from app.slack.render.deploys import audit_list, locks_list
 from app.storage.keys import REQUEST_TTL
 from handlers.common import ephemeral, listen
@@ -67,41 +67,6 @@ def _trigger(command: dict[str, Any]) -> str:
     return str(command.get("trigger_id") or repr(sorted(command.items())))
 
 
-def _started(build_url: str, title: str) -> str:
-    return f":rocket: Started {link(build_url, title)}. Its progress will be posted here."
-
-
-def _starting(pipeline: str, position: int) -> str:
-    if position == 0:
-        return f":hourglass_flowing_sand: Starting a build of `{pipeline}`…"
-    return (
-        f":hourglass_flowing_sand: Many deploys are starting right now; yours of `{pipeline}` "
-        f"is number {position} in line and starts in turn…"
-    )
-
-
-def _too_many_deploys(pipeline: str) -> str:
-    return (
-        f":no_entry: Too many deploys are starting right now, so `{pipeline}` was not deployed "
-        "and nothing was started. Please try again in a minute."
-    )
-
-
-def _interrupted_shutdown(pipeline: str) -> str:
-    return (
-        f":warning: The bot restarted while starting your deploy of `{pipeline}`: it may or may "
-        "not have started. Check the pipeline's builds in Buildkite before running the command "
-        "again."
-    )
-
-
-def _not_started_shutdown(pipeline: str) -> str:
-    return (
-        f":warning: The bot restarted before your deploy of `{pipeline}` could start, so "
-        "nothing was started. Please run the command again."
-    )
-
-
 async def deploy_command(
     ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
@@ -109,7 +74,7 @@ async def deploy_command(
     try:
         request = parse_deploy(command.get("text", ""))
     except UsageError as exc:
-        await ack(text=f"{exc}\n\n{DEPLOY_USAGE}")
+        await ack(text=answers.with_usage(exc, DEPLOY_USAGE))
         return
     if isinstance(request, HelpRequest):
         await ack(text=DEPLOY_USAGE)
@@ -120,16 +85,16 @@ async def deploy_command(
         return
     place = services.deploys.reserve()
     if place is None:
-        await ack(text=_too_many_deploys(request.pipeline))
+        await ack(text=answers.too_many_deploys(request.pipeline))
         return
     async with place:
-        await ack(text=_starting(request.pipeline, place.position))
+        await ack(text=answers.starting(request.pipeline, place.position))
         try:
             await place.turn()
         except (asyncio.CancelledError, QueueClosed) as exc:
             # Shutting down before its turn came: say so rather than leave "Starting…" behind.
             with contextlib.suppress(Exception):
-                await ephemeral(respond, _not_started_shutdown(request.pipeline))
+                await ephemeral(respond, answers.not_started_shutdown(request.pipeline))
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
@@ -140,13 +105,13 @@ async def deploy_command(
         except asyncio.CancelledError:
             # Cut short by the shutdown's time limit, maybe after Buildkite created the build.
             with contextlib.suppress(Exception):
-                await ephemeral(respond, _interrupted_shutdown(request.pipeline))
+                await ephemeral(respond, answers.interrupted_shutdown(request.pipeline))
             raise
     if isinstance(outcome, NeedsConfirmation):
         await ephemeral(respond, outcome.rendered.text, blocks=outcome.rendered.blocks)
     elif isinstance(outcome, Started):
-        title = f"{request.pipeline} #{outcome.build.number}"
-        await ephemeral(respond, _started(outcome.build.web_url, title))
+        build = outcome.build
+        await ephemeral(respond, answers.started(build.web_url, request.pipeline, build.number))
 
 
 async def _deploy_subcommand(
@@ -179,7 +144,7 @@ async def _build_ref_command(
             command.get("text", ""), org=services.settings.buildkite_org, usage=usage
         )
     except UsageError as exc:
-        await ack(text=str(exc) if usage in str(exc) else f"{exc}\n\n{usage}")
+        await ack(text=str(exc) if usage in str(exc) else answers.with_usage(exc, usage))
         return None
     if isinstance(ref, HelpRequest):
         await ack(text=usage)
@@ -197,19 +162,18 @@ async def build_command(
     if ref is None:
         return
     if canceling:
-        await ack(text=f":hourglass_flowing_sand: Canceling `{ref.pipeline}` #{ref.number}…")
+        await ack(text=answers.canceling(ref.pipeline, ref.number))
     elif services.policy.rule_for(ref.pipeline).asks_first:
-        await ack(text=f":shield: `{ref.pipeline}` is protected: showing #{ref.number} first…")
+        await ack(text=answers.showing_protected(ref.pipeline, ref.number))
     else:
-        await ack(text=f":hourglass_flowing_sand: Rebuilding `{ref.pipeline}` #{ref.number}…")
+        await ack(text=answers.rebuilding(ref.pipeline, ref.number))
     # The key is this one request's, so it is kept as long as a request's: a replay of the
     # same signed command (good for five minutes) is answered "You already asked".
     key = request_id_for("cancel" if canceling else "rebuild", _trigger(command))
     ops, actor = BuildActions(services), Actor.from_command(command)
     if canceling:
         build = await ops.cancel(ref, actor, dedup_key=key, dedup_ttl=REQUEST_TTL)
-        title = link(build.web_url, f"{ref.pipeline} #{ref.number}")
-        await ephemeral(respond, f":no_entry_sign: Cancel requested for {title}.")
+        await ephemeral(respond, answers.cancel_requested(build.web_url, ref.pipeline, ref.number))
         return
     outcome = await ops.rebuild(
         ref, actor, dedup_key=key, trigger=_trigger(command), dedup_ttl=REQUEST_TTL
@@ -218,7 +182,7 @@ async def build_command(
         await ephemeral(respond, outcome.rendered.text, blocks=outcome.rendered.blocks)
         return
     build = outcome.build
-    await ephemeral(respond, _started(build.web_url, f"{ref.pipeline} #{build.number}"))
+    await ephemeral(respond, answers.started(build.web_url, ref.pipeline, build.number))
 
 
 def _button_ref(body: dict[str, Any]) -> BuildRef:
@@ -237,8 +201,7 @@ async def cancel_button(
     ref = _button_ref(body)
     key = f"button:{ActionId.CANCEL}:{ref.pipeline}:{ref.number}"
     build = await BuildActions(services).cancel(ref, Actor.from_button(body), dedup_key=key)
-    title = link(build.web_url, f"{ref.pipeline} #{ref.number}")
-    await ephemeral(respond, f":no_entry_sign: Cancel requested for {title}.")
+    await ephemeral(respond, answers.cancel_requested(build.web_url, ref.pipeline, ref.number))
 
 
 async def rebuild_button(
@@ -257,8 +220,7 @@ async def rebuild_button(
         await ephemeral(respond, outcome.rendered.text, blocks=outcome.rendered.blocks)
         return
     build = outcome.build
-    title = link(build.web_url, f"{ref.pipeline} #{build.number}")
-    await ephemeral(respond, f":repeat: Rebuild started: {title}. Follow it in the thread.")
+    await ephemeral(respond, answers.rebuild_started(build.web_url, ref.pipeline, build.number))
 
 
 async def open_button(ack: AsyncAck) -> None:
@@ -273,14 +235,10 @@ async def confirm_button(
     outcome = await Deploys(services).confirm(_request_id(body), Actor.from_button(body))
     if isinstance(outcome, Started):
         build = outcome.build
-        title = f"{build.pipeline_slug or 'build'} #{build.number}"
-        await respond(text=_started(build.web_url, title), replace_original=True)
+        text = answers.started(build.web_url, build.pipeline_slug, build.number)
+        await respond(text=text, replace_original=True)
     elif isinstance(outcome, AwaitingApproval):
-        await respond(
-            text=":raised_hand: Approval requested in the channel; the deploy starts once "
-            "someone else approves it.",
-            replace_original=True,
-        )
+        await respond(text=answers.APPROVAL_REQUESTED, replace_original=True)
 
 
 async def abort_button(
@@ -288,7 +246,7 @@ async def abort_button(
 ) -> None:
     await ack()
     await Deploys(services).abort(_request_id(body), Actor.from_button(body))
-    await respond(text="Deploy canceled; nothing was started.", replace_original=True)
+    await respond(text=answers.DEPLOY_ABORTED, replace_original=True)
 
 
 async def approve_button(
@@ -299,10 +257,8 @@ async def approve_button(
         _request_id(body), Actor.from_button(body), approve=True
     )
     if build is not None:
-        title = f"{build.pipeline_slug or 'build'} #{build.number}"
-        await ephemeral(
-            respond, f":white_check_mark: Approved. Started {link(build.web_url, title)}."
-        )
+        text = answers.approved(build.web_url, build.pipeline_slug, build.number)
+        await ephemeral(respond, text)
 
 
 async def reject_button(
@@ -310,4 +266,4 @@ async def reject_button(
 ) -> None:
     await ack()
     await Approvals(services).decide(_request_id(body), Actor.from_button(body), approve=False)
-    await ephemeral(respond, ":no_entry: Rejected; nothing was started.")
+    await ephemeral(respond, answers.REJECTED)

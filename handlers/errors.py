@@ -22,6 +22,7 @@ from slack_bolt.request.async_request import AsyncBoltRequest
 from app.core.errors import UserError
 from app.ops.logs import current_correlation_id
 from app.ops.observability import request_finished
+from app.slack.render.answers import bot_failed
 from app.slack.verification import VERIFIED
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,7 @@ def error_text(error: Exception) -> str:
         return error.text
     ref = current_correlation_id() or uuid.uuid4().hex[:8]
     log.error("unexpected error (ref %s)", ref, exc_info=error)
-    return (
-        # At most 150 characters: it must fit a modal's field error whole.
-        f":boom: Something went wrong on the bot's side (ref `{ref}`). Nothing more will "
-        "happen for this request; an admin can find it in the bot's logs."
-    )
+    return bot_failed(ref)
 
 
 async def report_error(error: Exception, body: dict[str, Any], respond: Any) -> None:

@@ -11,17 +11,17 @@ from collections.abc import Mapping
 
 from redis.exceptions import RedisError
 
-from app.core import texts
 from app.core.commands import BuildRef
 from app.core.errors import UserError, explain
 from app.core.policy import Action, Rule
 from app.core.services import Services
-from app.core.texts import TRACKING_DOWN
 from app.slack.actor import Actor
 from app.slack.mrkdwn import link
 from app.slack.outbox import SlackDeliveryError, not_in_channel_text
+from app.slack.render import texts
 from app.slack.render.common import Rendered
 from app.slack.render.deploys import DeployPlan
+from app.slack.render.texts import TRACKING_DOWN
 from app.storage.keys import AWAITED_TTL, REQUEST_TTL
 from app.storage.records import AwaitedBuild, MessageTarget
 from buildkite.errors import BuildkiteError, BuildMaybeStarted

@@ -12,17 +12,17 @@ from collections.abc import Mapping
 
 from redis.exceptions import RedisError
 
-from app.core import texts
 from app.core.commands.admin import PipelineSpec
 from app.core.errors import UserError, about_cluster, explain
 from app.core.listings import Listings
 from app.core.policy import principal_ref
-from app.core.texts import NAME_A_CLUSTER, TRACKING_DOWN
 from app.slack.actor import Actor
 from app.slack.outbox import SlackDeliveryError
 from app.slack.payloads import AgentButtonValue
+from app.slack.render import texts
 from app.slack.render.admin import pipeline_changed
 from app.slack.render.common import Rendered
+from app.slack.render.texts import NAME_A_CLUSTER, TRACKING_DOWN
 from app.storage.keys import ACTION_TTL, REQUEST_TTL
 from buildkite.errors import BuildkiteError, NotFound
 from buildkite.models import Pipeline

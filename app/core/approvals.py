@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from app.core import texts
 from app.core.actions import Actions
 from app.core.deploys import plan_action, plan_from
 from app.core.errors import UserError, explain
-from app.core.texts import TRACKING_DOWN
 from app.slack.actor import Actor
+from app.slack.render import texts
 from app.slack.render.deploys import DeployPlan, approval_request
+from app.slack.render.texts import TRACKING_DOWN
 from app.storage.records import Approval, ApprovalDecision, ApprovalStatus, PendingDeploy
 from buildkite.errors import BuildkiteError, NotFound
 from buildkite.models import Build

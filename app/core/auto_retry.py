@@ -13,9 +13,9 @@ from collections.abc import Awaitable, Callable
 from app.core.audit import Auditor
 from app.core.policy import Policy
 from app.slack.outbox import Outbox
+from app.slack.render import texts
 from app.slack.render.builds import retried_reply
 from app.slack.render.common import notice
-from app.slack.render.deploys import locked_text
 from app.storage.records import TrackedBuild
 from app.storage.store import Store
 from buildkite.client import BuildkiteClient
@@ -64,12 +64,7 @@ class AutoRetry:
             for target in tracked.targets:
                 await self.outbox.post(
                     target.channel,
-                    notice(
-                        ":hourglass: Not auto-retried: "
-                        + locked_text(tracked.pipeline, lock.user, lock.reason).removeprefix(
-                            ":lock: "
-                        )
-                    ),
+                    notice(texts.not_auto_retried_locked(tracked.pipeline, lock.user, lock.reason)),
                     thread_ts=target.reply_thread,
                     key=f"{tracked.build_id}:{target.channel}:{tracked.gen}:locked",
                 )
@@ -90,10 +85,7 @@ class AutoRetry:
             for target in tracked.targets:
                 await self.outbox.post(
                     target.channel,
-                    notice(
-                        f":hourglass: Not auto-retried: `{tracked.pipeline}` used its budget of "
-                        f"{rule.hourly_budget} automatic retries this hour."
-                    ),
+                    notice(texts.not_auto_retried_budget(tracked.pipeline, rule.hourly_budget)),
                     thread_ts=target.reply_thread,
                     key=f"{tracked.build_id}:{target.channel}:{tracked.gen}:budget",
                 )

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from app.core import texts
 from app.core.actions import Actions
 from app.core.commands import BuildRef
 from app.core.deploys import Deploys, NeedsConfirmation, Started
@@ -19,6 +18,7 @@ from app.core.unblock_forms import BlockForm, form_in_pipeline
 from app.slack.actor import Actor
 from app.slack.mrkdwn import link
 from app.slack.payloads import UnblockButtonValue
+from app.slack.render import texts
 from app.slack.render.builds import retried_reply, unblocked_reply
 from app.storage.keys import ACTION_TTL
 from buildkite.errors import BuildkiteError, BuildMaybeStarted, PermissionDenied, ValidationFailed
@@ -153,9 +153,7 @@ class BuildActions(Actions):
         except BuildkiteError as exc:
             log.warning("could not read the steps of %s for an unblock: %s", value.pipeline, exc)
             scope = exc.missing_scope if isinstance(exc, PermissionDenied) else None
-            problem = "the bot could not read the pipeline's steps" + (
-                f" (its token lacks the `{scope}` scope)" if scope else ""
-            )
+            problem = texts.steps_unreadable(scope)
         else:
             form, problem = form_in_pipeline(
                 pipeline.configuration, pipeline.steps, step_key=job.step_key, label=label

@@ -12,17 +12,17 @@ from dataclasses import fields as dataclass_fields
 
 from redis.exceptions import RedisError
 
-from app.core import texts
 from app.core.actions import Actions
 from app.core.commands import COMMIT, BuildRef, DeployRequest, UsageError, check_branch
 from app.core.errors import UserError, explain
 from app.core.policy import Action, Rule, principal_ref
 from app.core.services import request_id_for
-from app.core.texts import TRACKING_DOWN
 from app.slack.actor import Actor
 from app.slack.outbox import SlackDeliveryError, not_in_channel_text
+from app.slack.render import texts
 from app.slack.render.common import Rendered
 from app.slack.render.deploys import DeployPlan, approval_request, confirm_deploy, plan_refusal
+from app.slack.render.texts import TRACKING_DOWN
 from app.storage.records import PendingDeploy
 from buildkite.errors import BuildkiteError
 from buildkite.models import Build, BuildState, Pipeline
@@ -214,7 +214,7 @@ class Deploys(Actions):
             try:  # written by whoever started the original: checked like a typed /deploy
                 check_branch(branch)
                 if not COMMIT.match(commit):
-                    raise UsageError(f"#{ref.number}'s commit is not a commit SHA.")
+                    raise UsageError(texts.not_a_commit(ref.number))
             except UsageError as exc:
                 raise UserError(texts.not_a_new_build(str(exc))) from None
         except UserError:

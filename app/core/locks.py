@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 
-from app.core import texts
 from app.core.actions import Actions
 from app.core.commands import AuditRequest, LockRequest, UnlockRequest
 from app.core.errors import UserError
 from app.core.policy import Action
 from app.slack.actor import Actor
+from app.slack.render import texts
 from app.slack.render.deploys import lock_announcement
 from app.storage.records import AuditEntry
 

@@ -26,6 +26,7 @@ from app.slack.payloads import (
     PipelineModalMetadata,
     PipelinesPageValue,
 )
+from app.slack.render.answers import pipeline_form_title
 from app.slack.render.common import (
     STATE_LABEL,
     Rendered,
@@ -179,23 +180,34 @@ def builds_list(page: BuildsPage) -> Rendered:
     return Rendered(text=f"{title}, page {page.page}", blocks=blocks)
 
 
+def _danger_button(
+    text: str, action_id: ActionId, value: str, *, title: str, question: str, confirm: str
+) -> ButtonElement:
+    """A red button that asks `question` (confirm or "Keep it") before it acts."""
+    return ButtonElement(
+        text=text,
+        action_id=action_id,
+        value=value,
+        style="danger",
+        confirm=ConfirmObject(
+            title=title, text=clip(question, 300), confirm=confirm, deny="Keep it"
+        ),
+    )
+
+
 def _agent_buttons(row: AgentRow) -> dict[str, Any]:
     value = AgentButtonValue(id=row.id, name=clip(row.name, 100)).model_dump_json()
     return ActionsBlock(
         block_id=agent_block_id(row.id),
         elements=[
             ButtonElement(text="Stop", action_id=ActionId.AGENT_STOP, value=value),
-            ButtonElement(
-                text="Force stop",
-                action_id=ActionId.AGENT_FORCE_STOP,
-                value=value,
-                style="danger",
-                confirm=ConfirmObject(
-                    title="Force-stop this agent?",
-                    text=clip(f"Stop {escape(row.name)} now? Its current job is canceled.", 300),
-                    confirm="Force stop",
-                    deny="Keep it",
-                ),
+            _danger_button(
+                "Force stop",
+                ActionId.AGENT_FORCE_STOP,
+                value,
+                title="Force-stop this agent?",
+                question=f"Stop {escape(row.name)} now? Its current job is canceled.",
+                confirm="Force stop",
             ),
         ],
     ).to_dict()
@@ -268,17 +280,13 @@ def confirm_pipeline_delete(slug: str, name: str, web_url: str | None) -> Render
         ActionsBlock(
             block_id=BlockId.PIPELINE_DELETE,
             elements=[
-                ButtonElement(
-                    text="Delete pipeline",
-                    action_id=ActionId.PIPELINE_DELETE,
-                    value=value,
-                    style="danger",
-                    confirm=ConfirmObject(
-                        title="Delete this pipeline?",
-                        text=clip(f"Delete {slug} and all its builds for good?", 300),
-                        confirm="Delete",
-                        deny="Keep it",
-                    ),
+                _danger_button(
+                    "Delete pipeline",
+                    ActionId.PIPELINE_DELETE,
+                    value,
+                    title="Delete this pipeline?",
+                    question=f"Delete {slug} and all its builds for good?",
+                    confirm="Delete",
                 )
             ],
         ).to_dict(),
@@ -359,7 +367,7 @@ def pipeline_modal(
     view = View(
         type="modal",
         callback_id=CallbackId.PIPELINE_UPDATE if updating else CallbackId.PIPELINE_CREATE,
-        title="Update pipeline" if updating else "New pipeline",
+        title=pipeline_form_title(updating=updating),
         submit="Save" if updating else "Create",
         close="Cancel",
         private_metadata=metadata.model_dump_json(exclude_none=True),

@@ -133,6 +133,24 @@ def not_a_new_build(problem: str) -> str:
     return f":no_entry: Cannot rebuild it as a new build: {problem}"
 
 
+def not_a_commit(number: int) -> str:
+    return f"#{number}'s commit is not a commit SHA."
+
+
+def not_auto_retried_locked(pipeline: str, holder: str, reason: str | None) -> str:
+    """A freeze stops the bot's own re-runs of a failed build too."""
+    return ":hourglass: Not auto-retried: " + locked_text(pipeline, holder, reason).removeprefix(
+        ":lock: "
+    )
+
+
+def not_auto_retried_budget(pipeline: str, budget: int) -> str:
+    return (
+        f":hourglass: Not auto-retried: `{pipeline}` used its budget of "
+        f"{budget} automatic retries this hour."
+    )
+
+
 # -- approvals ---------------------------------------------------------------------------------
 
 
@@ -175,6 +193,13 @@ def nothing_to_cancel(title: str, state: str) -> str:
 
 def step_not_waiting(label: str, state: str | None) -> str:
     return f"*{plain(label)}* is not waiting any more ({escape(state or 'unknown')})."
+
+
+def steps_unreadable(scope: str | None) -> str:
+    """Why an unblock form could not be read from the pipeline."""
+    return "the bot could not read the pipeline's steps" + (
+        f" (its token lacks the `{scope}` scope)" if scope else ""
+    )
 
 
 def unblocked_not_shown(label: str, why: str) -> str:
