@@ -36,6 +36,7 @@ import handlers
 from app.core.approvals import Approvals
 from app.core.audit import Auditor
 from app.core.auto_retry import AutoRetry
+from app.core.deploy_queue import DeployQueue
 from app.core.digest import run_digest_schedules
 from app.core.policy import load_policy
 from app.core.routing import Router
@@ -63,7 +64,6 @@ from handlers.errors import report_bolt_error
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_GRACE = 10.0
 #: slack_sdk's default timeout for a Web API call (a shared session brings its own).
 SLACK_TIMEOUT = 30.0
 
@@ -137,7 +137,8 @@ async def open_services(
             post_interval=tuning.slack.post_interval,
             edit_interval=tuning.slack.edit_interval,
         )
-        closing.push_async_callback(_drain, outbox)  # first out: edits need the Slack session
+        # First out: edits need the Slack session.
+        closing.push_async_callback(_drain, outbox, tuning.shutdown_grace)
         directory = Directory(slack)
         hooks = SlackHooks(settings.slack_hooks_url, outbox, metrics)
         auditor = Auditor(store)
@@ -178,12 +179,13 @@ async def open_services(
             router=Router(intake, store, policy),
             hooks=hooks,
             tuning=tuning,
+            deploys=DeployQueue(running=tuning.deploys.running, waiting=tuning.deploys.waiting),
         )
 
 
-async def _drain(outbox: Outbox) -> None:
+async def _drain(outbox: Outbox, grace: float) -> None:
     try:
-        await asyncio.wait_for(outbox.drain(), timeout=SHUTDOWN_GRACE)
+        await asyncio.wait_for(outbox.drain(), timeout=grace)
     except TimeoutError:
         log.warning("shutdown: some Slack edits were not sent in time")
 
@@ -280,8 +282,8 @@ async def background(services: Services, tuning: Tuning = DEFAULT) -> AsyncItera
         yield
     finally:
         stop.set()
-        await services.notifier.finish_writing(SHUTDOWN_GRACE)
-        _, still_running = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
+        await services.notifier.finish_writing(tuning.shutdown_grace)
+        _, still_running = await asyncio.wait(tasks, timeout=tuning.shutdown_grace)
         for task in still_running:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -345,7 +347,7 @@ async def start_bot(
         runner = web.AppRunner(
             web_app,
             handle_signals=False,
-            shutdown_timeout=SHUTDOWN_GRACE,
+            shutdown_timeout=tuning.shutdown_grace,
             access_log_class=FailedRequestsLog,
         )
         await runner.setup()
@@ -376,7 +378,7 @@ async def start_bot(
                     await socket_handler.close_async()  # type: ignore[no-untyped-call]
                     socket_handler = None
                 await site.stop()
-                await services.finish_inflight(SHUTDOWN_GRACE)
+                await services.finish_inflight(tuning.shutdown_grace)
         finally:
             if socket_handler is not None:
                 await socket_handler.close_async()  # type: ignore[no-untyped-call]

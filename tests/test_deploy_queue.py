@@ -5,16 +5,17 @@ in order, and any more are refused in their ack. Nobody is left without an answe
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 import pytest
 
-from app import main
 from app.core.deploy_queue import DeployQueue
-from app.simulators.bot import BotClient, running_bot
+from app.simulators.bot import FAST, BotClient, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
+from app.tuning import Tuning
 
 PIPELINES = [f"svc-{n}" for n in range(6)]
 
@@ -25,9 +26,14 @@ async def bot(
 ) -> AsyncIterator[BotClient]:
     for slug in PIPELINES:
         bk.add_pipeline(slug)
-    async with running_bot(slack, bk, redis_url) as client:
-        client.services.deploys = DeployQueue(running=1, waiting=2)
+    async with running_bot(slack, bk, redis_url, tuning=queue_of(1, 2)) as client:
         yield client
+
+
+def queue_of(running: int, waiting: int, *, grace: float | None = None) -> Tuning:
+    """The test bot's tuning with a small deploy queue (and a shutdown grace of its own)."""
+    tuning = replace(FAST, deploys=replace(FAST.deploys, running=running, waiting=waiting))
+    return tuning if grace is None else replace(tuning, shutdown_grace=grace)
 
 
 def created(bk: FakeBuildkite) -> list[str]:
@@ -90,13 +96,10 @@ async def test_a_deploy_still_waiting_at_shutdown_is_told_it_was_not_started(
     bk: FakeBuildkite,
     redis_url: str,
     redis_client: Any,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(main, "SHUTDOWN_GRACE", 0.5)
     for slug in PIPELINES[:2]:
         bk.add_pipeline(slug)
-    async with running_bot(slack, bk, redis_url) as bot:
-        bot.services.deploys = DeployQueue(running=1, waiting=1)
+    async with running_bot(slack, bk, redis_url, tuning=queue_of(1, 1, grace=0.5)) as bot:
         bk.delay_next(1, 5.0, "/builds", method="POST")  # the first deploy outlives the grace
         await bot.command("/deploy", "svc-0")
         _, second, ack = await bot.command("/deploy", "svc-1")
@@ -117,15 +120,12 @@ async def test_a_waiting_deploy_does_not_start_during_the_shutdown(
     bk: FakeBuildkite,
     redis_url: str,
     redis_client: Any,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The running deploy finishes within the shutdown's grace; the one waiting behind it is
     told at once that it was not started, instead of starting while the bot stops."""
-    monkeypatch.setattr(main, "SHUTDOWN_GRACE", 5.0)
     for slug in PIPELINES[:2]:
         bk.add_pipeline(slug)
-    async with running_bot(slack, bk, redis_url) as bot:
-        bot.services.deploys = DeployQueue(running=1, waiting=1)
+    async with running_bot(slack, bk, redis_url, tuning=queue_of(1, 1, grace=5.0)) as bot:
         bk.delay_next(1, 1.0, "/builds", method="POST")  # done well within the grace
         _, first, _ = await bot.command("/deploy", "svc-0")
         _, second, ack = await bot.command("/deploy", "svc-1")
