@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from app.simulators.bot import running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
 from tests.test_ops import configured_logs, deploy_to_passed, get
-from tests.test_ops_check_config import child_env, closed_port
+from tests.test_ops_check_config import child_env, closed_port, main_in_process
 
 USER = "chatops-secrets"
 #: Every character that must be percent-encoded in a URL's password, and a recognisable start.
@@ -312,29 +311,6 @@ INVALID = {
 }
 
 
-def run_main(
-    redis_url: str, *args: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> subprocess.CompletedProcess[str]:
-    """What `python -m app` (`sys.exit(main())`) does, in this process, for settings that stop it
-    before anything starts: without the second of CPU that a new interpreter costs."""
-    import app.main
-    from app.__main__ import main
-
-    def started(*_: object, **__: object) -> None:
-        raise AssertionError("the bot started with an unusable REDIS_URL")
-
-    with monkeypatch.context() as patch:
-        for name in [n for n in os.environ if n not in (env := app_env(redis_url))]:
-            patch.delenv(name)
-        for name, value in env.items():
-            patch.setenv(name, value)
-        patch.setattr(app.main, "run", started)
-        capsys.readouterr()
-        code = main(list(args))
-        out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(["python", "-m", "app", *args], code, out, err)
-
-
 @pytest.mark.parametrize("case", list(INVALID), ids=list(INVALID))
 def test_an_unusable_redis_url_stops_start_up_with_one_line(
     case: str, tmp_cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -344,8 +320,9 @@ def test_an_unusable_redis_url_stops_start_up_with_one_line(
         started = run_app(tmp_cwd, url)
         checked = run_app(tmp_cwd, url, "--check-config")
     else:
-        started = run_main(url, monkeypatch=monkeypatch, capsys=capsys)
-        checked = run_main(url, "--check-config", monkeypatch=monkeypatch, capsys=capsys)
+        env = app_env(url)
+        started = main_in_process(env, monkeypatch=monkeypatch, capsys=capsys)
+        checked = main_in_process(env, "--check-config", monkeypatch=monkeypatch, capsys=capsys)
 
     assert started.returncode == 2, started.stderr
     problems = [line for line in started.stderr.splitlines() if line.startswith("  - ")]
