@@ -31,6 +31,9 @@ class TrackingTuning:
     reclaim_idle_ms: int = 60_000
     #: Writes to Slack in flight at once, across builds.
     max_parallel_writes: int = 64
+    #: How long one read of the stream waits for a new transition; a stopping notifier waits
+    #: out the read in progress.
+    read_block_ms: int = 200
     #: A transition delivered this often without success is dropped (and logged).
     max_deliveries: int = 8
     #: A consumer idle this long is removed from the stream's group.

@@ -27,13 +27,46 @@ def worker_database(url: str, worker: str | None) -> str:
     return f"{scheme}://{host}/{int(worker[2:])}" + (f"?{query}" if query else "")
 
 
-#: Modules whose tests take tens of seconds each (bots as processes, Buildkite answering after
-#: 20 s, many `python -m app` runs): started first, so that none of them ends the run alone.
-LONG_FIRST = ("test_faults.py", "test_secrets.py")
+#: The tests that take many seconds (mostly waiting: bots as processes, redis-py giving up on
+#: sentinels, a wheel built and installed), with about how many on two cores.
+LONG_TESTS = {
+    "test_an_unreachable_redis_answers_webhooks_503_in_every_topology[sentinel]": 26,
+    "test_three_bots_one_killed_and_half_the_webhooks_lost": 21,
+    "test_the_installed_package_runs_it_from_any_directory": 13,
+    "test_a_redis_restart_mid_run_loses_nothing_and_repeats_nothing": 12,
+    "test_an_unreachable_redis_names_no_url_in_readyz[sentinel]": 12,
+    "test_buildkite_429_storms_and_5xx_bursts_start_each_build_once": 11,
+    "test_a_create_seen_only_after_the_bots_patience_is_adopted_once": 9,
+    "test_a_create_answered_after_the_timeout_starts_one_build_followed_to_its_end": 8,
+    "test_builds_that_finish_while_buildkite_is_down_get_their_final_message": 8,
+    "test_a_rebuild_answered_after_the_timeout_starts_one_rebuild": 8,
+    "test_check_config_masks_every_form": 5,
+    "test_a_burst_of_changes_under_slack_429s_ends_with_every_message_true": 5,
+    "test_a_post_answered_while_redis_is_down_is_recorded_not_repeated": 5,
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: item.path.name not in LONG_FIRST)
+    """Long tests first, and shared out: pytest-xdist's worksteal hands each worker one slice
+    of this order and steals only from a slice's end, so each slice starts with its share of
+    the long tests (the longest to the slice with the least so far)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    long = sorted(
+        (item for item in items if item.name in LONG_TESTS), key=lambda i: -LONG_TESTS[i.name]
+    )
+    rest = [item for item in items if item.name not in LONG_TESTS]
+    slices: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    for item in long:
+        min(slices, key=lambda s: sum(LONG_TESTS[i.name] for i in s)).append(item)
+    # The slice sizes worksteal sends: what is left, shared out among the workers left.
+    left = len(items)
+    for index, part in enumerate(slices):
+        size = left // (workers - index)
+        left -= size
+        wanted = max(size - len(part), 0)
+        part.extend(rest[:wanted])
+        del rest[:wanted]
+    items[:] = [item for part in slices for item in part] + rest
 
 
 @pytest.fixture(scope="session")

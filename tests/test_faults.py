@@ -584,6 +584,13 @@ async def test_buildkite_429_storms_and_5xx_bursts_start_each_build_once(
 
 # -- a slow Buildkite: one build per command --------------------------------------------------
 
+#: The bots' Buildkite timeout and how long they look for a create left unanswered, and when
+#: Buildkite answers it: production's 15 s, 60 s and an answer 20 s in, scaled down so that
+#: the answer still comes after the timeout and between two of the bot's looks (at 3 s, 5 s).
+BOT_TIMEOUT_S = 2
+LATE_ANSWER_S = 3.5
+LATE_ANSWERS = {"BUILDKITE_TIMEOUT": str(BOT_TIMEOUT_S), "BUILDKITE_START_PATIENCE": "6"}
+
 
 def posts_about(slack: FakeSlack, key: BuildKey) -> tuple[list[RecordedCall], list[RecordedCall]]:
     """A build's own messages (in the channel or in a thread) and its final replies."""
@@ -595,16 +602,17 @@ def posts_about(slack: FakeSlack, key: BuildKey) -> tuple[list[RecordedCall], li
     return own, list(found.replies.get("final", [])) if found else []
 
 
-async def test_a_create_answered_after_20_s_starts_one_build_followed_to_its_end(
+async def test_a_create_answered_after_the_timeout_starts_one_build_followed_to_its_end(
     fleet: Fleet, slack: FakeSlack, bk: FakeBuildkite, store_redis: redis.Redis
 ) -> None:
-    """Production's timeout (15 s) and patience (60 s): Buildkite makes the build as it answers,
-    20 s in; the bot's looks find it and it is followed, never created a second time."""
+    """Buildkite makes the build as it answers, after the bot's timeout: the bot's looks find
+    it (the first misses it) and it is followed, never created a second time. Production's 15 s
+    timeout, an answer 20 s in and 60 s of looking, scaled down to 2 s, 3.5 s and 6 s."""
     began = time.monotonic()
     rng = random.Random(19)
-    bots = await fleet.start(2)
+    bots = await fleet.start(2, env=LATE_ANSWERS)
     (channel,) = add_channels(slack, 1)
-    bk.answer_late_next(20.0, "/builds", method="POST")
+    bk.answer_late_next(LATE_ANSWER_S, "/builds", method="POST")
     name = await fleet.deploy(bots[0], PIPELINES[0], channel)
     started = await wait_until(
         lambda: started_builds(slack, [name]), timeout=90, what="the build", describe=fleet.describe
@@ -618,7 +626,7 @@ async def test_a_create_answered_after_20_s_starts_one_build_followed_to_its_end
     result = audit(slack, bk, [key])
     creates = bk.requests_to("POST", "/organizations/acme/pipelines/")
     figures(
-        "create answered after 20 s (timeout 15 s)",
+        f"create answered after {LATE_ANSWER_S} s (timeout {BOT_TIMEOUT_S} s)",
         {
             "builds_created": len(bk.builds),
             "create_requests": len(creates),
@@ -637,13 +645,14 @@ async def test_a_create_answered_after_20_s_starts_one_build_followed_to_its_end
 async def test_a_create_seen_only_after_the_bots_patience_is_adopted_once(
     fleet: Fleet, slack: FakeSlack, bk: FakeBuildkite, store_redis: redis.Redis
 ) -> None:
-    """Buildkite makes the build 30 s in, after the bot (15 s timeout, 5 s of looking) has told
-    the person it may have started: one of the two bots' pollers adopts it, once."""
+    """Buildkite makes the build 6 s in, after the bot (2 s timeout, 1 s of looking) has told
+    the person it may have started: one of the two bots' pollers adopts it, once. (Production's
+    15 s timeout, 5 s of looking and a build made 30 s in, scaled down.)"""
     began = time.monotonic()
     rng = random.Random(23)
-    bots = await fleet.start(2, env={"BUILDKITE_START_PATIENCE": "5"})
+    bots = await fleet.start(2, env={**LATE_ANSWERS, "BUILDKITE_START_PATIENCE": "1"})
     (channel,) = add_channels(slack, 1)
-    bk.answer_late_next(30.0, "/builds", method="POST")
+    bk.answer_late_next(6.0, "/builds", method="POST")
     name = await fleet.deploy(bots[0], PIPELINES[0], channel)
     await wait_until(
         lambda: any(
@@ -668,7 +677,7 @@ async def test_a_create_seen_only_after_the_bots_patience_is_adopted_once(
     result = audit(slack, bk, [key])
     adopters = [bot.name for bot in bots if any("adopted" in m for m in bot.log_messages())]
     figures(
-        "create seen after the bot's patience (15 s + 5 s), made 30 s in",
+        f"create seen after the bot's patience ({BOT_TIMEOUT_S} s + 1 s), made 6 s in",
         {
             "builds_created": len(bk.builds),
             "create_requests": len(bk.requests_to("POST", "/organizations/acme/pipelines/")),
@@ -687,19 +696,20 @@ async def test_a_create_seen_only_after_the_bots_patience_is_adopted_once(
     assert not fleet.secrets_in_logs()
 
 
-async def test_a_rebuild_answered_after_20_s_starts_one_rebuild(
+async def test_a_rebuild_answered_after_the_timeout_starts_one_rebuild(
     fleet: Fleet, slack: FakeSlack, bk: FakeBuildkite, store_redis: redis.Redis
 ) -> None:
+    """As the late create above, for a rebuild: found by the bot's looks, never sent twice."""
     began = time.monotonic()
     rng = random.Random(29)
-    bots = await fleet.start(2)
+    bots = await fleet.start(2, env=LATE_ANSWERS)
     (channel,) = add_channels(slack, 1)
     name = await fleet.deploy(bots[0], PIPELINES[0], channel)
     first = (await wait_until(lambda: started_builds(slack, [name]), timeout=30, what="#1"))[name]
     await send_changes(fleet, [(first, "failed")], rng=rng)
     await wait_for_finals(slack, bk, store_redis, [first], describe=fleet.describe)
 
-    bk.answer_late_next(20.0, "/rebuild", method="PUT")
+    bk.answer_late_next(LATE_ANSWER_S, "/rebuild", method="PUT")
     sent = time.monotonic()
     rebuild, (status, _) = await fleet.command(bots[1], "/rebuild", f"{first[0]} 1", channel)
     assert status == 200
@@ -722,7 +732,7 @@ async def test_a_rebuild_answered_after_20_s_starts_one_rebuild(
     own, finals = posts_about(slack, second)
     rebuilds = [r for r in bk.requests if r.method == "PUT" and r.path.endswith("/rebuild")]
     figures(
-        "rebuild answered after 20 s (timeout 15 s)",
+        f"rebuild answered after {LATE_ANSWER_S} s (timeout {BOT_TIMEOUT_S} s)",
         {
             "builds_created": len(bk.builds),
             "rebuild_requests": len(rebuilds),

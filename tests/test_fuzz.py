@@ -281,13 +281,8 @@ class Harness:
         await self.settle()
 
     async def settle(self) -> None:
-        """Wait until the bot has finished what the last request started."""
-        services = self.bot.services
-        for _ in range(200):
-            await asyncio.sleep(0.01)
-            if not any(not t.done() for t in services.inflight):
-                break
-        await asyncio.sleep(0.02)
+        """Wait until the bot has finished what the last request started (its messages too)."""
+        await self.bot.settled(CASE_TIMEOUT)
 
     def case(
         self, kind: str, send: Callable[[BotClient, aiohttp.ClientSession], Awaitable[int]]

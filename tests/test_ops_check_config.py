@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from app.ops.checks import check_config, report
 from app.ops.logs import RedactSecrets, secrets_of
-from app.simulators.bot import bot_settings
+from app.simulators.bot import bot_logging, bot_settings
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
 
@@ -33,6 +36,28 @@ def child_env(**values: str) -> dict[str, str]:
     env["PYTHONPATH"] = str(ROOT)
     env.update(values)
     return env
+
+
+def main_in_process(
+    env: dict[str, str],
+    *args: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> subprocess.CompletedProcess[str]:
+    """What `python -m app` (`sys.exit(main())`) does in the environment `env`, run in this
+    process: for runs that stop before the bot serves, without the second of CPU that a new
+    interpreter costs. The environment and the logging set-up are put back afterwards."""
+    from app.__main__ import main
+
+    with monkeypatch.context() as patch, bot_logging():
+        for name in [n for n in os.environ if n not in env]:
+            patch.delenv(name)
+        for name, value in env.items():
+            patch.setenv(name, value)
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["python", "-m", "app", *args], code, out, err)
 
 
 async def test_every_check_passes_against_working_services(
@@ -144,8 +169,6 @@ async def test_the_command_line_prints_the_report_and_exits_0(
 
 
 def test_bad_settings_fail_the_check_without_showing_them(tmp_path: Path) -> None:
-    import subprocess
-
     env = child_env(SLACK_BOT_TOKEN="xoxp-fake1", BUILDKITE_ORG="acme")
     result = subprocess.run(
         [sys.executable, "-m", "app", "--check-config"],

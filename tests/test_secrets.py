@@ -24,12 +24,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.ops import logs
+from app.ops.checks import check_config, report
 from app.ops.logs import mask_url
+from app.settings import Settings
 from app.simulators.bot import running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
 from tests.test_ops import configured_logs, deploy_to_passed, get
-from tests.test_ops_check_config import child_env, closed_port
+from tests.test_ops_check_config import child_env, closed_port, main_in_process
 
 USER = "chatops-secrets"
 #: Every character that must be percent-encoded in a URL's password, and a recognisable start.
@@ -222,8 +224,8 @@ async def test_a_refused_password_is_said_plainly(
 # -- --check-config and start-up ---------------------------------------------------------------
 
 
-def run_app(tmp_path: Path, redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = child_env(
+def app_env(redis_url: str) -> dict[str, str]:
+    return child_env(
         SLACK_BOT_TOKEN="xoxb-fake",
         SLACK_SIGNING_SECRET="sign-secret-value",
         SLACK_API_URL=f"http://127.0.0.1:{closed_port()}/api/",
@@ -232,6 +234,10 @@ def run_app(tmp_path: Path, redis_url: str, *args: str) -> subprocess.CompletedP
         BUILDKITE_ORG="acme",
         REDIS_URL=redis_url,
     )
+
+
+def run_app(tmp_path: Path, redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = app_env(redis_url)
     return subprocess.run(
         [sys.executable, "-m", "app", *args],
         env=env,
@@ -242,14 +248,32 @@ def run_app(tmp_path: Path, redis_url: str, *args: str) -> subprocess.CompletedP
     )
 
 
+async def check_config_run(url: str) -> subprocess.CompletedProcess[str]:
+    """What `python -m app --check-config` prints for REDIS_URL=`url` (its report, and its
+    logging at ERROR), in this process, beside the other forms' runs."""
+    env = {name.lower(): value for name, value in app_env(url).items() if name.isupper()}
+    fields: dict[str, Any] = {name: env[name] for name in Settings.model_fields if name in env}
+    settings = Settings(_env_file=None, **fields)
+    secrets = logs.secrets_of(settings)
+    with configured_logs("ERROR", secrets) as stream:
+        text, ok = report(await check_config(settings), logs.RedactSecrets(secrets).redact)
+    return subprocess.CompletedProcess([], 0 if ok else 1, text + "\n", stream.getvalue())
+
+
 async def test_check_config_masks_every_form(
     tmp_path: Path, redis_url: str, redis_client: Any, acl_user: None
 ) -> None:
     host, port = server_address(redis_url)
     cases = {**forms(host, port), **unusable_forms(closed_port())}
+    # One form as a real `python -m app --check-config`, beside the failing forms at once; the
+    # other working forms one at a time, so that a busy loop never times out their PING.
+    first, *working = forms(host, port).values()
+    failing = [url for url in cases.values() if url not in forms(host, port).values()]
     results = await asyncio.gather(
-        *(asyncio.to_thread(run_app, tmp_path, url, "--check-config") for url in cases.values())
+        asyncio.to_thread(run_app, tmp_path, first, "--check-config"),
+        *(check_config_run(url) for url in failing),
     )
+    results[1:1] = [await check_config_run(url) for url in working]
     for (form, url), result in zip(cases.items(), results, strict=True):
         redis_line = next(
             (line for line in result.stdout.splitlines() if "redis:" in line), result.stdout
@@ -288,10 +312,17 @@ INVALID = {
 
 
 @pytest.mark.parametrize("case", list(INVALID), ids=list(INVALID))
-def test_an_unusable_redis_url_stops_start_up_with_one_line(case: str, tmp_path: Path) -> None:
+def test_an_unusable_redis_url_stops_start_up_with_one_line(
+    case: str, tmp_cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     url, reason = INVALID[case]
-    started = run_app(tmp_path, url)
-    checked = run_app(tmp_path, url, "--check-config")
+    if case == next(iter(INVALID)):  # one case as real processes: exit codes and streams
+        started = run_app(tmp_cwd, url)
+        checked = run_app(tmp_cwd, url, "--check-config")
+    else:
+        env = app_env(url)
+        started = main_in_process(env, monkeypatch=monkeypatch, capsys=capsys)
+        checked = main_in_process(env, "--check-config", monkeypatch=monkeypatch, capsys=capsys)
 
     assert started.returncode == 2, started.stderr
     problems = [line for line in started.stderr.splitlines() if line.startswith("  - ")]

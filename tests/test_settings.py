@@ -18,6 +18,7 @@ from app.settings import Settings, SettingsError, load_settings
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.redis_server import free_port
 from app.simulators.slack import FakeSlack
+from tests.test_ops_check_config import main_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {
@@ -177,24 +178,28 @@ def test_the_bot_refuses_to_start_with_a_clear_report(tmp_cwd: Path) -> None:
     assert "bk-secret-value" not in result.stderr
 
 
-@pytest.mark.parametrize(
-    ("policy", "expected"),
-    [
-        (
-            "pipelines:\n  web:\n    deployer: [U1]\n",
-            "policy.yml, line 3: pipelines.web.deployer: Extra inputs are not permitted",
-        ),
-        ("pipelines: [\n", "policy.yml, line 2: not valid YAML"),
-        (
-            'pipelines:\n  web:\n    env:\n      allow: ["bad pattern!"]\n',
-            "policy.yml, line 4: pipelines.web.env.allow: 'bad pattern!' is not an env name",
-        ),
-        (b"admins: [\xff]\n", "cannot read policy.yml: not UTF-8 text"),
-        (None, "cannot read policy.yml: Is a directory"),
-    ],
-)
+BAD_POLICIES: list[tuple[str | bytes | None, str]] = [
+    (
+        "pipelines:\n  web:\n    deployer: [U1]\n",
+        "policy.yml, line 3: pipelines.web.deployer: Extra inputs are not permitted",
+    ),
+    ("pipelines: [\n", "policy.yml, line 2: not valid YAML"),
+    (
+        'pipelines:\n  web:\n    env:\n      allow: ["bad pattern!"]\n',
+        "policy.yml, line 4: pipelines.web.env.allow: 'bad pattern!' is not an env name",
+    ),
+    (b"admins: [\xff]\n", "cannot read policy.yml: not UTF-8 text"),
+    (None, "cannot read policy.yml: Is a directory"),
+]
+
+
+@pytest.mark.parametrize(("policy", "expected"), BAD_POLICIES)
 def test_a_bad_policy_file_stops_start_up_with_one_line_per_problem(
-    tmp_cwd: Path, policy: str | bytes | None, expected: str
+    tmp_cwd: Path,
+    policy: str | bytes | None,
+    expected: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     if policy is None:
         (tmp_cwd / "policy.yml").mkdir()
@@ -208,14 +213,17 @@ def test_a_bad_policy_file_stops_start_up_with_one_line_per_problem(
         if not k.startswith(("SLACK_", "BUILDKITE_", "REDIS_", "POLICY_"))
     }
     env.update(GOOD, PYTHONPATH=str(ROOT))
-    result = subprocess.run(
-        [sys.executable, "-m", "app"],
-        env=env,
-        cwd=tmp_cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    if policy == BAD_POLICIES[0][0]:  # one as a real process: its exit code and its stderr
+        result = subprocess.run(
+            [sys.executable, "-m", "app"],
+            env=env,
+            cwd=tmp_cwd,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    else:
+        result = main_in_process(env, monkeypatch=monkeypatch, capsys=capsys)
     assert result.returncode == 2
     assert "The bot cannot start; fix the policy file (POLICY_FILE):" in result.stderr
     assert f"  - {expected}" in result.stderr

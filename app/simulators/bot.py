@@ -27,17 +27,19 @@ from app.simulators import slack_requests
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
 from app.storage.keys import EVENTS_GROUP, EVENTS_STREAM
-from app.tuning import DEFAULT, DeployTuning, SlackPacing, Tuning
+from app.tuning import DEFAULT, DeployTuning, SlackPacing, TrackingTuning, Tuning
 
 SIGNING_SECRET = "test-signing-secret"
 WEBHOOK_TOKEN = "test-webhook-token"
 BUILDKITE_TOKEN = "bk-test-token"
 #: Every secret a test bot is given (FakeSlack's default bot token first).
 SECRETS = ("xoxb-test", SIGNING_SECRET, BUILDKITE_TOKEN, WEBHOOK_TOKEN)
-#: A bot under test that does not wait on Slack's pacing (the fakes have no rate limit), and
-#: sweeps expired approvals often; tests of the pacing itself run with `DEFAULT`.
+#: A bot under test that does not wait on Slack's pacing (the fakes have no rate limit), stops
+#: within a short stream read, and sweeps expired approvals often; tests of the pacing itself
+#: run with `DEFAULT`.
 FAST = Tuning(
     slack=SlackPacing(post_interval=0.0, edit_interval=0.0),
+    tracking=TrackingTuning(read_block_ms=20),
     deploys=DeployTuning(approval_sweep_interval=0.1),
 )
 

@@ -69,7 +69,9 @@ class Notifier:
                 if not group_ready:
                     await self.store.ensure_group()
                     group_ready = True
-                batch = await self.store.read_transitions(self.consumer, block_ms=200)
+                batch = await self.store.read_transitions(
+                    self.consumer, block_ms=self.tuning.read_block_ms
+                )
                 if time.monotonic() - last_reclaim > self.tuning.reclaim_idle_ms / 3000:
                     last_reclaim = time.monotonic()
                     batch += await self._reclaim()
