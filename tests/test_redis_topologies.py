@@ -280,3 +280,29 @@ async def test_a_command_whose_answer_is_lost_is_not_sent_again() -> None:
         await proxy.wait_closed()
         server.stop()
         shutil.rmtree(server.dir, ignore_errors=True)
+
+
+async def test_a_sentinel_that_does_not_answer_is_asked_once_then_the_next_one() -> None:
+    """Each sentinel is asked once per look-up for the master: the next sentinel is the retry.
+    The PING's connection is tried twice (the store's one retry of a connect), so each sentinel
+    is asked twice. (redis-py's default retried each sentinel three times with a backoff of
+    seconds: a command waited about 16 s when two sentinels were down.)"""
+    accepted: list[int] = []
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer.get_extra_info("sockname")[1])
+        writer.close()
+
+    servers = [await asyncio.start_server(hang_up, "127.0.0.1", 0) for _ in range(2)]
+    ports = [server.sockets[0].getsockname()[1] for server in servers]
+    url = f"redis+sentinel://127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}/mymaster/0"
+    client = connect_redis(settings(url), Metrics())
+    try:
+        with pytest.raises(sync_redis.exceptions.RedisError):
+            await client.ping()
+    finally:
+        await client.aclose()
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+    assert sorted(accepted) == sorted(ports * 2)
