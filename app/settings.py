@@ -25,6 +25,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.core import yaml_input
@@ -306,14 +307,36 @@ class Settings(BaseSettings):
         if not isinstance(value, list):
             raise ValueError('must be a JSON list like [{"channel": "C0123", "at": "09:00"}]')
         schedules = []
+        problems = []
         for number, item in enumerate(value, start=1):
             try:
                 schedules.append(DigestSchedule.model_validate(item))
             except ValidationError as exc:
-                first = exc.errors()[0]
-                where = ".".join(str(part) for part in first["loc"]) or "schedule"
-                raise ValueError(f"schedule {number}: {where}: {first['msg']}") from None
+                for error in exc.errors():
+                    line = f"schedule {number}: {_schedule_problem(error)}"
+                    if line not in problems:  # `pipelines` fails both sides of its union
+                        problems.append(line)
+        if problems:
+            # One line a problem: load_settings gives each line its own entry.
+            raise ValueError("\n".join(problems))
         return schedules
+
+
+_SCHEDULE_PATTERNS = {
+    "channel": "must be a channel id such as C0123 or a name such as #deploys",
+    "at": "must be a time of day, UTC, as HH:MM",
+}
+
+
+def _schedule_problem(error: ErrorDetails) -> str:
+    """One DIGEST_SCHEDULES problem as `field: what is wrong`, a regex said in words."""
+    field = str(error["loc"][0]) if error["loc"] else "schedule"
+    if field == "pipelines":
+        return 'pipelines: must be "all", or a list of pipeline slugs such as deploy-prod'
+    if error["type"] == "string_pattern_mismatch" and field in _SCHEDULE_PATTERNS:
+        return f"{field}: {_SCHEDULE_PATTERNS[field]}"
+    where = ".".join(str(part) for part in error["loc"]) or "schedule"
+    return f"{where}: {error['msg'].removeprefix('Value error, ')}"
 
 
 class SettingsError(Exception):
@@ -344,5 +367,6 @@ def load_settings(**overrides: Any) -> Settings:
                 message = error["msg"]
                 if error["type"] == "value_error":  # our own sentence, without pydantic's tag
                     message = message.removeprefix("Value error, ")
-                problems.append(f"{name} is invalid: {message}")
+                # A validator that finds several problems says them one a line.
+                problems.extend(f"{name} is invalid: {line}" for line in message.splitlines())
         raise SettingsError(problems) from None

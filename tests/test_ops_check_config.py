@@ -194,7 +194,25 @@ async def test_the_policy_check_names_each_bad_env_rule(
     policy.write_text("default:\n  env:\n    deny: [LD_*, 'a b']\n    allows: []\n")
     check = check_policy(bot_settings(slack, bk, "redis://127.0.0.1:1/0", policy_file=str(policy)))
     assert not check.ok
-    problems = check.detail.split("; ")
+    problems = check.detail.splitlines()
     assert len(problems) == 2
     assert "line 3: default.env.deny" in problems[0] and "'a b'" in problems[0]
     assert "line 4: default.env.allows: Extra inputs are not permitted" in problems[1]
+
+
+async def test_two_policy_problems_are_two_lines_of_the_report(
+    slack: FakeSlack, bk: FakeBuildkite, tmp_path: Path
+) -> None:
+    from app.ops.checks import check_policy
+
+    policy = tmp_path / "policy.yml"
+    policy.write_text("admins: 5\ndefault: 7\n")
+    check = check_policy(bot_settings(slack, bk, "redis://127.0.0.1:1/0", policy_file=str(policy)))
+    text, ok = report([check], str)
+    assert not ok
+    assert text.splitlines() == [
+        f"✗ policy: {policy}, line 1: admins: Input should be a valid list",
+        f"✗ policy: {policy}, line 2: default: Input should be a valid dictionary or instance "
+        "of Rule",
+        "1 of 1 checks failed.",
+    ]

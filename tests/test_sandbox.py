@@ -55,7 +55,7 @@ def test_a_scripted_session_prints_a_transcript(tmp_path: Path) -> None:
     for expected in (
         "Sandbox: the bot listens on http://127.0.0.1:",
         "> /deploy web main",
-        "  only you: ⏳ Starting a build of `web`…",
+        "  only you: ⏳ Starting a build of `web` if it exists and you may deploy it…",
         "  #deploys, new message:",
         "    web #1 (https://buildkite.com/acme/web/builds/1)",
         "    State: ⏳ Scheduled · Branch: `main` · Commit: `HEAD` · Requested by: @alice",

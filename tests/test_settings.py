@@ -132,6 +132,34 @@ def test_every_problem_starts_with_its_variable_and_reads_plainly(
     ]
 
 
+@pytest.mark.parametrize("url", ["redis://localhost:abc/0", "redis://localhost:99999/0"])
+def test_a_redis_url_with_a_bad_port_is_one_plain_line(env: pytest.MonkeyPatch, url: str) -> None:
+    env.setenv("REDIS_URL", url)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    [problem] = caught.value.problems
+    assert problem.startswith("REDIS_URL is invalid: the port must be a number from 1 to 65535")
+    assert "Value error" not in problem
+
+
+def test_every_digest_schedule_problem_is_its_own_line(env: pytest.MonkeyPatch) -> None:
+    env.setenv(
+        "DIGEST_SCHEDULES",
+        json.dumps([{"channel": "x", "at": "25:00"}, {"channel": "C0123", "pipelines": ["a b"]}]),
+    )
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    prefix = "DIGEST_SCHEDULES is invalid: "
+    assert caught.value.problems == [
+        f"{prefix}schedule 1: channel: must be a channel id such as C0123 or a name such as "
+        "#deploys",
+        f"{prefix}schedule 1: at: must be a time of day, UTC, as HH:MM",
+        f"{prefix}schedule 2: at: Field required",
+        f'{prefix}schedule 2: pipelines: must be "all", or a list of pipeline slugs such as '
+        "deploy-prod",
+    ]
+
+
 def test_a_dotenv_file_that_is_not_utf8_is_one_line(env: pytest.MonkeyPatch, tmp_cwd: Path) -> None:
     env.delenv("SLACK_SIGNING_SECRET")
     (tmp_cwd / ".env").write_bytes(b"BUILDKITE_ORG=acme\nSLACK_SIGNING_SECRET=s\xffcret\n")
@@ -189,6 +217,7 @@ BAD_POLICIES: list[tuple[str | bytes | None, str]] = [
         "policy.yml, line 4: pipelines.web.env.allow: 'bad pattern!' is not an env name",
     ),
     (b"admins: [\xff]\n", "cannot read policy.yml: not UTF-8 text"),
+    ("admins: 5\ndefault: 7\n", "policy.yml, line 2: default: Input should be a valid dictionary"),
     (None, "cannot read policy.yml: Is a directory"),
 ]
 

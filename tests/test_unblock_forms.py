@@ -388,7 +388,7 @@ async def test_check_config_names_a_bad_unblock_form_with_its_line(
     )
     check = check_policy(bot_settings(slack, bk, "redis://127.0.0.1:1/0", policy_file=str(path)))
     assert not check.ok
-    problems = check.detail.split("; ")
+    problems = check.detail.splitlines()
     assert len(problems) == 3
     assert "line 6: unblock_forms.uploaded.release.fields.0:" in problems[0]
     assert "'release name' is not a field key" in problems[0]

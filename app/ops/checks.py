@@ -145,7 +145,7 @@ async def check_redis(store: Store, settings: Settings, *, show_url: bool = Fals
 
 
 def check_policy(settings: Settings) -> Check:
-    """Load the policy file as start-up would, reporting its first problem by line."""
+    """Load the policy file as start-up would, reporting each problem by line."""
     path = settings.policy_file
     if not path or not Path(path).exists():
         return Check(
@@ -158,7 +158,7 @@ def check_policy(settings: Settings) -> Check:
     try:
         policy = load_policy(path)
     except PolicyError as exc:
-        return Check("policy", False, str(exc).replace("\n", "; "))
+        return Check("policy", False, str(exc))  # one problem a line
     return Check("policy", True, f"{path}: {len(policy.data.pipelines)} pipeline rules")
 
 
@@ -255,7 +255,11 @@ async def check_config(settings: Settings) -> list[Check]:
 
 def report(checks: list[Check], redact: Callable[[str], str]) -> tuple[str, bool]:
     """The human report, one line per check, and whether every check passed."""
-    lines = [f"{'✓' if c.ok else '✗'} {c.name}: {redact(c.detail)}" for c in checks]
+    lines = [
+        f"{'✓' if c.ok else '✗'} {c.name}: {line}"
+        for c in checks
+        for line in redact(c.detail).splitlines() or [""]
+    ]
     failed = sum(not c.ok for c in checks)
     if failed:
         lines.append(f"{failed} of {len(checks)} checks failed.")

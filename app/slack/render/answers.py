@@ -37,12 +37,16 @@ def started(build_url: str | None, pipeline: str | None, number: int) -> str:
 
 
 def starting(pipeline: str, position: int) -> str:
-    """The ack of /deploy: its place in line (0 when it starts at once)."""
+    """The ack of /deploy: its place in line (0 when it starts at once). It is sent before the
+    policy and the pipeline are checked, so it promises no build."""
     if position == 0:
-        return f":hourglass_flowing_sand: Starting a build of `{pipeline}`…"
+        return (
+            f":hourglass_flowing_sand: Starting a build of `{pipeline}` if it exists and you may "
+            "deploy it…"
+        )
     return (
         f":hourglass_flowing_sand: Many deploys are starting right now; yours of `{pipeline}` "
-        f"is number {position} in line and starts in turn…"
+        f"is number {position} in line and starts in turn, if you may deploy it…"
     )
 
 

@@ -129,6 +129,11 @@ def confirm_deploy(plan: DeployPlan, request_id: str) -> Rendered:
     return Rendered(text=f"{what} {plan.pipeline}? It is protected.", blocks=blocks)
 
 
+def expiry_text(seconds: int) -> str:
+    """How long an approval has left: "30 s" under a minute, else minutes ("2 min")."""
+    return f"{seconds} s" if seconds < 60 else f"{round(seconds / 60)} min"
+
+
 def _approval_header(
     plan: DeployPlan, status: str, decided_by: str | None, reason: str | None
 ) -> str:
@@ -139,7 +144,7 @@ def _approval_header(
     return {
         "pending": f":raised_hand: <@{plan.requester}> asks to {asks}. "
         f"Approval needed from {', '.join(plan.approvers)} (not the requester)"
-        + (f"; expires in {plan.expires_in // 60} min." if plan.expires_in else "."),
+        + (f"; expires in {expiry_text(plan.expires_in)}." if plan.expires_in else "."),
         "approved": f":white_check_mark: {what.capitalize()} of `{plan.pipeline}` requested by "
         f"<@{plan.requester}> was approved by <@{decided_by}>.",
         "rejected": f":no_entry: {what.capitalize()} of `{plan.pipeline}` requested by "
@@ -201,9 +206,14 @@ def locked_text(pipeline: str, holder: str, reason: object) -> str:
     return f":lock: {code(pipeline)} is locked by <@{holder}>{lock_reason(reason)}."
 
 
+def _sentence(text: str) -> str:
+    """`text` ending as a sentence does, so that the next one does not run on from it."""
+    return text if text.endswith((".", "!", "?", "…")) else f"{text}."
+
+
 def lock_announcement(user: str, pipeline: str, until: str, reason: str) -> str:
     """The in-channel note that someone locked a pipeline, with their reason shown as text."""
-    said = f": {clip(plain(reason), 300)}" if reason else "."
+    said = f": {_sentence(clip(plain(reason), 300))}" if reason else "."
     return (
         f":lock: <@{user}> locked {code(pipeline)}{until}{said} "
         "Nobody else can deploy it meanwhile."
