@@ -14,7 +14,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import httpx
@@ -62,6 +62,9 @@ from app.tuning import DEFAULT, Tuning
 from app.web import OnlyVerified, create_web_app
 from buildkite.client import BuildkiteClient, StartLookup
 from handlers.errors import report_bolt_error
+
+if TYPE_CHECKING:
+    from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 
 log = logging.getLogger(__name__)
 
@@ -359,6 +362,7 @@ async def start_bot(
         )
         await runner.setup()
         socket_handler = None
+        connecting: asyncio.Task[None] | None = None
         try:
             site = web.TCPSite(runner, host=host, port=settings.port if port is None else port)
             await site.start()
@@ -372,8 +376,11 @@ async def start_bot(
                     socket_handler = AsyncSocketModeHandler(
                         bolt, settings.slack_app_token.get_secret_value()
                     )
-                    await socket_handler.connect_async()  # type: ignore[no-untyped-call]
-                    log.info("connected to Slack in Socket Mode; webhook on port %s", bound)
+                    # Connecting retries for as long as Slack is unreachable: it runs beside
+                    # the bot, so that a signal can still stop the process meanwhile.
+                    connecting = asyncio.create_task(
+                        _connect_socket(socket_handler, bound), name="socket-connect"
+                    )
                 else:
                     log.info("listening for Slack and Buildkite on port %s", bound)
                 yield RunningBot(services=services, bolt=bolt, port=bound)
@@ -382,14 +389,34 @@ async def start_bot(
                 # before the notifier and poller stop and the clients close. Pending builds
                 # stay in Redis for the next start.
                 if socket_handler is not None:
-                    await socket_handler.close_async()  # type: ignore[no-untyped-call]
+                    await _close_socket(socket_handler, connecting, tuning.shutdown_grace)
                     socket_handler = None
                 await site.stop()
                 await services.finish_inflight(tuning.shutdown_grace)
         finally:
             if socket_handler is not None:
-                await socket_handler.close_async()  # type: ignore[no-untyped-call]
+                await _close_socket(socket_handler, connecting, tuning.shutdown_grace)
             await runner.cleanup()
+
+
+async def _connect_socket(handler: AsyncSocketModeHandler, port: int) -> None:
+    await handler.connect_async()  # type: ignore[no-untyped-call]
+    if not handler.client.closed:
+        log.info("connected to Slack in Socket Mode; webhook on port %s", port)
+
+
+async def _close_socket(
+    handler: AsyncSocketModeHandler, connecting: asyncio.Task[None] | None, grace: float
+) -> None:
+    """Disconnect first, so that Slack sends events to the other replicas; a connect still
+    retrying (Slack unreachable) is stopped rather than waited for."""
+    if connecting is not None and not connecting.done():
+        connecting.cancel()
+        await asyncio.wait([connecting], timeout=grace)
+    try:
+        await asyncio.wait_for(handler.close_async(), timeout=grace)  # type: ignore[no-untyped-call]
+    except (TimeoutError, aiohttp.ClientError, OSError) as e:
+        log.warning("shutdown: the Socket Mode connection did not close cleanly: %s", e)
 
 
 async def serve(settings: Settings, stop: asyncio.Event, tuning: Tuning = DEFAULT) -> None:

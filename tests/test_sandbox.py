@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import asyncio
+import contextlib
 import io
 import os
 import shutil
@@ -15,6 +17,10 @@ from pathlib import Path
 import pytest
 
 from app import sandbox
+from app.sandbox.session import Session
+from app.simulators.bot import running_bot
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
 from tests.test_container import dockerfile_stages, instructions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,6 +103,29 @@ async def test_failing_builds_buttons_and_mistakes(tmp_path: Path) -> None:
         "Type a slash command",
     ):
         assert expected in transcript, f"{expected!r} not in the transcript:\n{transcript}"
+
+
+async def test_a_line_waits_for_the_bot_to_answer_the_one_before(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str
+) -> None:
+    """A slow first call to Buildkite (a cold start): the build's message, and so its Cancel
+    button, comes long after the slash command's answer, and the next line presses it."""
+    bk.add_pipeline("web", default_branch="main")
+    bk.delay_next(1, 2.0, "/builds", method="POST")
+    out = io.StringIO()
+    async with running_bot(slack, bk, redis_url) as client:
+        session = Session(slack, bk, client, out, fail=False, speed=10.0)
+        simulator = asyncio.create_task(session.simulate_builds())
+        try:
+            await session.scripted(["/deploy web main", "Cancel"])
+        finally:
+            simulator.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await simulator
+    transcript = out.getvalue()
+    assert "Type a slash command" not in transcript, transcript
+    assert "(confirmed: Cancel web #1?)" in transcript, transcript
+    assert bk.requests_to("PUT", "/organizations/acme/pipelines/web/builds/1/cancel"), transcript
 
 
 def test_without_the_simulators_it_says_what_to_do(tmp_path: Path) -> None:

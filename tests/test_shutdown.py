@@ -4,10 +4,13 @@ leaves its pending builds in Redis for the next start."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 import time
+from asyncio.subprocess import Process
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,59 +31,31 @@ async def test_sigterm_finishes_in_flight_work_and_exits_cleanly(
 ) -> None:
     bk.add_pipeline("web")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "BUILDKITE_"))}
-    env.update(
-        SLACK_BOT_TOKEN=slack.bot_token,
-        SLACK_SIGNING_SECRET=SIGNING_SECRET,
-        SLACK_API_URL=slack.api_url,
+    env = bot_env(
+        slack.api_url,
+        bk,
+        redis_url,
+        port,
+        tmp_path,
         SLACK_HOOKS_URL=slack.hooks_url,
-        BUILDKITE_API_TOKEN=BUILDKITE_TOKEN,
-        BUILDKITE_ORG=bk.org,
-        BUILDKITE_API_URL=bk.url,
-        BUILDKITE_WEBHOOK_TOKEN=WEBHOOK_TOKEN,
-        REDIS_URL=redis_url,
-        PORT=str(port),
-        POLICY_FILE=str(tmp_path / "none.yml"),
-        PYTHONPATH=str(ROOT),
+        SLACK_BOT_TOKEN=slack.bot_token,
     )
-    log = (tmp_path / "bot.log").open("wb")
-    bot = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "app", env=env, cwd=tmp_path, stdout=log, stderr=log
-    )
-    try:
-        async with aiohttp.ClientSession() as http:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert time.monotonic() < deadline, (tmp_path / "bot.log").read_text()
-                await asyncio.sleep(0.1)
-            # Slow Buildkite: the deploy is acknowledged, then still at work when SIGTERM comes.
-            bk.delay_next(1, 1.5, "/builds", method="POST")
-            body, headers = slack_requests.slash_command(
-                "/deploy",
-                "web",
-                response_url=slack.response_url("r"),
-                signing_secret=SIGNING_SECRET,
-            )
-            async with http.post(
-                f"http://127.0.0.1:{port}/slack/events", data=body, headers=headers
-            ) as resp:
-                assert resp.status == 200
-            await asyncio.sleep(0.3)
-            started = time.monotonic()
-            bot.send_signal(signal.SIGTERM)
-            code = await asyncio.wait_for(bot.wait(), timeout=30)
-            took = time.monotonic() - started
-    finally:
-        if bot.returncode is None:
-            bot.kill()
-            await bot.wait()
-        log.close()
+    async with bot_process(env, tmp_path) as bot, aiohttp.ClientSession() as http:
+        await wait_healthy(http, port, tmp_path)
+        # Slow Buildkite: the deploy is acknowledged, then still at work when SIGTERM comes.
+        bk.delay_next(1, 1.5, "/builds", method="POST")
+        body, headers = slack_requests.slash_command(
+            "/deploy",
+            "web",
+            response_url=slack.response_url("r"),
+            signing_secret=SIGNING_SECRET,
+        )
+        async with http.post(
+            f"http://127.0.0.1:{port}/slack/events", data=body, headers=headers
+        ) as resp:
+            assert resp.status == 200
+        await asyncio.sleep(0.3)
+        code, took = await terminate(bot)
     output = (tmp_path / "bot.log").read_text()
     assert code == 0, output
     assert took < 15, f"shutdown took {took:.1f}s"
@@ -90,3 +65,122 @@ async def test_sigterm_finishes_in_flight_work_and_exits_cleanly(
     assert slack.posts("C0CHAN")
     # ...and the build, not finished yet, is still pending in Redis for the next start.
     assert await redis_client.zcard(keys.PENDING_KEY) == 1
+
+
+async def test_sigterm_stops_socket_mode_while_slack_holds_the_connection(
+    bk: FakeBuildkite, redis_url: str, tmp_path: Path
+) -> None:
+    """Slack answers `auth.test` but never `apps.connections.open`: the bot is still connecting
+    when SIGTERM comes, and must exit within the grace anyway."""
+    slack = HoldingSlack()
+    server = await asyncio.start_server(slack.serve, "127.0.0.1", 0)
+    slack_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/api/"
+    port = free_port()
+    env = bot_env(slack_url, bk, redis_url, port, tmp_path, SLACK_APP_TOKEN="xapp-1-A1-2-held")
+    async with bot_process(env, tmp_path) as bot:
+        async with aiohttp.ClientSession() as http:
+            await wait_healthy(http, port, tmp_path)
+        deadline = time.monotonic() + 20
+        while "apps.connections.open" not in slack.paths:
+            assert time.monotonic() < deadline, (tmp_path / "bot.log").read_text()
+            await asyncio.sleep(0.1)
+        code, took = await terminate(bot)
+    server.close()
+    await slack.release()
+    output = (tmp_path / "bot.log").read_text()
+    assert code == 0, output
+    assert took < 10, f"shutdown took {took:.1f}s\n{output}"
+    assert "shutting down" in output
+    assert "connected to Slack in Socket Mode" not in output
+    assert "Traceback" not in output, output
+
+
+class HoldingSlack:
+    """A Slack Web API that answers `auth.test` and holds every other request unanswered."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.held: list[asyncio.StreamWriter] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while request_line := await reader.readline():
+            length = 0
+            while (header := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = header.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            path = request_line.split()[1].decode().rsplit("/", 1)[-1].split("?")[0]
+            self.paths.append(path)
+            if path != "auth.test":
+                self.held.append(writer)
+                return
+            body = b'{"ok": true, "user_id": "U0BOT", "team_id": "T0TEAM", "bot_id": "B0BOT"}'
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            await writer.drain()
+
+    async def release(self) -> None:
+        for writer in self.held:
+            writer.close()
+
+
+def bot_env(
+    slack_url: str, bk: FakeBuildkite, redis_url: str, port: int, tmp_path: Path, **extra: str
+) -> dict[str, str]:
+    """The environment of `python -m app` against these fakes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "BUILDKITE_"))}
+    env.update(
+        SLACK_BOT_TOKEN="xoxb-test",
+        SLACK_SIGNING_SECRET=SIGNING_SECRET,
+        SLACK_API_URL=slack_url,
+        BUILDKITE_API_TOKEN=BUILDKITE_TOKEN,
+        BUILDKITE_ORG=bk.org,
+        BUILDKITE_API_URL=bk.url,
+        BUILDKITE_WEBHOOK_TOKEN=WEBHOOK_TOKEN,
+        REDIS_URL=redis_url,
+        PORT=str(port),
+        POLICY_FILE=str(tmp_path / "none.yml"),
+        PYTHONPATH=str(ROOT),
+    )
+    env.update(extra)
+    return env
+
+
+async def wait_healthy(http: aiohttp.ClientSession, port: int, tmp_path: Path) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                if resp.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        assert time.monotonic() < deadline, (tmp_path / "bot.log").read_text()
+        await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def bot_process(env: dict[str, str], tmp_path: Path) -> AsyncIterator[Process]:
+    """`python -m app` for the block, its output in `bot.log`; killed if it outlives the block."""
+    log = (tmp_path / "bot.log").open("wb")
+    bot = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app", env=env, cwd=tmp_path, stdout=log, stderr=log
+    )
+    try:
+        yield bot
+    finally:
+        if bot.returncode is None:
+            bot.kill()
+            await bot.wait()
+        log.close()
+
+
+async def terminate(bot: Process) -> tuple[int, float]:
+    """SIGTERM, then the exit code and how long the exit took."""
+    started = time.monotonic()
+    bot.send_signal(signal.SIGTERM)
+    code = await asyncio.wait_for(bot.wait(), timeout=30)
+    return code, time.monotonic() - started

@@ -151,14 +151,23 @@ class Session:
             await asyncio.sleep(0.1)
 
     async def settle(self) -> None:
-        """Wait until the builds rest and neither they nor the bot changed anything for a while."""
+        """Wait until the builds rest, the bot has finished what it was given, and neither they nor
+        the bot changed anything for a while."""
         quiet = 0.5 + 1.5 / self.speed
         deadline = time.monotonic() + STEP_TIMEOUT
         while time.monotonic() < deadline:
             self.flush()
             busy = any(b["state"] not in FINAL and not b["blocked"] for b in self.bk.builds)
             if not busy and time.monotonic() - self.last_activity > quiet:
-                return
+                # The builds rest, but the bot may still be at work on the last line (a cold
+                # first call is slow): wait for it too, and look again if it wrote anything.
+                try:
+                    await self.client.settled(max(0.1, deadline - time.monotonic()))
+                except AssertionError:
+                    break
+                self.flush()
+                if time.monotonic() - self.last_activity > quiet:
+                    return
             await asyncio.sleep(0.05)
         self.say(f"  (still busy after {STEP_TIMEOUT:.0f} s; going on)")
 
