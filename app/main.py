@@ -45,6 +45,7 @@ from app.core.services import Services
 from app.ops.checks import Readiness, check_buildkite, check_slack
 from app.ops.metrics import CountSlackCalls, Metrics, count_buildkite_requests
 from app.ops.observability import SlackRequestObserver
+from app.ops.outages import RedisOutage
 from app.settings import Settings
 from app.slack import mrkdwn
 from app.slack.clicks import DropReplayedClicks
@@ -52,6 +53,7 @@ from app.slack.directory import Directory
 from app.slack.outbox import Outbox
 from app.slack.response_urls import SlackHooks
 from app.storage.connection import connect_redis
+from app.storage.redis_url import mask_url
 from app.storage.store import Store
 from app.tracking.intake import Intake
 from app.tracking.notifier import Notifier
@@ -155,6 +157,10 @@ async def open_services(
         intake = Intake(store, buildkite)
         auto_retry = AutoRetry(policy, store, buildkite, outbox, auditor, follow=intake.reopen)
         consumer = process_name()  # its stream consumer and its poll lease
+        redis_outage = RedisOutage(
+            mask_url(settings.redis_url) if settings.redis_url else "the embedded store",
+            repeat_every=tuning.redis_outage_log_every,
+        )
         writer = MessageWriter(store, buildkite, outbox, hooks, tuning.tracking, people=directory)
         notifier = Notifier(
             store,
@@ -163,6 +169,7 @@ async def open_services(
             metrics=metrics,
             on_final=[auto_retry.on_final],
             consumer=consumer,
+            redis_outage=redis_outage,
         )
         poller = Poller(
             store,
@@ -172,6 +179,7 @@ async def open_services(
             poll_interval=settings.poll_interval,
             metrics=metrics,
             consumer=consumer,
+            redis_outage=redis_outage,
         )
         yield Services(
             settings=settings,
@@ -190,6 +198,7 @@ async def open_services(
             hooks=hooks,
             tuning=tuning,
             deploys=DeployQueue(running=tuning.deploys.running, waiting=tuning.deploys.waiting),
+            redis_outage=redis_outage,
         )
 
 
@@ -310,10 +319,12 @@ async def expire_approvals(
         try:
             await approvals.expire_approvals()
         except (RedisError, OSError) as exc:
-            # Redis is down: the readiness check says so; a traceback every sweep would not.
-            log.warning("approval expiry sweep skipped, redis unavailable: %s", exc)
+            # Redis is down: the readiness check says so; a line every sweep would not.
+            services.redis_outage.failed(exc, "the approval expiry sweep")
         except Exception:
             log.exception("approval expiry sweep failed; retrying")
+        else:
+            services.redis_outage.recovered()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=interval)
 

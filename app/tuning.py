@@ -76,6 +76,8 @@ class Tuning:
     deploys: DeployTuning = field(default_factory=DeployTuning)
     #: How long a stopping bot waits for work in flight.
     shutdown_grace: float = 10.0
+    #: While Redis is down, the loops log that it still is at most this often.
+    redis_outage_log_every: float = 60.0
 
 
 #: What production runs with.

@@ -321,8 +321,9 @@ async def run_digest_schedules(
         for schedule in schedules:
             try:
                 await post_due_digest(services, ledger, schedule, now=clock(), owner=owner)
-            except RedisError as exc:
-                log.warning("digest schedule skipped: redis unavailable (%s)", exc)
+                services.redis_outage.recovered()
+            except (RedisError, OSError) as exc:
+                services.redis_outage.failed(exc, "the digest schedule")
             except SlackDeliveryError as exc:
                 # The outbox logged the cause and its fix once for this channel; a permanent
                 # one (the bot not invited, say) is not worth a traceback per attempt.

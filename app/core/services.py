@@ -15,6 +15,7 @@ from app.core.audit import Auditor
 from app.core.deploy_queue import DeployQueue
 from app.core.policy import Policy
 from app.core.routing import Router
+from app.ops.outages import RedisOutage
 from app.settings import Settings
 from app.slack.directory import Directory
 from app.slack.outbox import Outbox
@@ -54,6 +55,8 @@ class Services:
     deploys: DeployQueue = field(default_factory=DeployQueue)
     #: Waits and sizes; `main` may pass its own (see app.tuning).
     tuning: Tuning = DEFAULT
+    #: The loops' shared account of a Redis outage, so that it is logged once.
+    redis_outage: RedisOutage = field(default_factory=RedisOutage)
 
     async def finish_inflight(self, timeout: float) -> None:  # noqa: ASYNC109
         """Wait (bounded) for acknowledged requests to finish what they started; deploys still

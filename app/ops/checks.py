@@ -181,10 +181,14 @@ class Readiness:
 
     async def check_at_start(self) -> None:
         names = list(self.checks)
-        results = await asyncio.gather(*(bounded(n, self.checks[n]()) for n in names))
+        # Redis is checked live by /readyz, so it is not cached; but start-up names it too.
+        redis, *results = await asyncio.gather(
+            check_redis(self.store, self.settings, show_url=True),
+            *(bounded(n, self.checks[n]()) for n in names),
+        )
         now = self.clock()
         self.results = {check.name: (check, now) for check in results}
-        for check in results:
+        for check in [redis, *results]:
             if not check.ok:
                 log.error("not ready: %s: %s", check.name, check.detail)
 

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from redis.exceptions import RedisError, ResponseError
 
 from app.ops.metrics import UNWIRED, Metrics
+from app.ops.outages import RedisOutage
 from app.slack.outbox import SlackDeliveryError
 from app.storage.records import TrackedBuild, Transition
 from app.storage.store import Store
@@ -45,9 +46,11 @@ class Notifier:
         on_final: Sequence[FinalListener] = (),
         consumer: str | None = None,
         clock: Callable[[], float] = time.time,
+        redis_outage: RedisOutage | None = None,
     ) -> None:
         self.store = store
         self.writer = writer
+        self.redis_outage = redis_outage or RedisOutage()
         self.tuning = tuning
         self.metrics = metrics
         self.on_final = tuple(on_final)
@@ -95,12 +98,14 @@ class Notifier:
                 log.exception("notifier cycle failed; retrying")
                 await asyncio.sleep(1.0)
             except (RedisError, OSError) as exc:
-                # Redis is down: /readyz says so; a traceback every second would not help.
-                log.warning("notifier waiting, redis unavailable: %s", exc)
+                # Redis is down: /readyz says so; a line every second would not help.
+                self.redis_outage.failed(exc, "the notifier")
                 await asyncio.sleep(1.0)
             except Exception:
                 log.exception("notifier cycle failed; retrying")
                 await asyncio.sleep(1.0)
+            else:
+                self.redis_outage.recovered()
 
     async def _start(self, transition: Transition) -> None:
         """Hand a transition to its own task: builds are written in parallel (one slow or paced

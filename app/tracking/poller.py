@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from redis.exceptions import RedisError
 
 from app.ops.metrics import UNWIRED, Metrics
+from app.ops.outages import RedisOutage
 from app.storage.records import PollState
 from app.storage.store import Store
 from app.tracking.intake import Intake
@@ -69,6 +70,7 @@ class Poller:
         metrics: Metrics = UNWIRED,
         consumer: str | None = None,
         clock: Callable[[], float] = time.time,
+        redis_outage: RedisOutage | None = None,
     ) -> None:
         self.store = store
         self.buildkite = buildkite
@@ -78,6 +80,7 @@ class Poller:
         self.metrics = metrics
         self.consumer = consumer or process_name()
         self.clock = clock
+        self.redis_outage = redis_outage or RedisOutage()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll at a fixed rate: cycles start every interval, whatever each one takes."""
@@ -85,10 +88,11 @@ class Poller:
         while not stop.is_set():
             try:
                 self.metrics.poll_cycle(await self.poll_once())
+                self.redis_outage.recovered()
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
-                log.warning("poll cycle skipped, redis unavailable: %s", exc)
+                self.redis_outage.failed(exc, "polling")
                 self.metrics.poll_cycle(None)
             except Exception:
                 log.exception("poll cycle failed; retrying next interval")
