@@ -18,6 +18,8 @@ CHANNEL = "C0CHAN"
 PASSING = ((1.5, "running"), (4.0, "passed"))
 FAILING = ((1.5, "running"), (3.0, "failing"), (5.0, "failed"))
 FINAL = {"passed", "failed", "canceled", "skipped", "not_run"}
+#: How long a line waits for the bot to finish once the builds rest.
+BOT_SETTLE = 10.0
 STEP_TIMEOUT = 60.0
 HELP = (
     "Type a slash command (/deploy web main, /cancel web 1, /rebuild web 1, /deploy help), "
@@ -162,9 +164,14 @@ class Session:
                 # The builds rest, but the bot may still be at work on the last line (a cold
                 # first call is slow): wait for it too, and look again if it wrote anything.
                 try:
-                    await self.client.settled(max(0.1, deadline - time.monotonic()))
+                    await self.client.settled(
+                        min(BOT_SETTLE, max(0.1, deadline - time.monotonic()))
+                    )
                 except AssertionError:
-                    break
+                    # Nothing in flight, but a transition waits for its retry (a Slack write
+                    # failed): the bot will not change anything more soon, so go on.
+                    self.flush()
+                    return
                 self.flush()
                 if time.monotonic() - self.last_activity > quiet:
                     return
