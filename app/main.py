@@ -34,6 +34,8 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 import handlers
+from app.agents.gateway import create_gateway
+from app.agents.http import McpEndpoint
 from app.core.approvals import Approvals
 from app.core.audit import Auditor
 from app.core.auto_retry import AutoRetry
@@ -359,11 +361,13 @@ async def start_bot(
                 "buildkite": lambda: check_buildkite(services.buildkite, thorough=False),
             },
         )
+        mcp = McpEndpoint(create_gateway(services))
         web_app = create_web_app(
             services,
             None if settings.socket_mode else bolt,
             metrics=metrics,
             readiness=readiness,
+            mcp=mcp.handle,
         )
         runner = web.AppRunner(
             web_app,
@@ -379,7 +383,7 @@ async def start_bot(
             await site.start()
             bound = runner.addresses[0][1] if runner.addresses else settings.port
             await readiness.check_at_start()
-            async with background(services, tuning):
+            async with mcp.running(tuning.shutdown_grace), background(services, tuning):
                 if settings.socket_mode:
                     from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 
@@ -396,6 +400,7 @@ async def start_bot(
                     log.info("listening for Slack and Buildkite on port %s", bound)
                 yield RunningBot(services=services, bolt=bolt, port=bound)
                 log.info("shutting down: no new requests; finishing the ones in flight")
+                await mcp.stop_waits()  # agents' waits answer now, not after the grace
                 # Stop taking work first, then let acknowledged requests finish their calls
                 # before the notifier and poller stop and the clients close. Pending builds
                 # stay in Redis for the next start.

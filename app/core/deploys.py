@@ -73,6 +73,7 @@ class Deploys(Actions):
             message=request.message or f"Deployed from Slack by @{actor.user_name}",
             env=dict(request.env),
             requester=actor.user_id,
+            acts_for=self.s.policy.acts_for(actor.user_id),
         )
         if not rule.asks_first:
             return Started(await self._start(plan, actor, request_id=request_id))
@@ -129,8 +130,8 @@ class Deploys(Actions):
         repo = _github_repo(pipeline.repository)
         if repo and last_passed and last_passed.commit and sha and last_passed.commit != sha:
             diff = f"https://github.com/{repo}/compare/{last_passed.commit}...{sha}"
-        approvers = (
-            tuple(principal_ref(p) for p in rule.approval.approvers) if rule.approval else ()
+        approvers = tuple(
+            principal_ref(p) for p in self.s.policy.approvers(rule, requester=plan.requester)
         )
         return replace(
             plan,
@@ -138,20 +139,27 @@ class Deploys(Actions):
             resolved_from=f"#{last.number}" if last and plan.commit == "HEAD" else None,
             diff_url=diff,
             approvers=approvers,
-            expires_in=rule.approval.expires_after if rule.approval else None,
+            expires_in=self.s.policy.approval_expiry(rule, requester=plan.requester),
         )
 
     async def confirm(self, request_id: str, actor: Actor) -> DeployOutcome:
-        """The requester confirmed a protected deploy: start it, or ask for approval."""
+        """The requester confirmed a protected deploy: start it, or ask for approval.
+
+        An agent's protected deploy always waits for a person's approval (see app.agents).
+        """
         plan, data = await self._own_request(request_id, actor, verb="confirm")
         action = plan_action(plan)
         rule = await self._authorize(action, plan.pipeline, actor)
         await self._check_env(rule, plan.env, actor, action=action.value, pipeline=plan.pipeline)
         await self._check_lock(plan.pipeline, actor)
-        if rule.approval is None:
+        expiry = self.s.policy.approval_expiry(rule, requester=actor.user_id)
+        if expiry is None:
             return Started(await self._start(plan, actor, request_id=request_id))
+        if not self.s.policy.approvers(rule, requester=actor.user_id):
+            await self._audit(actor, "deploy", plan.pipeline, "refused", detail="no approvers")
+            raise UserError(texts.refused(texts.no_agent_approvers(plan.pipeline, rule.name)))
         approval_id = request_id_for("approval", request_id)
-        expires_at = time.time() + rule.approval.expires_after
+        expires_at = time.time() + expiry
         await self.s.store.create_approval(approval_id, data, expires_at=expires_at)
         try:
             ts = await self.s.outbox.post(

@@ -111,3 +111,19 @@ DIGEST_LAST_KEY = TEMPLATE_PREFIX + "digest:last:{schedule}"
 #: A process that took a slot and died is replaced after this long (the digest is then late).
 DIGEST_LEASE_TTL = 15 * 60
 DIGEST_LAST_TTL = 35 * 24 * 3600  # outlives a weekly schedule's gap
+
+# -- agents (MCP) ----------------------------------------------------------------------------
+
+#: agentbudget:{agent}:{kind}:{window} -> what the agent spent of one budget (`mutations` an
+#: hour, `reads` a minute) in that window (INCR), shared by every replica.
+AGENT_BUDGET_KEY = TEMPLATE_PREFIX + "agentbudget:{agent}:{kind}:{window}"
+#: agentcall:{agent}:{key} -> the result (JSON) of an agent's mutation with that identity (its
+#: idempotency_key, or one derived from its arguments and the minute); "" while it runs (SET NX).
+AGENT_CALL_KEY = TEMPLATE_PREFIX + "agentcall:{agent}:{key}"
+#: agentread:{what} -> an answer read from Buildkite for agents, kept a moment (PX).
+AGENT_READ_KEY = TEMPLATE_PREFIX + "agentread:{what}"
+#: Pub/sub channel beside the events stream: `build:{id}` when a tracked build's phase changed,
+#: `approval:{id}` when an approval was settled. Waiting agents wake on it (no Buildkite call).
+CHANGES_CHANNEL = PREFIX + "changes"
+
+AGENT_CALL_TTL = REQUEST_TTL  # a retry within a day is the same call

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import redis.asyncio as redis
 
+from app.storage.agents import AgentLedger
 from app.storage.approvals import Approvals
 from app.storage.audit import AuditTrail
 from app.storage.builds import BuildRecords
@@ -29,6 +30,7 @@ class Store(
     PipelineLocks,
     AuditTrail,
     PollLedger,
+    AgentLedger,
 ):
     """Every concern of the store over one `redis.asyncio` client."""
 
@@ -42,6 +44,7 @@ class Store(
         PipelineLocks.__init__(self, client)
         AuditTrail.__init__(self, client)
         PollLedger.__init__(self, client)
+        AgentLedger.__init__(self, client)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
