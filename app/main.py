@@ -36,6 +36,8 @@ from slack_sdk.web.async_client import AsyncWebClient
 import handlers
 from app.agents.gateway import create_gateway
 from app.agents.http import McpEndpoint
+from app.agents.identity import Agent
+from app.agents.stdio import serve_stdio
 from app.core.approvals import Approvals
 from app.core.audit import Auditor
 from app.core.auto_retry import AutoRetry
@@ -460,3 +462,26 @@ def run(settings: Settings, tuning: Tuning = DEFAULT) -> None:
         await serve(settings, stop, tuning)
 
     asyncio.run(_main())
+
+
+async def serve_mcp_stdio(settings: Settings, agent: Agent, tuning: Tuning = DEFAULT) -> None:
+    """`python -m app mcp`: the bot's services, serving one agent over stdio.
+
+    With a shared Redis the running bot's notifier posts and follows the builds this process
+    starts; with the embedded store nobody else could, so this process runs them itself.
+    """
+    async with open_services(settings, tuning=tuning) as services:
+        gateway = create_gateway(services)
+        async with contextlib.AsyncExitStack() as stack:
+            if settings.redis_url is None:
+                log.warning("mcp over stdio with the embedded store: following its own builds")
+                await stack.enter_async_context(background(services, tuning))
+            try:
+                await serve_stdio(gateway, agent)
+            finally:
+                await gateway.changes.close()
+                await services.finish_inflight(tuning.shutdown_grace)
+
+
+def run_mcp_stdio(settings: Settings, agent: Agent, tuning: Tuning = DEFAULT) -> None:
+    asyncio.run(serve_mcp_stdio(settings, agent, tuning))

@@ -102,11 +102,21 @@ class McpEndpoint:
             )
         if not self._running:
             return web.json_response({"error": "the MCP server is not running"}, status=503)
-        return await serve_asgi(self.manager.handle_request, request, state={AGENT_STATE: agent})
+        return await serve_asgi(
+            self.manager.handle_request,
+            request,
+            state={AGENT_STATE: agent},
+            # Checked here: the SDK never sees the token (nor could it log it).
+            drop_headers=frozenset({b"authorization"}),
+        )
 
 
 async def serve_asgi(
-    app: ASGIApp, request: web.Request, *, state: dict[str, Any]
+    app: ASGIApp,
+    request: web.Request,
+    *,
+    state: dict[str, Any],
+    drop_headers: frozenset[bytes] = frozenset(),
 ) -> web.StreamResponse:
     """Serve one aiohttp request with an ASGI app, streaming its answer as it comes.
 
@@ -126,7 +136,9 @@ async def serve_asgi(
         "raw_path": request.raw_path.split("?", 1)[0].encode(),
         "query_string": request.query_string.encode(),
         "root_path": "",
-        "headers": [(k.lower(), v) for k, v in request.raw_headers],
+        "headers": [
+            (k.lower(), v) for k, v in request.raw_headers if k.lower() not in drop_headers
+        ],
         "client": tuple(peer[:2]) if isinstance(peer, tuple) else None,
         "server": (host, port),
         "state": state,
