@@ -381,6 +381,14 @@ def _check_fields(form: BlockForm | None, fields: dict[str, str]) -> None:
     if form is None:
         return
     known = {f.key: f for f in form.fields}
+    for field in form.fields:  # what the person's form would have prefilled
+        if field.key in fields:
+            continue
+        if field.kind == "select":
+            if chosen := [o.value for o in field.initial_options]:
+                fields[field.key] = "\n".join(chosen)
+        elif field.default:
+            fields[field.key] = field.default[0]
     if unknown := sorted(set(fields) - set(known)):
         raise Refused(
             f"The block step has no field {', '.join(unknown)}: "
@@ -389,7 +397,7 @@ def _check_fields(form: BlockForm | None, fields: dict[str, str]) -> None:
     for field in form.fields:
         given = fields.get(field.key)
         if not given:
-            if field.required and not field.default:
+            if field.required:
                 raise Refused(f"The block step's field {field.key} ({field.label}) is required.")
             continue
         if field.kind == "select":

@@ -236,6 +236,7 @@ class Deploys(Actions):
             env=env,
             requester=actor.user_id,
             rebuild_of=ref.number,
+            acts_for=self.s.policy.acts_for(actor.user_id),
         )
         plan = await self._describe(plan, pipeline, rule)
         request_id = request_id_for("rebuild", trigger)

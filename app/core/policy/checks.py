@@ -132,13 +132,15 @@ class Policy:
 
     def approvers(self, rule: Rule, *, requester: str) -> list[str]:
         """Who may approve `requester`'s protected deploy: the rule's approvers; for an agent on
-        a rule that only protects, the people who may deploy it and the admins."""
-        if rule.approval is not None:
-            return list(rule.approval.approvers)
+        a rule that only protects, the people who may deploy it and the admins; never the person
+        an agent acts for."""
         if not is_agent(requester):
-            return []
-        people = [p for p in rule.deployers or [] if not is_agent(p)]
-        return [*people, *(a for a in self.data.admins if a not in people)]
+            return list(rule.approval.approvers) if rule.approval is not None else []
+        person = self.acts_for(requester)  # never the agent's own person (self-approval)
+        if rule.approval is not None:
+            return [p for p in rule.approval.approvers if p != person]
+        people = [p for p in rule.deployers or [] if not is_agent(p) and p != person]
+        return [*people, *(a for a in self.data.admins if a not in people and a != person)]
 
     def approval_expiry(self, rule: Rule, *, requester: str) -> int | None:
         """How long an approval request of `requester` stays open, or None when the rule asks
