@@ -338,6 +338,8 @@ class RunningBot:
     services: Services
     bolt: AsyncApp
     port: int
+    #: The agents' /mcp endpoint (app.agents).
+    mcp: McpEndpoint
 
 
 @contextlib.asynccontextmanager
@@ -400,7 +402,7 @@ async def start_bot(
                     )
                 else:
                     log.info("listening for Slack and Buildkite on port %s", bound)
-                yield RunningBot(services=services, bolt=bolt, port=bound)
+                yield RunningBot(services=services, bolt=bolt, port=bound, mcp=mcp)
                 log.info("shutting down: no new requests; finishing the ones in flight")
                 await mcp.stop_waits()  # agents' waits answer now, not after the grace
                 # Stop taking work first, then let acknowledged requests finish their calls

@@ -63,6 +63,11 @@ class Changes:
                     with contextlib.suppress(RedisError, OSError):
                         await pubsub.aclose()  # type: ignore[no-untyped-call]
 
+    @property
+    def waiting(self) -> int:
+        """How many waits are in progress (for /metrics and tests)."""
+        return sum(len(w) for w in self._waiters.values())
+
     def _wake(self, topic: str) -> None:
         for event in self._waiters.get(topic, ()):
             event.set()

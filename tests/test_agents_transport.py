@@ -1,0 +1,96 @@
+"""The /mcp route as a transport: served in Socket Mode too, one budget across replicas, waits
+that end at shutdown, and errors that say a reference id found on the bot's log lines."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from app.simulators.bot import BUILDKITE_TOKEN, BotLog, running_bot
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
+from tests.agents_support import (
+    AGENT_TOKENS,
+    BUILDS,
+    CAPTAIN_TOKEN,
+    THRIFTY_TOKEN,
+    add_pipelines,
+    agent_session,
+    call,
+    error_text,
+    structured,
+    write_policy,
+)
+
+
+async def test_mcp_is_served_in_socket_mode_too(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any, tmp_path: Path
+) -> None:
+    add_pipelines(bk)
+    policy = write_policy(tmp_path)
+    async with running_bot(
+        slack, bk, redis_url, policy_file=policy, slack_app_token=slack.app_token
+    ) as bot:
+        async with agent_session(bot, CAPTAIN_TOKEN) as session:
+            started = await structured(session, "deploy", pipeline="web")
+        assert started["status"] == "started"
+        assert len(bk.requests_to("POST", BUILDS.format("web"))) == 1
+
+
+async def test_a_budget_is_one_across_replicas(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any, tmp_path: Path
+) -> None:
+    add_pipelines(bk)
+    policy = write_policy(tmp_path)
+    async with (
+        running_bot(slack, bk, redis_url, policy_file=policy) as one,
+        running_bot(slack, bk, redis_url, policy_file=policy) as two,
+    ):
+        async with agent_session(one, THRIFTY_TOKEN) as first:
+            assert (await structured(first, "deploy", pipeline="web"))["status"] == "started"
+        async with agent_session(two, THRIFTY_TOKEN) as second:
+            refused = await structured(second, "deploy", pipeline="web", branch="other")
+    assert refused["status"] == "refused" and "1 mutations per hour" in refused["reason"]
+    assert len(bk.requests_to("POST", BUILDS.format("web"))) == 1
+
+
+async def test_waits_in_progress_answer_when_the_bot_stops(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any, tmp_path: Path
+) -> None:
+    add_pipelines(bk)
+    bk.add_build("web", state="running")
+    async with running_bot(slack, bk, redis_url, policy_file=write_policy(tmp_path)) as bot:
+        async with agent_session(bot, CAPTAIN_TOKEN) as session:
+            await structured(session, "wait_for_build", pipeline="web", number=1, timeout_seconds=0)
+            waiting = asyncio.create_task(
+                structured(session, "wait_for_build", pipeline="web", number=1, timeout_seconds=50)
+            )
+            while not bot.bot.mcp.gateway.changes.waiting:  # until the wait has begun
+                await asyncio.sleep(0.01)
+            await bot.bot.mcp.stop_waits()  # what shutdown does first
+            done = await asyncio.wait_for(waiting, 10)
+    assert done["reached"] is False and done["build"]["state"] == "running"
+
+
+async def test_an_error_says_a_reference_that_the_log_lines_carry(
+    slack: FakeSlack,
+    bk: FakeBuildkite,
+    redis_url: str,
+    redis_client: Any,
+    tmp_path: Path,
+    bot_log: BotLog,
+) -> None:
+    add_pipelines(bk)
+    bk.add_build("web", state="passed")
+    async with running_bot(slack, bk, redis_url, policy_file=write_policy(tmp_path)) as bot:
+        bk.fail_next(1, status=401, path_contains="/builds/1")
+        async with agent_session(bot, CAPTAIN_TOKEN) as session:
+            failed = await call(session, "get_build", pipeline="web", number=1)
+    text = error_text(failed)
+    assert "Buildkite rejected the bot's API token (401)" in text
+    reference = text.rsplit("(reference ", 1)[1].rstrip(")")
+    lines = [e for e in bot_log.entries() if e.get("correlation_id") == reference]
+    assert any("mcp get_build" in str(e.get("message", "")) for e in lines), lines
+    assert BUILDKITE_TOKEN not in text
+    assert bot_log.leaks(*AGENT_TOKENS) == []
