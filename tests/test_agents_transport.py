@@ -60,16 +60,18 @@ async def test_waits_in_progress_answer_when_the_bot_stops(
 ) -> None:
     add_pipelines(bk)
     bk.add_build("web", state="running")
-    async with running_bot(slack, bk, redis_url, policy_file=write_policy(tmp_path)) as bot:
-        async with agent_session(bot, CAPTAIN_TOKEN) as session:
-            await structured(session, "wait_for_build", pipeline="web", number=1, timeout_seconds=0)
-            waiting = asyncio.create_task(
-                structured(session, "wait_for_build", pipeline="web", number=1, timeout_seconds=50)
-            )
-            while not bot.bot.mcp.gateway.changes.waiting:  # until the wait has begun
-                await asyncio.sleep(0.01)
-            await bot.bot.mcp.stop_waits()  # what shutdown does first
-            done = await asyncio.wait_for(waiting, 10)
+    policy = write_policy(tmp_path)
+    async with (
+        running_bot(slack, bk, redis_url, policy_file=policy) as bot,
+        agent_session(bot, CAPTAIN_TOKEN) as session,
+    ):
+        await structured(session, "wait_for_build", pipeline="web", number=1, timeout_seconds=0)
+        waiting = asyncio.create_task(
+            structured(session, "wait_for_build", pipeline="web", number=1, timeout_seconds=50)
+        )
+        await slack.wait_for(lambda: bot.bot.mcp.gateway.changes.waiting)  # the wait began
+        await bot.bot.mcp.stop_waits()  # what shutdown does first
+        done = await asyncio.wait_for(waiting, 10)
     assert done["reached"] is False and done["build"]["state"] == "running"
 
 
