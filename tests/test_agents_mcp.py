@@ -183,3 +183,34 @@ async def test_get_build_reads_once_for_two_seconds_and_marks_build_text_untrust
     assert len(bk.requests_to("GET", BUILDS.format("web") + "/1")) == 1
     assert "Build #99 of pipeline `web` was not found" in error_text(missing)
     assert "(reference " in error_text(missing)
+
+
+async def test_the_listings_answer_as_data_from_few_requests(
+    bot: BotClient, bk: FakeBuildkite
+) -> None:
+    bk.add_build("web", state="passed")
+    bk.add_build("web", state="failed", failed_jobs=["Test"])
+    bk.add_agent("builder-1", queue="deploy")
+    async with agent_session(bot, CAPTAIN_TOKEN) as session:
+        builds = await structured(session, "list_builds", pipeline="web", limit=1)
+        failed = await structured(session, "list_builds", state="failed")
+        pipelines = await structured(session, "list_pipelines", filter="web")
+        agents = await structured(session, "list_agents", queue="deploy")
+        health = await structured(session, "build_health", pipeline="web", window="24h")
+        asked = len(work_requests(bk))
+        again = await structured(session, "build_health", pipeline="web", window="24h")
+        assert len(work_requests(bk)) == asked  # cached: read once
+    assert [(b["pipeline"], b["number"]) for b in builds["builds"]] == [("web", 2)]
+    assert [b["state"] for b in failed["builds"]] == ["failed"]
+    (web,) = pipelines["pipelines"]
+    assert web["slug"] == "web" and web["last_build"]["number"] == 2
+    assert [(a["name"], a["queue"]) for a in agents["agents"]] == [("builder-1", "deploy")]
+    assert health == again
+    (figures,) = health["pipelines"]
+    assert (figures["slug"], figures["builds"], figures["passed"], figures["failed"]) == (
+        "web",
+        2,
+        1,
+        1,
+    )
+    assert figures["pass_rate"] == 0.5

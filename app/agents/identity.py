@@ -59,9 +59,6 @@ class Identities:
     def __init__(self, policy: Policy) -> None:
         self._agents: Mapping[str, AgentSpec] = policy.data.agents
 
-    def __bool__(self) -> bool:
-        return bool(self._agents)
-
     def authenticate(self, token: str | None) -> Agent | None:
         """The agent whose token this is, or None (a missing, unknown or malformed token)."""
         if token is None or len(token) > MAX_TOKEN:

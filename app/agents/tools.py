@@ -48,7 +48,6 @@ from app.core.build_actions import BuildActions
 from app.core.commands import COMMIT, BuildRef, DeployRequest, UsageError, check_branch
 from app.core.commands.admin import AgentsQuery, HealthRequest, PipelinesQuery
 from app.core.deploys import AwaitingApproval, Deploys, NeedsConfirmation, Started
-from app.core.errors import UserError, explain
 from app.core.listings import Listings
 from app.core.names import PIPELINE_SLUG_PATTERN
 from app.core.policy import MAX_ENV_VARS, Action
@@ -80,10 +79,6 @@ class Context:
     changes: Changes
     #: The call's identity, the core's request claims are derived from (retries share it).
     trigger: str
-
-    @property
-    def policy(self) -> Any:
-        return self.services.policy
 
     def channel_for(self, pipeline: str) -> str:
         """Where this agent acts on `pipeline`, or a refusal saying how to give it one."""
@@ -119,6 +114,15 @@ IdempotencyKey = Field(
 )
 
 
+def _valid_branch(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return check_branch(value)
+    except UsageError:
+        raise ValueError("not a valid branch name (see git check-ref-format)") from None
+
+
 class DeployArgs(Args):
     pipeline: str = Pipeline
     branch: str | None = Field(
@@ -138,15 +142,7 @@ class DeployArgs(Args):
     )
     idempotency_key: str | None = IdempotencyKey
 
-    @field_validator("branch")
-    @classmethod
-    def _branch(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            return check_branch(value)
-        except UsageError:
-            raise ValueError("not a valid branch name (see git check-ref-format)") from None
+    _branch = field_validator("branch")(_valid_branch)
 
     @field_validator("commit")
     @classmethod
@@ -189,7 +185,7 @@ class ListBuildsArgs(Args):
     branch: str | None = Field(default=None, max_length=255, description="Only this branch.")
     limit: int = Field(default=20, ge=1, le=50, description="How many, newest first (≤ 50).")
 
-    _branch = field_validator("branch")(DeployArgs._branch.__func__)  # type: ignore[attr-defined]
+    _branch = field_validator("branch")(_valid_branch)
 
 
 class ListPipelinesArgs(Args):
@@ -266,10 +262,6 @@ class CheckPolicyArgs(Args):
 
 
 # -- the mutations -------------------------------------------------------------------------------
-
-
-def _services_of(ctx: Context) -> tuple[Deploys, BuildActions]:
-    return Deploys(ctx.services), BuildActions(ctx.services)
 
 
 async def deploy(ctx: Context, args: DeployArgs) -> MutationResult:
@@ -773,10 +765,3 @@ TOOLS: dict[str, Tool] = {
         _read_tool("check_policy", check_policy, CheckPolicyArgs, CheckPolicyResult),
     )
 }
-
-
-def explain_buildkite(exc: BuildkiteError, pipeline: str) -> str:
-    return plain_sentence(explain(exc, action="do that to", pipeline=pipeline))
-
-
-__all__ = ["TOOLS", "Context", "Refused", "Tool", "UserError"]
