@@ -37,7 +37,6 @@ import handlers
 from app.agents.gateway import create_gateway
 from app.agents.http import McpEndpoint
 from app.agents.identity import Agent
-from app.agents.stdio import serve_stdio
 from app.core.approvals import Approvals
 from app.core.audit import Auditor
 from app.core.auto_retry import AutoRetry
@@ -472,6 +471,8 @@ async def serve_mcp_stdio(settings: Settings, agent: Agent, tuning: Tuning = DEF
     With a shared Redis the running bot's notifier posts and follows the builds this process
     starts; with the embedded store nobody else could, so this process runs them itself.
     """
+    from app.agents.stdio import serve_stdio  # the SDK, only for this mode
+
     async with open_services(settings, tuning=tuning) as services:
         gateway = create_gateway(services)
         async with contextlib.AsyncExitStack() as stack:

@@ -96,3 +96,14 @@ async def test_an_error_says_a_reference_that_the_log_lines_carry(
     assert any("mcp get_build" in str(e.get("message", "")) for e in lines), lines
     assert BUILDKITE_TOKEN not in text
     assert bot_log.leaks(*AGENT_TOKENS) == []
+
+
+async def test_without_agents_in_the_policy_mcp_refuses_everyone(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
+) -> None:
+    async with running_bot(slack, bk, redis_url) as bot:  # no policy file: no agents
+        assert bot.bot.mcp.manager is None
+        for auth in ({}, {"Authorization": f"Bearer {CAPTAIN_TOKEN}"}):
+            async with bot.http.post(f"{bot.base}/mcp", json={}, headers=auth) as resp:
+                assert resp.status == 401
+    assert bk.requests_to("POST") == []

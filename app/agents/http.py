@@ -13,16 +13,17 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from mcp.server import ServerRequestContext
-from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
-from starlette.types import ASGIApp, Message
 
 from app.agents.gateway import Gateway
 from app.agents.identity import Agent, bearer_token
-from app.agents.server import create_server
+
+if TYPE_CHECKING:
+    from mcp.server import ServerRequestContext
+    from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+    from starlette.types import ASGIApp, Message
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,18 @@ class McpEndpoint:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self.server = create_server(gateway, agent_of_request)
-        self.manager = StreamableHTTPSessionManager(
-            app=self.server, stateless=True, json_response=True
-        )
         self._running = False
+        #: Without agents in the policy nobody can authenticate: the SDK (half a second of
+        #: imports) is not even loaded, and /mcp answers every request 401.
+        self.manager: StreamableHTTPSessionManager | None = None
+        if gateway.identities.declared:
+            from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+
+            from app.agents.server import create_server
+
+            self.manager = StreamableHTTPSessionManager(
+                app=create_server(gateway, agent_of_request), stateless=True, json_response=True
+            )
 
     @contextlib.asynccontextmanager
     async def running(self, grace: float = 10.0) -> AsyncIterator[None]:
@@ -58,10 +66,14 @@ class McpEndpoint:
         The manager's task group lives in a task of its own: anyio wants it left by the task
         that entered it, and the block may end in another (a test fixture's teardown).
         """
+        manager = self.manager
+        if manager is None:
+            yield
+            return
         started, stop = asyncio.Event(), asyncio.Event()
 
         async def serve() -> None:
-            async with self.manager.run():
+            async with manager.run():
                 started.set()
                 await stop.wait()
 
@@ -100,7 +112,7 @@ class McpEndpoint:
                 status=401,
                 headers={"WWW-Authenticate": 'Bearer realm="buildkite-chatops"'},
             )
-        if not self._running:
+        if not self._running or self.manager is None:
             return web.json_response({"error": "the MCP server is not running"}, status=503)
         return await serve_asgi(
             self.manager.handle_request,

@@ -59,6 +59,11 @@ class Identities:
     def __init__(self, policy: Policy) -> None:
         self._agents: Mapping[str, AgentSpec] = policy.data.agents
 
+    @property
+    def declared(self) -> bool:
+        """Whether the policy declares any agent at all."""
+        return bool(self._agents)
+
     def authenticate(self, token: str | None) -> Agent | None:
         """The agent whose token this is, or None (a missing, unknown or malformed token)."""
         if token is None or len(token) > MAX_TOKEN:
