@@ -364,7 +364,7 @@ async def start_bot(
                 "buildkite": lambda: check_buildkite(services.buildkite, thorough=False),
             },
         )
-        mcp = McpEndpoint(create_gateway(services))
+        mcp = McpEndpoint(create_gateway(services, metrics))
         web_app = create_web_app(
             services,
             None if settings.socket_mode else bolt,

@@ -102,6 +102,11 @@ async def test_a_retried_deploy_starts_one_build(
     assert len(bk.requests_to("POST", BUILDS.format("web"))) == 2
     await bot.settled()
     assert len(slack.posts(CHANNEL)) == 2  # one build message each
+    async with bot.http.get(f"{bot.base}/metrics") as resp:
+        page = await resp.text()
+    assert 'bkchatops_agent_calls_total{outcome="started",tool="deploy"} 2.0' in page
+    assert 'bkchatops_agent_calls_total{outcome="repeated",tool="deploy"} 2.0' in page
+    assert "bkchatops_agent_waits 0.0" in page
 
 
 async def test_cancel_rebuild_and_retry_go_through_the_core(

@@ -25,6 +25,7 @@ from app.agents.waiting import Changes
 from app.core.errors import UserError
 from app.core.services import Services
 from app.ops import logs
+from app.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,17 @@ class Gateway:
     """Runs agents' tool calls against the process's services."""
 
     def __init__(
-        self, services: Services, changes: Changes, *, clock: Callable[[], float] = time.time
+        self,
+        services: Services,
+        changes: Changes,
+        *,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.services = services
         self.changes = changes
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.agent_waits.set_function(lambda: changes.waiting)
         self.identities = Identities(services.policy)
         self.budgets = Budgets(services.store, clock=clock)
         self.clock = clock
@@ -65,6 +73,15 @@ class Gateway:
         reference = logs.new_correlation_id()
         tool = TOOLS.get(name)
         if tool is None:
+            await self.services.auditor.record(
+                user=agent.user_id,
+                action="mcp (unknown tool)",
+                pipeline="",
+                channel="",
+                outcome="invalid",
+                detail=f"tool {name[:60]!r}; ref {reference}",
+            )
+            self.metrics.agent_calls.labels("(unknown)", "invalid").inc()
             return self._error(f"There is no tool {name[:60]!r}.", reference)
         try:
             args = tool.args.model_validate(dict(arguments or {}))
@@ -217,6 +234,7 @@ class Gateway:
         build: int | None = None,
         detail: str = "",
     ) -> None:
+        self.metrics.agent_calls.labels(tool.name, outcome).inc()
         pipeline = ""
         if isinstance(arguments, Mapping) and isinstance(arguments.get("pipeline"), str):
             pipeline = arguments["pipeline"][:100]
@@ -270,6 +288,7 @@ def _problems(exc: ValidationError) -> str:
     return "; ".join(problems) + "."
 
 
-def create_gateway(services: Services) -> Gateway:
+def create_gateway(services: Services, metrics: Metrics | None = None) -> Gateway:
     """The process's gateway, with its one subscription to the store's change announcements."""
-    return Gateway(services, Changes(services.store, recheck=services.tuning.agents.wait_recheck))
+    changes = Changes(services.store, recheck=services.tuning.agents.wait_recheck)
+    return Gateway(services, changes, metrics=metrics)
