@@ -86,11 +86,19 @@ async def test_an_agent_unblocks_a_block_step_with_checked_fields(
         assert wrong["status"] == "refused" and "'nightly' is not an option" in wrong["reason"]
         assert unblocks(bk) == []
 
+        # Buildkite refuses once: said plainly, and the same call may then be tried again.
+        bk.fail_next(1, status=403, path_contains="/unblock")
+        denied = await structured(
+            session, "unblock_job", pipeline="release", number=1, fields={"release-name": "R1"}
+        )
+        assert denied["status"] == "refused"
+        assert "Could not unblock `release` #1" in denied["reason"]
         done = await structured(
             session, "unblock_job", pipeline="release", number=1, fields={"release-name": "R1"}
         )
     assert done["status"] == "started"
-    (put,) = unblocks(bk)
+    failed, put = unblocks(bk)
+    assert failed.json == put.json
     # The stream's default, as the person's form would have sent it.
     assert put.json["fields"] == {"release-name": "R1", "release-stream": "beta"}
     await bot.settled()

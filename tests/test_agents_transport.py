@@ -107,3 +107,23 @@ async def test_without_agents_in_the_policy_mcp_refuses_everyone(
             async with bot.http.post(f"{bot.base}/mcp", json={}, headers=auth) as resp:
                 assert resp.status == 401
     assert bk.requests_to("POST") == []
+
+
+async def test_a_wait_wakes_on_the_embedded_store_too(
+    slack: FakeSlack, bk: FakeBuildkite, tmp_path: Path
+) -> None:
+    add_pipelines(bk)
+    policy = write_policy(tmp_path)
+    async with (
+        running_bot(slack, bk, None, policy_file=policy) as bot,  # no REDIS_URL
+        agent_session(bot, CAPTAIN_TOKEN) as session,
+    ):
+        assert (await structured(session, "deploy", pipeline="web"))["status"] == "started"
+        waiting = asyncio.create_task(
+            structured(session, "wait_for_build", pipeline="web", number=1, timeout_seconds=30)
+        )
+        await slack.wait_for(lambda: bot.bot.mcp.gateway.changes.waiting)
+        bk.set_build_state("web", 1, "canceled")
+        assert (await bot.webhook(bk.webhook_payload("web", 1))).status == 200
+        done = await asyncio.wait_for(waiting, 30)
+    assert done["reached"] is True and done["build"]["state"] == "canceled"

@@ -22,15 +22,24 @@ from app.agents.identity import Agent, Identities
 from app.agents.tools import TOOLS, Context, Refused, Tool
 from app.agents.views import MutationResult, View, plain_sentence
 from app.agents.waiting import Changes
-from app.core.errors import UserError
+from app.core.errors import UserError, explain
 from app.core.services import Services
 from app.ops import logs
 from app.ops.metrics import Metrics
+from buildkite.errors import BuildkiteError
 
 log = logging.getLogger(__name__)
 
 #: Env names whose values the audit trail masks.
 _SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASS|KEY|CREDENTIAL|AUTH|PRIVATE|COOKIE|SESSION)", re.I)
+#: How a Buildkite refusal names what was asked.
+_VERBS = {
+    "deploy": "deploy",
+    "cancel_build": "cancel",
+    "rebuild_build": "rebuild",
+    "retry_failed_jobs": "retry the failed jobs of",
+    "unblock_job": "unblock",
+}
 #: Seconds between looks for the first result while a retry of a running call waits.
 _DUPLICATE_POLL = 0.1
 
@@ -196,6 +205,13 @@ class Gateway:
         except (UserError, Refused) as exc:
             text = plain_sentence(exc.text if isinstance(exc, UserError) else str(exc))
             await self._audit(agent, tool, arguments, "refused", reference, detail=text)
+            return self._refusal(tool, text, reference)
+        except BuildkiteError as exc:  # what a listener would explain (an unblock refused)
+            pipeline = str(getattr(args, "pipeline", "") or self.services.buildkite.org)
+            number = getattr(args, "number", None)
+            verb = _VERBS.get(tool.name, "do that to")
+            text = plain_sentence(explain(exc, action=verb, pipeline=pipeline, number=number))
+            await self._audit(agent, tool, arguments, "failed", reference, detail=text)
             return self._refusal(tool, text, reference)
         except RedisError as exc:
             log.warning("agent %s: %s failed, redis unavailable: %s", agent.name, tool.name, exc)
