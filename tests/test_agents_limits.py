@@ -13,6 +13,7 @@ import pytest
 from app.simulators.bot import BotClient, BotLog, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
+from app.storage import keys
 from tests.agents_support import (
     AGENT_TOKENS,
     BOB,
@@ -71,7 +72,7 @@ async def test_an_agent_never_has_more_rights_than_its_person(
 
 
 async def test_a_spent_budget_is_refused_saying_when_to_try_again(
-    bot: BotClient, bk: FakeBuildkite
+    bot: BotClient, bk: FakeBuildkite, redis_client: Any
 ) -> None:
     async with agent_session(bot, THRIFTY_TOKEN) as session:
         first = await structured(session, "deploy", pipeline="web")
@@ -79,6 +80,8 @@ async def test_a_spent_budget_is_refused_saying_when_to_try_again(
         await structured(session, "whoami")
         await structured(session, "whoami")
         third = await call(session, "whoami")
+        for _ in range(5):  # a flood of calls past the budget
+            assert (await call(session, "whoami")).is_error
     assert first["status"] == "started"
     assert second["status"] == "refused"
     assert (
@@ -86,6 +89,11 @@ async def test_a_spent_budget_is_refused_saying_when_to_try_again(
     )
     assert "budget of 2 reads per minute" in error_text(third)
     assert len(bk.requests_to("POST", BUILDS.format("web"))) == 1
+    # The window's first refusal is audited; the flood after it only counted.
+    raw = await redis_client.xrange(keys.AUDIT_STREAM)
+    entries = [{k.decode(): v.decode() for k, v in f.items()} for _, f in raw]
+    refused = [e["action"] for e in entries if e["outcome"] == "refused"]
+    assert sorted(refused) == ["mcp deploy", "mcp whoami"]
 
 
 async def test_a_retried_deploy_starts_one_build(

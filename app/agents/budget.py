@@ -21,8 +21,10 @@ class Spend(StrEnum):
 class BudgetExhausted(Exception):
     """The agent spent this budget for now; `retry_after` seconds until the next window."""
 
-    def __init__(self, agent: Agent, spend: Spend, retry_after: float) -> None:
+    def __init__(self, agent: Agent, spend: Spend, retry_after: float, *, first: bool) -> None:
         self.retry_after = retry_after
+        #: The window's first refusal (the later ones are counted, not audited one by one).
+        self.first = first
         per = "hour" if spend is Spend.MUTATION else "minute"
         limit = (
             agent.budget.mutations_per_hour
@@ -46,8 +48,8 @@ class Budgets:
             limit, window = agent.budget.mutations_per_hour, 3600
         else:
             limit, window = agent.budget.reads_per_minute, 60
-        wait = await self.store.spend_budget(
+        wait, used = await self.store.spend_budget(
             agent.name, spend.value, limit=limit, window=window, now=self.clock()
         )
         if wait is not None:
-            raise BudgetExhausted(agent, spend, wait)
+            raise BudgetExhausted(agent, spend, wait, first=used == limit + 1)

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from app.agents.budget import BudgetExhausted, Budgets
+from app.agents.budget import BudgetExhausted, Budgets, Spend
 from app.agents.identity import Agent, Identities
 from app.agents.tools import TOOLS, Context, Refused, Tool
 from app.agents.views import MutationResult, View, plain_sentence
@@ -81,6 +81,24 @@ class Gateway:
     ) -> CallResult:
         reference = logs.new_correlation_id()
         tool = TOOLS.get(name)
+        # Spent first, whatever follows: an agent's calls (a flood of bad ones included) are
+        # bounded by its budget, and so is what they add to the audit trail.
+        try:
+            await self.budgets.spend(agent, tool.spend if tool else Spend.READ)
+        except BudgetExhausted as exc:
+            if tool is None:
+                return self._error(str(exc), reference)
+            if exc.first:
+                await self._audit(agent, tool, arguments, "refused", reference, detail="budget")
+            else:
+                self.metrics.agent_calls.labels(tool.name, "refused").inc()
+            return self._refusal(tool, str(exc), reference)
+        except RedisError:
+            return self._error(
+                "The bot cannot reach its Redis right now, so nothing was done; try again in a "
+                "minute.",
+                reference,
+            )
         if tool is None:
             await self.services.auditor.record(
                 user=agent.user_id,
@@ -99,17 +117,6 @@ class Gateway:
             await self._audit(agent, tool, arguments, "invalid", reference, detail=text)
             return self._error(text, reference)
         pipeline = str(getattr(args, "pipeline", "") or "")
-        try:
-            await self.budgets.spend(agent, tool.spend)
-        except BudgetExhausted as exc:
-            await self._audit(agent, tool, arguments, "refused", reference, detail="budget")
-            return self._refusal(tool, str(exc), reference)
-        except RedisError:
-            return self._error(
-                "The bot cannot reach its Redis right now, so nothing was done; try again in a "
-                "minute.",
-                reference,
-            )
         if tool.mutation:
             return await self._mutate(agent, tool, args, arguments, pipeline, reference)
         result = await self._run(agent, tool, args, arguments, reference, trigger=reference)

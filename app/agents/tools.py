@@ -657,7 +657,7 @@ async def _request_result(ctx: Context, outcome: ApprovalOutcome) -> RequestResu
 
 
 async def check_policy(ctx: Context, args: CheckPolicyArgs) -> CheckPolicyResult:
-    """Would this action be allowed now? A dry run: nothing is claimed, posted or audited."""
+    """Would this action be allowed now? A dry run: nothing is claimed, locked or posted."""
     policy = ctx.services.policy
     action = Action.REBUILD if args.action is PolicyAction.RETRY else Action(args.action.value)
     rule = policy.rule_for(args.pipeline)

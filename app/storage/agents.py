@@ -37,9 +37,10 @@ class AgentLedger:
 
     async def spend_budget(
         self, agent: str, kind: str, *, limit: int, window: int, now: float
-    ) -> float | None:
+    ) -> tuple[float | None, int]:
         """Take one unit of the agent's `kind` budget for the current window of `window`
-        seconds; None when taken, else the seconds until the next window opens."""
+        seconds: (None when taken, else the seconds until the next window opens; how many
+        calls the window has counted, this one included)."""
         slot = int(now // window)
         key = AGENT_BUDGET_KEY.format(agent=agent, kind=kind, window=slot)
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -47,8 +48,8 @@ class AgentLedger:
             pipe.expire(key, 2 * window)
             used, _ = await pipe.execute()
         if int(used) <= limit:
-            return None
-        return max(1.0, math.ceil((slot + 1) * window - now))
+            return None, int(used)
+        return max(1.0, math.ceil((slot + 1) * window - now)), int(used)
 
     async def begin_call(self, agent: str, key: str) -> str | None:
         """Claim a mutation's identity; None if claimed now, else its result ("" while the first
