@@ -7,6 +7,12 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import httpx2
+import mcp_types as types
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
 from app.simulators.bot import BUILDKITE_TOKEN, BotLog, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
@@ -127,3 +133,27 @@ async def test_a_wait_wakes_on_the_embedded_store_too(
         assert (await bot.webhook(bk.webhook_payload("web", 1))).status == 200
         done = await asyncio.wait_for(waiting, 30)
     assert done["reached"] is True and done["build"]["state"] == "canceled"
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy", "2026-07-28"])
+async def test_the_sdks_high_level_client_in_every_protocol_era(
+    mode: str,
+    slack: FakeSlack,
+    bk: FakeBuildkite,
+    redis_url: str,
+    redis_client: Any,
+    tmp_path: Path,
+) -> None:
+    add_pipelines(bk)
+    async with running_bot(slack, bk, redis_url, policy_file=write_policy(tmp_path)) as bot:
+        headers = {"Authorization": f"Bearer {CAPTAIN_TOKEN}"}
+        async with (
+            httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(60.0)) as http,
+            Client(
+                streamable_http_client(f"{bot.base}/mcp", http_client=http), mode=mode
+            ) as client,
+        ):
+            result = await client.call_tool("whoami", {})
+    assert isinstance(result, types.CallToolResult) and not result.is_error
+    assert isinstance(result.structured_content, dict)
+    assert result.structured_content["agent"] == "captain"
