@@ -70,6 +70,7 @@ class McpEndpoint:
         if manager is None:
             yield
             return
+        self.gateway.changes.start()
         started, stop = asyncio.Event(), asyncio.Event()
 
         async def serve() -> None:

@@ -36,8 +36,12 @@ class Changes:
         self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
+        #: Set while the subscription is up: a wait reads only once it is, so that no change
+        #: between its read and its sleep goes unheard.
+        self._subscribed = asyncio.Event()
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Subscribe now (the bot does at start-up), rather than at the first wait."""
         if self._task is None and not self._closed.is_set():
             self._task = asyncio.create_task(self._listen(), name="agent-waits")
 
@@ -47,6 +51,7 @@ class Changes:
             try:
                 pubsub = self.store.changes()
                 await pubsub.subscribe(CHANGES_CHANNEL)
+                self._subscribed.set()
                 while not self._closed.is_set():
                     message = await pubsub.get_message(timeout=1.0)
                     if message and message.get("type") == "message":
@@ -59,6 +64,7 @@ class Changes:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closed.wait(), timeout=5 * self.recheck)
             finally:
+                self._subscribed.clear()
                 if pubsub is not None:
                     with contextlib.suppress(RedisError, OSError):
                         await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -82,9 +88,13 @@ class Changes:
     ) -> tuple[T, bool]:
         """Read until `done(value)`, waking on `topic`'s announcements (and every `recheck`);
         returns the last value read and whether it was done before `timeout` (or shutdown)."""
-        self._start()
+        self.start()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        if not self._subscribed.is_set() and not self._closed.is_set():
+            # Subscribing takes a round trip; without it the wait still re-reads every recheck.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._subscribed.wait(), timeout=min(timeout, 1.0))
         event = asyncio.Event()
         self._waiters[topic].add(event)
         try:
