@@ -4,17 +4,14 @@ client (ClientSession over Streamable HTTP) speaking to the bot's /mcp with a be
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx2
 import mcp_types as types
 from mcp import ClientSession
-from mcp.client.streamable_http import streamable_http_client
 
+from app.simulators import agent_client as client
 from app.simulators.bot import BotClient
 from app.simulators.buildkite import FakeBuildkite
 
@@ -28,8 +25,9 @@ AGENT_TOKENS = (CAPTAIN_TOKEN, INTRUDER_TOKEN, THRIFTY_TOKEN)
 BUILDS = "/organizations/acme/pipelines/{}/builds"
 
 
-def sha(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+sha = client.token_sha256
+call = client.call
+structured = client.structured
 
 
 POLICY = f"""\
@@ -75,39 +73,13 @@ def add_pipelines(bk: FakeBuildkite) -> None:
 @contextlib.asynccontextmanager
 async def agent_session(bot: BotClient, token: str | None) -> AsyncIterator[ClientSession]:
     """The SDK's client, initialized, against the bot's /mcp with `token` as bearer."""
-    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-    async with (
-        httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(60.0)) as http,
-        streamable_http_client(f"{bot.base}/mcp", http_client=http) as (read, write),
-        ClientSession(read, write) as session,
-    ):
-        await session.initialize()
+    async with client.agent_session(bot.base, token) as session:
         yield session
-
-
-async def call(session: ClientSession, name: str, **arguments: Any) -> types.CallToolResult:
-    result = await session.call_tool(name, arguments)
-    assert isinstance(result, types.CallToolResult)
-    return result
-
-
-async def structured(session: ClientSession, name: str, **arguments: Any) -> dict[str, Any]:
-    """A tool's structured content (the call must not be an error)."""
-    result = await call(session, name, **arguments)
-    assert not result.is_error, _text(result)
-    assert isinstance(result.structured_content, dict)
-    # The text content says the same, for clients that read only text.
-    assert json.loads(_text(result)) == result.structured_content
-    return result.structured_content
-
-
-def _text(result: types.CallToolResult) -> str:
-    return "".join(c.text for c in result.content if isinstance(c, types.TextContent))
 
 
 def error_text(result: types.CallToolResult) -> str:
     assert result.is_error
-    return _text(result)
+    return client.text_of(result)
 
 
 def mutations(bk: FakeBuildkite) -> list[Any]:
