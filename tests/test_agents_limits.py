@@ -151,7 +151,7 @@ async def test_deploy_audit_shows_the_agents_calls_and_no_token_leaks(
     assert "agent `captain` mcp deploy `web #1` in <#C0CHAN>: *started* (for U0USER;" in audit
     assert "agent `captain` deploy `web #1` in <#C0CHAN>: *started*" in audit
     assert "***" in audit and "s3cr3t-value" not in audit  # secret-looking env values masked
-    assert bot_log.leaks(*AGENT_TOKENS) == []
+    assert bot_log.leaks(*AGENT_TOKENS, "s3cr3t-value") == []
     everything = json.dumps([c.args for c in slack.calls]) + json.dumps(
         [r.json for r in bk.requests if r.json is not None]
     )
