@@ -33,7 +33,7 @@ import redis.asyncio as redis
 from app.simulators import agent_client
 from app.simulators.buildkite import FakeBuildkite, sign_webhook
 from app.simulators.slack import FakeSlack
-from app.storage.keys import EVENTS_STREAM
+from app.storage.keys import CHANGES_CHANNEL, EVENTS_STREAM
 from bench.common import BUILDKITE_TOKEN, USER, WEBHOOK_TOKEN, Child, median, percentile, unexpected
 from bench.webhooks import wait_for, windowed
 
@@ -155,13 +155,41 @@ async def running_builds(builds: Builds, session: Any, count: int) -> list[tuple
     return started
 
 
+class Announcements:
+    """When each change announcement the bot publishes (`Store.announce`) reaches this process:
+    it splits a wake-up into the bot's event pipeline and the wait's own wake and answer."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self.heard: dict[str, float] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Announcements:
+        await self.pubsub.subscribe(CHANGES_CHANNEL)
+        self.task = asyncio.create_task(self._listen())
+        return self
+
+    async def _listen(self) -> None:
+        async for message in self.pubsub.listen():
+            if message.get("type") == "message":
+                self.heard.setdefault(message["data"].decode(), time.perf_counter())
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        await self.pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
 async def wake_latencies(
     builds: Builds, agent: Agent, targets: list[tuple[str, int]], extra: int
-) -> list[float]:
+) -> dict[str, list[float]]:
     """For each build in turn: a wait for it to finish, then its `build.finished` webhook; ms
-    from the webhook's sending to the wait's return. `extra` more builds are deployed for it."""
-    latencies: list[float] = []
-    async with agent.session() as session:
+    from the webhook's sending to the wait's return (and to the webhook's answer, and to the
+    bot's announcement of the change). `extra` more builds are deployed for it."""
+    out: dict[str, list[float]] = {"return": [], "acked": [], "announced": []}
+    async with agent.session() as session, Announcements(builds.redis) as heard:
         for index in range(extra):
             slug = PIPELINES[index % len(PIPELINES)]
             number = await builds.deploy(session, slug)
@@ -169,6 +197,7 @@ async def wake_latencies(
             targets.append((slug, number))
         await builds.drained()
         for slug, number in targets:
+            topic = f"build:{builds.bk.build(slug, number)['id']}"
             waiting = asyncio.create_task(
                 agent_client.structured(
                     session, "wait_for_build", pipeline=slug, number=number, timeout_seconds=30
@@ -177,12 +206,16 @@ async def wake_latencies(
             await asyncio.sleep(WAIT_HEADSTART)
             if waiting.done():
                 raise RuntimeError(f"the wait on {slug} #{number} returned before its webhook")
+            heard.heard.pop(topic, None)
             sent = await builds.webhook(slug, number, "passed")
+            out["acked"].append((time.perf_counter() - sent) * 1000)
             done = await asyncio.wait_for(waiting, 40)
-            latencies.append((time.perf_counter() - sent) * 1000)
+            out["return"].append((time.perf_counter() - sent) * 1000)
+            if topic in heard.heard:
+                out["announced"].append((heard.heard[topic] - sent) * 1000)
             if not done["reached"] or (done["build"] or {}).get("state") != "passed":
                 raise RuntimeError(f"the wait on {slug} #{number} returned {done}")
-    return latencies
+    return out
 
 
 async def between_polls(bk: FakeBuildkite) -> None:
@@ -304,10 +337,15 @@ async def run(
             if problems := unexpected(slack, bk):
                 raise RuntimeError(f"unexpected requests: {problems[:3]}")
     await client.aclose()
-    wake = out["wake"]
+    wake = out["wake"]["return"]
     out["wake_summary"] = {
         **windowed(wake),
         "all_p50_ms": median(wake),
         "all_p99_ms": percentile(wake, 99),
+        "acked_p50_ms": median(out["wake"]["acked"]),
+        "acked_p99_ms": percentile(out["wake"]["acked"], 99),
+        "announced_p50_ms": median(out["wake"]["announced"]),
+        "announced_p99_ms": percentile(out["wake"]["announced"], 99),
+        "announced": len(out["wake"]["announced"]),
     }
     return out
