@@ -23,6 +23,7 @@ import re
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -116,12 +117,21 @@ class Builds:
         self.base = base
         self.bk = bk
         self.redis = store
+        self.deployed: set[tuple[str, int]] = set()
 
     async def deploy(self, session: Any, slug: str) -> int:
-        done = await agent_client.structured(session, "deploy", pipeline=slug)
+        """A new build of `slug`: each deploy has its own idempotency key (the bot answers a
+        repeated identical call without one with the first call's build, as a retry)."""
+        done = await agent_client.structured(
+            session, "deploy", pipeline=slug, idempotency_key=f"bench-{uuid.uuid4()}"
+        )
         if done["status"] != "started" or not done.get("build"):
             raise RuntimeError(f"deploy of {slug}: {done}")
-        return int(done["build"]["number"])
+        number = int(done["build"]["number"])
+        if (slug, number) in self.deployed:
+            raise RuntimeError(f"deploy of {slug} answered an earlier build, #{number}")
+        self.deployed.add((slug, number))
+        return number
 
     async def webhook(self, slug: str, number: int, state: str) -> float:
         """Move the build to `state` in the fake and send its signed webhook; when it was sent."""
@@ -205,7 +215,9 @@ async def wake_latencies(
             )
             await asyncio.sleep(WAIT_HEADSTART)
             if waiting.done():
-                raise RuntimeError(f"the wait on {slug} #{number} returned before its webhook")
+                raise RuntimeError(
+                    f"the wait on {slug} #{number} returned before its webhook: {waiting.result()}"
+                )
             heard.heard.pop(topic, None)
             sent = await builds.webhook(slug, number, "passed")
             out["acked"].append((time.perf_counter() - sent) * 1000)
