@@ -49,6 +49,8 @@ POLL_INTERVAL = 5.0
 WAIT_HEADSTART = 0.1
 #: A build read of one build (not a listing): what a wait asking Buildkite would send.
 BUILD_READ = re.compile(r"/pipelines/[^/]+/builds/\d+")
+#: The tracker's polls: the organisation's build list (finished, then active), nothing else.
+TRACKER_POLL = re.compile(r"^/v2/organizations/[^/]+/builds$")
 
 
 def policy() -> str:
@@ -332,6 +334,10 @@ async def run(
                     "waiting": len(waiting),
                     "after": len(after),
                     "waiting_build_reads": sum(1 for r in waiting if BUILD_READ.search(r.path)),
+                    "waiting_not_polls": sum(1 for r in waiting if not TRACKER_POLL.match(r.path)),
+                    "not_polls_alone": sum(
+                        1 for r in [*before, *after] if not TRACKER_POLL.match(r.path)
+                    ),
                     "waiting_paths": sorted({r.path for r in waiting}),
                     "waits_answered": answered,
                 }
