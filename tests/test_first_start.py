@@ -98,7 +98,12 @@ async def test_a_normal_start_logs_no_bolt_or_slack_sdk_warning(
         SLACK_HOOKS_URL=slack.hooks_url,
         SLACK_BOT_TOKEN=slack.bot_token,
         LOG_LEVEL="DEBUG",
+        # Where a library would write (deploy/kubernetes runs with a read-only root).
+        HOME=str(tmp_path / "home"),
+        TMPDIR=str(tmp_path / "tmp"),
     )
+    (tmp_path / "home").mkdir()
+    (tmp_path / "tmp").mkdir()
     assert env["SLACK_BOT_TOKEN"] == slack.bot_token
     async with bot_process(env, tmp_path) as bot, aiohttp.ClientSession() as http:
         await wait_healthy(http, port, tmp_path)
@@ -126,6 +131,13 @@ async def test_a_normal_start_logs_no_bolt_or_slack_sdk_warning(
         and e["level"] in ("warning", "error", "critical")
     ]
     assert noisy == [], noisy
+    # The bot wrote nothing: not in its working directory, its home or the temp directory.
+    written = files_under(tmp_path)
+    assert written == ["bot.log", "home", "tmp"], written
     # Bolt still verified the bot token with auth.test, and the fake accepted it.
     checks = slack.calls_to("auth.test")
     assert checks and all(call.response.get("ok") is True for call in checks), checks
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
