@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+from pathlib import Path
+
+from pydantic import SecretStr
 
 from app.ops import logs
-from app.settings import SettingsError, load_settings
+from app.settings import Settings, SettingsError, load_settings
+
+#: Where the settings are read from besides the environment (Settings' env_file).
+ENV_FILE = str(Settings.model_config.get("env_file"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print("The bot cannot start; fix these settings (environment or .env):", file=sys.stderr)
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
+        print(next_steps(exc.problems), file=sys.stderr)
         return 2
     secrets = logs.secrets_of(settings)
     if args.check_config:
@@ -64,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from app.core.policy import PolicyError
     from app.main import run
 
+    forget_secret_environment()
     try:
         run(settings)
     except PolicyError as exc:
@@ -72,6 +81,34 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  - {problem}", file=sys.stderr)
         return 2
     return 0
+
+
+def next_steps(problems: list[str]) -> str:
+    """Where a person who cannot start the bot goes next: a first run is pointed at the
+    example settings and at the sandbox, which needs none."""
+    lines = []
+    if any(problem.endswith(" is not set") for problem in problems):
+        where = "" if Path(ENV_FILE).is_file() else f" (there is no {ENV_FILE} in {Path.cwd()})"
+        lines.append(f"New here? Copy .env.example to {ENV_FILE} and fill it in{where}.")
+    lines.append("Try the bot with no credentials at all: python -m app sandbox")
+    lines.append("Check settings and tokens once set: python -m app --check-config")
+    return "\n".join(lines)
+
+
+def forget_secret_environment() -> None:
+    """Drop the secrets from this process's environment once the settings hold them.
+
+    They then reach nothing the bot did not hand them to: a child process inherits none, and
+    Bolt, which reads SLACK_BOT_TOKEN from the environment whenever it is there, no longer
+    warns on every start that the client's token wins over it (it is the same token).
+    """
+    secret_names = {
+        name.upper()
+        for name, field in Settings.model_fields.items()
+        if field.annotation in (SecretStr, SecretStr | None)
+    }
+    for name in [name for name in os.environ if name.upper() in secret_names]:
+        del os.environ[name]
 
 
 if __name__ == "__main__":

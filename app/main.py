@@ -410,6 +410,23 @@ async def start_bot(
             await runner.cleanup()
 
 
+def shutdown_bound(tuning: Tuning = DEFAULT, *, socket_mode: bool = True) -> float:
+    """The longest `start_bot`'s shutdown can take after SIGTERM: its bounded waits, one after
+    the other (closing the clients adds no wait). A supervisor's grace before SIGKILL (a
+    Kubernetes `terminationGracePeriodSeconds`) must be longer. Keep in step with the above."""
+    grace = tuning.shutdown_grace
+    waits = [
+        grace + tuning.deploys.answer_on_cancel_timeout,  # services.finish_inflight
+        grace,  # background: notifier.finish_writing
+        grace,  # background: the notifier, poller, sweep and digests stopping
+        grace,  # runner.cleanup: aiohttp's handlers still running (shutdown_timeout)
+        grace,  # open_services: _drain(outbox)
+    ]
+    if socket_mode:
+        waits += [grace, grace]  # _close_socket: a connect still retrying, then close_async
+    return sum(waits)
+
+
 async def _connect_socket(handler: AsyncSocketModeHandler, port: int) -> None:
     await handler.connect_async()  # type: ignore[no-untyped-call]
     if not handler.client.closed:
