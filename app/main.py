@@ -46,6 +46,8 @@ from app.ops.checks import Readiness, check_buildkite, check_slack
 from app.ops.metrics import CountSlackCalls, Metrics, count_buildkite_requests
 from app.ops.observability import SlackRequestObserver
 from app.ops.outages import RedisOutage
+from app.ops.shutdown import FLOOR as shutdown_floor
+from app.ops.shutdown import StopBudget
 from app.settings import Settings
 from app.slack import mrkdwn
 from app.slack.clicks import DropReplayedClicks
@@ -150,7 +152,8 @@ async def open_services(
             edit_interval=tuning.slack.edit_interval,
         )
         # First out: edits need the Slack session.
-        closing.push_async_callback(_drain, outbox, tuning.shutdown_grace)
+        stopping = StopBudget(tuning.shutdown_grace)
+        closing.push_async_callback(_drain, outbox, stopping)
         directory = Directory(slack)
         hooks = SlackHooks(settings.slack_hooks_url, outbox, metrics)
         auditor = Auditor(store)
@@ -199,12 +202,13 @@ async def open_services(
             tuning=tuning,
             deploys=DeployQueue(running=tuning.deploys.running, waiting=tuning.deploys.waiting),
             redis_outage=redis_outage,
+            stopping=stopping,
         )
 
 
-async def _drain(outbox: Outbox, grace: float) -> None:
+async def _drain(outbox: Outbox, stopping: StopBudget) -> None:
     try:
-        await asyncio.wait_for(outbox.drain(), timeout=grace)
+        await asyncio.wait_for(outbox.drain(), timeout=stopping.left())
     except TimeoutError:
         log.warning("shutdown: some Slack edits were not sent in time")
 
@@ -301,8 +305,8 @@ async def background(services: Services, tuning: Tuning = DEFAULT) -> AsyncItera
         yield
     finally:
         stop.set()
-        await services.notifier.finish_writing(tuning.shutdown_grace)
-        _, still_running = await asyncio.wait(tasks, timeout=tuning.shutdown_grace)
+        await services.notifier.finish_writing(services.stopping.left())
+        _, still_running = await asyncio.wait(tasks, timeout=services.stopping.left())
         for task in still_running:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -365,10 +369,10 @@ async def start_bot(
             metrics=metrics,
             readiness=readiness,
         )
-        runner = web.AppRunner(
+        runner = StoppingRunner(
             web_app,
+            services.stopping,
             handle_signals=False,
-            shutdown_timeout=tuning.shutdown_grace,
             access_log_class=FailedRequestsLog,
         )
         await runner.setup()
@@ -396,35 +400,48 @@ async def start_bot(
                     log.info("listening for Slack and Buildkite on port %s", bound)
                 yield RunningBot(services=services, bolt=bolt, port=bound)
                 log.info("shutting down: no new requests; finishing the ones in flight")
+                services.stopping.start()
                 # Stop taking work first, then let acknowledged requests finish their calls
                 # before the notifier and poller stop and the clients close. Pending builds
                 # stay in Redis for the next start.
                 if socket_handler is not None:
-                    await _close_socket(socket_handler, connecting, tuning.shutdown_grace)
+                    await _close_socket(socket_handler, connecting, services.stopping)
                     socket_handler = None
                 await site.stop()
-                await services.finish_inflight(tuning.shutdown_grace)
+                await services.finish_inflight()
         finally:
+            services.stopping.start()
             if socket_handler is not None:
-                await _close_socket(socket_handler, connecting, tuning.shutdown_grace)
+                await _close_socket(socket_handler, connecting, services.stopping)
             await runner.cleanup()
 
 
-def shutdown_bound(tuning: Tuning = DEFAULT, *, socket_mode: bool = True) -> float:
-    """The longest `start_bot`'s shutdown can take after SIGTERM: its bounded waits, one after
-    the other (closing the clients adds no wait). A supervisor's grace before SIGKILL (a
-    Kubernetes `terminationGracePeriodSeconds`) must be longer. Keep in step with the above."""
-    grace = tuning.shutdown_grace
-    waits = [
-        grace + tuning.deploys.answer_on_cancel_timeout,  # services.finish_inflight
-        grace,  # background: notifier.finish_writing
-        grace,  # background: the notifier, poller, sweep and digests stopping
-        grace,  # runner.cleanup: aiohttp's handlers still running (shutdown_timeout)
-        grace,  # open_services: _drain(outbox)
-    ]
-    if socket_mode:
-        waits += [grace, grace]  # _close_socket: a connect still retrying, then close_async
-    return sum(waits)
+def shutdown_bound(tuning: Tuning = DEFAULT) -> float:
+    """The longest `start_bot`'s shutdown can take after SIGTERM: every step shares one budget
+    (`Tuning.shutdown_grace`, see app.ops.shutdown), plus the moment a request cancelled at its
+    end gets to tell its user, plus the floor each later step still gets once it is spent. A
+    supervisor's grace before SIGKILL (a Kubernetes `terminationGracePeriodSeconds`) must be
+    longer."""
+    steps_after_budget = 7  # socket (2), in flight, notifier writes, loops, aiohttp, outbox
+    return (
+        tuning.shutdown_grace
+        + tuning.deploys.answer_on_cancel_timeout
+        + steps_after_budget * shutdown_floor
+    )
+
+
+class StoppingRunner(web.AppRunner):
+    """aiohttp's runner, whose wait for its handlers at cleanup is what is left of the stop's
+    budget rather than a fixed timeout of its own."""
+
+    def __init__(self, app: web.Application, stopping: StopBudget, **kwargs: Any) -> None:
+        super().__init__(app, shutdown_timeout=stopping.seconds, **kwargs)
+        self._stopping = stopping
+
+    async def cleanup(self) -> None:
+        # aiohttp reads this when it waits for the handlers; it has no public setter.
+        self._shutdown_timeout = self._stopping.left()
+        await super().cleanup()
 
 
 async def _connect_socket(handler: AsyncSocketModeHandler, port: int) -> None:
@@ -434,15 +451,15 @@ async def _connect_socket(handler: AsyncSocketModeHandler, port: int) -> None:
 
 
 async def _close_socket(
-    handler: AsyncSocketModeHandler, connecting: asyncio.Task[None] | None, grace: float
+    handler: AsyncSocketModeHandler, connecting: asyncio.Task[None] | None, stopping: StopBudget
 ) -> None:
     """Disconnect first, so that Slack sends events to the other replicas; a connect still
     retrying (Slack unreachable) is stopped rather than waited for."""
     if connecting is not None and not connecting.done():
         connecting.cancel()
-        await asyncio.wait([connecting], timeout=grace)
+        await asyncio.wait([connecting], timeout=stopping.left())
     try:
-        await asyncio.wait_for(handler.close_async(), timeout=grace)  # type: ignore[no-untyped-call]
+        await asyncio.wait_for(handler.close_async(), timeout=stopping.left())  # type: ignore[no-untyped-call]
     except (TimeoutError, aiohttp.ClientError, OSError) as e:
         log.warning("shutdown: the Socket Mode connection did not close cleanly: %s", e)
 

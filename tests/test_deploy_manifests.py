@@ -200,8 +200,8 @@ def test_kubernetes_waits_longer_than_the_bots_drain() -> None:
     pre_stop = shlex.join(container()["lifecycle"]["preStop"]["exec"]["command"])
     pause = re.fullmatch(r"sleep (\d+)", pre_stop)
     assert pause is not None
-    drain = shutdown_bound(DEFAULT, socket_mode=True)
-    assert drain >= 5 * DEFAULT.shutdown_grace
+    drain = shutdown_bound(DEFAULT)
+    assert drain >= DEFAULT.shutdown_grace
     assert pod["terminationGracePeriodSeconds"] > int(pause.group(1)) + drain
 
 
