@@ -116,7 +116,7 @@ async def test_a_deploy_is_recorded_running_then_final_once(
     await finish(bot, "web", 1)
     final = await entry(redis_client, "web", 1)
     assert final["o"] == "passed" and final["r"] == ALICE and final["b"] == "main"
-    assert final["u"] == "https://buildkite.com/acme/web/builds/1" and final["f"] >= final["t"]
+    assert final["u"] == "acme" and final["f"] >= final["t"]  # the usual web URL: its org
     raw = await redis_client.get(keys.DEPLOYMENT_KEY.format(pipeline="web", number=1))
 
     # The same final again (a replayed webhook, a poll, another replica) changes nothing.
@@ -160,7 +160,8 @@ async def test_status_and_history(bot: BotClient, bk: FakeBuildkite) -> None:
     status = shown(await answer(bot, "status web"))
     assert f"live: `{SHA1[:12]}` (`main`) in <https://buildkite.com/acme/web/builds/1|#1>" in status
     assert "by <@U0USER>" in status
-    assert f"<https://github.com/acme/app/compare/{SHA1}...main|commits on main since>" in status
+    compare = f"<https://github.com/acme/app/compare/{SHA1[:12]}...main|commits on main since>"
+    assert compare in status
     assert f"deploying now: `{SHA3[:12]}`" in status
 
     history = shown(await answer(bot, "history web 2"))
@@ -180,7 +181,8 @@ async def test_status_all_asks_buildkite_nothing(bot: BotClient, bk: FakeBuildki
     text = shown(reply)
     assert "What is live* on 2 pipelines" in text
     assert text.index("`staging-deploy`") < text.index("`web`")
-    assert "locked by <@U0USER>" in text
+    assert f"`{SHA1[:12]}` <https://buildkite.com/acme/web/builds/1|#1> by <@U0USER>" in text
+    assert text.splitlines()[-1].endswith(":lock: <@U0USER>")
 
 
 @pytest.mark.parametrize(

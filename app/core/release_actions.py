@@ -75,7 +75,10 @@ class Releases(Actions):
             live = live_deployment(entries)
             info = infos.get(slug, PipelineInfo())
             branch = info.default_branch
-            diff = compare_url(info.repository, live.commit, branch) if live and branch else None
+            # A 12-character SHA: GitHub's compare takes it, and 50 links fit one message.
+            diff = (
+                compare_url(info.repository, live.commit[:12], branch) if live and branch else None
+            )
             statuses.append(
                 PipelineStatus(
                     pipeline=slug,

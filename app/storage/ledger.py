@@ -9,6 +9,7 @@ only. Writes go through one script, so that the same build reported twice change
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Sequence
 from enum import StrEnum
@@ -27,6 +28,10 @@ from app.storage.keys import (
     LEDGER_MAX,
     LEDGER_PIPELINES_KEY,
 )
+
+#: A build's web URL is usually `{_WEB}{org}/{pipeline}/builds/{number}`: only the org is kept.
+_WEB = "https://buildkite.com/"
+_ORG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
 class Outcome(StrEnum):
@@ -83,11 +88,17 @@ class Deployment(BaseModel):
         return max(self.finished_at - self.started_at, 0)
 
     def encode(self) -> str:
-        return json.dumps(
-            self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=False),
-            separators=(",", ":"),
-            ensure_ascii=False,
+        """Its JSON, without what its key says already (the pipeline), without defaults, and
+        its web URL as its organization alone when it has Buildkite's usual form."""
+        data = self.model_dump(
+            mode="json", by_alias=True, exclude_none=True, exclude={"pipeline", "source"}
         )
+        org = self.web_url.removeprefix(_WEB).removesuffix(f"/{self.pipeline}/builds/{self.number}")
+        if self.web_url.startswith(_WEB) and _ORG.match(org):
+            data["u"] = org
+        if self.source is not Source.BOT:
+            data["s"] = self.source.value
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
 
 class PipelineInfo(BaseModel):
@@ -142,7 +153,7 @@ class ReleaseLedger:
 
     async def deployment(self, pipeline: str, number: int) -> Deployment | None:
         raw = await self.redis.get(DEPLOYMENT_KEY.format(pipeline=pipeline, number=number))
-        return _decode(raw) if raw else None
+        return _decode(raw, pipeline) if raw else None
 
     async def deployments(self, pipeline: str, *, limit: int = LEDGER_MAX) -> list[Deployment]:
         """The pipeline's deployments, newest (highest build number) first."""
@@ -171,7 +182,7 @@ class ReleaseLedger:
             for number in listed:
                 raw = values[index]
                 index += 1
-                entry = _decode(raw) if raw else None
+                entry = _decode(raw, pipeline) if raw else None
                 if entry is None:
                     gone.setdefault(pipeline, []).append(text(number))
                 else:
@@ -200,8 +211,12 @@ class ReleaseLedger:
         return infos
 
 
-def _decode(raw: bytes | str) -> Deployment | None:
+def _decode(raw: bytes | str, pipeline: str) -> Deployment | None:
     try:
-        return Deployment.model_validate_json(raw)
-    except ValidationError:
+        data = json.loads(raw)
+        url = str(data.get("u", ""))
+        if _ORG.match(url):
+            data["u"] = f"{_WEB}{url}/{pipeline}/builds/{data.get('n')}"
+        return Deployment.model_validate({**data, "p": pipeline})
+    except (ValueError, ValidationError):
         return None  # written by a version that no longer reads the same: not a deployment

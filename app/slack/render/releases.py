@@ -13,8 +13,9 @@ from app.slack.render.common import SECTION_TEXT_LIMIT, STATE_EMOJI, Rendered, c
 from app.storage.ledger import Deployment, Outcome, Source
 from app.storage.records import PipelineLock
 
-#: A Block Kit message holds at most 50 blocks.
+#: A Block Kit message holds at most 50 blocks, and Slack refuses one much over 13k characters.
 _MAX_SECTIONS = 48
+_MESSAGE_BUDGET = 11_500
 _GITHUB = ("github.com",)
 
 
@@ -99,8 +100,27 @@ def _status_lines(status: PipelineStatus, now: float) -> list[str]:
     return lines
 
 
+def _status_line(status: PipelineStatus, now: float) -> str:
+    """One pipeline in one line, for `/deploy status all`."""
+    live = status.live
+    line = f"• *{code(status.pipeline)}* "
+    if live is None:
+        line += "nothing live"
+    else:
+        moment = live.finished_at or live.started_at
+        when = f", {ago(now - moment)}" if moment is not None else ""
+        line += f"{code(live.commit[:12])} {_build(live)} by {_who(live)}{when}"
+        if status.compare_url:
+            line += f" · {link(status.compare_url, 'since', hosts=_GITHUB)}"
+    if status.running:
+        line += " · :arrow_forward: " + " ".join(_build(entry) for entry in status.running)
+    if status.lock is not None:
+        line += f" · :lock: <@{status.lock.user}>"
+    return line
+
+
 def status_message(statuses: Sequence[PipelineStatus], *, now: float) -> Rendered:
-    """`/deploy status`: one paragraph per pipeline, packed into sections."""
+    """`/deploy status`: a paragraph for one pipeline, a line each for several."""
     if not statuses:
         text = (
             "No deployment is in the ledger yet. Deploys from Slack, and builds announced by a "
@@ -110,7 +130,11 @@ def status_message(statuses: Sequence[PipelineStatus], *, now: float) -> Rendere
     header = ":rocket: *What is live*" + (
         f" on {len(statuses)} pipelines" if len(statuses) > 1 else ""
     )
-    paragraphs = ["\n".join(_status_lines(status, now)) for status in statuses]
+    if len(statuses) == 1:
+        paragraphs = ["\n".join(_status_lines(statuses[0], now))]
+    else:
+        header += " (`since`: the default branch's commits since the live one, on GitHub)"
+        paragraphs = [_status_line(status, now) for status in statuses]
     return _packed(header, paragraphs, fallback=header.replace("*", ""))
 
 
@@ -148,16 +172,20 @@ def _section(text: str) -> dict[str, object]:
 def _packed(header: str, paragraphs: Sequence[str], *, fallback: str) -> Rendered:
     """Paragraphs in as few sections as Block Kit's limits allow; what does not fit is counted."""
     sections: list[str] = [header]
+    used = len(header)
     for index, paragraph in enumerate(paragraphs):
         paragraph = clip(paragraph, SECTION_TEXT_LIMIT - 100)
-        if len(sections[-1]) + 1 + len(paragraph) <= SECTION_TEXT_LIMIT - 100:
-            sections[-1] += "\n" + paragraph
-        elif len(sections) < _MAX_SECTIONS:
-            sections.append(paragraph)
-        else:
-            sections[-1] = clip(sections[-1], SECTION_TEXT_LIMIT - 100)
+        if used + len(paragraph) > _MESSAGE_BUDGET or (
+            len(sections) == _MAX_SECTIONS
+            and len(sections[-1]) + 1 + len(paragraph) > SECTION_TEXT_LIMIT - 100
+        ):
             sections[-1] += f"\n…and {len(paragraphs) - index} more not shown."
             break
+        used += len(paragraph) + 1
+        if len(sections[-1]) + 1 + len(paragraph) <= SECTION_TEXT_LIMIT - 100:
+            sections[-1] += "\n" + paragraph
+        else:
+            sections.append(paragraph)
     return Rendered(text=clip(fallback, 300), blocks=[_section(s) for s in sections])
 
 
