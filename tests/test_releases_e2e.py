@@ -365,3 +365,20 @@ async def test_a_rollback_is_not_held_to_promote_from(bot: BotClient, bk: FakeBu
     assert "Rolling back `prod-lite`" in reply["text"]
     create = bk.requests_to("POST", BUILDS.format("prod-lite"))[-1]
     assert create.json["commit"] == SHA1 and "chatops_promoted_from" not in create.json["meta_data"]
+
+
+async def test_a_rebuild_on_a_promote_from_pipeline_is_held_to_it(
+    bot: BotClient, bk: FakeBuildkite
+) -> None:
+    await deployed(bot, "staging-deploy", SHA1)
+    bk.add_build("prod-lite", commit=SHA4, state="failed")  # started outside the bot
+    bk.add_build("prod-lite", commit=SHA1, state="failed")
+    _, name, _ = await bot.command("/rebuild", "prod-lite 1")
+    refused = (await bot.slack.wait_for(lambda: bot.response_texts(name)))[-1]
+    assert f"`{SHA4}` has not" in refused
+    assert bk.requests_to("PUT") == []
+    _, name, _ = await bot.command("/rebuild", "prod-lite 2")
+    started = (await bot.slack.wait_for(lambda: bot.response_texts(name)))[-1]
+    assert "Started" in started
+    (rebuild,) = bk.requests_to("PUT")
+    assert rebuild.path.endswith("/prod-lite/builds/2/rebuild")

@@ -290,9 +290,30 @@ class Deploys(Actions):
             requester=actor.user_id,
             rebuild_of=ref.number,
         )
+        if rule.promote_from:
+            plan = await self._promotable(plan, rule, actor, dedup_key)
         plan = await self._describe(plan, pipeline, rule)
         request_id = request_id_for("rebuild", trigger)
         return await self._ask_first(plan, actor, request_id, claim=dedup_key)
+
+    async def check_rebuild_promotion(
+        self, ref: BuildRef, actor: Actor, rule: Rule, dedup_key: str
+    ) -> None:
+        """A plain rebuild on a `promote_from` pipeline deploys its original's commit again:
+        refused like a deploy unless that commit passed a deployment of `promote_from`."""
+        try:
+            original = await self.s.buildkite.get_build(ref.pipeline, ref.number)
+        except BuildkiteError as exc:
+            raise await self._refused(exc, dedup_key, actor, "rebuild", ref) from None
+        plan = DeployPlan(
+            pipeline=ref.pipeline,
+            branch=original.branch or "main",
+            commit=original.commit or "HEAD",
+            message="",
+            env={},
+            requester=actor.user_id,
+        )
+        await self._promotable(plan, rule, actor, dedup_key)
 
 
 def github_repo(repository: str | None) -> str | None:

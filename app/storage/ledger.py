@@ -123,7 +123,7 @@ class ReleaseLedger:
         """Write a deployment; False when the ledger already had it as final as this (or it is
         older than LEDGER_KEEP). A running report never replaces a final one."""
         now = time.time() if now is None else now
-        started = deployment.started_at or int(now)
+        started = int(now) if deployment.started_at is None else deployment.started_at
         expire_at = started + LEDGER_KEEP
         if expire_at <= now:
             return False
