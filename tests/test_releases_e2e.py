@@ -382,3 +382,15 @@ async def test_a_rebuild_on_a_promote_from_pipeline_is_held_to_it(
     assert "Started" in started
     (rebuild,) = bk.requests_to("PUT")
     assert rebuild.path.endswith("/prod-lite/builds/2/rebuild")
+
+
+async def test_a_buildkite_rebuild_of_a_deployment_is_one_credited_to_who_rebuilt_it(
+    bot: BotClient, bk: FakeBuildkite, redis_client: Any
+) -> None:
+    meta = {"chatops_source": "slack", "chatops_requested_by": BOB, "chatops_approved_by": ALICE}
+    bk.add_build("web", commit=SHA1, state="passed", meta_data=meta)
+    _, name, _ = await bot.command("/rebuild", "web 1")
+    assert "Started" in (await bot.slack.wait_for(lambda: bot.response_texts(name)))[-1]
+    await finish(bot, "web", 2)
+    rebuilt = await entry(redis_client, "web", 2)
+    assert rebuilt["r"] == ALICE and "a" not in rebuilt and rebuilt["o"] == "passed"

@@ -4,6 +4,7 @@ lock, confirmation and approval exactly as a typed /deploy does."""
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -24,6 +25,12 @@ from app.slack.render.texts import TRACKING_DOWN
 from app.storage.ledger import Deployment, PipelineInfo
 from buildkite.errors import BuildkiteError
 
+_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,254}")
+
+
+def _safe_ref(ref: str) -> bool:
+    return bool(_REF.fullmatch(ref)) and ".." not in ref
+
 
 @dataclass(frozen=True)
 class ReleaseDeploy:
@@ -39,8 +46,8 @@ class ReleaseDeploy:
 def compare_url(repository: str | None, base: str, head: str) -> str | None:
     """A GitHub compare link from `base` to `head` (commits or a branch), if on GitHub."""
     repo = github_repo(repository)
-    if repo is None or base == head:
-        return None
+    if repo is None or base == head or not all(_safe_ref(ref) for ref in (base, head)):
+        return None  # read from Buildkite: only a SHA or a plain branch name goes in a URL
     return f"https://github.com/{repo}/compare/{base}...{head}"
 
 

@@ -168,6 +168,10 @@ class LedgerRecorder:
             return
         if is_bot_build(full):
             entry = deployment_from(full, pipeline, source=Source.BOT, requested_by=requester)
+            if full.rebuilt_from is not None:  # its meta_data is its original's, copied
+                entry = entry.model_copy(
+                    update={"approved_by": None, "rollback_of": None, "promoted_from": None}
+                )
             await self.store.record_deployment(entry, info=info_of(full.pipeline))
 
     async def on_route_build(self, build: Build, pipeline: str, ref: PipelineRef | None) -> None:
