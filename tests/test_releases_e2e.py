@@ -394,3 +394,18 @@ async def test_a_buildkite_rebuild_of_a_deployment_is_one_credited_to_who_rebuil
     await finish(bot, "web", 2)
     rebuilt = await entry(redis_client, "web", 2)
     assert rebuilt["r"] == ALICE and "a" not in rebuilt and rebuilt["o"] == "passed"
+
+
+async def test_status_finds_the_live_deployment_behind_many_failures(
+    bot: BotClient, bk: FakeBuildkite
+) -> None:
+    meta = {"chatops_source": "slack", "chatops_requested_by": ALICE}
+    bk.add_build("web", commit=SHA1, state="passed", meta_data=meta)
+    for _ in range(25):
+        bk.add_build("web", commit=SHA2, state="failed", meta_data=meta)
+    services = bot.services
+    await rebuild_ledger(services.store, services.buildkite, services.policy)
+    before = len(bk.requests)
+    text = shown(await answer(bot, "status"))
+    assert f"live: `{SHA1[:12]}` (`main`) in <https://buildkite.com/acme/web/builds/1|#1>" in text
+    assert len(bk.requests) == before

@@ -180,10 +180,11 @@ class Actions:
             await self._audit(actor, "deploy", plan.pipeline, "failed", detail=str(exc))
             raise UserError(explain(exc, action="deploy", pipeline=plan.pipeline)) from None
         await self._audit(actor, "deploy", plan.pipeline, "started", build=build)
-        await self._track(build, plan.pipeline, actor, thread=thread)
+        # In the ledger before it is followed, so that its end finds it there.
         await LedgerRecorder(self.s.policy, self.s.store, self.s.buildkite).started(
             build, plan.pipeline, requested_by=actor.user_id
         )
+        await self._track(build, plan.pipeline, actor, thread=thread)
         await self._stop_awaiting(request_id)
         return build
 

@@ -25,6 +25,8 @@ from app.slack.render.texts import TRACKING_DOWN
 from app.storage.ledger import Deployment, PipelineInfo
 from buildkite.errors import BuildkiteError
 
+#: Deployments read per pipeline for its status: its live one is almost always among them.
+STATUS_READ = 20
 _REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,254}")
 
 
@@ -65,7 +67,12 @@ class Releases(Actions):
         store = self.s.store
         try:
             pipelines = [pipeline] if pipeline else await store.ledger_pipelines(now=now)
-            ledgers = await store.deployments_of(pipelines, limit=20)
+            ledgers = await store.deployments_of(pipelines, limit=STATUS_READ)
+            # Rarely, more failures in a row than were read: read those pipelines in full.
+            deeper = [
+                p for p, e in ledgers.items() if len(e) == STATUS_READ and not live_deployment(e)
+            ]
+            ledgers |= await store.deployments_of(deeper)
             infos = await store.pipeline_infos(pipelines)
             locks = (
                 {lock.pipeline: lock for lock in await store.pipeline_locks()}
