@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from app.core.policy import PolicyError, load_policy
 from app.core.releases import rebuild_ledger
 from app.simulators.bot import BotClient, running_bot
 from app.simulators.buildkite import FakeBuildkite
@@ -409,3 +410,27 @@ async def test_status_finds_the_live_deployment_behind_many_failures(
     text = shown(await answer(bot, "status"))
     assert f"live: `{SHA1[:12]}` (`main`) in <https://buildkite.com/acme/web/builds/1|#1>" in text
     assert len(bk.requests) == before
+
+
+def test_promote_from_must_name_a_pipeline(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yml"
+    path.write_text("pipelines:\n  prod:\n    promote_from: ../staging\n")
+    with pytest.raises(PolicyError) as caught:
+        load_policy(str(path))
+    assert "'../staging' is not a pipeline slug" in str(caught.value)
+    path.write_text("notifications:\n  - pipelines: [x]\n    channel: C0CHAN\n    deploy: maybe\n")
+    with pytest.raises(PolicyError):
+        load_policy(str(path))
+
+
+async def test_hostile_words_are_quoted_back_as_text(bot: BotClient, bk: FakeBuildkite) -> None:
+    # As Slack sends what people type: `<` and `>` escaped, a mention or link wrapped.
+    for text in (
+        "history &lt;!channel&gt;",
+        "status <@U0BOB>",
+        "rollback web to #&lt;!here&gt;",
+        "history web &lt;@U0BOB&gt;",
+    ):
+        _, _, ack = await bot.command("/deploy", text)
+        assert "<!" not in ack["text"] and "<@" not in ack["text"], ack["text"]
+    assert bk.requests_to("POST") == []
