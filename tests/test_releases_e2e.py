@@ -434,3 +434,15 @@ async def test_hostile_words_are_quoted_back_as_text(bot: BotClient, bk: FakeBui
         _, _, ack = await bot.command("/deploy", text)
         assert "<!" not in ack["text"] and "<@" not in ack["text"], ack["text"]
     assert bk.requests_to("POST") == []
+
+
+def test_the_policy_examples_of_docs_releases_are_valid(tmp_path: Path) -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "releases.md").read_text()
+    examples = [part.split("```", 1)[0] for part in doc.split("```yaml\n")[1:]]
+    assert len(examples) == 2
+    for index, example in enumerate(examples):
+        path = tmp_path / f"policy{index}.yml"
+        path.write_text(example)
+        policy = load_policy(str(path))
+        assert policy.data.notifications or policy.data.pipelines
+    assert policy.rule_for("deploy-prod").promote_from == "staging-deploy"
