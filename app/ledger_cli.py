@@ -14,8 +14,8 @@ import sys
 
 import httpx
 
+from app.core.ledger_rebuild import RebuildReport, rebuild_ledger
 from app.core.policy import PolicyError, load_policy
-from app.core.releases import RebuildReport, rebuild_ledger
 from app.ops.metrics import Metrics
 from app.settings import Settings, SettingsError, load_settings
 from app.storage.connection import connect_redis

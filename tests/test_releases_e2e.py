@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from app.core.ledger_rebuild import rebuild_ledger
 from app.core.policy import PolicyError, load_policy
-from app.core.releases import rebuild_ledger
 from app.simulators.bot import BotClient, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
