@@ -37,7 +37,10 @@ async def release_command(
         return True
     if request is None:
         return False
-    await ack()
+    if isinstance(request, RollbackRequest | PromoteRequest):
+        await ack(text=render.looking_up(request.pipeline))
+    else:
+        await ack()
     await _run(request, command, respond, services)
     return True
 

@@ -219,7 +219,11 @@ async def test_rollback_deploys_the_previous_passed_commit(
     await deployed(bot, "web", SHA2, state="failed")
     await deployed(bot, "web", SHA3)
 
-    reply = await answer(bot, "rollback web")
+    _, name, ack = await bot.command("/deploy", "rollback web")
+    assert ack["text"] == ":hourglass_flowing_sand: Looking up what was deployed on `web`…"
+    reply = (await bot.slack.wait_for(lambda: [p for p in bot.slack.responses if p.name == name]))[
+        -1
+    ].json
     assert f"from `{SHA3[:12]}` (#3) to `{SHA1[:12]}` (#1)" in reply["text"]
     assert f"https://github.com/acme/app/compare/{SHA3}...{SHA1}" in reply["text"]
     create = bk.requests_to("POST", BUILDS.format("web"))[-1]

@@ -196,6 +196,11 @@ def compare(url: str | None, label: str = "compare") -> str:
     return f" ({link(url, label, hosts=_GITHUB)})" if url else ""
 
 
+def looking_up(pipeline: str) -> str:
+    """The ack of a rollback or a promotion, before the ledger and the policy are read."""
+    return f":hourglass_flowing_sand: Looking up what was deployed on {code(pipeline)}…"
+
+
 def rollback_started(
     web_url: str, pipeline: str, number: int, live: Deployment, target: Deployment, diff: str | None
 ) -> str:
