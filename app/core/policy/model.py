@@ -119,7 +119,7 @@ class Route(BaseModel):
     branches: list[str] | None = None
     channel: str
     events: list[NotifyEvent] = Field(default_factory=lambda: list(DEFAULT_EVENTS))
-    #: The builds this route announces are deployments: the release ledger records them.
+    #: Its pipelines' (and branches') builds are deployments: the release ledger keeps them.
     deploy: bool = False
 
     @field_validator("channel")
