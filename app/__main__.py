@@ -1,7 +1,8 @@
 """`python -m app`: start the bot with settings from the environment or `.env`.
 
 `python -m app --check-config` checks the settings and tokens instead, and
-`python -m app sandbox` runs the bot against local fakes of Slack and Buildkite.
+`python -m app sandbox` runs the bot against local fakes of Slack and Buildkite, and
+`python -m app ledger rebuild` records the release ledger again from Buildkite.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         help="check the settings, the policy file, and the tokens against Slack, Buildkite and "
         "Redis; print one line per check and exit 0 if all pass, else 1",
     )
-    commands = parser.add_subparsers(dest="command", metavar="{sandbox}")
+    commands = parser.add_subparsers(dest="command", metavar="{sandbox,ledger}")
     from app import sandbox as sandbox_mode
 
     sandbox_mode.add_arguments(
@@ -43,9 +44,16 @@ def main(argv: list[str] | None = None) -> int:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
+    from app import ledger_cli
+
+    ledger_cli.add_arguments(
+        commands.add_parser("ledger", help="the release ledger: `ledger rebuild` from Buildkite")
+    )
     args = parser.parse_args(argv)
     if args.command == "sandbox":
         return sandbox_mode.main(args)
+    if args.command == "ledger":
+        return ledger_cli.main(args)
     try:
         settings = load_settings()
     except SettingsError as exc:

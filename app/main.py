@@ -40,6 +40,7 @@ from app.core.auto_retry import AutoRetry
 from app.core.deploy_queue import DeployQueue
 from app.core.digest import run_digest_schedules
 from app.core.policy import load_policy
+from app.core.releases import LedgerRecorder
 from app.core.routing import Router
 from app.core.services import Services
 from app.ops.checks import Readiness, check_buildkite, check_slack
@@ -159,6 +160,7 @@ async def open_services(
         auditor = Auditor(store)
         intake = Intake(store, buildkite)
         auto_retry = AutoRetry(policy, store, buildkite, outbox, auditor, follow=intake.reopen)
+        ledger = LedgerRecorder(policy, store, buildkite)
         consumer = process_name()  # its stream consumer and its poll lease
         redis_outage = RedisOutage(
             mask_url(settings.redis_url) if settings.redis_url else "the embedded store",
@@ -170,7 +172,7 @@ async def open_services(
             writer,
             tuning.tracking,
             metrics=metrics,
-            on_final=[auto_retry.on_final],
+            on_final=[auto_retry.on_final, ledger.on_final],
             consumer=consumer,
             redis_outage=redis_outage,
         )
@@ -197,7 +199,7 @@ async def open_services(
             policy=policy,
             directory=directory,
             auditor=auditor,
-            router=Router(intake, store, policy),
+            router=Router(intake, store, policy, on_deploy=ledger.on_route_build),
             hooks=hooks,
             tuning=tuning,
             deploys=DeployQueue(running=tuning.deploys.running, waiting=tuning.deploys.waiting),

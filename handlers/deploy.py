@@ -31,6 +31,7 @@ from app.core.commands import (
     parse_build_ref,
     parse_deploy,
 )
+from app.core.commands.releases import RELEASE_USAGE
 from app.core.deploy_queue import QueueClosed
 from app.core.deploys import AwaitingApproval, Deploys, NeedsConfirmation, Started
 from app.core.locks import Locks
@@ -42,6 +43,7 @@ from app.slack.render import answers
 from app.slack.render.deploys import audit_list, locks_list
 from app.storage.keys import REQUEST_TTL
 from handlers.common import ephemeral, listen
+from handlers.releases import release_command
 
 COMMANDS = ("/deploy", "/cancel", "/rebuild")
 
@@ -71,13 +73,15 @@ async def deploy_command(
     ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
     """/deploy: acknowledged with the deploy's place in line before anything else is done."""
+    if await release_command(ack, command, respond, services):
+        return
     try:
         request = parse_deploy(command.get("text", ""))
     except UsageError as exc:
         await ack(text=answers.with_usage(exc, DEPLOY_USAGE))
         return
     if isinstance(request, HelpRequest):
-        await ack(text=DEPLOY_USAGE)
+        await ack(text=f"{DEPLOY_USAGE}\n*Releases:*\n{RELEASE_USAGE}")
         return
     if not isinstance(request, DeployRequest):
         await ack()

@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 from app.core.commands import BuildRef
 from app.core.errors import UserError, explain
 from app.core.policy import Action, Rule
+from app.core.releases import LedgerRecorder, release_meta
 from app.core.services import Services
 from app.slack.actor import Actor
 from app.slack.mrkdwn import link
@@ -156,6 +157,7 @@ class Actions:
         meta = {"chatops_requested_by": actor.user_id}
         if approved_by:
             meta["chatops_approved_by"] = approved_by
+        meta.update(release_meta(plan))
         await self._await(request_id, plan.pipeline, actor, thread=thread)
         try:
             build = await self.s.buildkite.create_build(
@@ -178,6 +180,10 @@ class Actions:
             await self._audit(actor, "deploy", plan.pipeline, "failed", detail=str(exc))
             raise UserError(explain(exc, action="deploy", pipeline=plan.pipeline)) from None
         await self._audit(actor, "deploy", plan.pipeline, "started", build=build)
+        # In the ledger before it is followed, so that its end finds it there.
+        await LedgerRecorder(self.s.policy, self.s.store, self.s.buildkite).started(
+            build, plan.pipeline, requested_by=actor.user_id
+        )
         await self._track(build, plan.pipeline, actor, thread=thread)
         await self._stop_awaiting(request_id)
         return build

@@ -103,6 +103,8 @@ class BuildActions(Actions):
         await self._claim(dedup_key, actor.user_id, ttl=dedup_ttl)
         if rule.asks_first:
             return await self.deploys.rebuild_as_deploy(ref, actor, rule, dedup_key, trigger)
+        if rule.promote_from:
+            await self.deploys.check_rebuild_promotion(ref, actor, rule, dedup_key)
         thread_ts = None
         try:
             original = await self.s.store.find(ref.pipeline, ref.number)

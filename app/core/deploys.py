@@ -16,9 +16,11 @@ from app.core.actions import Actions
 from app.core.commands import COMMIT, BuildRef, DeployRequest, UsageError, check_branch
 from app.core.errors import UserError, explain
 from app.core.policy import Action, Rule, principal_ref
+from app.core.releases import check_promotion
 from app.core.services import request_id_for
 from app.slack.actor import Actor
 from app.slack.outbox import SlackDeliveryError, not_in_channel_text
+from app.slack.render import releases as release_texts
 from app.slack.render import texts
 from app.slack.render.common import Rendered
 from app.slack.render.deploys import DeployPlan, approval_request, confirm_deploy, plan_refusal
@@ -50,11 +52,31 @@ class AwaitingApproval:
 DeployOutcome = Started | NeedsConfirmation | AwaitingApproval
 
 
+@dataclass(frozen=True)
+class DeployOrigin:
+    """What a deploy is, when it is more than a deploy: a rollback or a promotion (see
+    app.core.release_actions). Carried into the plan and the build's meta_data."""
+
+    rollback_of: int | None = None
+    rollback_from: str | None = None
+    promoted_from: str | None = None
+    #: A compare link from the live commit to the one deployed.
+    diff_url: str | None = None
+
+
 class Deploys(Actions):
     """Deploy, confirm and abort, as requested by a Slack user."""
 
-    async def deploy(self, request: DeployRequest, actor: Actor, *, trigger: str) -> DeployOutcome:
+    async def deploy(
+        self,
+        request: DeployRequest,
+        actor: Actor,
+        *,
+        trigger: str,
+        origin: DeployOrigin | None = None,
+    ) -> DeployOutcome:
         """Start a build (once per Slack request), or ask first when the pipeline is protected."""
+        origin = origin or DeployOrigin()
         rule = await self._authorize(Action.DEPLOY, request.pipeline, actor)
         await self._check_env(rule, request.env, actor, action="deploy", pipeline=request.pipeline)
         await self._check_lock(request.pipeline, actor)
@@ -73,7 +95,13 @@ class Deploys(Actions):
             message=request.message or f"Deployed from Slack by @{actor.user_name}",
             env=dict(request.env),
             requester=actor.user_id,
+            rollback_of=origin.rollback_of,
+            rollback_from=origin.rollback_from,
+            promoted_from=origin.promoted_from,
+            diff_url=origin.diff_url,
         )
+        if rule.promote_from and origin.rollback_of is None:
+            plan = await self._promotable(plan, rule, actor, request_id)
         if not rule.asks_first:
             return Started(await self._start(plan, actor, request_id=request_id))
         plan = await self._describe(plan, pipeline, rule)
@@ -105,6 +133,39 @@ class Deploys(Actions):
             )
         return NeedsConfirmation(confirm_deploy(plan, request_id))
 
+    async def _promotable(
+        self, plan: DeployPlan, rule: Rule, actor: Actor, request_id: str
+    ) -> DeployPlan:
+        """A rule with `promote_from` deploys only a commit that passed a deployment there:
+        the plan then names that commit (HEAD resolved), so what is built is what passed."""
+        source = rule.promote_from or ""
+        try:
+            promotion = await check_promotion(
+                self.s.store,
+                self.s.buildkite,
+                self.s.policy,
+                pipeline=plan.pipeline,
+                source=source,
+                branch=plan.branch,
+                commit=plan.commit,
+            )
+        except RedisError:
+            await self._forget(request_id)
+            raise UserError(TRACKING_DOWN) from None
+        if promotion.passed is None or promotion.commit is None:
+            await self._forget(request_id)
+            await self._audit(
+                actor, "deploy", plan.pipeline, "refused", detail=f"not passed on {source}"
+            )
+            history = f"https://buildkite.com/{self.s.buildkite.org}/{source}/builds"
+            raise UserError(
+                release_texts.not_promoted(
+                    plan.pipeline, source, rule.name, plan.commit, promotion.commit, history
+                )
+            )
+        passed = f"{source}#{promotion.passed.number}"
+        return replace(plan, commit=promotion.commit, promoted_from=plan.promoted_from or passed)
+
     async def _describe(self, plan: DeployPlan, pipeline: Pipeline, rule: Rule) -> DeployPlan:
         """Resolve HEAD to the branch's last built SHA, and link the diff on GitHub."""
         last: Build | None = None
@@ -126,7 +187,7 @@ class Deploys(Actions):
             log.info("could not look up recent builds of %s: %s", plan.pipeline, exc)
         sha = plan.commit if plan.commit != "HEAD" else (last.commit if last else None)
         diff = None
-        repo = _github_repo(pipeline.repository)
+        repo = github_repo(pipeline.repository)
         if repo and last_passed and last_passed.commit and sha and last_passed.commit != sha:
             diff = f"https://github.com/{repo}/compare/{last_passed.commit}...{sha}"
         approvers = (
@@ -136,7 +197,7 @@ class Deploys(Actions):
             plan,
             resolved_sha=sha if plan.commit == "HEAD" else None,
             resolved_from=f"#{last.number}" if last and plan.commit == "HEAD" else None,
-            diff_url=diff,
+            diff_url=plan.diff_url or diff,
             approvers=approvers,
             expires_in=rule.approval.expires_after if rule.approval else None,
         )
@@ -229,12 +290,33 @@ class Deploys(Actions):
             requester=actor.user_id,
             rebuild_of=ref.number,
         )
+        if rule.promote_from:
+            plan = await self._promotable(plan, rule, actor, dedup_key)
         plan = await self._describe(plan, pipeline, rule)
         request_id = request_id_for("rebuild", trigger)
         return await self._ask_first(plan, actor, request_id, claim=dedup_key)
 
+    async def check_rebuild_promotion(
+        self, ref: BuildRef, actor: Actor, rule: Rule, dedup_key: str
+    ) -> None:
+        """A plain rebuild on a `promote_from` pipeline deploys its original's commit again:
+        refused like a deploy unless that commit passed a deployment of `promote_from`."""
+        try:
+            original = await self.s.buildkite.get_build(ref.pipeline, ref.number)
+        except BuildkiteError as exc:
+            raise await self._refused(exc, dedup_key, actor, "rebuild", ref) from None
+        plan = DeployPlan(
+            pipeline=ref.pipeline,
+            branch=original.branch or "main",
+            commit=original.commit or "HEAD",
+            message="",
+            env={},
+            requester=actor.user_id,
+        )
+        await self._promotable(plan, rule, actor, dedup_key)
 
-def _github_repo(repository: str | None) -> str | None:
+
+def github_repo(repository: str | None) -> str | None:
     """`owner/name` of a GitHub repository URL (https or ssh), else None."""
     if not repository:
         return None

@@ -111,3 +111,21 @@ DIGEST_LAST_KEY = TEMPLATE_PREFIX + "digest:last:{schedule}"
 #: A process that took a slot and died is replaced after this long (the digest is then late).
 DIGEST_LEASE_TTL = 15 * 60
 DIGEST_LAST_TTL = 35 * 24 * 3600  # outlives a weekly schedule's gap
+
+# -- the release ledger ----------------------------------------------------------------------
+
+#: ledger:{pipeline} -> sorted set of the pipeline's deployments, build number as member and
+#: score (newest last), at most LEDGER_MAX of them.
+LEDGER_KEY = TEMPLATE_PREFIX + "ledger:{pipeline}"
+#: deployment:{pipeline}:{number} -> compact JSON of one deployment (see ledger.Deployment),
+#: expiring LEDGER_KEEP after the build started.
+DEPLOYMENT_KEY = TEMPLATE_PREFIX + "deployment:{pipeline}:{number}"
+#: What DEPLOYMENT_KEY starts with for a pipeline, for the script that trims the ledger.
+DEPLOYMENT_PREFIX = TEMPLATE_PREFIX + "deployment:{pipeline}:"
+#: Sorted set of the pipelines with deployments, by when one was last recorded (unix seconds).
+LEDGER_PIPELINES_KEY = PREFIX + "ledger:pipelines"
+#: Hash of pipeline -> JSON of its repository and default branch, as its builds last said.
+LEDGER_INFO_KEY = PREFIX + "ledger:info"
+
+LEDGER_MAX = 200  # deployments kept per pipeline
+LEDGER_KEEP = 90 * 24 * 3600  # and for how long after each started

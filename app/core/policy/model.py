@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validator
 
+from app.core.names import PIPELINE_SLUG
 from app.core.policy.env import EnvRule
 from app.core.unblock_forms import BlockForm, FormError, FormField, parse_field
 
@@ -118,6 +119,8 @@ class Route(BaseModel):
     branches: list[str] | None = None
     channel: str
     events: list[NotifyEvent] = Field(default_factory=lambda: list(DEFAULT_EVENTS))
+    #: Its pipelines' (and branches') builds are deployments: the release ledger keeps them.
+    deploy: bool = False
 
     @field_validator("channel")
     @classmethod
@@ -155,6 +158,8 @@ class Rule(BaseModel):
     approval: Approval | None = None
     auto_retry: AutoRetry | None = None
     env: EnvRule = Field(default_factory=EnvRule)
+    #: Deploys only commits that passed a deployment of this pipeline (see app.core.releases).
+    promote_from: str | None = None
 
     _principals = field_validator("deployers", "cancelers", "rebuilders", "unblockers")(
         _check_principals
@@ -167,6 +172,13 @@ class Rule(BaseModel):
             if not (_CHANNEL_ID.match(value) or _CHANNEL_NAME.match(value)):
                 raise ValueError(f"{value!r} is neither a channel id (C…) nor a #channel-name")
         return values
+
+    @field_validator("promote_from")
+    @classmethod
+    def _promote_from(cls, value: str | None) -> str | None:
+        if value is not None and not PIPELINE_SLUG.match(value):
+            raise ValueError(f"{value!r} is not a pipeline slug")
+        return value
 
     @property
     def asks_first(self) -> bool:

@@ -38,6 +38,11 @@ class DeployPlan:
     expires_in: int | None = None
     #: The number of the build this re-runs, when it is a /rebuild of a protected pipeline.
     rebuild_of: int | None = None
+    #: A rollback: the live build it replaces, and that build's commit.
+    rollback_of: int | None = None
+    rollback_from: str | None = None
+    #: A promotion: `pipeline#number` of the deployment whose commit it deploys.
+    promoted_from: str | None = None
 
 
 def _plan_lines(plan: DeployPlan) -> list[str]:
@@ -54,11 +59,25 @@ def _plan_lines(plan: DeployPlan) -> list[str]:
     ]
     if plan.rebuild_of is not None:
         lines.insert(1, f"*Rebuild of:* #{plan.rebuild_of} (as a new build)")
+    lines[1:1] = _release_lines(plan)
     if plan.env:
         lines.append(f"*Environment:* {len(plan.env)} variables, in full below")
     if plan.diff_url:
         label = "compare with the last passed build"
         lines.append(f"*Changes:* {link(plan.diff_url, label, hosts=('github.com',))}")
+    return lines
+
+
+def _release_lines(plan: DeployPlan) -> list[str]:
+    """What a rollback or a promotion adds to a plan: from which commit to which, or whence."""
+    lines = []
+    if plan.rollback_of is not None:
+        before = code((plan.rollback_from or "?")[:12])
+        lines.append(
+            f"*Rollback of:* #{plan.rollback_of}, from {before} to {code(plan.commit[:12])}"
+        )
+    if plan.promoted_from:
+        lines.append(f"*Promoted from:* {code(plan.promoted_from)}")
     return lines
 
 
