@@ -39,6 +39,8 @@ from app.core.audit import Auditor
 from app.core.auto_retry import AutoRetry
 from app.core.deploy_queue import DeployQueue
 from app.core.digest import run_digest_schedules
+from app.core.freeze_announcements import FreezeAnnouncer, sweep_every
+from app.core.lock_hygiene import LockHygiene
 from app.core.policy import load_policy
 from app.core.routing import Router
 from app.core.services import Services
@@ -296,6 +298,7 @@ async def background(services: Services, tuning: Tuning = DEFAULT) -> AsyncItera
             name="approvals",
         ),
         asyncio.create_task(run_digest_schedules(services, stop), name="digests"),
+        *clock_sweeps(services, stop, tuning),
     ]
     try:
         yield
@@ -306,6 +309,35 @@ async def background(services: Services, tuning: Tuning = DEFAULT) -> AsyncItera
         for task in still_running:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def clock_sweeps(
+    services: Services, stop: asyncio.Event, tuning: Tuning
+) -> list[asyncio.Task[None]]:
+    """The loops that watch the clock: freeze start and end announcements, lock hygiene."""
+    announcer = FreezeAnnouncer(
+        services.policy, services.store, services.outbox, tuning.sweeps, tuning.clock
+    )
+    hygiene = LockHygiene(services.policy, services.store, services.outbox, tuning.clock)
+    outage = services.redis_outage
+    return [
+        asyncio.create_task(
+            sweep_every(
+                "the freeze announcements",
+                announcer.sweep,
+                tuning.sweeps.freeze_interval,
+                stop,
+                outage,
+            ),
+            name="freezes",
+        ),
+        asyncio.create_task(
+            sweep_every(
+                "the lock reminders", hygiene.sweep, tuning.sweeps.lock_interval, stop, outage
+            ),
+            name="lock-hygiene",
+        ),
+    ]
 
 
 async def expire_approvals(

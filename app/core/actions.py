@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 
 from app.core.commands import BuildRef
 from app.core.errors import UserError, explain
+from app.core.freezes import FROZEN_ACTIONS, active_freeze, freeze_refusal
 from app.core.policy import Action, Rule
 from app.core.services import Services
 from app.slack.actor import Actor
@@ -59,8 +60,16 @@ class Actions:
         )
 
     async def _authorize(
-        self, action: Action, pipeline: str, actor: Actor, *, number: int | None = None
+        self,
+        action: Action,
+        pipeline: str,
+        actor: Actor,
+        *,
+        number: int | None = None,
+        break_glass: bool = False,
     ) -> Rule:
+        """The pipeline's rule, if `actor` may do `action` there now; a deploy or rebuild is
+        also refused during a freeze, unless it asks to break the glass (approved after)."""
         decision = await self.s.policy.check(
             action,
             pipeline,
@@ -79,7 +88,24 @@ class Actions:
                 detail=f"rule {decision.rule}",
             )
             raise UserError(texts.refused(decision.reason))
+        if action in FROZEN_ACTIONS and not break_glass:
+            await self._check_freeze(action.value, pipeline, actor, number=number)
         return self.s.policy.rule_for(pipeline)
+
+    async def _check_freeze(
+        self, action: str, pipeline: str, actor: Actor, *, number: int | None = None
+    ) -> None:
+        """Refuse (and audit) `action` on a frozen pipeline, naming the freeze and its end."""
+        now = self.s.tuning.clock()
+        refusal = freeze_refusal(self.s.policy.data.freezes, pipeline, now, action=action)
+        if refusal is None:
+            return
+        occurrence = active_freeze(self.s.policy.data.freezes, pipeline, now)
+        reason = occurrence.freeze.reason if occurrence else ""
+        await self._audit(
+            actor, action, pipeline, "refused", number=number, detail=f"freeze: {reason}"
+        )
+        raise UserError(refusal)
 
     async def _check_lock(
         self, pipeline: str, actor: Actor, *, action: str = "deploy", build: BuildRef | None = None
@@ -156,6 +182,8 @@ class Actions:
         meta = {"chatops_requested_by": actor.user_id}
         if approved_by:
             meta["chatops_approved_by"] = approved_by
+        if plan.break_glass:
+            meta["chatops_break_glass"] = plan.break_glass
         await self._await(request_id, plan.pipeline, actor, thread=thread)
         try:
             build = await self.s.buildkite.create_build(

@@ -111,3 +111,25 @@ DIGEST_LAST_KEY = TEMPLATE_PREFIX + "digest:last:{schedule}"
 #: A process that took a slot and died is replaced after this long (the digest is then late).
 DIGEST_LEASE_TTL = 15 * 60
 DIGEST_LAST_TTL = 35 * 24 * 3600  # outlives a weekly schedule's gap
+
+# -- freezes, the stale-block guard, lock hygiene ------------------------------------------
+
+#: freeze:{occurrence}:{edge}:{channel} -> a freeze occurrence's start or end was announced in
+#: that channel (SET NX: once across replicas).
+FREEZE_ANNOUNCED_KEY = TEMPLATE_PREFIX + "freeze:{occurrence}:{edge}:{channel}"
+#: Kept past the announced edge, so that a replica that looks late does not announce it again.
+FREEZE_ANNOUNCED_KEEP = 2 * 24 * 3600
+#: blocked:{pipeline}:{branch} -> sorted set of the tracked builds of that branch waiting on a
+#: block step, by build number.
+BLOCKED_KEY = TEMPLATE_PREFIX + "blocked:{pipeline}:{branch}"
+#: newest:{pipeline}:{branch} -> JSON of the newest build of that branch that passed or was
+#: unblocked (see SupersededBy): older blocked builds are superseded by it.
+NEWEST_KEY = TEMPLATE_PREFIX + "newest:{pipeline}:{branch}"
+#: superseded:{build_id} -> JSON of the newer build that superseded this blocked one (SET NX:
+#: the one process that sets it updates the message, and cancels it when the policy says so).
+SUPERSEDED_KEY = TEMPLATE_PREFIX + "superseded:{build_id}"
+GUARD_TTL = PENDING_TTL
+#: lockremind:{pipeline}:{since}:{period} -> the holder of that lock was reminded in that period.
+LOCK_REMINDED_KEY = TEMPLATE_PREFIX + "lockremind:{pipeline}:{since}:{period}"
+#: Sorted set of expiring locks (their JSON), by expiry: the channel is told once it passes.
+LOCK_EXPIRY_KEY = PREFIX + "locks:expiring"

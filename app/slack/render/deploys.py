@@ -38,6 +38,9 @@ class DeployPlan:
     expires_in: int | None = None
     #: The number of the build this re-runs, when it is a /rebuild of a protected pipeline.
     rebuild_of: int | None = None
+    #: A deploy through a freeze: the reason given with --break-glass, and the freeze's.
+    break_glass: str | None = None
+    freeze: str | None = None
 
 
 def _plan_lines(plan: DeployPlan) -> list[str]:
