@@ -44,6 +44,7 @@ from app.core.lock_hygiene import LockHygiene
 from app.core.policy import load_policy
 from app.core.routing import Router
 from app.core.services import Services
+from app.core.supersede import StaleBlocks
 from app.ops.checks import Readiness, check_buildkite, check_slack
 from app.ops.metrics import CountSlackCalls, Metrics, count_buildkite_requests
 from app.ops.observability import SlackRequestObserver
@@ -164,12 +165,16 @@ async def open_services(
             repeat_every=tuning.redis_outage_log_every,
         )
         writer = MessageWriter(store, buildkite, outbox, hooks, tuning.tracking, people=directory)
+        stale_blocks = StaleBlocks(
+            policy, store, buildkite, outbox, auditor, observe=intake.observe
+        )
         notifier = Notifier(
             store,
             writer,
             tuning.tracking,
             metrics=metrics,
             on_final=[auto_retry.on_final],
+            on_transition=[stale_blocks.on_transition],
             consumer=consumer,
             redis_outage=redis_outage,
         )

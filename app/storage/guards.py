@@ -95,6 +95,11 @@ class Guards:
         key = SUPERSEDED_KEY.format(build_id=build_id)
         return bool(await self.redis.set(key, by.model_dump_json(), nx=True, ex=GUARD_TTL))
 
+    async def amend_superseded(self, build_id: str, by: SupersededBy) -> None:
+        """Replace the mark of a build already superseded (what became of it changed)."""
+        key = SUPERSEDED_KEY.format(build_id=build_id)
+        await self.redis.set(key, by.model_dump_json(), xx=True, ex=GUARD_TTL)
+
     async def superseded_by(self, build_id: str) -> SupersededBy | None:
         raw = await self.redis.get(SUPERSEDED_KEY.format(build_id=build_id))
         return SupersededBy.model_validate_json(raw) if raw else None

@@ -223,3 +223,6 @@ class SupersededBy(BaseModel):
 
     number: int
     url: str | None = None
+    #: The policy's `superseded` for the blocked build, when it was superseded: refuse, warn
+    #: (its Unblock asks to confirm) or cancel.
+    mode: str = "refuse"
