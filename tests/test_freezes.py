@@ -296,10 +296,15 @@ async def test_rebuild_and_retry_are_refused_but_cancel_and_unblock_go_on(
     rebuild = await answer(bot, "/rebuild", "deploy-prod 1")
     assert "`deploy-prod` is frozen" in rebuild["text"]
     assert "The rebuild was not started" in rebuild["text"]
+    retry = '{"pipeline": "deploy-prod", "number": 1}'
+    _, name = await bot.click("build_retry_failed", retry, channel=CHANNEL, message_ts="1.000001")
+    (retried,) = await bot.slack.wait_for(lambda: bot.response_texts(name))
+    assert "`deploy-prod` is frozen" in retried and "The rebuild was not started" in retried
     cancel = await answer(bot, "/cancel", "deploy-prod 2")
     assert "frozen" not in cancel["text"]
     assert len(bk.requests_to("PUT", BUILDS.format("deploy-prod") + "/2/cancel")) == 1
     assert bk.requests_to("POST") == []
+    assert [r for r in bk.requests_to("PUT") if r.path.endswith("/retry")] == []
 
 
 async def test_deploy_freezes_lists_the_active_and_coming_freezes(
