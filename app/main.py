@@ -323,7 +323,13 @@ def clock_sweeps(
     announcer = FreezeAnnouncer(
         services.policy, services.store, services.outbox, tuning.sweeps, tuning.clock
     )
-    hygiene = LockHygiene(services.policy, services.store, services.outbox, tuning.clock)
+    hygiene = LockHygiene(
+        services.policy,
+        services.store,
+        services.outbox,
+        tuning.clock,
+        late=tuning.sweeps.announce_late,
+    )
     outage = services.redis_outage
     return [
         asyncio.create_task(

@@ -175,3 +175,15 @@ async def test_an_admin_who_lifts_a_lock_tells_its_holder(
         ":unlock: <@U0ADMIN> lifted your lock on `deploy-prod` (migration). "
         "Others may deploy it again."
     )
+
+
+async def test_an_expiry_no_bot_saw_for_hours_is_not_told_late(
+    bots: tuple[BotClient, BotClient], slack: FakeSlack, clock: Clock, redis_client: Any
+) -> None:
+    one, _ = bots
+    await answer(one, "lock deploy-prod 30m")
+    clock.now = START + 3 * HOUR  # the bots were away meanwhile (an hour late at most is told)
+    await sweep_both(bots, clock)
+    assert await redis_client.zcard(keys.LOCK_EXPIRY_KEY) == 0
+    assert await redis_client.get(keys.PIPELINE_LOCK_KEY.format(pipeline="deploy-prod")) is None
+    assert not [c for c in slack.posts(CHANNEL) if "expired" in c.args["text"]]

@@ -13,6 +13,7 @@ from app.slack.render import lock_hygiene as render
 from app.slack.render.common import notice
 from app.storage.records import PipelineLock
 from app.storage.store import Store
+from app.tuning import DEFAULT
 
 log = logging.getLogger(__name__)
 
@@ -21,21 +22,30 @@ class LockHygiene:
     """The sweep of reminders and expiries, and the note to a holder whose lock was lifted."""
 
     def __init__(
-        self, policy: Policy, store: Store, outbox: Outbox, clock: Callable[[], float]
+        self,
+        policy: Policy,
+        store: Store,
+        outbox: Outbox,
+        clock: Callable[[], float],
+        *,
+        late: float = DEFAULT.sweeps.announce_late,
     ) -> None:
         self.policy = policy
         self.store = store
         self.outbox = outbox
         self.clock = clock
+        #: An expiry older than this when first seen (no bot ran meanwhile) is not told.
+        self.late = late
 
     async def sweep(self) -> int:
         """Remind holders of long-held locks and tell of expired ones; returns how many posts."""
         now = self.clock()
         posted = 0
         for lock in await self.store.take_expired_locks(now):
-            if await self._post(
-                lock.channel, render.lock_expired(lock), f"lockexpired:{_id(lock)}"
-            ):
+            if lock.expires_at is not None and now - lock.expires_at > self.late:
+                continue  # news of the past
+            text = render.lock_expired(lock)
+            if await self._post(lock.channel, text, f"lockexpired:{_id(lock)}"):
                 posted += 1
         period = self.policy.data.lock_reminder_after
         for lock in await self.store.pipeline_locks():

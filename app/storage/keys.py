@@ -132,4 +132,5 @@ GUARD_TTL = PENDING_TTL
 #: lockremind:{pipeline}:{since}:{period} -> the holder of that lock was reminded in that period.
 LOCK_REMINDED_KEY = TEMPLATE_PREFIX + "lockremind:{pipeline}:{since}:{period}"
 #: Sorted set of expiring locks (their JSON), by expiry: the channel is told once it passes.
+#: No TTL of its own: each member leaves at its expiry (or its unlock), and the set with it.
 LOCK_EXPIRY_KEY = PREFIX + "locks:expiring"
