@@ -158,7 +158,9 @@ async def open_services(
         hooks = SlackHooks(settings.slack_hooks_url, outbox, metrics)
         auditor = Auditor(store)
         intake = Intake(store, buildkite)
-        auto_retry = AutoRetry(policy, store, buildkite, outbox, auditor, follow=intake.reopen)
+        auto_retry = AutoRetry(
+            policy, store, buildkite, outbox, auditor, follow=intake.reopen, clock=tuning.clock
+        )
         consumer = process_name()  # its stream consumer and its poll lease
         redis_outage = RedisOutage(
             mask_url(settings.redis_url) if settings.redis_url else "the embedded store",

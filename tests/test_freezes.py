@@ -488,3 +488,31 @@ async def test_an_approval_asked_before_a_freeze_is_refused_in_it(
         text = (await slack.wait_for(lambda: bot.response_texts(name)))[0]
         assert "`deploy-api` is frozen: *weekend freeze*" in text
         assert bk.requests_to("POST") == []
+
+
+async def test_a_build_failing_in_a_freeze_is_not_auto_retried(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "policy.yml"
+    path.write_text(
+        POLICY.replace("  web: {}\n", "  web: {}\n  deploy-flaky:\n    auto_retry: {}\n")
+    )
+    bk.add_pipeline("deploy-flaky", default_branch="main")
+    clock = Clock(at(2026, 3, 27, 14, 0))  # an hour before the weekend freeze
+    tuning = dataclasses.replace(FAST, clock=clock)
+    async with running_bot(slack, bk, redis_url, tuning=tuning, policy_file=str(path)) as bot:
+        assert "Started" in (await answer(bot, "/deploy", "deploy-flaky"))["text"]
+        (root,) = await slack.wait_for(lambda: slack.posts(CHANNEL))
+        clock.now = at(2026, 3, 27, 15, 30)
+        bk.set_build_state("deploy-flaky", 1, "failed", failed_jobs=["Test"])
+        assert (await bot.webhook(bk.webhook_payload("deploy-flaky", 1))).status == 200
+        replies = await slack.wait_for(
+            lambda: [
+                c.args["text"]
+                for c in slack.posts(CHANNEL)
+                if c.args.get("thread_ts") == root.response["ts"] and "frozen" in c.args["text"]
+            ]
+        )
+        assert "The automatic retry was not started" in replies[0]
+        await bot.settled()
+    assert [r for r in bk.requests_to("PUT") if r.path.endswith("/retry_failed_jobs")] == []
