@@ -13,12 +13,13 @@ from redis.exceptions import RedisError
 
 from app.core.commands import BuildRef
 from app.core.errors import UserError, explain
-from app.core.freezes import FROZEN_ACTIONS, active_freeze, freeze_refusal
+from app.core.freezes import FROZEN_ACTIONS, active_freeze, view_of
 from app.core.policy import Action, Rule
 from app.core.services import Services
 from app.slack.actor import Actor
 from app.slack.mrkdwn import link
 from app.slack.outbox import SlackDeliveryError, not_in_channel_text
+from app.slack.render import freezes as freeze_texts
 from app.slack.render import texts
 from app.slack.render.common import Rendered
 from app.slack.render.deploys import DeployPlan
@@ -96,16 +97,14 @@ class Actions:
         self, action: str, pipeline: str, actor: Actor, *, number: int | None = None
     ) -> None:
         """Refuse (and audit) `action` on a frozen pipeline, naming the freeze and its end."""
-        now = self.s.tuning.clock()
-        refusal = freeze_refusal(self.s.policy.data.freezes, pipeline, now, action=action)
-        if refusal is None:
+        occurrence = active_freeze(self.s.policy.data.freezes, pipeline, self.s.tuning.clock())
+        if occurrence is None:
             return
-        occurrence = active_freeze(self.s.policy.data.freezes, pipeline, now)
-        reason = occurrence.freeze.reason if occurrence else ""
+        reason = occurrence.freeze.reason
         await self._audit(
             actor, action, pipeline, "refused", number=number, detail=f"freeze: {reason}"
         )
-        raise UserError(refusal)
+        raise UserError(freeze_texts.frozen(pipeline, action, view_of(occurrence)))
 
     async def _check_lock(
         self, pipeline: str, actor: Actor, *, action: str = "deploy", build: BuildRef | None = None

@@ -127,7 +127,9 @@ class Approvals(Actions):
             )
         if plan.break_glass is None:  # a break-glass deploy is approved to go through it
             now = self.s.tuning.clock()
-            frozen = freeze_refusal(self.s.policy.data.freezes, plan.pipeline, now)
+            frozen = freeze_refusal(
+                self.s.policy.data.freezes, plan.pipeline, now, action=action.value
+            )
             if frozen is not None:
                 return Refusal(frozen, "freeze")
         rule = self.s.policy.rule_for(plan.pipeline)

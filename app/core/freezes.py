@@ -132,7 +132,7 @@ class Occurrence:
 class Freeze(BaseModel):
     """A freeze of the pipelines matching `pipelines` (slugs or globs), weekly or from/to."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid")
 
     pipelines: list[str] = Field(min_length=1)
     weekly: str | None = None
