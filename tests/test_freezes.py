@@ -7,14 +7,23 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from app.core.freeze_announcements import FreezeAnnouncer, freeze_channels
-from app.core.freezes import Freeze, active_freeze, current_and_upcoming, parse_weekly
+from app.core.freezes import (
+    Freeze,
+    Occurrence,
+    active_freeze,
+    current_and_upcoming,
+    parse_weekly,
+)
 from app.core.policy import PolicyError, load_policy
 from app.simulators.bot import FAST, BotClient, running_bot
 from app.simulators.buildkite import FakeBuildkite
@@ -140,6 +149,57 @@ def test_active_and_upcoming_occurrences() -> None:
     assert [o.freeze.reason for o in active] == ["weekend freeze"]
     assert [o.freeze.reason for o in upcoming] == ["weekend freeze", "holiday freeze"]
     assert upcoming[0].start == dt.datetime(2026, 12, 11, 15, tzinfo=dt.UTC)
+
+
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+ZONES = ("UTC", BERLIN, "America/New_York", "Australia/Sydney", "Asia/Kolkata", "Pacific/Chatham")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    zone=st.sampled_from(ZONES),
+    start=st.tuples(st.integers(0, 6), st.integers(0, 23), st.integers(0, 59)),
+    end=st.tuples(st.integers(0, 6), st.integers(0, 23), st.integers(0, 59)),
+    moment=st.floats(min_value=at(2026, 1, 1), max_value=at(2028, 1, 1)),
+)
+def test_any_weekly_window_in_any_zone_keeps_its_local_times(
+    zone: str, start: tuple[int, int, int], end: tuple[int, int, int], moment: float
+) -> None:
+    """Whatever the window, zone and moment: the occurrence in force contains the moment, starts
+    and ends at the window's wall-clock times in its zone (a time the clocks skip excepted),
+    and the occurrences around it neither overlap nor leave it out."""
+    if start == end:
+        return
+    weekly = (
+        f"{DAYS[start[0]]} {start[1]:02}:{start[2]:02} - {DAYS[end[0]]} {end[1]:02}:{end[2]:02}"
+    )
+    freeze = Freeze.model_validate(
+        {"pipelines": ["p"], "weekly": weekly, "timezone": zone, "reason": "r"}
+    )
+    now = dt.datetime.fromtimestamp(moment, dt.UTC)
+    around = list(freeze.occurrences(now - dt.timedelta(days=15), now + dt.timedelta(days=15)))
+    assert len(around) >= 4
+    for earlier, later in itertools.pairwise(around):
+        assert earlier.end <= later.start
+        assert later.start - earlier.start <= dt.timedelta(days=7, hours=3)
+    containing = [o for o in around if o.active(now)]
+    assert active_freeze([freeze], "p", moment) == (containing[0] if containing else None)
+    for occurrence in around:
+        _check_local(occurrence, start, end)
+
+
+def _check_local(
+    occurrence: Occurrence, start: tuple[int, int, int], end: tuple[int, int, int]
+) -> None:
+    zone = occurrence.freeze.zone
+    for instant, (day, hour, minute) in ((occurrence.start, start), (occurrence.end, end)):
+        local = instant.astimezone(zone)
+        wall = dt.datetime.combine(local.date(), dt.time(hour, minute))
+        skipped = (
+            wall.replace(tzinfo=zone).astimezone(dt.UTC).astimezone(zone).time() != wall.time()
+        )
+        if not skipped:
+            assert (local.weekday(), local.hour, local.minute) == (day, hour, minute)
 
 
 # -- the policy ------------------------------------------------------------------------------
