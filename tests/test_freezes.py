@@ -576,3 +576,30 @@ async def test_a_build_failing_in_a_freeze_is_not_auto_retried(
         assert "The automatic retry was not started" in replies[0]
         await bot.settled()
     assert [r for r in bk.requests_to("PUT") if r.path.endswith("/retry_failed_jobs")] == []
+
+
+async def test_a_confirmation_clicked_once_a_freeze_began_is_refused(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "policy.yml"
+    path.write_text(
+        POLICY.replace("  web: {}\n", "  web: {}\n  deploy-api:\n    protected: true\n")
+    )
+    bk.add_pipeline("deploy-api", default_branch="main")
+    clock = Clock(at(2026, 3, 27, 14, 59))  # a minute before the weekend freeze
+    tuning = dataclasses.replace(FAST, clock=clock)
+    async with running_bot(slack, bk, redis_url, tuning=tuning, policy_file=str(path)) as bot:
+        confirm = await answer(bot, "/deploy", "deploy-api")
+        value = next(
+            e["value"]
+            for b in confirm["blocks"]
+            for e in b.get("elements", [])
+            if e.get("action_id") == "deploy_confirm"
+        )
+        clock.now = at(2026, 3, 27, 15, 0)
+        _, name = await bot.click(
+            "deploy_confirm", value, channel=CHANNEL, message_ts="1.1", ephemeral=True
+        )
+        (text,) = await slack.wait_for(lambda: bot.response_texts(name))
+        assert "`deploy-api` is frozen: *weekend freeze*" in text
+        assert bk.requests_to("POST") == []
