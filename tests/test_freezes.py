@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import itertools
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -459,6 +460,8 @@ async def test_break_glass_asks_an_admin_and_is_audited_with_its_reason(
     ts = request.response["ts"]
     message = slack.message(CHANNEL, ts)
     assert f"Approval needed from <@{ADMIN}>" in message["text"]
+    body = json.dumps(message["blocks"])
+    assert "*Break-glass:* &lt;!here&gt; db is down (through the freeze weekend freeze" in body
     value = next(
         e["value"]
         for b in message["blocks"]

@@ -97,10 +97,11 @@ def dms(slack: FakeSlack, user: str) -> list[str]:
 
 
 async def test_a_long_held_lock_reminds_its_holder_once_a_period_across_two_bots(
-    bots: tuple[BotClient, BotClient], slack: FakeSlack, clock: Clock
+    bots: tuple[BotClient, BotClient], slack: FakeSlack, clock: Clock, redis_client: Any
 ) -> None:
     one, _ = bots
     assert "locked `deploy-prod`" in await answer(one, "lock deploy-prod release &lt;!channel&gt;")
+    assert await redis_client.zrange(keys.LOCKS_HELD_KEY, 0, -1) == [b"deploy-prod"]
     clock.now = START + 4 * HOUR - 60
     assert await sweep_both(bots, clock) == [0, 0]
     assert dms(slack, ALICE) == []
@@ -141,6 +142,7 @@ async def test_an_expired_lock_is_told_to_its_channel_once(
         "may deploy it again."
     ]
     assert await sweep_both(bots, clock) == [0, 0]
+    assert await redis_client.zcard(keys.LOCKS_HELD_KEY) == 0
     # The bots' clock decides: the lock is gone for everyone, though Redis's TTL has not run out.
     assert await redis_client.get(keys.PIPELINE_LOCK_KEY.format(pipeline="deploy-prod")) is None
     assert await redis_client.zcard(keys.LOCK_EXPIRY_KEY) == 0

@@ -48,7 +48,7 @@ class LockHygiene:
             if await self._post(lock.channel, text, f"lockexpired:{_id(lock)}"):
                 posted += 1
         period = self.policy.data.lock_reminder_after
-        for lock in await self.store.pipeline_locks():
+        for lock in await self.store.held_locks():
             if lock.expires_at is not None and lock.expires_at <= now:
                 continue  # expiring now: the channel hears of that instead
             held = now - lock.since

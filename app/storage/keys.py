@@ -131,6 +131,9 @@ SUPERSEDED_KEY = TEMPLATE_PREFIX + "superseded:{build_id}"
 GUARD_TTL = PENDING_TTL
 #: lockremind:{pipeline}:{since}:{period} -> the holder of that lock was reminded in that period.
 LOCK_REMINDED_KEY = TEMPLATE_PREFIX + "lockremind:{pipeline}:{since}:{period}"
+#: Sorted set of the pipelines locked, by when: what the reminder sweep reads, rather than
+#: scanning the keyspace every minute. A member whose lock expired is dropped as it is read.
+LOCKS_HELD_KEY = PREFIX + "locks:held"
 #: Sorted set of expiring locks (their JSON), by expiry: the channel is told once it passes.
 #: No TTL of its own: each member leaves at its expiry (or its unlock), and the set with it.
 LOCK_EXPIRY_KEY = PREFIX + "locks:expiring"

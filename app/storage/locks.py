@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import redis.asyncio as redis
 
-from app.storage.keys import LOCK_EXPIRY_KEY, PIPELINE_LOCK_KEY
+from app.storage.codec import text
+from app.storage.keys import LOCK_EXPIRY_KEY, LOCKS_HELD_KEY, PIPELINE_LOCK_KEY
 from app.storage.records import PipelineLock
 
 
@@ -36,6 +37,7 @@ class PipelineLocks:
         )
         raw = lock.model_dump_json()
         if await self.redis.set(key, raw, nx=True, ex=ttl):
+            await self.redis.zadd(LOCKS_HELD_KEY, {pipeline: now})
             if lock.expires_at is not None:  # its channel is told when it expires
                 await self.redis.zadd(LOCK_EXPIRY_KEY, {raw: lock.expires_at})
             return None
@@ -52,9 +54,21 @@ class PipelineLocks:
         key = PIPELINE_LOCK_KEY.format(pipeline=pipeline)
         raw = await self.redis.get(key)
         deleted = bool(await self.redis.delete(key))
+        await self.redis.zrem(LOCKS_HELD_KEY, pipeline)
         if raw:  # lifted before its time: no expiry to tell of
             await self.redis.zrem(LOCK_EXPIRY_KEY, raw)
         return deleted
+
+    async def held_locks(self) -> list[PipelineLock]:
+        """The locks held now, from the index of locked pipelines (no scan of the keyspace)."""
+        locks = []
+        for pipeline in [text(p) for p in await self.redis.zrange(LOCKS_HELD_KEY, 0, -1)]:
+            lock = await self.pipeline_lock(pipeline)
+            if lock is None:  # expired by Redis meanwhile
+                await self.redis.zrem(LOCKS_HELD_KEY, pipeline)
+            else:
+                locks.append(lock)
+        return locks
 
     async def pipeline_locks(self) -> list[PipelineLock]:
         locks = []

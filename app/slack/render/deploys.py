@@ -57,6 +57,9 @@ def _plan_lines(plan: DeployPlan) -> list[str]:
     ]
     if plan.rebuild_of is not None:
         lines.insert(1, f"*Rebuild of:* #{plan.rebuild_of} (as a new build)")
+    if plan.break_glass is not None:
+        during = f" (through the freeze {plain(plan.freeze)})" if plan.freeze else ""
+        lines.insert(0, f"*Break-glass:* {clip(plain(plan.break_glass), 300)}{during}")
     if plan.env:
         lines.append(f"*Environment:* {len(plan.env)} variables, in full below")
     if plan.diff_url:
