@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 
 from app.core.commands import BuildRef
 from app.core.errors import UserError, explain
-from app.core.freezes import FROZEN_ACTIONS, active_freeze, view_of
+from app.core.freezes import FROZEN_ACTIONS, view_of
 from app.core.policy import Action, Rule
 from app.core.services import Services
 from app.slack.actor import Actor
@@ -97,7 +97,7 @@ class Actions:
         self, action: str, pipeline: str, actor: Actor, *, number: int | None = None
     ) -> None:
         """Refuse (and audit) `action` on a frozen pipeline, naming the freeze and its end."""
-        occurrence = active_freeze(self.s.policy.data.freezes, pipeline, self.s.tuning.clock())
+        occurrence = self.s.policy.active_freeze(pipeline, self.s.tuning.clock())
         if occurrence is None:
             return
         reason = occurrence.freeze.reason

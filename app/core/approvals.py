@@ -12,7 +12,6 @@ from redis.exceptions import RedisError
 from app.core.actions import Actions
 from app.core.deploys import approvers_of, break_glass_detail, plan_action, plan_from
 from app.core.errors import UserError, explain
-from app.core.freezes import freeze_refusal
 from app.slack.actor import Actor
 from app.slack.render import texts
 from app.slack.render.deploys import DeployPlan, approval_request
@@ -127,9 +126,7 @@ class Approvals(Actions):
             )
         if plan.break_glass is None:  # a break-glass deploy is approved to go through it
             now = self.s.tuning.clock()
-            frozen = freeze_refusal(
-                self.s.policy.data.freezes, plan.pipeline, now, action=action.value
-            )
+            frozen = self.s.policy.freeze_refusal(plan.pipeline, now, action=action.value)
             if frozen is not None:
                 return Refusal(frozen, "freeze")
         rule = self.s.policy.rule_for(plan.pipeline)

@@ -11,7 +11,6 @@ import time
 from collections.abc import Awaitable, Callable
 
 from app.core.audit import Auditor
-from app.core.freezes import freeze_refusal
 from app.core.policy import Policy
 from app.slack.outbox import Outbox
 from app.slack.render import texts
@@ -73,8 +72,8 @@ class AutoRetry:
                     key=f"{tracked.build_id}:{target.channel}:{tracked.gen}:locked",
                 )
             return
-        frozen = freeze_refusal(
-            self.policy.data.freezes, tracked.pipeline, self.clock(), action="automatic retry"
+        frozen = self.policy.freeze_refusal(
+            tracked.pipeline, self.clock(), action="automatic retry"
         )
         if frozen is not None:  # a freeze window stops them as it stops everybody's retries
             for target in tracked.targets:

@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from app.core.actions import Actions
 from app.core.commands import COMMIT, BuildRef, DeployRequest, UsageError, check_branch
 from app.core.errors import UserError, explain
-from app.core.freezes import active_freeze, view_of
+from app.core.freezes import view_of
 from app.core.policy import Action, Rule, principal_ref
 from app.core.services import request_id_for
 from app.slack.actor import Actor
@@ -217,9 +217,7 @@ class Deploys(Actions):
     async def _break_glass_freeze(self, request: DeployRequest, actor: Actor, rule: Rule) -> str:
         """The freeze a break-glass deploy goes through; refused when nothing is frozen (no
         glass to break) or when nobody could approve it."""
-        occurrence = active_freeze(
-            self.s.policy.data.freezes, request.pipeline, self.s.tuning.clock()
-        )
+        occurrence = self.s.policy.active_freeze(request.pipeline, self.s.tuning.clock())
         if occurrence is None:
             raise UserError(freeze_texts.not_frozen(request.pipeline))
         if not (rule.approval.approvers if rule.approval else self.s.policy.admins):
@@ -231,7 +229,7 @@ class Deploys(Actions):
 
     async def _announce_break_glass(self, plan: DeployPlan, actor: Actor, approval_id: str) -> None:
         """Say in the channel that someone breaks the glass, and why, before the approval."""
-        occurrence = active_freeze(self.s.policy.data.freezes, plan.pipeline, self.s.tuning.clock())
+        occurrence = self.s.policy.active_freeze(plan.pipeline, self.s.tuning.clock())
         text = freeze_texts.break_glass_announcement(
             plan.requester,
             plan.pipeline,
