@@ -230,6 +230,37 @@ def test_a_bad_freeze_names_the_file_and_line(
     assert problem in str(caught.value)
 
 
+async def test_check_config_names_each_bad_freeze_field(
+    slack: FakeSlack, bk: FakeBuildkite, tmp_path: Path
+) -> None:
+    from app.ops.checks import check_policy, report
+    from app.simulators.bot import bot_settings
+
+    path = tmp_path / "policy.yml"
+    path.write_text(
+        "freezes:\n"
+        "  - pipelines: [deploy-prod]\n"
+        '    weekly: "fri 16:00 - mon 8am"\n'
+        "    timezone: Europe/Berlín\n"
+        "    reason: weekend\n"
+        "lock_reminder_after: soon\n"
+        "pipelines:\n  deploy-prod:\n    superseded: ignore\n"
+    )
+    check = check_policy(bot_settings(slack, bk, "redis://127.0.0.1:1/0", policy_file=str(path)))
+    text, ok = report([check], str)
+    assert not ok
+    lines = text.splitlines()
+    assert len(lines) == 5 and lines[-1] == "1 of 1 checks failed."
+    expected = [
+        "line 3: freezes.0.weekly: 'fri 16:00 - mon 8am' is not a weekly window",
+        "line 4: freezes.0.timezone: 'Europe/Berlín' is not an IANA time zone",
+        "line 6: lock_reminder_after: 'soon' is not a duration",
+        "line 9: pipelines.deploy-prod.superseded: Input should be 'refuse', 'warn' or 'cancel'",
+    ]
+    for problem in expected:
+        assert any(line.startswith(f"✗ policy: {path}, {problem}") for line in lines), problem
+
+
 def test_a_freeze_is_announced_in_its_pipelines_channels(tmp_path: Path) -> None:
     path = tmp_path / "policy.yml"
     path.write_text(
