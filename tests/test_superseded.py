@@ -212,3 +212,22 @@ async def test_with_cancel_a_build_buildkite_will_not_cancel_stays_refused(
     )
     _, name = await bot.click("build_unblock", unblock["value"], channel=CHANNEL, message_ts=first)
     assert "it is refused" in (await slack.wait_for(lambda: bot.response_texts(name)))[0]
+
+
+@pytest.mark.parametrize("mode", ["cancel"])
+async def test_with_cancel_a_refused_cancel_is_explained_and_the_unblock_still_refused(
+    bot: BotClient, slack: FakeSlack, bk: FakeBuildkite
+) -> None:
+    first = await deploy(bot)
+    await move([bot], 1, "running", blocked=True)
+    unblock = await slack.wait_for(lambda: element(slack, first, "build_unblock"))
+    assert unblock is not None
+    await deploy(bot)
+    bk.fail_next(5, status=403, path_contains="/builds/1/cancel", method="PUT")
+    await move([bot], 2, "passed")
+    replies = [c.args["text"] for c in slack.posts(CHANNEL) if c.args.get("thread_ts") == first]
+    (told,) = [t for t in replies if "could not cancel it" in t]
+    assert "It stays, and unblocking it is refused." in told
+    assert bk.build("deploy-prod", 1)["state"] == "running"
+    _, name = await bot.click("build_unblock", unblock["value"], channel=CHANNEL, message_ts=first)
+    assert "it is refused" in (await slack.wait_for(lambda: bot.response_texts(name)))[0]

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from app.core.audit import Auditor
+from app.core.errors import explain
 from app.core.policy import Policy, Superseded
 from app.slack.outbox import Outbox, SlackDeliveryError
 from app.slack.render import supersede as render
@@ -20,7 +21,7 @@ from app.slack.render.common import notice
 from app.storage.records import SupersededBy, TrackedBuild, Transition
 from app.storage.store import Store
 from buildkite.client import BuildkiteClient
-from buildkite.errors import BuildkiteError
+from buildkite.errors import BuildkiteError, ValidationFailed
 from buildkite.models import Build, BuildState
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,11 @@ class StaleBlocks:
                 older.build_id, by.model_copy(update={"mode": Superseded.REFUSE.value})
             )
             await self._record(older, "failed", by, url=None)
-            await self._tell(older, render.superseded_not_canceled(older.number, by))
+            if isinstance(exc, ValidationFailed):
+                await self._tell(older, render.superseded_not_canceled(older.number, by))
+            else:
+                why = explain(exc, action="cancel", pipeline=older.pipeline, number=older.number)
+                await self._tell(older, render.superseded_cancel_failed(older.number, by, why))
             return
         await self.observe(canceled)
         await self._record(older, "requested", by, url=canceled.web_url)

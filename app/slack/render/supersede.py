@@ -87,3 +87,11 @@ def superseded_not_canceled(number: int, by: SupersededBy) -> str:
         "branch, but Buildkite cancels only a build that still runs: waiting on its block step "
         "with nothing else to run, it counts as finished. It stays, and unblocking it is refused."
     )
+
+
+def superseded_cancel_failed(number: int, by: SupersededBy, why: str) -> str:
+    """`why` is the core's explanation of Buildkite's error (already mrkdwn)."""
+    return (
+        f":fast_forward: #{number} is superseded by {newer(by)}, a newer build of the same "
+        f"branch, and the bot could not cancel it: {why} It stays, and unblocking it is refused."
+    )
