@@ -462,8 +462,14 @@ async def test_a_freeze_start_and_end_are_announced_once_across_two_bots(
         assert sorted(await sweep_both()) == [0, 0]
         _, end = slack.posts(CHANNEL)
         assert "The freeze *weekend freeze*" in end.args["text"] and "has ended" in end.args["text"]
+        # A bot that first looks in the middle of a freeze says it is in force, not starting.
+        clock.now = at(2026, 4, 4, 12, 0)
+        assert sorted(await sweep_both()) == [0, 1]
+        late = slack.posts(CHANNEL)[-1].args["text"]
+        assert late.startswith(":snowflake: A freeze is in force since <!date^")
+        assert "|Fri 03 Apr 2026 16:00 CEST>" in late
         marks = await redis_client.keys(keys.PREFIX + "freeze:*")
-        assert len(marks) == 2
+        assert len(marks) == 3
         assert all(ttl > 0 for ttl in [await redis_client.ttl(k) for k in marks])
 
 

@@ -83,15 +83,21 @@ class FreezeAnnouncer:
                 else:
                     continue
                 ttl = int(keep.total_seconds()) + FREEZE_ANNOUNCED_KEEP
+                started_late = moment - occurrence.start > late
                 for channel in channels:
-                    posted += await self._announce(occurrence, edge, channel, ttl)
+                    posted += await self._announce(occurrence, edge, channel, ttl, started_late)
         return posted
 
-    async def _announce(self, occurrence: Occurrence, edge: str, channel: str, ttl: int) -> int:
+    async def _announce(
+        self, occurrence: Occurrence, edge: str, channel: str, ttl: int, late: bool
+    ) -> int:
         if not await self.store.claim_freeze_edge(occurrence.key, edge, channel, ttl):
             return 0
         view = view_of(occurrence)
-        text = render.freeze_started(view) if edge == "start" else render.freeze_ended(view)
+        if edge == "start":
+            text = render.freeze_started(view, late=late)
+        else:
+            text = render.freeze_ended(view)
         try:
             await self.outbox.post(
                 channel, notice(text), key=f"freeze:{occurrence.key}:{edge}:{channel}"

@@ -79,9 +79,15 @@ def break_glass_announcement(
     )
 
 
-def freeze_started(view: FreezeView) -> str:
+def freeze_started(view: FreezeView, *, late: bool = False) -> str:
+    """A freeze's start; `late` when no bot saw it start (it began a while ago)."""
+    news = (
+        f"A freeze is in force since {when(view.start, view.start_text)}"
+        if late
+        else "A freeze starts"
+    )
     return (
-        f":snowflake: A freeze starts: {_what(view)}. Deploys of {_pipelines(view)} are refused "
+        f":snowflake: {news}: {_what(view)}. Deploys of {_pipelines(view)} are refused "
         f"until {when(view.end, view.end_text)}."
     )
 
