@@ -39,10 +39,13 @@ from app.core.audit import Auditor
 from app.core.auto_retry import AutoRetry
 from app.core.deploy_queue import DeployQueue
 from app.core.digest import run_digest_schedules
+from app.core.freeze_announcements import FreezeAnnouncer, sweep_every
+from app.core.lock_hygiene import LockHygiene
 from app.core.policy import load_policy
 from app.core.releases import LedgerRecorder
 from app.core.routing import Router
 from app.core.services import Services
+from app.core.supersede import StaleBlocks
 from app.ops.checks import Readiness, check_buildkite, check_slack
 from app.ops.metrics import CountSlackCalls, Metrics, count_buildkite_requests
 from app.ops.observability import SlackRequestObserver
@@ -159,7 +162,9 @@ async def open_services(
         hooks = SlackHooks(settings.slack_hooks_url, outbox, metrics)
         auditor = Auditor(store)
         intake = Intake(store, buildkite)
-        auto_retry = AutoRetry(policy, store, buildkite, outbox, auditor, follow=intake.reopen)
+        auto_retry = AutoRetry(
+            policy, store, buildkite, outbox, auditor, follow=intake.reopen, clock=tuning.clock
+        )
         ledger = LedgerRecorder(policy, store, buildkite)
         consumer = process_name()  # its stream consumer and its poll lease
         redis_outage = RedisOutage(
@@ -167,12 +172,16 @@ async def open_services(
             repeat_every=tuning.redis_outage_log_every,
         )
         writer = MessageWriter(store, buildkite, outbox, hooks, tuning.tracking, people=directory)
+        stale_blocks = StaleBlocks(
+            policy, store, buildkite, outbox, auditor, observe=intake.observe
+        )
         notifier = Notifier(
             store,
             writer,
             tuning.tracking,
             metrics=metrics,
             on_final=[auto_retry.on_final, ledger.on_final],
+            on_transition=[stale_blocks.on_transition],
             consumer=consumer,
             redis_outage=redis_outage,
         )
@@ -302,6 +311,7 @@ async def background(services: Services, tuning: Tuning = DEFAULT) -> AsyncItera
             name="approvals",
         ),
         asyncio.create_task(run_digest_schedules(services, stop), name="digests"),
+        *clock_sweeps(services, stop, tuning),
     ]
     try:
         yield
@@ -312,6 +322,41 @@ async def background(services: Services, tuning: Tuning = DEFAULT) -> AsyncItera
         for task in still_running:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def clock_sweeps(
+    services: Services, stop: asyncio.Event, tuning: Tuning
+) -> list[asyncio.Task[None]]:
+    """The loops that watch the clock: freeze start and end announcements, lock hygiene."""
+    announcer = FreezeAnnouncer(
+        services.policy, services.store, services.outbox, tuning.sweeps, tuning.clock
+    )
+    hygiene = LockHygiene(
+        services.policy,
+        services.store,
+        services.outbox,
+        tuning.clock,
+        late=tuning.sweeps.announce_late,
+    )
+    outage = services.redis_outage
+    return [
+        asyncio.create_task(
+            sweep_every(
+                "the freeze announcements",
+                announcer.sweep,
+                tuning.sweeps.freeze_interval,
+                stop,
+                outage,
+            ),
+            name="freezes",
+        ),
+        asyncio.create_task(
+            sweep_every(
+                "the lock reminders", hygiene.sweep, tuning.sweeps.lock_interval, stop, outage
+            ),
+            name="lock-hygiene",
+        ),
+    ]
 
 
 async def expire_approvals(

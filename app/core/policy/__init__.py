@@ -28,6 +28,7 @@ from app.core.policy.model import (
     Principals,
     Route,
     Rule,
+    Superseded,
     UnblockFormSpec,
     parse_duration,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "Principals",
     "Route",
     "Rule",
+    "Superseded",
     "UnblockFormSpec",
     "load_policy",
     "parse_duration",

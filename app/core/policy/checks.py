@@ -9,6 +9,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
+from app.core import freezes
+from app.core.freezes import Occurrence
 from app.core.policy.model import Action, PolicyFile, Route, Rule, UnblockFormSpec, is_group
 from app.core.unblock_forms import BlockForm, match_step
 
@@ -43,6 +45,15 @@ class Policy:
     @property
     def admins(self) -> list[str]:
         return self.data.admins
+
+    def active_freeze(self, pipeline: str, now: float) -> Occurrence | None:
+        """The freeze window in force on `pipeline` at `now` (unix seconds), if any."""
+        return freezes.active_freeze(self.data.freezes, pipeline, now)
+
+    def freeze_refusal(self, pipeline: str, now: float, *, action: str = "deploy") -> str | None:
+        """Why `action` (deploy, rebuild, rollback, promotion) of `pipeline` is refused at `now`:
+        the freeze, its reason and its end; None when nothing is frozen. See app.core.freezes."""
+        return freezes.freeze_refusal(self.data.freezes, pipeline, now, action=action)
 
     def routes_for(self, pipeline: str, branch: str | None) -> list[Route]:
         return [r for r in self.data.notifications if r.matches(pipeline, branch)]

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validator
 
+from app.core.freezes import Freeze
 from app.core.names import PIPELINE_SLUG
 from app.core.policy.env import EnvRule
 from app.core.unblock_forms import BlockForm, FormError, FormField, parse_field
@@ -88,6 +89,17 @@ class AutoRetry(BaseModel):
     hourly_budget: int = Field(default=10, ge=1, le=1000)
 
 
+class Superseded(StrEnum):
+    """What unblocking a build superseded by a newer one of its branch does (see supersede)."""
+
+    #: Refused, with a link to the newer build.
+    REFUSE = "refuse"
+    #: Allowed once the person confirms it.
+    WARN = "warn"
+    #: The bot cancels the superseded build itself.
+    CANCEL = "cancel"
+
+
 class NotifyEvent(StrEnum):
     """What a notification route announces."""
 
@@ -160,6 +172,8 @@ class Rule(BaseModel):
     env: EnvRule = Field(default_factory=EnvRule)
     #: Deploys only commits that passed a deployment of this pipeline (see app.core.releases).
     promote_from: str | None = None
+    #: A blocked build superseded by a newer one of its branch: refuse, warn or cancel.
+    superseded: Superseded = Superseded.REFUSE
 
     _principals = field_validator("deployers", "cancelers", "rebuilders", "unblockers")(
         _check_principals
@@ -245,10 +259,14 @@ class PolicyFile(BaseModel):
     agent_stoppers: Principals = None
     #: Block step forms by pipeline (slug or glob), then step key or label.
     unblock_forms: dict[str, dict[str, UnblockFormSpec]] = Field(default_factory=dict)
+    #: When deploys of matching pipelines are refused (see app.core.freezes).
+    freezes: list[Freeze] = Field(default_factory=list)
+    #: A lock held this long reminds its holder by DM, and again every such period after.
+    lock_reminder_after: int = Field(default=4 * 3600, ge=60)
 
     _principals = field_validator("admins", "agent_stoppers")(_check_principals)
 
-    @field_validator("usergroup_cache_ttl", mode="before")
+    @field_validator("usergroup_cache_ttl", "lock_reminder_after", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> Any:
         return parse_duration(value) if isinstance(value, str) else value

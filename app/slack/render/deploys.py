@@ -43,6 +43,9 @@ class DeployPlan:
     rollback_from: str | None = None
     #: A promotion: `pipeline#number` of the deployment whose commit it deploys.
     promoted_from: str | None = None
+    #: A deploy through a freeze: the reason given with --break-glass, and the freeze's.
+    break_glass: str | None = None
+    freeze: str | None = None
 
 
 def _plan_lines(plan: DeployPlan) -> list[str]:
@@ -60,6 +63,9 @@ def _plan_lines(plan: DeployPlan) -> list[str]:
     if plan.rebuild_of is not None:
         lines.insert(1, f"*Rebuild of:* #{plan.rebuild_of} (as a new build)")
     lines[1:1] = _release_lines(plan)
+    if plan.break_glass is not None:
+        during = f" (through the freeze {plain(plan.freeze)})" if plan.freeze else ""
+        lines.insert(0, f"*Break-glass:* {clip(plain(plan.break_glass), 300)}{during}")
     if plan.env:
         lines.append(f"*Environment:* {len(plan.env)} variables, in full below")
     if plan.diff_url:
