@@ -127,3 +127,6 @@ AGENT_READ_KEY = TEMPLATE_PREFIX + "agentread:{what}"
 CHANGES_CHANNEL = PREFIX + "changes"
 
 AGENT_CALL_TTL = REQUEST_TTL  # a retry within a day is the same call
+#: A call's "still running" mark outlives any call (waits end within 50 s, Buildkite's answers
+#: within its timeouts), so that a call cut off before it could let go frees its key by itself.
+AGENT_CALL_RUNNING_TTL = 300
