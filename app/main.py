@@ -34,6 +34,9 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 import handlers
+from app.agents.gateway import create_gateway
+from app.agents.http import McpEndpoint
+from app.agents.identity import Agent
 from app.core.approvals import Approvals
 from app.core.audit import Auditor
 from app.core.auto_retry import AutoRetry
@@ -385,6 +388,8 @@ class RunningBot:
     services: Services
     bolt: AsyncApp
     port: int
+    #: The agents' /mcp endpoint (app.agents).
+    mcp: McpEndpoint
 
 
 @contextlib.asynccontextmanager
@@ -410,11 +415,13 @@ async def start_bot(
                 "buildkite": lambda: check_buildkite(services.buildkite, thorough=False),
             },
         )
+        mcp = McpEndpoint(create_gateway(services, metrics))
         web_app = create_web_app(
             services,
             None if settings.socket_mode else bolt,
             metrics=metrics,
             readiness=readiness,
+            mcp=mcp.handle,
         )
         runner = StoppingRunner(
             web_app,
@@ -430,7 +437,7 @@ async def start_bot(
             await site.start()
             bound = runner.addresses[0][1] if runner.addresses else settings.port
             await readiness.check_at_start()
-            async with background(services, tuning):
+            async with mcp.running(services.stopping), background(services, tuning):
                 if settings.socket_mode:
                     from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 
@@ -445,9 +452,10 @@ async def start_bot(
                     )
                 else:
                     log.info("listening for Slack and Buildkite on port %s", bound)
-                yield RunningBot(services=services, bolt=bolt, port=bound)
+                yield RunningBot(services=services, bolt=bolt, port=bound, mcp=mcp)
                 log.info("shutting down: no new requests; finishing the ones in flight")
                 services.stopping.start()
+                await mcp.stop_waits()  # agents' waits answer now, not after the grace
                 # Stop taking work first, then let acknowledged requests finish their calls
                 # before the notifier and poller stop and the clients close. Pending builds
                 # stay in Redis for the next start.
@@ -536,3 +544,29 @@ def run(settings: Settings, tuning: Tuning = DEFAULT) -> None:
         await serve(settings, stop, tuning)
 
     asyncio.run(_main())
+
+
+async def serve_mcp_stdio(settings: Settings, agent: Agent, tuning: Tuning = DEFAULT) -> None:
+    """`python -m app mcp`: the bot's services, serving one agent over stdio.
+
+    With a shared Redis the running bot's notifier posts and follows the builds this process
+    starts; with the embedded store nobody else could, so this process runs them itself.
+    """
+    from app.agents.stdio import serve_stdio  # the SDK, only for this mode
+
+    async with open_services(settings, tuning=tuning) as services:
+        gateway = create_gateway(services)
+        async with contextlib.AsyncExitStack() as stack:
+            if settings.redis_url is None:
+                log.warning("mcp over stdio with the embedded store: following its own builds")
+                await stack.enter_async_context(background(services, tuning))
+            try:
+                await serve_stdio(gateway, agent)
+            finally:
+                await gateway.changes.close()
+                services.stopping.start()
+                await services.finish_inflight()
+
+
+def run_mcp_stdio(settings: Settings, agent: Agent, tuning: Tuning = DEFAULT) -> None:
+    asyncio.run(serve_mcp_stdio(settings, agent, tuning))

@@ -82,11 +82,29 @@ class SweepTuning:
     announce_late: float = 3600.0
 
 
+class AgentTuning:
+    """What agents' (MCP) reads cost, and how their waits wake."""
+
+    #: How long a build read for agents is answered from Redis (a chatty agent cannot spend the
+    #: organisation's Buildkite rate limit).
+    read_cache: float = 2.0
+    #: Listings (pipelines, builds, agents, the health digest) are kept longer.
+    list_cache: float = 10.0
+    #: A wait re-reads the record this often besides waking on announcements (a lost one, or a
+    #: Redis Cluster without pub/sub, only delays it).
+    wait_recheck: float = 1.0
+    #: The longest wait a tool call may ask for (the SDK's clients time out at 60 s).
+    max_wait: float = 50.0
+    #: How long a retried call waits for the first one's result before saying it still runs.
+    duplicate_patience: float = 10.0
+
+
 @dataclass(frozen=True, slots=True)
 class Tuning:
     slack: SlackPacing = field(default_factory=SlackPacing)
     tracking: TrackingTuning = field(default_factory=TrackingTuning)
     deploys: DeployTuning = field(default_factory=DeployTuning)
+    agents: AgentTuning = field(default_factory=AgentTuning)
     #: How long a stopping bot waits for work in flight.
     shutdown_grace: float = 10.0
     #: While Redis is down, the loops log that it still is at most this often.

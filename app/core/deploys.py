@@ -16,7 +16,7 @@ from app.core.actions import Actions
 from app.core.commands import COMMIT, BuildRef, DeployRequest, UsageError, check_branch
 from app.core.errors import UserError, explain
 from app.core.freezes import view_of
-from app.core.policy import Action, Rule, principal_ref
+from app.core.policy import Action, Policy, Rule, principal_ref
 from app.core.releases import check_promotion
 from app.core.services import request_id_for
 from app.slack.actor import Actor
@@ -108,6 +108,7 @@ class Deploys(Actions):
             diff_url=origin.diff_url,
             break_glass=request.break_glass,
             freeze=freeze,
+            acts_for=self.s.policy.acts_for(actor.user_id),
         )
         if rule.promote_from and origin.rollback_of is None:
             plan = await self._promotable(plan, rule, actor, request_id)
@@ -201,25 +202,29 @@ class Deploys(Actions):
         repo = github_repo(pipeline.repository)
         if repo and last_passed and last_passed.commit and sha and last_passed.commit != sha:
             diff = f"https://github.com/{repo}/compare/{last_passed.commit}...{sha}"
-        who = approvers_of(plan, rule, self.s.policy.admins)
+        who = approvers_of(plan, rule, self.s.policy)
         return replace(
             plan,
             resolved_sha=sha if plan.commit == "HEAD" else None,
             resolved_from=f"#{last.number}" if last and plan.commit == "HEAD" else None,
             diff_url=plan.diff_url or diff,
             approvers=tuple(principal_ref(p) for p in who),
-            expires_in=approval_expiry(plan, rule) if who else None,
+            expires_in=approval_expiry(plan, rule, self.s.policy),
         )
 
     async def confirm(self, request_id: str, actor: Actor) -> DeployOutcome:
-        """The requester confirmed a protected deploy: start it, or ask for approval."""
+        """The requester confirmed a protected deploy: start it, or ask for approval.
+
+        An agent's protected deploy always waits for a person's approval (see app.agents).
+        """
         plan, data = await self._own_request(request_id, actor, verb="confirm")
         action = plan_action(plan)
         breaking = plan.break_glass is not None
         rule = await self._authorize(action, plan.pipeline, actor, break_glass=breaking)
         await self._check_env(rule, plan.env, actor, action=action.value, pipeline=plan.pipeline)
         await self._check_lock(plan.pipeline, actor)
-        if rule.approval is None and not breaking:
+        expiry = approval_expiry(plan, rule, self.s.policy)
+        if expiry is None:
             return Started(await self._start(plan, actor, request_id=request_id))
         return await self._request_approval(plan, data, actor, rule, request_id)
 
@@ -229,8 +234,12 @@ class Deploys(Actions):
         """Post the request for a second person's approval in the channel (a break-glass one
         announced first), and keep it until decided or expired."""
         breaking = plan.break_glass is not None
+        expiry = approval_expiry(plan, rule, self.s.policy) or BREAK_GLASS_EXPIRY
+        if not approvers_of(plan, rule, self.s.policy):
+            await self._audit(actor, "deploy", plan.pipeline, "refused", detail="no approvers")
+            raise UserError(texts.refused(texts.no_agent_approvers(plan.pipeline, rule.name)))
         approval_id = request_id_for("approval", request_id)
-        expires_at = time.time() + approval_expiry(plan, rule)
+        expires_at = time.time() + expiry
         await self.s.store.create_approval(approval_id, data, expires_at=expires_at)
         try:
             if breaking:
@@ -360,6 +369,7 @@ class Deploys(Actions):
             env=env,
             requester=actor.user_id,
             rebuild_of=ref.number,
+            acts_for=self.s.policy.acts_for(actor.user_id),
         )
         if rule.promote_from:
             plan = await self._promotable(plan, rule, actor, dedup_key)
@@ -397,16 +407,19 @@ def github_repo(repository: str | None) -> str | None:
     return match.group(1) if match else None
 
 
-def approvers_of(plan: DeployPlan, rule: Rule, admins: list[str]) -> list[str]:
-    """Who may approve the plan: the rule's approvers, or for a break-glass deploy on a rule
-    without any, the admins."""
-    if rule.approval is not None:
-        return rule.approval.approvers
-    return list(admins) if plan.break_glass is not None else []
+def approvers_of(plan: DeployPlan, rule: Rule, policy: Policy) -> list[str]:
+    """Who may approve the plan (see Policy.approvers): the rule's approvers, or the admins for
+    a break-glass deploy on a rule without any; never the person an agent acts for."""
+    return policy.approvers(
+        rule, requester=plan.requester, break_glass=plan.break_glass is not None
+    )
 
 
-def approval_expiry(plan: DeployPlan, rule: Rule) -> int:
-    return rule.approval.expires_after if rule.approval else BREAK_GLASS_EXPIRY
+def approval_expiry(plan: DeployPlan, rule: Rule, policy: Policy) -> int | None:
+    """How long the plan's approval request stays open, or None when it needs none."""
+    if plan.break_glass is not None and rule.approval is None:
+        return BREAK_GLASS_EXPIRY
+    return policy.approval_expiry(rule, requester=plan.requester)
 
 
 def break_glass_detail(plan: DeployPlan) -> str:

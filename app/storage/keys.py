@@ -154,3 +154,21 @@ LOCKS_HELD_KEY = PREFIX + "locks:held"
 #: Sorted set of expiring locks (their JSON), by expiry: the channel is told once it passes.
 #: No TTL of its own: each member leaves at its expiry (or its unlock), and the set with it.
 LOCK_EXPIRY_KEY = PREFIX + "locks:expiring"
+# -- agents (MCP) ----------------------------------------------------------------------------
+
+#: agentbudget:{agent}:{kind}:{window} -> what the agent spent of one budget (`mutations` an
+#: hour, `reads` a minute) in that window (INCR), shared by every replica.
+AGENT_BUDGET_KEY = TEMPLATE_PREFIX + "agentbudget:{agent}:{kind}:{window}"
+#: agentcall:{agent}:{key} -> the result (JSON) of an agent's mutation with that identity (its
+#: idempotency_key, or one derived from its arguments and the minute); "" while it runs (SET NX).
+AGENT_CALL_KEY = TEMPLATE_PREFIX + "agentcall:{agent}:{key}"
+#: agentread:{what} -> an answer read from Buildkite for agents, kept a moment (PX).
+AGENT_READ_KEY = TEMPLATE_PREFIX + "agentread:{what}"
+#: Pub/sub channel beside the events stream: `build:{id}` when a tracked build's phase changed,
+#: `approval:{id}` when an approval was settled. Waiting agents wake on it (no Buildkite call).
+CHANGES_CHANNEL = PREFIX + "changes"
+
+AGENT_CALL_TTL = REQUEST_TTL  # a retry within a day is the same call
+#: A call's "still running" mark outlives any call (waits end within 50 s, Buildkite's answers
+#: within its timeouts), so that a call cut off before it could let go frees its key by itself.
+AGENT_CALL_RUNNING_TTL = 300

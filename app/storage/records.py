@@ -179,6 +179,22 @@ class Approval(BaseModel):
     decided_by: str = ""
 
 
+class ApprovalOutcome(BaseModel):
+    """Where an approval stands for whoever waits on it: its status and, once settled, the
+    build it started or why it started none."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    status: ApprovalStatus
+    expires_at: float
+    #: The decision has taken effect (a build started, or a refusal noted).
+    settled: bool = False
+    build: int | None = None
+    problem: str | None = None
+    #: The kept deploy request (JSON, as `Approvals` wrote it).
+    request: str = ""
+
+
 class ApprovalDecision(StrEnum):
     """What `decide_approval` found: this call decided it, or why it did not."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import redis.asyncio as redis
 
+from app.storage.agents import AgentLedger
 from app.storage.approvals import Approvals
 from app.storage.audit import AuditTrail
 from app.storage.builds import BuildRecords
@@ -33,6 +34,7 @@ class Store(
     PollLedger,
     ReleaseLedger,
     Guards,
+    AgentLedger,
 ):
     """Every concern of the store over one `redis.asyncio` client."""
 
@@ -48,6 +50,7 @@ class Store(
         PollLedger.__init__(self, client)
         ReleaseLedger.__init__(self, client)
         Guards.__init__(self, client)
+        AgentLedger.__init__(self, client)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())

@@ -17,7 +17,7 @@ from slack_sdk.models.blocks import (
 )
 
 from app.slack.ids import ActionId, BlockId
-from app.slack.mrkdwn import code, escape, link, plain, trusted_url
+from app.slack.mrkdwn import code, escape, link, person, plain, trusted_url
 from app.slack.payloads import BuildButtonValue, UnblockButtonValue
 from app.slack.render.common import (
     FIELD_TEXT_LIMIT,
@@ -138,7 +138,9 @@ def build_message(
         f"*State*\n{state_text(build)}",
         f"*Branch*\n{code(clip(build.branch or '?', 200))}",
         f"*Commit*\n{code(short_commit(build.commit))}",
-        f"*Requested by*\n<@{requester}>" if requester else f"*Triggered by*\n{_trigger(build)}",
+        f"*Requested by*\n{person(requester)}"
+        if requester
+        else f"*Triggered by*\n{_trigger(build)}",
     ]
     took = duration(build)
     if took and build.is_final:
@@ -190,7 +192,7 @@ def final_reply(
         label += " after retry"
     took = duration(build)
     when = f" in {took}" if took else ""
-    who = f"<@{mention}> " if mention else ""
+    who = f"{person(mention)} " if mention else ""
     text = f"{who}{state_emoji(build.state.value)} {build_title(pipeline, build)} {label}{when}."
     if build.state is BuildState.FAILED and failed_jobs:
         listed = failed_jobs[:MAX_FAILED_JOBS_LISTED]
@@ -228,7 +230,7 @@ def _log_block(tail: LogTail) -> dict[str, Any]:
 
 
 def unblocked_reply(user: str, label: str, fields: dict[str, str]) -> Rendered:
-    text = f":unlock: <@{user}> unblocked *{clip(plain(label), 200)}*."
+    text = f":unlock: {person(user)} unblocked *{clip(plain(label), 200)}*."
     if fields:
         # A select's several choices come as lines; inline code cannot hold a line break.
         pairs = "\n".join(
@@ -245,7 +247,7 @@ def retried_reply(
     if attempt is not None:
         text = f":repeat: Auto-retried failed jobs (attempt {attempt[0]} of {attempt[1]}): {names}."
     else:
-        text = f":repeat: <@{user}> retried the failed jobs: {names}."
+        text = f":repeat: {person(user or '?')} retried the failed jobs: {names}."
     return one_section(text)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from slack_sdk.models.blocks import ActionsBlock, ButtonElement, MarkdownTextObject, SectionBlock
 
 from app.slack.ids import ActionId, BlockId
-from app.slack.mrkdwn import code, escape, link, plain, preformatted
+from app.slack.mrkdwn import code, escape, link, person, plain, preformatted
 from app.slack.payloads import RequestButtonValue
 from app.slack.render.common import SECTION_TEXT_LIMIT, Rendered, clip
 from app.storage.records import AuditEntry, PipelineLock
@@ -46,6 +46,8 @@ class DeployPlan:
     #: A deploy through a freeze: the reason given with --break-glass, and the freeze's.
     break_glass: str | None = None
     freeze: str | None = None
+    #: The person an agent requester works for (app.agents): named beside it, never approving.
+    acts_for: str | None = None
 
 
 def _plan_lines(plan: DeployPlan) -> list[str]:
@@ -166,19 +168,23 @@ def _approval_header(
     what = f"rebuild of #{plan.rebuild_of}" if rebuild else "deploy"
     asks = f"rebuild `{plan.pipeline}` #{plan.rebuild_of}" if rebuild else "deploy"
     asks += "" if rebuild else f" `{plan.pipeline}`"
+    requester = person(plan.requester)
+    if plan.acts_for:
+        requester += f" (acting for <@{plan.acts_for}>)"
+    not_them = "not the requester" + (" nor the person it acts for" if plan.acts_for else "")
     return {
-        "pending": f":raised_hand: <@{plan.requester}> asks to {asks}. "
-        f"Approval needed from {', '.join(plan.approvers)} (not the requester)"
+        "pending": f":raised_hand: {requester} asks to {asks}. "
+        f"Approval needed from {', '.join(plan.approvers)} ({not_them})"
         + (f"; expires in {expiry_text(plan.expires_in)}." if plan.expires_in else "."),
         "approved": f":white_check_mark: {what.capitalize()} of `{plan.pipeline}` requested by "
-        f"<@{plan.requester}> was approved by <@{decided_by}>.",
+        f"{requester} was approved by <@{decided_by}>.",
         "rejected": f":no_entry: {what.capitalize()} of `{plan.pipeline}` requested by "
-        f"<@{plan.requester}> was rejected by <@{decided_by}>.",
+        f"{requester} was rejected by <@{decided_by}>.",
         "refused": f":no_entry: {what.capitalize()} of `{plan.pipeline}` requested by "
-        f"<@{plan.requester}> was approved by <@{decided_by}> but not started: "
+        f"{requester} was approved by <@{decided_by}> but not started: "
         f"{reason or 'it is no longer allowed'}",
         "expired": f":hourglass: {what.capitalize()} of `{plan.pipeline}` requested by "
-        f"<@{plan.requester}> expired before anyone approved it. Nothing was started.",
+        f"{requester} expired before anyone approved it. Nothing was started.",
     }[status]
 
 
@@ -228,7 +234,7 @@ def lock_reason(reason: object) -> str:
 
 def locked_text(pipeline: str, holder: str, reason: object) -> str:
     """Why a deploy cannot go ahead: someone else holds the pipeline's lock."""
-    return f":lock: {code(pipeline)} is locked by <@{holder}>{lock_reason(reason)}."
+    return f":lock: {code(pipeline)} is locked by {person(holder)}{lock_reason(reason)}."
 
 
 def _sentence(text: str) -> str:
@@ -240,7 +246,7 @@ def lock_announcement(user: str, pipeline: str, until: str, reason: str) -> str:
     """The in-channel note that someone locked a pipeline, with their reason shown as text."""
     said = f": {_sentence(clip(plain(reason), 300))}" if reason else "."
     return (
-        f":lock: <@{user}> locked {code(pipeline)}{until}{said} "
+        f":lock: {person(user)} locked {code(pipeline)}{until}{said} "
         "Nobody else can deploy it meanwhile."
     )
 
@@ -254,7 +260,7 @@ def locks_list(locks: list[PipelineLock]) -> str:
         if lock.expires_at:
             until = f", until <!date^{int(lock.expires_at)}^{{date_short_pretty}} {{time}}|later>"
         reason = f": {clip(plain(lock.reason), 300)}" if lock.reason else ""
-        lines.append(f"• `{lock.pipeline}` by <@{lock.user}>{until}{reason}")
+        lines.append(f"• `{lock.pipeline}` by {person(lock.user)}{until}{reason}")
     return clip("\n".join(lines), SECTION_TEXT_LIMIT)
 
 
@@ -272,7 +278,7 @@ def audit_list(entries: list[AuditEntry], pipeline: str | None) -> str:
         detail = f" ({clip(plain(entry.detail), 200)})" if entry.detail else ""
         lines.append(
             f"• <!date^{int(float(entry.time))}^{{date_short}} {{time}}|?> "
-            f"<@{entry.user}> {entry.action} `{target}`{where}: "
+            f"{person(entry.user)} {entry.action} `{target}`{where}: "
             f"*{entry.outcome}*{detail}{url}"
         )
     return clip("\n".join(lines), SECTION_TEXT_LIMIT)
