@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from app.sandbox.terminal import draw, indent, render_text
-from app.simulators import slack_requests
-from app.simulators.bot import SIGNING_SECRET
 
 CHANNEL = "C0CHAN"
 #: Seconds (at speed 1) at which a simulated build reaches each state.
@@ -84,7 +82,8 @@ class Session:
         person: Person = PEOPLE["alice"],
     ) -> None:
         self.slack, self.bk, self.client, self.out = slack, bk, client, out
-        self.timeline = FAILING if fail else PASSING
+        #: When (seconds at speed 1) a build reaches each state.
+        self.timeline: tuple[tuple[float, str], ...] = FAILING if fail else PASSING
         self.speed = speed
         self.person = person
         #: Who acted through each response_url, so that its ephemeral answers are theirs.
@@ -233,6 +232,9 @@ class Session:
     async def click(self, choice: Choice) -> None:
         """Slack's block_actions for the button, by the person speaking; its response_url edits
         the clicked message in the fake Slack, as Slack's does."""
+        from app.simulators import slack_requests
+        from app.simulators.bot import SIGNING_SECRET
+
         ts = str(choice.message["ts"])
         name, url = self.client.new_response_url(channel=choice.channel, message_ts=ts)
         self.actors[name] = self.person
