@@ -207,6 +207,15 @@ def test_the_installed_package_runs_it_from_any_directory(tmp_path: Path) -> Non
         check=True,
     ).stdout
     assert Path(where.strip()).is_relative_to(venv), where
+    demo = subprocess.run(
+        [python, "-I", "-c", "from app.sandbox.cli import demo_policy_path as p; print(p())"],
+        env=env,
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert Path(demo).is_relative_to(venv) and Path(demo).is_file(), demo  # in the wheel
 
 
 def test_the_bot_and_the_benchmarks_never_import_the_tests() -> None:
