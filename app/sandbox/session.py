@@ -343,13 +343,14 @@ class Session:
         in_channel = body.get("response_type") == "in_channel"
         label = "#deploys" if in_channel else f"only {actor.name}"
         text, blocks = str(body.get("text", "")), list(body.get("blocks") or [])
-        if body.get("replace_original"):
+        replacing = body.get("replace_original")
+        if replacing:
             label += " (replacing the message you clicked)"
-            # The fake Slack edited the clicked message itself: draw it as it is now.
-            message = self.replaced(post.name) or {"ts": f"response-{post.time}", **body}
-        elif in_channel:
+        # A click's response_url edited the clicked message in the fake Slack: draw it as it is.
+        message = self.replaced(post.name) if replacing else None
+        if message is None and in_channel:
             message = {"ts": self.slack.add_message(CHANNEL, text, blocks=blocks), **body}
-        else:  # an ephemeral message, with the ts Slack would give it
+        elif message is None:  # an ephemeral message, with the ts Slack would give it
             ts = self.slack.add_ephemeral(CHANNEL, actor.user_id, text, blocks=blocks)
             message = {"ts": ts, **body, "is_ephemeral": True, "owner": actor.user_id}
         return indent(label, self.render(body, CHANNEL, message))
