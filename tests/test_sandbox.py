@@ -336,10 +336,17 @@ async def test_a_button_still_shown_asks_first_and_presses_as_the_one_speaking(
         session.reader = asyncio.StreamReader()
         session.reader.feed_data(b"y\n")
         await session.handle(str(cancel))
+        path = "/organizations/acme/pipelines/web/builds/1/cancel"
+        # Bolt runs the listener after the ack: wait for what it sent Buildkite.
+        (cancel_request,) = await slack.wait_for(lambda: bk.requests_to("PUT", path))
         await session.client.settled()
+        session.flush()
     transcript = out.getvalue()
     assert "  Cancel web #1? [y/N]" in transcript, transcript
-    assert len(bk.requests_to("PUT", "/organizations/acme/pipelines/web/builds/1/cancel")) == 1
+    assert "  only bob: 🚫 Cancel requested for web #1" in transcript, transcript
+    assert "State: 🚫 Canceled" in transcript
+    assert cancel_request.json is None
+    assert len(bk.requests_to("PUT", path)) == 1
 
 
 async def test_as_switches_people_and_the_prompt_says_who_speaks(
