@@ -9,10 +9,13 @@ import contextlib
 import io
 import logging
 import os
+import pty
+import select
 import shutil
 import site
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -478,3 +481,45 @@ async def test_force_stop_on_a_busy_agent_cancels_its_build_in_the_sandbox(
     assert bk.build("api", 1)["state"] == "canceled"
     stops = [r.json for r in bk.requests_to("PUT", "/organizations/acme/agents/")]
     assert stops == [{"force": True}]
+
+
+@pytest.mark.timeout(90)
+def test_at_a_terminal_the_prompt_names_the_speaker_and_buttons_ask_first(tmp_path: Path) -> None:
+    """Typed at a terminal (a pty): the prompt says who speaks, a confirmed button asks [y/N]."""
+    master, replica = pty.openpty()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "app", "sandbox", "--speed", "10", "--policy", "demo"],
+        stdin=replica,
+        stdout=replica,
+        stderr=subprocess.DEVNULL,
+        env=child_env(),
+        cwd=tmp_path,
+    )
+    os.close(replica)
+    seen = b""
+
+    def until(text: str) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 30
+        while text.encode() not in seen:
+            assert time.monotonic() < deadline, f"{text!r} never came:\n{seen.decode()}"
+            if select.select([master], [], [], 0.1)[0]:
+                seen += os.read(master, 65536)
+
+    try:
+        until("alice> ")
+        os.write(master, b"as bob\n")
+        until("bob> ")
+        os.write(master, b"/buildkite agents\n")
+        until("[6] Force stop")
+        os.write(master, b"6\n")
+        until("Stop builder-3 now? Its current job is canceled. [y/N]")
+        os.write(master, b"n\n")
+        os.write(master, b"7\n")
+        until("no button 7")
+        os.write(master, b"quit\n")
+        assert child.wait(timeout=30) == 0
+    finally:
+        child.kill()
+        os.close(master)
+    assert b"Force-stopped" not in seen  # "n" kept it

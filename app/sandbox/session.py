@@ -97,8 +97,13 @@ class Session:
         self.shown_responses = 0
         self.last_activity = time.monotonic()
         self.reader: asyncio.StreamReader | None = None  # stdin, when interactive
+        self.prompting = False  # the prompt is shown, waiting for a line
+        self.reprompt = False  # output broke into the prompt: show it again
 
     def say(self, text: str) -> None:
+        if self.prompting:  # the bot spoke while you were typing: its lines go below the prompt
+            self.out.write("\n")
+            self.prompting, self.reprompt = False, True
         print(text, file=self.out, flush=True)
 
     @property
@@ -128,6 +133,7 @@ class Session:
         try:
             self.show_prompt()
             while line := (await reader.readline()).decode():
+                self.prompting = self.reprompt = False  # the line typed ended the prompt's line
                 if not await self.handle(line.strip()):
                     break
                 self.show_prompt()
@@ -140,6 +146,7 @@ class Session:
     def show_prompt(self) -> None:
         self.out.write(self.prompt)
         self.out.flush()
+        self.prompting = True
 
     async def handle(self, line: str) -> bool:
         """Act on one line; False to stop."""
@@ -262,8 +269,12 @@ class Session:
     # -- output ----------------------------------------------------------------------------
 
     async def keep_printing(self) -> None:
+        """While you type: print what the bot does as it does it, then the prompt again."""
         while True:
             self.flush()
+            if self.reprompt:
+                self.reprompt = False
+                self.show_prompt()
             await asyncio.sleep(0.1)
 
     async def settle(self) -> None:
