@@ -421,6 +421,25 @@ def test_unknown_people_and_policy_files_are_refused_plainly(tmp_path: Path) -> 
         assert said in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_malformed_policy_is_named_line_by_line_without_a_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "policy.yml"
+    bad.write_text("pipelines:\n  web:\n    deployer: [U0USER]\n    protected: maybe\n")
+    for extra in ([], ["--policy", str(bad)]):  # ./policy.yml, as the bot reads it, or --policy
+        result = subprocess.run(
+            [sys.executable, "-m", "app", "sandbox", *extra, "--run", "help"],
+            env=child_env(),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.splitlines()
+        assert any("line 3: pipelines.web.deployer: Extra inputs" in line for line in lines)
+        assert any("line 4: pipelines.web.protected:" in line for line in lines)
+        assert "Traceback" not in result.stderr and result.stdout == ""
+
+
 def test_bolts_developer_hints_stay_out_of_the_sandbox(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "app", "sandbox", "--speed", "10", "--run", "/nope now"],

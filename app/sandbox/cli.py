@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TextIO
 
+from app.core.policy.loading import PolicyError, load_policy
 from app.ops import logs
 from app.sandbox.session import AGENTS, HELP, PEOPLE, Session
 from app.settings import Settings
@@ -26,6 +27,11 @@ DEFAULT_POLICY = "policy.yml"
 def demo_policy_path() -> Path:
     """The bundled demo policy, wherever the package is installed."""
     return Path(str(resources.files("app.sandbox").joinpath("demo_policy.yml")))
+
+
+def policy_file_for(policy: str | None) -> str:
+    """The policy file `--policy` names: the demo's, a file's, or the bot's default."""
+    return str(demo_policy_path()) if policy == DEMO_POLICY else policy or DEFAULT_POLICY
 
 
 class HideUnhandledRequests(logging.Filter):
@@ -95,6 +101,13 @@ def main(args: argparse.Namespace) -> int:
     logs.configure("WARNING", [])
     for handler in logging.getLogger().handlers:
         handler.addFilter(HideUnhandledRequests())
+    policy_file = policy_file_for(args.policy)
+    if Path(policy_file).is_file():
+        try:
+            load_policy(policy_file)  # its problems, one a line, before anything starts
+        except PolicyError as exc:
+            print(f"{exc}\nThe sandbox did not start: fix the policy file.", file=sys.stderr)
+            return 2
     try:
         return asyncio.run(run(args, lines, sys.stdout))
     except KeyboardInterrupt:
@@ -110,7 +123,7 @@ async def run(args: argparse.Namespace, script: list[str] | None, out: TextIO) -
 
     person = PEOPLE[getattr(args, "person", None) or "alice"]
     policy = getattr(args, "policy", None)
-    policy_file = str(demo_policy_path()) if policy == DEMO_POLICY else policy or DEFAULT_POLICY
+    policy_file = policy_file_for(policy)
     async with FakeSlack() as slack, FakeBuildkite() as bk:
         for slug in PIPELINES:
             bk.add_pipeline(slug, default_branch="main")
