@@ -335,7 +335,7 @@ async def test_a_button_still_shown_asks_first_and_presses_as_the_one_speaking(
         await session.client.settled()
         session.flush()
         cancel = next(n for n, c in session.choices.items() if c.label == "Cancel")
-        session.switch_to("bob", typed="as bob")
+        session.switch_to("bob")
         session.reader = asyncio.StreamReader()
         session.reader.feed_data(b"y\n")
         await session.handle(str(cancel))
@@ -474,7 +474,7 @@ async def test_force_stop_on_a_busy_agent_cancels_its_build_in_the_sandbox(
     out = io.StringIO()
     demo = str(demo_policy_path())
     async with sandbox_session(slack, bk, redis_url, out, policy_file=demo) as session:
-        session.switch_to("bob", typed="as bob")
+        session.switch_to("bob")
         session.timeline = ((0.0, "running"),)  # runs until stopped
         await session.handle("/deploy api main")
         for _ in range(200):

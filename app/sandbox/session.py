@@ -12,7 +12,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from app.sandbox.people import AGENTS, PEOPLE, Person
 from app.sandbox.terminal import draw, indent, render_text
+
+__all__ = ["AGENTS", "HELP", "PEOPLE", "Person", "Session"]
 
 CHANNEL = "C0CHAN"
 #: Seconds (at speed 1) at which a simulated build reaches each state.
@@ -28,27 +31,6 @@ HELP = (
     "else, or quit."
 )
 _AS = re.compile(r"/?as(?:\s+(\S*))?\s*", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class Person:
-    """Someone in the sandbox's Slack workspace, who types lines and presses buttons."""
-
-    name: str
-    user_id: str
-    about: str
-
-
-#: The sandbox's people; the demo policy (demo_policy.yml) names them by these ids.
-PEOPLE = {
-    person.name: person
-    for person in (
-        Person("alice", "U0USER", "an engineer"),
-        Person("bob", "U0BOB", "an on-call lead: approves deploys, may stop agents"),
-    )
-}
-#: The simulated agents builds run on, in queue `default`.
-AGENTS = ("builder-1", "builder-2", "builder-3")
 
 
 @dataclass
@@ -154,7 +136,7 @@ class Session:
             return False
         self.last_activity = time.monotonic()  # the bot gets a moment to answer
         if switch := _AS.fullmatch(line):
-            self.switch_to(switch.group(1) or "", typed=line)
+            self.switch_to(switch.group(1) or "")
         elif line.startswith("/"):
             command, _, text = line.partition(" ")
             self.flush()
@@ -183,14 +165,12 @@ class Session:
         self.flush()
         return True
 
-    def switch_to(self, name: str, *, typed: str) -> None:
+    def switch_to(self, name: str) -> None:
         """`as bob`: the lines that follow are bob's."""
         people = ", ".join(f"{p.name} ({p.about})" for p in PEOPLE.values())
         person = PEOPLE.get(name.lower())
         if person is None:
-            if typed.startswith("/"):
-                self.say(f"  `as NAME` (no slash) switches people: {people}")
-            elif name:
+            if name:
                 self.say(f"  nobody called {name!r} here; the sandbox has {people}")
             else:
                 self.say(f"  as whom? The sandbox has {people}")
