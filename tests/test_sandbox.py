@@ -306,6 +306,17 @@ async def sandbox_session(
                 await simulator
 
 
+def shown(session: Session, label: str) -> list[int]:
+    """The numbers of the buttons with this label printed so far."""
+    session.flush()
+    return [n for n, c in session.choices.items() if c.label == label]
+
+
+def printed(session: Session, out: io.StringIO, text: str) -> bool:
+    session.flush()
+    return text in out.getvalue()
+
+
 async def test_a_number_not_shown_and_a_stale_button_get_an_answer_and_no_question(
     slack: FakeSlack, bk: FakeBuildkite, redis_url: str
 ) -> None:
@@ -332,18 +343,15 @@ async def test_a_button_still_shown_asks_first_and_presses_as_the_one_speaking(
     async with sandbox_session(slack, bk, redis_url, out) as session:
         session.timeline = ((60.0, "running"),)  # the build stays scheduled: Cancel stays
         await session.handle("/deploy web main")
-        await session.client.settled()
-        session.flush()
-        cancel = next(n for n, c in session.choices.items() if c.label == "Cancel")
+        cancel, *_ = await slack.wait_for(lambda: shown(session, "Cancel"), timeout=30)
         session.switch_to("bob")
         session.reader = asyncio.StreamReader()
         session.reader.feed_data(b"y\n")
         await session.handle(str(cancel))
         path = "/organizations/acme/pipelines/web/builds/1/cancel"
-        # Bolt runs the listener after the ack: wait for what it sent Buildkite.
-        (cancel_request,) = await slack.wait_for(lambda: bk.requests_to("PUT", path))
-        await session.client.settled()
-        session.flush()
+        # Bolt runs the listener after the ack: wait for what it sent Buildkite, and said.
+        (cancel_request,) = await slack.wait_for(lambda: bk.requests_to("PUT", path), timeout=30)
+        await slack.wait_for(lambda: printed(session, out, "State: 🚫 Canceled"), timeout=30)
     transcript = out.getvalue()
     assert "  Cancel web #1? [y/N]" in transcript, transcript
     assert "  only bob: 🚫 Cancel requested for web #1" in transcript, transcript
@@ -477,23 +485,13 @@ async def test_force_stop_on_a_busy_agent_cancels_its_build_in_the_sandbox(
         session.switch_to("bob")
         session.timeline = ((0.0, "running"),)  # runs until stopped
         await session.handle("/deploy api main")
-        for _ in range(200):
-            if any(a["job"] for a in bk.agents.values()):
-                break
-            await asyncio.sleep(0.02)
+        await slack.wait_for(lambda: any(a["job"] for a in bk.agents.values()), timeout=30)
         await session.handle("/buildkite agents")
-        await session.client.settled()
-        session.flush()
-        force = [n for n, c in session.choices.items() if c.label == "Force stop"]
-        await session.handle(str(force[0]))  # builder-1, busy on Test
-        await session.client.settled()
-        for _ in range(200):
-            session.flush()
-            if "(Buildkite: agent builder-1 is stopped)" in out.getvalue():
-                break
-            await asyncio.sleep(0.02)
-        await session.client.settled()
-        session.flush()
+        force, *_ = await slack.wait_for(lambda: shown(session, "Force stop"), timeout=30)
+        await session.handle(str(force))  # builder-1, busy on Test
+        stopped = "(Buildkite: agent builder-1 is stopped)"
+        await slack.wait_for(lambda: printed(session, out, stopped), timeout=30)
+        await slack.wait_for(lambda: printed(session, out, "State: 🚫 Canceled"), timeout=30)
     transcript = out.getvalue()
     assert "🟢 busy on Test (https://buildkite.com/acme/api/builds/1#" in transcript, transcript
     assert "(Buildkite: agent builder-1 is stopped)" in transcript
