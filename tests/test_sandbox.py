@@ -500,6 +500,21 @@ async def test_force_stop_on_a_busy_agent_cancels_its_build_in_the_sandbox(
     assert stops == [{"force": True}]
 
 
+async def test_a_build_waits_while_no_agent_is_idle_and_the_line_goes_on(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str
+) -> None:
+    out = io.StringIO()
+    async with sandbox_session(slack, bk, redis_url, out) as session:
+        for agent in bk.agents.values():
+            agent["connection_state"] = "stopped"
+        await session.scripted(["/deploy web main", "/deploy locks"])
+    transcript = out.getvalue()
+    assert "(Buildkite: web #1 waits: no agent is connected and idle)" in transcript, transcript
+    assert "alice> /deploy locks" in transcript
+    assert "still busy" not in transcript  # a waiting build rests: the next line did not wait
+    assert bk.build("web", 1)["state"] == "scheduled"
+
+
 @pytest.mark.timeout(90)
 def test_at_a_terminal_the_prompt_names_the_speaker_and_buttons_ask_first(tmp_path: Path) -> None:
     """Typed at a terminal (a pty): the prompt says who speaks, a confirmed button asks [y/N]."""
