@@ -183,19 +183,19 @@ class BuildkiteState:
 
     def idle_agents(self) -> list[JSON]:
         """Connected agents without a job, by name: those a job can start on."""
-        idle = [a for a in self.agents.values() if a["connection_state"] == "connected"]
-        return sorted((a for a in idle if a["job"] is None), key=lambda a: str(a["name"]))
+        idle = [a for a in self.agents.values() if a.get("connection_state") == "connected"]
+        return sorted((a for a in idle if a.get("job") is None), key=lambda a: str(a["name"]))
 
     def _sync_agents(self) -> None:
         """After jobs moved: free the agents whose job is done (an agent asked to stop then
         stops), and put running jobs that have none on idle agents."""
         now = _now_iso(self.now())
         for agent in self.agents.values():
-            job = agent["job"]
+            job = agent.get("job")
             if job is None or job.get("state") in _ON_AN_AGENT:
                 continue
             agent.update(job=None, last_job_finished_at=now)
-            if agent["connection_state"] == "stopping":
+            if agent.get("connection_state") == "stopping":
                 agent.update(connection_state="stopped", stopped_at=now, disconnected_at=now)
         if not self.agents:
             return  # an organization without agents: jobs run unattended, as tests set them
@@ -204,7 +204,8 @@ class BuildkiteState:
             for job in build["jobs"]:
                 if not idle:
                     return
-                if job["type"] == "script" and job["state"] in _ON_AN_AGENT and not job["agent"]:
+                running = job.get("type") == "script" and job.get("state") in _ON_AN_AGENT
+                if running and not job.get("agent"):
                     agent = idle.pop(0)
                     job["agent"] = {k: copy.deepcopy(v) for k, v in agent.items() if k != "job"}
                     agent["job"] = job  # the live job: the agent's JSON shows its state
