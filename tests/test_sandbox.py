@@ -117,7 +117,7 @@ async def test_failing_builds_buttons_and_mistakes(tmp_path: Path) -> None:
 
 
 async def test_a_line_waits_for_the_bot_to_answer_the_one_before(
-    slack: FakeSlack, bk: FakeBuildkite, redis_url: str
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
 ) -> None:
     """A slow first call to Buildkite (a cold start): the build's message, and so its Cancel
     button, comes long after the slash command's answer, and the next line presses it."""
@@ -289,6 +289,8 @@ def test_pretty_dates_say_today_yesterday_tomorrow() -> None:
 async def sandbox_session(
     slack: FakeSlack, bk: FakeBuildkite, redis_url: str, out: io.StringIO, **settings: Any
 ) -> AsyncIterator[Session]:
+    """The sandbox's session on the bot; its tests take `redis_client`, which flushes Redis (a
+    Cancel pressed on web #1 by an earlier test would otherwise be the same click)."""
     bk.webhook_token = WEBHOOK_TOKEN  # the bot's, as running_bot sets it
     bk.add_pipeline("web", default_branch="main")
     bk.add_pipeline("api", default_branch="main")
@@ -318,7 +320,7 @@ def printed(session: Session, out: io.StringIO, text: str) -> bool:
 
 
 async def test_a_number_not_shown_and_a_stale_button_get_an_answer_and_no_question(
-    slack: FakeSlack, bk: FakeBuildkite, redis_url: str
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
 ) -> None:
     out = io.StringIO()
     async with sandbox_session(slack, bk, redis_url, out) as session:
@@ -337,7 +339,7 @@ async def test_a_number_not_shown_and_a_stale_button_get_an_answer_and_no_questi
 
 
 async def test_a_button_still_shown_asks_first_and_presses_as_the_one_speaking(
-    slack: FakeSlack, bk: FakeBuildkite, redis_url: str
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
 ) -> None:
     out = io.StringIO()
     async with sandbox_session(slack, bk, redis_url, out) as session:
@@ -361,7 +363,7 @@ async def test_a_button_still_shown_asks_first_and_presses_as_the_one_speaking(
 
 
 async def test_as_switches_people_and_the_prompt_says_who_speaks(
-    slack: FakeSlack, bk: FakeBuildkite, redis_url: str
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
 ) -> None:
     out = io.StringIO()
     async with sandbox_session(slack, bk, redis_url, out) as session:
@@ -380,7 +382,7 @@ async def test_as_switches_people_and_the_prompt_says_who_speaks(
 
 
 async def test_an_ephemeral_button_is_only_for_the_one_who_sees_it(
-    slack: FakeSlack, bk: FakeBuildkite, redis_url: str
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
 ) -> None:
     out = io.StringIO()
     demo = str(demo_policy_path())
@@ -477,7 +479,7 @@ def test_the_filter_hides_only_bolts_unhandled_request_line() -> None:
 
 
 async def test_force_stop_on_a_busy_agent_cancels_its_build_in_the_sandbox(
-    slack: FakeSlack, bk: FakeBuildkite, redis_url: str
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
 ) -> None:
     out = io.StringIO()
     demo = str(demo_policy_path())
@@ -501,7 +503,7 @@ async def test_force_stop_on_a_busy_agent_cancels_its_build_in_the_sandbox(
 
 
 async def test_a_build_waits_while_no_agent_is_idle_and_the_line_goes_on(
-    slack: FakeSlack, bk: FakeBuildkite, redis_url: str
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
 ) -> None:
     out = io.StringIO()
     async with sandbox_session(slack, bk, redis_url, out) as session:
