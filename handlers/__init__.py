@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from slack_bolt.async_app import AsyncApp
 
-from handlers import admin, builds, deploy
+from handlers import admin, builds, deploy, mentions
 
 #: Every slash command the bot listens to (the manifest must declare exactly these).
 COMMANDS: tuple[str, ...] = deploy.COMMANDS + admin.COMMANDS
+#: Every Events API event the bot listens to (the manifest must subscribe to exactly these).
+EVENTS: tuple[str, ...] = mentions.EVENTS
 
 
 def register(app: AsyncApp) -> None:
     deploy.register(app)
     builds.register(app)
     admin.register(app)
+    mentions.register(app)

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 import handlers
-from app.simulators.bot import running_bot
+from app.simulators import slack_requests
+from app.simulators.bot import SIGNING_SECRET, BotClient, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
 
@@ -78,6 +79,15 @@ SCOPES_FOR = {
     "usergroups.users.list": {"usergroups:read"},
     "conversations.history": {"channels:history", "groups:history"},
     "conversations.replies": {"channels:history", "groups:history"},
+    "chat.unfurl": {"links:write"},
+    "views.publish": set(),
+    "conversations.open": {"im:write"},
+}
+#: The bot scopes each Events API event the bot subscribes to needs.
+SCOPES_FOR_EVENT = {
+    "app_mention": {"app_mentions:read"},
+    "link_shared": {"links:read"},
+    "app_home_opened": set(),
 }
 
 
@@ -102,8 +112,80 @@ def test_scopes_are_exactly_the_ones_the_code_uses() -> None:
     scopes = set(_manifest()["oauth_config"]["scopes"]["bot"])
     used = _methods_called()
     assert used <= set(SCOPES_FOR), f"a method with unknown scopes is called: {used}"
-    needed = {"commands"}.union(*(SCOPES_FOR[m] for m in used))
+    events = _bot_events()
+    assert events <= set(SCOPES_FOR_EVENT), f"an event with unknown scopes: {events}"
+    needed = {"commands"}.union(
+        *(SCOPES_FOR[m] for m in used), *(SCOPES_FOR_EVENT[e] for e in events)
+    )
     assert scopes == needed
+
+
+def _bot_events() -> set[str]:
+    return set(_manifest()["settings"].get("event_subscriptions", {}).get("bot_events", []))
+
+
+def test_the_subscribed_events_are_exactly_the_listened_ones() -> None:
+    assert _bot_events() == set(handlers.EVENTS)
+
+
+def _event(event_type: str) -> dict[str, Any]:
+    """A delivery of each subscribed event, as a person's action in Slack makes it."""
+    samples: dict[str, dict[str, Any]] = {
+        "app_mention": {
+            "type": "app_mention",
+            "user": "U0USER",
+            "text": "<@U0BOT> help",
+            "ts": "1700000000.000100",
+            "channel": "C0CHAN",
+            "event_ts": "1700000000.000100",
+        },
+    }
+    return samples[event_type]
+
+
+def _answered(slack: FakeSlack, event_type: str, before: int) -> bool:
+    """Whether the bot did what the event asks (its listener ran)."""
+    calls = slack.calls[before:]
+    wanted = {"app_mention": "chat.postMessage"}[event_type]
+    return any(c.method == wanted and c.ok for c in calls)
+
+
+async def _each_event_is_answered(bot: BotClient, slack: FakeSlack, *, socket: bool) -> None:
+    for event_type in sorted(_bot_events()):
+        before = len(slack.calls)
+        if event_type == "app_mention":
+            slack.add_message("C0CHAN", "<@U0BOT> help", user="U0USER")
+            event = {**_event(event_type), "ts": slack.history("C0CHAN")[-1]["ts"]}
+        else:
+            event = _event(event_type)
+        if socket:
+            await slack.socket_send("events_api", slack_requests.event_callback_payload(event))
+        else:
+            body, headers = slack_requests.event_callback(event, signing_secret=SIGNING_SECRET)
+            assert (await bot.post_slack(body, headers)).status == 200, event_type
+        await slack.wait_for(lambda e=event_type, b=before: _answered(slack, e, b))  # type: ignore[misc]
+        await bot.settled()
+
+
+async def test_each_subscribed_event_has_a_listener_over_http(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
+) -> None:
+    async with running_bot(slack, bk, redis_url) as bot:
+        await _each_event_is_answered(bot, slack, socket=False)
+        # An event the manifest does not subscribe to has no listener: Bolt answers 404.
+        body, headers = slack_requests.event_callback(
+            {"type": "reaction_added", "user": "U0USER", "reaction": "x", "event_ts": "1.2"},
+            signing_secret=SIGNING_SECRET,
+        )
+        assert (await bot.post_slack(body, headers)).status == 404
+
+
+async def test_each_subscribed_event_has_a_listener_in_socket_mode(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
+) -> None:
+    async with running_bot(slack, bk, redis_url, slack_app_token=slack.app_token) as bot:
+        await slack.wait_socket_connected()
+        await _each_event_is_answered(bot, slack, socket=True)
 
 
 def test_socket_mode_and_interactivity_are_on() -> None:

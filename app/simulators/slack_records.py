@@ -50,6 +50,7 @@ MANIFEST_SCOPES = frozenset(
         "users:read",
         "users:read.email",
         "usergroups:read",
+        "app_mentions:read",
     }
 )
 

@@ -336,14 +336,19 @@ class Outbox:
                 log.warning("slack write failed: %s", failure)
             raise failure from None
 
-    async def ephemeral(self, channel: str, user: str, rendered: Rendered) -> None:
-        """A message only `user` sees, for answers with no response_url (modal submissions)."""
-        kwargs = {
+    async def ephemeral(
+        self, channel: str, user: str, rendered: Rendered, *, thread_ts: str | None = None
+    ) -> None:
+        """A message only `user` sees, for answers with no response_url (modal submissions,
+        events); with `thread_ts`, shown in that thread."""
+        kwargs: dict[str, Any] = {
             "channel": channel,
             "user": user,
             "text": rendered.text,
             "blocks": rendered.blocks,
         }
+        if thread_ts:
+            kwargs["thread_ts"] = thread_ts
         await self._call("chat.postEphemeral", channel, kwargs)
 
     async def open_view(self, trigger_id: str, view: dict[str, Any]) -> None:

@@ -111,3 +111,11 @@ DIGEST_LAST_KEY = TEMPLATE_PREFIX + "digest:last:{schedule}"
 #: A process that took a slot and died is replaced after this long (the digest is then late).
 DIGEST_LEASE_TTL = 15 * 60
 DIGEST_LAST_TTL = 35 * 24 * 3600  # outlives a weekly schedule's gap
+
+# -- the inbox: thread commands, unfurls, App Home, DMs -------------------------------------
+
+#: event:{event_id} -> an Events API delivery already handled (SET NX): Slack's retries of it
+#: (X-Slack-Retry-Num, or Socket Mode's retry_attempt) carry the same event_id and do nothing.
+EVENT_KEY = TEMPLATE_PREFIX + "event:{event_id}"
+#: Slack retries a delivery three times within minutes; an hour covers them with room to spare.
+EVENT_TTL = 3600

@@ -13,6 +13,7 @@ import redis.asyncio as redis
 from app.storage.approvals import Approvals
 from app.storage.audit import AuditTrail
 from app.storage.builds import BuildRecords
+from app.storage.inbox import InboxRecords
 from app.storage.locks import PipelineLocks
 from app.storage.poll import PollLedger
 from app.storage.requests import AwaitedBuilds, RequestClaims
@@ -29,6 +30,7 @@ class Store(
     PipelineLocks,
     AuditTrail,
     PollLedger,
+    InboxRecords,
 ):
     """Every concern of the store over one `redis.asyncio` client."""
 
@@ -42,6 +44,7 @@ class Store(
         PipelineLocks.__init__(self, client)
         AuditTrail.__init__(self, client)
         PollLedger.__init__(self, client)
+        InboxRecords.__init__(self, client)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
