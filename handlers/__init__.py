@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from slack_bolt.async_app import AsyncApp
 
-from handlers import admin, builds, deploy, mentions
+from handlers import admin, builds, deploy, mentions, unfurls
 
 #: Every slash command the bot listens to (the manifest must declare exactly these).
 COMMANDS: tuple[str, ...] = deploy.COMMANDS + admin.COMMANDS
 #: Every Events API event the bot listens to (the manifest must subscribe to exactly these).
-EVENTS: tuple[str, ...] = mentions.EVENTS
+EVENTS: tuple[str, ...] = mentions.EVENTS + unfurls.EVENTS
+#: Every shortcut's callback id (the manifest must declare exactly these).
+SHORTCUTS: tuple[str, ...] = unfurls.SHORTCUTS
 
 
 def register(app: AsyncApp) -> None:
@@ -17,3 +19,4 @@ def register(app: AsyncApp) -> None:
     builds.register(app)
     admin.register(app)
     mentions.register(app)
+    unfurls.register(app)

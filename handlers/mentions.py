@@ -15,9 +15,14 @@ from typing import Any
 from redis.exceptions import RedisError
 from slack_bolt.async_app import AsyncAck, AsyncApp
 
-from app.core.errors import UserError
 from app.core.services import Services
-from app.core.thread_commands import AlreadyShown, InThread, Mention, ThreadCommands
+from app.core.thread_commands import (
+    AlreadyShown,
+    InThread,
+    Mention,
+    ThreadCommands,
+    event_id_of,
+)
 from app.slack.outbox import SlackDeliveryError
 from app.slack.render.common import notice
 from handlers.common import listen
@@ -32,19 +37,30 @@ def register(app: AsyncApp) -> None:
     listen(app, events={"app_mention": app_mention})
 
 
-async def app_mention(ack: AsyncAck, body: dict[str, Any], services: Services) -> None:
-    await ack()
-    mention = Mention.from_body(body)
-    if mention is None:
-        return
+async def first_delivery(services: Services, body: dict[str, Any]) -> bool:
+    """Whether this Events API delivery is the first of its event (not one of Slack's retries).
+
+    An event without an id is not one Slack sends: it is dropped.
+    """
+    event_id = event_id_of(body)
+    if event_id is None:
+        return False
     try:
-        first = await services.store.first_event(mention.event_id)
+        first = await services.store.first_event(event_id)
     except RedisError as exc:
         # Without Redis a mutation's own claim refuses it; only an answer may show twice.
         log.warning("could not check an event for a retry (redis: %s)", exc)
-        first = True
+        return True
     if not first:
-        log.info("dropped a retried app_mention (%s)", mention.event_id[:16])
+        event_type = (body.get("event") or {}).get("type")
+        log.info("dropped a retried %s event (%s)", event_type, event_id[:16])
+    return first
+
+
+async def app_mention(ack: AsyncAck, body: dict[str, Any], services: Services) -> None:
+    await ack()
+    mention = Mention.from_body(body)
+    if mention is None or not await first_delivery(services, body):
         return
     thread = mention.thread_ts or mention.ts
     try:
@@ -64,8 +80,6 @@ async def app_mention(ack: AsyncAck, body: dict[str, Any], services: Services) -
         raise  # nowhere to say it: the outbox logged why
     except Exception as exc:  # every refusal and failure is told to the person who asked
         text = error_text(exc)
-        if not isinstance(exc, UserError):
-            log.warning("app_mention failed; told the user")
         await services.outbox.ephemeral(
             mention.channel, mention.user, notice(text), thread_ts=thread
         )

@@ -128,50 +128,83 @@ def test_the_subscribed_events_are_exactly_the_listened_ones() -> None:
     assert _bot_events() == set(handlers.EVENTS)
 
 
-def _event(event_type: str) -> dict[str, Any]:
+def _event(slack: FakeSlack, bk: FakeBuildkite, event_type: str) -> dict[str, Any]:
     """A delivery of each subscribed event, as a person's action in Slack makes it."""
-    samples: dict[str, dict[str, Any]] = {
-        "app_mention": {
+    if event_type == "app_mention":
+        ts = slack.add_message("C0CHAN", "<@U0BOT> help", user="U0USER")
+        return {
             "type": "app_mention",
             "user": "U0USER",
             "text": "<@U0BOT> help",
-            "ts": "1700000000.000100",
+            "ts": ts,
             "channel": "C0CHAN",
-            "event_ts": "1700000000.000100",
-        },
-    }
-    return samples[event_type]
+            "event_ts": ts,
+        }
+    if event_type == "link_shared":
+        if "web" not in bk.pipelines:
+            bk.add_pipeline("web")
+        number = bk.add_build("web", state="passed")["number"]
+        url = f"https://buildkite.com/{bk.org}/web/builds/{number}"
+        return slack.share_links("C0CHAN", "U0USER", [url])
+    raise AssertionError(f"no sample of {event_type}: add one")
 
 
-def _answered(slack: FakeSlack, event_type: str, before: int) -> bool:
-    """Whether the bot did what the event asks (its listener ran)."""
-    calls = slack.calls[before:]
-    wanted = {"app_mention": "chat.postMessage"}[event_type]
-    return any(c.method == wanted and c.ok for c in calls)
+#: What each event's listener sends Slack when it runs.
+ANSWERED_WITH = {"app_mention": "chat.postMessage", "link_shared": "chat.unfurl"}
 
 
-async def _each_event_is_answered(bot: BotClient, slack: FakeSlack, *, socket: bool) -> None:
+async def _each_event_is_answered(
+    bot: BotClient, slack: FakeSlack, bk: FakeBuildkite, *, socket: bool
+) -> None:
     for event_type in sorted(_bot_events()):
         before = len(slack.calls)
-        if event_type == "app_mention":
-            slack.add_message("C0CHAN", "<@U0BOT> help", user="U0USER")
-            event = {**_event(event_type), "ts": slack.history("C0CHAN")[-1]["ts"]}
-        else:
-            event = _event(event_type)
+        event = _event(slack, bk, event_type)
         if socket:
             await slack.socket_send("events_api", slack_requests.event_callback_payload(event))
         else:
             body, headers = slack_requests.event_callback(event, signing_secret=SIGNING_SECRET)
             assert (await bot.post_slack(body, headers)).status == 200, event_type
-        await slack.wait_for(lambda e=event_type, b=before: _answered(slack, e, b))  # type: ignore[misc]
+
+        def answered(wanted: str = ANSWERED_WITH[event_type], since: int = before) -> bool:
+            return any(c.method == wanted and c.ok for c in slack.calls[since:])
+
+        await slack.wait_for(answered)
         await bot.settled()
+
+
+async def _each_shortcut_is_answered(bot: BotClient, slack: FakeSlack, *, socket: bool) -> None:
+    for shortcut in _manifest()["features"]["shortcuts"]:
+        ts = slack.add_message("C0CHAN", "no link here", user="U0USER")
+        name, url = bot.new_response_url()
+        payload = slack_requests.message_shortcut_payload(
+            shortcut["callback_id"], slack.message("C0CHAN", ts), response_url=url
+        )
+        if socket:
+            await slack.socket_send("interactive", payload)
+        else:
+            body, headers = slack_requests.interactive(payload, signing_secret=SIGNING_SECRET)
+            assert (await bot.post_slack(body, headers)).status == 200
+        await slack.wait_for(lambda n=name: bot.response_texts(n))  # type: ignore[misc]
+        await bot.settled()
+
+
+def test_the_declared_shortcuts_are_exactly_the_listened_ones() -> None:
+    shortcuts = _manifest()["features"]["shortcuts"]
+    assert {s["callback_id"] for s in shortcuts} == set(handlers.SHORTCUTS)
+    assert all(s["type"] == "message" for s in shortcuts)
+
+
+def test_build_links_unfurl_and_only_buildkites() -> None:
+    assert _manifest()["features"]["unfurl_domains"] == ["buildkite.com"]
+    assert "link_shared" in _bot_events()
 
 
 async def test_each_subscribed_event_has_a_listener_over_http(
     slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
 ) -> None:
     async with running_bot(slack, bk, redis_url) as bot:
-        await _each_event_is_answered(bot, slack, socket=False)
+        await _each_event_is_answered(bot, slack, bk, socket=False)
+        await _each_shortcut_is_answered(bot, slack, socket=False)
         # An event the manifest does not subscribe to has no listener: Bolt answers 404.
         body, headers = slack_requests.event_callback(
             {"type": "reaction_added", "user": "U0USER", "reaction": "x", "event_ts": "1.2"},
@@ -185,7 +218,8 @@ async def test_each_subscribed_event_has_a_listener_in_socket_mode(
 ) -> None:
     async with running_bot(slack, bk, redis_url, slack_app_token=slack.app_token) as bot:
         await slack.wait_socket_connected()
-        await _each_event_is_answered(bot, slack, socket=True)
+        await _each_event_is_answered(bot, slack, bk, socket=True)
+        await _each_shortcut_is_answered(bot, slack, socket=True)
 
 
 def test_socket_mode_and_interactivity_are_on() -> None:

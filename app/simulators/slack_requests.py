@@ -351,6 +351,52 @@ def interactive(
     )
 
 
+def message_shortcut_payload(
+    callback_id: str,
+    message: Mapping[str, Any],
+    *,
+    response_url: str,
+    channel_id: str = "C0CHAN",
+    channel_name: str = "deploys",
+    user_id: str = "U0USER",
+    user_name: str = "alice",
+    team_id: str = "T0001",
+    trigger_id: str | None = None,
+) -> dict[str, Any]:
+    """A `message_action` payload: a message shortcut chosen on `message` (e.g.
+    `fake.message(channel, ts)`), as Slack sends it."""
+    msg = {k: v for k, v in message.items() if k != "channel"}
+    return {
+        "type": "message_action",
+        "token": VERIFICATION_TOKEN,
+        "action_ts": _action_ts(),
+        "team": {"id": team_id, "domain": DEFAULT_TEAM_DOMAIN},
+        "user": {"id": user_id, "username": user_name, "name": user_name, "team_id": team_id},
+        "channel": {"id": channel_id, "name": channel_name},
+        "is_enterprise_install": False,
+        "enterprise": None,
+        "callback_id": callback_id,
+        "trigger_id": trigger_id or new_trigger_id(),
+        "response_url": response_url,
+        "message_ts": str(msg["ts"]),
+        "message": msg,
+    }
+
+
+def message_shortcut(
+    callback_id: str,
+    message: Mapping[str, Any],
+    *,
+    response_url: str,
+    signing_secret: str,
+    timestamp: int | None = None,
+    **fields: Any,
+) -> tuple[bytes, dict[str, str]]:
+    """A signed message shortcut, as Slack posts it."""
+    payload = message_shortcut_payload(callback_id, message, response_url=response_url, **fields)
+    return interactive(payload, signing_secret=signing_secret, timestamp=timestamp)
+
+
 # --------------------------------------------------------------------------- Events API
 
 

@@ -32,6 +32,7 @@ class SlackWebApi(SlackState):
             "chat.update": self._chat_update,
             "chat.postEphemeral": self._chat_post_ephemeral,
             "chat.getPermalink": self._chat_get_permalink,
+            "chat.unfurl": self._chat_unfurl,
             "users.info": self._users_info,
             "users.lookupByEmail": self._users_lookup_by_email,
             "conversations.info": self._conversations_info,
@@ -130,6 +131,56 @@ class SlackWebApi(SlackState):
         if thread_ts and thread_ts != ts:
             link += f"?thread_ts={thread_ts}&cid={channel}"
         return {"ok": True, "channel": channel, "permalink": link}
+
+    def _chat_unfurl(self, args: Json) -> Json:
+        """As Slack: `unfurls` for links of one shared message, named by `channel` and `ts`
+        together or by `unfurl_id` and `source` together; each link must be in that message."""
+        if "links:write" not in self.scopes:
+            raise _ApiError("missing_scope")
+        unfurls = args.get("unfurls")
+        if not unfurls:
+            raise _ApiError("missing_unfurls", unexpected="chat.unfurl without unfurls")
+        if not isinstance(unfurls, dict):
+            raise _ApiError("invalid_unfurls", unexpected=f"unfurls is not a map: {unfurls!r}")
+        named = {k for k in ("unfurl_id", "source", "channel", "ts") if args.get(k)}
+        by_id = named == {"unfurl_id", "source"}
+        by_message = named == {"channel", "ts"}
+        if not (by_id or by_message):
+            raise _ApiError(
+                "invalid_arguments",
+                unexpected="chat.unfurl needs channel and ts, or unfurl_id and source: "
+                f"{sorted(named)}",
+            )
+        if by_id:
+            shared = self.shared_links.get(str(args.get("unfurl_id") or ""))
+            if shared is None or shared["source"] != args.get("source"):
+                raise _ApiError("cannot_unfurl_url", unexpected="unknown unfurl_id or source")
+        else:
+            shared = next(
+                (
+                    s
+                    for s in self.shared_links.values()
+                    if s["channel"] == args.get("channel") and s["message_ts"] == args.get("ts")
+                ),
+                None,
+            )
+            if shared is None:
+                known = self.messages.get(str(args.get("channel")), {}).get(str(args.get("ts")))
+                raise _ApiError(
+                    "cannot_unfurl_message" if known else "cannot_find_message",
+                    unexpected="chat.unfurl of a message with no shared links",
+                )
+        shared_urls = {link["url"] for link in shared["links"]}
+        for url, unfurl in unfurls.items():
+            if url not in shared_urls:
+                raise _ApiError("cannot_unfurl_url", unexpected=f"{url} was not shared there")
+            if not isinstance(unfurl, dict) or not (unfurl.get("blocks") or unfurl.get("text")):
+                raise _ApiError("invalid_unfurls", unexpected=f"empty unfurl for {url}")
+            problems = block_problems(list(unfurl.get("blocks") or []), max_blocks=50)
+            if problems:
+                raise _ApiError("invalid_blocks", unexpected="; ".join(problems))
+        shared.setdefault("unfurls", {}).update(unfurls)
+        return {"ok": True}
 
     def _users_info(self, args: Json) -> Json:
         user = self.users.get(str(args.get("user") or ""))

@@ -31,6 +31,8 @@ class CallbackId(StrEnum):
     UNBLOCK = "unblock_submit"
     PIPELINE_CREATE = "pipeline_create"
     PIPELINE_UPDATE = "pipeline_update"
+    #: The "Follow this build" message shortcut.
+    FOLLOW_BUILD = "follow_build"
 
 
 class BlockId(StrEnum):

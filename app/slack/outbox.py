@@ -351,6 +351,25 @@ class Outbox:
             kwargs["thread_ts"] = thread_ts
         await self._call("chat.postEphemeral", channel, kwargs)
 
+    async def unfurl(
+        self,
+        unfurls: dict[str, dict[str, Any]],
+        *,
+        channel: str,
+        ts: str | None = None,
+        unfurl_id: str | None = None,
+        source: str | None = None,
+    ) -> None:
+        """Attach `unfurls` (url -> blocks) to the shared links of one message: named by its
+        `unfurl_id` and `source` when Slack gave them (a draft in the composer has no ts), else
+        by `channel` and `ts`. Unfurling the same links again replaces what was attached."""
+        kwargs: dict[str, Any] = {"unfurls": unfurls}
+        if unfurl_id and source:
+            kwargs.update(unfurl_id=unfurl_id, source=source)
+        else:
+            kwargs.update(channel=channel, ts=ts)
+        await self._call("chat.unfurl", channel, kwargs)
+
     async def open_view(self, trigger_id: str, view: dict[str, Any]) -> None:
         """Open the modal `view` for the click or command that sent `trigger_id` (3 s to live)."""
         await self.client.views_open(trigger_id=trigger_id, view=view)

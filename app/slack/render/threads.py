@@ -80,3 +80,17 @@ def unblock_choices(
     ]
     blocks: list[dict[str, Any]] = [section(text), ActionsBlock(elements=buttons).to_dict()]
     return Rendered(text=text, blocks=blocks)
+
+
+NO_BUILD_LINK = (
+    "That message links no build of this organisation's: *Follow this build* needs a link like "
+    "`https://buildkite.com/<org>/<pipeline>/builds/<number>`."
+)
+
+
+def already_followed(pipeline: str, build: Build) -> str:
+    return f"I already follow {build_title(pipeline, build)} in this channel."
+
+
+def following(pipeline: str, build: Build) -> str:
+    return f":eyes: Following {build_title(pipeline, build)} in that message's thread."
