@@ -39,6 +39,7 @@ from app.core.audit import Auditor
 from app.core.auto_retry import AutoRetry
 from app.core.deploy_queue import DeployQueue
 from app.core.digest import run_digest_schedules
+from app.core.inbox import Inbox
 from app.core.policy import load_policy
 from app.core.routing import Router
 from app.core.services import Services
@@ -162,12 +163,22 @@ async def open_services(
             repeat_every=tuning.redis_outage_log_every,
         )
         writer = MessageWriter(store, buildkite, outbox, hooks, tuning.tracking, people=directory)
+        inbox = Inbox(
+            store=store,
+            outbox=outbox,
+            policy=policy,
+            directory=directory,
+            settings=settings,
+            tuning=tuning.inbox,
+        )
+        closing.push_async_callback(inbox.close)  # before the outbox drains
         notifier = Notifier(
             store,
             writer,
             tuning.tracking,
             metrics=metrics,
             on_final=[auto_retry.on_final],
+            on_change=[inbox.on_change],
             consumer=consumer,
             redis_outage=redis_outage,
         )
@@ -199,6 +210,7 @@ async def open_services(
             tuning=tuning,
             deploys=DeployQueue(running=tuning.deploys.running, waiting=tuning.deploys.waiting),
             redis_outage=redis_outage,
+            inbox=inbox,
         )
 
 

@@ -70,10 +70,23 @@ class DeployTuning:
 
 
 @dataclass(frozen=True, slots=True)
+class InboxTuning:
+    """App Home and DMs: how often a person's Home may be republished."""
+
+    #: At most one Home publish per person in this many seconds (a burst of changes collapses).
+    home_debounce: float = 5.0
+    #: How many of a person's builds their Home lists.
+    home_builds: int = 10
+    #: users.info answers (email, timezone) are kept this long in memory.
+    people_ttl: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
 class Tuning:
     slack: SlackPacing = field(default_factory=SlackPacing)
     tracking: TrackingTuning = field(default_factory=TrackingTuning)
     deploys: DeployTuning = field(default_factory=DeployTuning)
+    inbox: InboxTuning = field(default_factory=InboxTuning)
     #: How long a stopping bot waits for work in flight.
     shutdown_grace: float = 10.0
     #: While Redis is down, the loops log that it still is at most this often.

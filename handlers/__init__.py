@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from slack_bolt.async_app import AsyncApp
 
-from handlers import admin, builds, deploy, mentions, unfurls
+from handlers import admin, builds, deploy, home, mentions, unfurls
 
 #: Every slash command the bot listens to (the manifest must declare exactly these).
 COMMANDS: tuple[str, ...] = deploy.COMMANDS + admin.COMMANDS
 #: Every Events API event the bot listens to (the manifest must subscribe to exactly these).
-EVENTS: tuple[str, ...] = mentions.EVENTS + unfurls.EVENTS
+EVENTS: tuple[str, ...] = mentions.EVENTS + unfurls.EVENTS + home.EVENTS
 #: Every shortcut's callback id (the manifest must declare exactly these).
 SHORTCUTS: tuple[str, ...] = unfurls.SHORTCUTS
 
@@ -20,3 +20,4 @@ def register(app: AsyncApp) -> None:
     admin.register(app)
     mentions.register(app)
     unfurls.register(app)
+    home.register(app)

@@ -146,11 +146,17 @@ def _event(slack: FakeSlack, bk: FakeBuildkite, event_type: str) -> dict[str, An
         number = bk.add_build("web", state="passed")["number"]
         url = f"https://buildkite.com/{bk.org}/web/builds/{number}"
         return slack.share_links("C0CHAN", "U0USER", [url])
+    if event_type == "app_home_opened":
+        return {"type": "app_home_opened", "user": "U0USER", "channel": "D0HOME", "tab": "home"}
     raise AssertionError(f"no sample of {event_type}: add one")
 
 
 #: What each event's listener sends Slack when it runs.
-ANSWERED_WITH = {"app_mention": "chat.postMessage", "link_shared": "chat.unfurl"}
+ANSWERED_WITH = {
+    "app_mention": "chat.postMessage",
+    "link_shared": "chat.unfurl",
+    "app_home_opened": "views.publish",
+}
 
 
 async def _each_event_is_answered(
@@ -192,6 +198,12 @@ def test_the_declared_shortcuts_are_exactly_the_listened_ones() -> None:
     shortcuts = _manifest()["features"]["shortcuts"]
     assert {s["callback_id"] for s in shortcuts} == set(handlers.SHORTCUTS)
     assert all(s["type"] == "message" for s in shortcuts)
+
+
+def test_the_home_tab_is_on_with_its_event() -> None:
+    app_home = _manifest()["features"]["app_home"]
+    assert app_home["home_tab_enabled"] is True
+    assert "app_home_opened" in _bot_events()
 
 
 def test_build_links_unfurl_and_only_buildkites() -> None:

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import redis.asyncio as redis
@@ -26,6 +26,9 @@ from app.tracking.notifier import Notifier
 from app.tracking.poller import Poller
 from app.tuning import DEFAULT, Tuning
 from buildkite.client import BuildkiteClient
+
+if TYPE_CHECKING:
+    from app.core.inbox import Inbox
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,8 @@ class Services:
     tuning: Tuning = DEFAULT
     #: The loops' shared account of a Redis outage, so that it is logged once.
     redis_outage: RedisOutage = field(default_factory=RedisOutage)
+    #: Whose builds are whose, and each person's App Home (see app.core.inbox).
+    inbox: Inbox | None = None
 
     async def finish_inflight(self, timeout: float) -> None:  # noqa: ASYNC109
         """Wait (bounded) for acknowledged requests to finish what they started; deploys still

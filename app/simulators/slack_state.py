@@ -62,6 +62,10 @@ class SlackState:
         self.users: dict[str, Json] = {}
         self.channels: dict[str, Json] = {}
         self.usergroups: dict[str, list[str]] = {}
+        #: user id -> the Home tab the app last published for them (views.publish).
+        self.home_views: dict[str, Json] = {}
+        #: The app has a Home tab (manifest: features.app_home.home_tab_enabled).
+        self.home_tab_enabled = True
         #: unfurl_id -> the shared links Slack told the app about (see `share_links`).
         self.shared_links: dict[str, Json] = {}
 

@@ -41,6 +41,7 @@ class SlackWebApi(SlackState):
             "usergroups.users.list": self._usergroups_users_list,
             "views.open": self._views_open,
             "views.update": self._views_update,
+            "views.publish": self._views_publish,
         }
 
     # ------------------------------------------------------------------ Web API methods
@@ -304,6 +305,42 @@ class SlackWebApi(SlackState):
         current.update(keep)
         current["hash"] = self._next_ts() + ".fake"
         return {"ok": True, "view": current}
+
+    def _views_publish(self, args: Json) -> Json:
+        """A person's Home tab: `not_enabled` unless the app has one (manifest: App Home)."""
+        if not self.home_tab_enabled:
+            raise _ApiError("not_enabled", unexpected="views.publish with the Home tab off")
+        user_id = str(args.get("user_id") or "")
+        if not user_id:
+            raise _ApiError("invalid_arguments", unexpected="views.publish without user_id")
+        if user_id not in self.users:
+            raise _ApiError("invalid_arguments", unexpected=f"views.publish to unknown {user_id}")
+        view = args.get("view")
+        if not isinstance(view, dict) or view.get("type") != "home":
+            raise _ApiError("invalid_arguments", unexpected=f"not a home view: {view!r}")
+        if len(json.dumps(view)) > 250_000:
+            raise _ApiError("view_too_large")
+        view_args = self._view_arg(args)
+        current = self.home_views.get(user_id)
+        if args.get("hash") and (current is None or args["hash"] != current["hash"]):
+            raise _ApiError("hash_conflict")
+        view_id = current["id"] if current else f"V{next(self._ids):08d}"
+        published = {
+            **view_args,
+            "id": view_id,
+            "team_id": self.team_id,
+            "state": {"values": {}},
+            "hash": self._next_ts() + ".fake",
+            "root_view_id": view_id,
+            "previous_view_id": None,
+            "app_id": self.app_id,
+            "bot_id": self.bot_id,
+        }
+        published.setdefault("private_metadata", "")
+        published.setdefault("callback_id", "")
+        published.setdefault("external_id", "")
+        self.home_views[user_id] = published
+        return {"ok": True, "view": published}
 
     # ------------------------------------------------------------------ method helpers
 

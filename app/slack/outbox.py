@@ -370,6 +370,10 @@ class Outbox:
             kwargs.update(channel=channel, ts=ts)
         await self._call("chat.unfurl", channel, kwargs)
 
+    async def publish_home(self, user: str, view: dict[str, Any]) -> None:
+        """Publish a person's App Home tab (views.publish; a 429 waits out its Retry-After)."""
+        await self._call("views.publish", f"home:{user}", {"user_id": user, "view": view})
+
     async def open_view(self, trigger_id: str, view: dict[str, Any]) -> None:
         """Open the modal `view` for the click or command that sent `trigger_id` (3 s to live)."""
         await self.client.views_open(trigger_id=trigger_id, view=view)

@@ -1,15 +1,58 @@
-"""What the bot keeps for the surfaces that are a person's own (thread commands, unfurls): the
-Events API deliveries already handled."""
+"""What the bot keeps for the surfaces that are a person's own: Events API deliveries already
+handled, who opened their Home and what is in it, its publish debounce, and DM preferences."""
 
 from __future__ import annotations
 
-import redis.asyncio as redis
+import hashlib
+import json
+from enum import StrEnum
 
-from app.storage.keys import EVENT_KEY, EVENT_TTL
+import redis.asyncio as redis
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from app.storage.codec import text
+from app.storage.keys import (
+    APPROVAL_EXPIRY_KEY,
+    EVENT_KEY,
+    EVENT_TTL,
+    HOME_BUILDS_KEPT,
+    HOME_BUILDS_KEY,
+    HOME_BUILDS_TTL,
+    HOME_DIRTY_KEY,
+    HOME_DIRTY_TTL,
+    HOME_EMAIL_KEY,
+    HOME_OPENED_KEY,
+    HOME_OPENED_TTL,
+    HOME_WINDOW_KEY,
+    PREFS_KEY,
+    PREFS_TTL,
+)
+
+
+class DmMode(StrEnum):
+    """Which finished builds of theirs a person is told of in a DM."""
+
+    OFF = "off"
+    FAILURES = "failures"
+    ALL = "all"
+
+
+class DmPrefs(BaseModel):
+    """A person's DM preferences; quiet hours are whole hours of their own Slack timezone."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    mode: DmMode = DmMode.FAILURES
+    quiet_from: int | None = Field(default=None, ge=0, le=23)
+    quiet_to: int | None = Field(default=None, ge=0, le=23)
+
+
+def email_digest(email: str) -> str:
+    return hashlib.sha256(email.strip().lower().encode()).hexdigest()[:32]
 
 
 class InboxRecords:
-    """SET NX guards for Events API deliveries."""
+    """Typed access to the inbox's keys (each with its TTL)."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
@@ -18,3 +61,85 @@ class InboxRecords:
         """Remember an Events API delivery; False if this event was handled before (a retry)."""
         key = EVENT_KEY.format(event_id=event_id)
         return bool(await self.redis.set(key, "1", nx=True, ex=EVENT_TTL))
+
+    # -- App Home ------------------------------------------------------------------------
+
+    async def home_opened(self, user: str, *, email: str | None, now: float) -> None:
+        """The person opened their Home: republish it on changes for 7 days, and know their
+        email (for their builds by Buildkite author) as long."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(HOME_OPENED_KEY.format(user=user), repr(now), ex=HOME_OPENED_TTL)
+            if email:
+                key = HOME_EMAIL_KEY.format(digest=email_digest(email))
+                pipe.set(key, user, ex=HOME_OPENED_TTL)
+            await pipe.execute()
+
+    async def watching_home(self, users: list[str]) -> list[str]:
+        """Those of `users` who opened their Home in the last 7 days."""
+        if not users:
+            return []
+        found = await self.redis.mget([HOME_OPENED_KEY.format(user=u) for u in users])
+        return [user for user, seen in zip(users, found, strict=True) if seen is not None]
+
+    async def user_with_email(self, email: str) -> str | None:
+        raw = await self.redis.get(HOME_EMAIL_KEY.format(digest=email_digest(email)))
+        return text(raw) if raw is not None else None
+
+    async def remember_home_builds(self, users: list[str], build_id: str, now: float) -> None:
+        """Put a build in these people's Homes (the newest change first; only the last kept)."""
+        if not users:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for user in users:
+                key = HOME_BUILDS_KEY.format(user=user)
+                pipe.zadd(key, {build_id: now})
+                pipe.zremrangebyrank(key, 0, -HOME_BUILDS_KEPT - 1)
+                pipe.expire(key, HOME_BUILDS_TTL)
+            await pipe.execute()
+
+    async def home_build_ids(self, user: str, limit: int) -> list[str]:
+        key = HOME_BUILDS_KEY.format(user=user)
+        return [text(b) for b in await self.redis.zrevrange(key, 0, limit - 1)]
+
+    async def pending_approval_ids(self, now: float) -> list[str]:
+        """Approval requests not expired yet (decided ones may be among them: read each)."""
+        return [text(i) for i in await self.redis.zrangebyscore(APPROVAL_EXPIRY_KEY, now, "+inf")]
+
+    async def mark_home_dirty(self, users: list[str]) -> None:
+        if not users:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for user in users:
+                pipe.set(HOME_DIRTY_KEY.format(user=user), "1", ex=HOME_DIRTY_TTL)
+            await pipe.execute()
+
+    async def home_dirty(self, user: str) -> bool:
+        return bool(await self.redis.exists(HOME_DIRTY_KEY.format(user=user)))
+
+    async def take_home_dirty(self, user: str) -> bool:
+        """Clear the person's "changed" mark; True if it was set."""
+        return bool(await self.redis.delete(HOME_DIRTY_KEY.format(user=user)))
+
+    async def open_home_window(self, user: str, ms: int) -> bool:
+        """Claim the person's next Home publish; False while the last one's window lasts."""
+        key = HOME_WINDOW_KEY.format(user=user)
+        return bool(await self.redis.set(key, "1", nx=True, px=max(ms, 1)))
+
+    async def home_window_left_ms(self, user: str) -> int:
+        left = int(await self.redis.pttl(HOME_WINDOW_KEY.format(user=user)))
+        return max(left, 0)
+
+    # -- DM preferences -------------------------------------------------------------------
+
+    async def dm_prefs(self, user: str) -> DmPrefs:
+        """The person's preferences, or the defaults (failures only, no quiet hours)."""
+        raw = await self.redis.get(PREFS_KEY.format(user=user))
+        if raw is None:
+            return DmPrefs()
+        try:
+            return DmPrefs.model_validate(json.loads(text(raw)))
+        except (ValueError, ValidationError):
+            return DmPrefs()
+
+    async def save_dm_prefs(self, user: str, prefs: DmPrefs) -> None:
+        await self.redis.set(PREFS_KEY.format(user=user), prefs.model_dump_json(), ex=PREFS_TTL)

@@ -119,3 +119,23 @@ DIGEST_LAST_TTL = 35 * 24 * 3600  # outlives a weekly schedule's gap
 EVENT_KEY = TEMPLATE_PREFIX + "event:{event_id}"
 #: Slack retries a delivery three times within minutes; an hour covers them with room to spare.
 EVENT_TTL = 3600
+#: home:opened:{user} -> when the person last opened the bot's Home tab (unix time). Their Home
+#: is republished on a state change only while this key lives.
+HOME_OPENED_KEY = TEMPLATE_PREFIX + "home:opened:{user}"
+HOME_OPENED_TTL = 7 * 24 * 3600
+#: home:builds:{user} -> sorted set of the build ids in the person's Home (score: last change).
+HOME_BUILDS_KEY = TEMPLATE_PREFIX + "home:builds:{user}"
+HOME_BUILDS_KEPT = 20
+HOME_BUILDS_TTL = FINAL_TTL
+#: home:email:{digest} -> the Slack user with that email (a digest: no address in a key name),
+#: learnt from users.info when they open their Home, to find their builds by Buildkite author.
+HOME_EMAIL_KEY = TEMPLATE_PREFIX + "home:email:{digest}"
+#: home:dirty:{user} -> a build in the person's Home changed since their Home was last published.
+HOME_DIRTY_KEY = TEMPLATE_PREFIX + "home:dirty:{user}"
+HOME_DIRTY_TTL = HOME_OPENED_TTL
+#: home:window:{user} -> a Home was published within the debounce window (SET NX PX): at most
+#: one publish per person per window, whichever process makes it.
+HOME_WINDOW_KEY = TEMPLATE_PREFIX + "home:window:{user}"
+#: prefs:{user} -> JSON of the person's DM preferences (see DmPrefs), kept a year after a change.
+PREFS_KEY = TEMPLATE_PREFIX + "prefs:{user}"
+PREFS_TTL = 365 * 24 * 3600

@@ -1,0 +1,151 @@
+"""Slack listeners for a person's App Home: `app_home_opened` (publish it), and its buttons and
+selects (act as the build message's buttons do, then publish it again).
+
+A Home click has no response_url: its answer (or refusal) opens as a small modal, through the
+click's trigger_id.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable
+from typing import Any
+
+from slack_bolt.async_app import AsyncAck, AsyncApp
+
+from app.core.commands import BuildRef
+from app.core.errors import UserError
+from app.core.inbox import Done, HomeActions, Inbox
+from app.core.services import Services
+from app.slack.ids import ActionId
+from app.slack.outbox import SlackDeliveryError
+from app.slack.payloads import BuildButtonValue, LockButtonValue, RequestButtonValue, action_value
+from app.slack.render import home_texts
+from app.slack.render.common import modal_notice
+from handlers.common import listen
+from handlers.errors import error_text
+from handlers.mentions import first_delivery
+
+log = logging.getLogger(__name__)
+
+EVENTS = ("app_home_opened",)
+
+
+def register(app: AsyncApp) -> None:
+    listen(
+        app,
+        events={"app_home_opened": app_home_opened},
+        actions={
+            ActionId.HOME_CANCEL.value: home_build_button,
+            ActionId.HOME_REBUILD.value: home_build_button,
+            ActionId.HOME_RETRY.value: home_build_button,
+            ActionId.HOME_UNBLOCK.value: home_build_button,
+            ActionId.HOME_APPROVE.value: home_decision_button,
+            ActionId.HOME_REJECT.value: home_decision_button,
+            ActionId.HOME_UNLOCK.value: home_unlock_button,
+            ActionId.HOME_DM_MODE.value: home_prefs_select,
+            ActionId.HOME_QUIET_FROM.value: home_prefs_select,
+            ActionId.HOME_QUIET_TO.value: home_prefs_select,
+        },
+    )
+
+
+def _inbox(services: Services) -> Inbox:
+    assert services.inbox is not None, "the inbox is wired in app.main"
+    return services.inbox
+
+
+async def app_home_opened(ack: AsyncAck, body: dict[str, Any], services: Services) -> None:
+    await ack()
+    event = body.get("event") or {}
+    user = event.get("user")
+    if event.get("tab") != "home" or not isinstance(user, str) or not user:
+        return
+    if await first_delivery(services, body):
+        await _inbox(services).opened(user)
+
+
+async def _answer(
+    body: dict[str, Any], services: Services, work: Awaitable[Any], *, user: str
+) -> None:
+    """Run a Home click's work, show its outcome in a modal, and publish the Home again."""
+    try:
+        outcome = await work
+        view = outcome.view if not isinstance(outcome, Done) else None
+        text = outcome.text if isinstance(outcome, Done) else None
+    except Exception as exc:  # every refusal and failure gets an answer
+        view, text = None, error_text(exc)
+    trigger = body.get("trigger_id")
+    try:
+        if trigger and (view is not None or text):
+            await services.outbox.open_view(
+                str(trigger),
+                view if view is not None else modal_notice(home_texts.TITLE, text or ""),
+            )
+    except Exception as exc:  # the trigger expired (3 s): the Home shows the new state anyway
+        log.warning("could not show a Home answer: %s", type(exc).__name__)
+    try:
+        await _inbox(services).publish(user)
+    except SlackDeliveryError as exc:
+        log.warning("could not republish a Home after a click: %s", exc)
+
+
+async def home_build_button(ack: AsyncAck, body: dict[str, Any], services: Services) -> None:
+    await ack()
+    user = body["user"]
+    action = body["actions"][0]
+    value = action_value(body, BuildButtonValue)
+    ref = BuildRef(value.pipeline, value.number)
+    home = HomeActions(services)
+    action_id = action.get("action_id")
+    if action_id == ActionId.HOME_CANCEL:
+        work: Awaitable[Any] = home.cancel(ref, user)
+    elif action_id == ActionId.HOME_REBUILD:
+        trigger = f"home:{body.get('trigger_id')}:{action.get('action_ts')}:{user['id']}"
+        work = home.rebuild(ref, user, trigger=trigger)
+    elif action_id == ActionId.HOME_RETRY:
+        work = home.retry(ref, user)
+    else:
+        work = home.unblock(ref, user)
+    await _answer(body, services, work, user=str(user["id"]))
+
+
+async def home_decision_button(ack: AsyncAck, body: dict[str, Any], services: Services) -> None:
+    await ack()
+    user = body["user"]
+    approve = body["actions"][0].get("action_id") == ActionId.HOME_APPROVE
+    approval_id = action_value(body, RequestButtonValue).id
+    work = HomeActions(services).decide(approval_id, user, approve=approve)
+    await _answer(body, services, work, user=str(user["id"]))
+
+
+async def home_unlock_button(ack: AsyncAck, body: dict[str, Any], services: Services) -> None:
+    await ack()
+    user = body["user"]
+    pipeline = action_value(body, LockButtonValue).pipeline
+    await _answer(
+        body, services, HomeActions(services).unlock(pipeline, user), user=str(user["id"])
+    )
+
+
+async def home_prefs_select(ack: AsyncAck, body: dict[str, Any], services: Services) -> None:
+    """A change of the DM preferences: saved, and the Home shows it."""
+    await ack()
+    user = str(body["user"]["id"])
+    action = body["actions"][0]
+    chosen = str((action.get("selected_option") or {}).get("value") or "")
+    home = HomeActions(services)
+    try:
+        if action.get("action_id") == ActionId.HOME_DM_MODE:
+            await home.set_dm_mode(user, chosen)
+        else:
+            start = action.get("action_id") == ActionId.HOME_QUIET_FROM
+            await home.set_quiet_hour(user, start=start, hour=chosen)
+    except UserError as exc:
+        await _answer(body, services, _refuse(exc), user=user)
+        return
+    await _inbox(services).publish(user)
+
+
+async def _refuse(exc: UserError) -> Done:
+    raise exc
