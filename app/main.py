@@ -39,7 +39,7 @@ from app.core.audit import Auditor
 from app.core.auto_retry import AutoRetry
 from app.core.deploy_queue import DeployQueue
 from app.core.digest import run_digest_schedules
-from app.core.inbox import Inbox
+from app.core.inbox import DirectMessages, Inbox
 from app.core.policy import load_policy
 from app.core.routing import Router
 from app.core.services import Services
@@ -170,15 +170,19 @@ async def open_services(
             directory=directory,
             settings=settings,
             tuning=tuning.inbox,
+            clock=tuning.inbox.clock,
         )
         closing.push_async_callback(inbox.close)  # before the outbox drains
+        dms = DirectMessages(
+            store=store, outbox=outbox, directory=directory, inbox=inbox, clock=tuning.inbox.clock
+        )
         notifier = Notifier(
             store,
             writer,
             tuning.tracking,
             metrics=metrics,
             on_final=[auto_retry.on_final],
-            on_change=[inbox.on_change],
+            on_change=[inbox.on_change, dms.on_change],
             consumer=consumer,
             redis_outage=redis_outage,
         )
@@ -211,6 +215,7 @@ async def open_services(
             deploys=DeployQueue(running=tuning.deploys.running, waiting=tuning.deploys.waiting),
             redis_outage=redis_outage,
             inbox=inbox,
+            dms=dms,
         )
 
 
@@ -309,6 +314,9 @@ async def background(services: Services, tuning: Tuning = DEFAULT) -> AsyncItera
         ),
         asyncio.create_task(run_digest_schedules(services, stop), name="digests"),
     ]
+    if services.dms is not None:
+        sweep = services.dms.run(stop, tuning.inbox.dm_sweep_interval)
+        tasks.append(asyncio.create_task(sweep, name="dm-summaries"))
     try:
         yield
     finally:

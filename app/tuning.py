@@ -8,6 +8,8 @@ environment. Values a person may want to change (poll interval, timeouts) live i
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -79,6 +81,10 @@ class InboxTuning:
     home_builds: int = 10
     #: users.info answers (email, timezone) are kept this long in memory.
     people_ttl: float = 600.0
+    #: How often the summaries of DMs held during quiet hours are looked for.
+    dm_sweep_interval: float = 60.0
+    #: The wall clock quiet hours are read on (a test passes its own).
+    clock: Callable[[], float] = time.time
 
 
 @dataclass(frozen=True, slots=True)

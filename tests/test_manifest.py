@@ -77,7 +77,7 @@ SCOPES_FOR = {
     "users.lookupByEmail": {"users:read", "users:read.email"},
     "users.info": {"users:read", "users:read.email"},
     "usergroups.users.list": {"usergroups:read"},
-    "conversations.history": {"channels:history", "groups:history"},
+    "conversations.history": {"channels:history", "groups:history", "im:history"},
     "conversations.replies": {"channels:history", "groups:history"},
     "chat.unfurl": {"links:write"},
     "views.publish": set(),

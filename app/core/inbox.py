@@ -11,7 +11,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiohttp
 from redis.exceptions import RedisError
@@ -33,6 +35,8 @@ from app.slack.ids import ActionId
 from app.slack.outbox import Outbox, SlackDeliveryError
 from app.slack.payloads import UnblockButtonValue, UnblockMetadata
 from app.slack.render import answers, home_texts, texts
+from app.slack.render.common import Rendered
+from app.slack.render.dms import final_dm, final_line, summary_dm
 from app.slack.render.home import NO_QUIET, HomeApproval, HomeBuild, HomeContent, home_view
 from app.slack.render.texts import TRACKING_DOWN
 from app.slack.render.unblock import unblock_freeform_modal, unblock_modal
@@ -415,3 +419,127 @@ class HomeActions:
         await self.s.store.save_dm_prefs(
             user, DmPrefs.model_validate({**prefs.model_dump(), **update})
         )
+
+
+def quiet_until(prefs: DmPrefs, timezone: str | None, now: float) -> float | None:
+    """When the person's quiet hours end, if `now` is within them (in their timezone)."""
+    start, end = prefs.quiet_from, prefs.quiet_to
+    if start is None or end is None or start == end:
+        return None
+    try:
+        zone: tzinfo = ZoneInfo(timezone) if timezone else UTC
+    except (ZoneInfoNotFoundError, ValueError):
+        zone = UTC
+    local = datetime.fromtimestamp(now, zone)
+    hour = local.hour
+    quiet = start <= hour < end if start < end else (hour >= start or hour < end)
+    if not quiet:
+        return None
+    ends = local.replace(hour=end, minute=0, second=0, microsecond=0)
+    if ends <= local:
+        ends += timedelta(days=1)
+    return ends.timestamp()
+
+
+class DirectMessages:
+    """DMs about a person's own finished builds, as their preferences say, exactly once."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        outbox: Outbox,
+        directory: Directory,
+        inbox: Inbox,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.outbox = outbox
+        self.directory = directory
+        self.inbox = inbox
+        self.clock = clock
+        self._channels: dict[str, str] = {}
+
+    async def recipients(self, tracked: TrackedBuild, build: Build) -> list[str]:
+        """Whoever deployed it through the bot; else the author, when their email is a Slack
+        user's."""
+        people = [t.requester for t in tracked.targets if t.requester]
+        if not people and build.author and build.author.email:
+            user = await self.directory.user_for_email(build.author.email)
+            if user:
+                people.append(user)
+        return list(dict.fromkeys(people))
+
+    async def on_change(self, tracked: TrackedBuild, build: Build) -> None:
+        """A build changed state: when it is final, tell its people (a change told again after a
+        crash finds its DM already sent, or looks for it in the DM before sending)."""
+        if not build.is_final:
+            return
+        line = final_line(tracked.pipeline, build)
+        for user in await self.recipients(tracked, build):
+            prefs = await self.store.dm_prefs(user)
+            if prefs.mode is DmMode.OFF:
+                continue
+            if prefs.mode is DmMode.FAILURES and build.state is not BuildState.FAILED:
+                continue
+            key = f"dm:{tracked.build_id}:{tracked.gen}:{user}"
+            if await self.store.dm_done(key):
+                continue
+            now = self.clock()
+            person = await self.inbox.person(user)
+            until = quiet_until(prefs, person.timezone, now)
+            if until is not None:
+                await self.store.hold_dm(user, key, line, until=until, now=now)
+                continue
+            await self.send(user, final_dm(line), key=key)
+
+    async def send(self, user: str, rendered: Rendered, *, key: str) -> None:
+        """Post one DM at most once: claimed for a minute, looked for in the DM first if an
+        earlier attempt may have reached Slack, and marked as sent."""
+        if not await self.store.claim_dm(key):
+            return  # another process is sending it
+        try:
+            if await self.store.dm_done(key):
+                return
+            channel = await self._dm_channel(user)
+            tried_since = await self.store.begin_post(key, time.time())
+            await self.outbox.post(channel, rendered, key=key, tried_since=tried_since)
+            await self.store.mark_dm_done(key)
+            await self.store.end_post(key)
+        finally:
+            await self.store.release_dm(key)
+
+    async def _dm_channel(self, user: str) -> str:
+        channel = self._channels.get(user)
+        if channel is None:
+            response = await self.outbox.client.conversations_open(users=user)
+            channel = str((response.get("channel") or {})["id"])
+            self._channels[user] = channel
+        return channel
+
+    async def send_due_summaries(self) -> int:
+        """Send each summary whose quiet hours ended; returns how many were sent."""
+        sent = 0
+        for user, due in await self.store.due_summaries(self.clock()):
+            key = f"dm-summary:{user}:{int(due)}"
+            lines = await self.store.held_dms(user)
+            prefs = await self.store.dm_prefs(user)
+            if lines and prefs.mode is not DmMode.OFF and not await self.store.dm_done(key):
+                await self.send(user, summary_dm(lines), key=key)
+                if not await self.store.dm_done(key):
+                    continue  # another process is sending it: it clears them
+                sent += 1
+            await self.store.clear_held_dms(user, due)
+        return sent
+
+    async def run(self, stop: asyncio.Event, interval: float) -> None:
+        """Send the summaries due, every `interval` seconds, until `stop` is set."""
+        while not stop.is_set():
+            try:
+                await self.send_due_summaries()
+            except (RedisError, OSError, SlackApiError, SlackDeliveryError) as exc:
+                log.warning("the quiet-hours summaries failed; retrying: %s", exc)
+            except Exception:
+                log.exception("the quiet-hours summaries failed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval)

@@ -28,7 +28,7 @@ from app.tuning import DEFAULT, Tuning
 from buildkite.client import BuildkiteClient
 
 if TYPE_CHECKING:
-    from app.core.inbox import Inbox
+    from app.core.inbox import DirectMessages, Inbox
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ class Services:
     redis_outage: RedisOutage = field(default_factory=RedisOutage)
     #: Whose builds are whose, and each person's App Home (see app.core.inbox).
     inbox: Inbox | None = None
+    #: DMs about a person's own finished builds, with their preferences.
+    dms: DirectMessages | None = None
 
     async def finish_inflight(self, timeout: float) -> None:  # noqa: ASYNC109
         """Wait (bounded) for acknowledged requests to finish what they started; deploys still

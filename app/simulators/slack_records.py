@@ -53,6 +53,8 @@ MANIFEST_SCOPES = frozenset(
         "app_mentions:read",
         "links:read",
         "links:write",
+        "im:write",
+        "im:history",
     }
 )
 

@@ -38,6 +38,7 @@ class SlackWebApi(SlackState):
             "conversations.info": self._conversations_info,
             "conversations.history": self._conversations_history,
             "conversations.replies": self._conversations_replies,
+            "conversations.open": self._conversations_open,
             "usergroups.users.list": self._usergroups_users_list,
             "views.open": self._views_open,
             "views.update": self._views_update,
@@ -247,6 +248,23 @@ class SlackWebApi(SlackState):
             "has_more": more,
             "response_metadata": {"next_cursor": f"page:{start + limit}" if more else ""},
         }
+
+    def _conversations_open(self, args: Json) -> Json:
+        """A DM with one person (the only kind the bot opens): the same D id every time."""
+        if "im:write" not in self.scopes:
+            raise _ApiError("missing_scope")
+        if args.get("channel"):
+            raise _ApiError("invalid_arguments", unexpected="conversations.open by channel")
+        users = [u for u in str(args.get("users") or "").split(",") if u]
+        if not users:
+            raise _ApiError("users_list_not_supplied")
+        if len(users) > 1:
+            raise _ApiError("invalid_arguments", unexpected=f"a group DM with {users}")
+        if users[0] not in self.users:
+            raise _ApiError("user_not_found")
+        channel = "D" + users[0].removeprefix("U")
+        self.messages.setdefault(channel, {})
+        return {"ok": True, "channel": {"id": channel}}
 
     def _usergroups_users_list(self, args: Json) -> Json:
         users = self.usergroups.get(str(args.get("usergroup") or ""))

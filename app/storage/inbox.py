@@ -13,6 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from app.storage.codec import text
 from app.storage.keys import (
     APPROVAL_EXPIRY_KEY,
+    DM_DONE_KEY,
+    DM_DONE_TTL,
+    DM_DUE_KEY,
+    DM_HELD_KEY,
+    DM_HELD_TTL,
+    DM_LEASE_KEY,
+    DM_LEASE_TTL,
     EVENT_KEY,
     EVENT_TTL,
     HOME_BUILDS_KEPT,
@@ -143,3 +150,48 @@ class InboxRecords:
 
     async def save_dm_prefs(self, user: str, prefs: DmPrefs) -> None:
         await self.redis.set(PREFS_KEY.format(user=user), prefs.model_dump_json(), ex=PREFS_TTL)
+
+    # -- DMs, exactly once ----------------------------------------------------------------
+
+    async def dm_done(self, key: str) -> bool:
+        return bool(await self.redis.exists(DM_DONE_KEY.format(key=key)))
+
+    async def mark_dm_done(self, key: str) -> None:
+        await self.redis.set(DM_DONE_KEY.format(key=key), "1", ex=DM_DONE_TTL)
+
+    async def claim_dm(self, key: str) -> bool:
+        """Claim the sending of one DM for a minute; False while another process sends it."""
+        return bool(
+            await self.redis.set(DM_LEASE_KEY.format(key=key), "1", nx=True, ex=DM_LEASE_TTL)
+        )
+
+    async def release_dm(self, key: str) -> None:
+        await self.redis.delete(DM_LEASE_KEY.format(key=key))
+
+    async def hold_dm(self, user: str, key: str, line: str, *, until: float, now: float) -> None:
+        """Keep a DM for the summary sent when the person's quiet hours end (`until`), and
+        count it as delivered."""
+        held = DM_HELD_KEY.format(user=user)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(held, f"{int(now * 1000):015d}:{key}", line)
+            pipe.expire(held, DM_HELD_TTL)
+            pipe.zadd(DM_DUE_KEY, {user: until}, nx=True)
+            pipe.expire(DM_DUE_KEY, DM_HELD_TTL)
+            pipe.set(DM_DONE_KEY.format(key=key), "1", ex=DM_DONE_TTL)
+            await pipe.execute()
+
+    async def due_summaries(self, now: float) -> list[tuple[str, float]]:
+        """(person, when their quiet hours ended) for each summary due."""
+        due = await self.redis.zrangebyscore(DM_DUE_KEY, "-inf", now, withscores=True)
+        return [(text(entry[0]), float(entry[1])) for entry in due]
+
+    async def held_dms(self, user: str) -> list[str]:
+        """The held lines, oldest first."""
+        held = await self.redis.hgetall(DM_HELD_KEY.format(user=user))
+        return [text(line) for _, line in sorted((text(k), v) for k, v in held.items())]
+
+    async def clear_held_dms(self, user: str, due: float) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(DM_HELD_KEY.format(user=user))
+            pipe.zrem(DM_DUE_KEY, user)
+            await pipe.execute()

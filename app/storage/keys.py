@@ -139,3 +139,14 @@ HOME_WINDOW_KEY = TEMPLATE_PREFIX + "home:window:{user}"
 #: prefs:{user} -> JSON of the person's DM preferences (see DmPrefs), kept a year after a change.
 PREFS_KEY = TEMPLATE_PREFIX + "prefs:{user}"
 PREFS_TTL = 365 * 24 * 3600
+#: dm:done:{key} -> a DM about a build was sent (or held for a summary): never again.
+DM_DONE_KEY = TEMPLATE_PREFIX + "dm:done:{key}"
+DM_DONE_TTL = FINAL_TTL
+#: dm:lease:{key} -> the process sending that DM now (SET NX EX), so replicas send it once.
+DM_LEASE_KEY = TEMPLATE_PREFIX + "dm:lease:{key}"
+DM_LEASE_TTL = 60
+#: dm:held:{user} -> hash of the DMs held during the person's quiet hours (DM key -> line).
+DM_HELD_KEY = TEMPLATE_PREFIX + "dm:held:{user}"
+#: Sorted set of the people with held DMs, by when their quiet hours end (unix time).
+DM_DUE_KEY = PREFIX + "dm:due"
+DM_HELD_TTL = 2 * 24 * 3600  # quiet hours last less than a day
