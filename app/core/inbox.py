@@ -41,7 +41,7 @@ from app.slack.render.home import NO_QUIET, HomeApproval, HomeBuild, HomeContent
 from app.slack.render.texts import TRACKING_DOWN
 from app.slack.render.unblock import unblock_freeform_modal, unblock_modal
 from app.storage.inbox import DmMode, DmPrefs
-from app.storage.records import ApprovalStatus, MessageTarget, TrackedBuild
+from app.storage.records import ApprovalStatus, MessageTarget, PipelineLock, TrackedBuild
 from app.storage.store import Store
 from app.tuning import InboxTuning
 from buildkite.errors import BuildkiteError
@@ -89,6 +89,8 @@ class Inbox:
         self.sleep = sleep
         self._people: dict[str, tuple[float, Person]] = {}
         self._republishing: dict[str, asyncio.Task[None]] = {}
+        #: Everyone's locks, read (a SCAN) once for a burst of republishes, not once per Home.
+        self._locks: tuple[float, list[PipelineLock]] | None = None
 
     @property
     def client(self) -> AsyncWebClient:
@@ -148,16 +150,25 @@ class Inbox:
         await self.store.take_home_dirty(user)
         await self.publish(user)
 
-    async def publish(self, user: str) -> None:
-        await self.outbox.publish_home(user, home_view(await self.content(user)))
+    async def publish(self, user: str, *, fresh: bool = True) -> None:
+        """Publish the person's Home; `fresh=False` (a republish after a build's change) may
+        show locks read up to a second ago, shared with the other Homes of the same change."""
+        await self.outbox.publish_home(user, home_view(await self.content(user, fresh=fresh)))
 
-    async def content(self, user: str) -> HomeContent:
+    async def _all_locks(self, *, fresh: bool) -> list[PipelineLock]:
+        now = time.monotonic()
+        if fresh or self._locks is None or self._locks[0] < now:
+            self._locks = (now + 1.0, await self.store.every_pipeline_lock())
+        return self._locks[1]
+
+    async def content(self, user: str, *, fresh: bool = True) -> HomeContent:
         person = await self.person(user)
+        locks = await self._all_locks(fresh=fresh)
         return HomeContent(
             user=user,
             builds=await self._builds(user),
             approvals=await self._approvals(user),
-            locks=[lock for lock in await self.store.pipeline_locks() if lock.user == user],
+            locks=[lock for lock in locks if lock.user == user],
             prefs=await self.store.dm_prefs(user),
             timezone=person.timezone,
         )
@@ -250,7 +261,7 @@ class Inbox:
             while await self.store.home_dirty(user):
                 if await self.store.open_home_window(user, self._window_ms):
                     if await self.store.take_home_dirty(user):
-                        await self.publish(user)
+                        await self.publish(user, fresh=False)
                     continue
                 left = await self.store.home_window_left_ms(user)
                 await self.sleep(max(left, 10) / 1000)
@@ -476,22 +487,35 @@ class DirectMessages:
         if not build.is_final:
             return
         line = final_line(tracked.pipeline, build)
-        for user in await self.recipients(tracked, build):
-            prefs = await self.store.dm_prefs(user)
-            if prefs.mode is DmMode.OFF:
-                continue
-            if prefs.mode is DmMode.FAILURES and build.state is not BuildState.FAILED:
-                continue
-            key = f"dm:{tracked.build_id}:{tracked.gen}:{user}"
-            if await self.store.dm_done(key):
-                continue
-            now = self.clock()
-            person = await self.inbox.person(user)
-            until = quiet_until(prefs, person.timezone, now)
-            if until is not None:
-                await self.store.hold_dm(user, key, line, until=until, now=now)
-                continue
-            await self.send(user, final_dm(line), key=key)
+        people = await self.recipients(tracked, build)
+        # A build followed by many people: their DMs go a few at a time, not one by one.
+        slots = asyncio.Semaphore(8)
+
+        async def tell(user: str) -> None:
+            async with slots:
+                await self._tell(user, tracked, build, line)
+
+        results = await asyncio.gather(*(tell(u) for u in people), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            raise failed[0]
+
+    async def _tell(self, user: str, tracked: TrackedBuild, build: Build, line: str) -> None:
+        prefs = await self.store.dm_prefs(user)
+        if prefs.mode is DmMode.OFF:
+            return
+        if prefs.mode is DmMode.FAILURES and build.state is not BuildState.FAILED:
+            return
+        key = f"dm:{tracked.build_id}:{tracked.gen}:{user}"
+        if await self.store.dm_done(key):
+            return
+        now = self.clock()
+        person = await self.inbox.person(user)
+        until = quiet_until(prefs, person.timezone, now)
+        if until is not None:
+            await self.store.hold_dm(user, key, line, until=until, now=now)
+            return
+        await self.send(user, final_dm(line), key=key)
 
     async def send(self, user: str, rendered: Rendered, *, key: str) -> None:
         """Post one DM at most once: claimed for a minute, looked for in the DM first if an

@@ -31,9 +31,11 @@ from app.storage.keys import (
     HOME_OPENED_KEY,
     HOME_OPENED_TTL,
     HOME_WINDOW_KEY,
+    PIPELINE_LOCK_KEY,
     PREFS_KEY,
     PREFS_TTL,
 )
+from app.storage.records import PipelineLock
 
 
 class DmMode(StrEnum):
@@ -107,6 +109,26 @@ class InboxRecords:
     async def home_build_ids(self, user: str, limit: int) -> list[str]:
         key = HOME_BUILDS_KEY.format(user=user)
         return [text(b) for b in await self.redis.zrevrange(key, 0, limit - 1)]
+
+    async def every_pipeline_lock(self) -> list[PipelineLock]:
+        """Every pipeline lock, in few round trips (large SCAN pages, one MGET): a Home is drawn
+        for each of a build's people on each change."""
+        keys = [
+            key
+            async for key in self.redis.scan_iter(
+                match=PIPELINE_LOCK_KEY.format(pipeline="*"), count=1000
+            )
+        ]
+        if not keys:
+            return []
+        locks = []
+        for raw in await self.redis.mget(keys):
+            if raw:
+                try:
+                    locks.append(PipelineLock.model_validate_json(raw))
+                except ValidationError:
+                    continue
+        return sorted(locks, key=lambda lock: lock.pipeline)
 
     async def pending_approval_ids(self, now: float) -> list[str]:
         """Approval requests not expired yet (decided ones may be among them: read each)."""

@@ -14,9 +14,7 @@ from slack_sdk.models.blocks import (
     DividerBlock,
     HeaderBlock,
     MarkdownTextObject,
-    Option,
     SectionBlock,
-    StaticSelectElement,
 )
 
 from app.slack.ids import ActionId
@@ -159,51 +157,56 @@ def _lock_block(lock: PipelineLock) -> dict[str, Any]:
     ).to_dict()
 
 
-def _option(label: str, value: str) -> Option:
-    return Option(text=label, value=value)
+def _option(label: str, value: str) -> dict[str, Any]:
+    return {"text": {"type": "plain_text", "text": label}, "value": value}
 
 
-def _hour_select(action: ActionId, chosen: int | None, placeholder: str) -> StaticSelectElement:
-    options = [_option("No quiet hours", NO_QUIET)] + [
-        _option(f"{hour:02d}:00", str(hour)) for hour in range(24)
-    ]
-    initial = next(o for o in options if o.value == (NO_QUIET if chosen is None else str(chosen)))
-    return StaticSelectElement(
-        action_id=action, placeholder=placeholder, options=options, initial_option=initial
-    )
+# Plain dicts made once: a Home is drawn for every person on every change of their builds.
+_HOUR_OPTIONS = [_option("No quiet hours", NO_QUIET)] + [
+    _option(f"{hour:02d}:00", str(hour)) for hour in range(24)
+]
+_MODE_OPTIONS = [_option(label, mode.value) for mode, label in DM_MODES.items()]
+
+
+def _select(
+    action: ActionId, options: list[dict[str, Any]], chosen: str, placeholder: str
+) -> dict[str, Any]:
+    return {
+        "type": "static_select",
+        "action_id": action.value,
+        "placeholder": {"type": "plain_text", "text": placeholder},
+        "options": options,
+        "initial_option": next(o for o in options if o["value"] == chosen),
+    }
+
+
+def _hour_select(action: ActionId, chosen: int | None, placeholder: str) -> dict[str, Any]:
+    value = NO_QUIET if chosen is None else str(chosen)
+    return _select(action, _HOUR_OPTIONS, value, placeholder)
 
 
 def _prefs_blocks(prefs: DmPrefs, timezone: str | None) -> list[dict[str, Any]]:
-    modes = [_option(label, mode.value) for mode, label in DM_MODES.items()]
-    chosen = next(o for o in modes if o.value == prefs.mode.value)
     quiet = (
         f"from {prefs.quiet_from:02d}:00 to {prefs.quiet_to:02d}:00"
         if prefs.quiet_from is not None and prefs.quiet_to is not None
         else "none"
     )
     where = f" ({escape(timezone)})" if timezone else ""
+    mode = _select(ActionId.HOME_DM_MODE, _MODE_OPTIONS, prefs.mode.value, "When to tell me")
     return [
         section("*Direct messages* when one of my builds finishes:"),
-        ActionsBlock(
-            elements=[
-                StaticSelectElement(
-                    action_id=ActionId.HOME_DM_MODE,
-                    placeholder="When to tell me",
-                    options=modes,
-                    initial_option=chosen,
-                )
-            ]
-        ).to_dict(),
+        {"type": "actions", "elements": [mode]},
         section(
             f"*Quiet hours*{where}: {quiet}. Messages due meanwhile wait, and come as one "
             "summary after."
         ),
-        ActionsBlock(
-            elements=[
+        {
+            "type": "actions",
+            "elements": [
                 _hour_select(ActionId.HOME_QUIET_FROM, prefs.quiet_from, "From"),
                 _hour_select(ActionId.HOME_QUIET_TO, prefs.quiet_to, "To"),
-            ]
-        ).to_dict(),
+            ],
+        },
     ]
 
 
