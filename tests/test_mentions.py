@@ -304,3 +304,25 @@ async def test_a_mention_that_is_not_signed_does_nothing(
     assert resp.status == 401
     await bot.settled()
     assert bk.requests_to("PUT") == []
+
+
+async def test_a_retried_event_over_socket_mode_does_nothing_twice(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
+) -> None:
+    async with running_bot(slack, bk, redis_url, slack_app_token=slack.app_token) as bot:
+        await slack.wait_socket_connected()
+        ts = slack.add_message(CHANNEL, "<@U0BOT> help", user=ALICE)
+        event = {
+            "type": "app_mention",
+            "user": ALICE,
+            "text": "<@U0BOT> help",
+            "ts": ts,
+            "channel": CHANNEL,
+            "event_ts": ts,
+        }
+        payload = slack_requests.event_callback_payload(event, event_id="Ev0SOCKET1")
+        await slack.socket_send("events_api", payload)
+        await bot.settled()
+        await slack.socket_send("events_api", payload, retry_attempt=1, retry_reason="timeout")
+        await bot.settled()
+        assert len(thread_posts(slack, ts)) == 1

@@ -469,7 +469,6 @@ class DirectMessages:
         self.directory = directory
         self.inbox = inbox
         self.clock = clock
-        self._channels: dict[str, str] = {}
 
     async def recipients(self, tracked: TrackedBuild, build: Build) -> list[str]:
         """Whoever deployed it through the bot; else the author, when their email is a Slack
@@ -517,29 +516,29 @@ class DirectMessages:
             return
         await self.send(user, final_dm(line), key=key)
 
-    async def send(self, user: str, rendered: Rendered, *, key: str) -> None:
-        """Post one DM at most once: claimed for a minute, looked for in the DM first if an
-        earlier attempt may have reached Slack, and marked as sent."""
-        if not await self.store.claim_dm(key):
+    async def send(
+        self, user: str, rendered: Rendered, *, key: str, exclusive: bool = False
+    ) -> None:
+        """Post one DM at most once: looked for in the DM first if an earlier attempt may have
+        reached Slack (a process killed meanwhile), and marked as sent.
+
+        A build's DMs are sent under the build's own lock (the notifier's), so no other process
+        sends them meanwhile; `exclusive` claims the key for a minute first, for the summaries,
+        which any replica's sweep may find due.
+        """
+        if exclusive and not await self.store.claim_dm(key):
             return  # another process is sending it
         try:
             if await self.store.dm_done(key):
                 return
-            channel = await self._dm_channel(user)
+            channel = await self.outbox.open_dm(user)
             tried_since = await self.store.begin_post(key, time.time())
             await self.outbox.post(channel, rendered, key=key, tried_since=tried_since)
             await self.store.mark_dm_done(key)
             await self.store.end_post(key)
         finally:
-            await self.store.release_dm(key)
-
-    async def _dm_channel(self, user: str) -> str:
-        channel = self._channels.get(user)
-        if channel is None:
-            response = await self.outbox.client.conversations_open(users=user)
-            channel = str((response.get("channel") or {})["id"])
-            self._channels[user] = channel
-        return channel
+            if exclusive:
+                await self.store.release_dm(key)
 
     async def send_due_summaries(self) -> int:
         """Send each summary whose quiet hours ended; returns how many were sent."""
@@ -549,7 +548,7 @@ class DirectMessages:
             lines = await self.store.held_dms(user)
             prefs = await self.store.dm_prefs(user)
             if lines and prefs.mode is not DmMode.OFF and not await self.store.dm_done(key):
-                await self.send(user, summary_dm(lines), key=key)
+                await self.send(user, summary_dm(lines), key=key, exclusive=True)
                 if not await self.store.dm_done(key):
                     continue  # another process is sending it: it clears them
                 sent += 1

@@ -136,6 +136,8 @@ class Outbox:
         #: kept for one edit interval, so an edit right after the last one still waits.
         self._edited: dict[tuple[str, str], float] = {}
         self._reported: set[tuple[str, str]] = set()
+        #: user -> the id of the bot's DM with them.
+        self._dms: dict[str, str] = {}
         # Keyed posts go through a client that never re-sends them on its own after a
         # connection error or a 5xx (the outbox looks first); 429s are still waited out.
         self._keyed_client = AsyncWebClient(
@@ -369,6 +371,14 @@ class Outbox:
         else:
             kwargs.update(channel=channel, ts=ts)
         await self._call("chat.unfurl", channel, kwargs)
+
+    async def open_dm(self, user: str) -> str:
+        """The id of the bot's DM with `user` (conversations.open, the same id each time)."""
+        channel = self._dms.get(user)
+        if channel is None:
+            response = await self._call("conversations.open", user, {"users": user})
+            channel = self._dms[user] = str((response.get("channel") or {})["id"])
+        return channel
 
     async def publish_home(self, user: str, view: dict[str, Any]) -> None:
         """Publish a person's App Home tab (views.publish; a 429 waits out its Retry-After)."""

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 #: Told of a build's final state, once per build and generation, before its transition is done.
 FinalListener = Callable[[TrackedBuild, Build], Awaitable[None]]
 #: Told of every state change once it is written (the same change may be told again after a
-#: crash): a listener's failure is logged and never holds up the transition.
+#: crash, or after a listener's temporary Slack failure, so listeners must be idempotent); any
+#: other failure is logged and never holds up the transition.
 ChangeListener = Callable[[TrackedBuild, Build], Awaitable[None]]
 
 
@@ -197,6 +198,10 @@ class Notifier:
         for listener in self.on_change:
             try:
                 await listener(tracked, build)
+            except SlackDeliveryError as exc:
+                if not exc.permanent:
+                    raise  # the transition is written again later; the listeners are idempotent
+                log.warning("a state-change listener's Slack write failed: %s", exc)
             except Exception:
                 log.exception("a state-change listener failed for build %s", tracked.build_id)
 
