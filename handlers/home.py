@@ -15,7 +15,7 @@ from slack_bolt.async_app import AsyncAck, AsyncApp
 
 from app.core.commands import BuildRef
 from app.core.errors import UserError
-from app.core.inbox import Done, HomeActions, Inbox
+from app.core.inbox import Done, HomeActions, Inbox, OpenForm
 from app.core.services import Services
 from app.slack.ids import ActionId
 from app.slack.outbox import SlackDeliveryError
@@ -66,28 +66,34 @@ async def app_home_opened(ack: AsyncAck, body: dict[str, Any], services: Service
 
 
 async def _answer(
-    body: dict[str, Any], services: Services, work: Awaitable[Any], *, user: str
+    body: dict[str, Any], services: Services, work: Awaitable[Done | OpenForm], *, user: str
 ) -> None:
-    """Run a Home click's work, show its outcome in a modal, and publish the Home again."""
+    """Run a Home click's work, show its outcome (or its form) in a modal, and publish the Home
+    again."""
     try:
         outcome = await work
-        view = outcome.view if not isinstance(outcome, Done) else None
-        text = outcome.text if isinstance(outcome, Done) else None
     except Exception as exc:  # every refusal and failure gets an answer
-        view, text = None, error_text(exc)
-    trigger = body.get("trigger_id")
-    try:
-        if trigger and (view is not None or text):
-            await services.outbox.open_view(
-                str(trigger),
-                view if view is not None else modal_notice(home_texts.TITLE, text or ""),
-            )
-    except Exception as exc:  # the trigger expired (3 s): the Home shows the new state anyway
-        log.warning("could not show a Home answer: %s", type(exc).__name__)
+        outcome = Done(error_text(exc))
+    await _show(body, services, outcome)
     try:
         await _inbox(services).publish(user)
     except SlackDeliveryError as exc:
         log.warning("could not republish a Home after a click: %s", exc)
+
+
+async def _show(body: dict[str, Any], services: Services, outcome: Done | OpenForm) -> None:
+    trigger = body.get("trigger_id")
+    if not trigger:
+        return
+    view = (
+        outcome.view
+        if isinstance(outcome, OpenForm)
+        else modal_notice(home_texts.TITLE, outcome.text)
+    )
+    try:
+        await services.outbox.open_view(str(trigger), view)
+    except Exception as exc:  # the trigger expired (3 s): the Home shows the new state anyway
+        log.warning("could not show a Home answer: %s", type(exc).__name__)
 
 
 async def home_build_button(ack: AsyncAck, body: dict[str, Any], services: Services) -> None:
@@ -99,7 +105,7 @@ async def home_build_button(ack: AsyncAck, body: dict[str, Any], services: Servi
     home = HomeActions(services)
     action_id = action.get("action_id")
     if action_id == ActionId.HOME_CANCEL:
-        work: Awaitable[Any] = home.cancel(ref, user)
+        work: Awaitable[Done | OpenForm] = home.cancel(ref, user)
     elif action_id == ActionId.HOME_REBUILD:
         trigger = f"home:{body.get('trigger_id')}:{action.get('action_ts')}:{user['id']}"
         work = home.rebuild(ref, user, trigger=trigger)
@@ -142,10 +148,5 @@ async def home_prefs_select(ack: AsyncAck, body: dict[str, Any], services: Servi
             start = action.get("action_id") == ActionId.HOME_QUIET_FROM
             await home.set_quiet_hour(user, start=start, hour=chosen)
     except UserError as exc:
-        await _answer(body, services, _refuse(exc), user=user)
-        return
+        await _show(body, services, Done(exc.text))
     await _inbox(services).publish(user)
-
-
-async def _refuse(exc: UserError) -> Done:
-    raise exc

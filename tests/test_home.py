@@ -42,6 +42,10 @@ def people(slack: FakeSlack, bk: FakeBuildkite) -> None:
     slack.add_user(CAROL, "carol", "carol@example.com")
     for slug in ("web", "prod"):
         bk.add_pipeline(slug)
+    bk.add_pipeline("gated", block="Release")
+    bk.add_pipeline(
+        "forms", block="Approve", block_fields=[{"text": "Notes", "key": "notes", "required": True}]
+    )
 
 
 async def start(
@@ -286,3 +290,29 @@ async def test_a_home_opened_on_the_messages_tab_publishes_nothing(
     assert (await bot.post_slack(body, headers)).status == 200
     await settled(bot)
     assert slack.calls_to("views.publish") == []
+
+
+async def test_home_unblock_unblocks_or_opens_the_steps_form(
+    bot: BotClient, slack: FakeSlack, bk: FakeBuildkite
+) -> None:
+    await deploy(bot, "gated", ALICE)
+    await move(bot, "gated", 1, "passed", blocked=True)
+    await open_home(bot, ALICE)
+    await click(bot, ALICE, "home_unblock")
+    (put,) = bk.requests_to("PUT", BUILD.format("gated", 1) + "/jobs/")
+    assert put.path.endswith("/unblock")
+    assert any("unblocked *Release*" in str(p.args["text"]) for p in slack.posts(CHANNEL))
+
+    await deploy(bot, "forms", ALICE)
+    await move(bot, "forms", 1, "passed", blocked=True)
+    await click(
+        bot,
+        ALICE,
+        "home_unblock",
+        value=json.dumps({"pipeline": "forms", "number": 1}, separators=(",", ":")),
+    )
+    form = slack.calls_to("views.open")[-1].args["view"]
+    assert form["callback_id"] == "unblock_submit"
+    metadata = json.loads(form["private_metadata"])
+    assert metadata["channel"] == CHANNEL and metadata["pipeline"] == "forms"
+    assert len(bk.requests_to("PUT")) == 1  # nothing unblocked before the form is sent
