@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, TypeVar
 
 from slack_bolt.async_app import AsyncAck, AsyncApp
 
@@ -19,7 +19,13 @@ from app.core.inbox import Done, HomeActions, Inbox, OpenForm
 from app.core.services import Services
 from app.slack.ids import ActionId
 from app.slack.outbox import SlackDeliveryError
-from app.slack.payloads import BuildButtonValue, LockButtonValue, RequestButtonValue, action_value
+from app.slack.payloads import (
+    BuildButtonValue,
+    LockButtonValue,
+    Payload,
+    RequestButtonValue,
+    action_value,
+)
 from app.slack.render import home_texts
 from app.slack.render.common import modal_notice
 from handlers.common import listen
@@ -27,6 +33,7 @@ from handlers.errors import error_text
 from handlers.mentions import first_delivery
 
 log = logging.getLogger(__name__)
+V = TypeVar("V", bound=Payload)
 
 EVENTS = ("app_home_opened",)
 
@@ -96,11 +103,22 @@ async def _show(body: dict[str, Any], services: Services, outcome: Done | OpenFo
         log.warning("could not show a Home answer: %s", type(exc).__name__)
 
 
+async def _value(body: dict[str, Any], services: Services, model: type[V]) -> V | None:
+    """The clicked button's value, or None once a value the bot did not make is answered."""
+    try:
+        return action_value(body, model)
+    except UserError as exc:
+        await _show(body, services, Done(exc.text))
+        return None
+
+
 async def home_build_button(ack: AsyncAck, body: dict[str, Any], services: Services) -> None:
     await ack()
     user = body["user"]
     action = body["actions"][0]
-    value = action_value(body, BuildButtonValue)
+    value = await _value(body, services, BuildButtonValue)
+    if value is None:
+        return
     ref = BuildRef(value.pipeline, value.number)
     home = HomeActions(services)
     action_id = action.get("action_id")
@@ -120,7 +138,10 @@ async def home_decision_button(ack: AsyncAck, body: dict[str, Any], services: Se
     await ack()
     user = body["user"]
     approve = body["actions"][0].get("action_id") == ActionId.HOME_APPROVE
-    approval_id = action_value(body, RequestButtonValue).id
+    request = await _value(body, services, RequestButtonValue)
+    if request is None:
+        return
+    approval_id = request.id
     work = HomeActions(services).decide(approval_id, user, approve=approve)
     await _answer(body, services, work, user=str(user["id"]))
 
@@ -128,7 +149,10 @@ async def home_decision_button(ack: AsyncAck, body: dict[str, Any], services: Se
 async def home_unlock_button(ack: AsyncAck, body: dict[str, Any], services: Services) -> None:
     await ack()
     user = body["user"]
-    pipeline = action_value(body, LockButtonValue).pipeline
+    lock = await _value(body, services, LockButtonValue)
+    if lock is None:
+        return
+    pipeline = lock.pipeline
     await _answer(
         body, services, HomeActions(services).unlock(pipeline, user), user=str(user["id"])
     )

@@ -316,3 +316,19 @@ async def test_home_unblock_unblocks_or_opens_the_steps_form(
     metadata = json.loads(form["private_metadata"])
     assert metadata["channel"] == CHANNEL and metadata["pipeline"] == "forms"
     assert len(bk.requests_to("PUT")) == 1  # nothing unblocked before the form is sent
+
+
+async def test_a_forged_home_button_is_answered_and_does_nothing(
+    bot: BotClient, slack: FakeSlack, bk: FakeBuildkite
+) -> None:
+    await deploy(bot, "web", ALICE)
+    await move(bot, "web", 1, "running")
+    view = await open_home(bot, ALICE)
+    payload = slack_requests.home_action_payload(view, "home_cancel", user_id=ALICE)
+    payload["actions"][0]["value"] = json.dumps({"pipeline": "../secret", "number": 1})
+    body, headers = slack_requests.interactive(payload, signing_secret=SIGNING_SECRET)
+    assert (await bot.post_slack(body, headers)).status == 200
+    await settled(bot)
+    assert bk.requests_to("PUT") == []
+    (notice,) = slack.calls_to("views.open")
+    assert "not valid any more" in json.dumps(notice.args["view"])
