@@ -232,3 +232,25 @@ async def test_follow_on_a_message_without_a_build_link_says_what_it_needs(
     name = await shortcut(bot, slack.message(CHANNEL, ts))
     assert "links no build" in bot.response_texts(name)[0]
     assert slack.posts(CHANNEL) == [] and bk.requests_to("GET", BUILDS) == []
+
+
+async def test_follow_in_a_channel_the_bot_is_not_in_tells_the_person(
+    bot: BotClient, slack: FakeSlack, bk: FakeBuildkite
+) -> None:
+    slack.add_channel("C0PRIV", "secret", is_private=True, is_member=False)
+    bk.add_build("web", state="running")
+    ts = slack.add_message("C0PRIV", f"see {URL.format('web', 1)}", user=BOB)
+    name, url = bot.new_response_url()
+    body, headers = slack_requests.message_shortcut(
+        "follow_build",
+        slack.message("C0PRIV", ts),
+        response_url=url,
+        signing_secret=SIGNING_SECRET,
+        channel_id="C0PRIV",
+        channel_name="secret",
+    )
+    assert (await bot.post_slack(body, headers)).status == 200
+    await bot.settled()
+    texts = await slack.wait_for(lambda: bot.response_texts(name)[1:])
+    assert "invite" in texts[0].lower()
+    assert slack.posts("C0PRIV") == []

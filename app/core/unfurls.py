@@ -170,6 +170,8 @@ class Unfurls:
                 channel=actor.channel_id,
                 requester=None,
                 thread_ts=thread_ts,
+                # Told through it if the bot may not post there (not invited to the channel).
+                notify_url=actor.response_url,
             )
         except RedisError:
             await self._forget(key)
