@@ -41,6 +41,7 @@ LONG_TESTS = {
     "test_check_config_masks_every_form": 5,
     "test_a_burst_of_changes_under_slack_429s_ends_with_every_message_true": 5,
     "test_a_post_answered_while_redis_is_down_is_recorded_not_repeated": 5,
+    "test_a_dm_is_sent_once_when_its_sender_is_killed": 12,
 }
 
 

@@ -332,3 +332,13 @@ async def test_a_forged_home_button_is_answered_and_does_nothing(
     assert bk.requests_to("PUT") == []
     (notice,) = slack.calls_to("views.open")
     assert "not valid any more" in json.dumps(notice.args["view"])
+
+
+async def test_a_rate_limited_publish_waits_out_retry_after(
+    bot: BotClient, slack: FakeSlack
+) -> None:
+    slack.fail_next("views.publish", "ratelimited", retry_after=1)
+    await open_home(bot, ALICE)
+    calls = slack.calls_to("views.publish")
+    assert [c.status for c in calls] == [429, 200]  # sent again, once Retry-After passed
+    assert slack.home_views[ALICE]["type"] == "home"
