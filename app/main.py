@@ -43,6 +43,7 @@ from app.core.inbox import DirectMessages, Inbox
 from app.core.policy import load_policy
 from app.core.routing import Router
 from app.core.services import Services
+from app.core.unfurls import LiveUnfurls
 from app.ops.checks import Readiness, check_buildkite, check_slack
 from app.ops.metrics import CountSlackCalls, Metrics, count_buildkite_requests
 from app.ops.observability import SlackRequestObserver
@@ -182,7 +183,13 @@ async def open_services(
             tuning.tracking,
             metrics=metrics,
             on_final=[auto_retry.on_final],
-            on_change=[inbox.on_change, dms.on_change],
+            on_change=[
+                inbox.on_change,
+                dms.on_change,
+                LiveUnfurls(
+                    store=store, outbox=outbox, policy=policy, directory=directory
+                ).on_change,
+            ],
             consumer=consumer,
             redis_outage=redis_outage,
         )

@@ -254,3 +254,25 @@ async def test_follow_in_a_channel_the_bot_is_not_in_tells_the_person(
     texts = await slack.wait_for(lambda: bot.response_texts(name)[1:])
     assert "invite" in texts[0].lower()
     assert slack.posts("C0PRIV") == []
+
+
+async def test_a_followed_builds_card_is_unfurled_again_as_it_moves_on(
+    bot: BotClient, slack: FakeSlack, bk: FakeBuildkite, redis_client: Any
+) -> None:
+    await bot.command("/deploy", "web")
+    await slack.wait_for(lambda: slack.posts(CHANNEL))
+    await bot.settled()
+    url = URL.format("web", 1)
+    event = slack.share_links("C0OTHER", BOB, [url])
+    await send_event(bot, event)
+    for state in ("running", "passed"):
+        bk.set_build_state("web", 1, state)
+        await bot.webhook(bk.webhook_payload("web", 1))
+        await bot.settled()
+    unfurls = [c for c in slack.calls_to("chat.unfurl") if c.ok]
+    shown = [json.dumps(c.args["unfurls"][url]["blocks"]) for c in unfurls]
+    assert len(shown) == 3 and "Running" in shown[1] and "Passed" in shown[2]
+    assert all(c.args["unfurl_id"] == event["unfurl_id"] for c in unfurls)
+    assert buttons(unfurls[2].args["unfurls"][url])[:1] == ["build_rebuild"]
+    # Final: nothing is kept to unfurl again.
+    assert [k async for k in redis_client.scan_iter(match="{bkchatops}:unfurls:*")] == []

@@ -13,15 +13,20 @@ from redis.exceptions import RedisError
 
 from app.core.commands import BuildRef
 from app.core.errors import UserError, explain
-from app.core.policy import Action
+from app.core.policy import Action, Policy
 from app.core.services import Services, request_id_for
 from app.core.thread_commands import build_links, message_texts
 from app.slack.actor import Actor
+from app.slack.directory import Directory
 from app.slack.ids import ActionId
+from app.slack.outbox import Outbox, SlackDeliveryError
 from app.slack.render import threads
 from app.slack.render.texts import TRACKING_DOWN, already_asked
 from app.slack.render.unfurl import CARD_ACTIONS, unfurl
+from app.storage.inbox import SharedUnfurl
 from app.storage.keys import REQUEST_TTL
+from app.storage.records import TrackedBuild
+from app.storage.store import Store
 from buildkite.errors import BuildkiteError, NotFound
 from buildkite.models import Build
 
@@ -74,6 +79,61 @@ class SharedLinks:
         )
 
 
+async def allowed_buttons(
+    policy: Policy, directory: Directory, pipeline: str, user: str, channel: str
+) -> list[ActionId]:
+    """The card's buttons the sharer may use there (each click is checked again for whoever
+    clicks it)."""
+    allowed = []
+    for button in CARD_ACTIONS:
+        decision = await policy.check(
+            BUTTON_ACTIONS[button],
+            pipeline,
+            user=user,
+            channel_id=channel,
+            channel_name=None,
+            resolve=directory.usergroup_members,
+        )
+        if decision.allowed:
+            allowed.append(button)
+    return allowed
+
+
+class LiveUnfurls:
+    """Unfurls a followed build's card again where its link was shared, on each state change
+    (until it is final), so that a pasted link shows the build as it is."""
+
+    def __init__(
+        self, *, store: Store, outbox: Outbox, policy: Policy, directory: Directory
+    ) -> None:
+        self.store = store
+        self.outbox = outbox
+        self.policy = policy
+        self.directory = directory
+
+    async def on_change(self, tracked: TrackedBuild, build: Build) -> None:
+        for shared in await self.store.unfurls_of(tracked.build_id):
+            buttons = await allowed_buttons(
+                self.policy, self.directory, tracked.pipeline, shared.user, shared.channel
+            )
+            card = unfurl(tracked.pipeline, build, buttons=buttons)
+            try:
+                await self.outbox.unfurl(
+                    {shared.url: card},
+                    channel=shared.channel,
+                    ts=shared.ts,
+                    unfurl_id=shared.unfurl_id,
+                    source=shared.source,
+                )
+            except SlackDeliveryError as exc:
+                if not exc.permanent:
+                    raise
+                await self.store.forget_unfurl(tracked.build_id, shared)  # the message is gone
+                continue
+            if build.is_final:
+                await self.store.forget_unfurl(tracked.build_id, shared)
+
+
 class Unfurls:
     """Build cards for shared links, and following a linked build in a thread."""
 
@@ -93,23 +153,42 @@ class Unfurls:
             if not refs or len(cards) >= MAX_UNFURLS:
                 continue
             ref = refs[0]
-            build = await self._build(ref)
+            build = await self._build(ref, shared, url)
             if build is None:
                 continue
-            buttons = await self._allowed_buttons(ref.pipeline, shared.user, shared.channel)
+            buttons = await allowed_buttons(
+                self.s.policy, self.s.directory, ref.pipeline, shared.user, shared.channel
+            )
             cards[url] = unfurl(ref.pipeline, build, buttons=buttons)
         return cards
 
-    async def _build(self, ref: BuildRef) -> Build | None:
+    async def _build(self, ref: BuildRef, shared: SharedLinks, url: str) -> Build | None:
+        """The build, from its record when the bot follows it (and then its card is unfurled
+        again as it moves on), else from Buildkite."""
         try:
             tracked = await self.s.store.find(ref.pipeline, ref.number)
         except RedisError:
             tracked = None
         if tracked is not None and tracked.snapshot:
             try:
-                return Build.model_validate(tracked.snapshot)
+                build = Build.model_validate(tracked.snapshot)
             except ValueError:
                 log.warning("the record of %s #%s is not a build", ref.pipeline, ref.number)
+            else:
+                if shared.source != "composer" and not build.is_final:
+                    with contextlib.suppress(RedisError):
+                        await self.s.store.remember_unfurl(
+                            tracked.build_id,
+                            SharedUnfurl(
+                                url=url,
+                                channel=shared.channel,
+                                user=shared.user,
+                                ts=shared.message_ts,
+                                unfurl_id=shared.unfurl_id,
+                                source=shared.source,
+                            ),
+                        )
+                return build
         try:
             return await self.s.buildkite.get_build(ref.pipeline, ref.number)
         except NotFound:
@@ -117,23 +196,6 @@ class Unfurls:
         except BuildkiteError as exc:
             log.warning("could not read %s #%s to unfurl it: %s", ref.pipeline, ref.number, exc)
             return None
-
-    async def _allowed_buttons(self, pipeline: str, user: str, channel: str) -> list[ActionId]:
-        """The card's buttons the sharer may use there (each click is checked again for whoever
-        clicks it)."""
-        allowed = []
-        for button in CARD_ACTIONS:
-            decision = await self.s.policy.check(
-                BUTTON_ACTIONS[button],
-                pipeline,
-                user=user,
-                channel_id=channel,
-                channel_name=None,
-                resolve=self.s.directory.usergroup_members,
-            )
-            if decision.allowed:
-                allowed.append(button)
-        return allowed
 
     async def follow(
         self, message: Mapping[str, Any], actor: Actor, *, trigger: str

@@ -34,8 +34,28 @@ from app.storage.keys import (
     PIPELINE_LOCK_KEY,
     PREFS_KEY,
     PREFS_TTL,
+    UNFURLS_KEPT,
+    UNFURLS_KEY,
+    UNFURLS_TTL,
 )
 from app.storage.records import PipelineLock
+
+
+class SharedUnfurl(BaseModel):
+    """Where a followed build's link was unfurled, and who shared it (for the card's buttons)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    url: str
+    channel: str
+    user: str
+    ts: str | None = None
+    unfurl_id: str | None = None
+    source: str | None = None
+
+    @property
+    def field(self) -> str:
+        return f"{self.channel}:{self.ts or self.unfurl_id}:{self.url}"
 
 
 class DmMode(StrEnum):
@@ -157,6 +177,31 @@ class InboxRecords:
     async def home_window_left_ms(self, user: str) -> int:
         left = int(await self.redis.pttl(HOME_WINDOW_KEY.format(user=user)))
         return max(left, 0)
+
+    # -- live unfurls ---------------------------------------------------------------------
+
+    async def remember_unfurl(self, build_id: str, shared: SharedUnfurl) -> None:
+        key = UNFURLS_KEY.format(build_id=build_id)
+        if await self.redis.hlen(key) >= UNFURLS_KEPT and not await self.redis.hexists(
+            key, shared.field
+        ):
+            return  # enough places show it already: the newest shares keep their snapshot
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, shared.field, shared.model_dump_json())
+            pipe.expire(key, UNFURLS_TTL)
+            await pipe.execute()
+
+    async def unfurls_of(self, build_id: str) -> list[SharedUnfurl]:
+        found = []
+        for raw in (await self.redis.hgetall(UNFURLS_KEY.format(build_id=build_id))).values():
+            try:
+                found.append(SharedUnfurl.model_validate_json(raw))
+            except ValidationError:
+                continue
+        return found
+
+    async def forget_unfurl(self, build_id: str, shared: SharedUnfurl) -> None:
+        await self.redis.hdel(UNFURLS_KEY.format(build_id=build_id), shared.field)
 
     # -- DM preferences -------------------------------------------------------------------
 

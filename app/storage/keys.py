@@ -150,3 +150,9 @@ DM_HELD_KEY = TEMPLATE_PREFIX + "dm:held:{user}"
 #: Sorted set of the people with held DMs, by when their quiet hours end (unix time).
 DM_DUE_KEY = PREFIX + "dm:due"
 DM_HELD_TTL = 2 * 24 * 3600  # quiet hours last less than a day
+#: unfurls:{build_id} -> hash of the places a followed build's link was unfurled (field: the
+#: message and URL; value: JSON of how chat.unfurl names it, and who shared it), so that its card
+#: is unfurled again as the build moves on. It lives as long as a final build's record.
+UNFURLS_KEY = TEMPLATE_PREFIX + "unfurls:{build_id}"
+UNFURLS_KEPT = 20
+UNFURLS_TTL = FINAL_TTL
