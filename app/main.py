@@ -43,12 +43,14 @@ from app.core.auto_retry import AutoRetry
 from app.core.deploy_queue import DeployQueue
 from app.core.digest import run_digest_schedules
 from app.core.freeze_announcements import FreezeAnnouncer, sweep_every
+from app.core.inbox import DirectMessages, Inbox
 from app.core.lock_hygiene import LockHygiene
 from app.core.policy import load_policy
 from app.core.releases import LedgerRecorder
 from app.core.routing import Router
 from app.core.services import Services
 from app.core.supersede import StaleBlocks
+from app.core.unfurls import LiveUnfurls
 from app.ops.checks import Readiness, check_buildkite, check_slack
 from app.ops.metrics import CountSlackCalls, Metrics, count_buildkite_requests
 from app.ops.observability import SlackRequestObserver
@@ -178,13 +180,33 @@ async def open_services(
         stale_blocks = StaleBlocks(
             policy, store, buildkite, outbox, auditor, observe=intake.observe
         )
+        inbox = Inbox(
+            store=store,
+            outbox=outbox,
+            policy=policy,
+            directory=directory,
+            settings=settings,
+            tuning=tuning.inbox,
+            clock=tuning.clock,
+        )
+        closing.push_async_callback(inbox.close)  # before the outbox drains
+        dms = DirectMessages(
+            store=store, outbox=outbox, directory=directory, inbox=inbox, clock=tuning.clock
+        )
         notifier = Notifier(
             store,
             writer,
             tuning.tracking,
             metrics=metrics,
             on_final=[auto_retry.on_final, ledger.on_final],
-            on_transition=[stale_blocks.on_transition],
+            on_change=[
+                stale_blocks.on_change,
+                inbox.on_change,
+                dms.on_change,
+                LiveUnfurls(
+                    store=store, outbox=outbox, policy=policy, directory=directory
+                ).on_change,
+            ],
             consumer=consumer,
             redis_outage=redis_outage,
         )
@@ -217,6 +239,8 @@ async def open_services(
             deploys=DeployQueue(running=tuning.deploys.running, waiting=tuning.deploys.waiting),
             redis_outage=redis_outage,
             stopping=stopping,
+            inbox=inbox,
+            dms=dms,
         )
 
 
@@ -316,6 +340,9 @@ async def background(services: Services, tuning: Tuning = DEFAULT) -> AsyncItera
         asyncio.create_task(run_digest_schedules(services, stop), name="digests"),
         *clock_sweeps(services, stop, tuning),
     ]
+    if services.dms is not None:
+        sweep = services.dms.run(stop, tuning.inbox.dm_sweep_interval)
+        tasks.append(asyncio.create_task(sweep, name="dm-summaries"))
     try:
         yield
     finally:

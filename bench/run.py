@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import ack, polling, webhooks
+from bench import ack, home, polling, webhooks
 from bench.common import code_fingerprint, machine, median, percentile, redis_url
 
 COMMITTED = Path(__file__).resolve().parent / "results.json"
@@ -258,10 +258,40 @@ async def bench_webhooks(url: str, mode: dict[str, Any], notes: list[str]) -> li
     ]  # fmt: skip
 
 
+async def bench_home(url: str, mode: dict[str, Any], notes: list[str]) -> list[Row]:
+    result = await home.run(url, people=100)
+    people = result["people"]
+    notes.append(
+        f"6: one build followed by {people} people (one channel each), every Home opened; a "
+        f"signed webhook moves it to running: {result['one_change_calls']} views.publish calls "
+        f"until the last Home shows it; then failing and failed within the 5 s debounce: "
+        f"{result['burst_calls']} calls until every Home shows Failed (the first change at once, "
+        f"the rest at the window's end) in {fmt(result['burst_s'], 's')}. Baseline: the same "
+        f"{people} publishes back to back from a bare client, {fmt(result['bare_s'], 's')}. "
+        f"Unexpected requests: {len(result['unexpected'])}. Where the time goes (first Slack "
+        f"call of the change to): the build's {people} messages and replies written "
+        f"{fmt(result['split']['messages_s'], 's')}, first publish "
+        f"{fmt(result['split']['first_publish_after_s'], 's')}, first to last publish "
+        f"{fmt(result['split']['publishes_s'], 's')}."
+    )
+    return [
+        Row("home.republish_100", "6", f"state change → {people} Homes republished",
+            result["one_change_s"], "s", result["bare_s"], "bare publishes"),
+        Row("home.publishes_100", "6", f"views.publish calls for one change, {people} people",
+            result["one_change_calls"], "", people, "one per person", f"≤{people}",
+            result["one_change_calls"] <= people),
+        Row("home.burst_publishes_100", "6",
+            f"views.publish calls for 2 changes within 5 s, {people} people",
+            result["burst_calls"], "", 2 * people, "one per person and change", f"≤{2 * people}",
+            result["burst_calls"] <= 2 * people),
+    ]  # fmt: skip
+
+
 BENCHES: dict[str, Callable[[str, dict[str, Any], list[str]], Coroutine[Any, Any, list[Row]]]] = {
     "1": bench_ack,
     "2": bench_polling,
     "3": bench_webhooks,
+    "6": bench_home,
 }
 TIMEOUT = 900.0
 
@@ -313,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         "--check", action="store_true", help="exit 1 on a >2x regression against results.json"
     )
     parser.add_argument(
-        "--only", default="1,2,3", help="items to run: 1 (ack), 2 (polling, 5), 3 (webhooks, 4, 5)"
+        "--only",
+        default="1,2,3,6",
+        help="items to run: 1 (ack), 2 (polling, 5), 3 (webhooks, 4, 5), 6 (App Home)",
     )
     args = parser.parse_args(argv)
     # On SIGTERM, unwind like on Ctrl-C so that redis-server and the children are stopped.

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import redis.asyncio as redis
@@ -27,6 +27,9 @@ from app.tracking.notifier import Notifier
 from app.tracking.poller import Poller
 from app.tuning import DEFAULT, Tuning
 from buildkite.client import BuildkiteClient
+
+if TYPE_CHECKING:
+    from app.core.inbox import DirectMessages, Inbox
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,10 @@ class Services:
     redis_outage: RedisOutage = field(default_factory=RedisOutage)
     #: The stop's one time budget (Tuning.shutdown_grace), shared by every step of a shutdown.
     stopping: StopBudget = field(default_factory=lambda: StopBudget(DEFAULT.shutdown_grace))
+    #: Whose builds are whose, and each person's App Home (see app.core.inbox).
+    inbox: Inbox | None = None
+    #: DMs about a person's own finished builds, with their preferences.
+    dms: DirectMessages | None = None
 
     async def finish_inflight(self) -> None:
         """Wait (within the stop's budget) for acknowledged requests to finish what they

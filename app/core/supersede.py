@@ -62,10 +62,10 @@ class StaleBlocks:
         self.outbox = outbox
         self.auditor = auditor
 
-    async def on_transition(
-        self, tracked: TrackedBuild, build: Build, transition: Transition
-    ) -> None:
+    async def on_change(self, tracked: TrackedBuild, build: Build, transition: Transition) -> None:
         branch = build.branch
+        if transition.old == transition.new:
+            return  # the same state again (a job moved): nothing for the guard
         if not branch or transition.new != tracked.phase:
             return  # no branch to compare, or a transition already overtaken
         pipeline = tracked.pipeline

@@ -43,6 +43,12 @@ class BuildButtonValue(Payload):
     number: BuildNumber
 
 
+class LockButtonValue(Payload):
+    """The Unlock button of a person's lock in their App Home."""
+
+    pipeline: PipelineSlug
+
+
 class UnblockButtonValue(BuildButtonValue):
     """The Unblock button: which build and which block step (job)."""
 

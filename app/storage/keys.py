@@ -172,3 +172,47 @@ AGENT_CALL_TTL = REQUEST_TTL  # a retry within a day is the same call
 #: A call's "still running" mark outlives any call (waits end within 50 s, Buildkite's answers
 #: within its timeouts), so that a call cut off before it could let go frees its key by itself.
 AGENT_CALL_RUNNING_TTL = 300
+# -- the inbox: thread commands, unfurls, App Home, DMs -------------------------------------
+
+#: event:{event_id} -> an Events API delivery already handled (SET NX): Slack's retries of it
+#: (X-Slack-Retry-Num, or Socket Mode's retry_attempt) carry the same event_id and do nothing.
+EVENT_KEY = TEMPLATE_PREFIX + "event:{event_id}"
+#: Slack retries a delivery three times within minutes; an hour covers them with room to spare.
+EVENT_TTL = 3600
+#: home:opened:{user} -> when the person last opened the bot's Home tab (unix time). Their Home
+#: is republished on a state change only while this key lives.
+HOME_OPENED_KEY = TEMPLATE_PREFIX + "home:opened:{user}"
+HOME_OPENED_TTL = 7 * 24 * 3600
+#: home:builds:{user} -> sorted set of the build ids in the person's Home (score: last change).
+HOME_BUILDS_KEY = TEMPLATE_PREFIX + "home:builds:{user}"
+HOME_BUILDS_KEPT = 20
+HOME_BUILDS_TTL = FINAL_TTL
+#: home:email:{digest} -> the Slack user with that email (a digest: no address in a key name),
+#: learnt from users.info when they open their Home, to find their builds by Buildkite author.
+HOME_EMAIL_KEY = TEMPLATE_PREFIX + "home:email:{digest}"
+#: home:dirty:{user} -> a build in the person's Home changed since their Home was last published.
+HOME_DIRTY_KEY = TEMPLATE_PREFIX + "home:dirty:{user}"
+HOME_DIRTY_TTL = HOME_OPENED_TTL
+#: home:window:{user} -> a Home was published within the debounce window (SET NX PX): at most
+#: one publish per person per window, whichever process makes it.
+HOME_WINDOW_KEY = TEMPLATE_PREFIX + "home:window:{user}"
+#: prefs:{user} -> JSON of the person's DM preferences (see DmPrefs), kept a year after a change.
+PREFS_KEY = TEMPLATE_PREFIX + "prefs:{user}"
+PREFS_TTL = 365 * 24 * 3600
+#: dm:done:{key} -> a DM about a build was sent (or held for a summary): never again.
+DM_DONE_KEY = TEMPLATE_PREFIX + "dm:done:{key}"
+DM_DONE_TTL = FINAL_TTL
+#: dm:lease:{key} -> the process sending that DM now (SET NX EX), so replicas send it once.
+DM_LEASE_KEY = TEMPLATE_PREFIX + "dm:lease:{key}"
+DM_LEASE_TTL = 60
+#: dm:held:{user} -> hash of the DMs held during the person's quiet hours (DM key -> line).
+DM_HELD_KEY = TEMPLATE_PREFIX + "dm:held:{user}"
+#: Sorted set of the people with held DMs, by when their quiet hours end (unix time).
+DM_DUE_KEY = PREFIX + "dm:due"
+DM_HELD_TTL = 2 * 24 * 3600  # quiet hours last less than a day
+#: unfurls:{build_id} -> hash of the places a followed build's link was unfurled (field: the
+#: message and URL; value: JSON of how chat.unfurl names it, and who shared it), so that its card
+#: is unfurled again as the build moves on. It lives as long as a final build's record.
+UNFURLS_KEY = TEMPLATE_PREFIX + "unfurls:{build_id}"
+UNFURLS_KEPT = 20
+UNFURLS_TTL = FINAL_TTL

@@ -15,6 +15,7 @@ from app.storage.approvals import Approvals
 from app.storage.audit import AuditTrail
 from app.storage.builds import BuildRecords
 from app.storage.guards import Guards
+from app.storage.inbox import InboxRecords
 from app.storage.ledger import ReleaseLedger
 from app.storage.locks import PipelineLocks
 from app.storage.poll import PollLedger
@@ -35,6 +36,7 @@ class Store(
     ReleaseLedger,
     Guards,
     AgentLedger,
+    InboxRecords,
 ):
     """Every concern of the store over one `redis.asyncio` client."""
 
@@ -51,6 +53,7 @@ class Store(
         ReleaseLedger.__init__(self, client)
         Guards.__init__(self, client)
         AgentLedger.__init__(self, client)
+        InboxRecords.__init__(self, client)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
