@@ -3,6 +3,8 @@ rollback and promote. `/deploy` hands them over here (see handlers.deploy)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -17,6 +19,7 @@ from app.core.commands.releases import (
     StatusRequest,
     parse_release,
 )
+from app.core.deploy_queue import QueueClosed
 from app.core.deploys import NeedsConfirmation, Started
 from app.core.release_actions import Releases
 from app.core.services import Services, request_id_for
@@ -38,11 +41,42 @@ async def release_command(
     if request is None:
         return False
     if isinstance(request, RollbackRequest | PromoteRequest):
-        await ack(text=render.looking_up(request.pipeline))
-    else:
-        await ack()
+        await _queued(request, ack, command, respond, services)
+        return True
+    await ack()
     await _run(request, command, respond, services)
     return True
+
+
+async def _queued(
+    request: RollbackRequest | PromoteRequest,
+    ack: AsyncAck,
+    command: dict[str, Any],
+    respond: AsyncRespond,
+    services: Services,
+) -> None:
+    """A rollback or a promotion is a deploy: it waits its turn in /deploy's queue (or is
+    refused in its ack when the queue is full), exactly as a typed /deploy does."""
+    place = services.deploys.reserve()
+    if place is None:
+        await ack(text=answers.too_many_deploys(request.pipeline))
+        return
+    async with place:
+        await ack(text=render.looking_up(request.pipeline, place.position))
+        try:
+            await place.turn()
+        except (asyncio.CancelledError, QueueClosed) as exc:
+            with contextlib.suppress(Exception):
+                await ephemeral(respond, answers.not_started_shutdown(request.pipeline))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        try:
+            await _run(request, command, respond, services)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await ephemeral(respond, answers.interrupted_shutdown(request.pipeline))
+            raise
 
 
 async def _run(

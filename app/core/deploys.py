@@ -23,7 +23,13 @@ from app.slack.outbox import SlackDeliveryError, not_in_channel_text
 from app.slack.render import releases as release_texts
 from app.slack.render import texts
 from app.slack.render.common import Rendered
-from app.slack.render.deploys import DeployPlan, approval_request, confirm_deploy, plan_refusal
+from app.slack.render.deploys import (
+    DeployPlan,
+    approval_request,
+    confirm_deploy,
+    plan_refusal,
+    plan_summary,
+)
 from app.slack.render.texts import TRACKING_DOWN
 from app.storage.records import PendingDeploy
 from buildkite.errors import BuildkiteError
@@ -226,7 +232,9 @@ class Deploys(Actions):
                 texts.approval_not_posted(plan.pipeline, not_in_channel_text(exc.error))
             ) from None
         await self.s.store.set_approval_message(approval_id, channel=actor.channel_id, ts=ts)
-        await self._audit(actor, "deploy", plan.pipeline, "approval requested")
+        await self._audit(
+            actor, "deploy", plan.pipeline, "approval requested", detail=plan_summary(plan)
+        )
         return AwaitingApproval(approval_id)
 
     async def abort(self, request_id: str, actor: Actor) -> None:

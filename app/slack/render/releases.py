@@ -196,9 +196,15 @@ def compare(url: str | None, label: str = "compare") -> str:
     return f" ({link(url, label, hosts=_GITHUB)})" if url else ""
 
 
-def looking_up(pipeline: str) -> str:
-    """The ack of a rollback or a promotion, before the ledger and the policy are read."""
-    return f":hourglass_flowing_sand: Looking up what was deployed on {code(pipeline)}…"
+def looking_up(pipeline: str, position: int = 0) -> str:
+    """The ack of a rollback or a promotion, before the ledger and the policy are read: its
+    place in /deploy's queue of deploys (0 when it goes ahead at once)."""
+    if position == 0:
+        return f":hourglass_flowing_sand: Looking up what was deployed on {code(pipeline)}…"
+    return (
+        f":hourglass_flowing_sand: {code(pipeline)} is number {position} in line behind other "
+        "deploys; it will be looked up when its turn comes…"
+    )
 
 
 def rollback_started(

@@ -1,0 +1,157 @@
+"""The release ledger under review: rollbacks and promotions wait in /deploy's queue and are
+named truthfully wherever they are shown; hostile text stays text; a rollback asked twice starts
+one build; the ledger holds against replicas, rebuilt builds and a Redis outage."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.core.ledger_rebuild import rebuild_ledger
+from app.simulators.bot import FAST, BotClient, running_bot
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
+from tests.test_releases_e2e import (
+    ALICE,
+    BOB,
+    BUILDS,
+    CHANNEL,
+    POLICY,
+    SHA1,
+    SHA2,
+    SHA3,
+    answer,
+    deployed,
+    shown,
+    value_of,
+)
+
+SLUGS = ("deploy-prod", "prod-lite", "staging-deploy", "web", "ext-deploy", "ci")
+
+
+def _tuning(running: int, waiting: int) -> Any:
+    return replace(FAST, deploys=replace(FAST.deploys, running=running, waiting=waiting))
+
+
+@pytest.fixture
+async def bot(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any, tmp_path: Path
+) -> AsyncIterator[BotClient]:
+    slack.add_user(BOB, "bob", "bob@example.com")
+    for slug in SLUGS:
+        bk.add_pipeline(slug, repository="git@github.com:acme/app.git")
+    policy = tmp_path / "policy.yml"
+    policy.write_text(POLICY)
+    async with running_bot(
+        slack, bk, redis_url, policy_file=str(policy), tuning=_tuning(1, 1)
+    ) as client:
+        yield client
+
+
+def _seed(bk: FakeBuildkite, slug: str, *shas: str) -> None:
+    meta = {"chatops_source": "slack", "chatops_requested_by": ALICE}
+    for sha in shas:
+        bk.add_build(slug, commit=sha, state="passed", meta_data=meta, env={"A": "1"})
+
+
+# -- 1. the deploy queue -------------------------------------------------------------------
+
+
+async def test_rollback_and_promote_wait_their_turn_in_the_deploy_queue(
+    bot: BotClient, bk: FakeBuildkite, slack: FakeSlack
+) -> None:
+    await deployed(bot, "web", SHA1)
+    await deployed(bot, "web", SHA2)
+    await deployed(bot, "staging-deploy", SHA1)
+    bk.clear_requests()
+    # Another deploy runs (the queue runs one at a time, with one more waiting).
+    async with bot.services.deploys.reserve() as running:  # type: ignore[union-attr]
+        await running.turn()
+        _, waiting, ack = await bot.command("/deploy", "rollback web")
+        assert "`web` is number 1 in line" in ack["text"]
+        _, _, full = await bot.command("/deploy", "promote prod-lite")
+        assert (
+            "Too many deploys are starting right now, so `prod-lite` was not deployed"
+            in (full["text"])
+        )
+        # Nothing was looked up, let alone started, while the rollback waits its turn.
+        assert bk.requests == [] and bot.response_texts(waiting) == []
+    (text,) = await slack.wait_for(partial(bot.response_texts, waiting))
+    assert f"Rolling back `web` from `{SHA2[:12]}` (#2) to `{SHA1[:12]}` (#1)" in text
+    assert [r.json["commit"] for r in bk.requests_to("POST")] == [SHA1]
+    # The queue's place was given back: a promotion now goes ahead at once.
+    _, name, ack = await bot.command("/deploy", "promote prod-lite")
+    assert ack["text"] == ":hourglass_flowing_sand: Looking up what was deployed on `prod-lite`…"
+    (text,) = await slack.wait_for(partial(bot.response_texts, name))
+    assert "Promoting" in text
+
+
+# -- 2. named truthfully -------------------------------------------------------------------
+
+
+async def test_a_protected_rollback_is_named_a_rollback_in_confirmation_approval_and_audit(
+    bot: BotClient, bk: FakeBuildkite, slack: FakeSlack
+) -> None:
+    _seed(bk, "deploy-prod", SHA1, SHA2)
+    services = bot.services
+    await rebuild_ledger(services.store, services.buildkite, services.policy)
+
+    reply = await answer(bot, "rollback deploy-prod")
+    text = shown(reply)
+    assert (
+        f"`deploy-prod` is protected. Roll back `deploy-prod` from #2 (`{SHA2[:12]}`) to "
+        f"`{SHA1[:12]}`?" in text
+    )
+    assert "Deploy this?" not in text
+    buttons = [e["text"]["text"] for b in reply["blocks"] for e in b.get("elements", [])]
+    assert buttons == ["Roll back", "Cancel"]
+    confirm = value_of(reply["blocks"], "deploy_confirm")
+    _, name = await bot.click(
+        "deploy_confirm", confirm, channel=CHANNEL, message_ts="1.1", ephemeral=True
+    )
+    await slack.wait_for(lambda: bot.response_texts(name))
+    (post,) = await slack.wait_for(lambda: slack.posts(CHANNEL))
+    assert (
+        f"<@{ALICE}> asks to roll back `deploy-prod` from #2 (`{SHA2[:12]}`) to `{SHA1[:12]}`."
+        in post.args["text"]
+    )
+    assert "asks to deploy" not in json.dumps(post.args)
+    ts = post.response["ts"]
+    approve = value_of(slack.message(CHANNEL, ts)["blocks"], "approval_approve")
+    _, ok = await bot.click(
+        "approval_approve", approve, channel=CHANNEL, message_ts=ts, user_id=BOB
+    )
+    await slack.wait_for(lambda: bot.response_texts(ok))
+    decided = json.dumps(slack.message(CHANNEL, ts)["blocks"])
+    assert "Rollback of `deploy-prod` requested by" in decided
+    audit = (await answer(bot, "audit deploy-prod", user_id="U0ADMIN"))["text"]
+    assert f"*approval requested* (rollback of #2 ({SHA2[:12]}) to {SHA1[:12]})" in audit
+    assert f"*started* (rollback of #2 ({SHA2[:12]}) to {SHA1[:12]})" in audit
+
+
+async def test_a_protected_promotion_is_named_a_promotion(
+    bot: BotClient, bk: FakeBuildkite, slack: FakeSlack
+) -> None:
+    await deployed(bot, "staging-deploy", SHA3)
+    reply = await answer(bot, "promote deploy-prod")
+    text = shown(reply)
+    assert f"Promote `{SHA3[:12]}` from `staging-deploy#1` to `deploy-prod`?" in text, text
+    confirm = value_of(reply["blocks"], "deploy_confirm")
+    _, name = await bot.click(
+        "deploy_confirm", confirm, channel=CHANNEL, message_ts="1.1", ephemeral=True
+    )
+    await slack.wait_for(lambda: bot.response_texts(name))
+    (post,) = await slack.wait_for(
+        lambda: [p for p in slack.posts(CHANNEL) if "asks to" in p.args["text"]]
+    )
+    assert (
+        f"asks to promote `{SHA3[:12]}` from `staging-deploy#1` to `deploy-prod`"
+        in post.args["text"]
+    )
+    assert bk.requests_to("POST", BUILDS.format("deploy-prod")) == []
