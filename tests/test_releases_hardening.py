@@ -4,7 +4,9 @@ one build; the ledger holds against replicas, rebuilt builds and a Redis outage.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from functools import partial
@@ -17,6 +19,8 @@ from app.core.ledger_rebuild import rebuild_ledger
 from app.simulators.bot import FAST, BotClient, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
+from app.storage import keys
+from app.storage.ledger import Deployment, Outcome
 from tests.test_releases_e2e import (
     ALICE,
     BOB,
@@ -28,6 +32,7 @@ from tests.test_releases_e2e import (
     SHA3,
     answer,
     deployed,
+    entry,
     shown,
     value_of,
 )
@@ -155,3 +160,61 @@ async def test_a_protected_promotion_is_named_a_promotion(
         in post.args["text"]
     )
     assert bk.requests_to("POST", BUILDS.format("deploy-prod")) == []
+
+
+# -- 3. a deploy route's final missed by webhook -------------------------------------------
+
+
+async def test_a_deploy_route_build_announced_at_its_start_is_recorded_by_the_poller(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any, tmp_path: Path
+) -> None:
+    # A route that announces the start follows the build, so the poller sees its end too.
+    policy = tmp_path / "policy.yml"
+    policy.write_text(
+        "notifications:\n  - pipelines: [ext-live]\n    channel: C0CHAN\n"
+        "    events: [started, passed, failed]\n    deploy: true\n"
+    )
+    bk.add_pipeline("ext-live", repository="git@github.com:acme/app.git")
+    key = keys.DEPLOYMENT_KEY.format(pipeline="ext-live", number=1)
+    # Polled often: a followed build not in the bot's own lists is fetched once it is stale.
+    async with running_bot(
+        slack, bk, redis_url, policy_file=str(policy), poll_interval=0.05
+    ) as bot:
+        bk.add_build("ext-live", commit=SHA1, state="running")
+        assert (await bot.webhook(bk.webhook_payload("ext-live", 1))).status == 200
+        await bot.settled()
+        assert await redis_client.get(key) is None  # a route's build: recorded when it ends
+        bk.set_build_state("ext-live", 1, "passed")  # and its build.finished webhook is lost
+        for _ in range(200):
+            if await redis_client.get(key) is not None:
+                break
+            await asyncio.sleep(0.05)
+        recorded = await entry(redis_client, "ext-live", 1)
+        assert recorded["o"] == "passed" and recorded["c"] == SHA1 and recorded["s"] == "route"
+    assert bk.requests_to("GET", BUILDS.format("ext-live") + "/1")
+
+
+# -- 4. running now ------------------------------------------------------------------------
+
+
+async def test_a_deploy_blocked_for_days_is_still_deploying_now_but_not_one_past_tracking(
+    bot: BotClient, redis_client: Any
+) -> None:
+    now = int(time.time())
+    store = bot.services.store
+    for number, age in ((1, 31 * 86400), (2, 3 * 86400)):
+        await store.record_deployment(
+            Deployment(
+                pipeline="web",
+                number=number,
+                web_url=f"https://buildkite.com/acme/web/builds/{number}",
+                commit=SHA1 if number == 1 else SHA2,
+                branch="main",
+                outcome=Outcome.RUNNING,
+                requested_by=ALICE,
+                started_at=now - age,
+            )
+        )
+    text = shown(await answer(bot, "status web"))
+    assert f"deploying now: `{SHA2[:12]}` in <https://buildkite.com/acme/web/builds/2|#2>" in text
+    assert SHA1[:12] not in text  # started before the tracker would still follow it

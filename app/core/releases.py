@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from app.core.policy import Policy, Route
 from app.slack.render.deploys import DeployPlan
+from app.storage.keys import PENDING_TTL
 from app.storage.ledger import Deployment, Outcome, PipelineInfo, Source
 from app.storage.records import TrackedBuild
 from app.storage.store import Store
@@ -201,11 +202,13 @@ def live_deployment(entries: Iterable[Deployment]) -> Deployment | None:
 
 
 def running_deployments(entries: Iterable[Deployment], *, now: float) -> list[Deployment]:
-    """Deployments not final yet, started in the last day (older ones lost their tracking)."""
+    """Deployments not final yet, started no longer ago than the tracker follows a build (a
+    deploy may wait on a block step for weeks); an older one is no longer followed, so its end
+    was never seen and it is not said to run."""
     return [
         entry
         for entry in entries
-        if entry.outcome is Outcome.RUNNING and now - (entry.started_at or 0) < 24 * 3600
+        if entry.outcome is Outcome.RUNNING and now - (entry.started_at or 0) < PENDING_TTL
     ]
 
 
