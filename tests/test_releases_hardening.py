@@ -218,3 +218,45 @@ async def test_a_deploy_blocked_for_days_is_still_deploying_now_but_not_one_past
     text = shown(await answer(bot, "status web"))
     assert f"deploying now: `{SHA2[:12]}` in <https://buildkite.com/acme/web/builds/2|#2>" in text
     assert SHA1[:12] not in text  # started before the tracker would still follow it
+
+
+# -- hostile text --------------------------------------------------------------------------
+
+
+async def test_digits_that_are_not_ascii_are_refused_with_the_usage(bot: BotClient) -> None:
+    # "²".isdigit() is True but int("²") raises: each is answered, never an error.
+    for text, said in (
+        ("history web ²", "`²` is not a number of deployments"),
+        ("rollback web to #²", "`#²` is not a build number"),
+        ("rollback web ³", "Usage: `/deploy rollback <pipeline> [to #N]`"),
+        ("history web 0000000000007", "is not a number of deployments"),
+    ):
+        resp, _, ack = await bot.command("/deploy", text)
+        assert resp.status == 200
+        assert said in ack["text"], (text, ack)
+
+
+async def test_hostile_branch_and_meta_data_of_a_deploy_route_build_stay_text(
+    bot: BotClient, bk: FakeBuildkite, redis_client: Any
+) -> None:
+    branch = "<!channel>*x*`y`<https://evil.example|click>"
+    meta = {
+        "chatops_rollback_of": "²",
+        "chatops_requested_by": "<!here>",
+        "chatops_approved_by": "U0BOB> <!channel",
+        "chatops_promoted_from": "<!channel>#1",
+    }
+    bk.add_build("ext-deploy", commit=SHA2, branch=branch, state="passed", meta_data=meta)
+    assert (await bot.webhook(bk.webhook_payload("ext-deploy", 1))).status == 200
+    await bot.settled()
+    recorded = await entry(redis_client, "ext-deploy", 1)
+    assert recorded["b"] == branch and recorded["s"] == "route"
+    assert not {"rb", "r", "a", "pf"} & set(recorded)  # none of them is what the bot writes
+    for asked in ("status ext-deploy", "status all", "history ext-deploy"):
+        reply = await answer(bot, asked)
+        body = json.dumps(reply)
+        assert "<!channel>" not in body and "<!here>" not in body, asked
+        assert "<https://evil" not in body, asked
+    assert "&lt;!channel&gt;*x*'y'&lt;https://evil.example|click&gt;" in shown(
+        await answer(bot, "history ext-deploy")
+    )

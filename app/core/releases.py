@@ -40,6 +40,8 @@ PROMOTED_FROM_META = "chatops_promoted_from"
 FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
 _PROMOTED = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}#[0-9]{1,9}$")
 _USER = re.compile(r"^[UW][A-Z0-9]{2,20}$")
+#: ASCII digits only: str.isdigit() also takes "²", which int() then refuses.
+_NUMBER = re.compile(r"[0-9]{1,9}")
 _OUTCOMES = {
     BuildState.PASSED: Outcome.PASSED,
     BuildState.FAILED: Outcome.FAILED,
@@ -108,7 +110,7 @@ def deployment_from(
         approved_by=_user(meta.get(APPROVED_BY_META)),
         started_at=_epoch(build.started_at or build.created_at),
         finished_at=finished if outcome is not Outcome.RUNNING else None,
-        rollback_of=int(rollback) if rollback.isdigit() and len(rollback) < 10 else None,
+        rollback_of=int(rollback) if _NUMBER.fullmatch(rollback) else None,
         promoted_from=promoted if _PROMOTED.match(promoted) else None,
     )
 
