@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 
 from app.core.ledger_rebuild import rebuild_ledger
+from app.core.release_actions import Releases
 from app.simulators.bot import FAST, BotClient, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
 from app.storage import keys
-from app.storage.ledger import Deployment, Outcome
 from tests.test_releases_e2e import (
     ALICE,
     BOB,
@@ -197,27 +197,28 @@ async def test_a_deploy_route_build_announced_at_its_start_is_recorded_by_the_po
 # -- 4. running now ------------------------------------------------------------------------
 
 
-async def test_a_deploy_blocked_for_days_is_still_deploying_now_but_not_one_past_tracking(
-    bot: BotClient, redis_client: Any
+async def test_deploying_now_is_what_the_tracker_follows_even_when_blocked_for_days(
+    bot: BotClient, bk: FakeBuildkite
 ) -> None:
-    now = int(time.time())
-    store = bot.services.store
-    for number, age in ((1, 31 * 86400), (2, 3 * 86400)):
-        await store.record_deployment(
-            Deployment(
-                pipeline="web",
-                number=number,
-                web_url=f"https://buildkite.com/acme/web/builds/{number}",
-                commit=SHA1 if number == 1 else SHA2,
-                branch="main",
-                outcome=Outcome.RUNNING,
-                requested_by=ALICE,
-                started_at=now - age,
-            )
-        )
+    # A build the bot started before Redis was lost: recorded running by the ledger rebuild,
+    # but nobody follows it any more, so it is never seen to end: not "deploying now".
+    meta = {"chatops_source": "slack", "chatops_requested_by": ALICE}
+    bk.add_build("web", commit=SHA1, state="running", meta_data=meta)
+    services = bot.services
+    await rebuild_ledger(services.store, services.buildkite, services.policy)
+    # A deploy from Slack, waiting on a block step: followed, so deploying now.
+    reply = await answer(bot, f"web main {SHA2}")
+    assert "Started" in reply["text"]
+    bk.set_build_state("web", 2, "passed", blocked=True)
+    await bot.webhook(bk.webhook_payload("web", 2))
+    await bot.settled()
     text = shown(await answer(bot, "status web"))
     assert f"deploying now: `{SHA2[:12]}` in <https://buildkite.com/acme/web/builds/2|#2>" in text
-    assert SHA1[:12] not in text  # started before the tracker would still follow it
+    assert SHA1[:12] not in text
+    assert "#1" in shown(await answer(bot, "history web"))  # history says it ran, as recorded
+    # Still blocked three days on: still deploying now (a day's cut hid it).
+    (later,) = await Releases(services).status("web", now=time.time() + 3 * 86400)
+    assert [entry.number for entry in later.running] == [2]
 
 
 # -- hostile text --------------------------------------------------------------------------

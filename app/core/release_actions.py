@@ -4,8 +4,10 @@ lock, confirmation and approval exactly as a typed /deploy does."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -23,6 +25,7 @@ from app.slack.render import texts
 from app.slack.render.releases import PipelineStatus
 from app.slack.render.texts import TRACKING_DOWN
 from app.storage.ledger import Deployment, PipelineInfo
+from app.tracking.phases import FINAL_PHASES
 from buildkite.errors import BuildkiteError
 
 #: Deployments read per pipeline for its status: its live one is almost always among them.
@@ -81,6 +84,7 @@ class Releases(Actions):
                 if (lock := await store.pipeline_lock(pipeline))
                 else {}
             )
+            followed = await self._followed(ledgers, now=now)
         except RedisError:
             raise UserError(TRACKING_DOWN) from None
         statuses = []
@@ -99,11 +103,27 @@ class Releases(Actions):
                     live=live,
                     compare_url=diff,
                     default_branch=branch,
-                    running=running_deployments(entries, now=now),
+                    running=[e for e in running_deployments(entries, now=now) if e in followed],
                     lock=locks.get(slug),
                 )
             )
         return statuses
+
+    async def _followed(
+        self, ledgers: Mapping[str, Sequence[Deployment]], *, now: float
+    ) -> set[Deployment]:
+        """The running deployments the tracker still follows, not yet ended: only those are
+        running now. One not followed (its tracking lost with Redis and recorded again by
+        `ledger rebuild`, or never started) would never be seen to end."""
+        running = [e for entries in ledgers.values() for e in running_deployments(entries, now=now)]
+        tracked = await asyncio.gather(
+            *(self.s.store.find(entry.pipeline, entry.number) for entry in running)
+        )
+        return {
+            entry
+            for entry, build in zip(running, tracked, strict=True)
+            if build is not None and build.phase not in FINAL_PHASES
+        }
 
     async def history(self, request: HistoryRequest) -> list[Deployment]:
         try:
