@@ -37,6 +37,9 @@ APPROVED_BY_META = "chatops_approved_by"
 ROLLBACK_OF_META = "chatops_rollback_of"
 PROMOTED_FROM_META = "chatops_promoted_from"
 
+#: The ledger's fields read from meta_data that a Buildkite rebuild copies from its original.
+COPIED_ON_REBUILD = frozenset({"requested_by", "approved_by", "rollback_of", "promoted_from"})
+
 FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
 _PROMOTED = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}#[0-9]{1,9}$")
 _USER = re.compile(r"^[UW][A-Z0-9]{2,20}$")
@@ -171,9 +174,8 @@ class LedgerRecorder:
         if is_bot_build(full):
             entry = deployment_from(full, pipeline, source=Source.BOT, requested_by=requester)
             if full.rebuilt_from is not None:  # its meta_data is its original's, copied
-                entry = entry.model_copy(
-                    update={"approved_by": None, "rollback_of": None, "promoted_from": None}
-                )
+                copied = dict.fromkeys(COPIED_ON_REBUILD - {"requested_by"})
+                entry = entry.model_copy(update=copied)
             await self.store.record_deployment(entry, info=info_of(full.pipeline))
 
     async def on_route_build(self, build: Build, pipeline: str, ref: PipelineRef | None) -> None:
