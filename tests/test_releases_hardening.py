@@ -261,3 +261,42 @@ async def test_hostile_branch_and_meta_data_of_a_deploy_route_build_stay_text(
     assert "&lt;!channel&gt;*x*'y'&lt;https://evil.example|click&gt;" in shown(
         await answer(bot, "history ext-deploy")
     )
+
+
+# -- permissions -----------------------------------------------------------------------------
+
+
+async def test_rollback_and_promote_are_held_to_the_rule_of_deploy_and_its_env_rules(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.yml"
+    policy.write_text(
+        "admins: [U0ADMIN]\npipelines:\n  web:\n    deployers: [U0BOB]\n    channels: [C0OPS]\n"
+        "    promote_from: staging\n"
+    )
+    for slug in ("web", "staging"):
+        bk.add_pipeline(slug)
+    meta = {"chatops_source": "slack", "chatops_requested_by": BOB}
+    bk.add_build("staging", commit=SHA1, state="passed", meta_data=meta)
+    bk.add_build("web", commit=SHA1, state="passed", meta_data=meta, env={"LD_PRELOAD": "/x.so"})
+    bk.add_build("web", commit=SHA2, state="passed", meta_data=meta)
+    async with running_bot(slack, bk, redis_url, policy_file=str(policy)) as bot:
+        services = bot.services
+        await rebuild_ledger(services.store, services.buildkite, services.policy)
+        bk.clear_requests()
+        for user, channel in ((ALICE, "C0OPS"), (BOB, CHANNEL)):
+            for text in ("rollback web", "promote web"):
+                reply = await answer(bot, text, user_id=user, channel_id=channel)
+                assert reply["text"].startswith(":no_entry:"), (text, user, reply)
+        assert bk.requests == []  # refused before anything is looked up
+        # Anyone may read what is live and what happened (ephemeral, as /deploy locks).
+        assert "live:" in shown(await answer(bot, "status web", user_id=ALICE))
+        assert "#2" in shown(await answer(bot, "history web", user_id=ALICE))
+        # Bob, in #ops: the rollback to #1 carries #1's env, which the env rules refuse.
+        refused = await answer(bot, "rollback web", user_id=BOB, channel_id="C0OPS")
+        assert "LD_PRELOAD" in refused["text"] and "Nothing was started" in refused["text"]
+        promoted = await answer(bot, "promote web", user_id=BOB, channel_id="C0OPS")
+        assert "Promoting" in promoted["text"], promoted
+        assert [r.json["commit"] for r in bk.requests_to("POST")] == [SHA1]
+        audit = (await answer(bot, "audit web", user_id="U0ADMIN"))["text"]
+        assert audit.count("*refused*") == 5, audit
