@@ -19,7 +19,9 @@ from app.core.ledger_rebuild import rebuild_ledger
 from app.core.release_actions import Releases
 from app.simulators.bot import FAST, BotClient, running_bot
 from app.simulators.buildkite import FakeBuildkite
+from app.simulators.redis_server import RedisServer
 from app.simulators.slack import FakeSlack
+from app.slack.render.releases import LEDGER_DOWN
 from app.storage import keys
 from tests.test_releases_e2e import (
     ALICE,
@@ -300,3 +302,26 @@ async def test_rollback_and_promote_are_held_to_the_rule_of_deploy_and_its_env_r
         assert [r.json["commit"] for r in bk.requests_to("POST")] == [SHA1]
         audit = (await answer(bot, "audit web", user_id="U0ADMIN"))["text"]
         assert audit.count("*refused*") == 5, audit
+
+
+# -- a Redis outage ------------------------------------------------------------------------
+
+
+async def test_status_and_history_during_a_redis_outage_say_so_without_a_traceback(
+    slack: FakeSlack, bk: FakeBuildkite, caplog: pytest.LogCaptureFixture
+) -> None:
+    bk.add_pipeline("web")
+    server = RedisServer()
+    server.start()
+    try:
+        async with running_bot(slack, bk, server.url) as bot:
+            await deployed(bot, "web", SHA1)
+            server.stop()
+            for text in ("status web", "status all", "history web 50"):
+                reply = await answer(bot, text)
+                assert reply["text"] == LEDGER_DOWN, (text, reply)
+            reply = await answer(bot, "rollback web")
+            assert "nothing was started" in reply["text"]
+    finally:
+        server.stop()
+    assert [r.getMessage() for r in caplog.records if r.exc_info and "app" in r.name] == []

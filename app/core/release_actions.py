@@ -86,7 +86,7 @@ class Releases(Actions):
             )
             followed = await self._followed(ledgers, now=now)
         except RedisError:
-            raise UserError(TRACKING_DOWN) from None
+            raise UserError(render.LEDGER_DOWN) from None
         statuses = []
         for slug in pipelines:
             entries = ledgers.get(slug, [])
@@ -129,7 +129,7 @@ class Releases(Actions):
         try:
             return await self.s.store.deployments(request.pipeline, limit=request.count)
         except RedisError:
-            raise UserError(TRACKING_DOWN) from None
+            raise UserError(render.LEDGER_DOWN) from None
 
     async def rollback(
         self, request: RollbackRequest, actor: Actor, *, trigger: str

@@ -18,6 +18,12 @@ _MAX_SECTIONS = 48
 _MESSAGE_BUDGET = 11_500
 _GITHUB = ("github.com",)
 
+#: status and history, when Redis (where the ledger is) cannot be reached: a read, not a deploy.
+LEDGER_DOWN = (
+    ":warning: The ledger of deployments is unavailable right now (the bot cannot reach its "
+    "Redis). Please try again in a minute; Buildkite's builds list what ran meanwhile."
+)
+
 
 @dataclass(frozen=True)
 class PipelineStatus:
