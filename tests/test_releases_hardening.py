@@ -325,3 +325,64 @@ async def test_status_and_history_during_a_redis_outage_say_so_without_a_traceba
     finally:
         server.stop()
     assert [r.getMessage() for r in caplog.records if r.exc_info and "app" in r.name] == []
+
+
+# -- the largest history -----------------------------------------------------------------------
+
+
+async def test_the_largest_history_of_the_longest_branches_fits_one_slack_message(
+    bot: BotClient, bk: FakeBuildkite
+) -> None:
+    branch = "<&>" * 85  # 255 characters, each escaped to 4 or 5
+    meta = {"chatops_source": "slack", "chatops_requested_by": ALICE, "chatops_approved_by": BOB}
+    for index in range(60):
+        bk.add_build("web", commit=f"{index:040x}", branch=branch, state="failed", meta_data=meta)
+    services = bot.services
+    await rebuild_ledger(services.store, services.buildkite, services.policy)
+    for text in ("history web 50", "status web", "status all"):
+        reply = await answer(bot, text)
+        blocks = reply["blocks"]
+        sections = [str(b["text"]["text"]) for b in blocks]
+        assert len(blocks) <= 50 and all(len(s) <= 3000 for s in sections), text
+        assert len(json.dumps(blocks, ensure_ascii=False)) < 13_000, text
+        assert "<&>" not in json.dumps(blocks), text
+    assert "more not shown" in shown(await answer(bot, "history web 50"))
+
+
+# -- asked twice -------------------------------------------------------------------------------
+
+
+async def test_a_rollback_sent_twice_or_confirmed_twice_starts_one_build(
+    bot: BotClient, bk: FakeBuildkite, slack: FakeSlack
+) -> None:
+    await deployed(bot, "web", SHA1)
+    await deployed(bot, "web", SHA2)
+    # Slack retries the same command (same trigger_id): one rollback.
+    first = await answer(bot, "rollback web", trigger_id="13345.T1")
+    again = await answer(bot, "rollback web", trigger_id="13345.T1")
+    assert "Rolling back" in first["text"] and "Rolling back" not in again["text"]
+    assert [r.json["commit"] for r in bk.requests_to("POST", BUILDS.format("web"))][2:] == [SHA1]
+    # A protected rollback confirmed twice at once: one approval request, one build at most.
+    _seed(bk, "deploy-prod", SHA1, SHA2)
+    services = bot.services
+    await rebuild_ledger(services.store, services.buildkite, services.policy)
+    confirm = value_of((await answer(bot, "rollback deploy-prod"))["blocks"], "deploy_confirm")
+    clicks = [
+        bot.click(
+            "deploy_confirm",
+            confirm,
+            channel=CHANNEL,
+            message_ts="1.1",
+            ephemeral=True,
+            action_ts=f"1700000000.00000{n}",
+        )
+        for n in (1, 2)
+    ]
+    names = [name for _, name in await asyncio.gather(*clicks)]
+    for name in names:
+        await slack.wait_for(partial(bot.response_texts, name))
+    await bot.settled()
+    asks = [p for p in slack.posts(CHANNEL) if "asks to roll back" in p.args["text"]]
+    assert len(asks) == 1
+    texts = [t for name in names for t in bot.response_texts(name)]
+    assert any("no longer" in t or "expired" in t or "already" in t for t in texts), texts
