@@ -386,3 +386,23 @@ async def test_a_rollback_sent_twice_or_confirmed_twice_starts_one_build(
     assert len(asks) == 1
     texts = [t for name in names for t in bot.response_texts(name)]
     assert any("no longer" in t or "expired" in t or "already" in t for t in texts), texts
+
+
+# -- what is deployed again must be a commit -----------------------------------------------------
+
+
+async def test_a_deployment_built_from_head_is_neither_rolled_back_to_nor_promoted(
+    bot: BotClient, bk: FakeBuildkite
+) -> None:
+    # Built as `HEAD` (Buildkite kept it so): deploying it again would build today's branch.
+    meta = {"chatops_source": "slack", "chatops_requested_by": ALICE}
+    for slug in ("web", "staging-deploy"):
+        bk.add_build(slug, commit="HEAD", state="passed", meta_data=meta)
+    bk.add_build("web", commit=SHA2, state="passed", meta_data=meta)
+    services = bot.services
+    await rebuild_ledger(services.store, services.buildkite, services.policy)
+    rollback = (await answer(bot, "rollback web"))["text"]
+    assert "#1's commit is not a commit SHA" in rollback and "Nothing was started" in rollback
+    promote = (await answer(bot, "promote prod-lite"))["text"]
+    assert "#1's commit is not a commit SHA" in promote and "Nothing was started" in promote
+    assert bk.requests_to("POST") == []

@@ -37,6 +37,15 @@ def _safe_ref(ref: str) -> bool:
     return bool(_REF.fullmatch(ref)) and ".." not in ref
 
 
+def _check_deployed(branch: str, commit: str, number: int) -> None:
+    """A branch and commit read back from Buildkite (or the ledger), to deploy again: checked
+    like a typed /deploy, and the commit must be a SHA: `HEAD` would build whatever the branch
+    is now, not what was deployed."""
+    check_branch(branch)
+    if commit == "HEAD" or not COMMIT.match(commit):
+        raise UsageError(texts.not_a_commit(number))
+
+
 @dataclass(frozen=True)
 class ReleaseDeploy:
     """A rollback or a promotion asked for: what it deploys, and what became of it."""
@@ -159,10 +168,8 @@ class Releases(Actions):
             ) from None
         commit = original.commit or target.commit
         branch = original.branch or target.branch
-        try:  # written by whoever started it: checked like a typed /deploy
-            check_branch(branch)
-            if not COMMIT.match(commit):
-                raise UsageError(texts.not_a_commit(target.number))
+        try:
+            _check_deployed(branch, commit, target.number)
         except UsageError as exc:
             raise UserError(render.no_rollback(str(exc))) from None
         diff = compare_url(repository, live.commit, commit)
@@ -197,6 +204,10 @@ class Releases(Actions):
                 actor, "promote", pipeline, "refused", detail=f"nothing live on {source}"
             )
             raise UserError(render.nothing_live_on(source, pipeline))
+        try:
+            _check_deployed(live.branch or "main", live.commit, live.number)
+        except UsageError as exc:
+            raise UserError(render.no_promotion(str(exc))) from None
         deploy = DeployRequest(
             pipeline=pipeline,
             branch=live.branch or None,

@@ -241,6 +241,10 @@ def no_rollback(reason: str) -> str:
     return f":no_entry: {reason} Nothing was started."
 
 
+def no_promotion(reason: str) -> str:
+    return f":no_entry: {reason} It cannot be promoted. Nothing was started."
+
+
 def no_promote_rule(pipeline: str, rule: str) -> str:
     return (
         f":no_entry: {code(pipeline)} has no `promote_from` in its policy rule `{rule}`, so there "
