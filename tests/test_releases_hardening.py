@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -406,3 +407,26 @@ async def test_a_deployment_built_from_head_is_neither_rolled_back_to_nor_promot
     promote = (await answer(bot, "promote prod-lite"))["text"]
     assert "#1's commit is not a commit SHA" in promote and "Nothing was started" in promote
     assert bk.requests_to("POST") == []
+
+
+# -- a build that ends again ------------------------------------------------------------------
+
+
+async def test_a_deployment_whose_failed_jobs_are_retried_ends_again_as_passed(
+    bot: BotClient, bk: FakeBuildkite, redis_client: Any
+) -> None:
+    number = await deployed(bot, "web", SHA1, state="failed")
+    assert (await entry(redis_client, "web", number))["o"] == "failed"
+    assert "nothing live" in shown(await answer(bot, "status web"))
+    # Someone retries the failed job in Buildkite: the same build runs and ends again.
+    bk.set_build_state("web", number, "running")
+    await bot.webhook(bk.webhook_payload("web", number))
+    await bot.settled()
+    assert (await entry(redis_client, "web", number))["o"] == "failed"  # running never replaces
+    bk.now = lambda: datetime.now(UTC) + timedelta(minutes=5)  # it ends again, later
+    bk.set_build_state("web", number, "passed")
+    await bot.webhook(bk.webhook_payload("web", number))
+    await bot.settled()
+    again = await entry(redis_client, "web", number)
+    assert again["o"] == "passed" and again["r"] == ALICE
+    assert f"live: `{SHA1[:12]}`" in shown(await answer(bot, "status web"))
