@@ -430,3 +430,26 @@ async def test_a_deployment_whose_failed_jobs_are_retried_ends_again_as_passed(
     again = await entry(redis_client, "web", number)
     assert again["o"] == "passed" and again["r"] == ALICE
     assert f"live: `{SHA1[:12]}`" in shown(await answer(bot, "status web"))
+
+
+async def test_a_buildkite_rebuild_on_a_deploy_route_is_not_credited_with_its_originals_approval(
+    bot: BotClient, bk: FakeBuildkite, redis_client: Any
+) -> None:
+    marks = {
+        "chatops_source": "slack",
+        "chatops_requested_by": ALICE,
+        "chatops_approved_by": BOB,
+        "chatops_rollback_of": "3",
+    }
+    original = bk.add_build("ext-deploy", commit=SHA1, state="passed", meta_data=marks)
+    rebuilt = bk.add_build("ext-deploy", commit=SHA1, state="passed", meta_data=marks)
+    rebuilt["rebuilt_from"] = {"id": original["id"], "number": 1, "url": original["url"]}
+    for number in (1, 2):
+        assert (await bot.webhook(bk.webhook_payload("ext-deploy", number))).status == 200
+    await bot.settled()
+    first, second = [await entry(redis_client, "ext-deploy", n) for n in (1, 2)]
+    assert (first["r"], first["a"], first["rb"]) == (ALICE, BOB, 3)
+    assert not {"r", "a", "rb", "pf"} & set(second), second
+    assert (
+        f"approved by <@{BOB}>" not in shown(await answer(bot, "history ext-deploy")).split("\n")[1]
+    )

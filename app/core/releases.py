@@ -184,13 +184,14 @@ class LedgerRecorder:
             return
         source = Source.BOT if is_bot_build(build) else Source.ROUTE
         known = await self.store.deployment(pipeline, build.number)
-        entry = deployment_from(
-            build, pipeline, source=source, requested_by=known.requested_by if known else None
-        )
-        if known is not None:
+        entry = deployment_from(build, pipeline, source=source)
+        if build.rebuilt_from is not None:  # its meta_data is its original's, copied
+            entry = entry.model_copy(update=dict.fromkeys(COPIED_ON_REBUILD))
+        if known is not None:  # recorded at its start, or by the tracker's final listener
             entry = entry.model_copy(
                 update={
-                    "approved_by": entry.approved_by or known.approved_by,
+                    "requested_by": known.requested_by or entry.requested_by,
+                    "approved_by": known.approved_by or entry.approved_by,
                     "source": known.source,
                 }
             )
