@@ -1,8 +1,10 @@
 """`python -m app`: start the bot with settings from the environment or `.env`.
 
-`python -m app --check-config` checks the settings and tokens instead, and
-`python -m app sandbox` runs the bot against local fakes of Slack and Buildkite, and
-`python -m app ledger rebuild` records the release ledger again from Buildkite.
+Instead:
+- `python -m app --check-config` checks the settings and tokens;
+- `python -m app sandbox` runs the bot against local fakes of Slack and Buildkite;
+- `python -m app ledger rebuild` records the release ledger again from Buildkite;
+- `python -m app mcp` serves one agent (BKCHATOPS_AGENT_TOKEN) over stdio (docs/agents.md).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         help="check the settings, the policy file, and the tokens against Slack, Buildkite and "
         "Redis; print one line per check and exit 0 if all pass, else 1",
     )
-    commands = parser.add_subparsers(dest="command", metavar="{sandbox,ledger}")
+    commands = parser.add_subparsers(dest="command", metavar="{sandbox,ledger,mcp}")
     from app import sandbox as sandbox_mode
 
     sandbox_mode.add_arguments(
@@ -48,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
 
     ledger_cli.add_arguments(
         commands.add_parser("ledger", help="the release ledger: `ledger rebuild` from Buildkite")
+    )
+    commands.add_parser(
+        "mcp",
+        help="serve the agent whose token is in BKCHATOPS_AGENT_TOKEN over stdio (MCP)",
+        description="The MCP server over stdin/stdout for a local client, as the agent whose "
+        "bearer token is in BKCHATOPS_AGENT_TOKEN (see docs/agents.md). Logs go to stderr.",
     )
     args = parser.parse_args(argv)
     if args.command == "sandbox":
@@ -75,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         text, ok = report(asyncio.run(check_config(settings)), logs.RedactSecrets(secrets).redact)
         print(text)
         return 0 if ok else 1
+    if args.command == "mcp":
+        return _mcp(settings, secrets)
     logs.configure(settings.log_level, secrets)
 
     from app.core.policy import PolicyError
@@ -117,6 +127,30 @@ def forget_secret_environment() -> None:
     }
     for name in [name for name in os.environ if name.upper() in secret_names]:
         del os.environ[name]
+
+
+def _mcp(settings: Settings, secrets: list[str]) -> int:
+    """`python -m app mcp`: stdout carries the protocol, so every word for people goes to
+    stderr, and the agent's token joins the secrets no log line may show."""
+    from app.agents.stdio import TOKEN_VARIABLE, agent_for
+    from app.core.policy import PolicyError, load_policy
+    from app.main import run_mcp_stdio
+
+    token = os.environ.get(TOKEN_VARIABLE, "").strip() or None
+    logs.configure(settings.log_level, [*secrets, *([token] if token else [])], sys.stderr)
+    try:
+        agent = agent_for(load_policy(settings.policy_file), token)
+    except PolicyError as exc:
+        print("The MCP server cannot start; fix the policy file (POLICY_FILE):", file=sys.stderr)
+        for problem in str(exc).splitlines():
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    if agent is None:
+        why = "is not set" if token is None else "is no agent's token in the policy (agents:)"
+        print(f"The MCP server cannot start: {TOKEN_VARIABLE} {why}.", file=sys.stderr)
+        return 2
+    run_mcp_stdio(settings, agent)
+    return 0
 
 
 if __name__ == "__main__":

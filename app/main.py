@@ -34,15 +34,21 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 import handlers
+from app.agents.gateway import create_gateway
+from app.agents.http import McpEndpoint
+from app.agents.identity import Agent
 from app.core.approvals import Approvals
 from app.core.audit import Auditor
 from app.core.auto_retry import AutoRetry
 from app.core.deploy_queue import DeployQueue
 from app.core.digest import run_digest_schedules
+from app.core.freeze_announcements import FreezeAnnouncer, sweep_every
+from app.core.lock_hygiene import LockHygiene
 from app.core.policy import load_policy
 from app.core.releases import LedgerRecorder
 from app.core.routing import Router
 from app.core.services import Services
+from app.core.supersede import StaleBlocks
 from app.ops.checks import Readiness, check_buildkite, check_slack
 from app.ops.metrics import CountSlackCalls, Metrics, count_buildkite_requests
 from app.ops.observability import SlackRequestObserver
@@ -159,7 +165,9 @@ async def open_services(
         hooks = SlackHooks(settings.slack_hooks_url, outbox, metrics)
         auditor = Auditor(store)
         intake = Intake(store, buildkite)
-        auto_retry = AutoRetry(policy, store, buildkite, outbox, auditor, follow=intake.reopen)
+        auto_retry = AutoRetry(
+            policy, store, buildkite, outbox, auditor, follow=intake.reopen, clock=tuning.clock
+        )
         ledger = LedgerRecorder(policy, store, buildkite)
         consumer = process_name()  # its stream consumer and its poll lease
         redis_outage = RedisOutage(
@@ -167,12 +175,16 @@ async def open_services(
             repeat_every=tuning.redis_outage_log_every,
         )
         writer = MessageWriter(store, buildkite, outbox, hooks, tuning.tracking, people=directory)
+        stale_blocks = StaleBlocks(
+            policy, store, buildkite, outbox, auditor, observe=intake.observe
+        )
         notifier = Notifier(
             store,
             writer,
             tuning.tracking,
             metrics=metrics,
             on_final=[auto_retry.on_final, ledger.on_final],
+            on_transition=[stale_blocks.on_transition],
             consumer=consumer,
             redis_outage=redis_outage,
         )
@@ -302,6 +314,7 @@ async def background(services: Services, tuning: Tuning = DEFAULT) -> AsyncItera
             name="approvals",
         ),
         asyncio.create_task(run_digest_schedules(services, stop), name="digests"),
+        *clock_sweeps(services, stop, tuning),
     ]
     try:
         yield
@@ -312,6 +325,41 @@ async def background(services: Services, tuning: Tuning = DEFAULT) -> AsyncItera
         for task in still_running:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def clock_sweeps(
+    services: Services, stop: asyncio.Event, tuning: Tuning
+) -> list[asyncio.Task[None]]:
+    """The loops that watch the clock: freeze start and end announcements, lock hygiene."""
+    announcer = FreezeAnnouncer(
+        services.policy, services.store, services.outbox, tuning.sweeps, tuning.clock
+    )
+    hygiene = LockHygiene(
+        services.policy,
+        services.store,
+        services.outbox,
+        tuning.clock,
+        late=tuning.sweeps.announce_late,
+    )
+    outage = services.redis_outage
+    return [
+        asyncio.create_task(
+            sweep_every(
+                "the freeze announcements",
+                announcer.sweep,
+                tuning.sweeps.freeze_interval,
+                stop,
+                outage,
+            ),
+            name="freezes",
+        ),
+        asyncio.create_task(
+            sweep_every(
+                "the lock reminders", hygiene.sweep, tuning.sweeps.lock_interval, stop, outage
+            ),
+            name="lock-hygiene",
+        ),
+    ]
 
 
 async def expire_approvals(
@@ -340,6 +388,8 @@ class RunningBot:
     services: Services
     bolt: AsyncApp
     port: int
+    #: The agents' /mcp endpoint (app.agents).
+    mcp: McpEndpoint
 
 
 @contextlib.asynccontextmanager
@@ -365,11 +415,13 @@ async def start_bot(
                 "buildkite": lambda: check_buildkite(services.buildkite, thorough=False),
             },
         )
+        mcp = McpEndpoint(create_gateway(services, metrics))
         web_app = create_web_app(
             services,
             None if settings.socket_mode else bolt,
             metrics=metrics,
             readiness=readiness,
+            mcp=mcp.handle,
         )
         runner = StoppingRunner(
             web_app,
@@ -385,7 +437,7 @@ async def start_bot(
             await site.start()
             bound = runner.addresses[0][1] if runner.addresses else settings.port
             await readiness.check_at_start()
-            async with background(services, tuning):
+            async with mcp.running(services.stopping), background(services, tuning):
                 if settings.socket_mode:
                     from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 
@@ -400,9 +452,10 @@ async def start_bot(
                     )
                 else:
                     log.info("listening for Slack and Buildkite on port %s", bound)
-                yield RunningBot(services=services, bolt=bolt, port=bound)
+                yield RunningBot(services=services, bolt=bolt, port=bound, mcp=mcp)
                 log.info("shutting down: no new requests; finishing the ones in flight")
                 services.stopping.start()
+                await mcp.stop_waits()  # agents' waits answer now, not after the grace
                 # Stop taking work first, then let acknowledged requests finish their calls
                 # before the notifier and poller stop and the clients close. Pending builds
                 # stay in Redis for the next start.
@@ -491,3 +544,29 @@ def run(settings: Settings, tuning: Tuning = DEFAULT) -> None:
         await serve(settings, stop, tuning)
 
     asyncio.run(_main())
+
+
+async def serve_mcp_stdio(settings: Settings, agent: Agent, tuning: Tuning = DEFAULT) -> None:
+    """`python -m app mcp`: the bot's services, serving one agent over stdio.
+
+    With a shared Redis the running bot's notifier posts and follows the builds this process
+    starts; with the embedded store nobody else could, so this process runs them itself.
+    """
+    from app.agents.stdio import serve_stdio  # the SDK, only for this mode
+
+    async with open_services(settings, tuning=tuning) as services:
+        gateway = create_gateway(services)
+        async with contextlib.AsyncExitStack() as stack:
+            if settings.redis_url is None:
+                log.warning("mcp over stdio with the embedded store: following its own builds")
+                await stack.enter_async_context(background(services, tuning))
+            try:
+                await serve_stdio(gateway, agent)
+            finally:
+                await gateway.changes.close()
+                services.stopping.start()
+                await services.finish_inflight()
+
+
+def run_mcp_stdio(settings: Settings, agent: Agent, tuning: Tuning = DEFAULT) -> None:
+    asyncio.run(serve_mcp_stdio(settings, agent, tuning))

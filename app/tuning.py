@@ -8,6 +8,8 @@ environment. Values a person may want to change (poll interval, timeouts) live i
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -70,14 +72,46 @@ class DeployTuning:
 
 
 @dataclass(frozen=True, slots=True)
+class SweepTuning:
+    """How often the loops that watch the clock look: freeze announcements, lock reminders."""
+
+    freeze_interval: float = 30.0
+    lock_interval: float = 60.0
+    #: An end of freeze (or a lock's expiry) missed for longer than this, while no bot ran,
+    #: is no longer announced: it would be news of the past.
+    announce_late: float = 3600.0
+
+
+class AgentTuning:
+    """What agents' (MCP) reads cost, and how their waits wake."""
+
+    #: How long a build read for agents is answered from Redis (a chatty agent cannot spend the
+    #: organisation's Buildkite rate limit).
+    read_cache: float = 2.0
+    #: Listings (pipelines, builds, agents, the health digest) are kept longer.
+    list_cache: float = 10.0
+    #: A wait re-reads the record this often besides waking on announcements (a lost one, or a
+    #: Redis Cluster without pub/sub, only delays it).
+    wait_recheck: float = 1.0
+    #: The longest wait a tool call may ask for (the SDK's clients time out at 60 s).
+    max_wait: float = 50.0
+    #: How long a retried call waits for the first one's result before saying it still runs.
+    duplicate_patience: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class Tuning:
     slack: SlackPacing = field(default_factory=SlackPacing)
     tracking: TrackingTuning = field(default_factory=TrackingTuning)
     deploys: DeployTuning = field(default_factory=DeployTuning)
+    agents: AgentTuning = field(default_factory=AgentTuning)
     #: How long a stopping bot waits for work in flight.
     shutdown_grace: float = 10.0
     #: While Redis is down, the loops log that it still is at most this often.
     redis_outage_log_every: float = 60.0
+    sweeps: SweepTuning = field(default_factory=SweepTuning)
+    #: The wall clock (unix seconds) of freezes and lock reminders; a test passes its own.
+    clock: Callable[[], float] = time.time
 
 
 #: What production runs with.

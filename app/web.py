@@ -49,10 +49,15 @@ MAX_BODY = 1024 * 1024
 
 
 def create_web_app(
-    services: Services, bolt: AsyncApp | None, *, metrics: Metrics, readiness: Readiness
+    services: Services,
+    bolt: AsyncApp | None,
+    *,
+    metrics: Metrics,
+    readiness: Readiness,
+    mcp: Handler | None = None,
 ) -> web.Application:
-    """Routes: POST /slack/events (HTTP mode only), POST /buildkite/webhook, and
-    GET /healthz, /readyz and /metrics."""
+    """Routes: POST /slack/events (HTTP mode only), POST /buildkite/webhook, GET /healthz,
+    /readyz and /metrics, and /mcp for agents (app.agents.http, in both modes)."""
     app = web.Application(client_max_size=MAX_BODY, middlewares=[correlate])
     app[SERVICES_KEY] = services
     app[METRICS_KEY] = metrics
@@ -63,6 +68,8 @@ def create_web_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_page)
+    if mcp is not None:
+        app.router.add_route("*", "/mcp", mcp)
     return app
 
 

@@ -39,6 +39,7 @@ LONG_TESTS = {
     "test_builds_that_finish_while_buildkite_is_down_get_their_final_message": 8,
     "test_a_rebuild_answered_after_the_timeout_starts_one_rebuild": 8,
     "test_check_config_masks_every_form": 5,
+    "test_a_deploy_over_stdio_is_followed_by_the_running_bot": 6,
     "test_a_burst_of_changes_under_slack_429s_ends_with_every_message_true": 5,
     "test_a_post_answered_while_redis_is_down_is_recorded_not_repeated": 5,
 }

@@ -16,16 +16,28 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     # The API client knows nothing of Slack, Redis or the bot.
     "buildkite": ("app", "handlers"),
     # Storage keeps records; it does not know who reads them.
-    "app.storage": ("app.core", "app.slack", "app.tracking", "handlers", "app.main"),
+    "app.storage": ("app.core", "app.slack", "app.tracking", "handlers", "app.main", "app.agents"),
     # Tracking follows builds and writes to Slack; the product's rules listen to it, not back.
-    "app.tracking": ("app.core", "handlers", "app.main", "app.web"),
+    "app.tracking": ("app.core", "handlers", "app.main", "app.web", "app.agents"),
     # The rules never reach a listener or the composition root.
-    "app.core": ("handlers", "app.main", "app.web"),
+    "app.core": ("handlers", "app.main", "app.web", "app.agents"),
     # Slack's boundary renders and sends; it takes from core only the leaf modules below.
-    "app.slack": ("app.tracking", "handlers", "app.main", "app.web"),
+    "app.slack": ("app.tracking", "handlers", "app.main", "app.web", "app.agents"),
     "app.ops": ("app.tracking", "handlers", "app.main", "app.slack.render"),
-    "handlers": ("app.main", "app.web", "app.tracking"),
+    "handlers": ("app.main", "app.web", "app.tracking", "app.agents"),
+    # Agents (MCP) call the core's services like the listeners do: never a listener, the
+    # composition root, the web app, or Slack's writer directly.
+    "app.agents": (
+        "handlers",
+        "app.main",
+        "app.web",
+        "app.slack.outbox",
+        "app.simulators",
+        "app.sandbox",
+    ),
 }
+#: Only these import the agents' room (the composition root, and `python -m app mcp`).
+AGENTS_IMPORTERS = ("app.main", "app.agents", "app.__main__")
 #: What app.slack may take from app.core: data and errors, no services.
 SLACK_MAY_USE_FROM_CORE = ("app.core.errors", "app.core.names", "app.core.unblock_forms")
 #: Only these import the listeners (the composition root wires them).
@@ -94,7 +106,11 @@ def test_slack_takes_only_data_and_errors_from_core() -> None:
 
 @pytest.mark.parametrize(
     ("wired", "importers"),
-    [("handlers", HANDLERS_IMPORTERS), ("app.simulators", SIMULATORS_IMPORTERS)],
+    [
+        ("handlers", HANDLERS_IMPORTERS),
+        ("app.simulators", SIMULATORS_IMPORTERS),
+        ("app.agents", AGENTS_IMPORTERS),
+    ],
 )
 def test_only_their_owners_import_the_listeners_and_the_simulators(
     wired: str, importers: tuple[str, ...]

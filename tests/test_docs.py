@@ -17,7 +17,7 @@ CONFIGURATION = ROOT / "docs" / "configuration.md"
 
 #: Pages that other work in flight adds: a link to one of them may dangle until it lands.
 #: The integrator empties this set once they are all merged.
-PENDING_PAGES: frozenset[str] = frozenset({"docs/sandbox.md"})
+PENDING_PAGES: frozenset[str] = frozenset()
 
 _FENCE = re.compile(r"^(```|~~~).*?^\1[ \t]*$", re.M | re.S)
 _CODE_SPAN = re.compile(r"(`+)(?!`).+?(?<!`)\1(?!`)", re.S)
@@ -102,17 +102,17 @@ def test_the_link_check_catches_a_dangling_page_or_anchor(tmp_path: Path) -> Non
     page.write_text(
         "# Probe\n\n## Its own heading\n\n[ok](#its-own-heading) [ok](configuration.md)\n"
         "[bad](#nowhere) [bad](no-such-page.md) [bad](configuration.md#nowhere)\n"
-        "[pending](sandbox.md) `[not a link](nowhere.md)`\n\n```\n[nor this](x.md)\n```\n",
+        "[pending](coming-soon.md) `[not a link](nowhere.md)`\n\n```\n[nor this](x.md)\n```\n",
         encoding="utf-8",
     )
     try:
-        problems = broken_links(page, pending=frozenset({"docs/sandbox.md"}))
+        problems = broken_links(page, pending=frozenset({"docs/coming-soon.md"}))
         assert [p.split(":")[0] for p in problems] == [
             "#nowhere",
             "no-such-page.md",
             "configuration.md#nowhere",
         ]
-        assert any("sandbox.md" in p for p in broken_links(page, pending=frozenset()))
+        assert any("coming-soon.md" in p for p in broken_links(page, pending=frozenset()))
     finally:
         page.unlink()
 

@@ -26,6 +26,7 @@ async def deploy(bot: BotClient) -> str:
     """/deploy deploy-prod, answered: build #1 followed in one message; returns its ts."""
     await bot.command("/deploy", "deploy-prod")
     (post,) = await bot.slack.wait_for(lambda: bot.slack.posts(CHANNEL))
+    await bot.settled()  # the command's own answer too, before a test counts what follows
     return str(post.response["ts"])
 
 

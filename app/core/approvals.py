@@ -4,13 +4,14 @@ and the expiry of those nobody decided.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
 from app.core.actions import Actions
-from app.core.deploys import plan_action, plan_from
+from app.core.deploys import approvers_of, break_glass_detail, plan_action, plan_from
 from app.core.errors import UserError, explain
 from app.slack.actor import Actor
 from app.slack.render import texts
@@ -19,6 +20,8 @@ from app.slack.render.texts import TRACKING_DOWN
 from app.storage.records import Approval, ApprovalDecision, ApprovalStatus, PendingDeploy
 from buildkite.errors import BuildkiteError, NotFound
 from buildkite.models import Build
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,11 +44,17 @@ class Approvals(Actions):
         plan = plan_from(data)
         rule = self.s.policy.rule_for(plan.pipeline)
         action = "approve" if approve else "reject"
-        if actor.user_id == plan.requester and approve:
+        # The person an agent acts for approving its request would be approving themselves.
+        if approve and actor.user_id in (plan.requester, plan.acts_for):
             await self._audit(actor, action, plan.pipeline, "refused", detail="self-approval")
+            if actor.user_id == plan.acts_for:
+                raise UserError(texts.no_agent_self_approval(plan.approvers))
             raise UserError(texts.no_self_approval(plan.approvers))
-        approvers = rule.approval.approvers if rule.approval else []
-        allowed = actor.user_id == plan.requester or actor.user_id in await self.s.policy.members(
+        approvers = approvers_of(plan, rule, self.s.policy)
+        allowed = actor.user_id in (
+            plan.requester,
+            plan.acts_for,
+        ) or actor.user_id in await self.s.policy.members(
             approvers, self.s.directory.usergroup_members
         )
         if not allowed:
@@ -64,18 +73,27 @@ class Approvals(Actions):
         )
         if result is ApprovalDecision.EXPIRED_NOW:
             await self._show_approval(approval, plan, "expired")
+            await self._settle(approval_id)
         if result is not ApprovalDecision.DECIDED:
             state = result.status
             raise UserError(texts.already_decided(state))
         if refusal is not None:
+            await self._settle(approval_id, problem=refusal.text)
             await self._audit(actor, action, plan.pipeline, "refused", detail=refusal.detail)
             await self._show_approval(
                 approval, plan, "refused", decided_by=actor.user_id, reason=refusal.text
             )
             raise UserError(texts.approved_not_started(refusal.text))
-        await self._audit(actor, action, plan.pipeline, "approved" if approve else "rejected")
+        await self._audit(
+            actor,
+            action,
+            plan.pipeline,
+            "approved" if approve else "rejected",
+            detail=break_glass_detail(plan) if plan.break_glass is not None else "",
+        )
         if not approve:
             await self._show_approval(approval, plan, "rejected", decided_by=actor.user_id)
+            await self._settle(approval_id)
             return None
         requester = Actor(
             user_id=plan.requester,
@@ -91,11 +109,24 @@ class Approvals(Actions):
                 thread=approval.ts or None,
                 approved_by=actor.user_id,
             )
-        except UserError:
+        except UserError as exc:
             await self._show_approval(approval, plan, "approved", decided_by=actor.user_id)
+            await self._settle(approval_id, problem=exc.text)
             raise
         await self._show_approval(approval, plan, "approved", decided_by=actor.user_id, build=build)
+        await self._settle(approval_id, build=build)
         return build
+
+    async def _settle(
+        self, approval_id: str, *, build: Build | None = None, problem: str | None = None
+    ) -> None:
+        """Note what an approval led to, for whoever waits on it (an agent's wait_for_request)."""
+        try:
+            await self.s.store.settle_approval(
+                approval_id, number=build.number if build else None, problem=problem
+            )
+        except RedisError as exc:
+            log.warning("could not note the outcome of approval %s: %s", approval_id, exc)
 
     async def _recheck(
         self, plan: DeployPlan, data: PendingDeploy, approval: Approval, approver: Actor
@@ -118,6 +149,11 @@ class Approvals(Actions):
                 ),
                 f"rule {decision.rule}",
             )
+        if plan.break_glass is None:  # a break-glass deploy is approved to go through it
+            now = self.s.tuning.clock()
+            frozen = self.s.policy.freeze_refusal(plan.pipeline, now, action=action.value)
+            if frozen is not None:
+                return Refusal(frozen, "freeze")
         rule = self.s.policy.rule_for(plan.pipeline)
         env_refusal = rule.env_refusal(plan.env)
         if env_refusal is not None:
@@ -149,6 +185,7 @@ class Approvals(Actions):
             approval = await self.s.store.approval(approval_id)
             if result is ApprovalDecision.EXPIRED_NOW and approval is not None:
                 await self._show_approval(approval, plan_from(approval.request), "expired")
+                await self._settle(approval_id)
                 expired += 1
         return expired
 

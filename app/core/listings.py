@@ -177,6 +177,28 @@ class Listings:
             requests=pages(len(builds), per_page),
         )
 
+    async def recent_builds(
+        self, *, pipeline: str | None, state: str | None, branch: str | None, limit: int
+    ) -> list[Build]:
+        """Up to `limit` (≤ 100) recent builds without their jobs, newest first: one request."""
+        try:
+            return await _collect(
+                self.bk.list_builds(
+                    pipeline=pipeline,
+                    state=state,
+                    branch=branch,
+                    exclude_jobs=True,
+                    per_page=min(MAX_PER_PAGE, limit),
+                    limit=limit,
+                )
+            )
+        except BuildkiteError as exc:
+            if pipeline is not None:
+                raise UserError(
+                    explain(exc, action="list the builds of", pipeline=pipeline)
+                ) from None
+            raise UserError(self._explain(exc, "list the builds of")) from None
+
     async def build(self, ref: BuildRef) -> Build:
         """One build with its jobs (one request)."""
         try:

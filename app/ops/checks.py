@@ -159,7 +159,9 @@ def check_policy(settings: Settings) -> Check:
         policy = load_policy(path)
     except PolicyError as exc:
         return Check("policy", False, str(exc))  # one problem a line
-    return Check("policy", True, f"{path}: {len(policy.data.pipelines)} pipeline rules")
+    agents = len(policy.data.agents)
+    declared = f", {agents} agents (MCP)" if agents else ""
+    return Check("policy", True, f"{path}: {len(policy.data.pipelines)} pipeline rules{declared}")
 
 
 class Readiness:

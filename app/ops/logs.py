@@ -164,7 +164,7 @@ def configure(level: str, secrets: Iterable[str], stream: TextIO | None = None) 
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Quieter third parties: their debug lines can echo request headers and bodies.
-    for noisy in ("httpx", "httpcore", "aiohttp.access", *SLACK_LIBRARIES):
+    for noisy in ("httpx", "httpcore", "aiohttp.access", "mcp", "sse_starlette", *SLACK_LIBRARIES):
         logging.getLogger(noisy).setLevel(max(logging.getLevelName(level), logging.INFO))
 
 

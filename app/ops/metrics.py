@@ -140,6 +140,18 @@ class Metrics:
             ["error"],
             registry=r,
         )
+        self.agent_calls = Counter(
+            "bkchatops_agent_calls",
+            "Agents' MCP tool calls, by tool and outcome (started, awaiting_approval, answered, "
+            "refused, repeated, invalid, failed)",
+            ["tool", "outcome"],
+            registry=r,
+        )
+        self.agent_waits = Gauge(
+            "bkchatops_agent_waits",
+            "Agents' wait_for_build and wait_for_request calls in progress in this process",
+            registry=r,
+        )
 
     # -- counting, for the few places that count by hand ----------------------------------
 

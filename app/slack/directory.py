@@ -7,6 +7,7 @@ and Slack rate-limits these methods (usergroups.users.list is Tier 2).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 
@@ -18,6 +19,8 @@ from buildkite.models import Author
 log = logging.getLogger(__name__)
 
 PEOPLE_TTL = 600.0
+#: A Slack user id; anything else (an agent's `agent:<name>`) is never looked up.
+SLACK_USER_ID = re.compile(r"^[UW][A-Z0-9]{2,}$")
 
 
 class Directory:
@@ -36,6 +39,8 @@ class Directory:
 
     async def author_for(self, user_id: str) -> Author | None:
         """The Slack user's name and email, to credit them as the build's author in Buildkite."""
+        if not SLACK_USER_ID.match(user_id):
+            return None  # an agent (agent:<name>): no Slack user to credit or look up
         cached = self._authors.get(user_id)
         if cached and cached[0] > self._clock():
             return cached[1]

@@ -26,6 +26,14 @@ def escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def person(user_id: str) -> str:
+    """Who acted, as a message names them: a Slack mention, or an agent by its name (an agent's
+    id, `agent:<name>`, is no Slack user id and must not be written as a mention)."""
+    if user_id.startswith("agent:"):
+        return f"agent {code(user_id.removeprefix('agent:'))}"
+    return f"<@{user_id}>"
+
+
 def plain(text: str) -> str:
     """Someone's free text (a reason, a build message) to show as it is: escaped, and with its
     runs of backticks broken up, so that it cannot open a code block over the bot's own text."""

@@ -3,6 +3,7 @@ the markers of what was posted, and the lock of the process writing a build's me
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import uuid
@@ -10,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import redis.asyncio as redis
+from redis.exceptions import RedisError
 
 from app.storage import lua
 from app.storage.codec import (
@@ -26,6 +28,7 @@ from app.storage.keys import (
     BUILD_KEY,
     BUILD_LOCK_KEY,
     BY_NUMBER_KEY,
+    CHANGES_CHANNEL,
     EVENTS_MAXLEN,
     EVENTS_STREAM,
     FINAL_RANK,
@@ -135,6 +138,10 @@ class BuildRecords:
             return UNCHANGED
         if text(result[0]) == "regressed":
             return REGRESSED
+        # Beside the stream: wakes agents waiting on this build (app.agents), in any replica.
+        # Best effort: a waiter also re-reads the record, and the change itself is recorded.
+        with contextlib.suppress(RedisError):
+            await self.redis.publish(CHANGES_CHANNEL, f"build:{build_id}")
         return Observation.changed(text(result[1]))
 
     async def reset(self, build_id: str, *, new_generation: bool) -> int | None:

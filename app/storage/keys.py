@@ -129,3 +129,46 @@ LEDGER_INFO_KEY = PREFIX + "ledger:info"
 
 LEDGER_MAX = 200  # deployments kept per pipeline
 LEDGER_KEEP = 90 * 24 * 3600  # and for how long after each started
+# -- freezes, the stale-block guard, lock hygiene ------------------------------------------
+
+#: freeze:{occurrence}:{edge}:{channel} -> a freeze occurrence's start or end was announced in
+#: that channel (SET NX: once across replicas).
+FREEZE_ANNOUNCED_KEY = TEMPLATE_PREFIX + "freeze:{occurrence}:{edge}:{channel}"
+#: Kept past the announced edge, so that a replica that looks late does not announce it again.
+FREEZE_ANNOUNCED_KEEP = 2 * 24 * 3600
+#: blocked:{pipeline}:{branch} -> sorted set of the tracked builds of that branch waiting on a
+#: block step, by build number.
+BLOCKED_KEY = TEMPLATE_PREFIX + "blocked:{pipeline}:{branch}"
+#: newest:{pipeline}:{branch} -> JSON of the newest build of that branch that passed or was
+#: unblocked (see SupersededBy): older blocked builds are superseded by it.
+NEWEST_KEY = TEMPLATE_PREFIX + "newest:{pipeline}:{branch}"
+#: superseded:{build_id} -> JSON of the newer build that superseded this blocked one (SET NX:
+#: the one process that sets it updates the message, and cancels it when the policy says so).
+SUPERSEDED_KEY = TEMPLATE_PREFIX + "superseded:{build_id}"
+GUARD_TTL = PENDING_TTL
+#: lockremind:{pipeline}:{since}:{period} -> the holder of that lock was reminded in that period.
+LOCK_REMINDED_KEY = TEMPLATE_PREFIX + "lockremind:{pipeline}:{since}:{period}"
+#: Sorted set of the pipelines locked, by when: what the reminder sweep reads, rather than
+#: scanning the keyspace every minute. A member whose lock expired is dropped as it is read.
+LOCKS_HELD_KEY = PREFIX + "locks:held"
+#: Sorted set of expiring locks (their JSON), by expiry: the channel is told once it passes.
+#: No TTL of its own: each member leaves at its expiry (or its unlock), and the set with it.
+LOCK_EXPIRY_KEY = PREFIX + "locks:expiring"
+# -- agents (MCP) ----------------------------------------------------------------------------
+
+#: agentbudget:{agent}:{kind}:{window} -> what the agent spent of one budget (`mutations` an
+#: hour, `reads` a minute) in that window (INCR), shared by every replica.
+AGENT_BUDGET_KEY = TEMPLATE_PREFIX + "agentbudget:{agent}:{kind}:{window}"
+#: agentcall:{agent}:{key} -> the result (JSON) of an agent's mutation with that identity (its
+#: idempotency_key, or one derived from its arguments and the minute); "" while it runs (SET NX).
+AGENT_CALL_KEY = TEMPLATE_PREFIX + "agentcall:{agent}:{key}"
+#: agentread:{what} -> an answer read from Buildkite for agents, kept a moment (PX).
+AGENT_READ_KEY = TEMPLATE_PREFIX + "agentread:{what}"
+#: Pub/sub channel beside the events stream: `build:{id}` when a tracked build's phase changed,
+#: `approval:{id}` when an approval was settled. Waiting agents wake on it (no Buildkite call).
+CHANGES_CHANNEL = PREFIX + "changes"
+
+AGENT_CALL_TTL = REQUEST_TTL  # a retry within a day is the same call
+#: A call's "still running" mark outlives any call (waits end within 50 s, Buildkite's answers
+#: within its timeouts), so that a call cut off before it could let go frees its key by itself.
+AGENT_CALL_RUNNING_TTL = 300

@@ -138,6 +138,8 @@ class PipelineLock(BaseModel):
     reason: str = ""
     since: float
     expires_at: float | None = None
+    #: Where it was taken, so that the channel hears when it expires.
+    channel: str | None = None
 
 
 class PendingDeploy(BaseModel):
@@ -177,6 +179,22 @@ class Approval(BaseModel):
     decided_by: str = ""
 
 
+class ApprovalOutcome(BaseModel):
+    """Where an approval stands for whoever waits on it: its status and, once settled, the
+    build it started or why it started none."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    status: ApprovalStatus
+    expires_at: float
+    #: The decision has taken effect (a build started, or a refusal noted).
+    settled: bool = False
+    build: int | None = None
+    problem: str | None = None
+    #: The kept deploy request (JSON, as `Approvals` wrote it).
+    request: str = ""
+
+
 class ApprovalDecision(StrEnum):
     """What `decide_approval` found: this call decided it, or why it did not."""
 
@@ -212,3 +230,15 @@ class AuditEntry(BaseModel):
     outcome: str = "?"
     url: str = ""
     detail: str = ""
+
+
+class SupersededBy(BaseModel):
+    """The newer build of a branch that passed or was unblocked, superseding older blocked ones."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    number: int
+    url: str | None = None
+    #: The policy's `superseded` for the blocked build, when it was superseded: refuse, warn
+    #: (its Unblock asks to confirm) or cancel.
+    mode: str = "refuse"

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import redis.asyncio as redis
 
+from app.storage.agents import AgentLedger
 from app.storage.approvals import Approvals
 from app.storage.audit import AuditTrail
 from app.storage.builds import BuildRecords
+from app.storage.guards import Guards
 from app.storage.ledger import ReleaseLedger
 from app.storage.locks import PipelineLocks
 from app.storage.poll import PollLedger
@@ -31,6 +33,8 @@ class Store(
     AuditTrail,
     PollLedger,
     ReleaseLedger,
+    Guards,
+    AgentLedger,
 ):
     """Every concern of the store over one `redis.asyncio` client."""
 
@@ -45,6 +49,8 @@ class Store(
         AuditTrail.__init__(self, client)
         PollLedger.__init__(self, client)
         ReleaseLedger.__init__(self, client)
+        Guards.__init__(self, client)
+        AgentLedger.__init__(self, client)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())

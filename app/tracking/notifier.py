@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 #: Told of a build's final state, once per build and generation, before its transition is done.
 FinalListener = Callable[[TrackedBuild, Build], Awaitable[None]]
+#: Told of every change of a build's state once its messages are written (the stale-block
+#: guard); a transition delivered twice is told twice, so a listener acts once by itself.
+TransitionListener = Callable[[TrackedBuild, Build, Transition], Awaitable[None]]
 
 
 class Notifier:
@@ -44,6 +47,7 @@ class Notifier:
         *,
         metrics: Metrics = UNWIRED,
         on_final: Sequence[FinalListener] = (),
+        on_transition: Sequence[TransitionListener] = (),
         consumer: str | None = None,
         clock: Callable[[], float] = time.time,
         redis_outage: RedisOutage | None = None,
@@ -54,6 +58,7 @@ class Notifier:
         self.tuning = tuning
         self.metrics = metrics
         self.on_final = tuple(on_final)
+        self.on_transition = tuple(on_transition)
         self.consumer = consumer or process_name()
         self.clock = clock
         #: Slack writes in flight, at most `max_parallel_writes` at once, in order per build.
@@ -179,6 +184,9 @@ class Notifier:
                 build = await self.writer.write(tracked, transition)
                 if transition.channel is None and transition.gen == tracked.gen:
                     await self._after_final(tracked, build, transition)
+                if transition.channel is None and transition.old != transition.new:
+                    for listener in self.on_transition:
+                        await listener(tracked, build, transition)
             except SlackDeliveryError as exc:
                 if not exc.permanent:
                     return False  # left unacknowledged: retried after reclaim_idle_ms

@@ -19,8 +19,11 @@ from app.core.policy.env import (
 )
 from app.core.policy.loading import PolicyError, load_policy
 from app.core.policy.model import (
+    AGENT_PREFIX,
     DEFAULT_EVENTS,
     Action,
+    AgentBudget,
+    AgentSpec,
     Approval,
     AutoRetry,
     NotifyEvent,
@@ -28,11 +31,14 @@ from app.core.policy.model import (
     Principals,
     Route,
     Rule,
+    Superseded,
     UnblockFormSpec,
+    is_agent,
     parse_duration,
 )
 
 __all__ = [
+    "AGENT_PREFIX",
     "BUILT_IN_ENV_DENY",
     "DEFAULT_EVENTS",
     "ENV_NAME",
@@ -40,6 +46,8 @@ __all__ = [
     "MAX_ENV_VALUE",
     "MAX_ENV_VARS",
     "Action",
+    "AgentBudget",
+    "AgentSpec",
     "Approval",
     "AutoRetry",
     "Decision",
@@ -52,7 +60,9 @@ __all__ = [
     "Principals",
     "Route",
     "Rule",
+    "Superseded",
     "UnblockFormSpec",
+    "is_agent",
     "load_policy",
     "parse_duration",
     "principal_ref",

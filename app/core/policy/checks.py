@@ -9,7 +9,20 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from app.core.policy.model import Action, PolicyFile, Route, Rule, UnblockFormSpec, is_group
+from app.core import freezes
+from app.core.freezes import Occurrence
+from app.core.policy.model import (
+    AGENT_PREFIX,
+    Action,
+    AgentSpec,
+    Approval,
+    PolicyFile,
+    Route,
+    Rule,
+    UnblockFormSpec,
+    is_agent,
+    is_group,
+)
 from app.core.unblock_forms import BlockForm, match_step
 
 # The package's name, as before it was split in modules: log filters key on it.
@@ -43,6 +56,15 @@ class Policy:
     @property
     def admins(self) -> list[str]:
         return self.data.admins
+
+    def active_freeze(self, pipeline: str, now: float) -> Occurrence | None:
+        """The freeze window in force on `pipeline` at `now` (unix seconds), if any."""
+        return freezes.active_freeze(self.data.freezes, pipeline, now)
+
+    def freeze_refusal(self, pipeline: str, now: float, *, action: str = "deploy") -> str | None:
+        """Why `action` (deploy, rebuild, rollback, promotion) of `pipeline` is refused at `now`:
+        the freeze, its reason and its end; None when nothing is frozen. See app.core.freezes."""
+        return freezes.freeze_refusal(self.data.freezes, pipeline, now, action=action)
 
     def routes_for(self, pipeline: str, branch: str | None) -> list[Route]:
         return [r for r in self.data.notifications if r.matches(pipeline, branch)]
@@ -106,7 +128,52 @@ class Policy:
         return members
 
     async def is_admin(self, user: str, resolve: GroupResolver) -> bool:
+        if is_agent(user):  # an agent is never an admin (nor anyone the admins' groups hold)
+            return False
         return user in await self.members(self.data.admins, resolve)
+
+    def agent(self, name: str) -> AgentSpec | None:
+        """The declared agent of that name (see app.agents), or None."""
+        return self.data.agents.get(name)
+
+    def acts_for(self, user: str) -> str | None:
+        """The person an agent (`agent:<name>`) works for, if it names one; None for people."""
+        spec = self.agent(user.removeprefix(AGENT_PREFIX)) if is_agent(user) else None
+        return spec.acts_for if spec is not None else None
+
+    def approvers(self, rule: Rule, *, requester: str, break_glass: bool = False) -> list[str]:
+        """Who may approve `requester`'s protected deploy: the rule's approvers; for a
+        break-glass deploy on a rule without any, the admins; for an agent on a rule that only
+        protects, the people who may deploy it and the admins; never the person an agent acts
+        for."""
+        person = self.acts_for(requester)  # never the agent's own person (self-approval)
+        if rule.approval is not None:
+            return [p for p in rule.approval.approvers if p != person]
+        if break_glass:
+            return [a for a in self.data.admins if a != person]
+        if not is_agent(requester):
+            return []
+        people = [p for p in rule.deployers or [] if not is_agent(p) and p != person]
+        return [*people, *(a for a in self.data.admins if a not in people and a != person)]
+
+    def approval_expiry(self, rule: Rule, *, requester: str) -> int | None:
+        """How long an approval request of `requester` stays open, or None when the rule asks
+        for none (a person confirms a protected deploy themselves; an agent never does)."""
+        if rule.approval is not None:
+            return rule.approval.expires_after
+        if is_agent(requester) and rule.asks_first:
+            return Approval.model_fields["expires_after"].get_default()  # type: ignore[no-any-return]
+        return None
+
+    def agent_channel(self, name: str, pipeline: str) -> str | None:
+        """Where the agent acts on `pipeline`: its own `channel:`, else the rule's first channel
+        when that is a channel id (a #name cannot be posted to reliably), else None."""
+        spec = self.agent(name)
+        if spec is not None and spec.channel:
+            return spec.channel
+        channels = self.rule_for(pipeline).channels or []
+        first = channels[0] if channels else None
+        return first if first is not None and not first.startswith("#") else None
 
     async def check(
         self,
@@ -118,8 +185,16 @@ class Policy:
         channel_name: str | None,
         resolve: GroupResolver,
     ) -> Decision:
-        """May `user` do `action` on `pipeline` from this channel? Admins may do anything."""
+        """May `user` do `action` on `pipeline` from this channel? Admins may do anything.
+
+        An agent (`agent:<name>`) may only do what the rule grants to it by name, and never more
+        than the person it acts for may do from the same channel.
+        """
         rule = self.rule_for(pipeline)
+        if is_agent(user):
+            return await self._check_agent(
+                action, pipeline, rule, user, channel_id, channel_name, resolve
+            )
         if await self.is_admin(user, resolve):
             return Decision(True, rule.name)
         if rule.channels is not None and not _in_channels(rule.channels, channel_id, channel_name):
@@ -140,6 +215,54 @@ class Policy:
             f"{who}.",
         )
 
+    async def _check_agent(
+        self,
+        action: Action,
+        pipeline: str,
+        rule: Rule,
+        agent: str,
+        channel_id: str,
+        channel_name: str | None,
+        resolve: GroupResolver,
+    ) -> Decision:
+        name = agent.removeprefix(AGENT_PREFIX)
+        spec = self.agent(name)
+        if spec is None:
+            return Decision(False, rule.name, f"Agent `{name}` is not declared in the policy.")
+        if rule.channels is not None and not _in_channels(rule.channels, channel_id, channel_name):
+            where = ", ".join(_channel_ref(c) for c in rule.channels) or "no channel"
+            return Decision(
+                False,
+                rule.name,
+                f"`{pipeline}` may only be driven from {where} (policy rule `{rule.name}`), and "
+                f"agent `{name}` acts in <#{channel_id}>.",
+            )
+        if agent not in (rule.allowed(action) or []):  # denied unless granted by name
+            return Decision(
+                False,
+                rule.name,
+                f"Agent `{name}` may not {action.value} `{pipeline}`: policy rule `{rule.name}` "
+                f"does not grant it to `{agent}`.",
+            )
+        if spec.acts_for is not None:
+            person = await self.check(
+                action,
+                pipeline,
+                user=spec.acts_for,
+                channel_id=channel_id,
+                channel_name=channel_name,
+                resolve=resolve,
+            )
+            if not person.allowed:
+                return Decision(
+                    False,
+                    rule.name,
+                    f"Agent `{name}` acts for <@{spec.acts_for}>, who may not {action.value} "
+                    f"`{pipeline}` (policy rule `{rule.name}`): an agent never has more rights "
+                    "than its person.",
+                )
+        return Decision(True, rule.name)
+
 
 def _in_channels(channels: list[str], channel_id: str, channel_name: str | None) -> bool:
     return channel_id in channels or (channel_name is not None and f"#{channel_name}" in channels)
@@ -150,5 +273,8 @@ def _channel_ref(channel: str) -> str:
 
 
 def principal_ref(principal: str) -> str:
-    """A Slack mention of a user or a user group, as a refusal names who may."""
+    """A Slack mention of a user or a user group (an agent by its name), as a refusal names who
+    may."""
+    if is_agent(principal):
+        return f"`{principal}`"
     return f"<!subteam^{principal}>" if is_group(principal) else f"<@{principal}>"

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from app.core import yaml_input
 from app.core.policy.checks import Policy
-from app.core.policy.model import PolicyFile
+from app.core.policy.model import AGENT_PREFIX, PolicyFile
 
 # The package's name, as before it was split in modules: log filters key on it.
 log = logging.getLogger(__package__)
@@ -62,10 +62,31 @@ def load_policy(path: str | Path | None) -> Policy:
                 message = message.removeprefix("Value error, ")
             problems.append(f"{path}, line {_line_of(node, loc)}: {where}: {message}")
         raise PolicyError("\n".join(problems)) from None
+    if unknown := _unknown_agents(data, node, path):
+        raise PolicyError("\n".join(unknown))
     for pattern, rule in data.pipelines.items():
         rule.name = pattern
     log.info("policy loaded from %s: %d pipeline rules", path, len(data.pipelines))
     return Policy(data, source=str(path))
+
+
+def _unknown_agents(data: PolicyFile, node: yaml.Node | None, path: str | Path) -> list[str]:
+    """Rules naming an `agent:<name>` that `agents:` does not declare, one problem a line."""
+    problems = []
+    rules = [(["default"], data.default)] + [
+        (["pipelines", pattern], rule) for pattern, rule in data.pipelines.items()
+    ]
+    for loc, rule in rules:
+        for field in ("deployers", "cancelers", "rebuilders", "unblockers"):
+            for index, who in enumerate(getattr(rule, field) or []):
+                name = who.removeprefix(AGENT_PREFIX)
+                if who.startswith(AGENT_PREFIX) and name not in data.agents:
+                    where = [*loc, field, str(index)]
+                    problems.append(
+                        f"{path}, line {_line_of(node, where)}: {'.'.join(where)}: {who!r} is "
+                        "not declared under `agents:`"
+                    )
+    return problems
 
 
 def _line_of(node: yaml.Node | None, loc: list[str]) -> int:

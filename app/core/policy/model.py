@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validator
 
+from app.core.freezes import Freeze
 from app.core.names import PIPELINE_SLUG
 from app.core.policy.env import EnvRule
 from app.core.unblock_forms import BlockForm, FormError, FormField, parse_field
@@ -20,7 +21,16 @@ _GROUP = re.compile(r"^S[A-Z0-9]{2,}$")
 _CHANNEL_ID = re.compile(r"^[CGD][A-Z0-9]{2,}$")
 _CHANNEL_NAME = re.compile(r"^#[a-z0-9][a-z0-9._-]{0,79}$")
 _DURATION = re.compile(r"^(\d+)([smhd])$")
+#: An agent's name in the policy (`agents:`), and how rules name it: `agent:<name>`.
+AGENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+AGENT_PREFIX = "agent:"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def is_agent(principal: str) -> bool:
+    """An agent (`agent:<name>`), which is never a Slack user: it is only what a rule names."""
+    return principal.startswith(AGENT_PREFIX)
 
 
 def is_group(principal: str) -> bool:
@@ -50,12 +60,34 @@ def parse_duration(value: str | int) -> int:
 
 
 def _check_principals(values: list[str] | None) -> list[str] | None:
+    """People only: Slack user ids and user group ids (admins, approvers, agent stoppers)."""
     if values is None:
         return None
     for value in values:
+        if is_agent(value):
+            raise ValueError(f"{value!r} is an agent: only people may be named here")
         if not (_USER.match(value) or is_group(value)):
             raise ValueError(
                 f"{value!r} is neither a Slack user id (U…/W…) nor a user group id (S…)"
+            )
+    return values
+
+
+def _check_grantees(values: list[str] | None) -> list[str] | None:
+    """Who a rule lets act: people, user groups, or agents (`agent:<name>`)."""
+    if values is None:
+        return None
+    for value in values:
+        if is_agent(value):
+            if not AGENT_NAME.match(value.removeprefix(AGENT_PREFIX)):
+                raise ValueError(
+                    f"{value!r} is not an agent's name: use agent:<name>, with lowercase "
+                    "letters, digits, dashes and underscores"
+                )
+        elif not (_USER.match(value) or is_group(value)):
+            raise ValueError(
+                f"{value!r} is neither a Slack user id (U…/W…), a user group id (S…) nor an "
+                "agent (agent:<name>)"
             )
     return values
 
@@ -86,6 +118,17 @@ class AutoRetry(BaseModel):
 
     max_attempts: int = Field(default=1, ge=1, le=5)
     hourly_budget: int = Field(default=10, ge=1, le=1000)
+
+
+class Superseded(StrEnum):
+    """What unblocking a build superseded by a newer one of its branch does (see supersede)."""
+
+    #: Refused, with a link to the newer build.
+    REFUSE = "refuse"
+    #: Allowed once the person confirms it.
+    WARN = "warn"
+    #: The bot cancels the superseded build itself.
+    CANCEL = "cancel"
 
 
 class NotifyEvent(StrEnum):
@@ -160,9 +203,11 @@ class Rule(BaseModel):
     env: EnvRule = Field(default_factory=EnvRule)
     #: Deploys only commits that passed a deployment of this pipeline (see app.core.releases).
     promote_from: str | None = None
+    #: A blocked build superseded by a newer one of its branch: refuse, warn or cancel.
+    superseded: Superseded = Superseded.REFUSE
 
     _principals = field_validator("deployers", "cancelers", "rebuilders", "unblockers")(
-        _check_principals
+        _check_grantees
     )
 
     @field_validator("channels")
@@ -231,6 +276,56 @@ class UnblockFormSpec(BaseModel):
         )
 
 
+class AgentBudget(BaseModel):
+    """What one agent may spend: mutations an hour, reads a minute (enforced across replicas)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mutations_per_hour: int = Field(default=20, ge=0, le=10_000)
+    reads_per_minute: int = Field(default=60, ge=0, le=10_000)
+
+
+class AgentSpec(BaseModel):
+    """An MCP client the bot lets act (see app.agents): denied everything a rule does not grant
+    to `agent:<name>`, and never more than the person it `acts_for`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: sha256 (hex) of the agent's bearer token: the token itself is never stored.
+    token_sha256: str
+    acts_for: str | None = None
+    budget: AgentBudget = Field(default_factory=AgentBudget)
+    #: Where its build messages and approval requests are posted, and what channel rules see
+    #: (by default the pipeline rule's first channel).
+    channel: str | None = None
+
+    @field_validator("token_sha256")
+    @classmethod
+    def _digest(cls, value: str) -> str:
+        if not _SHA256.match(value.strip().lower()):
+            raise ValueError(
+                "token_sha256 must be the 64 hex characters of the token's sha256 (for example "
+                '`printf %s "$TOKEN" | sha256sum`), never the token itself'
+            )
+        return value.strip().lower()
+
+    @field_validator("acts_for")
+    @classmethod
+    def _person(cls, value: str | None) -> str | None:
+        if value is not None and not _USER.match(value):
+            raise ValueError(f"{value!r} is not a Slack user id (U…/W…)")
+        return value
+
+    @field_validator("channel")
+    @classmethod
+    def _channel(cls, value: str | None) -> str | None:
+        if value is not None and not _CHANNEL_ID.match(value):
+            raise ValueError(
+                f"{value!r} is not a channel id (C…): find it in the channel's details"
+            )
+        return value
+
+
 class PolicyFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -245,10 +340,30 @@ class PolicyFile(BaseModel):
     agent_stoppers: Principals = None
     #: Block step forms by pipeline (slug or glob), then step key or label.
     unblock_forms: dict[str, dict[str, UnblockFormSpec]] = Field(default_factory=dict)
+    #: When deploys of matching pipelines are refused (see app.core.freezes).
+    freezes: list[Freeze] = Field(default_factory=list)
+    #: A lock held this long reminds its holder by DM, and again every such period after.
+    lock_reminder_after: int = Field(default=4 * 3600, ge=60)
+    #: MCP clients by name, granted rights by rules naming `agent:<name>` (see app.agents).
+    agents: dict[str, AgentSpec] = Field(default_factory=dict)
 
     _principals = field_validator("admins", "agent_stoppers")(_check_principals)
 
-    @field_validator("usergroup_cache_ttl", mode="before")
+    @field_validator("agents")
+    @classmethod
+    def _agent_names(cls, agents: dict[str, AgentSpec]) -> dict[str, AgentSpec]:
+        for name in agents:
+            if not AGENT_NAME.match(name):
+                raise ValueError(
+                    f"{name!r} is not an agent's name: use lowercase letters, digits, dashes "
+                    "and underscores (at most 63)"
+                )
+        digests = [a.token_sha256 for a in agents.values()]
+        if len(set(digests)) != len(digests):
+            raise ValueError("two agents have the same token_sha256: give each its own token")
+        return agents
+
+    @field_validator("usergroup_cache_ttl", "lock_reminder_after", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> Any:
         return parse_duration(value) if isinstance(value, str) else value

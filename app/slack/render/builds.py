@@ -17,7 +17,7 @@ from slack_sdk.models.blocks import (
 )
 
 from app.slack.ids import ActionId, BlockId
-from app.slack.mrkdwn import code, escape, link, plain, trusted_url
+from app.slack.mrkdwn import code, escape, link, person, plain, trusted_url
 from app.slack.payloads import BuildButtonValue, UnblockButtonValue
 from app.slack.render.common import (
     FIELD_TEXT_LIMIT,
@@ -35,6 +35,8 @@ from app.slack.render.common import (
     state_label,
     state_text,
 )
+from app.slack.render.supersede import superseded_note, superseded_unblock
+from app.storage.records import SupersededBy
 from buildkite.models import Build, BuildState, Job
 
 MAX_FAILED_JOBS_LISTED = 10
@@ -73,10 +75,14 @@ def _trigger(build: Build) -> str:
     return f"{who} (via {source})" if source else who
 
 
-def _buttons(pipeline: str, build: Build, block: BlockStep | None) -> list[ButtonElement]:
+def _buttons(
+    pipeline: str, build: Build, block: BlockStep | None, superseded: SupersededBy | None = None
+) -> list[ButtonElement]:
     value = BuildButtonValue(pipeline=pipeline, number=build.number).model_dump_json()
     buttons = []
-    if block is not None and not build.is_final:
+    if block is not None and not build.is_final and superseded is not None:
+        buttons += superseded_unblock(pipeline, build.number, block.job_id, block.label, superseded)
+    elif block is not None and not build.is_final:
         unblock = UnblockButtonValue(pipeline=pipeline, number=build.number, job=block.job_id)
         buttons.append(
             ButtonElement(
@@ -116,7 +122,12 @@ def _buttons(pipeline: str, build: Build, block: BlockStep | None) -> list[Butto
 
 
 def build_message(
-    pipeline: str, build: Build, requester: str | None, *, block: BlockStep | None = None
+    pipeline: str,
+    build: Build,
+    requester: str | None,
+    *,
+    block: BlockStep | None = None,
+    superseded: SupersededBy | None = None,
 ) -> Rendered:
     """The one message per build and channel, updated in place on every state change.
 
@@ -127,7 +138,9 @@ def build_message(
         f"*State*\n{state_text(build)}",
         f"*Branch*\n{code(clip(build.branch or '?', 200))}",
         f"*Commit*\n{code(short_commit(build.commit))}",
-        f"*Requested by*\n<@{requester}>" if requester else f"*Triggered by*\n{_trigger(build)}",
+        f"*Requested by*\n{person(requester)}"
+        if requester
+        else f"*Triggered by*\n{_trigger(build)}",
     ]
     took = duration(build)
     if took and build.is_final:
@@ -144,7 +157,9 @@ def build_message(
                 elements=[MarkdownTextObject(text=clip(plain(build.message), SECTION_TEXT_LIMIT))]
             ).to_dict()
         )
-    buttons = _buttons(pipeline, build, block)
+    if superseded is not None and not build.is_final:
+        blocks.append(superseded_note(superseded))
+    buttons = _buttons(pipeline, build, block, superseded)
     blocks.append(ActionsBlock(block_id=BlockId.BUILD_ACTIONS, elements=buttons).to_dict())
     text = f"{escape(pipeline)} #{build.number}: {state_label(state_key(build))}"
     return Rendered(text=text, blocks=blocks)
@@ -177,7 +192,7 @@ def final_reply(
         label += " after retry"
     took = duration(build)
     when = f" in {took}" if took else ""
-    who = f"<@{mention}> " if mention else ""
+    who = f"{person(mention)} " if mention else ""
     text = f"{who}{state_emoji(build.state.value)} {build_title(pipeline, build)} {label}{when}."
     if build.state is BuildState.FAILED and failed_jobs:
         listed = failed_jobs[:MAX_FAILED_JOBS_LISTED]
@@ -215,7 +230,7 @@ def _log_block(tail: LogTail) -> dict[str, Any]:
 
 
 def unblocked_reply(user: str, label: str, fields: dict[str, str]) -> Rendered:
-    text = f":unlock: <@{user}> unblocked *{clip(plain(label), 200)}*."
+    text = f":unlock: {person(user)} unblocked *{clip(plain(label), 200)}*."
     if fields:
         # A select's several choices come as lines; inline code cannot hold a line break.
         pairs = "\n".join(
@@ -232,7 +247,7 @@ def retried_reply(
     if attempt is not None:
         text = f":repeat: Auto-retried failed jobs (attempt {attempt[0]} of {attempt[1]}): {names}."
     else:
-        text = f":repeat: <@{user}> retried the failed jobs: {names}."
+        text = f":repeat: {person(user or '?')} retried the failed jobs: {names}."
     return one_section(text)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from slack_sdk.models.blocks import ActionsBlock, ButtonElement, MarkdownTextObject, SectionBlock
 
 from app.slack.ids import ActionId, BlockId
-from app.slack.mrkdwn import code, escape, link, plain, preformatted
+from app.slack.mrkdwn import code, escape, link, person, plain, preformatted
 from app.slack.payloads import RequestButtonValue
 from app.slack.render.common import SECTION_TEXT_LIMIT, Rendered, clip
 from app.storage.records import AuditEntry, PipelineLock
@@ -43,6 +43,11 @@ class DeployPlan:
     rollback_from: str | None = None
     #: A promotion: `pipeline#number` of the deployment whose commit it deploys.
     promoted_from: str | None = None
+    #: A deploy through a freeze: the reason given with --break-glass, and the freeze's.
+    break_glass: str | None = None
+    freeze: str | None = None
+    #: The person an agent requester works for (app.agents): named beside it, never approving.
+    acts_for: str | None = None
 
 
 def _plan_lines(plan: DeployPlan) -> list[str]:
@@ -60,6 +65,9 @@ def _plan_lines(plan: DeployPlan) -> list[str]:
     if plan.rebuild_of is not None:
         lines.insert(1, f"*Rebuild of:* #{plan.rebuild_of} (as a new build)")
     lines[1:1] = _release_lines(plan)
+    if plan.break_glass is not None:
+        during = f" (through the freeze {plain(plan.freeze)})" if plan.freeze else ""
+        lines.insert(0, f"*Break-glass:* {clip(plain(plan.break_glass), 300)}{during}")
     if plan.env:
         lines.append(f"*Environment:* {len(plan.env)} variables, in full below")
     if plan.diff_url:
@@ -192,19 +200,23 @@ def _approval_header(
     plan: DeployPlan, status: str, decided_by: str | None, reason: str | None
 ) -> str:
     what, asks, _ = plan_kind(plan)
+    requester = person(plan.requester)
+    if plan.acts_for:
+        requester += f" (acting for <@{plan.acts_for}>)"
+    not_them = "not the requester" + (" nor the person it acts for" if plan.acts_for else "")
     return {
-        "pending": f":raised_hand: <@{plan.requester}> asks to {asks}. "
-        f"Approval needed from {', '.join(plan.approvers)} (not the requester)"
+        "pending": f":raised_hand: {requester} asks to {asks}. "
+        f"Approval needed from {', '.join(plan.approvers)} ({not_them})"
         + (f"; expires in {expiry_text(plan.expires_in)}." if plan.expires_in else "."),
         "approved": f":white_check_mark: {what.capitalize()} of `{plan.pipeline}` requested by "
-        f"<@{plan.requester}> was approved by <@{decided_by}>.",
+        f"{requester} was approved by <@{decided_by}>.",
         "rejected": f":no_entry: {what.capitalize()} of `{plan.pipeline}` requested by "
-        f"<@{plan.requester}> was rejected by <@{decided_by}>.",
+        f"{requester} was rejected by <@{decided_by}>.",
         "refused": f":no_entry: {what.capitalize()} of `{plan.pipeline}` requested by "
-        f"<@{plan.requester}> was approved by <@{decided_by}> but not started: "
+        f"{requester} was approved by <@{decided_by}> but not started: "
         f"{reason or 'it is no longer allowed'}",
         "expired": f":hourglass: {what.capitalize()} of `{plan.pipeline}` requested by "
-        f"<@{plan.requester}> expired before anyone approved it. Nothing was started.",
+        f"{requester} expired before anyone approved it. Nothing was started.",
     }[status]
 
 
@@ -254,7 +266,7 @@ def lock_reason(reason: object) -> str:
 
 def locked_text(pipeline: str, holder: str, reason: object) -> str:
     """Why a deploy cannot go ahead: someone else holds the pipeline's lock."""
-    return f":lock: {code(pipeline)} is locked by <@{holder}>{lock_reason(reason)}."
+    return f":lock: {code(pipeline)} is locked by {person(holder)}{lock_reason(reason)}."
 
 
 def _sentence(text: str) -> str:
@@ -266,7 +278,7 @@ def lock_announcement(user: str, pipeline: str, until: str, reason: str) -> str:
     """The in-channel note that someone locked a pipeline, with their reason shown as text."""
     said = f": {_sentence(clip(plain(reason), 300))}" if reason else "."
     return (
-        f":lock: <@{user}> locked {code(pipeline)}{until}{said} "
+        f":lock: {person(user)} locked {code(pipeline)}{until}{said} "
         "Nobody else can deploy it meanwhile."
     )
 
@@ -280,7 +292,7 @@ def locks_list(locks: list[PipelineLock]) -> str:
         if lock.expires_at:
             until = f", until <!date^{int(lock.expires_at)}^{{date_short_pretty}} {{time}}|later>"
         reason = f": {clip(plain(lock.reason), 300)}" if lock.reason else ""
-        lines.append(f"• `{lock.pipeline}` by <@{lock.user}>{until}{reason}")
+        lines.append(f"• `{lock.pipeline}` by {person(lock.user)}{until}{reason}")
     return clip("\n".join(lines), SECTION_TEXT_LIMIT)
 
 
@@ -298,7 +310,7 @@ def audit_list(entries: list[AuditEntry], pipeline: str | None) -> str:
         detail = f" ({clip(plain(entry.detail), 200)})" if entry.detail else ""
         lines.append(
             f"• <!date^{int(float(entry.time))}^{{date_short}} {{time}}|?> "
-            f"<@{entry.user}> {entry.action} `{target}`{where}: "
+            f"{person(entry.user)} {entry.action} `{target}`{where}: "
             f"*{entry.outcome}*{detail}{url}"
         )
     return clip("\n".join(lines), SECTION_TEXT_LIMIT)

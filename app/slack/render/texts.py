@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from app.slack.mrkdwn import escape, link, plain, typed
+from app.slack.mrkdwn import escape, link, person, plain, typed
 from app.slack.render.deploys import locked_text
 
 TRACKING_DOWN = (
@@ -35,12 +35,12 @@ def already_asked(first: str, user_id: str) -> str:
     """The request is being handled: asked by `first` (maybe the same person) a moment ago."""
     if first == user_id:
         return ":hourglass_flowing_sand: You already asked for this; it is being handled."
-    return f":hourglass_flowing_sand: <@{first}> already asked for this a moment ago."
+    return f":hourglass_flowing_sand: {person(first)} already asked for this a moment ago."
 
 
 def already_asked_admin(first: str, user_id: str) -> str:
     """The same, for a /buildkite change."""
-    who = "You" if first == user_id else f"<@{first}>"
+    who = "You" if first == user_id else person(first)
     return (
         f":hourglass_flowing_sand: {who} already asked for this a moment ago; it is being handled."
     )
@@ -73,7 +73,7 @@ def locked_reason(pipeline: str, holder: str, reason: str | None) -> str:
 
 
 def already_locked(pipeline: str, holder: str) -> str:
-    return f":lock: `{pipeline}` is already locked by <@{holder}>."
+    return f":lock: `{pipeline}` is already locked by {person(holder)}."
 
 
 def not_locked(pipeline: str) -> str:
@@ -85,7 +85,7 @@ def only_holder_unlocks(pipeline: str, holder: str) -> str:
 
 
 def unlocked(user_id: str, pipeline: str) -> str:
-    return f":unlock: <@{user_id}> unlocked `{pipeline}`."
+    return f":unlock: {person(user_id)} unlocked `{pipeline}`."
 
 
 def audit_for_deployers(pipeline: str) -> str:
@@ -126,7 +126,7 @@ def approval_not_posted(pipeline: str, why: str) -> str:
 
 
 def only_requester(requester: str, verb: str, what: str) -> str:
-    return f"Only <@{requester}>, who asked, can {verb} this {what}; nothing was changed."
+    return f"Only {person(requester)}, who asked, can {verb} this {what}; nothing was changed."
 
 
 def not_a_new_build(problem: str) -> str:
@@ -161,6 +161,21 @@ def no_self_approval(approvers: Sequence[str]) -> str:
     )
 
 
+def no_agent_self_approval(approvers: Sequence[str]) -> str:
+    return (
+        "You cannot approve this deploy: the agent asking acts for you, so it would be your own. "
+        f"Someone else from {', '.join(approvers) or 'the approvers'} has to."
+    )
+
+
+def no_agent_approvers(pipeline: str, rule: str) -> str:
+    return (
+        f"`{pipeline}` is protected, so an agent's deploy needs a person's approval, but policy "
+        f"rule `{rule}` names nobody who could give it (no approval, deployers or admins). "
+        "Nothing was started."
+    )
+
+
 def only_approvers(approvers: Sequence[str], action: str) -> str:
     return f"Only {', '.join(approvers) or 'the approvers'} may {action} this deploy."
 
@@ -175,7 +190,7 @@ def approved_not_started(reason: str) -> str:
 
 def no_longer_allowed(requester: str, action: str, pipeline: str, channel: str, rule: str) -> str:
     return (
-        f"<@{requester}> may no longer {action} `{pipeline}` from "
+        f"{person(requester)} may no longer {action} `{pipeline}` from "
         f"<#{channel}> (policy rule `{rule}`)."
     )
 

@@ -1,0 +1,238 @@
+"""The reads: one build, listings, the health figures, whoami and the policy's dry run, each
+answered from a brief Redis cache shared by every agent and replica."""
+
+from __future__ import annotations
+
+import contextlib
+
+from redis.exceptions import RedisError
+
+from app.agents.arguments import (
+    CheckPolicyArgs,
+    GetBuildArgs,
+    HealthArgs,
+    ListAgentsArgs,
+    ListBuildsArgs,
+    ListPipelinesArgs,
+    NoArgs,
+    PolicyAction,
+)
+from app.agents.context import Context
+from app.agents.views import (
+    AgentView,
+    CheckPolicyResult,
+    GetBuildResult,
+    HealthResult,
+    ListAgentsResult,
+    ListBuildsResult,
+    ListPipelinesResult,
+    WhoAmIResult,
+    build_view,
+    health_view,
+    pipeline_view,
+    plain_sentence,
+    untrusted,
+)
+from app.core.commands import BuildRef
+from app.core.commands.admin import AgentsQuery, HealthRequest, PipelinesQuery
+from app.core.listings import Listings
+from app.core.policy import Action
+from buildkite.errors import BuildkiteError, PermissionDenied
+from buildkite.models import Build
+
+LOG_TAIL_BYTES = 4000
+
+
+async def fetch_build(ctx: Context, pipeline: str, number: int, *, fresh: bool = False) -> Build:
+    """One build with its jobs, from Buildkite (shared by every agent for `read_cache`)."""
+    what = f"build:{pipeline}:{number}"
+    if not fresh:
+        hit = await cached(ctx, what)
+        if hit is not None:
+            return Build.model_validate_json(hit)
+    build = await Listings(ctx.services).build(BuildRef(pipeline, number))
+    raw = build.model_dump_json(by_alias=True)
+    await keep(ctx, what, raw, ctx.services.tuning.agents.read_cache)
+    return build
+
+
+async def cached(ctx: Context, what: str) -> str | None:
+    try:
+        return await ctx.services.store.cached_read(what)
+    except RedisError:
+        return None
+
+
+async def keep(ctx: Context, what: str, value: str, ttl: float) -> None:
+    with contextlib.suppress(RedisError):  # only a cache
+        await ctx.services.store.cache_read(what, value, ttl=ttl)
+
+
+async def get_build(ctx: Context, args: GetBuildArgs) -> GetBuildResult:
+    """One build: its state, failed jobs and, when it failed, the end of the log."""
+    what = f"view:{args.pipeline}:{args.number}"
+    hit = await cached(ctx, what)
+    if hit is not None:
+        return GetBuildResult.model_validate_json(hit)
+    build = await fetch_build(ctx, args.pipeline, args.number)
+    tail = None
+    job = build.log_tail_job if build.is_final else None
+    if job is not None:
+        try:
+            tail = await ctx.services.buildkite.job_log_tail(
+                args.pipeline, args.number, job.id, max_bytes=LOG_TAIL_BYTES
+            )
+        except PermissionDenied:
+            tail = None  # the token lacks read_build_logs: the rest still answers
+        except BuildkiteError:
+            tail = None
+    result = GetBuildResult(build=build_view(args.pipeline, build, log_tail=tail))
+    await keep(ctx, what, result.model_dump_json(), ctx.services.tuning.agents.read_cache)
+    return result
+
+
+async def list_builds(ctx: Context, args: ListBuildsArgs) -> ListBuildsResult:
+    """Recent builds, newest first."""
+    what = f"builds:{args.pipeline}:{args.state}:{args.branch}:{args.limit}"
+    hit = await cached(ctx, what)
+    if hit is not None:
+        return ListBuildsResult.model_validate_json(hit)
+    builds = await Listings(ctx.services).recent_builds(
+        pipeline=args.pipeline, state=args.state, branch=args.branch, limit=args.limit
+    )
+    result = ListBuildsResult(
+        builds=[build_view(b.pipeline_slug or args.pipeline or "", b) for b in builds]
+    )
+    await keep(ctx, what, result.model_dump_json(), ctx.services.tuning.agents.list_cache)
+    return result
+
+
+async def list_pipelines(ctx: Context, args: ListPipelinesArgs) -> ListPipelinesResult:
+    """The organisation's pipelines (the first page) with their last build."""
+    what = f"pipelines:{args.filter}"
+    hit = await cached(ctx, what)
+    if hit is not None:
+        return ListPipelinesResult.model_validate_json(hit)
+    page = await Listings(ctx.services).pipelines_page(PipelinesQuery(filter=args.filter))
+    result = ListPipelinesResult(
+        pipelines=[
+            pipeline_view(row.slug, row.name, row.web_url, row.default_branch, row.last_build)
+            for row in page.rows
+        ]
+    )
+    await keep(ctx, what, result.model_dump_json(), ctx.services.tuning.agents.list_cache)
+    return result
+
+
+async def list_agents(ctx: Context, args: ListAgentsArgs) -> ListAgentsResult:
+    """Buildkite's agents (the machines running jobs)."""
+    what = f"agents:{args.queue}"
+    hit = await cached(ctx, what)
+    if hit is not None:
+        return ListAgentsResult.model_validate_json(hit)
+    page = await Listings(ctx.services).agents_page(AgentsQuery(queue=args.queue))
+    result = ListAgentsResult(
+        agents=[
+            AgentView(
+                name=row.name,
+                queue=row.queue,
+                version=row.version,
+                web_url=row.web_url,
+                job=untrusted(row.job_name, 200),
+            )
+            for row in page.rows
+        ]
+    )
+    await keep(ctx, what, result.model_dump_json(), ctx.services.tuning.agents.list_cache)
+    return result
+
+
+async def whoami(ctx: Context, args: NoArgs) -> WhoAmIResult:
+    """Who this agent is, and what the policy grants it by name (no Buildkite request)."""
+    policy = ctx.services.policy
+    me = ctx.agent.user_id
+    rules = {"default": policy.data.default, **policy.data.pipelines}
+    allowed = {
+        pattern: [a.value for a in _GRANTABLE if me in (rule.allowed(a) or [])]
+        for pattern, rule in rules.items()
+    }
+    return WhoAmIResult(
+        agent=ctx.agent.name,
+        acts_for=ctx.agent.acts_for,
+        organization=ctx.services.buildkite.org,
+        allowed={k: v for k, v in allowed.items() if v},
+    )
+
+
+_GRANTABLE = (Action.DEPLOY, Action.CANCEL, Action.REBUILD, Action.UNBLOCK)
+
+
+async def build_health(ctx: Context, args: HealthArgs) -> HealthResult:
+    """The health digest's figures: pass rate, durations, failures and flaky passes."""
+    pipeline = None if args.pipeline in (None, "all") else args.pipeline
+    what = f"health:{pipeline}:{args.window}"
+    hit = await cached(ctx, what)
+    if hit is not None:
+        return HealthResult.model_validate_json(hit)
+    digest = await Listings(ctx.services).health(
+        HealthRequest(pipeline=pipeline, window=args.window)
+    )
+    result = health_view(digest)
+    await keep(ctx, what, result.model_dump_json(), ctx.services.tuning.agents.list_cache)
+    return result
+
+
+async def check_policy(ctx: Context, args: CheckPolicyArgs) -> CheckPolicyResult:
+    """Would this action be allowed now? A dry run: nothing is claimed, locked or posted."""
+    policy = ctx.services.policy
+    action = Action.REBUILD if args.action is PolicyAction.RETRY else Action(args.action.value)
+    rule = policy.rule_for(args.pipeline)
+    channel = policy.agent_channel(ctx.agent.name, args.pipeline)
+    asks = rule.asks_first and action in (Action.DEPLOY, Action.REBUILD)
+    approvers = policy.approvers(rule, requester=ctx.agent.user_id) if asks else []
+    if channel is None:
+        return CheckPolicyResult(
+            allowed=False,
+            needs_confirmation=asks,
+            needs_approval=asks,
+            approvers=approvers,
+            reason=f"Agent {ctx.agent.name} has no channel for {args.pipeline}.",
+        )
+    decision = await policy.check(
+        action,
+        args.pipeline,
+        user=ctx.agent.user_id,
+        channel_id=channel,
+        channel_name=None,
+        resolve=ctx.services.directory.usergroup_members,
+    )
+    lock = await ctx.services.store.pipeline_lock(args.pipeline)
+    locked_by = lock.user if lock and lock.user != ctx.agent.user_id else None
+    bound = locked_by is not None and action is not Action.CANCEL
+    allowed = decision.allowed and not bound
+    if not decision.allowed:
+        reason = plain_sentence(decision.reason)
+    elif bound:
+        reason = f"{args.pipeline} is locked by {locked_by}" + (
+            f": {lock.reason}" if lock and lock.reason else "."
+        )
+    elif asks and not approvers:
+        allowed, reason = (
+            False,
+            plain_sentence(
+                f"`{args.pipeline}` is protected and its rule names nobody to approve an "
+                "agent's deploy."
+            ),
+        )
+    elif asks:
+        reason = "Allowed; a person must approve it in Slack first."
+    else:
+        reason = "Allowed."
+    return CheckPolicyResult(
+        allowed=allowed,
+        needs_confirmation=asks,
+        needs_approval=asks,
+        approvers=approvers,
+        locked_by=locked_by,
+        reason=reason,
+    )

@@ -1,0 +1,100 @@
+"""The waits' wake-ups: one subscription per process, woken by the store's announcement (the
+re-read every `recheck` is only a safety net), on Redis and on the embedded store alike."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import fakeredis
+import pytest
+import redis.asyncio as redis
+
+from app.agents.waiting import Changes
+from app.storage.store import Store
+
+
+async def until(predicate: Any, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    """Wait (by looking) until `predicate()` holds."""
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("it never happened")
+
+
+@pytest.mark.parametrize("server", ["redis", "embedded"])
+async def test_an_announcement_wakes_a_wait_long_before_its_recheck(
+    server: str, redis_client: redis.Redis
+) -> None:
+    client: Any = (
+        redis_client
+        if server == "redis"
+        else fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    )
+    store = Store(client)
+    # A recheck far longer than the wait's timeout: only the announcement can end it in time.
+    changes = Changes(store, recheck=3600)
+    value = {"state": "running"}
+
+    async def read() -> str:
+        return value["state"]
+
+    try:
+        waiting = asyncio.create_task(
+            changes.wait_until("build:b1", read, lambda s: s == "passed", timeout=20)
+        )
+        await until(lambda: changes.waiting)
+        # Announce until the subscription (made by the first wait) hears one.
+        value["state"] = "passed"
+        for _ in range(400):
+            if waiting.done():
+                break
+            await store.announce("build:b1")
+            await asyncio.sleep(0.05)
+        state, reached = await waiting
+        assert (state, reached) == ("passed", True)
+        # Another build's announcement wakes nobody else; a timeout says "not reached".
+        value["state"] = "running"
+        state, reached = await changes.wait_until(
+            "build:b2", read, lambda s: s == "passed", timeout=0
+        )
+        assert (state, reached) == ("running", False)
+    finally:
+        await changes.close()
+        if server == "embedded":
+            await client.aclose()
+
+
+async def test_closing_ends_every_wait_at_once(redis_client: redis.Redis) -> None:
+    changes = Changes(Store(redis_client), recheck=3600)
+
+    async def read() -> int:
+        return 0
+
+    waits = [
+        asyncio.create_task(changes.wait_until(f"build:{i}", read, bool, timeout=3600))
+        for i in range(3)
+    ]
+    await until(lambda: changes.waiting == 3)
+    await changes.close()
+    results = await asyncio.wait_for(asyncio.gather(*waits), 10)
+    assert results == [(0, False)] * 3
+    assert changes.waiting == 0
+
+
+async def test_what_agents_leave_in_redis_expires(redis_client: redis.Redis) -> None:
+    store = Store(redis_client)
+    assert await store.begin_call("captain", "k1") is None
+    assert await store.begin_call("captain", "k1") == ""  # running
+    running = await redis_client.ttl("{bkchatops}:agentcall:captain:k1")
+    assert 0 < running <= 300  # a call cut off frees its key by itself
+    await store.finish_call("captain", "k1", '{"status": "started"}')
+    assert await store.begin_call("captain", "k1") == '{"status": "started"}'
+    assert await redis_client.ttl("{bkchatops}:agentcall:captain:k1") > 23 * 3600
+    assert await store.spend_budget("captain", "reads", limit=1, window=60, now=120.0) == (None, 1)
+    wait, used = await store.spend_budget("captain", "reads", limit=1, window=60, now=150.0)
+    assert (wait, used) == (30, 2)
+    assert 0 < await redis_client.ttl("{bkchatops}:agentbudget:captain:reads:2") <= 120
+    await store.cache_read("build:web:1", "{}", ttl=2.0)
+    assert 0 < await redis_client.pttl("{bkchatops}:agentread:build:web:1") <= 2000
