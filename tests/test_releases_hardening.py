@@ -238,6 +238,9 @@ async def test_digits_that_are_not_ascii_are_refused_with_the_usage(bot: BotClie
         resp, _, ack = await bot.command("/deploy", text)
         assert resp.status == 200
         assert said in ack["text"], (text, ack)
+    for command in ("/cancel", "/rebuild"):  # the same trap in their build numbers
+        resp, _, ack = await bot.command(command, "web ²")
+        assert resp.status == 200 and "`²` is not a build number" in ack["text"], ack
 
 
 async def test_hostile_branch_and_meta_data_of_a_deploy_route_build_stay_text(
