@@ -405,8 +405,10 @@ async def test_a_deployment_built_from_head_is_neither_rolled_back_to_nor_promot
     bk.add_build("web", commit=SHA2, state="passed", meta_data=meta)
     services = bot.services
     await rebuild_ledger(services.store, services.buildkite, services.policy)
-    rollback = (await answer(bot, "rollback web"))["text"]
+    rollback = (await answer(bot, "rollback web to #1"))["text"]
     assert "#1's commit is not a commit SHA" in rollback and "Nothing was started" in rollback
+    # Without `to #N`, it is passed over: nothing else to go back to.
+    assert "Nothing to roll back to" in (await answer(bot, "rollback web"))["text"]
     promote = (await answer(bot, "promote prod-lite"))["text"]
     assert "#1's commit is not a commit SHA" in promote and "Nothing was started" in promote
     assert bk.requests_to("POST") == []

@@ -252,7 +252,12 @@ def rollback_target(
         if chosen.number == live.number:
             raise NoRollback(f"#{number} is what is live on `{pipeline}` now.")
         return RollbackTarget(live=live, target=chosen)
-    older = [e for e in entries if e.number < live.number and e.passed and e.commit != live.commit]
+    # A deployment recorded as HEAD says nothing of what it built: never gone back to by itself.
+    older = [
+        e
+        for e in entries
+        if e.number < live.number and e.passed and e.commit not in (live.commit, "HEAD")
+    ]
     if not older:
         raise NoRollback(
             f"Nothing to roll back to: #{live.number} is the only passed deployment of "
