@@ -1,8 +1,10 @@
 """`python -m app`: start the bot with settings from the environment or `.env`.
 
-`python -m app --check-config` checks the settings and tokens instead, and
-`python -m app sandbox` runs the bot against local fakes of Slack and Buildkite, and
-`python -m app mcp` serves one agent (BKCHATOPS_AGENT_TOKEN) over stdio (docs/agents.md).
+Instead:
+- `python -m app --check-config` checks the settings and tokens;
+- `python -m app sandbox` runs the bot against local fakes of Slack and Buildkite;
+- `python -m app ledger rebuild` records the release ledger again from Buildkite;
+- `python -m app mcp` serves one agent (BKCHATOPS_AGENT_TOKEN) over stdio (docs/agents.md).
 """
 
 from __future__ import annotations
@@ -11,9 +13,15 @@ import argparse
 import asyncio
 import os
 import sys
+from pathlib import Path
+
+from pydantic import SecretStr
 
 from app.ops import logs
 from app.settings import Settings, SettingsError, load_settings
+
+#: Where the settings are read from besides the environment (Settings' env_file).
+ENV_FILE = str(Settings.model_config.get("env_file"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         help="check the settings, the policy file, and the tokens against Slack, Buildkite and "
         "Redis; print one line per check and exit 0 if all pass, else 1",
     )
-    commands = parser.add_subparsers(dest="command", metavar="{sandbox,mcp}")
+    commands = parser.add_subparsers(dest="command", metavar="{sandbox,ledger,mcp}")
     from app import sandbox as sandbox_mode
 
     sandbox_mode.add_arguments(
@@ -38,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
+    from app import ledger_cli
+
+    ledger_cli.add_arguments(
+        commands.add_parser("ledger", help="the release ledger: `ledger rebuild` from Buildkite")
+    )
     commands.add_parser(
         "mcp",
         help="serve the agent whose token is in BKCHATOPS_AGENT_TOKEN over stdio (MCP)",
@@ -47,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "sandbox":
         return sandbox_mode.main(args)
+    if args.command == "ledger":
+        return ledger_cli.main(args)
     try:
         settings = load_settings()
     except SettingsError as exc:
@@ -58,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print("The bot cannot start; fix these settings (environment or .env):", file=sys.stderr)
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
+        print(next_steps(exc.problems), file=sys.stderr)
         return 2
     secrets = logs.secrets_of(settings)
     if args.check_config:
@@ -74,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from app.core.policy import PolicyError
     from app.main import run
 
+    forget_secret_environment()
     try:
         run(settings)
     except PolicyError as exc:
@@ -82,6 +99,34 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  - {problem}", file=sys.stderr)
         return 2
     return 0
+
+
+def next_steps(problems: list[str]) -> str:
+    """Where a person who cannot start the bot goes next: a first run is pointed at the
+    example settings and at the sandbox, which needs none."""
+    lines = []
+    if any(problem.endswith(" is not set") for problem in problems):
+        where = "" if Path(ENV_FILE).is_file() else f" (there is no {ENV_FILE} in {Path.cwd()})"
+        lines.append(f"New here? Copy .env.example to {ENV_FILE} and fill it in{where}.")
+    lines.append("Try the bot with no credentials at all: python -m app sandbox")
+    lines.append("Check settings and tokens once set: python -m app --check-config")
+    return "\n".join(lines)
+
+
+def forget_secret_environment() -> None:
+    """Drop the secrets from this process's environment once the settings hold them.
+
+    They then reach nothing the bot did not hand them to: a child process inherits none, and
+    Bolt, which reads SLACK_BOT_TOKEN from the environment whenever it is there, no longer
+    warns on every start that the client's token wins over it (it is the same token).
+    """
+    secret_names = {
+        name.upper()
+        for name, field in Settings.model_fields.items()
+        if field.annotation in (SecretStr, SecretStr | None)
+    }
+    for name in [name for name in os.environ if name.upper() in secret_names]:
+        del os.environ[name]
 
 
 def _mcp(settings: Settings, secrets: list[str]) -> int:

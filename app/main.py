@@ -42,13 +42,21 @@ from app.core.audit import Auditor
 from app.core.auto_retry import AutoRetry
 from app.core.deploy_queue import DeployQueue
 from app.core.digest import run_digest_schedules
+from app.core.freeze_announcements import FreezeAnnouncer, sweep_every
+from app.core.inbox import DirectMessages, Inbox
+from app.core.lock_hygiene import LockHygiene
 from app.core.policy import load_policy
+from app.core.releases import LedgerRecorder
 from app.core.routing import Router
 from app.core.services import Services
+from app.core.supersede import StaleBlocks
+from app.core.unfurls import LiveUnfurls
 from app.ops.checks import Readiness, check_buildkite, check_slack
 from app.ops.metrics import CountSlackCalls, Metrics, count_buildkite_requests
 from app.ops.observability import SlackRequestObserver
 from app.ops.outages import RedisOutage
+from app.ops.shutdown import FLOOR as shutdown_floor
+from app.ops.shutdown import StopBudget
 from app.settings import Settings
 from app.slack import mrkdwn
 from app.slack.clicks import DropReplayedClicks
@@ -153,24 +161,52 @@ async def open_services(
             edit_interval=tuning.slack.edit_interval,
         )
         # First out: edits need the Slack session.
-        closing.push_async_callback(_drain, outbox, tuning.shutdown_grace)
+        stopping = StopBudget(tuning.shutdown_grace)
+        closing.push_async_callback(_drain, outbox, stopping)
         directory = Directory(slack)
         hooks = SlackHooks(settings.slack_hooks_url, outbox, metrics)
         auditor = Auditor(store)
         intake = Intake(store, buildkite)
-        auto_retry = AutoRetry(policy, store, buildkite, outbox, auditor, follow=intake.reopen)
+        auto_retry = AutoRetry(
+            policy, store, buildkite, outbox, auditor, follow=intake.reopen, clock=tuning.clock
+        )
+        ledger = LedgerRecorder(policy, store, buildkite)
         consumer = process_name()  # its stream consumer and its poll lease
         redis_outage = RedisOutage(
             mask_url(settings.redis_url) if settings.redis_url else "the embedded store",
             repeat_every=tuning.redis_outage_log_every,
         )
         writer = MessageWriter(store, buildkite, outbox, hooks, tuning.tracking, people=directory)
+        stale_blocks = StaleBlocks(
+            policy, store, buildkite, outbox, auditor, observe=intake.observe
+        )
+        inbox = Inbox(
+            store=store,
+            outbox=outbox,
+            policy=policy,
+            directory=directory,
+            settings=settings,
+            tuning=tuning.inbox,
+            clock=tuning.clock,
+        )
+        closing.push_async_callback(inbox.close)  # before the outbox drains
+        dms = DirectMessages(
+            store=store, outbox=outbox, directory=directory, inbox=inbox, clock=tuning.clock
+        )
         notifier = Notifier(
             store,
             writer,
             tuning.tracking,
             metrics=metrics,
-            on_final=[auto_retry.on_final],
+            on_final=[auto_retry.on_final, ledger.on_final],
+            on_change=[
+                stale_blocks.on_change,
+                inbox.on_change,
+                dms.on_change,
+                LiveUnfurls(
+                    store=store, outbox=outbox, policy=policy, directory=directory
+                ).on_change,
+            ],
             consumer=consumer,
             redis_outage=redis_outage,
         )
@@ -197,17 +233,20 @@ async def open_services(
             policy=policy,
             directory=directory,
             auditor=auditor,
-            router=Router(intake, store, policy),
+            router=Router(intake, store, policy, on_deploy=ledger.on_route_build),
             hooks=hooks,
             tuning=tuning,
             deploys=DeployQueue(running=tuning.deploys.running, waiting=tuning.deploys.waiting),
             redis_outage=redis_outage,
+            stopping=stopping,
+            inbox=inbox,
+            dms=dms,
         )
 
 
-async def _drain(outbox: Outbox, grace: float) -> None:
+async def _drain(outbox: Outbox, stopping: StopBudget) -> None:
     try:
-        await asyncio.wait_for(outbox.drain(), timeout=grace)
+        await asyncio.wait_for(outbox.drain(), timeout=stopping.left())
     except TimeoutError:
         log.warning("shutdown: some Slack edits were not sent in time")
 
@@ -299,16 +338,55 @@ async def background(services: Services, tuning: Tuning = DEFAULT) -> AsyncItera
             name="approvals",
         ),
         asyncio.create_task(run_digest_schedules(services, stop), name="digests"),
+        *clock_sweeps(services, stop, tuning),
     ]
+    if services.dms is not None:
+        sweep = services.dms.run(stop, tuning.inbox.dm_sweep_interval)
+        tasks.append(asyncio.create_task(sweep, name="dm-summaries"))
     try:
         yield
     finally:
         stop.set()
-        await services.notifier.finish_writing(tuning.shutdown_grace)
-        _, still_running = await asyncio.wait(tasks, timeout=tuning.shutdown_grace)
+        await services.notifier.finish_writing(services.stopping.left())
+        _, still_running = await asyncio.wait(tasks, timeout=services.stopping.left())
         for task in still_running:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def clock_sweeps(
+    services: Services, stop: asyncio.Event, tuning: Tuning
+) -> list[asyncio.Task[None]]:
+    """The loops that watch the clock: freeze start and end announcements, lock hygiene."""
+    announcer = FreezeAnnouncer(
+        services.policy, services.store, services.outbox, tuning.sweeps, tuning.clock
+    )
+    hygiene = LockHygiene(
+        services.policy,
+        services.store,
+        services.outbox,
+        tuning.clock,
+        late=tuning.sweeps.announce_late,
+    )
+    outage = services.redis_outage
+    return [
+        asyncio.create_task(
+            sweep_every(
+                "the freeze announcements",
+                announcer.sweep,
+                tuning.sweeps.freeze_interval,
+                stop,
+                outage,
+            ),
+            name="freezes",
+        ),
+        asyncio.create_task(
+            sweep_every(
+                "the lock reminders", hygiene.sweep, tuning.sweeps.lock_interval, stop, outage
+            ),
+            name="lock-hygiene",
+        ),
+    ]
 
 
 async def expire_approvals(
@@ -372,10 +450,10 @@ async def start_bot(
             readiness=readiness,
             mcp=mcp.handle,
         )
-        runner = web.AppRunner(
+        runner = StoppingRunner(
             web_app,
+            services.stopping,
             handle_signals=False,
-            shutdown_timeout=tuning.shutdown_grace,
             access_log_class=FailedRequestsLog,
         )
         await runner.setup()
@@ -386,7 +464,7 @@ async def start_bot(
             await site.start()
             bound = runner.addresses[0][1] if runner.addresses else settings.port
             await readiness.check_at_start()
-            async with mcp.running(tuning.shutdown_grace), background(services, tuning):
+            async with mcp.running(services.stopping), background(services, tuning):
                 if settings.socket_mode:
                     from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 
@@ -403,19 +481,49 @@ async def start_bot(
                     log.info("listening for Slack and Buildkite on port %s", bound)
                 yield RunningBot(services=services, bolt=bolt, port=bound, mcp=mcp)
                 log.info("shutting down: no new requests; finishing the ones in flight")
+                services.stopping.start()
                 await mcp.stop_waits()  # agents' waits answer now, not after the grace
                 # Stop taking work first, then let acknowledged requests finish their calls
                 # before the notifier and poller stop and the clients close. Pending builds
                 # stay in Redis for the next start.
                 if socket_handler is not None:
-                    await _close_socket(socket_handler, connecting, tuning.shutdown_grace)
+                    await _close_socket(socket_handler, connecting, services.stopping)
                     socket_handler = None
                 await site.stop()
-                await services.finish_inflight(tuning.shutdown_grace)
+                await services.finish_inflight()
         finally:
+            services.stopping.start()
             if socket_handler is not None:
-                await _close_socket(socket_handler, connecting, tuning.shutdown_grace)
+                await _close_socket(socket_handler, connecting, services.stopping)
             await runner.cleanup()
+
+
+def shutdown_bound(tuning: Tuning = DEFAULT) -> float:
+    """The longest `start_bot`'s shutdown can take after SIGTERM: every step shares one budget
+    (`Tuning.shutdown_grace`, see app.ops.shutdown), plus the moment a request cancelled at its
+    end gets to tell its user, plus the floor each later step still gets once it is spent. A
+    supervisor's grace before SIGKILL (a Kubernetes `terminationGracePeriodSeconds`) must be
+    longer."""
+    steps_after_budget = 7  # socket (2), in flight, notifier writes, loops, aiohttp, outbox
+    return (
+        tuning.shutdown_grace
+        + tuning.deploys.answer_on_cancel_timeout
+        + steps_after_budget * shutdown_floor
+    )
+
+
+class StoppingRunner(web.AppRunner):
+    """aiohttp's runner, whose wait for its handlers at cleanup is what is left of the stop's
+    budget rather than a fixed timeout of its own."""
+
+    def __init__(self, app: web.Application, stopping: StopBudget, **kwargs: Any) -> None:
+        super().__init__(app, shutdown_timeout=stopping.seconds, **kwargs)
+        self._stopping = stopping
+
+    async def cleanup(self) -> None:
+        # aiohttp reads this when it waits for the handlers; it has no public setter.
+        self._shutdown_timeout = self._stopping.left()
+        await super().cleanup()
 
 
 async def _connect_socket(handler: AsyncSocketModeHandler, port: int) -> None:
@@ -425,15 +533,15 @@ async def _connect_socket(handler: AsyncSocketModeHandler, port: int) -> None:
 
 
 async def _close_socket(
-    handler: AsyncSocketModeHandler, connecting: asyncio.Task[None] | None, grace: float
+    handler: AsyncSocketModeHandler, connecting: asyncio.Task[None] | None, stopping: StopBudget
 ) -> None:
     """Disconnect first, so that Slack sends events to the other replicas; a connect still
     retrying (Slack unreachable) is stopped rather than waited for."""
     if connecting is not None and not connecting.done():
         connecting.cancel()
-        await asyncio.wait([connecting], timeout=grace)
+        await asyncio.wait([connecting], timeout=stopping.left())
     try:
-        await asyncio.wait_for(handler.close_async(), timeout=grace)  # type: ignore[no-untyped-call]
+        await asyncio.wait_for(handler.close_async(), timeout=stopping.left())  # type: ignore[no-untyped-call]
     except (TimeoutError, aiohttp.ClientError, OSError) as e:
         log.warning("shutdown: the Socket Mode connection did not close cleanly: %s", e)
 
@@ -483,7 +591,8 @@ async def serve_mcp_stdio(settings: Settings, agent: Agent, tuning: Tuning = DEF
                 await serve_stdio(gateway, agent)
             finally:
                 await gateway.changes.close()
-                await services.finish_inflight(tuning.shutdown_grace)
+                services.stopping.start()
+                await services.finish_inflight()
 
 
 def run_mcp_stdio(settings: Settings, agent: Agent, tuning: Tuning = DEFAULT) -> None:

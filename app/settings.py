@@ -1,6 +1,6 @@
 """The bot's settings, read once at start-up from the environment or a `.env` file.
 
-The environment variable names are the public interface: the README's settings table lists them.
+The environment variable names are the public interface: docs/configuration.md lists them.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class DigestSchedule(BaseModel):
 
 
 class Settings(BaseSettings):
-    """Every setting of the bot. See the README for what each one does."""
+    """Every setting of the bot. See docs/configuration.md for what each one does."""
 
     model_config = SettingsConfigDict(
         env_file=".env",

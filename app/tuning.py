@@ -8,6 +8,8 @@ environment. Values a person may want to change (poll interval, timeouts) live i
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -70,6 +72,17 @@ class DeployTuning:
 
 
 @dataclass(frozen=True, slots=True)
+class SweepTuning:
+    """How often the loops that watch the clock look: freeze announcements, lock reminders."""
+
+    freeze_interval: float = 30.0
+    lock_interval: float = 60.0
+    #: An end of freeze (or a lock's expiry) missed for longer than this, while no bot ran,
+    #: is no longer announced: it would be news of the past.
+    announce_late: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
 class AgentTuning:
     """What agents' (MCP) reads cost, and how their waits wake."""
 
@@ -88,15 +101,34 @@ class AgentTuning:
 
 
 @dataclass(frozen=True, slots=True)
+class InboxTuning:
+    """App Home and DMs: how often a person's Home may be republished."""
+
+    #: At most one Home publish per person in this many seconds (a burst of changes collapses).
+    home_debounce: float = 5.0
+    #: How many of a person's builds their Home lists.
+    home_builds: int = 10
+    #: users.info answers (email, timezone) are kept this long in memory.
+    people_ttl: float = 600.0
+    #: How often the summaries of DMs held during quiet hours are looked for.
+    dm_sweep_interval: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class Tuning:
     slack: SlackPacing = field(default_factory=SlackPacing)
     tracking: TrackingTuning = field(default_factory=TrackingTuning)
     deploys: DeployTuning = field(default_factory=DeployTuning)
     agents: AgentTuning = field(default_factory=AgentTuning)
+    inbox: InboxTuning = field(default_factory=InboxTuning)
     #: How long a stopping bot waits for work in flight.
     shutdown_grace: float = 10.0
     #: While Redis is down, the loops log that it still is at most this often.
     redis_outage_log_every: float = 60.0
+    sweeps: SweepTuning = field(default_factory=SweepTuning)
+    #: The wall clock (unix seconds) of freezes, lock reminders and quiet hours; a test passes
+    #: its own.
+    clock: Callable[[], float] = time.time
 
 
 #: What production runs with.

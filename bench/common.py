@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def percentile(values: Sequence[float], p: float) -> float:
-    """Nearest rank: the value at rank ceil(p/100 * n) (the README's digest uses the same)."""
+    """Nearest rank: the value at rank ceil(p/100 * n) (as the digest, docs/commands.md)."""
     if not values:
         return math.nan
     ordered = sorted(values)

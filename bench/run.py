@@ -3,7 +3,7 @@
 python -m bench                      # the full run (about 5 minutes)
 python -m bench --quick              # smaller and shorter (about 1.5 minutes)
 python -m bench --json bench/results.json
-python -m bench --only 6             # some items: 1, 2, 3 and 6 (agents on /mcp)
+python -m bench --only 7             # some items: 1, 2, 3, 6 (App Home), 7 (agents on /mcp)
 python -m bench --check              # exit 1 on a >2x regression against bench/results.json
 """
 
@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import ack, agents, polling, webhooks
+from bench import ack, agents, home, polling, webhooks
 from bench.common import code_fingerprint, machine, median, percentile, redis_url
 
 COMMITTED = Path(__file__).resolve().parent / "results.json"
@@ -277,7 +277,7 @@ async def bench_agents(url: str, mode: dict[str, Any], notes: list[str]) -> list
     waiting = asked["waiting"] * per_minute
     extra = waiting - alone
     notes.append(
-        f"6: one agent (the SDK's ClientSession over Streamable HTTP, bearer token) calling in "
+        f"7: one agent (the SDK's ClientSession over Streamable HTTP, bearer token) calling in "
         f"turn; {bot['calls']:,} get_build calls to each server in 10 alternating rounds after 50 "
         f"of warm-up, medians of {webhooks.WINDOWS} windows; max {fmt(bot['max_ms'], 'ms')} "
         f"(bare {fmt(bare['max_ms'], 'ms')}). The bot answers a build read from its 2 s Redis "
@@ -299,21 +299,47 @@ async def bench_agents(url: str, mode: dict[str, Any], notes: list[str]) -> list
         f"{result['bot_error_log_lines']}."
     )
     return [
-        Row("mcp.get_build_p50", "6", "get_build over /mcp, p50", bot["p50_ms"], "ms",
+        Row("mcp.get_build_p50", "7", "get_build over /mcp, p50", bot["p50_ms"], "ms",
             bare["p50_ms"], "bare MCP server"),
-        Row("mcp.get_build_p99", "6", "get_build over /mcp, p99", bot["p99_ms"], "ms",
+        Row("mcp.get_build_p99", "7", "get_build over /mcp, p99", bot["p99_ms"], "ms",
             bare["p99_ms"], "bare MCP server"),
-        Row("mcp.wake_p50", "6", "webhook → wait_for_build return p50", wake["p50_ms"], "ms",
+        Row("mcp.wake_p50", "7", "webhook → wait_for_build return p50", wake["p50_ms"], "ms",
             None, "—"),
-        Row("mcp.wake_p99", "6", "webhook → wait_for_build return p99", wake["p99_ms"], "ms",
+        Row("mcp.wake_p99", "7", "webhook → wait_for_build return p99", wake["p99_ms"], "ms",
             None, "—", "<50 ms", wake["p99_ms"] < 50),
-        Row("mcp.wait_requests_per_minute", "6",
+        Row("mcp.wait_requests_per_minute", "7",
             f"Buildkite requests/min of an agent waiting on {agents.WAITED_BUILDS} builds, not "
             "the tracker's polls", asked["waiting_not_polls"] * per_minute, "/min", alone,
             "tracker alone", "0", asked["waiting_not_polls"] == 0),
-        Row("mcp.wait_requests_difference", "6",
+        Row("mcp.wait_requests_difference", "7",
             "the same, as the waits' window less the tracker alone's", extra, "/min", alone,
             "tracker alone", "≈0 (± a poll's pages)"),
+async def bench_home(url: str, mode: dict[str, Any], notes: list[str]) -> list[Row]:
+    result = await home.run(url, people=100)
+    people = result["people"]
+    notes.append(
+        f"6: one build followed by {people} people (one channel each), every Home opened; a "
+        f"signed webhook moves it to running: {result['one_change_calls']} views.publish calls "
+        f"until the last Home shows it; then failing and failed within the 5 s debounce: "
+        f"{result['burst_calls']} calls until every Home shows Failed (the first change at once, "
+        f"the rest at the window's end) in {fmt(result['burst_s'], 's')}. Baseline: the same "
+        f"{people} publishes back to back from a bare client, {fmt(result['bare_s'], 's')}. "
+        f"Unexpected requests: {len(result['unexpected'])}. Where the time goes (first Slack "
+        f"call of the change to): the build's {people} messages and replies written "
+        f"{fmt(result['split']['messages_s'], 's')}, first publish "
+        f"{fmt(result['split']['first_publish_after_s'], 's')}, first to last publish "
+        f"{fmt(result['split']['publishes_s'], 's')}."
+    )
+    return [
+        Row("home.republish_100", "6", f"state change → {people} Homes republished",
+            result["one_change_s"], "s", result["bare_s"], "bare publishes"),
+        Row("home.publishes_100", "6", f"views.publish calls for one change, {people} people",
+            result["one_change_calls"], "", people, "one per person", f"≤{people}",
+            result["one_change_calls"] <= people),
+        Row("home.burst_publishes_100", "6",
+            f"views.publish calls for 2 changes within 5 s, {people} people",
+            result["burst_calls"], "", 2 * people, "one per person and change", f"≤{2 * people}",
+            result["burst_calls"] <= 2 * people),
     ]  # fmt: skip
 
 
@@ -321,7 +347,8 @@ BENCHES: dict[str, Callable[[str, dict[str, Any], list[str]], Coroutine[Any, Any
     "1": bench_ack,
     "2": bench_polling,
     "3": bench_webhooks,
-    "6": bench_agents,
+    "6": bench_home,
+    "7": bench_agents,
 }
 TIMEOUT = 900.0
 
@@ -374,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        default="1,2,3,6",
-        help="items to run: 1 (ack), 2 (polling, 5), 3 (webhooks, 4, 5), 6 (agents on /mcp)",
+        default="1,2,3,6,7",
+        help="items to run: 1 (ack), 2 (polling, 5), 3 (webhooks, 4, 5), 6 (App Home), 7 (agents on /mcp)",
     )
     args = parser.parse_args(argv)
     # On SIGTERM, unwind like on Ctrl-C so that redis-server and the children are stopped.

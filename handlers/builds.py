@@ -69,6 +69,7 @@ async def unblock_button(
             channel=channel,
             thread_ts=thread_ts,
             label=target.label[:200],
+            superseded_ok=value.superseded_ok,
         )
         view = (
             unblock_modal(target.label, target.form, metadata)
@@ -164,7 +165,9 @@ async def unblock_submit(ack: AsyncAck, body: dict[str, Any], services: Services
     except FormError as exc:
         await ack(response_action="errors", errors={BlockId.UNBLOCK_FREEFORM: str(exc)[:150]})
         return
-    value = UnblockButtonValue(pipeline=meta.pipeline, number=meta.number, job=meta.job)
+    value = UnblockButtonValue(
+        pipeline=meta.pipeline, number=meta.number, job=meta.job, superseded_ok=meta.superseded_ok
+    )
     actor = Actor.from_user(body["user"], meta.channel)
     ops = BuildActions(services)
     work = asyncio.ensure_future(

@@ -22,14 +22,21 @@ def listen(
     commands: Mapping[str, Listener] | None = None,
     actions: Mapping[str, Listener] | None = None,
     views: Mapping[str, Listener] | None = None,
+    events: Mapping[str, Listener] | None = None,
+    shortcuts: Mapping[str, Listener] | None = None,
 ) -> None:
-    """Register each listener for its slash command, action id or modal callback id."""
+    """Register each listener for its slash command, action id, modal callback id, Events API
+    event type or shortcut callback id."""
     for name, listener in (commands or {}).items():
         app.command(name)(answer_errors(listener))
     for action_id, listener in (actions or {}).items():
         app.action(action_id)(answer_errors(listener))
     for callback_id, listener in (views or {}).items():
         app.view(callback_id)(answer_errors(listener))
+    for event_type, listener in (events or {}).items():
+        app.event(event_type)(answer_errors(listener))
+    for callback_id, listener in (shortcuts or {}).items():
+        app.shortcut(callback_id)(answer_errors(listener))
 
 
 async def ephemeral(respond: AsyncRespond, text: str, **kwargs: Any) -> None:

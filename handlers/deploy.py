@@ -23,6 +23,7 @@ from app.core.commands import (
     AuditRequest,
     BuildRef,
     DeployRequest,
+    FreezesRequest,
     HelpRequest,
     LockRequest,
     LocksRequest,
@@ -31,8 +32,10 @@ from app.core.commands import (
     parse_build_ref,
     parse_deploy,
 )
+from app.core.commands.releases import RELEASE_USAGE
 from app.core.deploy_queue import QueueClosed
 from app.core.deploys import AwaitingApproval, Deploys, NeedsConfirmation, Started
+from app.core.freezes import freezes_listing
 from app.core.locks import Locks
 from app.core.services import Services, request_id_for
 from app.slack.actor import Actor
@@ -42,6 +45,7 @@ from app.slack.render import answers
 from app.slack.render.deploys import audit_list, locks_list
 from app.storage.keys import REQUEST_TTL
 from handlers.common import ephemeral, listen
+from handlers.releases import release_command
 
 COMMANDS = ("/deploy", "/cancel", "/rebuild")
 
@@ -71,13 +75,15 @@ async def deploy_command(
     ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond, services: Services
 ) -> None:
     """/deploy: acknowledged with the deploy's place in line before anything else is done."""
+    if await release_command(ack, command, respond, services):
+        return
     try:
         request = parse_deploy(command.get("text", ""))
     except UsageError as exc:
         await ack(text=answers.with_usage(exc, DEPLOY_USAGE))
         return
     if isinstance(request, HelpRequest):
-        await ack(text=DEPLOY_USAGE)
+        await ack(text=f"{DEPLOY_USAGE}\n*Releases:*\n{RELEASE_USAGE}")
         return
     if not isinstance(request, DeployRequest):
         await ack()
@@ -112,17 +118,23 @@ async def deploy_command(
     elif isinstance(outcome, Started):
         build = outcome.build
         await ephemeral(respond, answers.started(build.web_url, request.pipeline, build.number))
+    elif isinstance(outcome, AwaitingApproval):  # a break-glass deploy, straight to approval
+        await ephemeral(respond, answers.APPROVAL_REQUESTED)
 
 
 async def _deploy_subcommand(
-    request: LocksRequest | AuditRequest | LockRequest | UnlockRequest,
+    request: LocksRequest | AuditRequest | LockRequest | UnlockRequest | FreezesRequest,
     command: dict[str, Any],
     respond: AsyncRespond,
     services: Services,
 ) -> None:
-    """/deploy locks, audit, lock and unlock (already acknowledged)."""
+    """/deploy locks, audit, lock, unlock and freezes (already acknowledged)."""
     ops, actor = Locks(services), Actor.from_command(command)
-    if isinstance(request, LocksRequest):
+    if isinstance(request, FreezesRequest):
+        await ephemeral(
+            respond, freezes_listing(services.policy.data.freezes, services.tuning.clock())
+        )
+    elif isinstance(request, LocksRequest):
         await ephemeral(respond, locks_list(await services.store.pipeline_locks()))
     elif isinstance(request, AuditRequest):
         entries = await ops.audit_entries(request, actor)

@@ -42,6 +42,7 @@ LONG_TESTS = {
     "test_a_deploy_over_stdio_is_followed_by_the_running_bot": 6,
     "test_a_burst_of_changes_under_slack_429s_ends_with_every_message_true": 5,
     "test_a_post_answered_while_redis_is_down_is_recorded_not_repeated": 5,
+    "test_a_dm_is_sent_once_when_its_sender_is_killed": 12,
 }
 
 

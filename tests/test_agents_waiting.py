@@ -81,3 +81,20 @@ async def test_closing_ends_every_wait_at_once(redis_client: redis.Redis) -> Non
     results = await asyncio.wait_for(asyncio.gather(*waits), 10)
     assert results == [(0, False)] * 3
     assert changes.waiting == 0
+
+
+async def test_what_agents_leave_in_redis_expires(redis_client: redis.Redis) -> None:
+    store = Store(redis_client)
+    assert await store.begin_call("captain", "k1") is None
+    assert await store.begin_call("captain", "k1") == ""  # running
+    running = await redis_client.ttl("{bkchatops}:agentcall:captain:k1")
+    assert 0 < running <= 300  # a call cut off frees its key by itself
+    await store.finish_call("captain", "k1", '{"status": "started"}')
+    assert await store.begin_call("captain", "k1") == '{"status": "started"}'
+    assert await redis_client.ttl("{bkchatops}:agentcall:captain:k1") > 23 * 3600
+    assert await store.spend_budget("captain", "reads", limit=1, window=60, now=120.0) == (None, 1)
+    wait, used = await store.spend_budget("captain", "reads", limit=1, window=60, now=150.0)
+    assert (wait, used) == (30, 2)
+    assert 0 < await redis_client.ttl("{bkchatops}:agentbudget:captain:reads:2") <= 120
+    await store.cache_read("build:web:1", "{}", ttl=2.0)
+    assert 0 < await redis_client.pttl("{bkchatops}:agentread:build:web:1") <= 2000

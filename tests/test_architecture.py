@@ -1,5 +1,5 @@
-"""The rooms of the code base keep to their walls: what each package may import (README,
-"Architecture"). A new import across a wall fails here, with the line that made it."""
+"""The rooms of the code base keep to their walls: what each package may import
+(docs/architecture.md). A new import across a wall fails here, with the line that made it."""
 
 from __future__ import annotations
 

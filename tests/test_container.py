@@ -161,7 +161,8 @@ def test_compose_runs_the_bot_with_a_persistent_redis(compose: dict[str, Any]) -
 
 def test_env_example_lists_exactly_the_settings() -> None:
     example = (ROOT / ".env.example").read_text()
-    names = set(re.findall(r"^([A-Z][A-Z0-9_]*)=", example, re.MULTILINE))
+    # A setting left unset on purpose (REDIS_URL: the embedded store) is shown commented out.
+    names = set(re.findall(r"^(?:# )?([A-Z][A-Z0-9_]*)=", example, re.MULTILINE))
     assert names == SETTINGS
     for name in names:  # each with a comment just above it, or in its group's comment
-        assert re.search(rf"#[^\n]*\n(?:[A-Z_]+=[^\n]*\n)*{name}=", example), name
+        assert re.search(rf"#[^\n]*\n(?:[A-Z_]+=[^\n]*\n)*(?:# )?{name}=", example), name

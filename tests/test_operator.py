@@ -322,13 +322,19 @@ async def test_stopping_agents_follows_the_policy(bot: BotClient, bk: FakeBuildk
     assert "stop once its current job finishes" in done["text"]
     assert [(r.api_path, r.json) for r in changes(bk)] == [(stop_path, {"force": False})]
 
+    # Buildkite stops only connected agents: an idle one asked to stop has stopped already.
+    gone = await click(bot, "agent_force_stop", value, user=ADMIN, name="admin")
+    assert "Can only stop connected agents" in gone["text"]
+
+    other = bk.add_agent("builder-2")
+    value = json.dumps({"id": other["id"], "name": "builder-2"})
     forced = await click(bot, "agent_force_stop", value, user=ADMIN, name="admin")
-    assert "Force-stopped `builder-1`" in forced["text"]
+    assert "Force-stopped `builder-2`" in forced["text"]
     assert changes(bk)[-1].json == {"force": True}
 
     again = await click(bot, "agent_force_stop", value, user=ADMIN, name="admin")
     assert "already asked for this" in again["text"]
-    assert len(changes(bk)) == 2
+    assert len(changes(bk)) == 3
 
 
 # -- whoami ----------------------------------------------------------------------------------------

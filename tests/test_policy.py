@@ -157,9 +157,9 @@ def test_malformed_file_names_the_line(tmp_path: Path, text: str, expected: str)
     assert str(tmp_path / "policy.yml") in str(caught.value)
 
 
-def test_readme_example_policy_is_valid(tmp_path: Path) -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    example = readme.split("```yaml\n# policy.yml\n", 1)[1].split("```", 1)[0]
+def test_the_documented_example_policy_is_valid(tmp_path: Path) -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "policy.md").read_text()
+    example = page.split("```yaml\n# policy.yml\n", 1)[1].split("```", 1)[0]
     policy = load_policy(write(tmp_path, example))
     assert policy.data.pipelines
 

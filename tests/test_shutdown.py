@@ -184,3 +184,23 @@ async def terminate(bot: Process) -> tuple[int, float]:
     bot.send_signal(signal.SIGTERM)
     code = await asyncio.wait_for(bot.wait(), timeout=30)
     return code, time.monotonic() - started
+
+
+async def test_the_steps_of_a_stop_share_one_budget(monkeypatch: Any) -> None:
+    """Each step of a shutdown waits at most what the earlier ones left, so a stop in which
+    every step hangs still ends after about one grace, not one grace per step."""
+    from app.ops.shutdown import FLOOR, StopBudget
+
+    loop = asyncio.get_running_loop()
+    now = [1000.0]
+    monkeypatch.setattr(loop, "time", lambda: now[0])
+    budget = StopBudget(10.0)
+    assert budget.left() == 10.0  # not stopping yet: a step would get the whole budget
+    budget.start()
+    now[0] += 4.0
+    assert budget.left() == 6.0
+    budget.start()  # a second start (the `finally` after a clean stop) keeps the first
+    now[0] += 5.5
+    assert budget.left() == 0.5
+    now[0] += 30.0
+    assert budget.left() == FLOOR  # spent: later steps only run what is ready

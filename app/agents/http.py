@@ -19,6 +19,7 @@ from aiohttp import web
 
 from app.agents.gateway import Gateway
 from app.agents.identity import Agent, bearer_token
+from app.ops.shutdown import StopBudget
 
 if TYPE_CHECKING:
     from mcp.server import ServerRequestContext
@@ -60,7 +61,7 @@ class McpEndpoint:
             )
 
     @contextlib.asynccontextmanager
-    async def running(self, grace: float = 10.0) -> AsyncIterator[None]:
+    async def running(self, stopping: StopBudget) -> AsyncIterator[None]:
         """Run the session manager for the block's life; waits return when it ends.
 
         The manager's task group lives in a task of its own: anyio wants it left by the task
@@ -91,7 +92,7 @@ class McpEndpoint:
             self._running = False
             await self.gateway.changes.close()
             stop.set()
-            _, late = await asyncio.wait([task], timeout=grace)
+            _, late = await asyncio.wait([task], timeout=stopping.left())
             for pending in late:
                 pending.cancel()
             await asyncio.gather(task, return_exceptions=True)

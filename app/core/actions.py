@@ -13,14 +13,17 @@ from redis.exceptions import RedisError
 
 from app.core.commands import BuildRef
 from app.core.errors import UserError, explain
+from app.core.freezes import FROZEN_ACTIONS, view_of
 from app.core.policy import Action, Rule
+from app.core.releases import LedgerRecorder, release_meta
 from app.core.services import Services
 from app.slack.actor import Actor
 from app.slack.mrkdwn import link
 from app.slack.outbox import SlackDeliveryError, not_in_channel_text
+from app.slack.render import freezes as freeze_texts
 from app.slack.render import texts
 from app.slack.render.common import Rendered
-from app.slack.render.deploys import DeployPlan
+from app.slack.render.deploys import DeployPlan, plan_summary
 from app.slack.render.texts import TRACKING_DOWN
 from app.storage.keys import AWAITED_TTL, REQUEST_TTL
 from app.storage.records import AwaitedBuild, MessageTarget
@@ -59,8 +62,16 @@ class Actions:
         )
 
     async def _authorize(
-        self, action: Action, pipeline: str, actor: Actor, *, number: int | None = None
+        self,
+        action: Action,
+        pipeline: str,
+        actor: Actor,
+        *,
+        number: int | None = None,
+        break_glass: bool = False,
     ) -> Rule:
+        """The pipeline's rule, if `actor` may do `action` there now; a deploy or rebuild is
+        also refused during a freeze, unless it asks to break the glass (approved after)."""
         decision = await self.s.policy.check(
             action,
             pipeline,
@@ -79,7 +90,22 @@ class Actions:
                 detail=f"rule {decision.rule}",
             )
             raise UserError(texts.refused(decision.reason))
+        if action in FROZEN_ACTIONS and not break_glass:
+            await self._check_freeze(action.value, pipeline, actor, number=number)
         return self.s.policy.rule_for(pipeline)
+
+    async def _check_freeze(
+        self, action: str, pipeline: str, actor: Actor, *, number: int | None = None
+    ) -> None:
+        """Refuse (and audit) `action` on a frozen pipeline, naming the freeze and its end."""
+        occurrence = self.s.policy.active_freeze(pipeline, self.s.tuning.clock())
+        if occurrence is None:
+            return
+        reason = occurrence.freeze.reason
+        await self._audit(
+            actor, action, pipeline, "refused", number=number, detail=f"freeze: {reason}"
+        )
+        raise UserError(freeze_texts.frozen(pipeline, action, view_of(occurrence)))
 
     async def _check_lock(
         self, pipeline: str, actor: Actor, *, action: str = "deploy", build: BuildRef | None = None
@@ -156,6 +182,9 @@ class Actions:
         meta = {"chatops_requested_by": actor.user_id}
         if approved_by:
             meta["chatops_approved_by"] = approved_by
+        meta.update(release_meta(plan))
+        if plan.break_glass:
+            meta["chatops_break_glass"] = plan.break_glass
         await self._await(request_id, plan.pipeline, actor, thread=thread)
         try:
             build = await self.s.buildkite.create_build(
@@ -177,7 +206,13 @@ class Actions:
             await self._stop_awaiting(request_id)
             await self._audit(actor, "deploy", plan.pipeline, "failed", detail=str(exc))
             raise UserError(explain(exc, action="deploy", pipeline=plan.pipeline)) from None
-        await self._audit(actor, "deploy", plan.pipeline, "started", build=build)
+        await self._audit(
+            actor, "deploy", plan.pipeline, "started", build=build, detail=plan_summary(plan)
+        )
+        # In the ledger before it is followed, so that its end finds it there.
+        await LedgerRecorder(self.s.policy, self.s.store, self.s.buildkite).started(
+            build, plan.pipeline, requested_by=actor.user_id
+        )
         await self._track(build, plan.pipeline, actor, thread=thread)
         await self._stop_awaiting(request_id)
         return build

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from redis.exceptions import RedisError
 
 from app.core.actions import Actions
-from app.core.deploys import plan_action, plan_from
+from app.core.deploys import approvers_of, break_glass_detail, plan_action, plan_from
 from app.core.errors import UserError, explain
 from app.slack.actor import Actor
 from app.slack.render import texts
@@ -50,7 +50,7 @@ class Approvals(Actions):
             if actor.user_id == plan.acts_for:
                 raise UserError(texts.no_agent_self_approval(plan.approvers))
             raise UserError(texts.no_self_approval(plan.approvers))
-        approvers = self.s.policy.approvers(rule, requester=plan.requester)
+        approvers = approvers_of(plan, rule, self.s.policy)
         allowed = actor.user_id in (
             plan.requester,
             plan.acts_for,
@@ -84,7 +84,13 @@ class Approvals(Actions):
                 approval, plan, "refused", decided_by=actor.user_id, reason=refusal.text
             )
             raise UserError(texts.approved_not_started(refusal.text))
-        await self._audit(actor, action, plan.pipeline, "approved" if approve else "rejected")
+        await self._audit(
+            actor,
+            action,
+            plan.pipeline,
+            "approved" if approve else "rejected",
+            detail=break_glass_detail(plan) if plan.break_glass is not None else "",
+        )
         if not approve:
             await self._show_approval(approval, plan, "rejected", decided_by=actor.user_id)
             await self._settle(approval_id)
@@ -143,6 +149,11 @@ class Approvals(Actions):
                 ),
                 f"rule {decision.rule}",
             )
+        if plan.break_glass is None:  # a break-glass deploy is approved to go through it
+            now = self.s.tuning.clock()
+            frozen = self.s.policy.freeze_refusal(plan.pipeline, now, action=action.value)
+            if frozen is not None:
+                return Refusal(frozen, "freeze")
         rule = self.s.policy.rule_for(plan.pipeline)
         env_refusal = rule.env_refusal(plan.env)
         if env_refusal is not None:

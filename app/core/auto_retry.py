@@ -36,6 +36,7 @@ class AutoRetry:
         outbox: Outbox,
         auditor: Auditor,
         follow: Callable[[Build], Awaitable[None]],
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.policy = policy
         self.store = store
@@ -44,6 +45,8 @@ class AutoRetry:
         self.auditor = auditor
         #: Follows the retried build again, its replies re-armed.
         self.follow = follow
+        #: The wall clock of freeze windows (Tuning.clock).
+        self.clock = clock
 
     async def on_final(self, tracked: TrackedBuild, build: Build) -> None:
         """A build ended: retry its failed jobs if it failed and its pipeline opted in."""
@@ -67,6 +70,18 @@ class AutoRetry:
                     notice(texts.not_auto_retried_locked(tracked.pipeline, lock.user, lock.reason)),
                     thread_ts=target.reply_thread,
                     key=f"{tracked.build_id}:{target.channel}:{tracked.gen}:locked",
+                )
+            return
+        frozen = self.policy.freeze_refusal(
+            tracked.pipeline, self.clock(), action="automatic retry"
+        )
+        if frozen is not None:  # a freeze window stops them as it stops everybody's retries
+            for target in tracked.targets:
+                await self.outbox.post(
+                    target.channel,
+                    notice(frozen),
+                    thread_ts=target.reply_thread,
+                    key=f"{tracked.build_id}:{target.channel}:{tracked.gen}:frozen",
                 )
             return
         attempt = await self.store.count_auto_retry(tracked.build_id)

@@ -14,6 +14,7 @@ from app.core.deploys import Deploys, NeedsConfirmation, Started
 from app.core.errors import UserError, explain
 from app.core.policy import Action
 from app.core.services import Services, request_id_for
+from app.core.supersede import superseded_refusal
 from app.core.unblock_forms import BlockForm, form_in_pipeline
 from app.slack.actor import Actor
 from app.slack.mrkdwn import link
@@ -103,6 +104,8 @@ class BuildActions(Actions):
         await self._claim(dedup_key, actor.user_id, ttl=dedup_ttl)
         if rule.asks_first:
             return await self.deploys.rebuild_as_deploy(ref, actor, rule, dedup_key, trigger)
+        if rule.promote_from:
+            await self.deploys.check_rebuild_promotion(ref, actor, rule, dedup_key)
         thread_ts = None
         try:
             original = await self.s.store.find(ref.pipeline, ref.number)
@@ -134,6 +137,7 @@ class BuildActions(Actions):
         await self._authorize(Action.UNBLOCK, value.pipeline, actor, number=value.number)
         ref = BuildRef(value.pipeline, value.number)
         await self._check_lock(value.pipeline, actor, action="unblock", build=ref)
+        await self._check_superseded(value, actor)
         bk = self.s.buildkite
         try:
             build = await bk.get_build(value.pipeline, value.number)
@@ -177,6 +181,7 @@ class BuildActions(Actions):
         await self._authorize(Action.UNBLOCK, value.pipeline, actor, number=value.number)
         ref = BuildRef(value.pipeline, value.number)
         await self._check_lock(value.pipeline, actor, action="unblock", build=ref)
+        await self._check_superseded(value, actor)
         await self._claim(dedup_key, actor.user_id, ttl=ACTION_TTL)
         try:
             await self.s.buildkite.unblock_job(
@@ -206,6 +211,31 @@ class BuildActions(Actions):
             )
         if not_posted:
             raise UserError(texts.unblocked_not_shown(label, not_posted))
+
+    async def _check_superseded(self, value: UnblockButtonValue, actor: Actor) -> None:
+        """Refuse to unblock a build a newer one of its branch superseded (see supersede)."""
+        try:
+            refusal = await superseded_refusal(
+                self.s.store,
+                self.s.policy,
+                value.pipeline,
+                value.number,
+                confirmed=value.superseded_ok,
+            )
+        except RedisError:
+            raise UserError(texts.TRACKING_DOWN) from None
+        if refusal is None:
+            return
+        text, by = refusal
+        await self._audit(
+            actor,
+            "unblock",
+            value.pipeline,
+            "refused",
+            number=value.number,
+            detail=f"superseded by #{by.number}",
+        )
+        raise UserError(text)
 
     async def retry_failed(
         self, ref: BuildRef, actor: Actor, *, thread: tuple[str, str | None], dedup_key: str

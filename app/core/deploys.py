@@ -15,19 +15,32 @@ from redis.exceptions import RedisError
 from app.core.actions import Actions
 from app.core.commands import COMMIT, BuildRef, DeployRequest, UsageError, check_branch
 from app.core.errors import UserError, explain
-from app.core.policy import Action, Rule, principal_ref
+from app.core.freezes import view_of
+from app.core.policy import Action, Policy, Rule, principal_ref
+from app.core.releases import check_promotion
 from app.core.services import request_id_for
 from app.slack.actor import Actor
 from app.slack.outbox import SlackDeliveryError, not_in_channel_text
+from app.slack.render import freezes as freeze_texts
+from app.slack.render import releases as release_texts
 from app.slack.render import texts
-from app.slack.render.common import Rendered
-from app.slack.render.deploys import DeployPlan, approval_request, confirm_deploy, plan_refusal
+from app.slack.render.common import Rendered, notice
+from app.slack.render.deploys import (
+    DeployPlan,
+    approval_request,
+    confirm_deploy,
+    plan_refusal,
+    plan_summary,
+)
 from app.slack.render.texts import TRACKING_DOWN
 from app.storage.records import PendingDeploy
 from buildkite.errors import BuildkiteError
 from buildkite.models import Build, BuildState, Pipeline
 
 log = logging.getLogger(__name__)
+
+#: How long a break-glass approval waits, on a rule without an approval of its own.
+BREAK_GLASS_EXPIRY = 1800
 
 
 @dataclass(frozen=True)
@@ -50,12 +63,34 @@ class AwaitingApproval:
 DeployOutcome = Started | NeedsConfirmation | AwaitingApproval
 
 
+@dataclass(frozen=True)
+class DeployOrigin:
+    """What a deploy is, when it is more than a deploy: a rollback or a promotion (see
+    app.core.release_actions). Carried into the plan and the build's meta_data."""
+
+    rollback_of: int | None = None
+    rollback_from: str | None = None
+    promoted_from: str | None = None
+    #: A compare link from the live commit to the one deployed.
+    diff_url: str | None = None
+
+
 class Deploys(Actions):
     """Deploy, confirm and abort, as requested by a Slack user."""
 
-    async def deploy(self, request: DeployRequest, actor: Actor, *, trigger: str) -> DeployOutcome:
+    async def deploy(
+        self,
+        request: DeployRequest,
+        actor: Actor,
+        *,
+        trigger: str,
+        origin: DeployOrigin | None = None,
+    ) -> DeployOutcome:
         """Start a build (once per Slack request), or ask first when the pipeline is protected."""
-        rule = await self._authorize(Action.DEPLOY, request.pipeline, actor)
+        origin = origin or DeployOrigin()
+        breaking = request.break_glass is not None
+        rule = await self._authorize(Action.DEPLOY, request.pipeline, actor, break_glass=breaking)
+        freeze = await self._break_glass_freeze(request, actor, rule) if breaking else None
         await self._check_env(rule, request.env, actor, action="deploy", pipeline=request.pipeline)
         await self._check_lock(request.pipeline, actor)
         request_id = request_id_for("deploy", trigger)
@@ -73,11 +108,21 @@ class Deploys(Actions):
             message=request.message or f"Deployed from Slack by @{actor.user_name}",
             env=dict(request.env),
             requester=actor.user_id,
+            rollback_of=origin.rollback_of,
+            rollback_from=origin.rollback_from,
+            promoted_from=origin.promoted_from,
+            diff_url=origin.diff_url,
+            break_glass=request.break_glass,
+            freeze=freeze,
             acts_for=self.s.policy.acts_for(actor.user_id),
         )
-        if not rule.asks_first:
+        if rule.promote_from and origin.rollback_of is None:
+            plan = await self._promotable(plan, rule, actor, request_id)
+        if not rule.asks_first and not breaking:
             return Started(await self._start(plan, actor, request_id=request_id))
         plan = await self._describe(plan, pipeline, rule)
+        if breaking:
+            return await self._break_glass(plan, actor, rule, request_id)
         return await self._ask_first(plan, actor, request_id, claim=request_id)
 
     async def _ask_first(
@@ -106,6 +151,39 @@ class Deploys(Actions):
             )
         return NeedsConfirmation(confirm_deploy(plan, request_id))
 
+    async def _promotable(
+        self, plan: DeployPlan, rule: Rule, actor: Actor, request_id: str
+    ) -> DeployPlan:
+        """A rule with `promote_from` deploys only a commit that passed a deployment there:
+        the plan then names that commit (HEAD resolved), so what is built is what passed."""
+        source = rule.promote_from or ""
+        try:
+            promotion = await check_promotion(
+                self.s.store,
+                self.s.buildkite,
+                self.s.policy,
+                pipeline=plan.pipeline,
+                source=source,
+                branch=plan.branch,
+                commit=plan.commit,
+            )
+        except RedisError:
+            await self._forget(request_id)
+            raise UserError(TRACKING_DOWN) from None
+        if promotion.passed is None or promotion.commit is None:
+            await self._forget(request_id)
+            await self._audit(
+                actor, "deploy", plan.pipeline, "refused", detail=f"not passed on {source}"
+            )
+            history = f"https://buildkite.com/{self.s.buildkite.org}/{source}/builds"
+            raise UserError(
+                release_texts.not_promoted(
+                    plan.pipeline, source, rule.name, plan.commit, promotion.commit, history
+                )
+            )
+        passed = f"{source}#{promotion.passed.number}"
+        return replace(plan, commit=promotion.commit, promoted_from=plan.promoted_from or passed)
+
     async def _describe(self, plan: DeployPlan, pipeline: Pipeline, rule: Rule) -> DeployPlan:
         """Resolve HEAD to the branch's last built SHA, and link the diff on GitHub."""
         last: Build | None = None
@@ -127,19 +205,17 @@ class Deploys(Actions):
             log.info("could not look up recent builds of %s: %s", plan.pipeline, exc)
         sha = plan.commit if plan.commit != "HEAD" else (last.commit if last else None)
         diff = None
-        repo = _github_repo(pipeline.repository)
+        repo = github_repo(pipeline.repository)
         if repo and last_passed and last_passed.commit and sha and last_passed.commit != sha:
             diff = f"https://github.com/{repo}/compare/{last_passed.commit}...{sha}"
-        approvers = tuple(
-            principal_ref(p) for p in self.s.policy.approvers(rule, requester=plan.requester)
-        )
+        who = approvers_of(plan, rule, self.s.policy)
         return replace(
             plan,
             resolved_sha=sha if plan.commit == "HEAD" else None,
             resolved_from=f"#{last.number}" if last and plan.commit == "HEAD" else None,
-            diff_url=diff,
-            approvers=approvers,
-            expires_in=self.s.policy.approval_expiry(rule, requester=plan.requester),
+            diff_url=plan.diff_url or diff,
+            approvers=tuple(principal_ref(p) for p in who),
+            expires_in=approval_expiry(plan, rule, self.s.policy),
         )
 
     async def confirm(self, request_id: str, actor: Actor) -> DeployOutcome:
@@ -149,19 +225,31 @@ class Deploys(Actions):
         """
         plan, data = await self._own_request(request_id, actor, verb="confirm")
         action = plan_action(plan)
-        rule = await self._authorize(action, plan.pipeline, actor)
+        breaking = plan.break_glass is not None
+        rule = await self._authorize(action, plan.pipeline, actor, break_glass=breaking)
         await self._check_env(rule, plan.env, actor, action=action.value, pipeline=plan.pipeline)
         await self._check_lock(plan.pipeline, actor)
-        expiry = self.s.policy.approval_expiry(rule, requester=actor.user_id)
+        expiry = approval_expiry(plan, rule, self.s.policy)
         if expiry is None:
             return Started(await self._start(plan, actor, request_id=request_id))
-        if not self.s.policy.approvers(rule, requester=actor.user_id):
+        return await self._request_approval(plan, data, actor, rule, request_id)
+
+    async def _request_approval(
+        self, plan: DeployPlan, data: PendingDeploy, actor: Actor, rule: Rule, request_id: str
+    ) -> AwaitingApproval:
+        """Post the request for a second person's approval in the channel (a break-glass one
+        announced first), and keep it until decided or expired."""
+        breaking = plan.break_glass is not None
+        expiry = approval_expiry(plan, rule, self.s.policy) or BREAK_GLASS_EXPIRY
+        if not approvers_of(plan, rule, self.s.policy):
             await self._audit(actor, "deploy", plan.pipeline, "refused", detail="no approvers")
             raise UserError(texts.refused(texts.no_agent_approvers(plan.pipeline, rule.name)))
         approval_id = request_id_for("approval", request_id)
         expires_at = time.time() + expiry
         await self.s.store.create_approval(approval_id, data, expires_at=expires_at)
         try:
+            if breaking:
+                await self._announce_break_glass(plan, actor, approval_id)
             ts = await self.s.outbox.post(
                 actor.channel_id, approval_request(plan, approval_id), key=approval_id
             )
@@ -173,8 +261,61 @@ class Deploys(Actions):
                 texts.approval_not_posted(plan.pipeline, not_in_channel_text(exc.error))
             ) from None
         await self.s.store.set_approval_message(approval_id, channel=actor.channel_id, ts=ts)
-        await self._audit(actor, "deploy", plan.pipeline, "approval requested")
+        if breaking:
+            detail = break_glass_detail(plan)
+            await self._audit(
+                actor, "deploy", plan.pipeline, "break-glass requested", detail=detail
+            )
+        else:
+            await self._audit(
+                actor, "deploy", plan.pipeline, "approval requested", detail=plan_summary(plan)
+            )
         return AwaitingApproval(approval_id)
+
+    async def _break_glass(
+        self, plan: DeployPlan, actor: Actor, rule: Rule, request_id: str
+    ) -> AwaitingApproval:
+        """A deploy through a freeze: straight to a second person's approval, shown in full."""
+        refusal = plan_refusal(plan, request_id, request_id_for("approval", request_id))
+        if refusal is not None:
+            await self._forget(request_id)
+            await self._audit(actor, "deploy", plan.pipeline, "refused", detail="too large to show")
+            raise UserError(texts.refused(refusal))
+        try:
+            return await self._request_approval(
+                plan, plan_data(plan, actor), actor, rule, request_id
+            )
+        except RedisError:
+            await self._forget(request_id)
+            raise UserError(TRACKING_DOWN) from None
+        except UserError:
+            await self._forget(request_id)
+            raise
+
+    async def _break_glass_freeze(self, request: DeployRequest, actor: Actor, rule: Rule) -> str:
+        """The freeze a break-glass deploy goes through; refused when nothing is frozen (no
+        glass to break) or when nobody could approve it."""
+        occurrence = self.s.policy.active_freeze(request.pipeline, self.s.tuning.clock())
+        if occurrence is None:
+            raise UserError(freeze_texts.not_frozen(request.pipeline))
+        if not (rule.approval.approvers if rule.approval else self.s.policy.admins):
+            await self._audit(
+                actor, "deploy", request.pipeline, "refused", detail="break-glass: no approvers"
+            )
+            raise UserError(freeze_texts.no_break_glass_approvers(request.pipeline))
+        return f"{occurrence.freeze.reason} ({occurrence.freeze.window})"
+
+    async def _announce_break_glass(self, plan: DeployPlan, actor: Actor, approval_id: str) -> None:
+        """Say in the channel that someone breaks the glass, and why, before the approval."""
+        occurrence = self.s.policy.active_freeze(plan.pipeline, self.s.tuning.clock())
+        text = freeze_texts.break_glass_announcement(
+            plan.requester,
+            plan.pipeline,
+            plan.break_glass or "",
+            view_of(occurrence) if occurrence else None,
+            plan.approvers,
+        )
+        await self.s.outbox.post(actor.channel_id, notice(text), key=f"{approval_id}:breakglass")
 
     async def abort(self, request_id: str, actor: Actor) -> None:
         """The requester dropped their own confirmation (the Cancel button)."""
@@ -238,12 +379,33 @@ class Deploys(Actions):
             rebuild_of=ref.number,
             acts_for=self.s.policy.acts_for(actor.user_id),
         )
+        if rule.promote_from:
+            plan = await self._promotable(plan, rule, actor, dedup_key)
         plan = await self._describe(plan, pipeline, rule)
         request_id = request_id_for("rebuild", trigger)
         return await self._ask_first(plan, actor, request_id, claim=dedup_key)
 
+    async def check_rebuild_promotion(
+        self, ref: BuildRef, actor: Actor, rule: Rule, dedup_key: str
+    ) -> None:
+        """A plain rebuild on a `promote_from` pipeline deploys its original's commit again:
+        refused like a deploy unless that commit passed a deployment of `promote_from`."""
+        try:
+            original = await self.s.buildkite.get_build(ref.pipeline, ref.number)
+        except BuildkiteError as exc:
+            raise await self._refused(exc, dedup_key, actor, "rebuild", ref) from None
+        plan = DeployPlan(
+            pipeline=ref.pipeline,
+            branch=original.branch or "main",
+            commit=original.commit or "HEAD",
+            message="",
+            env={},
+            requester=actor.user_id,
+        )
+        await self._promotable(plan, rule, actor, dedup_key)
 
-def _github_repo(repository: str | None) -> str | None:
+
+def github_repo(repository: str | None) -> str | None:
     """`owner/name` of a GitHub repository URL (https or ssh), else None."""
     if not repository:
         return None
@@ -251,6 +413,26 @@ def _github_repo(repository: str | None) -> str | None:
         r"^(?:https://github\.com/|git@github\.com:)([\w.-]+/[\w.-]+?)(?:\.git)?/?$", repository
     )
     return match.group(1) if match else None
+
+
+def approvers_of(plan: DeployPlan, rule: Rule, policy: Policy) -> list[str]:
+    """Who may approve the plan (see Policy.approvers): the rule's approvers, or the admins for
+    a break-glass deploy on a rule without any; never the person an agent acts for."""
+    return policy.approvers(
+        rule, requester=plan.requester, break_glass=plan.break_glass is not None
+    )
+
+
+def approval_expiry(plan: DeployPlan, rule: Rule, policy: Policy) -> int | None:
+    """How long the plan's approval request stays open, or None when it needs none."""
+    if plan.break_glass is not None and rule.approval is None:
+        return BREAK_GLASS_EXPIRY
+    return policy.approval_expiry(rule, requester=plan.requester)
+
+
+def break_glass_detail(plan: DeployPlan) -> str:
+    """A break-glass deploy as the audit trail keeps it: the reason, and the freeze."""
+    return f"break-glass: {plan.break_glass} (freeze: {plan.freeze or '?'})"
 
 
 def plan_action(plan: DeployPlan) -> Action:

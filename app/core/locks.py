@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 from app.core.actions import Actions
 from app.core.commands import AuditRequest, LockRequest, UnlockRequest
 from app.core.errors import UserError
+from app.core.lock_hygiene import LockHygiene
 from app.core.policy import Action
 from app.slack.actor import Actor
 from app.slack.render import texts
@@ -26,7 +25,8 @@ class Locks(Actions):
             user=actor.user_id,
             reason=request.reason,
             ttl=request.ttl,
-            now=time.time(),
+            now=self.s.tuning.clock(),
+            channel=actor.channel_id,
         )
         if holder is not None and holder.user != actor.user_id:
             await self._audit(
@@ -50,6 +50,9 @@ class Locks(Actions):
             raise UserError(texts.only_holder_unlocks(request.pipeline, lock.user))
         await self.s.store.unlock_pipeline(request.pipeline)
         await self._audit(actor, "unlock", request.pipeline, "unlocked")
+        if lock.user != actor.user_id:
+            hygiene = LockHygiene(self.s.policy, self.s.store, self.s.outbox, self.s.tuning.clock)
+            await hygiene.lifted(lock, actor.user_id)
         return texts.unlocked(actor.user_id, request.pipeline)
 
     async def audit_entries(self, request: AuditRequest, actor: Actor) -> list[AuditEntry]:

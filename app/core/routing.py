@@ -8,6 +8,7 @@ the build is followed like any other (one message per channel, updated in place,
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from app.core.names import PIPELINE_SLUG
 from app.core.policy import NotifyEvent, Policy, Route
@@ -16,6 +17,9 @@ from app.tracking.intake import Intake
 from buildkite.models import Build, BuildState, PipelineRef
 
 log = logging.getLogger(__name__)
+
+#: Told of a final build from a webhook: the build, its pipeline's slug, and the pipeline.
+DeployListener = Callable[[Build, str, PipelineRef | None], Awaitable[None]]
 
 
 def announce(
@@ -55,10 +59,19 @@ def announce(
 class Router:
     """Feeds webhook builds to the tracker, and starts routed channel messages."""
 
-    def __init__(self, tracker: Intake, store: Store, policy: Policy) -> None:
+    def __init__(
+        self,
+        tracker: Intake,
+        store: Store,
+        policy: Policy,
+        *,
+        on_deploy: DeployListener | None = None,
+    ) -> None:
         self.tracker = tracker
         self.store = store
         self.policy = policy
+        #: Told of every final build a webhook brings (the release ledger keeps deployments).
+        self.on_deploy = on_deploy
 
     async def on_build(self, build: Build, pipeline: PipelineRef | None) -> str | None:
         """Observe a build from a webhook; announce it where a route asks for it."""
@@ -70,6 +83,8 @@ class Router:
             # Not a slug Buildkite makes: nothing to announce, nor to ask Buildkite about.
             log.warning("not announcing build %s: its pipeline slug is not valid", build.id)
             return changed
+        if self.on_deploy is not None and build.is_final:
+            await self.on_deploy(build, slug, pipeline)
         routes = self.policy.routes_for(slug, build.branch)
         if not routes:
             return changed

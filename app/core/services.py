@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import redis.asyncio as redis
@@ -16,6 +16,7 @@ from app.core.deploy_queue import DeployQueue
 from app.core.policy import Policy
 from app.core.routing import Router
 from app.ops.outages import RedisOutage
+from app.ops.shutdown import StopBudget
 from app.settings import Settings
 from app.slack.directory import Directory
 from app.slack.outbox import Outbox
@@ -26,6 +27,9 @@ from app.tracking.notifier import Notifier
 from app.tracking.poller import Poller
 from app.tuning import DEFAULT, Tuning
 from buildkite.client import BuildkiteClient
+
+if TYPE_CHECKING:
+    from app.core.inbox import DirectMessages, Inbox
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +61,23 @@ class Services:
     tuning: Tuning = DEFAULT
     #: The loops' shared account of a Redis outage, so that it is logged once.
     redis_outage: RedisOutage = field(default_factory=RedisOutage)
+    #: The stop's one time budget (Tuning.shutdown_grace), shared by every step of a shutdown.
+    stopping: StopBudget = field(default_factory=lambda: StopBudget(DEFAULT.shutdown_grace))
+    #: Whose builds are whose, and each person's App Home (see app.core.inbox).
+    inbox: Inbox | None = None
+    #: DMs about a person's own finished builds, with their preferences.
+    dms: DirectMessages | None = None
 
-    async def finish_inflight(self, timeout: float) -> None:  # noqa: ASYNC109
-        """Wait (bounded) for acknowledged requests to finish what they started; deploys still
-        waiting for their turn are told at once that they were not started."""
+    async def finish_inflight(self) -> None:
+        """Wait (within the stop's budget) for acknowledged requests to finish what they
+        started; deploys still waiting for their turn are told at once that they were not."""
         self.deploys.close()
         current = asyncio.current_task()
         tasks = [t for t in self.inflight if t is not current and not t.done()]
         if tasks:
-            _, late = await asyncio.wait(tasks, timeout=timeout)
+            _, late = await asyncio.wait(tasks, timeout=self.stopping.left())
             for task in late:
-                log.warning("shutdown: a request was still running after %.0f s", timeout)
+                log.warning("shutdown: a request was still running when the stop's time ran out")
                 task.cancel()
             if late:
                 # Long enough for a canceled request to tell its user, before the clients close.

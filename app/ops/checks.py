@@ -29,7 +29,7 @@ from app.storage.store import Store
 from buildkite.client import BuildkiteClient
 from buildkite.errors import AuthenticationError, BuildkiteError, NotFound
 
-#: The Buildkite token scopes the bot needs (see the README's Buildkite set-up).
+#: The Buildkite token scopes the bot needs (see docs/buildkite-setup.md).
 REQUIRED_SCOPES = ("read_builds", "write_builds", "read_pipelines")
 CHECK_TIMEOUT = 10.0
 REDIS_TIMEOUT = 2.0

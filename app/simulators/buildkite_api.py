@@ -183,12 +183,16 @@ class BuildkiteApi(BuildkiteSetup):
             if build["state"] in TERMINAL_STATES or build["blocked"]:
                 raise _Reply(422, "Build can't be canceled because it's already finished")
             raise _Reply(422, f"Build can't be canceled while it is {build['state']}")
+        self._cancel(build, reason="canceled via the API")
+        return web.json_response(self._build_json(build))
+
+    def _cancel(self, build: JSON, *, reason: str) -> None:
         now = _now_iso(self.now())
-        build.update(state="canceled", finished_at=now, cancel_reason="canceled via the API")
+        build.update(state="canceled", finished_at=now, cancel_reason=reason)
         for job in build["jobs"]:
             if job.get("state") in UNFINISHED_JOB_STATES:
                 job["state"], job["finished_at"] = "canceled", now
-        return web.json_response(self._build_json(build))
+        self._sync_agents()
 
     def _rebuild_build(self, call: _Call) -> web.StreamResponse:
         self._no_body(call)
@@ -357,12 +361,14 @@ class BuildkiteApi(BuildkiteSetup):
         return web.Response(status=204)
 
     def _list_agents(self, call: _Call) -> web.StreamResponse:
+        """Connected agents only, as Buildkite lists them (one stopping after its job still is)."""
         self._check_org(call)
         q = call.query
         agents = [
             copy.deepcopy(agent)
             for agent in self.agents.values()
-            if all(agent[key] == q[key] for key in ("name", "hostname", "version") if key in q)
+            if agent["connection_state"] in {"connected", "stopping"}
+            and all(agent[key] == q[key] for key in ("name", "hostname", "version") if key in q)
         ]
         return self._paginated(call, agents)
 
@@ -370,14 +376,26 @@ class BuildkiteApi(BuildkiteSetup):
         return web.json_response(copy.deepcopy(self._agent_for(call)))
 
     def _stop_agent(self, call: _Call) -> web.StreamResponse:
+        """Buildkite's stop: only a connected agent (400 otherwise); by force (the default) its
+        job and build are canceled and it stops at once, else it stops once its job is done."""
         agent = self._agent_for(call)
         body = self._json_object(call, frozenset({"force"}))
         force = body.get("force", True)  # Buildkite's default
         if not isinstance(force, bool):
             raise _Reply(422, "Validation Failed", [{"field": "force", "code": "invalid"}])
+        if agent["connection_state"] != "connected":
+            raise _Reply(400, "Can only stop connected agents")
         agent["stop_requested"] = {"force": force}
-        busy = agent["job"] is not None
-        agent["connection_state"] = "stopping" if busy and not force else "stopped"
+        agent["connection_state"] = "stopping"  # takes no new job from here on
+        job = agent["job"]
+        if job is None:
+            now = _now_iso(self.now())
+            agent.update(connection_state="stopped", stopped_at=now, disconnected_at=now)
+        elif force:
+            for build in self.builds:
+                if any(j is job for j in build["jobs"]):
+                    self._cancel(build, reason="the agent running it was stopped")
+        self._sync_agents()
         return web.Response(status=204)
 
     def _get_organization(self, call: _Call) -> web.StreamResponse:

@@ -159,6 +159,10 @@ class BuildkiteSetup(BuildkiteState):
             "queue": queue,
             "creator": None,
             "created_at": _now_iso(self.now()),
+            "connected_at": _now_iso(self.now()) if connection_state == "connected" else None,
+            "disconnected_at": None,
+            "lost_at": None,
+            "stopped_at": None,
             "job": None,
             "last_job_finished_at": None,
             "priority": 0,
@@ -284,6 +288,7 @@ class BuildkiteSetup(BuildkiteState):
                 job["finished_at"] = now
             elif state in {"creating", "scheduled"}:
                 job["state"] = "scheduled"
+        self._sync_agents()
         return self._build_json(build)
 
     def set_job_log(self, job_id: str, text: str) -> None:

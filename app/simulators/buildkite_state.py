@@ -26,6 +26,9 @@ from app.simulators.buildkite_records import (
     _Unexpected,
 )
 
+#: Job states in which a job holds its agent.
+_ON_AN_AGENT = frozenset({"assigned", "accepted", "running", "canceling", "timing_out"})
+
 
 class BuildkiteState:
     """An in-memory Buildkite organization: what the fake serves and tests set up."""
@@ -83,6 +86,9 @@ class BuildkiteState:
         self.pipelines: dict[str, JSON] = {}
         #: Every build, oldest first. API answers list them newest first.
         self.builds: list[JSON] = []
+        #: Agents by id. A running script job takes an idle connected agent when there is one
+        #: (the job's ``agent``, the agent's ``job``); an agent stopping gracefully stops once its
+        #: job is done.
         self.agents: dict[str, JSON] = {}
         #: Log text per job id; a job without one gets a generated log.
         self.job_logs: dict[str, str] = {}
@@ -174,6 +180,35 @@ class BuildkiteState:
             return self.agents[call.args["agent"]]
         except KeyError:
             raise _Reply(404, "No agent found") from None
+
+    def idle_agents(self) -> list[JSON]:
+        """Connected agents without a job, by name: those a job can start on."""
+        idle = [a for a in self.agents.values() if a.get("connection_state") == "connected"]
+        return sorted((a for a in idle if a.get("job") is None), key=lambda a: str(a["name"]))
+
+    def _sync_agents(self) -> None:
+        """After jobs moved: free the agents whose job is done (an agent asked to stop then
+        stops), and put running jobs that have none on idle agents."""
+        now = _now_iso(self.now())
+        for agent in self.agents.values():
+            job = agent.get("job")
+            if job is None or job.get("state") in _ON_AN_AGENT:
+                continue
+            agent.update(job=None, last_job_finished_at=now)
+            if agent.get("connection_state") == "stopping":
+                agent.update(connection_state="stopped", stopped_at=now, disconnected_at=now)
+        if not self.agents:
+            return  # an organization without agents: jobs run unattended, as tests set them
+        idle = self.idle_agents()
+        for build in self.builds:
+            for job in build["jobs"]:
+                if not idle:
+                    return
+                running = job.get("type") == "script" and job.get("state") in _ON_AN_AGENT
+                if running and not job.get("agent"):
+                    agent = idle.pop(0)
+                    job["agent"] = {k: copy.deepcopy(v) for k, v in agent.items() if k != "job"}
+                    agent["job"] = job  # the live job: the agent's JSON shows its state
 
     @staticmethod
     def _json_object(call: _Call, allowed: Iterable[str] | None) -> JSON:

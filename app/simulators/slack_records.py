@@ -15,7 +15,7 @@ T = TypeVar("T")
 Json = dict[str, Any]
 
 # Form bodies carry structured arguments as JSON strings; these are decoded before recording.
-JSON_FIELDS = frozenset({"blocks", "attachments", "view", "metadata"})
+JSON_FIELDS = frozenset({"blocks", "attachments", "view", "metadata", "unfurls"})
 # slack_sdk sends booleans in query/form params as "1"/"0"; these are decoded to bool.
 BOOL_FIELDS = frozenset(
     {
@@ -50,6 +50,11 @@ MANIFEST_SCOPES = frozenset(
         "users:read",
         "users:read.email",
         "usergroups:read",
+        "app_mentions:read",
+        "links:read",
+        "links:write",
+        "im:write",
+        "im:history",
     }
 )
 

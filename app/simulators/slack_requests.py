@@ -351,6 +351,111 @@ def interactive(
     )
 
 
+def home_action_payload(
+    view: Mapping[str, Any],
+    action_id: str,
+    *,
+    value: str | None = None,
+    selected: str | None = None,
+    user_id: str = "U0USER",
+    user_name: str = "alice",
+    team_id: str = "T0001",
+) -> dict[str, Any]:
+    """A `block_actions` payload for a button or select of a published Home tab (`view`, as
+    views.publish answered it): a `view` container, a trigger_id, and no response_url, no
+    channel and no message, as Slack sends it. The element must be in the view; a button's
+    value is the one it carries, a select's choice must be one of its options."""
+    found = None
+    block_id = ""
+    for block in view.get("blocks") or []:
+        elements = list(block.get("elements") or [])
+        if isinstance(block.get("accessory"), dict):
+            elements.append(block["accessory"])
+        for element in elements:
+            if element.get("action_id") == action_id and (
+                value is None or element.get("value") == value
+            ):
+                found, block_id = element, str(block.get("block_id") or "")
+                break
+        if found is not None:
+            break
+    if found is None:
+        raise ValueError(f"no element {action_id} (value {value!r}) in the Home view")
+    action: dict[str, Any] = {
+        "action_id": action_id,
+        "block_id": block_id,
+        "type": found["type"],
+        "action_ts": _action_ts(),
+    }
+    if found["type"] == "button":
+        action["value"] = found.get("value", "")
+        action["text"] = found.get("text")
+    else:
+        option = next((o for o in found.get("options") or [] if o["value"] == selected), None)
+        if option is None:
+            raise ValueError(f"{selected!r} is not an option of {action_id}")
+        action["selected_option"] = option
+    return {
+        "type": "block_actions",
+        "token": VERIFICATION_TOKEN,
+        "user": {"id": user_id, "username": user_name, "name": user_name, "team_id": team_id},
+        "api_app_id": DEFAULT_API_APP_ID,
+        "container": {"type": "view", "view_id": view.get("id", "")},
+        "trigger_id": new_trigger_id(),
+        "team": {"id": team_id, "domain": DEFAULT_TEAM_DOMAIN},
+        "enterprise": None,
+        "is_enterprise_install": False,
+        "view": dict(view),
+        "actions": [action],
+    }
+
+
+def message_shortcut_payload(
+    callback_id: str,
+    message: Mapping[str, Any],
+    *,
+    response_url: str,
+    channel_id: str = "C0CHAN",
+    channel_name: str = "deploys",
+    user_id: str = "U0USER",
+    user_name: str = "alice",
+    team_id: str = "T0001",
+    trigger_id: str | None = None,
+) -> dict[str, Any]:
+    """A `message_action` payload: a message shortcut chosen on `message` (e.g.
+    `fake.message(channel, ts)`), as Slack sends it."""
+    msg = {k: v for k, v in message.items() if k != "channel"}
+    return {
+        "type": "message_action",
+        "token": VERIFICATION_TOKEN,
+        "action_ts": _action_ts(),
+        "team": {"id": team_id, "domain": DEFAULT_TEAM_DOMAIN},
+        "user": {"id": user_id, "username": user_name, "name": user_name, "team_id": team_id},
+        "channel": {"id": channel_id, "name": channel_name},
+        "is_enterprise_install": False,
+        "enterprise": None,
+        "callback_id": callback_id,
+        "trigger_id": trigger_id or new_trigger_id(),
+        "response_url": response_url,
+        "message_ts": str(msg["ts"]),
+        "message": msg,
+    }
+
+
+def message_shortcut(
+    callback_id: str,
+    message: Mapping[str, Any],
+    *,
+    response_url: str,
+    signing_secret: str,
+    timestamp: int | None = None,
+    **fields: Any,
+) -> tuple[bytes, dict[str, str]]:
+    """A signed message shortcut, as Slack posts it."""
+    payload = message_shortcut_payload(callback_id, message, response_url=response_url, **fields)
+    return interactive(payload, signing_secret=signing_secret, timestamp=timestamp)
+
+
 # --------------------------------------------------------------------------- Events API
 
 

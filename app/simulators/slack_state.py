@@ -62,6 +62,12 @@ class SlackState:
         self.users: dict[str, Json] = {}
         self.channels: dict[str, Json] = {}
         self.usergroups: dict[str, list[str]] = {}
+        #: user id -> the Home tab the app last published for them (views.publish).
+        self.home_views: dict[str, Json] = {}
+        #: The app has a Home tab (manifest: features.app_home.home_tab_enabled).
+        self.home_tab_enabled = True
+        #: unfurl_id -> the shared links Slack told the app about (see `share_links`).
+        self.shared_links: dict[str, Json] = {}
 
         self._faults: dict[str, list[_Fault]] = {}
         self._drop_answers: dict[str, int] = {}
@@ -216,6 +222,46 @@ class SlackState:
             channel, text, blocks or [], thread_ts=thread_ts, user=user or self.bot_user_id
         )
         return str(message["ts"])
+
+    def share_links(
+        self,
+        channel: str,
+        user: str,
+        urls: list[str],
+        *,
+        text: str | None = None,
+        thread_ts: str | None = None,
+        source: str = "conversations_history",
+    ) -> Json:
+        """A person posts (or, with `source="composer"`, is still typing) a message with these
+        links: returns the `link_shared` event Slack sends the app, whose `unfurl_id` (or
+        channel and message_ts) chat.unfurl then names."""
+        if source == "conversations_history":
+            ts = self.add_message(channel, text or " ".join(urls), thread_ts=thread_ts, user=user)
+        else:
+            ts = self._next_ts()  # a draft: no message exists yet
+        unfurl_id = f"{channel}.{ts}.{next(self._ids):08x}"
+        links = [{"domain": url.split("/")[2], "url": url} for url in urls]
+        self.shared_links[unfurl_id] = {
+            "channel": channel,
+            "message_ts": ts,
+            "source": source,
+            "links": links,
+        }
+        event: Json = {
+            "type": "link_shared",
+            "channel": channel,
+            "is_bot_user_member": True,
+            "user": user,
+            "message_ts": ts,
+            "unfurl_id": unfurl_id,
+            "source": source,
+            "links": links,
+            "event_ts": ts,
+        }
+        if thread_ts:
+            event["thread_ts"] = thread_ts
+        return event
 
     def add_bot_token(self, token: str) -> None:
         """Accept another bot token too, e.g. one per bot process, so that the `Authorization`

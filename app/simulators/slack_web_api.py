@@ -32,14 +32,17 @@ class SlackWebApi(SlackState):
             "chat.update": self._chat_update,
             "chat.postEphemeral": self._chat_post_ephemeral,
             "chat.getPermalink": self._chat_get_permalink,
+            "chat.unfurl": self._chat_unfurl,
             "users.info": self._users_info,
             "users.lookupByEmail": self._users_lookup_by_email,
             "conversations.info": self._conversations_info,
             "conversations.history": self._conversations_history,
             "conversations.replies": self._conversations_replies,
+            "conversations.open": self._conversations_open,
             "usergroups.users.list": self._usergroups_users_list,
             "views.open": self._views_open,
             "views.update": self._views_update,
+            "views.publish": self._views_publish,
         }
 
     # ------------------------------------------------------------------ Web API methods
@@ -131,6 +134,56 @@ class SlackWebApi(SlackState):
             link += f"?thread_ts={thread_ts}&cid={channel}"
         return {"ok": True, "channel": channel, "permalink": link}
 
+    def _chat_unfurl(self, args: Json) -> Json:
+        """As Slack: `unfurls` for links of one shared message, named by `channel` and `ts`
+        together or by `unfurl_id` and `source` together; each link must be in that message."""
+        if "links:write" not in self.scopes:
+            raise _ApiError("missing_scope")
+        unfurls = args.get("unfurls")
+        if not unfurls:
+            raise _ApiError("missing_unfurls", unexpected="chat.unfurl without unfurls")
+        if not isinstance(unfurls, dict):
+            raise _ApiError("invalid_unfurls", unexpected=f"unfurls is not a map: {unfurls!r}")
+        named = {k for k in ("unfurl_id", "source", "channel", "ts") if args.get(k)}
+        by_id = named == {"unfurl_id", "source"}
+        by_message = named == {"channel", "ts"}
+        if not (by_id or by_message):
+            raise _ApiError(
+                "invalid_arguments",
+                unexpected="chat.unfurl needs channel and ts, or unfurl_id and source: "
+                f"{sorted(named)}",
+            )
+        if by_id:
+            shared = self.shared_links.get(str(args.get("unfurl_id") or ""))
+            if shared is None or shared["source"] != args.get("source"):
+                raise _ApiError("cannot_unfurl_url", unexpected="unknown unfurl_id or source")
+        else:
+            shared = next(
+                (
+                    s
+                    for s in self.shared_links.values()
+                    if s["channel"] == args.get("channel") and s["message_ts"] == args.get("ts")
+                ),
+                None,
+            )
+            if shared is None:
+                known = self.messages.get(str(args.get("channel")), {}).get(str(args.get("ts")))
+                raise _ApiError(
+                    "cannot_unfurl_message" if known else "cannot_find_message",
+                    unexpected="chat.unfurl of a message with no shared links",
+                )
+        shared_urls = {link["url"] for link in shared["links"]}
+        for url, unfurl in unfurls.items():
+            if url not in shared_urls:
+                raise _ApiError("cannot_unfurl_url", unexpected=f"{url} was not shared there")
+            if not isinstance(unfurl, dict) or not (unfurl.get("blocks") or unfurl.get("text")):
+                raise _ApiError("invalid_unfurls", unexpected=f"empty unfurl for {url}")
+            problems = block_problems(list(unfurl.get("blocks") or []), max_blocks=50)
+            if problems:
+                raise _ApiError("invalid_blocks", unexpected="; ".join(problems))
+        shared.setdefault("unfurls", {}).update(unfurls)
+        return {"ok": True}
+
     def _users_info(self, args: Json) -> Json:
         user = self.users.get(str(args.get("user") or ""))
         if user is None:
@@ -196,6 +249,23 @@ class SlackWebApi(SlackState):
             "response_metadata": {"next_cursor": f"page:{start + limit}" if more else ""},
         }
 
+    def _conversations_open(self, args: Json) -> Json:
+        """A DM with one person (the only kind the bot opens): the same D id every time."""
+        if "im:write" not in self.scopes:
+            raise _ApiError("missing_scope")
+        if args.get("channel"):
+            raise _ApiError("invalid_arguments", unexpected="conversations.open by channel")
+        users = [u for u in str(args.get("users") or "").split(",") if u]
+        if not users:
+            raise _ApiError("users_list_not_supplied")
+        if len(users) > 1:
+            raise _ApiError("invalid_arguments", unexpected=f"a group DM with {users}")
+        if users[0] not in self.users:
+            raise _ApiError("user_not_found")
+        channel = "D" + users[0].removeprefix("U")
+        self.messages.setdefault(channel, {})
+        return {"ok": True, "channel": {"id": channel}}
+
     def _usergroups_users_list(self, args: Json) -> Json:
         users = self.usergroups.get(str(args.get("usergroup") or ""))
         if users is None:
@@ -253,6 +323,42 @@ class SlackWebApi(SlackState):
         current.update(keep)
         current["hash"] = self._next_ts() + ".fake"
         return {"ok": True, "view": current}
+
+    def _views_publish(self, args: Json) -> Json:
+        """A person's Home tab: `not_enabled` unless the app has one (manifest: App Home)."""
+        if not self.home_tab_enabled:
+            raise _ApiError("not_enabled", unexpected="views.publish with the Home tab off")
+        user_id = str(args.get("user_id") or "")
+        if not user_id:
+            raise _ApiError("invalid_arguments", unexpected="views.publish without user_id")
+        if user_id not in self.users:
+            raise _ApiError("invalid_arguments", unexpected=f"views.publish to unknown {user_id}")
+        view = args.get("view")
+        if not isinstance(view, dict) or view.get("type") != "home":
+            raise _ApiError("invalid_arguments", unexpected=f"not a home view: {view!r}")
+        if len(json.dumps(view)) > 250_000:
+            raise _ApiError("view_too_large")
+        view_args = self._view_arg(args)
+        current = self.home_views.get(user_id)
+        if args.get("hash") and (current is None or args["hash"] != current["hash"]):
+            raise _ApiError("hash_conflict")
+        view_id = current["id"] if current else f"V{next(self._ids):08d}"
+        published = {
+            **view_args,
+            "id": view_id,
+            "team_id": self.team_id,
+            "state": {"values": {}},
+            "hash": self._next_ts() + ".fake",
+            "root_view_id": view_id,
+            "previous_view_id": None,
+            "app_id": self.app_id,
+            "bot_id": self.bot_id,
+        }
+        published.setdefault("private_metadata", "")
+        published.setdefault("callback_id", "")
+        published.setdefault("external_id", "")
+        self.home_views[user_id] = published
+        return {"ok": True, "view": published}
 
     # ------------------------------------------------------------------ method helpers
 

@@ -23,6 +23,17 @@ class ActionId(StrEnum):
     AGENT_STOP = "agent_stop"
     AGENT_FORCE_STOP = "agent_force_stop"
     PIPELINE_DELETE = "pipeline_delete"
+    #: The buttons and selects of a person's App Home.
+    HOME_CANCEL = "home_cancel"
+    HOME_REBUILD = "home_rebuild"
+    HOME_RETRY = "home_retry"
+    HOME_UNBLOCK = "home_unblock"
+    HOME_APPROVE = "home_approve"
+    HOME_REJECT = "home_reject"
+    HOME_UNLOCK = "home_unlock"
+    HOME_DM_MODE = "home_dm_mode"
+    HOME_QUIET_FROM = "home_quiet_from"
+    HOME_QUIET_TO = "home_quiet_to"
 
 
 class CallbackId(StrEnum):
@@ -31,6 +42,8 @@ class CallbackId(StrEnum):
     UNBLOCK = "unblock_submit"
     PIPELINE_CREATE = "pipeline_create"
     PIPELINE_UPDATE = "pipeline_update"
+    #: The "Follow this build" message shortcut.
+    FOLLOW_BUILD = "follow_build"
 
 
 class BlockId(StrEnum):

@@ -136,6 +136,8 @@ class Outbox:
         #: kept for one edit interval, so an edit right after the last one still waits.
         self._edited: dict[tuple[str, str], float] = {}
         self._reported: set[tuple[str, str]] = set()
+        #: user -> the id of the bot's DM with them.
+        self._dms: dict[str, str] = {}
         # Keyed posts go through a client that never re-sends them on its own after a
         # connection error or a 5xx (the outbox looks first); 429s are still waited out.
         self._keyed_client = AsyncWebClient(
@@ -336,15 +338,51 @@ class Outbox:
                 log.warning("slack write failed: %s", failure)
             raise failure from None
 
-    async def ephemeral(self, channel: str, user: str, rendered: Rendered) -> None:
-        """A message only `user` sees, for answers with no response_url (modal submissions)."""
-        kwargs = {
+    async def ephemeral(
+        self, channel: str, user: str, rendered: Rendered, *, thread_ts: str | None = None
+    ) -> None:
+        """A message only `user` sees, for answers with no response_url (modal submissions,
+        events); with `thread_ts`, shown in that thread."""
+        kwargs: dict[str, Any] = {
             "channel": channel,
             "user": user,
             "text": rendered.text,
             "blocks": rendered.blocks,
         }
+        if thread_ts:
+            kwargs["thread_ts"] = thread_ts
         await self._call("chat.postEphemeral", channel, kwargs)
+
+    async def unfurl(
+        self,
+        unfurls: dict[str, dict[str, Any]],
+        *,
+        channel: str,
+        ts: str | None = None,
+        unfurl_id: str | None = None,
+        source: str | None = None,
+    ) -> None:
+        """Attach `unfurls` (url -> blocks) to the shared links of one message: named by its
+        `unfurl_id` and `source` when Slack gave them (a draft in the composer has no ts), else
+        by `channel` and `ts`. Unfurling the same links again replaces what was attached."""
+        kwargs: dict[str, Any] = {"unfurls": unfurls}
+        if unfurl_id and source:
+            kwargs.update(unfurl_id=unfurl_id, source=source)
+        else:
+            kwargs.update(channel=channel, ts=ts)
+        await self._call("chat.unfurl", channel, kwargs)
+
+    async def open_dm(self, user: str) -> str:
+        """The id of the bot's DM with `user` (conversations.open, the same id each time)."""
+        channel = self._dms.get(user)
+        if channel is None:
+            response = await self._call("conversations.open", user, {"users": user})
+            channel = self._dms[user] = str((response.get("channel") or {})["id"])
+        return channel
+
+    async def publish_home(self, user: str, view: dict[str, Any]) -> None:
+        """Publish a person's App Home tab (views.publish; a 429 waits out its Retry-After)."""
+        await self._call("views.publish", f"home:{user}", {"user_id": user, "view": view})
 
     async def open_view(self, trigger_id: str, view: dict[str, Any]) -> None:
         """Open the modal `view` for the click or command that sent `trigger_id` (3 s to live)."""

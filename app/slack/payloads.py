@@ -43,10 +43,18 @@ class BuildButtonValue(Payload):
     number: BuildNumber
 
 
+class LockButtonValue(Payload):
+    """The Unlock button of a person's lock in their App Home."""
+
+    pipeline: PipelineSlug
+
+
 class UnblockButtonValue(BuildButtonValue):
     """The Unblock button: which build and which block step (job)."""
 
     job: JobId
+    #: The "Unblock anyway" of a superseded build, whose click Slack asked to confirm.
+    superseded_ok: bool = False
 
 
 class PipelinesPageValue(Payload):
@@ -94,6 +102,7 @@ class UnblockMetadata(Payload):
     channel: ChannelId
     thread_ts: str | None = Field(default=None, pattern=r"^\d+\.\d+$")
     label: str = Field(default="the block step", max_length=200)
+    superseded_ok: bool = False
 
 
 class PipelineModalMetadata(Payload):

@@ -13,6 +13,7 @@ from app.storage.codec import text
 from app.storage.keys import (
     AGENT_BUDGET_KEY,
     AGENT_CALL_KEY,
+    AGENT_CALL_RUNNING_TTL,
     AGENT_CALL_TTL,
     AGENT_READ_KEY,
     APPROVAL_KEY,
@@ -55,7 +56,7 @@ class AgentLedger:
         """Claim a mutation's identity; None if claimed now, else its result ("" while the first
         call still runs)."""
         redis_key = AGENT_CALL_KEY.format(agent=agent, key=key)
-        if await self.redis.set(redis_key, "", nx=True, ex=AGENT_CALL_TTL):
+        if await self.redis.set(redis_key, "", nx=True, ex=AGENT_CALL_RUNNING_TTL):
             return None
         found = await self.redis.get(redis_key)
         return text(found) if found is not None else None
@@ -110,7 +111,7 @@ class AgentLedger:
             status=ApprovalStatus(fields["status"]),
             expires_at=float(fields.get("expires_at") or 0),
             settled=fields.get("settled") == "1",
-            build=int(build) if build.isdigit() else None,
+            build=int(build) if build.isascii() and build.isdigit() else None,
             problem=fields.get("problem") or None,
             request=fields.get("request", ""),
         )

@@ -112,6 +112,48 @@ DIGEST_LAST_KEY = TEMPLATE_PREFIX + "digest:last:{schedule}"
 DIGEST_LEASE_TTL = 15 * 60
 DIGEST_LAST_TTL = 35 * 24 * 3600  # outlives a weekly schedule's gap
 
+# -- the release ledger ----------------------------------------------------------------------
+
+#: ledger:{pipeline} -> sorted set of the pipeline's deployments, build number as member and
+#: score (newest last), at most LEDGER_MAX of them.
+LEDGER_KEY = TEMPLATE_PREFIX + "ledger:{pipeline}"
+#: deployment:{pipeline}:{number} -> compact JSON of one deployment (see ledger.Deployment),
+#: expiring LEDGER_KEEP after the build started.
+DEPLOYMENT_KEY = TEMPLATE_PREFIX + "deployment:{pipeline}:{number}"
+#: What DEPLOYMENT_KEY starts with for a pipeline, for the script that trims the ledger.
+DEPLOYMENT_PREFIX = TEMPLATE_PREFIX + "deployment:{pipeline}:"
+#: Sorted set of the pipelines with deployments, by when one was last recorded (unix seconds).
+LEDGER_PIPELINES_KEY = PREFIX + "ledger:pipelines"
+#: Hash of pipeline -> JSON of its repository and default branch, as its builds last said.
+LEDGER_INFO_KEY = PREFIX + "ledger:info"
+
+LEDGER_MAX = 200  # deployments kept per pipeline
+LEDGER_KEEP = 90 * 24 * 3600  # and for how long after each started
+# -- freezes, the stale-block guard, lock hygiene ------------------------------------------
+
+#: freeze:{occurrence}:{edge}:{channel} -> a freeze occurrence's start or end was announced in
+#: that channel (SET NX: once across replicas).
+FREEZE_ANNOUNCED_KEY = TEMPLATE_PREFIX + "freeze:{occurrence}:{edge}:{channel}"
+#: Kept past the announced edge, so that a replica that looks late does not announce it again.
+FREEZE_ANNOUNCED_KEEP = 2 * 24 * 3600
+#: blocked:{pipeline}:{branch} -> sorted set of the tracked builds of that branch waiting on a
+#: block step, by build number.
+BLOCKED_KEY = TEMPLATE_PREFIX + "blocked:{pipeline}:{branch}"
+#: newest:{pipeline}:{branch} -> JSON of the newest build of that branch that passed or was
+#: unblocked (see SupersededBy): older blocked builds are superseded by it.
+NEWEST_KEY = TEMPLATE_PREFIX + "newest:{pipeline}:{branch}"
+#: superseded:{build_id} -> JSON of the newer build that superseded this blocked one (SET NX:
+#: the one process that sets it updates the message, and cancels it when the policy says so).
+SUPERSEDED_KEY = TEMPLATE_PREFIX + "superseded:{build_id}"
+GUARD_TTL = PENDING_TTL
+#: lockremind:{pipeline}:{since}:{period} -> the holder of that lock was reminded in that period.
+LOCK_REMINDED_KEY = TEMPLATE_PREFIX + "lockremind:{pipeline}:{since}:{period}"
+#: Sorted set of the pipelines locked, by when: what the reminder sweep reads, rather than
+#: scanning the keyspace every minute. A member whose lock expired is dropped as it is read.
+LOCKS_HELD_KEY = PREFIX + "locks:held"
+#: Sorted set of expiring locks (their JSON), by expiry: the channel is told once it passes.
+#: No TTL of its own: each member leaves at its expiry (or its unlock), and the set with it.
+LOCK_EXPIRY_KEY = PREFIX + "locks:expiring"
 # -- agents (MCP) ----------------------------------------------------------------------------
 
 #: agentbudget:{agent}:{kind}:{window} -> what the agent spent of one budget (`mutations` an
@@ -127,3 +169,50 @@ AGENT_READ_KEY = TEMPLATE_PREFIX + "agentread:{what}"
 CHANGES_CHANNEL = PREFIX + "changes"
 
 AGENT_CALL_TTL = REQUEST_TTL  # a retry within a day is the same call
+#: A call's "still running" mark outlives any call (waits end within 50 s, Buildkite's answers
+#: within its timeouts), so that a call cut off before it could let go frees its key by itself.
+AGENT_CALL_RUNNING_TTL = 300
+# -- the inbox: thread commands, unfurls, App Home, DMs -------------------------------------
+
+#: event:{event_id} -> an Events API delivery already handled (SET NX): Slack's retries of it
+#: (X-Slack-Retry-Num, or Socket Mode's retry_attempt) carry the same event_id and do nothing.
+EVENT_KEY = TEMPLATE_PREFIX + "event:{event_id}"
+#: Slack retries a delivery three times within minutes; an hour covers them with room to spare.
+EVENT_TTL = 3600
+#: home:opened:{user} -> when the person last opened the bot's Home tab (unix time). Their Home
+#: is republished on a state change only while this key lives.
+HOME_OPENED_KEY = TEMPLATE_PREFIX + "home:opened:{user}"
+HOME_OPENED_TTL = 7 * 24 * 3600
+#: home:builds:{user} -> sorted set of the build ids in the person's Home (score: last change).
+HOME_BUILDS_KEY = TEMPLATE_PREFIX + "home:builds:{user}"
+HOME_BUILDS_KEPT = 20
+HOME_BUILDS_TTL = FINAL_TTL
+#: home:email:{digest} -> the Slack user with that email (a digest: no address in a key name),
+#: learnt from users.info when they open their Home, to find their builds by Buildkite author.
+HOME_EMAIL_KEY = TEMPLATE_PREFIX + "home:email:{digest}"
+#: home:dirty:{user} -> a build in the person's Home changed since their Home was last published.
+HOME_DIRTY_KEY = TEMPLATE_PREFIX + "home:dirty:{user}"
+HOME_DIRTY_TTL = HOME_OPENED_TTL
+#: home:window:{user} -> a Home was published within the debounce window (SET NX PX): at most
+#: one publish per person per window, whichever process makes it.
+HOME_WINDOW_KEY = TEMPLATE_PREFIX + "home:window:{user}"
+#: prefs:{user} -> JSON of the person's DM preferences (see DmPrefs), kept a year after a change.
+PREFS_KEY = TEMPLATE_PREFIX + "prefs:{user}"
+PREFS_TTL = 365 * 24 * 3600
+#: dm:done:{key} -> a DM about a build was sent (or held for a summary): never again.
+DM_DONE_KEY = TEMPLATE_PREFIX + "dm:done:{key}"
+DM_DONE_TTL = FINAL_TTL
+#: dm:lease:{key} -> the process sending that DM now (SET NX EX), so replicas send it once.
+DM_LEASE_KEY = TEMPLATE_PREFIX + "dm:lease:{key}"
+DM_LEASE_TTL = 60
+#: dm:held:{user} -> hash of the DMs held during the person's quiet hours (DM key -> line).
+DM_HELD_KEY = TEMPLATE_PREFIX + "dm:held:{user}"
+#: Sorted set of the people with held DMs, by when their quiet hours end (unix time).
+DM_DUE_KEY = PREFIX + "dm:due"
+DM_HELD_TTL = 2 * 24 * 3600  # quiet hours last less than a day
+#: unfurls:{build_id} -> hash of the places a followed build's link was unfurled (field: the
+#: message and URL; value: JSON of how chat.unfurl names it, and who shared it), so that its card
+#: is unfurled again as the build moves on. It lives as long as a final build's record.
+UNFURLS_KEY = TEMPLATE_PREFIX + "unfurls:{build_id}"
+UNFURLS_KEPT = 20
+UNFURLS_TTL = FINAL_TTL

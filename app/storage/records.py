@@ -138,6 +138,8 @@ class PipelineLock(BaseModel):
     reason: str = ""
     since: float
     expires_at: float | None = None
+    #: Where it was taken, so that the channel hears when it expires.
+    channel: str | None = None
 
 
 class PendingDeploy(BaseModel):
@@ -228,3 +230,15 @@ class AuditEntry(BaseModel):
     outcome: str = "?"
     url: str = ""
     detail: str = ""
+
+
+class SupersededBy(BaseModel):
+    """The newer build of a branch that passed or was unblocked, superseding older blocked ones."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    number: int
+    url: str | None = None
+    #: The policy's `superseded` for the blocked build, when it was superseded: refuse, warn
+    #: (its Unblock asks to confirm) or cancel.
+    mode: str = "refuse"

@@ -14,6 +14,9 @@ from app.storage.agents import AgentLedger
 from app.storage.approvals import Approvals
 from app.storage.audit import AuditTrail
 from app.storage.builds import BuildRecords
+from app.storage.guards import Guards
+from app.storage.inbox import InboxRecords
+from app.storage.ledger import ReleaseLedger
 from app.storage.locks import PipelineLocks
 from app.storage.poll import PollLedger
 from app.storage.requests import AwaitedBuilds, RequestClaims
@@ -30,7 +33,10 @@ class Store(
     PipelineLocks,
     AuditTrail,
     PollLedger,
+    ReleaseLedger,
+    Guards,
     AgentLedger,
+    InboxRecords,
 ):
     """Every concern of the store over one `redis.asyncio` client."""
 
@@ -44,7 +50,10 @@ class Store(
         PipelineLocks.__init__(self, client)
         AuditTrail.__init__(self, client)
         PollLedger.__init__(self, client)
+        ReleaseLedger.__init__(self, client)
+        Guards.__init__(self, client)
         AgentLedger.__init__(self, client)
+        InboxRecords.__init__(self, client)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())

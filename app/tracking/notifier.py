@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 #: Told of a build's final state, once per build and generation, before its transition is done.
 FinalListener = Callable[[TrackedBuild, Build], Awaitable[None]]
+#: Told of every state change once it is written (the same change may be told again after a
+#: crash, or after a listener's temporary Slack failure, so listeners must be idempotent); any
+#: other failure is logged and never holds up the transition.
+ChangeListener = Callable[[TrackedBuild, Build, Transition], Awaitable[None]]
 
 
 class Notifier:
@@ -44,6 +48,7 @@ class Notifier:
         *,
         metrics: Metrics = UNWIRED,
         on_final: Sequence[FinalListener] = (),
+        on_change: Sequence[ChangeListener] = (),
         consumer: str | None = None,
         clock: Callable[[], float] = time.time,
         redis_outage: RedisOutage | None = None,
@@ -54,6 +59,7 @@ class Notifier:
         self.tuning = tuning
         self.metrics = metrics
         self.on_final = tuple(on_final)
+        self.on_change = tuple(on_change)
         self.consumer = consumer or process_name()
         self.clock = clock
         #: Slack writes in flight, at most `max_parallel_writes` at once, in order per build.
@@ -179,12 +185,25 @@ class Notifier:
                 build = await self.writer.write(tracked, transition)
                 if transition.channel is None and transition.gen == tracked.gen:
                     await self._after_final(tracked, build, transition)
+                if transition.channel is None:
+                    await self._changed(tracked, build, transition)
             except SlackDeliveryError as exc:
                 if not exc.permanent:
                     return False  # left unacknowledged: retried after reclaim_idle_ms
             await self.store.ack_transition(transition.entry_id)
             self.metrics.build_transition(transition.old, transition.new)
             return True
+
+    async def _changed(self, tracked: TrackedBuild, build: Build, transition: Transition) -> None:
+        for listener in self.on_change:
+            try:
+                await listener(tracked, build, transition)
+            except SlackDeliveryError as exc:
+                if not exc.permanent:
+                    raise  # the transition is written again later; the listeners are idempotent
+                log.warning("a state-change listener's Slack write failed: %s", exc)
+            except Exception:
+                log.exception("a state-change listener failed for build %s", tracked.build_id)
 
     @contextlib.asynccontextmanager
     async def _locked(self, build_id: str, wait: float = 5.0) -> AsyncIterator[bool]:

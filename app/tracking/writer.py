@@ -121,11 +121,14 @@ class MessageWriter:
     ) -> None:
         """Post the build's message in one channel, or bring it up to date; a deleted one is
         posted again."""
+        blocked = tracked.phase.endswith(":blocked")
         root = build_message(
             tracked.pipeline,
             build,
             target.requester,
-            block=details.block if tracked.phase.endswith(":blocked") else None,
+            block=details.block if blocked else None,
+            # A newer build of its branch went further: its Unblock gives way to a note.
+            superseded=await self.store.superseded_by(tracked.build_id) if blocked else None,
         )
         digest = root.digest()
         if target.ts is not None and digest != target.rendered:

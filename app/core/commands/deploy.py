@@ -41,6 +41,14 @@ class DeployRequest:
     commit: str = "HEAD"
     message: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    #: The reason given with `--break-glass`: deploy through a freeze, once a second person
+    #: approves.
+    break_glass: str | None = None
+
+
+@dataclass(frozen=True)
+class FreezesRequest:
+    """List the freezes in force and coming."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,13 @@ class AuditRequest:
 
 
 DeployCommand = (
-    DeployRequest | HelpRequest | LockRequest | UnlockRequest | LocksRequest | AuditRequest
+    DeployRequest
+    | HelpRequest
+    | LockRequest
+    | UnlockRequest
+    | LocksRequest
+    | AuditRequest
+    | FreezesRequest
 )
 
 _DURATION = re.compile(r"^(\d{1,6})([smhd])$")
@@ -88,6 +102,8 @@ DEPLOY_USAGE = (
     "• `/deploy lock <pipeline> [30m|2h|1d] [reason…]`, `/deploy unlock <pipeline>`, "
     "`/deploy locks`: stop others deploying a pipeline for a while\n"
     "• `/deploy audit [pipeline]`: the last deploys, cancels, rebuilds and refusals\n"
+    "• `/deploy freezes`: the freezes in force and coming; during one, "
+    "`/deploy <pipeline> … --break-glass <reason>` asks a second person to approve the deploy\n"
     "*Examples:*\n"
     "• `/deploy deploy-prod`\n"
     "• `/deploy deploy-prod main abc1234 Manual deploy from Slack`\n"
@@ -150,6 +166,10 @@ def parse_deploy(text: str) -> DeployCommand:
     sub = words[0].lower()
     if sub == "locks":
         return LocksRequest()
+    if sub == "freezes":
+        if len(words) > 1:
+            raise UsageError("Usage: `/deploy freezes`")
+        return FreezesRequest()
     if sub == "audit":
         if len(words) > 2:
             raise UsageError("Usage: `/deploy audit [pipeline]`")
@@ -173,6 +193,7 @@ def parse_deploy(text: str) -> DeployCommand:
             raise UsageError("The lock reason is too long (at most 300 characters).")
         return LockRequest(pipeline, reason, ttl)
     pipeline = check_pipeline(words[0])
+    words, break_glass = _break_glass(words)
     env: dict[str, str] = {}
     rest: list[str] = []
     for word in words[1:]:
@@ -195,7 +216,39 @@ def parse_deploy(text: str) -> DeployCommand:
     message = " ".join(rest) or None
     if message and len(message) > MAX_MESSAGE:
         raise UsageError(f"The message is too long ({len(message)} characters, at most 1000).")
-    return DeployRequest(pipeline=pipeline, branch=branch, commit=commit, message=message, env=env)
+    return DeployRequest(
+        pipeline=pipeline,
+        branch=branch,
+        commit=commit,
+        message=message,
+        env=env,
+        break_glass=break_glass,
+    )
+
+
+#: `--break-glass` as typed, and as a client's smart punctuation may turn it (an en or em dash).
+_BREAK_GLASS_FLAGS = frozenset({"--break-glass", "\u2014break-glass", "\u2013break-glass"})
+MAX_BREAK_GLASS_REASON = 300
+
+
+def _break_glass(words: list[str]) -> tuple[list[str], str | None]:
+    """The words before `--break-glass`, and the reason after it (every word after it)."""
+    at = next((i for i, w in enumerate(words) if w.lower() in _BREAK_GLASS_FLAGS), None)
+    if at is None:
+        return words, None
+    reason = " ".join(words[at + 1 :]).strip()
+    if not reason:
+        raise UsageError(
+            "Say why after `--break-glass`: `/deploy <pipeline> … --break-glass <reason>`."
+        )
+    if any(ord(c) < 32 or ord(c) == 127 for c in reason):
+        raise UsageError("The break-glass reason must be plain text, without control characters.")
+    if len(reason) > MAX_BREAK_GLASS_REASON:
+        raise UsageError(
+            f"The break-glass reason is too long ({len(reason)} characters, at most "
+            f"{MAX_BREAK_GLASS_REASON})."
+        )
+    return words[:at], reason
 
 
 def _looks_like_commit(word: str) -> bool:
@@ -225,6 +278,6 @@ def parse_build_ref(text: str, *, org: str, usage: str) -> BuildRef | HelpReques
         raise UsageError(f"Expected a pipeline and a build number.\n{usage}")
     pipeline = check_pipeline(words[0])
     number = words[1].lstrip("#")
-    if not number.isdigit() or not 0 < int(number) < 10**9:
+    if not (number.isascii() and number.isdigit()) or not 0 < int(number) < 10**9:
         raise UsageError(f"`{typed(words[1])}` is not a build number.\n{usage}")
     return BuildRef(pipeline, int(number))

@@ -9,6 +9,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
+from app.core import freezes
+from app.core.freezes import Occurrence
 from app.core.policy.model import (
     AGENT_PREFIX,
     Action,
@@ -54,6 +56,15 @@ class Policy:
     @property
     def admins(self) -> list[str]:
         return self.data.admins
+
+    def active_freeze(self, pipeline: str, now: float) -> Occurrence | None:
+        """The freeze window in force on `pipeline` at `now` (unix seconds), if any."""
+        return freezes.active_freeze(self.data.freezes, pipeline, now)
+
+    def freeze_refusal(self, pipeline: str, now: float, *, action: str = "deploy") -> str | None:
+        """Why `action` (deploy, rebuild, rollback, promotion) of `pipeline` is refused at `now`:
+        the freeze, its reason and its end; None when nothing is frozen. See app.core.freezes."""
+        return freezes.freeze_refusal(self.data.freezes, pipeline, now, action=action)
 
     def routes_for(self, pipeline: str, branch: str | None) -> list[Route]:
         return [r for r in self.data.notifications if r.matches(pipeline, branch)]
@@ -130,15 +141,18 @@ class Policy:
         spec = self.agent(user.removeprefix(AGENT_PREFIX)) if is_agent(user) else None
         return spec.acts_for if spec is not None else None
 
-    def approvers(self, rule: Rule, *, requester: str) -> list[str]:
-        """Who may approve `requester`'s protected deploy: the rule's approvers; for an agent on
-        a rule that only protects, the people who may deploy it and the admins; never the person
-        an agent acts for."""
-        if not is_agent(requester):
-            return list(rule.approval.approvers) if rule.approval is not None else []
+    def approvers(self, rule: Rule, *, requester: str, break_glass: bool = False) -> list[str]:
+        """Who may approve `requester`'s protected deploy: the rule's approvers; for a
+        break-glass deploy on a rule without any, the admins; for an agent on a rule that only
+        protects, the people who may deploy it and the admins; never the person an agent acts
+        for."""
         person = self.acts_for(requester)  # never the agent's own person (self-approval)
         if rule.approval is not None:
             return [p for p in rule.approval.approvers if p != person]
+        if break_glass:
+            return [a for a in self.data.admins if a != person]
+        if not is_agent(requester):
+            return []
         people = [p for p in rule.deployers or [] if not is_agent(p) and p != person]
         return [*people, *(a for a in self.data.admins if a not in people and a != person)]
 

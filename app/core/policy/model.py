@@ -11,6 +11,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validator
 
+from app.core.freezes import Freeze
+from app.core.names import PIPELINE_SLUG
 from app.core.policy.env import EnvRule
 from app.core.unblock_forms import BlockForm, FormError, FormField, parse_field
 
@@ -118,6 +120,17 @@ class AutoRetry(BaseModel):
     hourly_budget: int = Field(default=10, ge=1, le=1000)
 
 
+class Superseded(StrEnum):
+    """What unblocking a build superseded by a newer one of its branch does (see supersede)."""
+
+    #: Refused, with a link to the newer build.
+    REFUSE = "refuse"
+    #: Allowed once the person confirms it.
+    WARN = "warn"
+    #: The bot cancels the superseded build itself.
+    CANCEL = "cancel"
+
+
 class NotifyEvent(StrEnum):
     """What a notification route announces."""
 
@@ -149,6 +162,8 @@ class Route(BaseModel):
     branches: list[str] | None = None
     channel: str
     events: list[NotifyEvent] = Field(default_factory=lambda: list(DEFAULT_EVENTS))
+    #: Its pipelines' (and branches') builds are deployments: the release ledger keeps them.
+    deploy: bool = False
 
     @field_validator("channel")
     @classmethod
@@ -186,6 +201,10 @@ class Rule(BaseModel):
     approval: Approval | None = None
     auto_retry: AutoRetry | None = None
     env: EnvRule = Field(default_factory=EnvRule)
+    #: Deploys only commits that passed a deployment of this pipeline (see app.core.releases).
+    promote_from: str | None = None
+    #: A blocked build superseded by a newer one of its branch: refuse, warn or cancel.
+    superseded: Superseded = Superseded.REFUSE
 
     _principals = field_validator("deployers", "cancelers", "rebuilders", "unblockers")(
         _check_grantees
@@ -198,6 +217,13 @@ class Rule(BaseModel):
             if not (_CHANNEL_ID.match(value) or _CHANNEL_NAME.match(value)):
                 raise ValueError(f"{value!r} is neither a channel id (C…) nor a #channel-name")
         return values
+
+    @field_validator("promote_from")
+    @classmethod
+    def _promote_from(cls, value: str | None) -> str | None:
+        if value is not None and not PIPELINE_SLUG.match(value):
+            raise ValueError(f"{value!r} is not a pipeline slug")
+        return value
 
     @property
     def asks_first(self) -> bool:
@@ -314,6 +340,10 @@ class PolicyFile(BaseModel):
     agent_stoppers: Principals = None
     #: Block step forms by pipeline (slug or glob), then step key or label.
     unblock_forms: dict[str, dict[str, UnblockFormSpec]] = Field(default_factory=dict)
+    #: When deploys of matching pipelines are refused (see app.core.freezes).
+    freezes: list[Freeze] = Field(default_factory=list)
+    #: A lock held this long reminds its holder by DM, and again every such period after.
+    lock_reminder_after: int = Field(default=4 * 3600, ge=60)
     #: MCP clients by name, granted rights by rules naming `agent:<name>` (see app.agents).
     agents: dict[str, AgentSpec] = Field(default_factory=dict)
 
@@ -333,7 +363,7 @@ class PolicyFile(BaseModel):
             raise ValueError("two agents have the same token_sha256: give each its own token")
         return agents
 
-    @field_validator("usergroup_cache_ttl", mode="before")
+    @field_validator("usergroup_cache_ttl", "lock_reminder_after", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> Any:
         return parse_duration(value) if isinstance(value, str) else value

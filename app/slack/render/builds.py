@@ -35,6 +35,8 @@ from app.slack.render.common import (
     state_label,
     state_text,
 )
+from app.slack.render.supersede import superseded_note, superseded_unblock
+from app.storage.records import SupersededBy
 from buildkite.models import Build, BuildState, Job
 
 MAX_FAILED_JOBS_LISTED = 10
@@ -73,10 +75,14 @@ def _trigger(build: Build) -> str:
     return f"{who} (via {source})" if source else who
 
 
-def _buttons(pipeline: str, build: Build, block: BlockStep | None) -> list[ButtonElement]:
+def _buttons(
+    pipeline: str, build: Build, block: BlockStep | None, superseded: SupersededBy | None = None
+) -> list[ButtonElement]:
     value = BuildButtonValue(pipeline=pipeline, number=build.number).model_dump_json()
     buttons = []
-    if block is not None and not build.is_final:
+    if block is not None and not build.is_final and superseded is not None:
+        buttons += superseded_unblock(pipeline, build.number, block.job_id, block.label, superseded)
+    elif block is not None and not build.is_final:
         unblock = UnblockButtonValue(pipeline=pipeline, number=build.number, job=block.job_id)
         buttons.append(
             ButtonElement(
@@ -116,7 +122,12 @@ def _buttons(pipeline: str, build: Build, block: BlockStep | None) -> list[Butto
 
 
 def build_message(
-    pipeline: str, build: Build, requester: str | None, *, block: BlockStep | None = None
+    pipeline: str,
+    build: Build,
+    requester: str | None,
+    *,
+    block: BlockStep | None = None,
+    superseded: SupersededBy | None = None,
 ) -> Rendered:
     """The one message per build and channel, updated in place on every state change.
 
@@ -146,7 +157,9 @@ def build_message(
                 elements=[MarkdownTextObject(text=clip(plain(build.message), SECTION_TEXT_LIMIT))]
             ).to_dict()
         )
-    buttons = _buttons(pipeline, build, block)
+    if superseded is not None and not build.is_final:
+        blocks.append(superseded_note(superseded))
+    buttons = _buttons(pipeline, build, block, superseded)
     blocks.append(ActionsBlock(block_id=BlockId.BUILD_ACTIONS, elements=buttons).to_dict())
     text = f"{escape(pipeline)} #{build.number}: {state_label(state_key(build))}"
     return Rendered(text=text, blocks=blocks)

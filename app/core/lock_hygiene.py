@@ -1,0 +1,85 @@
+"""Lock hygiene: a lock held long reminds its holder by DM (once per `lock_reminder_after`
+period, across replicas), an expired lock is told to the channel it was taken in, and an admin
+who lifts someone else's lock tells the holder."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from app.core.policy import Policy
+from app.slack.outbox import Outbox, SlackDeliveryError
+from app.slack.render import lock_hygiene as render
+from app.slack.render.common import notice
+from app.storage.records import PipelineLock
+from app.storage.store import Store
+from app.tuning import DEFAULT
+
+log = logging.getLogger(__name__)
+
+
+class LockHygiene:
+    """The sweep of reminders and expiries, and the note to a holder whose lock was lifted."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        store: Store,
+        outbox: Outbox,
+        clock: Callable[[], float],
+        *,
+        late: float = DEFAULT.sweeps.announce_late,
+    ) -> None:
+        self.policy = policy
+        self.store = store
+        self.outbox = outbox
+        self.clock = clock
+        #: An expiry older than this when first seen (no bot ran meanwhile) is not told.
+        self.late = late
+
+    async def sweep(self) -> int:
+        """Remind holders of long-held locks and tell of expired ones; returns how many posts."""
+        now = self.clock()
+        posted = 0
+        for lock in await self.store.take_expired_locks(now):
+            if lock.expires_at is not None and now - lock.expires_at > self.late:
+                continue  # news of the past
+            text = render.lock_expired(lock)
+            if await self._post(lock.channel, text, f"lockexpired:{_id(lock)}"):
+                posted += 1
+        period = self.policy.data.lock_reminder_after
+        for lock in await self.store.held_locks():
+            if lock.expires_at is not None and lock.expires_at <= now:
+                continue  # expiring now: the channel hears of that instead
+            held = now - lock.since
+            nth = int(held // period)
+            if nth < 1:
+                continue
+            # One reminder per period, whichever replica sees it first; none for periods missed.
+            if not await self.store.claim_lock_reminder(lock, nth, ttl=2 * period):
+                continue
+            text = render.lock_reminder(lock, held)
+            if await self._post(lock.user, text, f"lockremind:{_id(lock)}:{nth}"):
+                posted += 1
+        return posted
+
+    async def lifted(self, lock: PipelineLock, by: str) -> None:
+        """`by` (an admin) lifted `lock`, which someone else held: tell the holder by DM."""
+        if by == lock.user:
+            return
+        await self._post(lock.user, render.lock_lifted(lock, by), f"locklifted:{_id(lock)}")
+
+    async def _post(self, channel: str | None, text: str, key: str) -> bool:
+        if not channel:
+            return False
+        try:
+            await self.outbox.post(channel, notice(text), key=key)
+        except SlackDeliveryError as exc:
+            # A note about a lock is not worth failing the sweep or an unlock for.
+            log.warning("lock note not posted to %s: %s", channel, exc.error)
+            return False
+        return True
+
+
+def _id(lock: PipelineLock) -> str:
+    return f"{lock.pipeline}:{int(lock.since)}"

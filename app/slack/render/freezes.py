@@ -1,0 +1,119 @@
+"""What people read about freezes: the refusal of a frozen deploy, `/deploy freezes`, the start
+and end announcements, and the break-glass request."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from app.slack.mrkdwn import code, plain
+from app.slack.render.common import SECTION_TEXT_LIMIT, clip
+
+#: At most this many freezes listed in each part of `/deploy freezes`.
+MAX_LISTED = 20
+
+
+@dataclass(frozen=True)
+class FreezeView:
+    """One occurrence of a freeze, as shown: times are unix seconds, `*_text` their fallback
+    in the freeze's own time zone."""
+
+    reason: str
+    window: str
+    pipelines: tuple[str, ...]
+    start: float
+    end: float
+    start_text: str
+    end_text: str
+
+
+def when(timestamp: float, fallback: str) -> str:
+    """A Slack date token that each reader sees in their own time zone, with the freeze's
+    wall-clock time for clients that cannot show it."""
+    return f"<!date^{int(timestamp)}^{{date_short_pretty}} {{time}}|{plain(fallback)}>"
+
+
+def _what(view: FreezeView) -> str:
+    return f"*{clip(plain(view.reason), 300)}* ({plain(view.window)})"
+
+
+def _pipelines(view: FreezeView) -> str:
+    return ", ".join(code(p) for p in view.pipelines[:10]) + (
+        ", …" if len(view.pipelines) > 10 else ""
+    )
+
+
+def frozen(pipeline: str, action: str, view: FreezeView) -> str:
+    """Why a deploy (or rebuild, rollback, promotion) is refused: the freeze, its reason, and
+    when it ends."""
+    return (
+        f":snowflake: {code(pipeline)} is frozen: {_what(view)}, until "
+        f"{when(view.end, view.end_text)}. The {action} was not started. In an emergency, "
+        f"`/deploy {pipeline} … --break-glass <reason>` asks a second person to approve it."
+    )
+
+
+def not_frozen(pipeline: str) -> str:
+    return (
+        f"{code(pipeline)} is not frozen now: `--break-glass` is only for a freeze. "
+        "Deploy without it."
+    )
+
+
+def no_break_glass_approvers(pipeline: str) -> str:
+    return (
+        f"A break-glass deploy of {code(pipeline)} needs a second person to approve it, and "
+        "the policy names nobody: set the rule's `approval.approvers`, or `admins`."
+    )
+
+
+def break_glass_announcement(
+    requester: str, pipeline: str, reason: str, view: FreezeView | None, approvers: Sequence[str]
+) -> str:
+    """The in-channel note that someone asks to deploy through a freeze, and why."""
+    during = f" during the freeze {_what(view)}" if view is not None else ""
+    return (
+        f":rotating_light: *Break-glass:* <@{requester}> asks to deploy {code(pipeline)}{during}. "
+        f"Reason: {clip(plain(reason), 300)}\n"
+        f"It starts only once approved by {', '.join(approvers) or 'nobody'} (not the requester)."
+    )
+
+
+def freeze_started(view: FreezeView, *, late: bool = False) -> str:
+    """A freeze's start; `late` when no bot saw it start (it began a while ago)."""
+    news = (
+        f"A freeze is in force since {when(view.start, view.start_text)}"
+        if late
+        else "A freeze starts"
+    )
+    return (
+        f":snowflake: {news}: {_what(view)}. Deploys of {_pipelines(view)} are refused "
+        f"until {when(view.end, view.end_text)}."
+    )
+
+
+def freeze_ended(view: FreezeView) -> str:
+    return f":sunny: The freeze {_what(view)} has ended: {_pipelines(view)} may be deployed again."
+
+
+def freezes_list(active: Sequence[FreezeView], upcoming: Sequence[FreezeView]) -> str:
+    """`/deploy freezes`: the freezes in force, and each freeze's next occurrence."""
+    if not active and not upcoming:
+        return ":sunny: No freeze is in force, and none is coming in the next 60 days."
+    lines = []
+    if active:
+        lines.append(":snowflake: *Frozen now:*")
+        lines += [
+            f"• {_what(v)}: {_pipelines(v)}, until {when(v.end, v.end_text)}"
+            for v in active[:MAX_LISTED]
+        ]
+    else:
+        lines.append(":sunny: No freeze is in force now.")
+    if upcoming:
+        lines.append("*Coming:*")
+        lines += [
+            f"• {_what(v)}: {_pipelines(v)}, from {when(v.start, v.start_text)} "
+            f"to {when(v.end, v.end_text)}"
+            for v in upcoming[:MAX_LISTED]
+        ]
+    return clip("\n".join(lines), SECTION_TEXT_LIMIT)

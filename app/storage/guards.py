@@ -1,0 +1,136 @@
+"""What the guards keep: freeze announcements made, blocked builds by branch and the newer
+builds that supersede them, lock reminders sent and locks due to expire.
+
+Every "do this once" is a SET NX (or a ZREM) whose one winner acts, whichever replica asks.
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as redis
+
+from app.storage import lua
+from app.storage.codec import text
+from app.storage.keys import (
+    BLOCKED_KEY,
+    EVENTS_MAXLEN,
+    EVENTS_STREAM,
+    FREEZE_ANNOUNCED_KEY,
+    GUARD_TTL,
+    LOCK_EXPIRY_KEY,
+    LOCK_REMINDED_KEY,
+    NEWEST_KEY,
+    PIPELINE_LOCK_KEY,
+    SUPERSEDED_KEY,
+)
+from app.storage.records import PipelineLock, SupersededBy
+
+#: Keep the larger of the stored build number and ARGV[1] (with its JSON); answers the JSON kept.
+_RAISE_NEWEST = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local number = tonumber(cjson.decode(current).number)
+  if number and number >= tonumber(ARGV[1]) then
+    redis.call('EXPIRE', KEYS[1], ARGV[3])
+    return current
+  end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return ARGV[2]
+"""
+
+
+class Guards:
+    """Once-only claims and the indexes of the stale-block guard and of lock hygiene."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._raise_newest = client.register_script(_RAISE_NEWEST)
+        self._delete_if = client.register_script(lua.source("release_lock"))
+
+    # -- freeze announcements -----------------------------------------------------------
+
+    async def claim_freeze_edge(self, occurrence: str, edge: str, channel: str, ttl: int) -> bool:
+        """True for the one caller that announces this edge (start, end) in this channel."""
+        key = FREEZE_ANNOUNCED_KEY.format(occurrence=occurrence, edge=edge, channel=channel)
+        return bool(await self.redis.set(key, "1", nx=True, ex=max(ttl, 1)))
+
+    async def release_freeze_edge(self, occurrence: str, edge: str, channel: str) -> None:
+        """The announcement could not be made: let the next sweep try again."""
+        key = FREEZE_ANNOUNCED_KEY.format(occurrence=occurrence, edge=edge, channel=channel)
+        await self.redis.delete(key)
+
+    # -- the stale-block guard ----------------------------------------------------------
+
+    async def note_blocked(self, pipeline: str, branch: str, number: int, build_id: str) -> None:
+        key = BLOCKED_KEY.format(pipeline=pipeline, branch=branch)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(key, {build_id: number})
+            pipe.expire(key, GUARD_TTL)
+            await pipe.execute()
+
+    async def forget_blocked(self, pipeline: str, branch: str, build_id: str) -> None:
+        await self.redis.zrem(BLOCKED_KEY.format(pipeline=pipeline, branch=branch), build_id)
+
+    async def blocked_before(self, pipeline: str, branch: str, number: int) -> list[str]:
+        """The ids of the branch's blocked builds older than build `number`."""
+        key = BLOCKED_KEY.format(pipeline=pipeline, branch=branch)
+        ids = await self.redis.zrangebyscore(key, "-inf", f"({number}")
+        return [text(i) for i in ids]
+
+    async def raise_newest(self, pipeline: str, branch: str, newer: SupersededBy) -> SupersededBy:
+        """Record `newer` as the branch's newest passed or unblocked build, unless a newer one
+        is recorded; returns whichever is kept."""
+        kept = await self._raise_newest(
+            keys=[NEWEST_KEY.format(pipeline=pipeline, branch=branch)],
+            args=[newer.number, newer.model_dump_json(), GUARD_TTL],
+        )
+        return SupersededBy.model_validate_json(kept)
+
+    async def newest(self, pipeline: str, branch: str) -> SupersededBy | None:
+        raw = await self.redis.get(NEWEST_KEY.format(pipeline=pipeline, branch=branch))
+        return SupersededBy.model_validate_json(raw) if raw else None
+
+    async def supersede(self, build_id: str, by: SupersededBy) -> bool:
+        """Mark a blocked build superseded; True for the one caller that marked it."""
+        key = SUPERSEDED_KEY.format(build_id=build_id)
+        return bool(await self.redis.set(key, by.model_dump_json(), nx=True, ex=GUARD_TTL))
+
+    async def amend_superseded(self, build_id: str, by: SupersededBy) -> None:
+        """Replace the mark of a build already superseded (what became of it changed)."""
+        key = SUPERSEDED_KEY.format(build_id=build_id)
+        await self.redis.set(key, by.model_dump_json(), xx=True, ex=GUARD_TTL)
+
+    async def superseded_by(self, build_id: str) -> SupersededBy | None:
+        raw = await self.redis.get(SUPERSEDED_KEY.format(build_id=build_id))
+        return SupersededBy.model_validate_json(raw) if raw else None
+
+    async def queue_refresh(self, build_id: str, phase: str, gen: int) -> None:
+        """Ask the notifier to bring a build's messages up to date without a change of state
+        (a transition from its phase to itself, which no thread reply follows)."""
+        await self.redis.xadd(
+            EVENTS_STREAM,
+            {"build_id": build_id, "from": phase, "to": phase, "gen": str(gen)},
+            maxlen=EVENTS_MAXLEN,
+            approximate=True,
+        )
+
+    # -- lock hygiene -------------------------------------------------------------------
+
+    async def claim_lock_reminder(self, lock: PipelineLock, period: int, ttl: int) -> bool:
+        """True for the one caller that reminds the holder of `lock` in its `period`-th period."""
+        key = LOCK_REMINDED_KEY.format(pipeline=lock.pipeline, since=int(lock.since), period=period)
+        return bool(await self.redis.set(key, "1", nx=True, ex=max(ttl, 1)))
+
+    async def take_expired_locks(self, now: float) -> list[PipelineLock]:
+        """The locks whose time has come, each handed to one caller only; their key is deleted
+        if it still holds that lock (Redis's own expiry may not have struck yet)."""
+        taken = []
+        for raw in [text(m) for m in await self.redis.zrangebyscore(LOCK_EXPIRY_KEY, "-inf", now)]:
+            if not await self.redis.zrem(LOCK_EXPIRY_KEY, raw):
+                continue  # another process took it
+            lock = PipelineLock.model_validate_json(raw)
+            await self._delete_if(
+                keys=[PIPELINE_LOCK_KEY.format(pipeline=lock.pipeline)], args=[raw]
+            )
+            taken.append(lock)
+        return taken
