@@ -314,6 +314,9 @@ async def bench_agents(url: str, mode: dict[str, Any], notes: list[str]) -> list
         Row("mcp.wait_requests_difference", "7",
             "the same, as the waits' window less the tracker alone's", extra, "/min", alone,
             "tracker alone", "≈0 (± a poll's pages)"),
+    ]  # fmt: skip
+
+
 async def bench_home(url: str, mode: dict[str, Any], notes: list[str]) -> list[Row]:
     result = await home.run(url, people=100)
     people = result["people"]
@@ -402,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default="1,2,3,6,7",
-        help="items to run: 1 (ack), 2 (polling, 5), 3 (webhooks, 4, 5), 6 (App Home), 7 (agents on /mcp)",
+        help="items to run: 1 (ack), 2 (polling, 5), 3 (webhooks, 4, 5), 6 (App Home), "
+        "7 (agents on /mcp)",
     )
     args = parser.parse_args(argv)
     # On SIGTERM, unwind like on Ctrl-C so that redis-server and the children are stopped.
