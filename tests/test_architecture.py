@@ -16,24 +16,72 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     # The API client knows nothing of Slack, Redis or the bot.
     "buildkite": ("app", "handlers"),
     # Storage keeps records; it does not know who reads them.
-    "app.storage": ("app.core", "app.slack", "app.tracking", "handlers", "app.main", "app.agents"),
+    "app.storage": (
+        "app.core",
+        "app.slack",
+        "app.tracking",
+        "handlers",
+        "app.main",
+        "app.web",
+        "app.agents",
+        "app.ledger_cli",
+        "app.sandbox",
+    ),
     # Tracking follows builds and writes to Slack; the product's rules listen to it, not back.
-    "app.tracking": ("app.core", "handlers", "app.main", "app.web", "app.agents"),
-    # The rules never reach a listener or the composition root.
-    "app.core": ("handlers", "app.main", "app.web", "app.agents"),
-    # Slack's boundary renders and sends; it takes from core only the leaf modules below.
-    "app.slack": ("app.tracking", "handlers", "app.main", "app.web", "app.agents"),
-    "app.ops": ("app.tracking", "handlers", "app.main", "app.slack.render"),
-    "handlers": ("app.main", "app.web", "app.tracking", "app.agents"),
+    "app.tracking": ("app.core", "handlers", "app.main", "app.web", "app.agents", "app.ledger_cli"),
+    # The rules never reach a listener, a surface or a composition root.
+    "app.core": ("handlers", "app.main", "app.web", "app.agents", "app.ledger_cli", "app.sandbox"),
+    # Slack's boundary renders and sends; it takes from core only the leaf modules below, and
+    # never calls Buildkite.
+    "app.slack": (
+        "app.tracking",
+        "handlers",
+        "app.main",
+        "app.web",
+        "app.agents",
+        "app.ledger_cli",
+        "buildkite.client",
+    ),
+    # Renderers are pure functions of records: no sender, no Redis, no Buildkite call.
+    "app.slack.render": (
+        "app.slack.outbox",
+        "app.slack.response_urls",
+        "app.slack.directory",
+        "app.slack.clicks",
+        "app.slack.verification",
+        "app.storage.store",
+        "app.storage.connection",
+        "app.ops",
+    ),
+    "app.ops": ("app.tracking", "handlers", "app.main", "app.slack.render", "app.agents"),
+    # A listener calls one core service: never Buildkite itself, nor a tracker.
+    "handlers": ("app.main", "app.web", "app.tracking", "app.agents", "buildkite.client"),
     # Agents (MCP) call the core's services like the listeners do: never a listener, the
-    # composition root, the web app, or Slack's writer directly.
+    # composition root, the web app, Slack's writer, or Buildkite itself (one way through). Of
+    # tracking they read only its phases; waiting subscribes to the changes storage publishes.
     "app.agents": (
         "handlers",
         "app.main",
         "app.web",
         "app.slack.outbox",
+        "app.slack.response_urls",
         "app.simulators",
         "app.sandbox",
+        "app.ledger_cli",
+        "buildkite.client",
+        "app.tracking.intake",
+        "app.tracking.notifier",
+        "app.tracking.poller",
+        "app.tracking.writer",
+    ),
+    # `python -m app ledger rebuild` reads Buildkite into the ledger; it posts nothing to Slack.
+    "app.ledger_cli": (
+        "handlers",
+        "app.main",
+        "app.web",
+        "app.agents",
+        "app.slack",
+        "app.tracking",
     ),
 }
 #: Only these import the agents' room (the composition root, and `python -m app mcp`).
@@ -44,6 +92,13 @@ SLACK_MAY_USE_FROM_CORE = ("app.core.errors", "app.core.names", "app.core.unbloc
 HANDLERS_IMPORTERS = ("app.main", "handlers")
 #: Only these import the simulators (the product's sandbox; tests and bench are outside app/).
 SIMULATORS_IMPORTERS = ("app.sandbox", "app.simulators")
+#: The commands `python -m app` runs besides the bot: only its entry point imports them.
+LEDGER_CLI_IMPORTERS = ("app.__main__", "app.ledger_cli")
+SANDBOX_IMPORTERS = ("app.__main__", "app.sandbox")
+#: The composition root: the entry point, the sandbox and the test bot build the app through it.
+MAIN_IMPORTERS = ("app.__main__", "app.sandbox", "app.simulators.bot")
+#: Third-party modules that do I/O, which a renderer must not import.
+RENDER_MUST_NOT_IMPORT = ("redis", "httpx", "aiohttp", "slack_sdk.web", "slack_bolt", "mcp")
 
 
 def _imports() -> list[tuple[str, str, str]]:
@@ -110,14 +165,32 @@ def test_slack_takes_only_data_and_errors_from_core() -> None:
         ("handlers", HANDLERS_IMPORTERS),
         ("app.simulators", SIMULATORS_IMPORTERS),
         ("app.agents", AGENTS_IMPORTERS),
+        ("app.ledger_cli", LEDGER_CLI_IMPORTERS),
+        ("app.sandbox", SANDBOX_IMPORTERS),
+        ("app.main", MAIN_IMPORTERS),
     ],
 )
-def test_only_their_owners_import_the_listeners_and_the_simulators(
-    wired: str, importers: tuple[str, ...]
-) -> None:
+def test_only_their_owners_import_the_wired_rooms(wired: str, importers: tuple[str, ...]) -> None:
     crossings = [
         f"{where}: {module} imports {target}"
         for module, target, where in IMPORTS
         if _within(target, wired) and not any(_within(module, owner) for owner in importers)
     ]
+    assert not crossings, "\n".join(crossings)
+
+
+def test_renderers_do_no_io() -> None:
+    crossings = []
+    for path in sorted((ROOT / "app" / "slack" / "render").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            crossings += [
+                f"{path.relative_to(ROOT)}:{node.lineno}: imports {name}"
+                for name in names
+                if any(_within(name, io) for io in RENDER_MUST_NOT_IMPORT)
+            ]
     assert not crossings, "\n".join(crossings)
