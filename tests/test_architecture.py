@@ -58,7 +58,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "handlers": ("app.main", "app.web", "app.tracking", "app.agents", "buildkite.client"),
     # Agents (MCP) call the core's services like the listeners do: never a listener, the
     # composition root, the web app, Slack's writer, or Buildkite itself (one way through). Of
-    # tracking they read only its phases; waiting subscribes to the changes storage publishes.
+    # slack and tracking they take only the leaf modules below; waits wake on storage's changes.
     "app.agents": (
         "handlers",
         "app.main",
@@ -69,10 +69,6 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         "app.sandbox",
         "app.ledger_cli",
         "buildkite.client",
-        "app.tracking.intake",
-        "app.tracking.notifier",
-        "app.tracking.poller",
-        "app.tracking.writer",
     ),
     # `python -m app ledger rebuild` reads Buildkite into the ledger; it posts nothing to Slack.
     "app.ledger_cli": (
@@ -88,6 +84,10 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
 AGENTS_IMPORTERS = ("app.main", "app.agents", "app.__main__")
 #: What app.slack may take from app.core: data and errors, no services.
 SLACK_MAY_USE_FROM_CORE = ("app.core.errors", "app.core.names", "app.core.unblock_forms")
+#: What the agents take from Slack's room and from tracking: who acts, the unblock button's model
+#: (the service takes it), the digest's models, the phases; never a sender or a tracker.
+AGENTS_MAY_USE_FROM_SLACK = ("app.slack.actor", "app.slack.payloads", "app.slack.render.digest")
+AGENTS_MAY_USE_FROM_TRACKING = ("app.tracking.phases",)
 #: Only these import the listeners (the composition root wires them).
 HANDLERS_IMPORTERS = ("app.main", "handlers")
 #: Only these import the simulators (the product's sandbox; tests and bench are outside app/).
@@ -147,14 +147,24 @@ def test_no_package_imports_across_its_walls(package: str) -> None:
     assert not crossings, "\n".join(crossings)
 
 
-def test_slack_takes_only_data_and_errors_from_core() -> None:
+@pytest.mark.parametrize(
+    ("package", "room", "allowed"),
+    [
+        ("app.slack", "app.core", SLACK_MAY_USE_FROM_CORE),
+        ("app.agents", "app.slack", AGENTS_MAY_USE_FROM_SLACK),
+        ("app.agents", "app.tracking", AGENTS_MAY_USE_FROM_TRACKING),
+    ],
+)
+def test_a_package_takes_only_leaf_modules_from_another(
+    package: str, room: str, allowed: tuple[str, ...]
+) -> None:
     crossings = [
         f"{where}: {module} imports {target}"
         for module, target, where in IMPORTS
-        if _within(module, "app.slack")
-        and _within(target, "app.core")
-        and not any(_within(target, allowed) for allowed in SLACK_MAY_USE_FROM_CORE)
-        and target not in ("app.core",)
+        if _within(module, package)
+        and _within(target, room)
+        and not any(_within(target, leaf) for leaf in allowed)
+        and target != room
     ]
     assert not crossings, "\n".join(crossings)
 
