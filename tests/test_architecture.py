@@ -198,8 +198,9 @@ def test_renderers_do_no_io() -> None:
                 names = [node.module]
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
+            where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}"
             crossings += [
-                f"{path.relative_to(ROOT)}:{node.lineno}: imports {name}"
+                f"{where}: imports {name}"
                 for name in names
                 if any(_within(name, io) for io in RENDER_MUST_NOT_IMPORT)
             ]
