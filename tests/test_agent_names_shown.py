@@ -57,3 +57,23 @@ async def test_an_agents_approval_request_on_the_approvers_home_names_the_agent(
     shown = json.dumps(home["blocks"])
     assert "agent `captain` asks for a deploy of `deploy-prod`" in shown
     assert "<@agent:" not in shown
+
+
+async def test_an_agents_deployment_is_credited_to_the_agent_in_the_history(
+    bot: BotClient, bk: FakeBuildkite, slack: FakeSlack
+) -> None:
+    async with agent_session(bot, CAPTAIN_TOKEN) as session:
+        started = await structured(
+            session, "deploy", pipeline="web", branch="main", idempotency_key="hist-1"
+        )
+    assert started["status"] == "started", started
+    number = int(bk.builds_of("web")[-1]["number"])
+    bk.set_build_state("web", number, "passed")
+    assert (await bot.webhook(bk.webhook_payload("web", number))).status == 200
+    await bot.settled()
+
+    _, name, _ = await bot.command("/deploy", "history web", user_id=BOB)
+    posts = await slack.wait_for(lambda: [p for p in slack.responses if p.name == name])
+    shown = json.dumps(posts[-1].json)
+    assert f"#{number}" in shown and "by agent `captain`" in shown
+    assert "someone outside Slack" not in shown and "<@agent:" not in shown
