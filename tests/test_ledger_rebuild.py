@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +19,7 @@ from app.simulators.bot import bot_settings
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
 from app.storage import keys
+from tests.test_ops_check_config import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 ORG_BUILDS = "/organizations/acme/builds"
@@ -147,17 +147,6 @@ async def test_the_ledger_keeps_the_last_200_of_a_pipeline(
         key = keys.DEPLOYMENT_KEY.format(pipeline="web", number=gone)
         assert await redis_client.exists(key) == 0
     assert await redis_client.exists(keys.DEPLOYMENT_KEY.format(pipeline="web", number=31)) == 1
-
-
-def child_env(**values: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("SLACK_", "BUILDKITE_", "REDIS_", "PORT", "LOG_LEVEL", "POLICY_"))
-    }
-    env["PYTHONPATH"] = str(ROOT)
-    env.update(values)
-    return env
 
 
 async def test_the_command_line_says_what_it_cost(

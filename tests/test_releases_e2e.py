@@ -17,6 +17,7 @@ from app.simulators.bot import BotClient, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
 from app.storage import keys
+from tests.test_policy_e2e import value_of
 
 CHANNEL = "C0CHAN"
 ALICE, BOB = "U0USER", "U0BOB"
@@ -86,14 +87,6 @@ async def entry(redis_client: Any, slug: str, number: int) -> dict[str, Any]:
     raw = await redis_client.get(keys.DEPLOYMENT_KEY.format(pipeline=slug, number=number))
     assert raw is not None, f"{slug} #{number} is not in the ledger"
     return dict(json.loads(raw))
-
-
-def value_of(blocks: list[dict[str, Any]], action_id: str) -> str:
-    for block in blocks:
-        for element in block.get("elements", []):
-            if element.get("action_id") == action_id:
-                return str(element["value"])
-    raise AssertionError(f"no {action_id} in {blocks}")
 
 
 def shown(reply: dict[str, Any]) -> str:

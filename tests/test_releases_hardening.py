@@ -24,6 +24,7 @@ from app.simulators.redis_server import RedisServer
 from app.simulators.slack import FakeSlack
 from app.slack.render.releases import LEDGER_DOWN
 from app.storage import keys
+from tests.test_policy_e2e import value_of
 from tests.test_releases_e2e import (
     ALICE,
     BOB,
@@ -37,7 +38,6 @@ from tests.test_releases_e2e import (
     deployed,
     entry,
     shown,
-    value_of,
 )
 
 SLUGS = ("deploy-prod", "prod-lite", "staging-deploy", "web", "ext-deploy", "ci")

@@ -42,7 +42,8 @@ COPIED_ON_REBUILD = frozenset({"requested_by", "approved_by", "rollback_of", "pr
 
 FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
 _PROMOTED = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}#[0-9]{1,9}$")
-_USER = re.compile(r"^[UW][A-Z0-9]{2,20}$")
+#: Who may be named as a deployment's requester: a Slack user, or an agent (`agent:<name>`).
+_USER = re.compile(r"^(?:[UW][A-Z0-9]{2,20}|agent:[a-z0-9][a-z0-9_-]{0,62})$")
 #: ASCII digits only: str.isdigit() also takes "²", which int() then refuses.
 _NUMBER = re.compile(r"[0-9]{1,9}")
 _OUTCOMES = {

@@ -280,23 +280,10 @@ class SlackWebApi(SlackState):
             raise _ApiError("exchanged_trigger_id")
         self._used_triggers.add(trigger_id)
         view_args = self._view_arg(args)
-        view_id = f"V{next(self._ids):08d}"
-        view = {
-            **view_args,
-            "id": view_id,
-            "team_id": self.team_id,
-            "state": {"values": {}},
-            "hash": self._next_ts() + ".fake",
-            "root_view_id": view_id,
-            "previous_view_id": None,
-            "app_id": self.app_id,
-            "bot_id": self.bot_id,
-            "app_installed_team_id": self.team_id,
-        }
-        view.setdefault("private_metadata", "")
-        view.setdefault("callback_id", "")
-        view.setdefault("external_id", "")
-        self.views[view_id] = view
+        view = self._stored_view(
+            view_args, f"V{next(self._ids):08d}", app_installed_team_id=self.team_id
+        )
+        self.views[view["id"]] = view
         return {"ok": True, "view": view}
 
     def _views_update(self, args: Json) -> Json:
@@ -342,21 +329,9 @@ class SlackWebApi(SlackState):
         current = self.home_views.get(user_id)
         if args.get("hash") and (current is None or args["hash"] != current["hash"]):
             raise _ApiError("hash_conflict")
-        view_id = current["id"] if current else f"V{next(self._ids):08d}"
-        published = {
-            **view_args,
-            "id": view_id,
-            "team_id": self.team_id,
-            "state": {"values": {}},
-            "hash": self._next_ts() + ".fake",
-            "root_view_id": view_id,
-            "previous_view_id": None,
-            "app_id": self.app_id,
-            "bot_id": self.bot_id,
-        }
-        published.setdefault("private_metadata", "")
-        published.setdefault("callback_id", "")
-        published.setdefault("external_id", "")
+        published = self._stored_view(
+            view_args, current["id"] if current else f"V{next(self._ids):08d}"
+        )
         self.home_views[user_id] = published
         return {"ok": True, "view": published}
 
@@ -400,6 +375,25 @@ class SlackWebApi(SlackState):
         if required and not (text or blocks or args.get("attachments")):
             raise _ApiError("no_text")
         return (None if text is None else str(text)), blocks
+
+    def _stored_view(self, view_args: Json, view_id: str, **extra: str) -> Json:
+        """A view as Slack keeps and returns it: what the app sent, and Slack's own fields."""
+        view = {
+            **view_args,
+            "id": view_id,
+            "team_id": self.team_id,
+            "state": {"values": {}},
+            "hash": self._next_ts() + ".fake",
+            "root_view_id": view_id,
+            "previous_view_id": None,
+            "app_id": self.app_id,
+            "bot_id": self.bot_id,
+            **extra,
+        }
+        view.setdefault("private_metadata", "")
+        view.setdefault("callback_id", "")
+        view.setdefault("external_id", "")
+        return view
 
     def _view_arg(self, args: Json) -> Json:
         view = args.get("view")

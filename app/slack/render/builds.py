@@ -10,15 +10,14 @@ from typing import Any
 from slack_sdk.models.blocks import (
     ActionsBlock,
     ButtonElement,
-    ConfirmObject,
     ContextBlock,
     MarkdownTextObject,
     SectionBlock,
 )
 
 from app.slack.ids import ActionId, BlockId
-from app.slack.mrkdwn import code, escape, link, person, plain, trusted_url
-from app.slack.payloads import BuildButtonValue, UnblockButtonValue
+from app.slack.mrkdwn import code, escape, link, person, plain
+from app.slack.payloads import UnblockButtonValue
 from app.slack.render.common import (
     FIELD_TEXT_LIMIT,
     SECTION_TEXT_LIMIT,
@@ -36,6 +35,7 @@ from app.slack.render.common import (
     state_text,
 )
 from app.slack.render.supersede import superseded_note, superseded_unblock
+from app.slack.render.unfurl import CARD_ACTIONS, author, card_buttons
 from app.storage.records import SupersededBy
 from buildkite.models import Build, BuildState, Job
 
@@ -63,8 +63,7 @@ class LogTail:
 
 
 def _trigger(build: Build) -> str:
-    person = build.author or build.creator
-    who = escape(clip(person.name, 80)) if person and person.name else "Buildkite"
+    who = author(build)
     source = {
         "webhook": "a push",
         "schedule": "a schedule",
@@ -78,8 +77,7 @@ def _trigger(build: Build) -> str:
 def _buttons(
     pipeline: str, build: Build, block: BlockStep | None, superseded: SupersededBy | None = None
 ) -> list[ButtonElement]:
-    value = BuildButtonValue(pipeline=pipeline, number=build.number).model_dump_json()
-    buttons = []
+    buttons: list[ButtonElement] = []
     if block is not None and not build.is_final and superseded is not None:
         buttons += superseded_unblock(pipeline, build.number, block.job_id, block.label, superseded)
     elif block is not None and not build.is_final:
@@ -92,33 +90,7 @@ def _buttons(
                 style="primary",
             )
         )
-    if not build.is_final and build.state not in {BuildState.CANCELING}:
-        buttons.append(
-            ButtonElement(
-                text="Cancel",
-                action_id=ActionId.CANCEL,
-                value=value,
-                style="danger",
-                confirm=ConfirmObject(
-                    title="Cancel this build?",
-                    text=f"Cancel {escape(pipeline)} #{build.number}?",
-                    confirm="Cancel build",
-                    deny="Keep it running",
-                ),
-            )
-        )
-    if build.is_final:
-        buttons.append(ButtonElement(text="Rebuild", action_id=ActionId.REBUILD, value=value))
-    if build.is_final and build.state is BuildState.FAILED:
-        buttons.append(
-            ButtonElement(text="Retry failed jobs", action_id=ActionId.RETRY_FAILED, value=value)
-        )
-    web_url = trusted_url(build.web_url)
-    if web_url:
-        buttons.append(
-            ButtonElement(text="Open in Buildkite", action_id=ActionId.OPEN, url=web_url)
-        )
-    return buttons
+    return buttons + card_buttons(pipeline, build, CARD_ACTIONS)
 
 
 def build_message(

@@ -18,7 +18,7 @@ from slack_sdk.models.blocks import (
 )
 
 from app.slack.ids import ActionId
-from app.slack.mrkdwn import code, escape
+from app.slack.mrkdwn import code, escape, person
 from app.slack.payloads import (
     BuildButtonValue,
     LockButtonValue,
@@ -128,7 +128,7 @@ def _approval_blocks(item: HomeApproval) -> list[dict[str, Any]]:
     plan = item.plan
     what = f"a rebuild of #{plan.rebuild_of}" if plan.rebuild_of else "a deploy"
     text = (
-        f"<@{plan.requester}> asks for {what} of {code(plan.pipeline)}: "
+        f"{person(plan.requester)} asks for {what} of {code(plan.pipeline)}: "
         f"{code(clip(plan.branch, 100))} at {code(short_commit(plan.commit))}"
     )
     value = RequestButtonValue(id=item.approval_id).model_dump_json()

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from slack_sdk.models.blocks import MarkdownTextObject, SectionBlock
 
-from app.slack.mrkdwn import code, link
+from app.slack.mrkdwn import code, link, person
 from app.slack.render.common import SECTION_TEXT_LIMIT, STATE_EMOJI, Rendered, clip
 from app.storage.ledger import Deployment, Outcome, Source
 from app.storage.records import PipelineLock
@@ -62,7 +62,7 @@ def duration(seconds: int | None) -> str:
 
 def _who(entry: Deployment) -> str:
     if entry.requested_by:
-        return f"<@{entry.requested_by}>"
+        return person(entry.requested_by)
     return "announced" if entry.source is Source.ROUTE else "someone outside Slack"
 
 
@@ -102,7 +102,7 @@ def _status_lines(status: PipelineStatus, now: float) -> list[str]:
             f"• deploying now: {code(entry.commit[:12])} in {_build(entry)} by {_who(entry)}"
         )
     if status.lock is not None:
-        lines.append(f"• :lock: locked by <@{status.lock.user}>")
+        lines.append(f"• :lock: locked by {person(status.lock.user)}")
     return lines
 
 
@@ -121,7 +121,7 @@ def _status_line(status: PipelineStatus, now: float) -> str:
     if status.running:
         line += " · :arrow_forward: " + " ".join(_build(entry) for entry in status.running)
     if status.lock is not None:
-        line += f" · :lock: <@{status.lock.user}>"
+        line += f" · :lock: {person(status.lock.user)}"
     return line
 
 
@@ -153,7 +153,7 @@ def history_message(pipeline: str, entries: Sequence[Deployment], *, now: float)
     lines = []
     for entry in entries:
         emoji = STATE_EMOJI.get(entry.outcome.value, ":grey_question:")
-        approved = f", approved by <@{entry.approved_by}>" if entry.approved_by else ""
+        approved = f", approved by {person(entry.approved_by)}" if entry.approved_by else ""
         marks = ""
         if entry.rollback_of is not None:
             marks += f", rollback of #{entry.rollback_of}"

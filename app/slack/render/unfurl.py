@@ -36,7 +36,8 @@ from buildkite.models import Build, BuildState
 CARD_ACTIONS = (ActionId.CANCEL, ActionId.REBUILD, ActionId.RETRY_FAILED)
 
 
-def _who(build: Build) -> str:
+def author(build: Build) -> str:
+    """Who made the build, as Buildkite names them (escaped), or "Buildkite"."""
     person = build.author or build.creator
     return escape(clip(person.name, 80)) if person and person.name else "Buildkite"
 
@@ -83,7 +84,7 @@ def card_blocks(
         f"*State*\n{state_text(build)}",
         f"*Branch*\n{code(clip(build.branch or '?', 200))}",
         f"*Commit*\n{code(short_commit(build.commit))}",
-        f"*By*\n{_who(build)}",
+        f"*By*\n{author(build)}",
     ]
     took = duration(build)
     if took:
