@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -345,3 +346,56 @@ async def test_waits_whose_client_hung_up_end_then_and_leave_nothing(
     assert left[-1] <= left[0] + 2, left  # (a connection or two still closing)
     errors = [e for e in bot_log.entries() if e["level"] == "error"]
     assert errors == []
+
+
+
+# -- budgets -----------------------------------------------------------------------------------
+
+
+async def test_concurrent_calls_cannot_race_past_a_budget(
+    bot: BotClient, bk: FakeBuildkite, redis_client: Any
+) -> None:
+    # thrifty may make 1 mutation an hour: ten at once, on different branches, start one build.
+    async with agent_session(bot, THRIFTY_TOKEN) as session:
+        answers = await asyncio.gather(
+            *(structured(session, "deploy", pipeline="web", branch=f"b{i}") for i in range(10))
+        )
+    started = [a for a in answers if a["status"] == "started"]
+    refused = [a for a in answers if a["status"] == "refused"]
+    assert len(started) == 1 and len(refused) == 9
+    assert all("try again in" in a["reason"] for a in refused)
+    assert len(bk.requests_to("POST", BUILDS.format("web"))) == 1
+
+
+# -- stdio -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["mcp", CAPTAIN_TOKEN],
+        ["mcp", f"--token={CAPTAIN_TOKEN}"],
+        ["mcp", "--token", CAPTAIN_TOKEN],
+    ],
+)
+async def test_a_token_on_the_command_line_is_refused_and_never_repeated(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, tmp_path: Path, argv: list[str]
+) -> None:
+    from tests.test_agents_stdio import mcp_env
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "app",
+        *argv,
+        env=mcp_env(slack, bk, redis_url, write_policy(tmp_path), None),
+        cwd=tmp_path,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2
+    assert out == b""
+    assert CAPTAIN_TOKEN.encode() not in err
+    assert bk.requests == [] and slack.calls == []
