@@ -13,8 +13,8 @@ import argparse
 import asyncio
 import os
 import sys
-from typing import NoReturn
 from pathlib import Path
+from typing import NoReturn
 
 from pydantic import SecretStr
 

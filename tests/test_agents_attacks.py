@@ -348,7 +348,6 @@ async def test_waits_whose_client_hung_up_end_then_and_leave_nothing(
     assert errors == []
 
 
-
 # -- budgets -----------------------------------------------------------------------------------
 
 
