@@ -398,3 +398,23 @@ async def test_a_token_on_the_command_line_is_refused_and_never_repeated(
     assert out == b""
     assert CAPTAIN_TOKEN.encode() not in err
     assert bk.requests == [] and slack.calls == []
+
+
+# -- locks -------------------------------------------------------------------------------------
+
+
+async def test_a_builds_meta_data_naming_the_lock_holder_opens_no_lock(
+    bot: BotClient, bk: FakeBuildkite
+) -> None:
+    # Alice locks web. A build created in Buildkite (or a job of it, with `buildkite-agent
+    # meta-data set`) claims she asked for it: the lock still binds her agent, and everyone.
+    await bot.command("/deploy", "lock web freeze for the release")
+    await bot.settled()
+    bk.add_build(
+        "web", state="failed", failed_jobs=["Test"], meta_data={"chatops_requested_by": "U0USER"}
+    )
+    async with agent_session(bot, CAPTAIN_TOKEN) as session:
+        retried = await structured(session, "retry_failed_jobs", pipeline="web", number=1)
+    assert retried["status"] == "refused", retried
+    assert "locked by user U0USER" in retried["reason"]
+    assert mutations(bk) == []
