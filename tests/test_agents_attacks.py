@@ -418,3 +418,21 @@ async def test_a_builds_meta_data_naming_the_lock_holder_opens_no_lock(
     assert retried["status"] == "refused", retried
     assert "locked by user U0USER" in retried["reason"]
     assert mutations(bk) == []
+
+
+# -- what builds say about themselves ----------------------------------------------------------
+
+
+async def test_a_build_cannot_claim_through_its_meta_data_who_asked_for_it(
+    bot: BotClient, bk: FakeBuildkite
+) -> None:
+    bk.add_build("web", state="passed", meta_data={"chatops_requested_by": "agent:captain"})
+    async with agent_session(bot, CAPTAIN_TOKEN) as session:
+        spoofed = await structured(session, "get_build", pipeline="web", number=1)
+        mine = await structured(session, "deploy", pipeline="web")
+        read_back = await structured(
+            session, "get_build", pipeline="web", number=mine["build"]["number"]
+        )
+    assert spoofed["build"]["created_by"] != "agent:captain"
+    assert mine["build"]["created_by"] == "agent:captain"
+    assert read_back["build"]["created_by"] == "agent:captain"  # the bot's own record

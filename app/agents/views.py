@@ -84,8 +84,16 @@ class BuildView(View):
     )
 
 
-def build_view(pipeline: str, build: Build, *, log_tail: str | None = None) -> BuildView:
-    requested = build.meta_data.get("chatops_requested_by")
+def build_view(
+    pipeline: str,
+    build: Build,
+    *,
+    log_tail: str | None = None,
+    requested_by: str | None = None,
+) -> BuildView:
+    """`requested_by`: who asked the bot for it, as the bot knows it. Never the build's
+    `chatops_requested_by` meta-data, which any job of the build can set to anyone's id."""
+    requested = requested_by
     person = build.creator or build.author
     return BuildView(
         pipeline=pipeline,

@@ -86,7 +86,15 @@ async def get_build(ctx: Context, args: GetBuildArgs) -> GetBuildResult:
             tail = None  # the token lacks read_build_logs: the rest still answers
         except BuildkiteError:
             tail = None
-    result = GetBuildResult(build=build_view(args.pipeline, build, log_tail=tail))
+    tracked = None
+    with contextlib.suppress(RedisError):
+        tracked = await ctx.services.store.find(args.pipeline, args.number)
+    requester = (
+        next((t.requester for t in tracked.targets if t.requester), None) if tracked else None
+    )
+    result = GetBuildResult(
+        build=build_view(args.pipeline, build, log_tail=tail, requested_by=requester)
+    )
     await keep(ctx, what, result.model_dump_json(), ctx.services.tuning.agents.read_cache)
     return result
 
