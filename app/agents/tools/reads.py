@@ -28,6 +28,7 @@ from app.agents.views import (
     ListPipelinesResult,
     WhoAmIResult,
     build_view,
+    capped,
     health_view,
     pipeline_view,
     plain_sentence,
@@ -142,9 +143,9 @@ async def list_agents(ctx: Context, args: ListAgentsArgs) -> ListAgentsResult:
     result = ListAgentsResult(
         agents=[
             AgentView(
-                name=row.name,
-                queue=row.queue,
-                version=row.version,
+                name=capped(row.name),
+                queue=capped(row.queue),
+                version=capped(row.version),
                 web_url=row.web_url,
                 job=untrusted(row.job_name, 200),
             )
