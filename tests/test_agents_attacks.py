@@ -322,6 +322,10 @@ async def test_waits_whose_client_hung_up_end_then_and_leave_nothing(
     body = json.dumps(wait).encode()
     host, port = bot.base.removeprefix("http://").split(":")
     left: list[int] = []
+
+    def running() -> int:
+        return len([t for t in asyncio.all_tasks() if not t.done()])
+
     for _round in range(4):
         writers = []
         for _ in range(8):
@@ -335,15 +339,21 @@ async def test_waits_whose_client_hung_up_end_then_and_leave_nothing(
             )
             await writer.drain()
             writers.append(writer)
-        await slack.wait_for(lambda: gateway.changes.waiting >= 8)
+        await slack.wait_for(lambda: gateway.changes.waiting >= 8, timeout=20)
         for writer in writers:
             writer.close()
         # Well within the waits' 50 s: they end when their client goes.
-        await slack.wait_for(lambda: gateway.changes.waiting == 0, timeout=10)
+        await slack.wait_for(lambda: gateway.changes.waiting == 0, timeout=20)
         await bot.settled()
-        left.append(len([t for t in asyncio.all_tasks() if not t.done()]))
-    # Nothing piles up from one round of abandoned waits to the next.
-    assert left[-1] <= left[0] + 2, left  # (a connection or two still closing)
+
+        if left:  # nothing piles up from one round of abandoned waits to the next
+            try:  # (a connection may take a moment to close on a busy machine)
+                await slack.wait_for(lambda: running() <= left[0] + 2, timeout=15)
+            except AssertionError:
+                raise AssertionError(
+                    f"{running()} tasks after the round, {left[0]} after the first"
+                ) from None
+        left.append(running())
     errors = [e for e in bot_log.entries() if e["level"] == "error"]
     assert errors == []
 
