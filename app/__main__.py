@@ -14,6 +14,7 @@ import asyncio
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from pydantic import SecretStr
 
@@ -24,8 +25,18 @@ from app.settings import Settings, SettingsError, load_settings
 ENV_FILE = str(Settings.model_config.get("env_file"))
 
 
+class _Parser(argparse.ArgumentParser):
+    """Never repeats an argument it does not know: one may be a token typed in the wrong place
+    (and stderr goes to an MCP client's logs)."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments"):
+            message = "unrecognized arguments (not repeated: tokens go in the environment)"
+        super().error(message)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m app",
         description="Slack ChatOps bot for Buildkite. Settings come from the environment or .env.",
     )
@@ -51,13 +62,23 @@ def main(argv: list[str] | None = None) -> int:
     ledger_cli.add_arguments(
         commands.add_parser("ledger", help="the release ledger: `ledger rebuild` from Buildkite")
     )
-    commands.add_parser(
+    mcp_parser = commands.add_parser(
         "mcp",
         help="serve the agent whose token is in BKCHATOPS_AGENT_TOKEN over stdio (MCP)",
         description="The MCP server over stdin/stdout for a local client, as the agent whose "
         "bearer token is in BKCHATOPS_AGENT_TOKEN (see docs/agents.md). Logs go to stderr.",
     )
+    # Taken here only to be refused without echoing them: a token given as an argument would
+    # be in the process list and the client's logs (argparse repeats unknown arguments).
+    mcp_parser.add_argument("unexpected", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.command == "mcp" and args.unexpected:
+        print(
+            "python -m app mcp takes no arguments: put the agent's token in "
+            "BKCHATOPS_AGENT_TOKEN, never on the command line.",
+            file=sys.stderr,
+        )
+        return 2
     if args.command == "sandbox":
         return sandbox_mode.main(args)
     if args.command == "ledger":

@@ -31,7 +31,15 @@ from buildkite.errors import BuildkiteError
 log = logging.getLogger(__name__)
 
 #: Env names whose values the audit trail masks.
-_SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASS|KEY|CREDENTIAL|AUTH|PRIVATE|COOKIE|SESSION)", re.I)
+_SECRET_NAME = re.compile(
+    r"(TOKEN|SECRET|PASS|PWD|KEY|CREDENTIAL|AUTH|PRIVATE|COOKIE|SESSION|CERT|SIGN|DSN)", re.I
+)
+#: Values that look like a credential, whatever their name: well-known token prefixes, keys,
+#: JWTs, URLs with a password, and long unbroken runs of base64 or hex.
+_SECRET_VALUE = re.compile(
+    r"(xox[abposr]-|xapp-|gh[opsur]_|github_pat_|glpat-|bkua_|sk-|AKIA[0-9A-Z]{12}|"
+    r"-----BEGIN|eyJ[A-Za-z0-9_-]{8,}\.|://[^/\s:@]*:[^/\s@]+@|[A-Za-z0-9+/=_-]{32,})"
+)
 #: How a Buildkite refusal names what was asked.
 _VERBS = {
     "deploy": "deploy",
@@ -132,6 +140,7 @@ class Gateway:
         reference: str,
     ) -> CallResult:
         key = args.idempotency_key or self._derived_key(tool, args)
+        this_call = _fingerprint(tool, args)
         store = self.services.store
         try:
             prior = await store.begin_call(agent.name, key)
@@ -151,9 +160,16 @@ class Gateway:
                 return self._refusal(
                     tool, "The same call is still being done: call again in a moment.", reference
                 )
+            kept = _kept_result(prior)
+            if kept.call is not None and kept.call != this_call:
+                text = (
+                    f"The idempotency_key {key} was already used for another call (another tool "
+                    "or other arguments), so nothing was done: use a new key for a new call."
+                )
+                await self._audit(agent, tool, arguments, "refused", reference, detail="key reused")
+                return self._refusal(tool, text, reference)
             await self._audit(agent, tool, arguments, "repeated", reference)
-            data = json.loads(prior)
-            return CallResult(structured=data, text=json.dumps(data))
+            return CallResult(structured=kept.result, text=json.dumps(kept.result))
         trigger = f"{agent.user_id}:{tool.name}:{key}"
         try:
             result = await self._run(agent, tool, args, arguments, reference, trigger=trigger)
@@ -164,7 +180,8 @@ class Gateway:
             await self._drop(agent, key)  # nothing was done: a retry is decided afresh
         else:
             try:
-                await store.finish_call(agent.name, key, result.text)
+                keeping = json.dumps({"call": this_call, "result": result.structured})
+                await store.finish_call(agent.name, key, keeping)
             except RedisError as exc:
                 log.warning(
                     "agent %s: the result of %s was not kept: %s", agent.name, tool.name, exc
@@ -287,7 +304,7 @@ def masked(arguments: Mapping[str, Any] | None) -> str:
     for key, value in list(arguments.items())[:20]:
         if key in ("env", "fields") and isinstance(value, Mapping):
             shown[key] = {
-                str(k)[:60]: "***" if _SECRET_NAME.search(str(k)) else str(v)[:60]
+                str(k)[:60]: "***" if _looks_secret(str(k), str(v)) else str(v)[:60]
                 for k, v in list(value.items())[:30]
             }
         else:
@@ -295,6 +312,31 @@ def masked(arguments: Mapping[str, Any] | None) -> str:
                 value if isinstance(value, int | float | bool) else str(value)[:100]
             )
     return json.dumps(shown, sort_keys=True)[:400]
+
+
+def _looks_secret(name: str, value: str) -> bool:
+    return bool(_SECRET_NAME.search(name) or _SECRET_VALUE.search(value))
+
+
+def _fingerprint(tool: Tool, args: Any) -> str:
+    """What a mutation call asks for (its tool and arguments, not its key), as a digest."""
+    asked = args.model_dump(mode="json", exclude={"idempotency_key"})
+    canonical = json.dumps(asked, sort_keys=True)
+    return hashlib.sha256(f"{tool.name}\x1f{canonical}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class _Kept:
+    #: The fingerprint of the call that kept it (None: kept before fingerprints were).
+    call: str | None
+    result: dict[str, Any]
+
+
+def _kept_result(raw: str) -> _Kept:
+    data = json.loads(raw)
+    if isinstance(data, dict) and set(data) == {"call", "result"}:
+        return _Kept(call=str(data["call"]), result=data["result"])
+    return _Kept(call=None, result=data)
 
 
 def _number(data: Mapping[str, Any]) -> int | None:

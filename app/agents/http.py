@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from aiohttp import web
 
 from app.agents.gateway import Gateway
 from app.agents.identity import Agent, bearer_token
+from app.ops import logs
 from app.ops.shutdown import StopBudget
 
 if TYPE_CHECKING:
@@ -30,6 +32,10 @@ log = logging.getLogger(__name__)
 
 #: Where the authenticated agent travels in the ASGI scope's `state`, to the tool call.
 AGENT_STATE = "bkchatops.agent"
+#: Where an event set when the client hangs up travels, so that a wait it abandoned ends.
+GONE_STATE = "bkchatops.gone"
+#: Seconds between looks at whether the client of a request in progress is still there.
+_PEER_CHECK = 0.2
 #: Hop-by-hop headers aiohttp writes itself.
 _HOP_HEADERS = frozenset({"connection", "transfer-encoding", "keep-alive"})
 
@@ -40,6 +46,26 @@ def agent_of_request(ctx: ServerRequestContext[Any, Any]) -> Agent | None:
     state = scope.get("state") if isinstance(scope, dict) else None
     agent = state.get(AGENT_STATE) if isinstance(state, dict) else None
     return agent if isinstance(agent, Agent) else None
+
+
+def gone_of_request(ctx: ServerRequestContext[Any, Any]) -> asyncio.Event | None:
+    """Set once the client of this request hung up (see `serve_asgi`)."""
+    scope = getattr(ctx.request, "scope", None)
+    state = scope.get("state") if isinstance(scope, dict) else None
+    gone = state.get(GONE_STATE) if isinstance(state, dict) else None
+    return gone if isinstance(gone, asyncio.Event) else None
+
+
+def _jsonrpc_error(code: int, message: str, status: int) -> web.Response:
+    reference = logs.current_correlation_id()
+    return web.json_response(
+        {
+            "jsonrpc": "2.0",
+            "id": None,
+            "error": {"code": code, "message": f"{message} (reference {reference})"},
+        },
+        status=status,
+    )
 
 
 class McpEndpoint:
@@ -57,7 +83,9 @@ class McpEndpoint:
             from app.agents.server import create_server
 
             self.manager = StreamableHTTPSessionManager(
-                app=create_server(gateway, agent_of_request), stateless=True, json_response=True
+                app=create_server(gateway, agent_of_request, gone_of=gone_of_request),
+                stateless=True,
+                json_response=True,
             )
 
     @contextlib.asynccontextmanager
@@ -102,7 +130,9 @@ class McpEndpoint:
         await self.gateway.changes.close()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        token = bearer_token(request.headers.get("Authorization"))
+        # Two Authorization headers are refused, whichever of them holds a token.
+        given = request.headers.getall("Authorization", [])
+        token = bearer_token(given[0]) if len(given) == 1 else None
         agent = self.gateway.identities.authenticate(token)
         if agent is None:
             # The token itself is never logged: only whether there was one.
@@ -116,10 +146,29 @@ class McpEndpoint:
             )
         if not self._running or self.manager is None:
             return web.json_response({"error": "the MCP server is not running"}, status=503)
+        if request.method != "POST":
+            # Stateless, with JSON answers: no session to end (DELETE) and no stream of
+            # server-sent events to hold open (GET), which would tie up a connection forever.
+            return web.json_response(
+                {"error": "only POST: send one JSON-RPC request per POST"},
+                status=405,
+                headers={"Allow": "POST"},
+            )
+        body = await request.read()
+        try:
+            message = json.loads(body)
+        except (ValueError, RecursionError):
+            return _jsonrpc_error(-32700, "The body is not JSON.", 400)
+        if not isinstance(message, dict):
+            return _jsonrpc_error(
+                -32600,
+                "Send one JSON-RPC request (an object) per POST: batches are not taken.",
+                400,
+            )
         return await serve_asgi(
             self.manager.handle_request,
             request,
-            state={AGENT_STATE: agent},
+            state={AGENT_STATE: agent, GONE_STATE: asyncio.Event()},
             # Checked here: the SDK never sees the token (nor could it log it).
             drop_headers=frozenset({b"authorization"}),
         )
@@ -135,9 +184,12 @@ async def serve_asgi(
     """Serve one aiohttp request with an ASGI app, streaming its answer as it comes.
 
     The body is read first (within the web app's size limit); the app then sees a
-    disconnect only once it has answered.
+    disconnect once it has answered, or as soon as the client hangs up (and `state`'s
+    GONE_STATE event, if any, is set then).
     """
     body = await request.read()
+    gone = state.get(GONE_STATE)
+    hung_up = gone if isinstance(gone, asyncio.Event) else asyncio.Event()
     peer = request.transport.get_extra_info("peername") if request.transport else None
     host, port = (request.url.host or "localhost"), (request.url.port or 80)
     scope: dict[str, Any] = {
@@ -166,11 +218,26 @@ async def serve_asgi(
         if not delivered:
             delivered = True
             return {"type": "http.request", "body": body, "more_body": False}
-        await answered.wait()
+        ended = [asyncio.ensure_future(e.wait()) for e in (answered, hung_up)]
+        try:
+            await asyncio.wait(ended, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in ended:
+                waiting.cancel()
         return {"type": "http.disconnect"}
+
+    async def watch_peer() -> None:
+        while not answered.is_set():
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                hung_up.set()
+                return
+            await asyncio.sleep(_PEER_CHECK)
 
     async def send(message: Message) -> None:
         nonlocal response
+        if hung_up.is_set():
+            return  # nobody to answer: the answer is dropped, not an error
         if message["type"] == "http.response.start":
             response = web.StreamResponse(status=int(message["status"]))
             for key, value in message.get("headers", ()):
@@ -180,16 +247,22 @@ async def serve_asgi(
             await response.prepare(request)
         elif message["type"] == "http.response.body" and response is not None:
             chunk = message.get("body", b"")
-            if chunk:
-                await response.write(chunk)
-            if not message.get("more_body", False):
-                await response.write_eof()
-                answered.set()
+            try:
+                if chunk:
+                    await response.write(chunk)
+                if not message.get("more_body", False):
+                    await response.write_eof()
+                    answered.set()
+            except ConnectionError:  # it hung up between the look and the write
+                hung_up.set()
 
+    watcher = asyncio.create_task(watch_peer(), name="mcp-peer")
     try:
         await app(scope, receive, send)
     finally:
         answered.set()
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
     if response is None:
         return web.json_response({"error": "no answer"}, status=500)
     return response

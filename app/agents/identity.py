@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -17,6 +18,9 @@ from app.slack.actor import Actor
 
 #: A bearer token longer than this is no token of ours (and is not hashed).
 MAX_TOKEN = 4096
+#: What a token is made of: visible ASCII (a header's other bytes are no token of ours, and
+#: would not even encode).
+_TOKEN = re.compile(r"[\x21-\x7e]+")
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,7 @@ def bearer_token(authorization: str | None) -> str | None:
     token = token.strip()
     if scheme.lower() != "bearer" or not token or len(token) > MAX_TOKEN:
         return None
-    return token
+    return token if _TOKEN.fullmatch(token) else None
 
 
 class Identities:
@@ -66,7 +70,7 @@ class Identities:
 
     def authenticate(self, token: str | None) -> Agent | None:
         """The agent whose token this is, or None (a missing, unknown or malformed token)."""
-        if token is None or len(token) > MAX_TOKEN:
+        if token is None or len(token) > MAX_TOKEN or not _TOKEN.fullmatch(token):
             return None
         digest = token_digest(token).encode()
         found: Agent | None = None

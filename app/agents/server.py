@@ -4,14 +4,15 @@ and each call handed to the gateway as the agent its transport authenticated."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import mcp_types as types
 from mcp.server import Server, ServerRequestContext
 
-from app.agents.gateway import Gateway
+from app.agents.gateway import CallResult, Gateway
 from app.agents.identity import Agent
 from app.agents.tools import TOOLS, Tool
 
@@ -26,6 +27,8 @@ INSTRUCTIONS = (
 
 #: Says which agent a request is from (the transport authenticated it), or None.
 AgentOf = Callable[[ServerRequestContext[Any, Any]], Agent | None]
+#: The event set when a request's client hangs up (None: a transport that cannot tell).
+GoneOf = Callable[[ServerRequestContext[Any, Any]], asyncio.Event | None]
 
 
 def _schema(model: type[Any]) -> dict[str, Any]:
@@ -60,8 +63,11 @@ def _input_schema(name: str) -> dict[str, Any] | None:
     return _schema(tool.args) if tool is not None else None
 
 
-def create_server(gateway: Gateway, agent_of: AgentOf, *, version: str = "") -> Server[Any]:
-    """The server for one transport: `agent_of` names the caller of each request."""
+def create_server(
+    gateway: Gateway, agent_of: AgentOf, *, gone_of: GoneOf | None = None, version: str = ""
+) -> Server[Any]:
+    """The server for one transport: `agent_of` names the caller of each request; a read (a
+    wait above all) whose caller hangs up (`gone_of`) ends then, a mutation runs to its end."""
 
     async def list_tools(
         ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
@@ -76,7 +82,12 @@ def create_server(gateway: Gateway, agent_of: AgentOf, *, version: str = "") -> 
             return types.CallToolResult(
                 content=[types.TextContent(text="Not authenticated.")], is_error=True
             )
-        result = await gateway.call(agent, params.name, params.arguments)
+        gone = gone_of(ctx) if gone_of is not None else None
+        tool = TOOLS.get(params.name)
+        if gone is None or tool is None or tool.mutation:
+            result = await gateway.call(agent, params.name, params.arguments)
+        else:
+            result = await _unless_gone(gateway.call(agent, params.name, params.arguments), gone)
         return types.CallToolResult(
             content=[types.TextContent(text=result.text)],
             structured_content=result.structured,
@@ -91,3 +102,22 @@ def create_server(gateway: Gateway, agent_of: AgentOf, *, version: str = "") -> 
         on_list_tools=list_tools,
         on_call_tool=call_tool,
     )
+
+
+async def _unless_gone(calling: Coroutine[Any, Any, CallResult], gone: asyncio.Event) -> CallResult:
+    """The call's result, or (once its caller hung up) the call cancelled: nobody would read
+    its answer, and a wait would hold its place among the waiters until its timeout."""
+    task = asyncio.ensure_future(calling)
+    hung_up = asyncio.ensure_future(gone.wait())
+    try:
+        await asyncio.wait([task, hung_up], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hung_up.cancel()
+        if not task.done():
+            task.cancel()
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if not gone.is_set():
+            raise  # cancelled from outside, not by the hang-up
+        return CallResult(structured=None, text="The client hung up.", is_error=True)

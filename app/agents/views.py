@@ -50,8 +50,13 @@ def untrusted(value: str | None, limit: int, *, keep_end: bool = False) -> Untru
     return Untrusted(text=text[-limit:] if keep_end else text[:limit], truncated=True)
 
 
-def _name(value: str | None) -> str | None:
+def capped(value: str | None) -> str | None:
+    """A short text from Buildkite (a name, a branch): control characters removed, cut to
+    NAME_LIMIT."""
     return _CONTROL.sub("", value)[:NAME_LIMIT] if value else None
+
+
+_name = capped
 
 
 class FailedJob(View):
@@ -66,13 +71,16 @@ class BuildView(View):
     number: int = Field(description="The build's number in its pipeline.")
     state: str = Field(description="Buildkite's state: scheduled, running, passed, failed, ...")
     blocked: bool = Field(description="True while the build waits on a block step.")
-    branch: str | None = Field(default=None, description="The branch built.")
+    branch: str | None = Field(
+        default=None,
+        description="The branch built (untrusted: named by whoever pushed it; cut to 200).",
+    )
     commit: str | None = Field(default=None, description="The commit built (a SHA, or HEAD).")
     web_url: str = Field(description="The build in Buildkite.")
     created_by: str | None = Field(
         default=None,
         description="Who asked for it through the bot (a Slack user id, or agent:<name>), else "
-        "the Buildkite user who created it.",
+        "the Buildkite user who created it (untrusted: a name they chose; cut to 200).",
     )
     message: Untrusted | None = Field(default=None, description="The build's message.")
     failed_jobs: list[FailedJob] = Field(
@@ -84,16 +92,25 @@ class BuildView(View):
     )
 
 
-def build_view(pipeline: str, build: Build, *, log_tail: str | None = None) -> BuildView:
-    requested = build.meta_data.get("chatops_requested_by")
+def build_view(
+    pipeline: str,
+    build: Build,
+    *,
+    log_tail: str | None = None,
+    requested_by: str | None = None,
+) -> BuildView:
+    """`requested_by`: who asked the bot for it, as the bot knows it. Never the build's
+    `chatops_requested_by` meta-data, which any job of the build can set to anyone's id."""
+    requested = requested_by
     person = build.creator or build.author
     return BuildView(
         pipeline=pipeline,
         number=build.number,
         state=build.state.value,
         blocked=build.is_waiting_on_block and not build.is_final,
-        branch=build.branch,
-        commit=build.commit,
+        # Written by whoever pushed: capped and stripped like a name (the schema says so).
+        branch=_name(build.branch),
+        commit=_name(build.commit),
         web_url=build.web_url,
         created_by=_name(requested) or _name(person.name if person else None),
         message=untrusted(build.message, MESSAGE_LIMIT),

@@ -121,13 +121,14 @@ class Actions:
         except RedisError:
             raise UserError(TRACKING_DOWN) from None
         if lock and lock.user != actor.user_id and build is not None:
+            # Who asked for it, as the bot recorded it when it started the build: never the
+            # build's meta-data, which any of its jobs (or whoever creates a build in
+            # Buildkite) can set to the lock holder's id.
             try:
-                current = await self.s.buildkite.get_build(build.pipeline, build.number)
-            except BuildkiteError as exc:
-                raise UserError(
-                    explain(exc, action=action, pipeline=build.pipeline, number=build.number)
-                ) from None
-            if current.meta_data.get("chatops_requested_by") == lock.user:
+                tracked = await self.s.store.find(build.pipeline, build.number)
+            except RedisError:
+                raise UserError(TRACKING_DOWN) from None
+            if tracked is not None and lock.user in {t.requester for t in tracked.targets}:
                 return
         if lock and lock.user != actor.user_id:
             await self._audit(

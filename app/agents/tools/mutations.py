@@ -42,14 +42,15 @@ async def deploy(ctx: Context, args: DeployArgs) -> MutationResult:
     if isinstance(outcome, NeedsConfirmation):
         # An agent confirms nothing for itself: its plan goes to a person for approval.
         outcome = await deploys.confirm(request_id_for("deploy", ctx.trigger), actor)
-    return _mutation(args.pipeline, outcome)
+    return _mutation(ctx, args.pipeline, outcome)
 
 
 def _mutation(
-    pipeline: str, outcome: Started | NeedsConfirmation | AwaitingApproval
+    ctx: Context, pipeline: str, outcome: Started | NeedsConfirmation | AwaitingApproval
 ) -> MutationResult:
     if isinstance(outcome, Started):
-        return MutationResult(status="started", build=build_view(pipeline, outcome.build))
+        view = build_view(pipeline, outcome.build, requested_by=ctx.agent.user_id)
+        return MutationResult(status="started", build=view)
     if isinstance(outcome, AwaitingApproval):
         return MutationResult(status="awaiting_approval", request_id=outcome.approval_id)
     raise Refused("The pipeline asks for a confirmation the bot could not turn into a request.")
@@ -81,8 +82,8 @@ async def rebuild_build(ctx: Context, args: BuildArgs) -> MutationResult:
     )
     if isinstance(outcome, NeedsConfirmation):
         confirmed = await actions.deploys.confirm(request_id_for("rebuild", ctx.trigger), actor)
-        return _mutation(args.pipeline, confirmed)
-    return _mutation(args.pipeline, outcome)
+        return _mutation(ctx, args.pipeline, confirmed)
+    return _mutation(ctx, args.pipeline, outcome)
 
 
 async def retry_failed_jobs(ctx: Context, args: BuildArgs) -> MutationResult:

@@ -28,6 +28,7 @@ from app.agents.views import (
     ListPipelinesResult,
     WhoAmIResult,
     build_view,
+    capped,
     health_view,
     pipeline_view,
     plain_sentence,
@@ -86,7 +87,15 @@ async def get_build(ctx: Context, args: GetBuildArgs) -> GetBuildResult:
             tail = None  # the token lacks read_build_logs: the rest still answers
         except BuildkiteError:
             tail = None
-    result = GetBuildResult(build=build_view(args.pipeline, build, log_tail=tail))
+    tracked = None
+    with contextlib.suppress(RedisError):
+        tracked = await ctx.services.store.find(args.pipeline, args.number)
+    requester = (
+        next((t.requester for t in tracked.targets if t.requester), None) if tracked else None
+    )
+    result = GetBuildResult(
+        build=build_view(args.pipeline, build, log_tail=tail, requested_by=requester)
+    )
     await keep(ctx, what, result.model_dump_json(), ctx.services.tuning.agents.read_cache)
     return result
 
@@ -134,9 +143,9 @@ async def list_agents(ctx: Context, args: ListAgentsArgs) -> ListAgentsResult:
     result = ListAgentsResult(
         agents=[
             AgentView(
-                name=row.name,
-                queue=row.queue,
-                version=row.version,
+                name=capped(row.name),
+                queue=capped(row.queue),
+                version=capped(row.version),
                 web_url=row.web_url,
                 job=untrusted(row.job_name, 200),
             )
