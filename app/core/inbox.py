@@ -41,6 +41,7 @@ from app.slack.render.home import NO_QUIET, HomeApproval, HomeBuild, HomeContent
 from app.slack.render.texts import TRACKING_DOWN
 from app.slack.render.unblock import unblock_freeform_modal, unblock_modal
 from app.storage.inbox import DmMode, DmPrefs
+from app.storage.keys import HOME_BUILDS_KEPT
 from app.storage.records import (
     ApprovalStatus,
     MessageTarget,
@@ -319,9 +320,21 @@ class HomeActions:
         except RedisError:
             raise UserError(TRACKING_DOWN) from None
         target = home_channel(tracked, str(user["id"])) if tracked is not None else None
-        if target is None:
+        if tracked is None or target is None:
             raise UserError(home_texts.build_gone(ref.pipeline, ref.number))
+        if not await self._in_home(tracked, str(user["id"])):
+            # A value the Home never showed this person (forged, or another person's Home): the
+            # build's message is where others act on it, among the people of its channel.
+            raise UserError(home_texts.not_yours(ref.pipeline, ref.number))
         return Actor.from_user(user, target.channel), target.reply_thread
+
+    async def _in_home(self, tracked: TrackedBuild, user: str) -> bool:
+        if any(t.requester == user for t in tracked.targets):
+            return True
+        try:
+            return tracked.build_id in await self.s.store.home_build_ids(user, HOME_BUILDS_KEPT)
+        except RedisError:
+            raise UserError(TRACKING_DOWN) from None
 
     async def cancel(self, ref: BuildRef, user: Mapping[str, Any]) -> Done:
         actor, _ = await self._on_message(ref, user)
