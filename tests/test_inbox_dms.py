@@ -166,3 +166,47 @@ def clock_of(slack: FakeSlack) -> float:
     """When the DM was posted, as the process that died would have noted it."""
     (call,) = slack.posts("D0USER")
     return float(json.loads(json.dumps(call.response["ts"])))
+
+
+GONE = "U0GONE"  # a person Slack will never let the bot DM (deactivated: user_not_found)
+
+
+async def test_a_summary_slack_refuses_for_good_is_dropped_and_the_others_still_go(
+    bot: BotClient, slack: FakeSlack, redis_client: Any, clock: Clock
+) -> None:
+    assert bot.services.dms is not None
+    store = bot.services.store
+    now = clock()
+    await store.hold_dm(GONE, "dm:a", "web #1 failed", until=now - 20, now=now - 3600)
+    await store.hold_dm(BOB, "dm:b", "web #2 failed", until=now - 10, now=now - 3600)
+    assert await bot.services.dms.send_due_summaries() == 1
+    (summary,) = dms(slack, BOB)
+    assert "web #2" in summary
+    # Not tried again on every sweep: the held lines and the due entry are gone.
+    assert await redis_client.exists("{bkchatops}:dm:held:U0GONE") == 0
+    assert await redis_client.zrange("{bkchatops}:dm:due", 0, -1) == []
+    assert await bot.services.dms.send_due_summaries() == 0
+
+
+async def test_a_dm_failing_for_now_is_retried_even_when_another_fails_for_good(
+    bot: BotClient, slack: FakeSlack, redis_client: Any
+) -> None:
+    from app.slack.outbox import SlackDeliveryError
+
+    await set_prefs(redis_client, ALICE, DmPrefs(mode=DmMode.OFF))
+    number = await deploy_and_finish(bot, ALICE, "failed")
+    await set_prefs(redis_client, ALICE, DmPrefs(mode=DmMode.FAILURES))
+    tracked = await bot.services.store.find("web", number)
+    assert tracked is not None and bot.services.dms is not None
+    gone = tracked.targets[0].model_copy(update={"requester": GONE, "channel": "C0OTHER"})
+    both = tracked.model_copy(update={"targets": [gone, *tracked.targets]})
+    slack.fail_next("chat.postMessage", "internal_error", status=200, n=3)  # Alice's, for now
+    with pytest.raises(SlackDeliveryError) as raised:
+        await bot.services.dms.on_change(both, Build.model_validate(tracked.snapshot))
+    # The notifier retries a transition only for a failure that is not permanent.
+    assert not raised.value.permanent
+    assert dms(slack, ALICE) == []
+    with pytest.raises(SlackDeliveryError) as raised:  # told again: Alice's goes this time
+        await bot.services.dms.on_change(both, Build.model_validate(tracked.snapshot))
+    assert raised.value.permanent  # only the DM Slack refuses for good is left: given up on
+    assert len(dms(slack, ALICE)) == 1

@@ -519,8 +519,11 @@ class DirectMessages:
 
         results = await asyncio.gather(*(tell(u) for u in people), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
-            raise failed[0]
+        # A failure worth trying again goes first: the notifier gives up on a permanent one, and
+        # would then never send the DMs that failed only for now (those sent are not sent again).
+        retried = [r for r in failed if not (isinstance(r, SlackDeliveryError) and r.permanent)]
+        if retried or failed:
+            raise (retried or failed)[0]
 
     async def _tell(self, user: str, tracked: TrackedBuild, build: Build, line: str) -> None:
         prefs = await self.store.dm_prefs(user)
@@ -571,7 +574,16 @@ class DirectMessages:
             lines = await self.store.held_dms(user)
             prefs = await self.store.dm_prefs(user)
             if lines and prefs.mode is not DmMode.OFF and not await self.store.dm_done(key):
-                await self.send(user, summary_dm(lines), key=key, exclusive=True)
+                try:
+                    await self.send(user, summary_dm(lines), key=key, exclusive=True)
+                except SlackDeliveryError as exc:
+                    if not exc.permanent:
+                        continue  # kept for the next sweep; the others' summaries still go
+                    # A person Slack will never let the bot DM (deactivated, a bot, DMs off):
+                    # their summary is dropped rather than tried on every sweep forever.
+                    log.warning("dropped the quiet-hours summary of %s: %s", user, exc.error)
+                    await self.store.clear_held_dms(user, due)
+                    continue
                 if not await self.store.dm_done(key):
                     continue  # another process is sending it: it clears them
                 sent += 1
