@@ -378,3 +378,18 @@ async def test_a_home_click_on_a_build_outside_the_persons_home_does_nothing(
     assert bk.requests_to("PUT") == []
     (notice,) = slack.calls_to("views.open")
     assert "not in your Home" in json.dumps(notice.args["view"])
+
+
+@pytest.mark.parametrize("forged", ["²", "٣", "007", "24", "-1", " 7", "", "none7"])
+async def test_a_forged_quiet_hour_is_answered_and_saves_nothing(
+    bot: BotClient, slack: FakeSlack, redis_client: Any, forged: str
+) -> None:
+    view = await open_home(bot, ALICE)
+    payload = slack_requests.home_action_payload(view, "home_quiet_from", selected="22")
+    payload["actions"][0]["selected_option"]["value"] = forged
+    body, headers = slack_requests.interactive(payload, signing_secret=SIGNING_SECRET)
+    assert (await bot.post_slack(body, headers)).status == 200
+    await settled(bot)
+    assert await redis_client.get("{bkchatops}:prefs:U0USER") is None
+    (notice,) = slack.calls_to("views.open")
+    assert "view" in notice.args
