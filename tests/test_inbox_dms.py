@@ -210,3 +210,35 @@ async def test_a_dm_failing_for_now_is_retried_even_when_another_fails_for_good(
         await bot.services.dms.on_change(both, Build.model_validate(tracked.snapshot))
     assert raised.value.permanent  # only the DM Slack refuses for good is left: given up on
     assert len(dms(slack, ALICE)) == 1
+
+
+@pytest.mark.parametrize(
+    ("missing", "method", "args"),
+    [
+        ("im:history", "conversations.history", {"channel": "D0USER"}),
+        ("channels:history", "conversations.history", {"channel": CHANNEL}),
+        ("channels:history", "conversations.replies", {"channel": CHANNEL, "ts": "1.1"}),
+        ("users:read", "users.info", {"user": BOB}),
+        ("users:read.email", "users.lookupByEmail", {"email": "bob@example.com"}),
+    ],
+)
+async def test_the_fake_refuses_what_slack_refuses_without_the_scope(
+    bot: BotClient, slack: FakeSlack, missing: str, method: str, args: dict[str, str]
+) -> None:
+    # The DM look-up after a crash reads the DM's history: that is what im:history is for.
+    from slack_sdk.errors import SlackApiError
+
+    await bot.services.outbox.open_dm(ALICE)
+    slack.add_message(CHANNEL, "hello", user=ALICE)
+    slack.scopes = slack.scopes - {missing}
+    with pytest.raises(SlackApiError) as refused:
+        await bot.services.outbox.client.api_call(method, http_verb="GET", params=args)
+    assert refused.value.response["error"] == "missing_scope"
+
+
+async def test_the_fake_leaves_the_email_out_without_users_read_email(
+    bot: BotClient, slack: FakeSlack
+) -> None:
+    slack.scopes = slack.scopes - {"users:read.email"}
+    info = await bot.services.outbox.client.users_info(user=BOB)
+    assert info["user"]["id"] == BOB and "email" not in info["user"]["profile"]
