@@ -177,10 +177,11 @@ async def test_a_summary_slack_refuses_for_good_is_dropped_and_the_others_still_
     assert bot.services.dms is not None
     store = bot.services.store
     now = clock()
-    await store.hold_dm(GONE, "dm:a", "web #1 failed", until=now - 20, now=now - 3600)
-    await store.hold_dm(BOB, "dm:b", "web #2 failed", until=now - 10, now=now - 3600)
-    assert await bot.services.dms.send_due_summaries() == 1
-    (summary,) = dms(slack, BOB)
+    await store.hold_dm(GONE, "dm:a", "web #1 failed", until=now + 50, now=now)
+    await store.hold_dm(BOB, "dm:b", "web #2 failed", until=now + 60, now=now)
+    clock.now = now + 120
+    await bot.services.dms.send_due_summaries()  # or the bot's own sweep, meanwhile
+    (summary,) = await slack.wait_for(lambda: dms(slack, BOB))
     assert "web #2" in summary
     # Not tried again on every sweep: the held lines and the due entry are gone.
     assert await redis_client.exists("{bkchatops}:dm:held:U0GONE") == 0
@@ -242,3 +243,23 @@ async def test_the_fake_leaves_the_email_out_without_users_read_email(
     slack.scopes = slack.scopes - {"users:read.email"}
     info = await bot.services.outbox.client.users_info(user=BOB)
     assert info["user"]["id"] == BOB and "email" not in info["user"]["profile"]
+
+
+async def test_a_long_summary_shows_whole_lines_and_counts_the_rest(
+    bot: BotClient, slack: FakeSlack, clock: Clock
+) -> None:
+    assert bot.services.dms is not None
+    now = clock()
+    link = "<https://buildkite.com/acme/web/builds/{n}|web #{n}>"
+    for n in range(1, 31):
+        line = f":x: {link.format(n=n)} failed (`{'b' * 100}`)"
+        await bot.services.store.hold_dm(BOB, f"dm:{n}", line, until=now + 60, now=now + n)
+    clock.now = now + 120  # due now, all of them held (the bot's own sweep runs meanwhile)
+    await bot.services.dms.send_due_summaries()  # or the bot's own sweep, meanwhile
+    (summary,) = await slack.wait_for(lambda: dms(slack, BOB))
+    body = summary.split("\n")
+    shown = [line for line in body[1:] if line.startswith("• ")]
+    assert 10 < len(shown) < 30
+    for line in shown:  # every link whole: as many opened as closed
+        assert line.count("<") == line.count(">") == 1 and line.endswith("`)")
+    assert body[-1] == f"…and {30 - len(shown)} more."
