@@ -263,3 +263,22 @@ async def test_a_long_summary_shows_whole_lines_and_counts_the_rest(
     for line in shown:  # every link whole: as many opened as closed
         assert line.count("<") == line.count(">") == 1 and line.endswith("`)")
     assert body[-1] == f"…and {30 - len(shown)} more."
+
+
+async def test_a_dm_held_while_its_summary_is_sent_is_not_lost(
+    bot: BotClient, slack: FakeSlack, redis_client: Any, clock: Clock
+) -> None:
+    assert bot.services.dms is not None
+    store = bot.services.store
+    now = clock()
+    await store.hold_dm(BOB, "dm:1", "web #1 failed", until=now + 60, now=now)
+    held = await store.held_dms(BOB)
+    # Another replica holds one more between this sweep's read and its clearing.
+    await store.hold_dm(BOB, "dm:2", "web #2 failed", until=now + 60, now=now + 1)
+    assert await store.clear_held_dms(BOB, [field for field, _ in held]) == 1
+    clock.now = now + 120
+    await bot.services.dms.send_due_summaries()
+    (summary,) = await slack.wait_for(lambda: dms(slack, BOB))
+    assert "web #2" in summary and "web #1" not in summary
+    assert await redis_client.exists("{bkchatops}:dm:held:U0BOB") == 0
+    assert await redis_client.zrange("{bkchatops}:dm:due", 0, -1) == []

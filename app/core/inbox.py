@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -571,8 +572,11 @@ class DirectMessages:
         """Send each summary whose quiet hours ended; returns how many were sent."""
         sent = 0
         for user, due in await self.store.due_summaries(self.clock()):
-            key = f"dm-summary:{user}:{int(due)}"
-            lines = await self.store.held_dms(user)
+            held = await self.store.held_dms(user)
+            fields, lines = [f for f, _ in held], [line for _, line in held]
+            # Named by its oldest DM too: those held while it was sent get a summary of their own.
+            oldest = hashlib.sha256(fields[0].encode()).hexdigest()[:12] if fields else "-"
+            key = f"dm-summary:{user}:{int(due)}:{oldest}"
             prefs = await self.store.dm_prefs(user)
             if lines and prefs.mode is not DmMode.OFF and not await self.store.dm_done(key):
                 try:
@@ -583,12 +587,12 @@ class DirectMessages:
                     # A person Slack will never let the bot DM (deactivated, a bot, DMs off):
                     # their summary is dropped rather than tried on every sweep forever.
                     log.warning("dropped the quiet-hours summary of %s: %s", user, exc.error)
-                    await self.store.clear_held_dms(user, due)
+                    await self.store.clear_held_dms(user, fields)
                     continue
                 if not await self.store.dm_done(key):
                     continue  # another process is sending it: it clears them
                 sent += 1
-            await self.store.clear_held_dms(user, due)
+            await self.store.clear_held_dms(user, fields)
         return sent
 
     async def run(self, stop: asyncio.Event, interval: float) -> None:
