@@ -282,3 +282,14 @@ async def test_a_dm_held_while_its_summary_is_sent_is_not_lost(
     assert "web #2" in summary and "web #1" not in summary
     assert await redis_client.exists("{bkchatops}:dm:held:U0BOB") == 0
     assert await redis_client.zrange("{bkchatops}:dm:due", 0, -1) == []
+
+
+@pytest.mark.parametrize("tz", ["America", "Etc", "a" * 300, "../../etc/passwd", "Mars/Base"])
+async def test_a_timezone_slack_gives_that_is_no_zone_counts_as_utc(
+    bot: BotClient, slack: FakeSlack, redis_client: Any, tz: str
+) -> None:
+    slack.users[ALICE]["tz"] = tz
+    # 12:00 in New York is 17:00 UTC: outside 22:00-07:00, so the DM goes at once.
+    await set_prefs(redis_client, ALICE, DmPrefs(quiet_from=22, quiet_to=7))
+    await deploy_and_finish(bot, ALICE, "failed")
+    assert len(dms(slack, ALICE)) == 1

@@ -462,7 +462,9 @@ def quiet_until(prefs: DmPrefs, timezone: str | None, now: float) -> float | Non
         return None
     try:
         zone: tzinfo = ZoneInfo(timezone) if timezone else UTC
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        # users.info is read generously: "America" is a directory of tzdata (IsADirectoryError),
+        # a very long name too long a file name (OSError); such a timezone counts as UTC.
         zone = UTC
     local = datetime.fromtimestamp(now, zone)
     hour = local.hour
