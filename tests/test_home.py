@@ -342,3 +342,54 @@ async def test_a_rate_limited_publish_waits_out_retry_after(
     calls = slack.calls_to("views.publish")
     assert [c.status for c in calls] == [429, 200]  # sent again, once Retry-After passed
     assert slack.home_views[ALICE]["type"] == "home"
+
+
+async def forged_click(bot: BotClient, view: dict[str, Any], action_id: str, user: str) -> None:
+    """`user` sends a click on a button of someone else's Home (a value they never saw)."""
+    payload = slack_requests.home_action_payload(view, action_id, user_id=user)
+    body, headers = slack_requests.interactive(payload, signing_secret=SIGNING_SECRET)
+    assert (await bot.post_slack(body, headers)).status == 200
+    await settled(bot)
+
+
+async def test_an_approve_forged_by_someone_who_may_not_decide_it_does_nothing(
+    bot: BotClient, slack: FakeSlack, bk: FakeBuildkite
+) -> None:
+    await _request_approval(bot)
+    bobs = await open_home(bot, BOB)
+    await open_home(bot, CAROL)
+    assert "home_approve" not in actions_of(slack.home_views[CAROL])
+    await forged_click(bot, bobs, "home_approve", CAROL)
+    await forged_click(bot, bobs, "home_approve", ALICE)  # the requester may not approve either
+    assert bk.requests_to("POST", "/organizations/acme/pipelines/prod/builds") == []
+    assert len(slack.calls_to("views.open")) == 2  # each told why
+
+
+async def test_a_home_click_on_a_build_outside_the_persons_home_does_nothing(
+    bot: BotClient, slack: FakeSlack, bk: FakeBuildkite
+) -> None:
+    # Bob may cancel web builds from their messages, in channels he is in; his Home is his
+    # own builds only, and a value naming someone else's build is not one it showed him.
+    await deploy(bot, "web", ALICE)
+    await move(bot, "web", 1, "running")
+    alices = await open_home(bot, ALICE)
+    await open_home(bot, BOB)
+    await forged_click(bot, alices, "home_cancel", BOB)
+    assert bk.requests_to("PUT") == []
+    (notice,) = slack.calls_to("views.open")
+    assert "not in your Home" in json.dumps(notice.args["view"])
+
+
+@pytest.mark.parametrize("forged", ["²", "٣", "007", "24", "-1", " 7", "", "none7"])
+async def test_a_forged_quiet_hour_is_answered_and_saves_nothing(
+    bot: BotClient, slack: FakeSlack, redis_client: Any, forged: str
+) -> None:
+    view = await open_home(bot, ALICE)
+    payload = slack_requests.home_action_payload(view, "home_quiet_from", selected="22")
+    payload["actions"][0]["selected_option"]["value"] = forged
+    body, headers = slack_requests.interactive(payload, signing_secret=SIGNING_SECRET)
+    assert (await bot.post_slack(body, headers)).status == 200
+    await settled(bot)
+    assert await redis_client.get("{bkchatops}:prefs:U0USER") is None
+    (notice,) = slack.calls_to("views.open")
+    assert "view" in notice.args

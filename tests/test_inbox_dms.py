@@ -166,3 +166,130 @@ def clock_of(slack: FakeSlack) -> float:
     """When the DM was posted, as the process that died would have noted it."""
     (call,) = slack.posts("D0USER")
     return float(json.loads(json.dumps(call.response["ts"])))
+
+
+GONE = "U0GONE"  # a person Slack will never let the bot DM (deactivated: user_not_found)
+
+
+async def test_a_summary_slack_refuses_for_good_is_dropped_and_the_others_still_go(
+    bot: BotClient, slack: FakeSlack, redis_client: Any, clock: Clock
+) -> None:
+    assert bot.services.dms is not None
+    store = bot.services.store
+    now = clock()
+    await store.hold_dm(GONE, "dm:a", "web #1 failed", until=now + 50, now=now)
+    await store.hold_dm(BOB, "dm:b", "web #2 failed", until=now + 60, now=now)
+    clock.now = now + 120
+    await bot.services.dms.send_due_summaries()  # or the bot's own sweep, meanwhile
+    (summary,) = await slack.wait_for(lambda: dms(slack, BOB))
+    assert "web #2" in summary
+    # Not tried again on every sweep: the held lines and the due entry are gone.
+    assert await redis_client.exists("{bkchatops}:dm:held:U0GONE") == 0
+    assert await redis_client.zrange("{bkchatops}:dm:due", 0, -1) == []
+    assert await bot.services.dms.send_due_summaries() == 0
+
+
+async def test_a_dm_failing_for_now_is_retried_even_when_another_fails_for_good(
+    bot: BotClient, slack: FakeSlack, redis_client: Any
+) -> None:
+    from app.slack.outbox import SlackDeliveryError
+
+    await set_prefs(redis_client, ALICE, DmPrefs(mode=DmMode.OFF))
+    number = await deploy_and_finish(bot, ALICE, "failed")
+    await set_prefs(redis_client, ALICE, DmPrefs(mode=DmMode.FAILURES))
+    tracked = await bot.services.store.find("web", number)
+    assert tracked is not None and bot.services.dms is not None
+    gone = tracked.targets[0].model_copy(update={"requester": GONE, "channel": "C0OTHER"})
+    both = tracked.model_copy(update={"targets": [gone, *tracked.targets]})
+    slack.fail_next("chat.postMessage", "internal_error", status=200, n=3)  # Alice's, for now
+    with pytest.raises(SlackDeliveryError) as raised:
+        await bot.services.dms.on_change(both, Build.model_validate(tracked.snapshot))
+    # The notifier retries a transition only for a failure that is not permanent.
+    assert not raised.value.permanent
+    assert dms(slack, ALICE) == []
+    with pytest.raises(SlackDeliveryError) as raised:  # told again: Alice's goes this time
+        await bot.services.dms.on_change(both, Build.model_validate(tracked.snapshot))
+    assert raised.value.permanent  # only the DM Slack refuses for good is left: given up on
+    assert len(dms(slack, ALICE)) == 1
+
+
+@pytest.mark.parametrize(
+    ("missing", "method", "args"),
+    [
+        ("im:history", "conversations.history", {"channel": "D0USER"}),
+        ("channels:history", "conversations.history", {"channel": CHANNEL}),
+        ("channels:history", "conversations.replies", {"channel": CHANNEL, "ts": "1.1"}),
+        ("users:read", "users.info", {"user": BOB}),
+        ("users:read.email", "users.lookupByEmail", {"email": "bob@example.com"}),
+    ],
+)
+async def test_the_fake_refuses_what_slack_refuses_without_the_scope(
+    bot: BotClient, slack: FakeSlack, missing: str, method: str, args: dict[str, str]
+) -> None:
+    # The DM look-up after a crash reads the DM's history: that is what im:history is for.
+    from slack_sdk.errors import SlackApiError
+
+    await bot.services.outbox.open_dm(ALICE)
+    slack.add_message(CHANNEL, "hello", user=ALICE)
+    slack.scopes = slack.scopes - {missing}
+    with pytest.raises(SlackApiError) as refused:
+        await bot.services.outbox.client.api_call(method, http_verb="GET", params=args)
+    assert refused.value.response["error"] == "missing_scope"
+
+
+async def test_the_fake_leaves_the_email_out_without_users_read_email(
+    bot: BotClient, slack: FakeSlack
+) -> None:
+    slack.scopes = slack.scopes - {"users:read.email"}
+    info = await bot.services.outbox.client.users_info(user=BOB)
+    assert info["user"]["id"] == BOB and "email" not in info["user"]["profile"]
+
+
+async def test_a_long_summary_shows_whole_lines_and_counts_the_rest(
+    bot: BotClient, slack: FakeSlack, clock: Clock
+) -> None:
+    assert bot.services.dms is not None
+    now = clock()
+    link = "<https://buildkite.com/acme/web/builds/{n}|web #{n}>"
+    for n in range(1, 31):
+        line = f":x: {link.format(n=n)} failed (`{'b' * 100}`)"
+        await bot.services.store.hold_dm(BOB, f"dm:{n}", line, until=now + 60, now=now + n)
+    clock.now = now + 120  # due now, all of them held (the bot's own sweep runs meanwhile)
+    await bot.services.dms.send_due_summaries()  # or the bot's own sweep, meanwhile
+    (summary,) = await slack.wait_for(lambda: dms(slack, BOB))
+    body = summary.split("\n")
+    shown = [line for line in body[1:] if line.startswith("• ")]
+    assert 10 < len(shown) < 30
+    for line in shown:  # every link whole: as many opened as closed
+        assert line.count("<") == line.count(">") == 1 and line.endswith("`)")
+    assert body[-1] == f"…and {30 - len(shown)} more."
+
+
+async def test_a_dm_held_while_its_summary_is_sent_is_not_lost(
+    bot: BotClient, slack: FakeSlack, redis_client: Any, clock: Clock
+) -> None:
+    assert bot.services.dms is not None
+    store = bot.services.store
+    now = clock()
+    await store.hold_dm(BOB, "dm:1", "web #1 failed", until=now + 60, now=now)
+    held = await store.held_dms(BOB)
+    # Another replica holds one more between this sweep's read and its clearing.
+    await store.hold_dm(BOB, "dm:2", "web #2 failed", until=now + 60, now=now + 1)
+    assert await store.clear_held_dms(BOB, [field for field, _ in held]) == 1
+    clock.now = now + 120
+    await bot.services.dms.send_due_summaries()
+    (summary,) = await slack.wait_for(lambda: dms(slack, BOB))
+    assert "web #2" in summary and "web #1" not in summary
+    assert await redis_client.exists("{bkchatops}:dm:held:U0BOB") == 0
+    assert await redis_client.zrange("{bkchatops}:dm:due", 0, -1) == []
+
+
+@pytest.mark.parametrize("tz", ["America", "Etc", "a" * 300, "../../etc/passwd", "Mars/Base"])
+async def test_a_timezone_slack_gives_that_is_no_zone_counts_as_utc(
+    bot: BotClient, slack: FakeSlack, redis_client: Any, tz: str
+) -> None:
+    slack.users[ALICE]["tz"] = tz
+    # 12:00 in New York is 17:00 UTC: outside 22:00-07:00, so the DM goes at once.
+    await set_prefs(redis_client, ALICE, DmPrefs(quiet_from=22, quiet_to=7))
+    await deploy_and_finish(bot, ALICE, "failed")
+    assert len(dms(slack, ALICE)) == 1

@@ -326,3 +326,51 @@ async def test_a_retried_event_over_socket_mode_does_nothing_twice(
         await slack.socket_send("events_api", payload, retry_attempt=1, retry_reason="timeout")
         await bot.settled()
         assert len(thread_posts(slack, ts)) == 1
+
+
+async def test_a_thread_under_someone_elses_message_linking_a_followed_build_is_no_build_thread(
+    bot: BotClient, slack: FakeSlack, bk: FakeBuildkite
+) -> None:
+    # Bob's message copies the bot's build message, link and all: the build's record names
+    # the bot's own message (and its thread) only, so a cancel under Bob's does nothing.
+    root = await deploy(bot, "web")
+    await move(bot, "web", "running")
+    copied = slack.messages[CHANNEL][root]
+    forged = slack.add_message(CHANNEL, str(copied.get("text")), user=BOB)
+    slack.messages[CHANNEL][forged]["blocks"] = copied.get("blocks")
+    await mention(bot, "cancel", thread_ts=forged)
+    assert bk.requests_to("PUT") == []
+    (answer,) = thread_posts(slack, forged)
+    assert "in a build's thread" in answer.args["text"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"bot_id": "B0BOT"},  # the bot itself: its own answers must never loop
+        {"bot_id": "B0OTHER", "user": "U0OTHERBOT"},  # another bot
+        {"subtype": "message_changed"},  # an edit
+        {"subtype": "bot_message"},
+    ],
+)
+async def test_mentions_from_bots_and_edits_are_never_commands(
+    bot: BotClient, slack: FakeSlack, bk: FakeBuildkite, extra: dict[str, Any]
+) -> None:
+    root = await deploy(bot, "web")
+    await move(bot, "web", "running")
+    posts = len(slack.posts(CHANNEL))
+    ts = slack.add_message(CHANNEL, "<@U0BOT> cancel", thread_ts=root, user=ALICE)
+    event = {
+        "type": "app_mention",
+        "user": ALICE,
+        "text": "<@U0BOT> cancel",
+        "ts": ts,
+        "channel": CHANNEL,
+        "thread_ts": root,
+        **extra,
+    }
+    body, headers = slack_requests.event_callback(event, signing_secret=SIGNING_SECRET)
+    assert (await bot.post_slack(body, headers)).status == 200
+    await bot.settled()
+    assert bk.requests_to("PUT") == []
+    assert len(slack.posts(CHANNEL)) == posts and slack.calls_to("chat.postEphemeral") == []

@@ -276,3 +276,51 @@ async def test_a_followed_builds_card_is_unfurled_again_as_it_moves_on(
     assert buttons(unfurls[2].args["unfurls"][url])[:1] == ["build_rebuild"]
     # Final: nothing is kept to unfurl again.
     assert [k async for k in redis_client.scan_iter(match="{bkchatops}:unfurls:*")] == []
+
+
+async def test_a_message_of_many_build_links_costs_at_most_three_buildkite_requests(
+    bot: BotClient, slack: FakeSlack, bk: FakeBuildkite
+) -> None:
+    # Links to builds that do not exist find no card: they must still count against the bound,
+    # or a message of 20 such links would cost 20 requests.
+    bk.add_build("web", state="passed")
+    urls = [URL.format("web", n) for n in range(500, 520)]
+    await send_event(bot, slack.share_links(CHANNEL, ALICE, urls))
+    assert len(buildkite_reads(bk)) == 3
+    assert [c for c in slack.calls_to("chat.unfurl") if c.ok] == []
+
+
+async def test_two_links_to_one_build_cost_one_request_and_both_unfurl(
+    bot: BotClient, slack: FakeSlack, bk: FakeBuildkite
+) -> None:
+    bk.add_build("web", state="passed")
+    urls = [URL.format("web", 1), URL.format("web", 1) + "#job-1", URL.format("web", 1) + "/"]
+    await send_event(bot, slack.share_links(CHANNEL, ALICE, urls))
+    assert len(buildkite_reads(bk)) == 1
+    (call,) = [c for c in slack.calls_to("chat.unfurl") if c.ok]
+    assert set(call.args["unfurls"]) == set(urls)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://buildkite.com/acme/web/builds/1",  # not https
+        "https://buildkite.com.evil.com/acme/web/builds/1",
+        "https://evil.buildkite.com/acme/web/builds/1",
+        "https://user@buildkite.com/acme/web/builds/1",  # userinfo
+        "https://buildkite.com:8443/acme/web/builds/1",
+        "https://buildkite.com/other-org/x/builds/9?next=https://buildkite.com/acme/web/builds/1",
+        "https://buildkite.com/acme/w%65b/builds/1",  # percent-encoded
+        "https://buildkite.com/acme/web/builds/1abc",  # trailing junk
+        "https://buildkite.com/acme/web/builds/1/../../other/builds/1",
+        "https://buildkite.com/acme/web/builds/99999999999999999999",  # huge
+        "https://buildkite.com/acme/web/builds/0",
+    ],
+)
+async def test_links_that_only_look_like_a_build_of_the_org_are_left_alone(
+    bot: BotClient, slack: FakeSlack, bk: FakeBuildkite, url: str
+) -> None:
+    bk.add_build("web", state="passed")
+    await send_event(bot, slack.share_links(CHANNEL, ALICE, [url]))
+    assert buildkite_reads(bk) == []
+    assert slack.calls_to("chat.unfurl") == []

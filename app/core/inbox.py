@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -41,6 +42,7 @@ from app.slack.render.home import NO_QUIET, HomeApproval, HomeBuild, HomeContent
 from app.slack.render.texts import TRACKING_DOWN
 from app.slack.render.unblock import unblock_freeform_modal, unblock_modal
 from app.storage.inbox import DmMode, DmPrefs
+from app.storage.keys import HOME_BUILDS_KEPT
 from app.storage.records import (
     ApprovalStatus,
     MessageTarget,
@@ -319,9 +321,21 @@ class HomeActions:
         except RedisError:
             raise UserError(TRACKING_DOWN) from None
         target = home_channel(tracked, str(user["id"])) if tracked is not None else None
-        if target is None:
+        if tracked is None or target is None:
             raise UserError(home_texts.build_gone(ref.pipeline, ref.number))
+        if not await self._in_home(tracked, str(user["id"])):
+            # A value the Home never showed this person (forged, or another person's Home): the
+            # build's message is where others act on it, among the people of its channel.
+            raise UserError(home_texts.not_yours(ref.pipeline, ref.number))
         return Actor.from_user(user, target.channel), target.reply_thread
+
+    async def _in_home(self, tracked: TrackedBuild, user: str) -> bool:
+        if any(t.requester == user for t in tracked.targets):
+            return True
+        try:
+            return tracked.build_id in await self.s.store.home_build_ids(user, HOME_BUILDS_KEPT)
+        except RedisError:
+            raise UserError(TRACKING_DOWN) from None
 
     async def cancel(self, ref: BuildRef, user: Mapping[str, Any]) -> Done:
         actor, _ = await self._on_message(ref, user)
@@ -424,7 +438,8 @@ class HomeActions:
         prefs = await self.s.store.dm_prefs(user)
         if hour == NO_QUIET:
             update: dict[str, int | None] = {"quiet_from": None, "quiet_to": None}
-        elif hour.isascii() and hour.isdigit() and 0 <= int(hour) <= 23:
+        elif hour.isascii() and hour.isdigit() and len(hour) <= 2 and int(hour) <= 23:
+            # isascii: "²" is a digit to str.isdigit() that int() refuses.
             other = prefs.quiet_to if start else prefs.quiet_from
             default_other = (int(hour) + 8) % 24 if start else (int(hour) + 16) % 24
             paired = other if other is not None else default_other
@@ -447,7 +462,9 @@ def quiet_until(prefs: DmPrefs, timezone: str | None, now: float) -> float | Non
         return None
     try:
         zone: tzinfo = ZoneInfo(timezone) if timezone else UTC
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        # users.info is read generously: "America" is a directory of tzdata (IsADirectoryError),
+        # a very long name too long a file name (OSError); such a timezone counts as UTC.
         zone = UTC
     local = datetime.fromtimestamp(now, zone)
     hour = local.hour
@@ -506,8 +523,11 @@ class DirectMessages:
 
         results = await asyncio.gather(*(tell(u) for u in people), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
-            raise failed[0]
+        # A failure worth trying again goes first: the notifier gives up on a permanent one, and
+        # would then never send the DMs that failed only for now (those sent are not sent again).
+        retried = [r for r in failed if not (isinstance(r, SlackDeliveryError) and r.permanent)]
+        if retried or failed:
+            raise (retried or failed)[0]
 
     async def _tell(self, user: str, tracked: TrackedBuild, build: Build, line: str) -> None:
         prefs = await self.store.dm_prefs(user)
@@ -554,15 +574,27 @@ class DirectMessages:
         """Send each summary whose quiet hours ended; returns how many were sent."""
         sent = 0
         for user, due in await self.store.due_summaries(self.clock()):
-            key = f"dm-summary:{user}:{int(due)}"
-            lines = await self.store.held_dms(user)
+            held = await self.store.held_dms(user)
+            fields, lines = [f for f, _ in held], [line for _, line in held]
+            # Named by its oldest DM too: those held while it was sent get a summary of their own.
+            oldest = hashlib.sha256(fields[0].encode()).hexdigest()[:12] if fields else "-"
+            key = f"dm-summary:{user}:{int(due)}:{oldest}"
             prefs = await self.store.dm_prefs(user)
             if lines and prefs.mode is not DmMode.OFF and not await self.store.dm_done(key):
-                await self.send(user, summary_dm(lines), key=key, exclusive=True)
+                try:
+                    await self.send(user, summary_dm(lines), key=key, exclusive=True)
+                except SlackDeliveryError as exc:
+                    if not exc.permanent:
+                        continue  # kept for the next sweep; the others' summaries still go
+                    # A person Slack will never let the bot DM (deactivated, a bot, DMs off):
+                    # their summary is dropped rather than tried on every sweep forever.
+                    log.warning("dropped the quiet-hours summary of %s: %s", user, exc.error)
+                    await self.store.clear_held_dms(user, fields)
+                    continue
                 if not await self.store.dm_done(key):
                     continue  # another process is sending it: it clears them
                 sent += 1
-            await self.store.clear_held_dms(user, due)
+            await self.store.clear_held_dms(user, fields)
         return sent
 
     async def run(self, stop: asyncio.Event, interval: float) -> None:

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
 
 from app.core.commands import BuildRef
 from app.core.errors import UserError, explain
+from app.core.names import is_pipeline_slug
 from app.core.policy import Action, Policy
 from app.core.services import Services, request_id_for
 from app.core.thread_commands import build_links, message_texts
@@ -32,8 +35,40 @@ from buildkite.models import Build
 
 log = logging.getLogger(__name__)
 
-#: At most this many links of one message are unfurled (each may cost a Buildkite request).
+#: At most this many builds of one message are unfurled, and as many Buildkite requests made.
 MAX_UNFURLS = 3
+#: A build page's path, and nothing after it but a slash (a query or fragment is fine).
+_BUILD_PATH = re.compile(
+    r"/(?P<org>[A-Za-z0-9][A-Za-z0-9_-]{0,99})/(?P<pipeline>[^/]+)/builds/(?P<number>[1-9][0-9]{0,8})/?"
+)
+
+
+def shared_build(url: str, org: str) -> BuildRef | None:
+    """The build a shared link is the page of: https on buildkite.com itself (no userinfo, no
+    port), a path that is exactly `/<org>/<pipeline>/builds/<n>`, `org` the configured one.
+
+    Strict, because the card is shown as the link's own preview: a link elsewhere that merely
+    contains a build URL (`https://buildkite.com/other/x/builds/1?u=https://buildkite.com/...`)
+    or a lookalike host is not unfurled.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    if (
+        parts.scheme != "https"
+        or parts.hostname != "buildkite.com"
+        or parts.netloc.lower() != "buildkite.com"
+        or port is not None
+    ):
+        return None
+    match = _BUILD_PATH.fullmatch(parts.path)
+    if match is None or match.group("org") != org or not is_pipeline_slug(match["pipeline"]):
+        return None
+    return BuildRef(match["pipeline"], int(match["number"]))
+
+
 #: The policy action each card button needs.
 BUTTON_ACTIONS = {
     ActionId.CANCEL: Action.CANCEL,
@@ -146,16 +181,22 @@ class Unfurls:
         """url -> its card, for the configured organisation's build links only.
 
         A build the bot follows is drawn from its record in Redis (no Buildkite request); any
-        other costs one request. A link to a build that does not exist is left alone.
+        other costs one request. A link to a build that does not exist is left alone. At most
+        MAX_UNFURLS builds are looked at per message (found or not), so a message of many links
+        costs at most that many Buildkite requests; two links to one build cost one.
         """
         org = self.s.settings.buildkite_org
         cards: dict[str, dict[str, Any]] = {}
+        seen: dict[BuildRef, Build | None] = {}
         for url in shared.urls:
-            refs = build_links(iter([url]), org)
-            if not refs or len(cards) >= MAX_UNFURLS:
+            ref = shared_build(url, org)
+            if ref is None:
                 continue
-            ref = refs[0]
-            build = await self._build(ref, shared, url)
+            if ref not in seen:
+                if len(seen) >= MAX_UNFURLS:
+                    continue
+                seen[ref] = await self._build(ref, shared, url)
+            build = seen[ref]
             if build is None:
                 continue
             buttons = await allowed_buttons(

@@ -185,12 +185,32 @@ class SlackWebApi(SlackState):
         return {"ok": True}
 
     def _users_info(self, args: Json) -> Json:
+        """As Slack: users:read to read a person at all, users:read.email for their email."""
+        if "users:read" not in self.scopes:
+            raise _ApiError("missing_scope")
         user = self.users.get(str(args.get("user") or ""))
         if user is None:
             raise _ApiError("user_not_found")
+        if "users:read.email" not in self.scopes:
+            profile = {k: v for k, v in user["profile"].items() if k != "email"}
+            user = {**user, "profile": profile}
         return {"ok": True, "user": user}
 
+    def _require_history(self, channel: str) -> None:
+        """As Slack: reading a conversation needs the history scope of its kind."""
+        info = self.channels.get(channel) or {}
+        if channel.startswith("D"):
+            needed = "im:history"
+        elif info.get("is_private"):
+            needed = "groups:history"
+        else:
+            needed = "channels:history"
+        if needed not in self.scopes:
+            raise _ApiError("missing_scope")
+
     def _users_lookup_by_email(self, args: Json) -> Json:
+        if not {"users:read", "users:read.email"} <= self.scopes:
+            raise _ApiError("missing_scope")
         email = str(args.get("email") or "").lower()
         for user in self.users.values():
             if email and str(user["profile"].get("email", "")).lower() == email:
@@ -206,6 +226,7 @@ class SlackWebApi(SlackState):
     def _conversations_history(self, args: Json) -> Json:
         """Top-level messages (and thread broadcasts), newest first, paged by cursor."""
         channel = self._channel_arg(args)
+        self._require_history(channel)
         if channel not in self.channels and channel not in self.messages:
             raise _ApiError("channel_not_found")
         found = [m for m in self.history(channel) if self._in_window(m, args)]
@@ -214,6 +235,7 @@ class SlackWebApi(SlackState):
     def _conversations_replies(self, args: Json) -> Json:
         """A thread: its parent first, then the replies oldest first, paged by cursor."""
         channel = self._channel_arg(args)
+        self._require_history(channel)
         ts = str(args.get("ts") or "")
         parent = self.messages.get(channel, {}).get(ts)
         if parent is None:

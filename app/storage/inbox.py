@@ -10,6 +10,7 @@ from enum import StrEnum
 import redis.asyncio as redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from app.storage import lua
 from app.storage.codec import text
 from app.storage.keys import (
     APPROVAL_EXPIRY_KEY,
@@ -85,6 +86,7 @@ class InboxRecords:
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
+        self._clear_held = client.register_script(lua.source("clear_held_dms"))
 
     async def first_event(self, event_id: str) -> bool:
         """Remember an Events API delivery; False if this event was handled before (a retry)."""
@@ -252,13 +254,13 @@ class InboxRecords:
         due = await self.redis.zrangebyscore(DM_DUE_KEY, "-inf", now, withscores=True)
         return [(text(entry[0]), float(entry[1])) for entry in due]
 
-    async def held_dms(self, user: str) -> list[str]:
-        """The held lines, oldest first."""
+    async def held_dms(self, user: str) -> list[tuple[str, str]]:
+        """The held DMs (their field, their line), oldest first."""
         held = await self.redis.hgetall(DM_HELD_KEY.format(user=user))
-        return [text(line) for _, line in sorted((text(k), v) for k, v in held.items())]
+        return sorted((text(k), text(line)) for k, line in held.items())
 
-    async def clear_held_dms(self, user: str, due: float) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(DM_HELD_KEY.format(user=user))
-            pipe.zrem(DM_DUE_KEY, user)
-            await pipe.execute()
+    async def clear_held_dms(self, user: str, fields: list[str]) -> int:
+        """Forget the held DMs a summary carried (or dropped); those held meanwhile stay, with
+        the person's due summary. Returns how many are left."""
+        keys = [DM_HELD_KEY.format(user=user), DM_DUE_KEY]
+        return int(await self._clear_held(keys=keys, args=[user, *fields]))

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from app.slack.mrkdwn import code
 from app.slack.render.common import (
+    SECTION_TEXT_LIMIT,
     Rendered,
     build_title,
     clip,
@@ -37,8 +38,17 @@ def final_dm(line: str) -> Rendered:
 
 
 def summary_dm(lines: Sequence[str]) -> Rendered:
-    shown = list(lines[:MAX_SUMMARY_LINES])
+    """The held lines, whole ones only: a line cut at the section's limit could end inside a
+    link's `<url|label>` and show as broken markup; those that do not fit are counted instead."""
+    head = "While your quiet hours lasted:" if len(lines) != 1 else "During your quiet hours:"
+    room = SECTION_TEXT_LIMIT - len(head) - len("\n…and 99999 more.")
+    shown: list[str] = []
+    for line in lines[:MAX_SUMMARY_LINES]:
+        bullet = f"• {line}"
+        if len(bullet) + 1 > room:
+            break
+        room -= len(bullet) + 1
+        shown.append(bullet)
     if len(lines) > len(shown):
         shown.append(f"…and {len(lines) - len(shown)} more.")
-    head = "While your quiet hours lasted:" if len(lines) != 1 else "During your quiet hours:"
-    return one_section(head + "\n" + "\n".join(f"• {line}" for line in shown))
+    return one_section(head + "\n" + "\n".join(shown))

@@ -14,6 +14,13 @@ PROTECTED_REBUILD = (
 STALE_CHOICE = "That choice is not valid any more; nothing was changed."
 
 
+def not_yours(pipeline: str, number: int) -> str:
+    return (
+        f"{escape(pipeline)} #{number} is not in your Home: act on it from its build message, "
+        "or with `/cancel` and `/rebuild`."
+    )
+
+
 def build_gone(pipeline: str, number: int) -> str:
     return (
         f"I no longer follow {escape(pipeline)} #{number} (its record is gone); use its page in "
