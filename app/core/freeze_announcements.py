@@ -88,6 +88,20 @@ class FreezeAnnouncer:
                     posted += await self._announce(occurrence, edge, channel, ttl, started_late)
         return posted
 
+    def _still_frozen(self, ended: Occurrence) -> Occurrence | None:
+        """Another freeze in force on some of the ended one's pipelines (one that follows on,
+        or overlaps it), so that its end does not say they may be deployed."""
+        moment = utc(self.clock())
+        found = [
+            occurrence
+            for freeze in self.policy.data.freezes
+            if freeze.key != ended.freeze.key
+            and any(_overlap(a, b) for a in freeze.pipelines for b in ended.freeze.pipelines)
+            for occurrence in freeze.occurrences(moment, moment + dt.timedelta(seconds=1))
+            if occurrence.active(moment)
+        ]
+        return max(found, key=lambda o: o.end, default=None)
+
     async def _announce(
         self, occurrence: Occurrence, edge: str, channel: str, ttl: int, late: bool
     ) -> int:
@@ -97,7 +111,8 @@ class FreezeAnnouncer:
         if edge == "start":
             text = render.freeze_started(view, late=late)
         else:
-            text = render.freeze_ended(view)
+            still = self._still_frozen(occurrence)
+            text = render.freeze_ended(view, view_of(still) if still is not None else None)
         try:
             await self.outbox.post(
                 channel, notice(text), key=f"freeze:{occurrence.key}:{edge}:{channel}"

@@ -25,6 +25,8 @@ class FreezeView:
     end: float
     start_text: str
     end_text: str
+    #: The last of the freezes that follow this one without a gap: deploys wait for its end.
+    then: FreezeView | None = None
 
 
 def when(timestamp: float, fallback: str) -> str:
@@ -46,9 +48,16 @@ def _pipelines(view: FreezeView) -> str:
 def frozen(pipeline: str, action: str, view: FreezeView) -> str:
     """Why a deploy (or rebuild, rollback, promotion) is refused: the freeze, its reason, and
     when it ends."""
+    until = f"until {when(view.end, view.end_text)}"
+    if view.then is not None:  # another freeze follows on: the end that matters is its
+        then = view.then
+        until += (
+            f", and then {_what(then)} until {when(then.end, then.end_text)}, with no gap "
+            "between them"
+        )
     return (
-        f":snowflake: {code(pipeline)} is frozen: {_what(view)}, until "
-        f"{when(view.end, view.end_text)}. The {action} was not started. In an emergency, "
+        f":snowflake: {code(pipeline)} is frozen: {_what(view)}, {until}. "
+        f"The {action} was not started. In an emergency, "
         f"`/deploy {pipeline} … --break-glass <reason>` asks a second person to approve it."
     )
 
@@ -92,7 +101,14 @@ def freeze_started(view: FreezeView, *, late: bool = False) -> str:
     )
 
 
-def freeze_ended(view: FreezeView) -> str:
+def freeze_ended(view: FreezeView, still: FreezeView | None = None) -> str:
+    """A freeze's end; `still` another freeze in force on some of its pipelines then."""
+    if still is not None:
+        return (
+            f":snowflake: The freeze {_what(view)} has ended, but {_what(still)} is in force "
+            f"until {when(still.end, still.end_text)}: deploys of {_pipelines(still)} are "
+            "still refused."
+        )
     return f":sunny: The freeze {_what(view)} has ended: {_pipelines(view)} may be deployed again."
 
 
