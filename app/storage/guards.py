@@ -20,6 +20,7 @@ from app.storage.keys import (
     LOCK_REMINDED_KEY,
     NEWEST_KEY,
     PIPELINE_LOCK_KEY,
+    SUPERSEDED_FOLLOWUP_KEY,
     SUPERSEDED_KEY,
 )
 from app.storage.records import PipelineLock, SupersededBy
@@ -39,6 +40,28 @@ return ARGV[2]
 """
 
 
+#: Mark a build superseded (SET NX) and, for the one caller that marked it, note its follow-up
+#: as leased until ARGV[3]; answers 1 for that caller.
+_SUPERSEDE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+  return 1
+end
+return 0
+"""
+
+#: Take over the follow-up of ARGV[1] if its lease (its score) has run out by ARGV[2]: leased
+#: again until ARGV[3]; answers 1 for the one caller that took it.
+_TAKE_FOLLOWUP = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) <= tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
 class Guards:
     """Once-only claims and the indexes of the stale-block guard and of lock hygiene."""
 
@@ -46,6 +69,8 @@ class Guards:
         self.redis = client
         self._raise_newest = client.register_script(_RAISE_NEWEST)
         self._delete_if = client.register_script(lua.source("release_lock"))
+        self._supersede = client.register_script(_SUPERSEDE)
+        self._take_followup = client.register_script(_TAKE_FOLLOWUP)
 
     # -- freeze announcements -----------------------------------------------------------
 
@@ -90,10 +115,31 @@ class Guards:
         raw = await self.redis.get(NEWEST_KEY.format(pipeline=pipeline, branch=branch))
         return SupersededBy.model_validate_json(raw) if raw else None
 
-    async def supersede(self, build_id: str, by: SupersededBy) -> bool:
-        """Mark a blocked build superseded; True for the one caller that marked it."""
-        key = SUPERSEDED_KEY.format(build_id=build_id)
-        return bool(await self.redis.set(key, by.model_dump_json(), nx=True, ex=GUARD_TTL))
+    async def supersede(self, build_id: str, by: SupersededBy, *, lease_until: float) -> bool:
+        """Mark a blocked build superseded; True for the one caller that marked it, whose
+        follow-up is leased to it until `lease_until` (see `superseded_followups`)."""
+        marked = await self._supersede(
+            keys=[SUPERSEDED_KEY.format(build_id=build_id), SUPERSEDED_FOLLOWUP_KEY],
+            args=[by.model_dump_json(), GUARD_TTL, lease_until, build_id],
+        )
+        return bool(marked)
+
+    async def superseded_followed_up(self, build_id: str) -> None:
+        """The follow-up of a superseded build is done (or will never be possible)."""
+        await self.redis.zrem(SUPERSEDED_FOLLOWUP_KEY, build_id)
+
+    async def superseded_followups(self, now: float, *, lease_until: float) -> list[str]:
+        """The superseded builds whose follow-up's lease ran out (its process died, or is
+        stuck), each handed to one caller only and leased to it until `lease_until`."""
+        due = await self.redis.zrangebyscore(SUPERSEDED_FOLLOWUP_KEY, "-inf", now, start=0, num=50)
+        taken = []
+        for build_id in [text(b) for b in due]:
+            took = await self._take_followup(
+                keys=[SUPERSEDED_FOLLOWUP_KEY], args=[build_id, now, lease_until]
+            )
+            if took:
+                taken.append(build_id)
+        return taken
 
     async def amend_superseded(self, build_id: str, by: SupersededBy) -> None:
         """Replace the mark of a build already superseded (what became of it changed)."""

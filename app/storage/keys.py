@@ -146,6 +146,10 @@ NEWEST_KEY = TEMPLATE_PREFIX + "newest:{pipeline}:{branch}"
 #: the one process that sets it updates the message, and cancels it when the policy says so).
 SUPERSEDED_KEY = TEMPLATE_PREFIX + "superseded:{build_id}"
 GUARD_TTL = PENDING_TTL
+#: Sorted set of superseded builds whose follow-up (message refresh, and the cancel of
+#: `superseded: cancel`) is not known done, by when a sweep may take it over: a process that
+#: died between the mark and the cancel leaves its build there.
+SUPERSEDED_FOLLOWUP_KEY = PREFIX + "superseded:followup"
 #: lockremind:{pipeline}:{since}:{period} -> the holder of that lock was reminded in that period.
 LOCK_REMINDED_KEY = TEMPLATE_PREFIX + "lockremind:{pipeline}:{since}:{period}"
 #: Sorted set of the pipelines locked, by when: what the reminder sweep reads, rather than
