@@ -12,6 +12,7 @@ from app.storage import lua
 from app.storage.codec import text
 from app.storage.keys import (
     BLOCKED_KEY,
+    BREAK_GLASS_KEY,
     EVENTS_MAXLEN,
     EVENTS_STREAM,
     FREEZE_ANNOUNCED_KEY,
@@ -83,6 +84,27 @@ class Guards:
         """The announcement could not be made: let the next sweep try again."""
         key = FREEZE_ANNOUNCED_KEY.format(occurrence=occurrence, edge=edge, channel=channel)
         await self.redis.delete(key)
+
+    # -- break-glass ---------------------------------------------------------------------
+
+    async def claim_break_glass(
+        self, pipeline: str, requester: str, approval_id: str, *, ttl: int, stale: str | None
+    ) -> str | None:
+        """Note `approval_id` as `requester`'s open break-glass request on `pipeline`; None
+        when noted, else the id of the one already open. `stale` is an id known to be closed
+        (decided or expired), which is replaced."""
+        key = BREAK_GLASS_KEY.format(pipeline=pipeline, requester=requester)
+        if stale is not None:
+            await self._delete_if(keys=[key], args=[stale])
+        if await self.redis.set(key, approval_id, nx=True, ex=max(ttl, 1)):
+            return None
+        current = await self.redis.get(key)
+        return text(current) if current is not None else None
+
+    async def release_break_glass(self, pipeline: str, requester: str, approval_id: str) -> None:
+        """The request could not be made after all: the requester may ask again."""
+        key = BREAK_GLASS_KEY.format(pipeline=pipeline, requester=requester)
+        await self._delete_if(keys=[key], args=[approval_id])
 
     # -- the stale-block guard ----------------------------------------------------------
 

@@ -150,6 +150,9 @@ GUARD_TTL = PENDING_TTL
 #: `superseded: cancel`) is not known done, by when a sweep may take it over: a process that
 #: died between the mark and the cancel leaves its build there.
 SUPERSEDED_FOLLOWUP_KEY = PREFIX + "superseded:followup"
+#: breakglass:{pipeline}:{requester} -> the id of that person's break-glass approval request
+#: on that pipeline, while it may be open: a second one is refused (SET NX).
+BREAK_GLASS_KEY = TEMPLATE_PREFIX + "breakglass:{pipeline}:{requester}"
 #: lockremind:{pipeline}:{since}:{period} -> the holder of that lock was reminded in that period.
 LOCK_REMINDED_KEY = TEMPLATE_PREFIX + "lockremind:{pipeline}:{since}:{period}"
 #: Sorted set of the pipelines locked, by when: what the reminder sweep reads, rather than

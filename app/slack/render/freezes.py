@@ -76,6 +76,16 @@ def no_break_glass_approvers(pipeline: str) -> str:
     )
 
 
+def break_glass_pending(pipeline: str, channel: str) -> str:
+    """A second `--break-glass` while the person's first one waits for approval."""
+    where = f" in <#{channel}>" if channel else ""
+    return (
+        f"You already asked to break the glass on {code(pipeline)}, and that request waits "
+        f"for approval{where}: it was not asked again. Once it is decided or expired, you may "
+        "ask anew."
+    )
+
+
 def break_glass_announcement(
     requester: str, pipeline: str, reason: str, view: FreezeView | None, approvers: Sequence[str]
 ) -> str:
