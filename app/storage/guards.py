@@ -19,6 +19,9 @@ from app.storage.keys import (
     GUARD_TTL,
     LOCK_EXPIRY_KEY,
     LOCK_REMINDED_KEY,
+    LOCKS_HELD_KEY,
+    LOCKS_INDEXED_KEY,
+    LOCKS_INDEXED_TTL,
     NEWEST_KEY,
     PIPELINE_LOCK_KEY,
     SUPERSEDED_FOLLOWUP_KEY,
@@ -188,6 +191,26 @@ class Guards:
         """True for the one caller that reminds the holder of `lock` in its `period`-th period."""
         key = LOCK_REMINDED_KEY.format(pipeline=lock.pipeline, since=int(lock.since), period=period)
         return bool(await self.redis.set(key, "1", nx=True, ex=max(ttl, 1)))
+
+    async def index_unindexed_locks(self) -> int:
+        """Once a day across replicas, add to the indexes the locks they miss (taken by an
+        older release, or by a process that died in between); returns how many it added."""
+        if not await self.redis.set(LOCKS_INDEXED_KEY, "1", nx=True, ex=LOCKS_INDEXED_TTL):
+            return 0
+        added = 0
+        async for key in self.redis.scan_iter(match=PIPELINE_LOCK_KEY.format(pipeline="*")):
+            raw = await self.redis.get(key)
+            if not raw:
+                continue
+            try:
+                lock = PipelineLock.model_validate_json(raw)
+            except ValueError:
+                continue  # not a lock this release can read: left alone
+            new = await self.redis.zadd(LOCKS_HELD_KEY, {lock.pipeline: lock.since}, nx=True)
+            added += 1 if new else 0
+            if lock.expires_at is not None:
+                await self.redis.zadd(LOCK_EXPIRY_KEY, {text(raw): lock.expires_at}, nx=True)
+        return added
 
     async def take_expired_locks(self, now: float) -> list[PipelineLock]:
         """The locks whose time has come, each handed to one caller only; their key is deleted

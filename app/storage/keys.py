@@ -158,6 +158,11 @@ LOCK_REMINDED_KEY = TEMPLATE_PREFIX + "lockremind:{pipeline}:{since}:{period}"
 #: Sorted set of the pipelines locked, by when: what the reminder sweep reads, rather than
 #: scanning the keyspace every minute. A member whose lock expired is dropped as it is read.
 LOCKS_HELD_KEY = PREFIX + "locks:held"
+#: Marks that the locks were indexed from the keyspace lately (one SCAN a day across
+#: replicas): locks taken by a release before the indexes, or by a process that died between
+#: its lock and its index entry, are picked up.
+LOCKS_INDEXED_KEY = PREFIX + "locks:indexed"
+LOCKS_INDEXED_TTL = 24 * 3600
 #: Sorted set of expiring locks (their JSON), by expiry: the channel is told once it passes.
 #: No TTL of its own: each member leaves at its expiry (or its unlock), and the set with it.
 LOCK_EXPIRY_KEY = PREFIX + "locks:expiring"
