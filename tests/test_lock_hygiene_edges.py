@@ -6,28 +6,46 @@ tried to an id Slack does not know)."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from app.simulators.bot import BotClient
+from app.simulators.bot import BotClient, running_bot
+from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
 from app.storage import keys
 from app.storage.records import PipelineLock
-from tests.test_lock_hygiene import (  # noqa: F401 (fixtures)
-    ALICE,
-    CHANNEL,
-    HOUR,
-    START,
-    Clock,
-    bots,
-    clock,
-    dms,
-    sweep_both,
-)
+from tests.test_lock_hygiene import ALICE, CHANNEL, HOUR, START, Clock, dms, sweep_both, tuned
 
 TOKEN = "a" * 40
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(START)
+
+
+@pytest.fixture
+async def bots(
+    slack: FakeSlack,
+    bk: FakeBuildkite,
+    redis_url: str,
+    redis_client: Any,
+    clock: Clock,
+    policy_file: Path,
+) -> AsyncIterator[tuple[BotClient, BotClient]]:
+    """Two replicas on one Redis, whose own lock sweeps wait for the test's."""
+    for slug in ("deploy-prod", "deploy-api"):
+        bk.add_pipeline(slug)
+    tuning = tuned(clock)
+    policy = str(policy_file)
+    async with (
+        running_bot(slack, bk, redis_url, tuning=tuning, policy_file=policy) as one,
+        running_bot(slack, bk, redis_url, tuning=tuning, policy_file=policy) as two,
+    ):
+        yield one, two
 
 
 @pytest.fixture
