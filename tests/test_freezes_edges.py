@@ -3,7 +3,9 @@ freezes that overlap or follow each other without a gap (a deploy waits for the 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -12,7 +14,12 @@ import pytest
 from app.core.freeze_announcements import FreezeAnnouncer
 from app.core.freezes import Freeze, active_freeze, freeze_refusal, parse_weekly
 from app.core.policy import load_policy
+from app.simulators.bot import FAST, running_bot
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
 from app.slack.render import freezes as render
+from app.slack.render.common import notice
+from app.storage import keys
 from app.tuning import DEFAULT
 
 
@@ -179,3 +186,53 @@ def _day() -> tuple[dt.datetime, dt.datetime]:
         dt.datetime(2026, 12, 1, tzinfo=dt.UTC),
         dt.datetime(2026, 12, 2, tzinfo=dt.UTC),
     )
+
+
+# -- announcements survive a replica that died between its claim and its post ------------------
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_an_announcement_claimed_by_a_replica_that_died_is_made_once(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any, tmp_path: Path
+) -> None:
+    path = tmp_path / "policy.yml"
+    path.write_text(
+        "freezes:\n"
+        "  - {pipelines: [web], from: '2026-12-01T10:00', to: '2026-12-01T12:00', reason: a,"
+        " channels: [C0ONE]}\n"
+        "  - {pipelines: [api], from: '2026-12-01T10:00', to: '2026-12-01T12:00', reason: b,"
+        " channels: [C0TWO]}\n"
+    )
+    clock = Clock(at(2026, 12, 1, 10, 1))
+    sweeps = dataclasses.replace(FAST.sweeps, freeze_interval=3600, announce_lease=60)
+    tuning = dataclasses.replace(FAST, clock=clock, sweeps=sweeps)
+    one, two = (next(f.occurrences(*_day())) for f in load_policy(path).data.freezes)
+    # A replica claimed both starts and died: it had posted in C0TWO, not yet in C0ONE.
+    marks = {
+        channel: keys.FREEZE_ANNOUNCED_KEY.format(
+            occurrence=occurrence.key, edge="start", channel=channel
+        )
+        for occurrence, channel in ((one, "C0ONE"), (two, "C0TWO"))
+    }
+    for mark in marks.values():
+        await redis_client.set(mark, f"try:{time.time() - 5}:{clock.now + 60}", ex=3600)
+    async with running_bot(slack, bk, redis_url, tuning=tuning, policy_file=str(path)) as bot:
+        s = bot.services
+        await s.outbox.post("C0TWO", notice("made"), key=f"freeze:{two.key}:start:C0TWO")
+        sweep = FreezeAnnouncer(s.policy, s.store, s.outbox, sweeps, clock).sweep
+        assert await sweep() == 0  # their lease runs still
+        assert slack.posts("C0ONE") == []
+        clock.now += 61
+        await sweep()
+        await sweep()
+        await bot.settled()
+        assert len(slack.posts("C0ONE")) == 1 and len(slack.posts("C0TWO")) == 1
+        assert "A freeze starts: *a*" in slack.posts("C0ONE")[0].args["text"]
+        assert [await redis_client.get(m) for m in marks.values()] == [b"done", b"done"]

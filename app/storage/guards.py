@@ -66,6 +66,23 @@ return 0
 """
 
 
+#: Claim a once-only post: free -> leased to the caller ("try:<wall>:<until>"); a lease run out
+#: -> leased again, keeping its first try's wall time (answered); "done" (or "1") -> refused.
+_CLAIM_EDGE = """
+local current = redis.call('GET', KEYS[1])
+if not current then
+  redis.call('SET', KEYS[1], 'try:' .. ARGV[3] .. ':' .. ARGV[2], 'EX', ARGV[4])
+  return {1, ''}
+end
+local since, untl = string.match(current, '^try:([^:]+):([^:]+)$')
+if not since or tonumber(untl) > tonumber(ARGV[1]) then
+  return {0, ''}
+end
+redis.call('SET', KEYS[1], 'try:' .. since .. ':' .. ARGV[2], 'KEEPTTL')
+return {1, since}
+"""
+
+
 class Guards:
     """Once-only claims and the indexes of the stale-block guard and of lock hygiene."""
 
@@ -75,13 +92,35 @@ class Guards:
         self._delete_if = client.register_script(lua.source("release_lock"))
         self._supersede = client.register_script(_SUPERSEDE)
         self._take_followup = client.register_script(_TAKE_FOLLOWUP)
+        self._claim_edge = client.register_script(_CLAIM_EDGE)
 
     # -- freeze announcements -----------------------------------------------------------
 
-    async def claim_freeze_edge(self, occurrence: str, edge: str, channel: str, ttl: int) -> bool:
-        """True for the one caller that announces this edge (start, end) in this channel."""
+    async def claim_freeze_edge(
+        self,
+        occurrence: str,
+        edge: str,
+        channel: str,
+        ttl: int,
+        *,
+        now: float,
+        lease: float,
+        wall: float,
+    ) -> tuple[bool, float | None]:
+        """Whether this caller announces this edge (start, end) in this channel: the first to
+        ask, or one that asks once the first's lease (`lease` seconds from its `now`) ran out
+        without the post noted done. The second value is then the first try's `wall` time
+        (real unix seconds), to look for a post it may have made before it died."""
         key = FREEZE_ANNOUNCED_KEY.format(occurrence=occurrence, edge=edge, channel=channel)
-        return bool(await self.redis.set(key, "1", nx=True, ex=max(ttl, 1)))
+        took, since = await self._claim_edge(
+            keys=[key], args=[repr(now), repr(now + lease), repr(wall), max(ttl, 1)]
+        )
+        return bool(took), (float(text(since)) if text(since) else None)
+
+    async def freeze_edge_done(self, occurrence: str, edge: str, channel: str) -> None:
+        """The announcement was made (or may never be): no replica tries it again."""
+        key = FREEZE_ANNOUNCED_KEY.format(occurrence=occurrence, edge=edge, channel=channel)
+        await self.redis.set(key, "done", xx=True, keepttl=True)
 
     async def release_freeze_edge(self, occurrence: str, edge: str, channel: str) -> None:
         """The announcement could not be made: let the next sweep try again."""
