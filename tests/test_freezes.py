@@ -693,3 +693,20 @@ async def test_a_second_break_glass_while_the_first_waits_is_refused(
     anew = await answer(bot, "/deploy", "deploy-prod --break-glass db is still down")
     assert "Approval requested in the channel" in anew["text"]
     assert len([p for p in slack.posts(CHANNEL) if "Approval needed" in p.args["text"]]) == 2
+
+
+async def test_break_glass_whose_only_approver_is_the_requester_is_refused(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any, tmp_path: Path
+) -> None:
+    """The admins are the break-glass approvers of a rule without any; when Alice is the only
+    admin, nobody else could approve hers: refused at once, no request left to expire."""
+    path = tmp_path / "policy.yml"
+    path.write_text(POLICY.replace(f"admins: [{ADMIN}]", f"admins: [{ALICE}]"))
+    bk.add_pipeline("deploy-prod", default_branch="main")
+    tuning = dataclasses.replace(FAST, clock=Clock(LAST_MINUTE))
+    async with running_bot(slack, bk, redis_url, tuning=tuning, policy_file=str(path)) as bot:
+        reply = await answer(bot, "/deploy", "deploy-prod --break-glass db is down")
+        assert "needs a second person to approve it" in reply["text"]
+        assert "names nobody but you" in reply["text"]
+        assert [p for p in slack.posts(CHANNEL) if "Approval needed" in p.args["text"]] == []
+        assert bk.requests_to("POST") == []

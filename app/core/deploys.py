@@ -334,7 +334,12 @@ class Deploys(Actions):
         occurrence = self.s.policy.active_freeze(request.pipeline, self.s.tuning.clock())
         if occurrence is None:
             raise UserError(freeze_texts.not_frozen(request.pipeline))
-        if not (rule.approval.approvers if rule.approval else self.s.policy.admins):
+        named = self.s.policy.approvers(rule, requester=actor.user_id, break_glass=True)
+        # A second person: naming only the requester (or the person an agent acts for) is
+        # naming nobody, and would leave a request no one may approve.
+        if not [
+            p for p in named if p not in (actor.user_id, self.s.policy.acts_for(actor.user_id))
+        ]:
             await self._audit(
                 actor, "deploy", request.pipeline, "refused", detail="break-glass: no approvers"
             )

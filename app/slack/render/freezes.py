@@ -72,7 +72,7 @@ def not_frozen(pipeline: str) -> str:
 def no_break_glass_approvers(pipeline: str) -> str:
     return (
         f"A break-glass deploy of {code(pipeline)} needs a second person to approve it, and "
-        "the policy names nobody: set the rule's `approval.approvers`, or `admins`."
+        "the policy names nobody but you: set the rule's `approval.approvers`, or `admins`."
     )
 
 
