@@ -178,7 +178,14 @@ async def open_services(
         )
         writer = MessageWriter(store, buildkite, outbox, hooks, tuning.tracking, people=directory)
         stale_blocks = StaleBlocks(
-            policy, store, buildkite, outbox, auditor, observe=intake.observe
+            policy,
+            store,
+            buildkite,
+            outbox,
+            auditor,
+            observe=intake.observe,
+            clock=tuning.clock,
+            lease=tuning.sweeps.superseded_lease,
         )
         inbox = Inbox(
             store=store,
@@ -357,7 +364,8 @@ async def background(services: Services, tuning: Tuning = DEFAULT) -> AsyncItera
 def clock_sweeps(
     services: Services, stop: asyncio.Event, tuning: Tuning
 ) -> list[asyncio.Task[None]]:
-    """The loops that watch the clock: freeze start and end announcements, lock hygiene."""
+    """The loops that watch the clock: freeze start and end announcements, lock hygiene, and
+    the follow-up of superseded builds whose marker died."""
     announcer = FreezeAnnouncer(
         services.policy, services.store, services.outbox, tuning.sweeps, tuning.clock
     )
@@ -368,8 +376,28 @@ def clock_sweeps(
         tuning.clock,
         late=tuning.sweeps.announce_late,
     )
+    stale_blocks = StaleBlocks(
+        services.policy,
+        services.store,
+        services.buildkite,
+        services.outbox,
+        services.auditor,
+        observe=services.tracker.observe,
+        clock=tuning.clock,
+        lease=tuning.sweeps.superseded_lease,
+    )
     outage = services.redis_outage
     return [
+        asyncio.create_task(
+            sweep_every(
+                "the superseded builds' follow-up",
+                stale_blocks.resume,
+                tuning.sweeps.superseded_interval,
+                stop,
+                outage,
+            ),
+            name="superseded",
+        ),
         asyncio.create_task(
             sweep_every(
                 "the freeze announcements",

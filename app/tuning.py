@@ -80,6 +80,13 @@ class SweepTuning:
     #: An end of freeze (or a lock's expiry) missed for longer than this, while no bot ran,
     #: is no longer announced: it would be news of the past.
     announce_late: float = 3600.0
+    #: How long the process that marks a build superseded has to follow it up (its message,
+    #: its cancel) before the sweep of every `superseded_interval` takes that over.
+    superseded_lease: float = 120.0
+    superseded_interval: float = 30.0
+    #: How long the replica that claimed a freeze announcement has to post it before another
+    #: replica's sweep may (the first died); that one looks for the post in Slack first.
+    announce_lease: float = 120.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,7 +76,10 @@ def test_a_weekly_window_is_read_with_days_and_times() -> None:
         ("friday afternoon", "is not a weekly window"),
         ("fri 16:00 - mon", "is not a weekly window"),
         ("fry 16:00 - mon 08:00", "is not a day of the week"),
-        ("fri 24:00 - mon 08:00", "is not a time of day"),
+        ("fri 24:01 - mon 08:00", "is not a time of day"),
+        ("fri 25:00 - mon 08:00", "is not a time of day"),
+        ("sun 24:00 - mon 00:00", "starts when it ends"),
+        ("fri 16:00 - mon \u0660\u0668:\u0660\u0660", "is not a weekly window"),
         ("fri 16:60 - mon 08:00", "is not a time of day"),
         ("fri 16:00 - fri 16:00", "starts when it ends"),
     ],
@@ -642,4 +645,68 @@ async def test_a_confirmation_clicked_once_a_freeze_began_is_refused(
         )
         (text,) = await slack.wait_for(lambda: bot.response_texts(name))
         assert "`deploy-api` is frozen: *weekend freeze*" in text
+        assert bk.requests_to("POST") == []
+
+
+def approve_value(slack: FakeSlack, ts: str) -> str:
+    message = slack.message(CHANNEL, ts)
+    return str(
+        next(
+            e["value"]
+            for b in message["blocks"]
+            for e in b.get("elements", [])
+            if e.get("action_id") == "approval_approve"
+        )
+    )
+
+
+async def test_a_second_break_glass_while_the_first_waits_is_refused(
+    bot: BotClient, bk: FakeBuildkite, slack: FakeSlack, redis_client: Any
+) -> None:
+    """One emergency, one approval: asking again (or from elsewhere) while the first request
+    waits makes no second request; once it is decided, one may ask anew. An approval given
+    after someone else took the lock is refused (the re-check)."""
+    first = await answer(bot, "/deploy", "deploy-prod --break-glass db is down")
+    assert "Approval requested in the channel" in first["text"]
+    again = await answer(bot, "/deploy", "deploy-prod main --break-glass db is REALLY down")
+    assert "You already asked to break the glass on `deploy-prod`" in again["text"]
+    assert f"in <#{CHANNEL}>" in again["text"]
+    requests = [p for p in slack.posts(CHANNEL) if "Approval needed" in p.args["text"]]
+    assert len(requests) == 1
+    assert len([p for p in slack.posts(CHANNEL) if "Break-glass" in p.args["text"]]) == 1
+    entries = await audit_entries(redis_client)
+    assert [e["detail"] for e in entries if e["outcome"] == "refused"] == ["break-glass: asked"]
+
+    # Bob locks the pipeline meanwhile: the admin's approval is refused on its re-check.
+    locked = await answer(bot, "/deploy", "lock deploy-prod hotfix of my own", user_id=BOB)
+    assert "frozen" not in locked["text"]
+    ts = requests[0].response["ts"]
+    _, ok = await bot.click(
+        "approval_approve", approve_value(slack, ts), channel=CHANNEL, message_ts=ts, user_id=ADMIN
+    )
+    answered = (await slack.wait_for(lambda: bot.response_texts(ok)))[0]
+    assert "locked" in answered and "Started" not in answered
+    assert bk.requests_to("POST") == []
+
+    # Decided (refused): the requester may ask again, and that makes a new request.
+    await answer(bot, "/deploy", "unlock deploy-prod", user_id=BOB)
+    anew = await answer(bot, "/deploy", "deploy-prod --break-glass db is still down")
+    assert "Approval requested in the channel" in anew["text"]
+    assert len([p for p in slack.posts(CHANNEL) if "Approval needed" in p.args["text"]]) == 2
+
+
+async def test_break_glass_whose_only_approver_is_the_requester_is_refused(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any, tmp_path: Path
+) -> None:
+    """The admins are the break-glass approvers of a rule without any; when Alice is the only
+    admin, nobody else could approve hers: refused at once, no request left to expire."""
+    path = tmp_path / "policy.yml"
+    path.write_text(POLICY.replace(f"admins: [{ADMIN}]", f"admins: [{ALICE}]"))
+    bk.add_pipeline("deploy-prod", default_branch="main")
+    tuning = dataclasses.replace(FAST, clock=Clock(LAST_MINUTE))
+    async with running_bot(slack, bk, redis_url, tuning=tuning, policy_file=str(path)) as bot:
+        reply = await answer(bot, "/deploy", "deploy-prod --break-glass db is down")
+        assert "needs a second person to approve it" in reply["text"]
+        assert "names nobody but you" in reply["text"]
+        assert [p for p in slack.posts(CHANNEL) if "Approval needed" in p.args["text"]] == []
         assert bk.requests_to("POST") == []

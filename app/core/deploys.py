@@ -4,6 +4,7 @@ is asked for like a deploy.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -33,7 +34,7 @@ from app.slack.render.deploys import (
     plan_summary,
 )
 from app.slack.render.texts import TRACKING_DOWN
-from app.storage.records import PendingDeploy
+from app.storage.records import ApprovalStatus, PendingDeploy
 from buildkite.errors import BuildkiteError
 from buildkite.models import Build, BuildState, Pipeline
 
@@ -73,6 +74,10 @@ class DeployOrigin:
     promoted_from: str | None = None
     #: A compare link from the live commit to the one deployed.
     diff_url: str | None = None
+
+
+class _AlreadyBreaking(UserError):
+    """The person's break-glass request on this pipeline is open already."""
 
 
 class Deploys(Actions):
@@ -281,16 +286,55 @@ class Deploys(Actions):
             await self._forget(request_id)
             await self._audit(actor, "deploy", plan.pipeline, "refused", detail="too large to show")
             raise UserError(texts.refused(refusal))
+        approval_id = request_id_for("approval", request_id)
         try:
+            await self._one_break_glass(plan, actor, rule, approval_id)
             return await self._request_approval(
                 plan, plan_data(plan, actor), actor, rule, request_id
             )
         except RedisError:
             await self._forget(request_id)
+            await self._let_break_glass_go(plan, approval_id)
             raise UserError(TRACKING_DOWN) from None
-        except UserError:
+        except UserError as exc:
             await self._forget(request_id)
+            if not isinstance(exc, _AlreadyBreaking):
+                await self._let_break_glass_go(plan, approval_id)
             raise
+
+    async def _one_break_glass(
+        self, plan: DeployPlan, actor: Actor, rule: Rule, approval_id: str
+    ) -> None:
+        """One open break-glass request per person and pipeline: a second `--break-glass`
+        (typed again, or from another channel) while the first waits is refused, so that one
+        emergency does not become two approvals and two deploys through the freeze."""
+        store = self.s.store
+        ttl = (approval_expiry(plan, rule, self.s.policy) or BREAK_GLASS_EXPIRY) + 60
+        stale = None
+        for _ in range(2):
+            open_id = await store.claim_break_glass(
+                plan.pipeline, plan.requester, approval_id, ttl=ttl, stale=stale
+            )
+            if open_id is None or open_id == approval_id:
+                return
+            waiting = await store.approval(open_id)
+            if (
+                waiting is not None
+                and waiting.status is ApprovalStatus.PENDING
+                and waiting.expires_at > time.time()
+            ):
+                await self._audit(
+                    actor, "deploy", plan.pipeline, "refused", detail="break-glass: asked"
+                )
+                raise _AlreadyBreaking(
+                    freeze_texts.break_glass_pending(plan.pipeline, waiting.channel)
+                )
+            stale = open_id  # decided or expired: it no longer counts
+        raise UserError(TRACKING_DOWN)
+
+    async def _let_break_glass_go(self, plan: DeployPlan, approval_id: str) -> None:
+        with contextlib.suppress(RedisError):
+            await self.s.store.release_break_glass(plan.pipeline, plan.requester, approval_id)
 
     async def _break_glass_freeze(self, request: DeployRequest, actor: Actor, rule: Rule) -> str:
         """The freeze a break-glass deploy goes through; refused when nothing is frozen (no
@@ -298,7 +342,12 @@ class Deploys(Actions):
         occurrence = self.s.policy.active_freeze(request.pipeline, self.s.tuning.clock())
         if occurrence is None:
             raise UserError(freeze_texts.not_frozen(request.pipeline))
-        if not (rule.approval.approvers if rule.approval else self.s.policy.admins):
+        named = self.s.policy.approvers(rule, requester=actor.user_id, break_glass=True)
+        # A second person: naming only the requester (or the person an agent acts for) is
+        # naming nobody, and would leave a request no one may approve.
+        if not [
+            p for p in named if p not in (actor.user_id, self.s.policy.acts_for(actor.user_id))
+        ]:
             await self._audit(
                 actor, "deploy", request.pipeline, "refused", detail="break-glass: no approvers"
             )

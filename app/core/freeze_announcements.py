@@ -8,6 +8,7 @@ import contextlib
 import datetime as dt
 import fnmatch
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from redis.exceptions import RedisError
@@ -88,26 +89,55 @@ class FreezeAnnouncer:
                     posted += await self._announce(occurrence, edge, channel, ttl, started_late)
         return posted
 
+    def _still_frozen(self, ended: Occurrence) -> Occurrence | None:
+        """Another freeze in force on some of the ended one's pipelines (one that follows on,
+        or overlaps it), so that its end does not say they may be deployed."""
+        moment = utc(self.clock())
+        found = [
+            occurrence
+            for freeze in self.policy.data.freezes
+            if freeze.key != ended.freeze.key
+            and any(_overlap(a, b) for a in freeze.pipelines for b in ended.freeze.pipelines)
+            for occurrence in freeze.occurrences(moment, moment + dt.timedelta(seconds=1))
+            if occurrence.active(moment)
+        ]
+        return max(found, key=lambda o: o.end, default=None)
+
     async def _announce(
         self, occurrence: Occurrence, edge: str, channel: str, ttl: int, late: bool
     ) -> int:
-        if not await self.store.claim_freeze_edge(occurrence.key, edge, channel, ttl):
+        took, tried_since = await self.store.claim_freeze_edge(
+            occurrence.key,
+            edge,
+            channel,
+            ttl,
+            now=self.clock(),
+            lease=self.tuning.announce_lease,
+            wall=time.time(),
+        )
+        if not took:
             return 0
         view = view_of(occurrence)
         if edge == "start":
             text = render.freeze_started(view, late=late)
         else:
-            text = render.freeze_ended(view)
+            still = self._still_frozen(occurrence)
+            text = render.freeze_ended(view, view_of(still) if still is not None else None)
         try:
             await self.outbox.post(
-                channel, notice(text), key=f"freeze:{occurrence.key}:{edge}:{channel}"
+                channel,
+                notice(text),
+                key=f"freeze:{occurrence.key}:{edge}:{channel}",
+                tried_since=tried_since,
             )
         except SlackDeliveryError as exc:
             if exc.permanent:  # the bot may not post there: saying so once in the log is enough
                 log.warning("freeze %s not announced in %s: %s", edge, channel, exc.error)
+                await self.store.freeze_edge_done(occurrence.key, edge, channel)
                 return 0
             await self.store.release_freeze_edge(occurrence.key, edge, channel)
             raise
+        await self.store.freeze_edge_done(occurrence.key, edge, channel)
         log.info("freeze %s announced in %s: %s", edge, channel, occurrence.freeze.reason)
         return 1
 

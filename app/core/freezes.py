@@ -13,7 +13,7 @@ import fnmatch
 import hashlib
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -25,7 +25,8 @@ from app.slack.render.freezes import FreezeView
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _FULL_DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 _WEEKLY = re.compile(
-    r"^\s*(?P<d1>[a-z]+)\s+(?P<t1>\d{1,2}:\d{2})\s*-\s*(?P<d2>[a-z]+)\s+(?P<t2>\d{1,2}:\d{2})\s*$"
+    r"^\s*(?P<d1>[a-z]+)\s+(?P<t1>[0-9]{1,2}:[0-9]{2})\s*-\s*"
+    r"(?P<d2>[a-z]+)\s+(?P<t2>[0-9]{1,2}:[0-9]{2})\s*$"
 )
 _CHANNEL = re.compile(r"^(?:[CG][A-Z0-9]{2,}|#[a-z0-9][a-z0-9._-]{0,79})$")
 _PIPELINE_GLOB = re.compile(r"^[a-z0-9*?\[\]!_.-]{1,100}$")
@@ -33,6 +34,9 @@ WEEK = dt.timedelta(days=7)
 #: The policy actions a freeze refuses (a rollback and a promotion are deploys); cancel and
 #: unblock go on.
 FROZEN_ACTIONS = frozenset({"deploy", "rebuild"})
+#: At most this many freezes that follow each other without a gap are looked through for the
+#: moment deploys may go again.
+MAX_CHAIN = 20
 #: How far ahead `/deploy freezes` looks for the next occurrence of each freeze.
 UPCOMING = dt.timedelta(days=60)
 
@@ -63,11 +67,14 @@ def _day(word: str) -> int:
     raise ValueError(f"{word!r} is not a day of the week (mon, tue, wed, thu, fri, sat, sun)")
 
 
-def _time(word: str) -> dt.time:
+def _moment(day: str, word: str) -> tuple[int, dt.time]:
+    """A weekday and a time; `24:00` is the end of that day, the next day's 00:00."""
     hours, minutes = (int(p) for p in word.split(":"))
+    if (hours, minutes) == (24, 0):
+        return (_day(day) + 1) % 7, dt.time()
     if hours > 23 or minutes > 59:
-        raise ValueError(f"{word!r} is not a time of day (00:00 to 23:59)")
-    return dt.time(hours, minutes)
+        raise ValueError(f"{word!r} is not a time of day (00:00 to 24:00)")
+    return _day(day), dt.time(hours, minutes)
 
 
 def parse_weekly(text: str) -> WeeklyWindow:
@@ -78,9 +85,7 @@ def parse_weekly(text: str) -> WeeklyWindow:
             f'{text!r} is not a weekly window like "fri 16:00 - mon 08:00" '
             "(a day and a 24-hour time, a dash, a day and a time)"
         )
-    window = WeeklyWindow(
-        _day(match["d1"]), _time(match["t1"]), _day(match["d2"]), _time(match["t2"])
-    )
+    window = WeeklyWindow(*_moment(match["d1"], match["t1"]), *_moment(match["d2"], match["t2"]))
     if window.start_day == window.end_day and window.start == window.end:
         raise ValueError(f"{text!r} starts when it ends: a weekly window is shorter than a week")
     return window
@@ -119,6 +124,9 @@ class Occurrence:
     freeze: Freeze
     start: dt.datetime
     end: dt.datetime
+    #: When deploys may go again, if other freezes follow on without a gap (see active_freeze),
+    #: and the last of them.
+    then: Occurrence | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:
@@ -223,9 +231,12 @@ class Freeze(BaseModel):
         return any(fnmatch.fnmatchcase(pipeline, p) for p in self.pipelines)
 
     def _instant(self, wall: dt.datetime) -> dt.datetime:
-        """A wall-clock time in the freeze's zone (or an aware time as given), in UTC."""
-        aware = wall if wall.tzinfo is not None else wall.replace(tzinfo=self.zone)
-        return aware.astimezone(dt.UTC)
+        """A wall-clock time in the freeze's zone (or an aware time as given), in UTC: the
+        first instant at which the zone's clocks read it or later. A time the clocks repeat is
+        its first reading; a time they skip is the instant they jump over it."""
+        if wall.tzinfo is not None:
+            return wall.astimezone(dt.UTC)
+        return _first_reading(wall, self.zone)
 
     def occurrences(self, after: dt.datetime, until: dt.datetime) -> Iterator[Occurrence]:
         """The occurrences that overlap [after, until), in order (both aware)."""
@@ -252,6 +263,24 @@ class Freeze(BaseModel):
             day += dt.timedelta(days=1)
 
 
+def _first_reading(wall: dt.datetime, zone: ZoneInfo) -> dt.datetime:
+    """The first instant at which the clocks of `zone` read `wall` (naive) or later."""
+    before = wall.replace(tzinfo=zone, fold=0).astimezone(dt.UTC)
+    if before.astimezone(zone).replace(tzinfo=None) == wall:
+        return before  # it exists (and, if repeated, this is its first reading)
+    # Skipped: with the offset after the jump it maps before the jump, with the one before it
+    # maps after. The jump lies between: the first second whose local time is past `wall`.
+    low = wall.replace(tzinfo=zone, fold=1).astimezone(dt.UTC)
+    low, high = min(low, before), max(low, before)
+    while high - low > dt.timedelta(seconds=1):
+        middle = low + (high - low) / 2
+        if middle.astimezone(zone).replace(tzinfo=None) >= wall:
+            high = middle
+        else:
+            low = middle
+    return high.replace(microsecond=0)
+
+
 def _shown(wall: dt.datetime) -> str:
     return wall.strftime("%Y-%m-%d %H:%M")
 
@@ -260,10 +289,7 @@ def utc(timestamp: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(timestamp, dt.UTC)
 
 
-def active_freeze(freezes: Sequence[Freeze], pipeline: str, now: float) -> Occurrence | None:
-    """The freeze in force on `pipeline` at `now` (unix seconds); of several, the one that ends
-    last, since that is how long deploys stay refused."""
-    moment = utc(now)
+def _in_force(freezes: Sequence[Freeze], pipeline: str, moment: dt.datetime) -> Occurrence | None:
     found = [
         occurrence
         for freeze in freezes
@@ -272,6 +298,22 @@ def active_freeze(freezes: Sequence[Freeze], pipeline: str, now: float) -> Occur
         if occurrence.active(moment)
     ]
     return max(found, key=lambda o: o.end, default=None)
+
+
+def active_freeze(freezes: Sequence[Freeze], pipeline: str, now: float) -> Occurrence | None:
+    """The freeze in force on `pipeline` at `now` (unix seconds); of several, the one that ends
+    last. When another freeze starts as (or before) it ends, deploys stay refused: `then` is
+    the last freeze of that chain, whose end is when they may go again."""
+    current = _in_force(freezes, pipeline, utc(now))
+    if current is None:
+        return None
+    last = current
+    for _ in range(MAX_CHAIN):
+        following = _in_force(freezes, pipeline, last.end)
+        if following is None or following.end <= last.end:
+            break
+        last = following
+    return replace(current, then=last) if last is not current else current
 
 
 def current_and_upcoming(
@@ -310,6 +352,7 @@ def view_of(occurrence: Occurrence) -> FreezeView:
         end=occurrence.end.timestamp(),
         start_text=local_text(occurrence, occurrence.start),
         end_text=local_text(occurrence, occurrence.end),
+        then=view_of(occurrence.then) if occurrence.then is not None else None,
     )
 
 

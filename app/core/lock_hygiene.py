@@ -5,9 +5,10 @@ who lifts someone else's lock tells the holder."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 
-from app.core.policy import Policy
+from app.core.policy import Policy, is_agent
 from app.slack.outbox import Outbox, SlackDeliveryError
 from app.slack.render import lock_hygiene as render
 from app.slack.render.common import notice
@@ -16,6 +17,8 @@ from app.storage.store import Store
 from app.tuning import DEFAULT
 
 log = logging.getLogger(__name__)
+
+_USER_ID = re.compile(r"^[UW][A-Z0-9]{2,}$")
 
 
 class LockHygiene:
@@ -41,6 +44,7 @@ class LockHygiene:
         """Remind holders of long-held locks and tell of expired ones; returns how many posts."""
         now = self.clock()
         posted = 0
+        await self.store.index_unindexed_locks()
         for lock in await self.store.take_expired_locks(now):
             if lock.expires_at is not None and now - lock.expires_at > self.late:
                 continue  # news of the past
@@ -59,7 +63,7 @@ class LockHygiene:
             if not await self.store.claim_lock_reminder(lock, nth, ttl=2 * period):
                 continue
             text = render.lock_reminder(lock, held)
-            if await self._post(lock.user, text, f"lockremind:{_id(lock)}:{nth}"):
+            if await self._post(self._person(lock.user), text, f"lockremind:{_id(lock)}:{nth}"):
                 posted += 1
         return posted
 
@@ -67,7 +71,14 @@ class LockHygiene:
         """`by` (an admin) lifted `lock`, which someone else held: tell the holder by DM."""
         if by == lock.user:
             return
-        await self._post(lock.user, render.lock_lifted(lock, by), f"locklifted:{_id(lock)}")
+        text = render.lock_lifted(lock, by)
+        await self._post(self._person(lock.user), text, f"locklifted:{_id(lock)}")
+
+    def _person(self, holder: str) -> str | None:
+        """Whom to DM about `holder`'s lock: the person, or the one an agent acts for; None
+        for an agent that acts for nobody, or a holder that is no Slack user id."""
+        person = self.policy.acts_for(holder) if is_agent(holder) else holder
+        return person if person and _USER_ID.match(person) else None
 
     async def _post(self, channel: str | None, text: str, key: str) -> bool:
         if not channel:

@@ -10,6 +10,7 @@ A listener of the notifier's transitions (wired in app.main); what it decides is
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from app.core.audit import Auditor
@@ -20,11 +21,16 @@ from app.slack.render import supersede as render
 from app.slack.render.common import notice
 from app.storage.records import SupersededBy, TrackedBuild, Transition
 from app.storage.store import Store
+from app.tuning import DEFAULT
 from buildkite.client import BuildkiteClient
 from buildkite.errors import BuildkiteError, ValidationFailed
 from buildkite.models import Build, BuildState
 
 log = logging.getLogger(__name__)
+
+#: How far back Slack is searched for a note an earlier process may have posted (Slack's ts
+#: are real time, whatever clock the guard runs on).
+RESENT_WITHIN = 6 * 3600
 
 #: The phases a blocked build reaches when someone unblocked it (a cancel is not an unblock).
 _GONE_ON = frozenset(
@@ -53,8 +59,15 @@ class StaleBlocks:
         outbox: Outbox,
         auditor: Auditor,
         observe: Callable[[Build], Awaitable[object]],
+        *,
+        clock: Callable[[], float] = time.time,
+        lease: float = DEFAULT.sweeps.superseded_lease,
     ) -> None:
         self.policy = policy
+        self.clock = clock
+        #: How long the process that marked a build superseded has to follow it up (refresh
+        #: its message, cancel it) before a sweep takes that over.
+        self.lease = lease
         #: Records the canceled build's new state at once (app.main passes `Intake.observe`).
         self.observe = observe
         self.store = store
@@ -92,17 +105,56 @@ class StaleBlocks:
         if older is None or not _blocked(older.phase):
             return
         mode = self.policy.rule_for(older.pipeline).superseded
-        if not await self.store.supersede(build_id, by.model_copy(update={"mode": mode.value})):
+        by = by.model_copy(update={"mode": mode.value})
+        lease_until = self.clock() + self.lease
+        if not await self.store.supersede(build_id, by, lease_until=lease_until):
             return  # marked already, by this transition seen before or by another replica
-        branch = str(older.snapshot.get("branch") or "")
-        await self.store.forget_blocked(older.pipeline, branch, build_id)
         log.info("%s #%s superseded by #%s", older.pipeline, older.number, by.number)
-        if mode is Superseded.CANCEL:
-            await self._cancel(older, by.model_copy(update={"mode": mode.value}))
-        # Its messages show the note instead of the Unblock button.
-        await self.store.queue_refresh(build_id, older.phase, older.gen)
+        await self._follow_up(older, by, first=True)
 
-    async def _cancel(self, older: TrackedBuild, by: SupersededBy) -> None:
+    async def _follow_up(self, older: TrackedBuild, by: SupersededBy, *, first: bool) -> None:
+        """What a mark implies: out of the branch's blocked builds, cancelled with `superseded:
+        cancel`, and its messages refreshed. Done by the marker (`first`), or, if it died
+        before it was done, by a sweep; each step may be done twice without harm."""
+        branch = str(older.snapshot.get("branch") or "")
+        await self.store.forget_blocked(older.pipeline, branch, older.build_id)
+        if by.mode == Superseded.CANCEL.value:
+            await self._cancel(older, by, first=first)
+        # Its messages show the note instead of the Unblock button.
+        current = await self.store.get(older.build_id)
+        if current is not None:
+            await self.store.queue_refresh(current.build_id, current.phase, current.gen)
+        await self.store.superseded_followed_up(older.build_id)
+
+    async def resume(self) -> int:
+        """The sweep: follow up the superseded builds whose marker died before it was done
+        (between the mark and the cancel, say); returns how many."""
+        now = self.clock()
+        resumed = 0
+        for build_id in await self.store.superseded_followups(now, lease_until=now + self.lease):
+            by = await self.store.superseded_by(build_id)
+            older = await self.store.get(build_id)
+            if by is None or older is None:  # the mark or the build is gone: nothing left to do
+                await self.store.superseded_followed_up(build_id)
+                continue
+            log.info("following up superseded %s #%s", older.pipeline, older.number)
+            await self._follow_up(older, by, first=False)
+            resumed += 1
+        return resumed
+
+    async def _cancel(self, older: TrackedBuild, by: SupersededBy, *, first: bool) -> None:
+        if not first:  # a cancel sent before the marker died is not sent again
+            try:
+                current = await self.buildkite.get_build(older.pipeline, older.number)
+            except BuildkiteError as exc:  # the next sweep tries again
+                log.warning("superseded %s #%s unread: %s", older.pipeline, older.number, exc)
+                raise
+            if current.state in (BuildState.CANCELING, BuildState.CANCELED):
+                await self.observe(current)
+                await self._tell(older, render.superseded_canceled(older.number, by), resent=True)
+                return
+            if not current.is_waiting_on_block:
+                return  # unblocked or finished meanwhile: nothing to cancel
         try:
             canceled = await self.buildkite.cancel_build(older.pipeline, older.number)
         except BuildkiteError as exc:
@@ -137,7 +189,10 @@ class StaleBlocks:
             detail=f"superseded by #{by.number}",
         )
 
-    async def _tell(self, older: TrackedBuild, text: str) -> None:
+    async def _tell(self, older: TrackedBuild, text: str, *, resent: bool = False) -> None:
+        """Say it in the build's threads; `resent` when an earlier process may have said it
+        already (Slack is searched for that post first)."""
+        since = time.time() - RESENT_WITHIN if resent else None
         for target in older.targets:
             try:
                 await self.outbox.post(
@@ -145,6 +200,7 @@ class StaleBlocks:
                     notice(text),
                     thread_ts=target.reply_thread,
                     key=f"{older.build_id}:{target.channel}:superseded",
+                    tried_since=since,
                 )
             except SlackDeliveryError as exc:
                 log.warning("superseded cancel not told in %s: %s", target.channel, exc.error)

@@ -12,14 +12,19 @@ from app.storage import lua
 from app.storage.codec import text
 from app.storage.keys import (
     BLOCKED_KEY,
+    BREAK_GLASS_KEY,
     EVENTS_MAXLEN,
     EVENTS_STREAM,
     FREEZE_ANNOUNCED_KEY,
     GUARD_TTL,
     LOCK_EXPIRY_KEY,
     LOCK_REMINDED_KEY,
+    LOCKS_HELD_KEY,
+    LOCKS_INDEXED_KEY,
+    LOCKS_INDEXED_TTL,
     NEWEST_KEY,
     PIPELINE_LOCK_KEY,
+    SUPERSEDED_FOLLOWUP_KEY,
     SUPERSEDED_KEY,
 )
 from app.storage.records import PipelineLock, SupersededBy
@@ -39,6 +44,45 @@ return ARGV[2]
 """
 
 
+#: Mark a build superseded (SET NX) and, for the one caller that marked it, note its follow-up
+#: as leased until ARGV[3]; answers 1 for that caller.
+_SUPERSEDE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+  return 1
+end
+return 0
+"""
+
+#: Take over the follow-up of ARGV[1] if its lease (its score) has run out by ARGV[2]: leased
+#: again until ARGV[3]; answers 1 for the one caller that took it.
+_TAKE_FOLLOWUP = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) <= tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+#: Claim a once-only post: free -> leased to the caller ("try:<wall>:<until>"); a lease run out
+#: -> leased again, keeping its first try's wall time (answered); "done" (or "1") -> refused.
+_CLAIM_EDGE = """
+local current = redis.call('GET', KEYS[1])
+if not current then
+  redis.call('SET', KEYS[1], 'try:' .. ARGV[3] .. ':' .. ARGV[2], 'EX', ARGV[4])
+  return {1, ''}
+end
+local since, untl = string.match(current, '^try:([^:]+):([^:]+)$')
+if not since or tonumber(untl) > tonumber(ARGV[1]) then
+  return {0, ''}
+end
+redis.call('SET', KEYS[1], 'try:' .. since .. ':' .. ARGV[2], 'KEEPTTL')
+return {1, since}
+"""
+
+
 class Guards:
     """Once-only claims and the indexes of the stale-block guard and of lock hygiene."""
 
@@ -46,18 +90,63 @@ class Guards:
         self.redis = client
         self._raise_newest = client.register_script(_RAISE_NEWEST)
         self._delete_if = client.register_script(lua.source("release_lock"))
+        self._supersede = client.register_script(_SUPERSEDE)
+        self._take_followup = client.register_script(_TAKE_FOLLOWUP)
+        self._claim_edge = client.register_script(_CLAIM_EDGE)
 
     # -- freeze announcements -----------------------------------------------------------
 
-    async def claim_freeze_edge(self, occurrence: str, edge: str, channel: str, ttl: int) -> bool:
-        """True for the one caller that announces this edge (start, end) in this channel."""
+    async def claim_freeze_edge(
+        self,
+        occurrence: str,
+        edge: str,
+        channel: str,
+        ttl: int,
+        *,
+        now: float,
+        lease: float,
+        wall: float,
+    ) -> tuple[bool, float | None]:
+        """Whether this caller announces this edge (start, end) in this channel: the first to
+        ask, or one that asks once the first's lease (`lease` seconds from its `now`) ran out
+        without the post noted done. The second value is then the first try's `wall` time
+        (real unix seconds), to look for a post it may have made before it died."""
         key = FREEZE_ANNOUNCED_KEY.format(occurrence=occurrence, edge=edge, channel=channel)
-        return bool(await self.redis.set(key, "1", nx=True, ex=max(ttl, 1)))
+        took, since = await self._claim_edge(
+            keys=[key], args=[repr(now), repr(now + lease), repr(wall), max(ttl, 1)]
+        )
+        return bool(took), (float(text(since)) if text(since) else None)
+
+    async def freeze_edge_done(self, occurrence: str, edge: str, channel: str) -> None:
+        """The announcement was made (or may never be): no replica tries it again."""
+        key = FREEZE_ANNOUNCED_KEY.format(occurrence=occurrence, edge=edge, channel=channel)
+        await self.redis.set(key, "done", xx=True, keepttl=True)
 
     async def release_freeze_edge(self, occurrence: str, edge: str, channel: str) -> None:
         """The announcement could not be made: let the next sweep try again."""
         key = FREEZE_ANNOUNCED_KEY.format(occurrence=occurrence, edge=edge, channel=channel)
         await self.redis.delete(key)
+
+    # -- break-glass ---------------------------------------------------------------------
+
+    async def claim_break_glass(
+        self, pipeline: str, requester: str, approval_id: str, *, ttl: int, stale: str | None
+    ) -> str | None:
+        """Note `approval_id` as `requester`'s open break-glass request on `pipeline`; None
+        when noted, else the id of the one already open. `stale` is an id known to be closed
+        (decided or expired), which is replaced."""
+        key = BREAK_GLASS_KEY.format(pipeline=pipeline, requester=requester)
+        if stale is not None:
+            await self._delete_if(keys=[key], args=[stale])
+        if await self.redis.set(key, approval_id, nx=True, ex=max(ttl, 1)):
+            return None
+        current = await self.redis.get(key)
+        return text(current) if current is not None else None
+
+    async def release_break_glass(self, pipeline: str, requester: str, approval_id: str) -> None:
+        """The request could not be made after all: the requester may ask again."""
+        key = BREAK_GLASS_KEY.format(pipeline=pipeline, requester=requester)
+        await self._delete_if(keys=[key], args=[approval_id])
 
     # -- the stale-block guard ----------------------------------------------------------
 
@@ -90,10 +179,31 @@ class Guards:
         raw = await self.redis.get(NEWEST_KEY.format(pipeline=pipeline, branch=branch))
         return SupersededBy.model_validate_json(raw) if raw else None
 
-    async def supersede(self, build_id: str, by: SupersededBy) -> bool:
-        """Mark a blocked build superseded; True for the one caller that marked it."""
-        key = SUPERSEDED_KEY.format(build_id=build_id)
-        return bool(await self.redis.set(key, by.model_dump_json(), nx=True, ex=GUARD_TTL))
+    async def supersede(self, build_id: str, by: SupersededBy, *, lease_until: float) -> bool:
+        """Mark a blocked build superseded; True for the one caller that marked it, whose
+        follow-up is leased to it until `lease_until` (see `superseded_followups`)."""
+        marked = await self._supersede(
+            keys=[SUPERSEDED_KEY.format(build_id=build_id), SUPERSEDED_FOLLOWUP_KEY],
+            args=[by.model_dump_json(), GUARD_TTL, lease_until, build_id],
+        )
+        return bool(marked)
+
+    async def superseded_followed_up(self, build_id: str) -> None:
+        """The follow-up of a superseded build is done (or will never be possible)."""
+        await self.redis.zrem(SUPERSEDED_FOLLOWUP_KEY, build_id)
+
+    async def superseded_followups(self, now: float, *, lease_until: float) -> list[str]:
+        """The superseded builds whose follow-up's lease ran out (its process died, or is
+        stuck), each handed to one caller only and leased to it until `lease_until`."""
+        due = await self.redis.zrangebyscore(SUPERSEDED_FOLLOWUP_KEY, "-inf", now, start=0, num=50)
+        taken = []
+        for build_id in [text(b) for b in due]:
+            took = await self._take_followup(
+                keys=[SUPERSEDED_FOLLOWUP_KEY], args=[build_id, now, lease_until]
+            )
+            if took:
+                taken.append(build_id)
+        return taken
 
     async def amend_superseded(self, build_id: str, by: SupersededBy) -> None:
         """Replace the mark of a build already superseded (what became of it changed)."""
@@ -120,6 +230,26 @@ class Guards:
         """True for the one caller that reminds the holder of `lock` in its `period`-th period."""
         key = LOCK_REMINDED_KEY.format(pipeline=lock.pipeline, since=int(lock.since), period=period)
         return bool(await self.redis.set(key, "1", nx=True, ex=max(ttl, 1)))
+
+    async def index_unindexed_locks(self) -> int:
+        """Once a day across replicas, add to the indexes the locks they miss (taken by an
+        older release, or by a process that died in between); returns how many it added."""
+        if not await self.redis.set(LOCKS_INDEXED_KEY, "1", nx=True, ex=LOCKS_INDEXED_TTL):
+            return 0
+        added = 0
+        async for key in self.redis.scan_iter(match=PIPELINE_LOCK_KEY.format(pipeline="*")):
+            raw = await self.redis.get(key)
+            if not raw:
+                continue
+            try:
+                lock = PipelineLock.model_validate_json(raw)
+            except ValueError:
+                continue  # not a lock this release can read: left alone
+            new = await self.redis.zadd(LOCKS_HELD_KEY, {lock.pipeline: lock.since}, nx=True)
+            added += 1 if new else 0
+            if lock.expires_at is not None:
+                await self.redis.zadd(LOCK_EXPIRY_KEY, {text(raw): lock.expires_at}, nx=True)
+        return added
 
     async def take_expired_locks(self, now: float) -> list[PipelineLock]:
         """The locks whose time has come, each handed to one caller only; their key is deleted

@@ -146,11 +146,23 @@ NEWEST_KEY = TEMPLATE_PREFIX + "newest:{pipeline}:{branch}"
 #: the one process that sets it updates the message, and cancels it when the policy says so).
 SUPERSEDED_KEY = TEMPLATE_PREFIX + "superseded:{build_id}"
 GUARD_TTL = PENDING_TTL
+#: Sorted set of superseded builds whose follow-up (message refresh, and the cancel of
+#: `superseded: cancel`) is not known done, by when a sweep may take it over: a process that
+#: died between the mark and the cancel leaves its build there.
+SUPERSEDED_FOLLOWUP_KEY = PREFIX + "superseded:followup"
+#: breakglass:{pipeline}:{requester} -> the id of that person's break-glass approval request
+#: on that pipeline, while it may be open: a second one is refused (SET NX).
+BREAK_GLASS_KEY = TEMPLATE_PREFIX + "breakglass:{pipeline}:{requester}"
 #: lockremind:{pipeline}:{since}:{period} -> the holder of that lock was reminded in that period.
 LOCK_REMINDED_KEY = TEMPLATE_PREFIX + "lockremind:{pipeline}:{since}:{period}"
 #: Sorted set of the pipelines locked, by when: what the reminder sweep reads, rather than
 #: scanning the keyspace every minute. A member whose lock expired is dropped as it is read.
 LOCKS_HELD_KEY = PREFIX + "locks:held"
+#: Marks that the locks were indexed from the keyspace lately (one SCAN a day across
+#: replicas): locks taken by a release before the indexes, or by a process that died between
+#: its lock and its index entry, are picked up.
+LOCKS_INDEXED_KEY = PREFIX + "locks:indexed"
+LOCKS_INDEXED_TTL = 24 * 3600
 #: Sorted set of expiring locks (their JSON), by expiry: the channel is told once it passes.
 #: No TTL of its own: each member leaves at its expiry (or its unlock), and the set with it.
 LOCK_EXPIRY_KEY = PREFIX + "locks:expiring"

@@ -25,6 +25,8 @@ class FreezeView:
     end: float
     start_text: str
     end_text: str
+    #: The last of the freezes that follow this one without a gap: deploys wait for its end.
+    then: FreezeView | None = None
 
 
 def when(timestamp: float, fallback: str) -> str:
@@ -46,9 +48,16 @@ def _pipelines(view: FreezeView) -> str:
 def frozen(pipeline: str, action: str, view: FreezeView) -> str:
     """Why a deploy (or rebuild, rollback, promotion) is refused: the freeze, its reason, and
     when it ends."""
+    until = f"until {when(view.end, view.end_text)}"
+    if view.then is not None:  # another freeze follows on: the end that matters is its
+        then = view.then
+        until += (
+            f", and then {_what(then)} until {when(then.end, then.end_text)}, with no gap "
+            "between them"
+        )
     return (
-        f":snowflake: {code(pipeline)} is frozen: {_what(view)}, until "
-        f"{when(view.end, view.end_text)}. The {action} was not started. In an emergency, "
+        f":snowflake: {code(pipeline)} is frozen: {_what(view)}, {until}. "
+        f"The {action} was not started. In an emergency, "
         f"`/deploy {pipeline} … --break-glass <reason>` asks a second person to approve it."
     )
 
@@ -63,7 +72,17 @@ def not_frozen(pipeline: str) -> str:
 def no_break_glass_approvers(pipeline: str) -> str:
     return (
         f"A break-glass deploy of {code(pipeline)} needs a second person to approve it, and "
-        "the policy names nobody: set the rule's `approval.approvers`, or `admins`."
+        "the policy names nobody but you: set the rule's `approval.approvers`, or `admins`."
+    )
+
+
+def break_glass_pending(pipeline: str, channel: str) -> str:
+    """A second `--break-glass` while the person's first one waits for approval."""
+    where = f" in <#{channel}>" if channel else ""
+    return (
+        f"You already asked to break the glass on {code(pipeline)}, and that request waits "
+        f"for approval{where}: it was not asked again. Once it is decided or expired, you may "
+        "ask anew."
     )
 
 
@@ -92,7 +111,14 @@ def freeze_started(view: FreezeView, *, late: bool = False) -> str:
     )
 
 
-def freeze_ended(view: FreezeView) -> str:
+def freeze_ended(view: FreezeView, still: FreezeView | None = None) -> str:
+    """A freeze's end; `still` another freeze in force on some of its pipelines then."""
+    if still is not None:
+        return (
+            f":snowflake: The freeze {_what(view)} has ended, but {_what(still)} is in force "
+            f"until {when(still.end, still.end_text)}: deploys of {_pipelines(still)} are "
+            "still refused."
+        )
     return f":sunny: The freeze {_what(view)} has ended: {_pipelines(view)} may be deployed again."
 
 

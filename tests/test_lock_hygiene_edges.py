@@ -1,0 +1,101 @@
+"""Lock hygiene at its edges: a lock taken by a release before the sweep's indexes (or by a
+process that died between its lock and its index entry) is reminded of and told at its expiry
+all the same, and a lock held by an agent reminds the person it acts for, or nobody (no DM is
+tried to an id Slack does not know)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.simulators.bot import BotClient, running_bot
+from app.simulators.buildkite import FakeBuildkite
+from app.simulators.slack import FakeSlack
+from app.storage import keys
+from app.storage.records import PipelineLock
+from tests.test_lock_hygiene import ALICE, CHANNEL, HOUR, START, Clock, dms, sweep_both, tuned
+
+TOKEN = "a" * 40
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(START)
+
+
+@pytest.fixture
+async def bots(
+    slack: FakeSlack,
+    bk: FakeBuildkite,
+    redis_url: str,
+    redis_client: Any,
+    clock: Clock,
+    policy_file: Path,
+) -> AsyncIterator[tuple[BotClient, BotClient]]:
+    """Two replicas on one Redis, whose own lock sweeps wait for the test's."""
+    for slug in ("deploy-prod", "deploy-api"):
+        bk.add_pipeline(slug)
+    tuning = tuned(clock)
+    policy = str(policy_file)
+    async with (
+        running_bot(slack, bk, redis_url, tuning=tuning, policy_file=policy) as one,
+        running_bot(slack, bk, redis_url, tuning=tuning, policy_file=policy) as two,
+    ):
+        yield one, two
+
+
+@pytest.fixture
+def policy_file(tmp_path: Path) -> Path:
+    sha = hashlib.sha256(TOKEN.encode()).hexdigest()
+    path = tmp_path / "policy.yml"
+    path.write_text(
+        "admins: [U0ADMIN]\nlock_reminder_after: 4h\n"
+        f'agents:\n  captain:\n    token_sha256: "{sha}"\n    acts_for: {ALICE}\n'
+        f'  loner:\n    token_sha256: "{sha[::-1]}"\n'
+    )
+    return path
+
+
+async def old_lock(redis_client: Any, pipeline: str, user: str, **extra: Any) -> None:
+    """A lock as a release without the indexes left it: its key alone."""
+    lock = PipelineLock(pipeline=pipeline, user=user, reason="old", since=START - 5 * HOUR, **extra)
+    await redis_client.set(keys.PIPELINE_LOCK_KEY.format(pipeline=pipeline), lock.model_dump_json())
+
+
+async def test_a_lock_taken_before_the_indexes_is_reminded_and_told_at_its_expiry(
+    bots: tuple[BotClient, BotClient], slack: FakeSlack, clock: Clock, redis_client: Any
+) -> None:
+    await redis_client.delete(keys.LOCKS_INDEXED_KEY)  # as after an upgrade
+    await old_lock(redis_client, "deploy-prod", ALICE)
+    await old_lock(redis_client, "deploy-api", "U0BOB", channel=CHANNEL, expires_at=START + HOUR)
+    await sweep_both(bots, clock)
+    await slack.wait_for(lambda: len(dms(slack, ALICE)) == 1)
+    assert "You have held the lock on `deploy-prod` for 5 h" in dms(slack, ALICE)[0]
+    assert len(dms(slack, "U0BOB")) == 1
+    assert await redis_client.ttl(keys.LOCKS_INDEXED_KEY) > 0
+    clock.now = START + HOUR + 60
+    await sweep_both(bots, clock)
+    told = await slack.wait_for(
+        lambda: [c for c in slack.posts(CHANNEL) if "expired" in str(c.args["text"])]
+    )
+    assert len(told) == 1 and "deploy-api" in told[0].args["text"]
+    await sweep_both(bots, clock)
+    assert len([c for c in slack.posts(CHANNEL) if "expired" in str(c.args["text"])]) == 1
+
+
+async def test_an_agents_lock_reminds_the_person_it_acts_for_or_nobody(
+    bots: tuple[BotClient, BotClient], slack: FakeSlack, clock: Clock, redis_client: Any
+) -> None:
+    await redis_client.delete(keys.LOCKS_INDEXED_KEY)
+    await old_lock(redis_client, "deploy-prod", "agent:captain")
+    await old_lock(redis_client, "deploy-api", "agent:loner")
+    await sweep_both(bots, clock)
+    await slack.wait_for(lambda: len(dms(slack, ALICE)) == 1)
+    await sweep_both(bots, clock)
+    assert "`deploy-prod`" in dms(slack, ALICE)[0]
+    tried = [c.args.get("channel") for c in slack.calls if c.method == "chat.postMessage"]
+    assert not [c for c in tried if str(c).startswith("agent:")]
