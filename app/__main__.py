@@ -89,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.check_config:
             for problem in exc.problems:
                 print(f"✗ settings: {problem}")
-            print("The other checks need valid settings (environment or .env): fix these first.")
+            print(policy_line())
+            print(
+                "The other checks (Slack, Buildkite, Redis) need valid settings (environment or "
+                ".env): fix these first."
+            )
             return 1
         print("The bot cannot start; fix these settings (environment or .env):", file=sys.stderr)
         for problem in exc.problems:
@@ -122,13 +126,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def policy_line() -> str:
+    """`--check-config`'s policy line, which needs only POLICY_FILE: a policy is checked before
+    it is deployed, even where the tokens are not set."""
+    from pydantic import ValidationError
+
+    from app.ops.checks import check_policy_file
+    from app.settings import PolicyFileSetting
+
+    try:
+        path = PolicyFileSetting().policy_file
+    except (ValidationError, UnicodeDecodeError):
+        return "✗ policy: not checked: POLICY_FILE could not be read (see the settings above)"
+    check = check_policy_file(path)
+    mark = "✓" if check.ok else "✗"
+    return "\n".join(f"{mark} policy: {line}" for line in check.detail.splitlines())
+
+
 def next_steps(problems: list[str]) -> str:
     """Where a person who cannot start the bot goes next: a first run is pointed at the
     example settings and at the sandbox, which needs none."""
     lines = []
-    if any(problem.endswith(" is not set") for problem in problems):
-        where = "" if Path(ENV_FILE).is_file() else f" (there is no {ENV_FILE} in {Path.cwd()})"
-        lines.append(f"New here? Copy .env.example to {ENV_FILE} and fill it in{where}.")
+    if any(problem.endswith((" is not set", " is empty")) for problem in problems):
+        if Path(ENV_FILE).is_file():
+            lines.append(
+                f"New here? Fill in {ENV_FILE} (.env.example and docs/configuration.md say what "
+                "each setting is)."
+            )
+        else:
+            where = f" (there is no {ENV_FILE} in {Path.cwd()})"
+            lines.append(f"New here? Copy .env.example to {ENV_FILE} and fill it in{where}.")
     lines.append("Try the bot with no credentials at all: python -m app sandbox")
     lines.append("Check settings and tokens once set: python -m app --check-config")
     return "\n".join(lines)

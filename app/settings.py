@@ -25,7 +25,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import ErrorDetails
+from pydantic_core import ErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.core import yaml_input
@@ -162,11 +162,20 @@ class Settings(BaseSettings):
             raise ValueError("must be an app-level token starting with xapp- (or unset for HTTP)")
         return value
 
-    @field_validator("slack_signing_secret", "buildkite_api_token")
+    @field_validator(
+        "slack_bot_token",
+        "slack_signing_secret",
+        "buildkite_api_token",
+        "buildkite_org",
+        mode="before",
+    )
     @classmethod
-    def _not_blank(cls, value: SecretStr) -> SecretStr:
-        if not value.get_secret_value().strip():
-            raise ValueError("must not be empty")
+    def _required_not_blank(cls, value: Any) -> Any:
+        # `SLACK_BOT_TOKEN=` as in a fresh copy of .env.example: said as empty, not as a
+        # malformed token.
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(text, str) and not text.strip():
+            raise PydanticCustomError("blank", "is empty")
         return value
 
     @field_validator("buildkite_webhook_token")
@@ -339,6 +348,15 @@ def _schedule_problem(error: ErrorDetails) -> str:
     return f"{where}: {error['msg'].removeprefix('Value error, ')}"
 
 
+class PolicyFileSetting(BaseSettings):
+    """POLICY_FILE alone, read as Settings reads it: `--check-config` checks the policy file
+    even while other settings are missing, e.g. on a laptop without the tokens."""
+
+    model_config = Settings.model_config
+
+    policy_file: str = "policy.yml"
+
+
 class SettingsError(Exception):
     """Start-up configuration problems, one line per problem, never showing a secret value."""
 
@@ -362,6 +380,8 @@ def load_settings(**overrides: Any) -> Settings:
             name = str(error["loc"][0]).upper() if error["loc"] else "settings"
             if error["type"] == "missing":
                 problems.append(f"{name} is not set")
+            elif error["type"] == "blank":
+                problems.append(f"{name} is empty")
             else:
                 # Only `msg` is shown: it never contains the (possibly secret) input value.
                 message = error["msg"]

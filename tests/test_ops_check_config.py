@@ -216,3 +216,27 @@ async def test_two_policy_problems_are_two_lines_of_the_report(
         "of Rule",
         "1 of 1 checks failed.",
     ]
+
+
+def test_the_policy_is_checked_even_without_the_tokens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """deploy/README.md checks a policy before it reaches the cluster, where the tokens are not
+    set: the policy's own problems are named beside the missing settings."""
+    policy = tmp_path / "policy.yml"
+    policy.write_text("pipelines:\n  deploy-prod:\n    deployer: [U1234]\n")
+    result = main_in_process(
+        child_env(POLICY_FILE=str(policy)), "--check-config", monkeypatch=monkeypatch, capsys=capsys
+    )
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert "✗ settings: SLACK_BOT_TOKEN is not set" in lines
+    assert [line for line in lines if line.startswith("✗ policy: ")] == [
+        f"✗ policy: {policy}, line 3: pipelines.deploy-prod.deployer: Extra inputs are not "
+        "permitted"
+    ]
+    policy.write_text("pipelines:\n  deploy-prod:\n    deployers: [U1234]\n")
+    result = main_in_process(
+        child_env(POLICY_FILE=str(policy)), "--check-config", monkeypatch=monkeypatch, capsys=capsys
+    )
+    assert f"✓ policy: {policy}: 1 pipeline rules" in result.stdout.splitlines()

@@ -70,6 +70,8 @@ def test_a_scripted_session_prints_a_transcript(tmp_path: Path) -> None:
     out = result.stdout
     for expected in (
         "Sandbox: the bot listens on http://127.0.0.1:",
+        # No policy.yml here: the header says so, and where approvals and locks are shown.
+        "; no policy: everyone may do everything (try --policy demo);",
         "> /deploy web main",
         "  only alice: ⏳ Starting a build of `web` if it exists and you may deploy it…",
         "  #deploys, new message:",

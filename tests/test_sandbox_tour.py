@@ -69,6 +69,10 @@ def test_the_documented_tour_shows_what_the_doc_says(tmp_path: Path) -> None:
         found = out.find(step, at)
         assert found >= 0, f"{step!r} not in the transcript after position {at}:\n{out}"
         at = found
+    # The approval's thread is named by its first sentence, not cut inside the build's link.
+    approval = "✅ Deploy of `web` requested by @alice was approved by @bob"
+    assert f"  #deploys, thread of {approval}:\n" in out
+    assert "(https:\n" not in out
     assert "🛑 Asked `builder-3` to stop once its current job finishes." in out
     assert "(Buildkite: agent builder-3 is stopped)" in out
     last_list = out.rsplit("bob> /buildkite agents", 1)[1]

@@ -146,7 +146,11 @@ async def check_redis(store: Store, settings: Settings, *, show_url: bool = Fals
 
 def check_policy(settings: Settings) -> Check:
     """Load the policy file as start-up would, reporting each problem by line."""
-    path = settings.policy_file
+    return check_policy_file(settings.policy_file)
+
+
+def check_policy_file(path: str) -> Check:
+    """The policy check of the file at `path` (POLICY_FILE)."""
     if not path or not Path(path).exists():
         return Check(
             "policy",

@@ -34,6 +34,16 @@ def policy_file_for(policy: str | None) -> str:
     return str(demo_policy_path()) if policy == DEMO_POLICY else policy or DEFAULT_POLICY
 
 
+def policy_words(policy: str | None, policy_file: str) -> str:
+    """The policy, as the sandbox's first line names it."""
+    if policy == DEMO_POLICY:
+        return "the demo policy"
+    if Path(policy_file).is_file():
+        return f"policy {policy_file}"
+    # A newcomer's first run: point at the policy that shows refusals, approvals and locks.
+    return "no policy: everyone may do everything (try --policy demo)"
+
+
 class HideUnhandledRequests(logging.Filter):
     """Bolt's warning for a request no listener takes (an unknown slash command) is for the
     bot's developers; the sandbox answers the person itself ("is /foo one of its commands?")."""
@@ -158,7 +168,7 @@ async def run(args: argparse.Namespace, script: list[str] | None, out: TextIO) -
             )
             simulator = asyncio.create_task(session.simulate_builds())
             try:
-                rules = "the demo policy" if policy == DEMO_POLICY else f"policy {policy_file}"
+                rules = policy_words(policy, policy_file)
                 session.say(
                     f"Sandbox: the bot listens on {client.base}, against fake Slack and "
                     f"Buildkite. You are @{person.name} in #deploys (`as NAME` switches: "

@@ -31,6 +31,16 @@ HELP = (
     "else, or quit."
 )
 _AS = re.compile(r"/?as(?:\s+(\S*))?\s*", re.IGNORECASE)
+#: Where a thread's name ends in its parent's text: a build message's "web #1: …", or the end
+#: of an approval's first sentence (a colon alone would cut inside a link's "https:").
+_TITLE_END = re.compile(r": |\. ")
+_TITLE_MAX = 80
+
+
+def thread_title(text: str) -> str:
+    """How the transcript names a thread: its parent message's first words."""
+    title = _TITLE_END.split(text, maxsplit=1)[0].strip()
+    return title if len(title) <= _TITLE_MAX else title[: _TITLE_MAX - 1].rstrip() + "…"
 
 
 @dataclass
@@ -319,7 +329,7 @@ class Session:
             label = f"{where}, message edited"
         elif thread:
             parent = self.slack.messages.get(channel, {}).get(thread, {})
-            title = render_text(str(parent.get("text", "")), self.slack).split(":")[0]
+            title = thread_title(render_text(str(parent.get("text", "")), self.slack))
             label = f"{where}, thread of {title}"
             label += " (also sent to the channel)" if call.args.get("reply_broadcast") else ""
         else:
