@@ -213,6 +213,8 @@ def _check_local(
     ("entry", "line", "problem"),
     [
         ('    weekly: "fri 16:00 - mon 08:00"\n    timezone: Mars/Olympus\n', 5, "IANA time zone"),
+        # A directory of the zone database, not a zone: ZoneInfo raises IsADirectoryError.
+        ('    weekly: "fri 16:00 - mon 08:00"\n    timezone: America\n', 5, "IANA time zone"),
         ('    weekly: "fri 16h - mon 8h"\n', 4, "is not a weekly window"),
         # A problem of the freeze as a whole is told at its first line.
         ("    from: 2026-12-22T00:00\n    to: 2026-12-21T00:00\n", 2, "ends (to) before"),

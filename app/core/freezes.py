@@ -94,7 +94,8 @@ def parse_weekly(text: str) -> WeeklyWindow:
 def _zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        # OSError: a name such as "America" is a directory of the database, not a zone.
         raise ValueError(
             f"{name!r} is not an IANA time zone (such as UTC, Europe/Berlin, America/New_York)"
         ) from None

@@ -159,7 +159,8 @@ def check_branch(branch: str) -> str:
 
 def parse_deploy(text: str) -> DeployCommand:
     """Parse `/deploy <pipeline> [branch] [commit] [message…]` with KEY=value words anywhere,
-    or one of its subcommands: lock, unlock, locks, audit."""
+    or one of its subcommands: lock, unlock, locks, freezes, audit (the release subcommands,
+    status, history, rollback and promote, are parsed by app.core.commands.releases)."""
     words = split_words(text)
     if is_help(words):
         return HelpRequest()
