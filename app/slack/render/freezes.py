@@ -43,12 +43,17 @@ def _pipelines(view: FreezeView) -> str:
     )
 
 
-def frozen(pipeline: str, action: str, view: FreezeView) -> str:
+def frozen(pipeline: str, action: str, view: FreezeView, *, break_glass: bool = True) -> str:
     """Why a deploy (or rebuild, rollback, promotion) is refused: the freeze, its reason, and
-    when it ends."""
-    return (
+    when it ends; and the break-glass, for a person (an agent has none)."""
+    refused = (
         f":snowflake: {code(pipeline)} is frozen: {_what(view)}, until "
-        f"{when(view.end, view.end_text)}. The {action} was not started. In an emergency, "
+        f"{when(view.end, view.end_text)}. The {action} was not started."
+    )
+    if not break_glass:
+        return f"{refused} An agent cannot break the glass: a person may, with `--break-glass`."
+    return (
+        f"{refused} In an emergency, "
         f"`/deploy {pipeline} … --break-glass <reason>` asks a second person to approve it."
     )
 
