@@ -15,6 +15,7 @@ from app.core.commands import COMMIT, DeployRequest, UsageError, check_branch
 from app.core.commands.releases import HistoryRequest, PromoteRequest, RollbackRequest
 from app.core.deploys import DeployOrigin, DeployOutcome, Deploys, github_repo
 from app.core.errors import UserError, explain
+from app.core.freezes import view_of
 from app.core.policy import Action
 from app.core.releases import NoRollback, live_deployment, rollback_target, running_deployments
 from app.slack.actor import Actor
@@ -61,8 +62,11 @@ class Releases(Actions):
     ) -> list[PipelineStatus]:
         """Per pipeline (or every pipeline in the ledger): what is live and what runs now.
 
-        Redis only: the ledger, its pipelines' repository and default branch, and the locks.
+        Redis only: the ledger, its pipelines' repository and default branch, and the locks;
+        and the policy's freezes in force.
         """
+        # Freezes are read on the bot's clock (app.tuning), as the refusals are.
+        frozen_at = self.s.tuning.clock() if now is None else now
         now = time.time() if now is None else now
         store = self.s.store
         try:
@@ -93,6 +97,7 @@ class Releases(Actions):
             diff = (
                 compare_url(info.repository, live.commit[:12], branch) if live and branch else None
             )
+            frozen = self.s.policy.active_freeze(slug, frozen_at)
             statuses.append(
                 PipelineStatus(
                     pipeline=slug,
@@ -101,6 +106,7 @@ class Releases(Actions):
                     default_branch=branch,
                     running=running_deployments(entries, now=now),
                     lock=locks.get(slug),
+                    freeze=view_of(frozen) if frozen is not None else None,
                 )
             )
         return statuses
