@@ -160,6 +160,7 @@ async def test_deployments_returns_the_history_and_what_is_live_from_redis_only(
     assert seen["pipeline"] == "web"
     assert seen["live"]["number"] == 1 and seen["live"]["commit"] == SHA1
     assert seen["live"]["outcome"] == "passed" and seen["live"]["source"] == "bot"
+    assert seen["live"]["requested_by"] == "agent:captain"
     assert seen["live"]["started_at"].endswith("+00:00")
     assert [d["number"] for d in seen["deployments"]] == [3, 2]  # newest first, limit 2
     assert [d["outcome"] for d in seen["deployments"]] == ["running", "failed"]
@@ -188,7 +189,13 @@ async def test_a_rollback_goes_through_the_core_once_and_is_audited(
     assert create.json["meta_data"]["chatops_requested_by"] == "agent:captain"
     key = keys.DEPLOYMENT_KEY.format(pipeline="web", number=3)
     rolled = json.loads(await redis_client.get(key))
-    assert rolled["rb"] == 2 and rolled["o"] == "passed"
+    assert rolled["rb"] == 2 and rolled["o"] == "passed" and rolled["r"] == "agent:captain"
+    assert create.json["message"] == "Rollback of #2 to #1 by agent captain over MCP"
+    # People see in the history who asked: the agent, by name, never as a mention.
+    _, name, _ = await bot.command("/deploy", "history web")
+    replies = await slack.wait_for(lambda: [p for p in slack.responses if p.name == name])
+    history = json.dumps(replies[-1].json.get("blocks"))
+    assert "by agent `captain`" in history and "<@agent:" not in history
     # Build #3 is live now: refused, with the core's reason as a plain sentence.
     assert live["status"] == "refused" and "#3 is what is live" in live["reason"]
     assert "reference" in live["reason"] and "`" in live["reason"]
@@ -229,6 +236,7 @@ async def test_promote_deploys_the_commit_live_on_the_source(
     assert done["status"] == "started" and done["build"]["commit"] == SHA1
     (create,) = creates(bk, "prod-lite")
     assert create.json["commit"] == SHA1
+    assert create.json["message"].endswith("by agent captain over MCP")
     assert create.json["meta_data"]["chatops_requested_by"] == "agent:captain"
 
 

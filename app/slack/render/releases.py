@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from slack_sdk.models.blocks import MarkdownTextObject, SectionBlock
 
-from app.slack.mrkdwn import code, link, plain
+from app.slack.mrkdwn import code, link, person, plain
 from app.slack.render.common import SECTION_TEXT_LIMIT, STATE_EMOJI, Rendered, clip
 from app.slack.render.freezes import FreezeView
 from app.slack.render.freezes import when as date_token
@@ -60,7 +60,7 @@ def duration(seconds: int | None) -> str:
 
 def _who(entry: Deployment) -> str:
     if entry.requested_by:
-        return f"<@{entry.requested_by}>"
+        return person(entry.requested_by)
     return "announced" if entry.source is Source.ROUTE else "someone outside Slack"
 
 
@@ -100,7 +100,7 @@ def _status_lines(status: PipelineStatus, now: float) -> list[str]:
             f"• deploying now: {code(entry.commit[:12])} in {_build(entry)} by {_who(entry)}"
         )
     if status.lock is not None:
-        lines.append(f"• :lock: locked by <@{status.lock.user}>")
+        lines.append(f"• :lock: locked by {person(status.lock.user)}")
     if (freeze := status.freeze) is not None:
         lines.append(
             f"• :snowflake: frozen: *{clip(plain(freeze.reason), 300)}* ({plain(freeze.window)}), "
@@ -125,7 +125,7 @@ def _status_line(status: PipelineStatus, now: float) -> str:
     if status.running:
         line += " · :arrow_forward: " + " ".join(_build(entry) for entry in status.running)
     if status.lock is not None:
-        line += f" · :lock: <@{status.lock.user}>"
+        line += f" · :lock: {person(status.lock.user)}"
     if (freeze := status.freeze) is not None:
         line += (
             f" · :snowflake: {clip(plain(freeze.reason), 100)} until "
