@@ -19,9 +19,9 @@ from app.core.commands.releases import (
     RollbackRequest,
 )
 from app.core.deploys import Deploys, NeedsConfirmation
-from app.core.freezes import Occurrence
 from app.core.release_actions import Releases
 from app.core.services import request_id_for
+from app.slack.render.freezes import FreezeView
 from app.storage.ledger import Deployment
 
 # -- arguments ---------------------------------------------------------------------------------
@@ -138,14 +138,12 @@ def deployment_view(entry: Deployment) -> DeploymentView:
     )
 
 
-def freeze_in_force(occurrence: Occurrence | None) -> FreezeInForce | None:
-    if occurrence is None:
+def freeze_in_force(view: FreezeView | None) -> FreezeInForce | None:
+    if view is None:
         return None
-    return FreezeInForce(
-        reason=occurrence.freeze.reason,
-        window=occurrence.freeze.window,
-        ends_at=occurrence.end.isoformat(),
-    )
+    ends_at = _iso(view.end)
+    assert ends_at is not None
+    return FreezeInForce(reason=view.reason, window=view.window, ends_at=ends_at)
 
 
 # -- the tools ---------------------------------------------------------------------------------
@@ -157,14 +155,13 @@ async def deployments(ctx: Context, args: DeploymentsArgs) -> DeploymentsResult:
     releases = Releases(ctx.services)
     entries = await releases.history(HistoryRequest(args.pipeline, args.limit))
     (status,) = await releases.status(args.pipeline, now=ctx.services.tuning.clock())
-    occurrence = ctx.services.policy.active_freeze(args.pipeline, ctx.services.tuning.clock())
     return DeploymentsResult(
         pipeline=args.pipeline,
         live=deployment_view(status.live) if status.live else None,
         running=[deployment_view(e) for e in status.running],
         deployments=[deployment_view(e) for e in entries],
         locked_by=status.lock.user if status.lock else None,
-        frozen=freeze_in_force(occurrence),
+        frozen=freeze_in_force(status.freeze),
     )
 
 
