@@ -85,9 +85,21 @@ def main(args: argparse.Namespace) -> int:
     except BuildkiteError as exc:
         print(f"Buildkite refused: {exc}", file=sys.stderr)
         return 1
-    print(
+    print(summary(report, sent))
+    if report.stopped is not None:
+        print(
+            f"Stopped before the end: {report.stopped}. What was read is recorded; run it again "
+            "later (it changes nothing already recorded).",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def summary(report: RebuildReport, sent: int) -> str:
+    """What a rebuild read and wrote, and what it cost in Buildkite requests (each 429 too)."""
+    return (
         f"Read {report.builds_read} builds in {sent} Buildkite requests; recorded "
         f"{report.recorded} deployments of {len(report.pipelines)} pipelines "
         "(the others were in the ledger already)."
     )
-    return 0

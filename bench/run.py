@@ -3,6 +3,7 @@
 python -m bench                      # the full run (about 5 minutes)
 python -m bench --quick              # smaller and shorter (about 1.5 minutes)
 python -m bench --json bench/results.json
+python -m bench --only 7             # some items: 1, 2, 3, 6 (App Home), 7 (agents on /mcp)
 python -m bench --check              # exit 1 on a >2x regression against bench/results.json
 """
 
@@ -23,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import ack, home, polling, webhooks
+from bench import ack, agents, home, polling, webhooks
 from bench.common import code_fingerprint, machine, median, percentile, redis_url
 
 COMMITTED = Path(__file__).resolve().parent / "results.json"
@@ -37,6 +38,9 @@ MODES: dict[str, dict[str, Any]] = {
         "poll_channels": 100,
         "webhook_builds": 1000,
         "burst": 100,
+        "mcp_calls": 2000,
+        "mcp_window": 60.0,
+        "mcp_wakes": 300,
     },
     "quick": {
         "ack_seconds": 10.0,
@@ -45,6 +49,9 @@ MODES: dict[str, dict[str, Any]] = {
         "poll_channels": 100,
         "webhook_builds": 300,
         "burst": 30,
+        "mcp_calls": 500,
+        "mcp_window": 20.0,
+        "mcp_wakes": 100,
     },
 }
 
@@ -258,6 +265,58 @@ async def bench_webhooks(url: str, mode: dict[str, Any], notes: list[str]) -> li
     ]  # fmt: skip
 
 
+async def bench_agents(url: str, mode: dict[str, Any], notes: list[str]) -> list[Row]:
+    window = mode["mcp_window"]
+    result = await agents.run(
+        url, calls=mode["mcp_calls"], rounds=10, window=window, wakes=mode["mcp_wakes"]
+    )
+    bot, bare = result["get_build"]["bot"], result["get_build"]["bare"]
+    wake, asked = result["wake_summary"], result["requests"]
+    per_minute = 60 / window
+    alone = (asked["before"] + asked["after"]) / 2 * per_minute
+    waiting = asked["waiting"] * per_minute
+    extra = waiting - alone
+    notes.append(
+        f"7: one agent (the SDK's ClientSession over Streamable HTTP, bearer token) calling in "
+        f"turn; {bot['calls']:,} get_build calls to each server in 10 alternating rounds after 50 "
+        f"of warm-up, medians of {webhooks.WINDOWS} windows; max {fmt(bot['max_ms'], 'ms')} "
+        f"(bare {fmt(bare['max_ms'], 'ms')}). The bot answers a build read from its 2 s Redis "
+        f"cache, else from Buildkite. Wake-ups: {wake['webhooks']} builds in turn, the wait under "
+        f"way {agents.WAIT_HEADSTART * 1000:.0f} ms before the signed build.finished webhook; over "
+        f"all of them p50 {fmt(wake['all_p50_ms'], 'ms')}, p99 {fmt(wake['all_p99_ms'], 'ms')}, "
+        f"max {fmt(wake['max_ms'], 'ms')}; the webhook answered after p50 "
+        f"{fmt(wake['acked_p50_ms'], 'ms')}, p99 {fmt(wake['acked_p99_ms'], 'ms')}, the bot's "
+        f"announcement of the change heard ({wake['announced']} of them) after p50 "
+        f"{fmt(wake['announced_p50_ms'], 'ms')}, p99 {fmt(wake['announced_p99_ms'], 'ms')}. "
+        f"Requests: {agents.WAITED_BUILDS} running builds, "
+        f"POLL_INTERVAL {agents.POLL_INTERVAL:.0f} s, windows of {window:.0f} s starting between "
+        f"two polls: tracker alone {asked['before']} then {asked['after']} requests, with the "
+        f"agent waiting on all {agents.WAITED_BUILDS} at once {asked['waiting']} "
+        f"({asked['waits_answered']} waits answered, {asked['waiting_build_reads']} build reads, "
+        f"{asked['waiting_not_polls']} requests other than the tracker's polls, against "
+        f"{asked['not_polls_alone']} in the tracker's windows; "
+        f"paths: {', '.join(asked['waiting_paths']) or 'none'}). Bot log errors: "
+        f"{result['bot_error_log_lines']}."
+    )
+    return [
+        Row("mcp.get_build_p50", "7", "get_build over /mcp, p50", bot["p50_ms"], "ms",
+            bare["p50_ms"], "bare MCP server"),
+        Row("mcp.get_build_p99", "7", "get_build over /mcp, p99", bot["p99_ms"], "ms",
+            bare["p99_ms"], "bare MCP server"),
+        Row("mcp.wake_p50", "7", "webhook → wait_for_build return p50", wake["p50_ms"], "ms",
+            None, "—"),
+        Row("mcp.wake_p99", "7", "webhook → wait_for_build return p99", wake["p99_ms"], "ms",
+            None, "—", "<50 ms", wake["p99_ms"] < 50),
+        Row("mcp.wait_requests_per_minute", "7",
+            f"Buildkite requests/min of an agent waiting on {agents.WAITED_BUILDS} builds, not "
+            "the tracker's polls", asked["waiting_not_polls"] * per_minute, "/min", alone,
+            "tracker alone", "0", asked["waiting_not_polls"] == 0),
+        Row("mcp.wait_requests_difference", "7",
+            "the same, as the waits' window less the tracker alone's", extra, "/min", alone,
+            "tracker alone", "≈0 (± a poll's pages)"),
+    ]  # fmt: skip
+
+
 async def bench_home(url: str, mode: dict[str, Any], notes: list[str]) -> list[Row]:
     result = await home.run(url, people=100)
     people = result["people"]
@@ -292,6 +351,7 @@ BENCHES: dict[str, Callable[[str, dict[str, Any], list[str]], Coroutine[Any, Any
     "2": bench_polling,
     "3": bench_webhooks,
     "6": bench_home,
+    "7": bench_agents,
 }
 TIMEOUT = 900.0
 
@@ -344,8 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        default="1,2,3,6",
-        help="items to run: 1 (ack), 2 (polling, 5), 3 (webhooks, 4, 5), 6 (App Home)",
+        default="1,2,3,6,7",
+        help="items to run: 1 (ack), 2 (polling, 5), 3 (webhooks, 4, 5), 6 (App Home), "
+        "7 (agents on /mcp)",
     )
     args = parser.parse_args(argv)
     # On SIGTERM, unwind like on Ctrl-C so that redis-server and the children are stopped.

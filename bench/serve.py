@@ -3,6 +3,9 @@
 - `bot`: the whole bot (`app.main.start_bot`), as `python -m app` runs it, on a free port.
 - `bare`: the baseline: a bare Bolt `AsyncApp` whose `/deploy` only acks, and a bare webhook
   relay that verifies a Buildkite webhook and sends one `chat.update`, on the same aiohttp stack.
+- `bare_mcp`: the baseline of bench.agents: a bare MCP server of the same SDK (its low-level
+  `Server` and session manager, Streamable HTTP, stateless with JSON answers, on aiohttp through
+  the bot's ASGI bridge, as the bot's /mcp) whose `get_build` returns a constant.
 - `fakes`: FakeSlack and FakeBuildkite, for runs whose load generator must not share their loop.
 - `buildkite`: FakeBuildkite alone (its build lists are CPU-heavy), driven by control routes.
 
@@ -49,7 +52,8 @@ async def serve_bot(config: dict[str, Any]) -> None:
         redis_url=config["redis_url"],
         poll_interval=config.get("poll_interval", 15),
         log_level=config.get("log_level", "INFO"),
-        policy_file="/nonexistent/policy.yml",
+        # A benchmark that needs one (agents, in bench.agents) gives its own policy file.
+        policy_file=config.get("policy_file", "/nonexistent/policy.yml"),
         _env_file=None,
     )
     logs.configure(settings.log_level, logs.secrets_of(settings))
@@ -107,6 +111,67 @@ async def serve_bare(config: dict[str, Any]) -> None:
         await _until_stdin_closes()
     finally:
         await runner.cleanup()
+
+
+#: What the bare MCP server's `get_build` answers: the shape of the bot's, constant.
+BARE_BUILD: dict[str, Any] = {
+    "build": {
+        "pipeline": "svc-0",
+        "number": 1,
+        "state": "passed",
+        "blocked": False,
+        "branch": "main",
+        "commit": "a" * 40,
+        "web_url": "https://buildkite.com/acme/svc-0/builds/1",
+        "created_by": None,
+    }
+}
+
+
+async def serve_bare_mcp(config: dict[str, Any]) -> None:
+    """The SDK's low-level `Server` with one tool answering a constant, behind the SDK's
+    session manager (stateless, JSON answers) on aiohttp through the same ASGI bridge as the
+    bot's /mcp: what is left of the bot's /mcp without the bot."""
+    import mcp_types as types
+    from mcp.server import Server, ServerRequestContext
+    from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+
+    from app.agents.http import serve_asgi
+
+    text = json.dumps(BARE_BUILD)
+
+    async def list_tools(
+        ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        schema = {"type": "object", "properties": {}}
+        return types.ListToolsResult(
+            tools=[types.Tool(name="get_build", description="A constant.", input_schema=schema)]
+        )
+
+    async def call_tool(
+        ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
+    ) -> types.CallToolResult:
+        return types.CallToolResult(
+            content=[types.TextContent(text=text)], structured_content=BARE_BUILD
+        )
+
+    server: Server[Any] = Server("bare", on_list_tools=list_tools, on_call_tool=call_tool)
+    manager = StreamableHTTPSessionManager(app=server, stateless=True, json_response=True)
+
+    async def mcp(request: web.Request) -> web.StreamResponse:
+        return await serve_asgi(manager.handle_request, request, state={})
+
+    app = web.Application()
+    app.router.add_route("*", "/mcp", mcp)
+    runner = web.AppRunner(app, handle_signals=False)
+    async with manager.run():
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        _ready(port=runner.addresses[0][1])
+        try:
+            await _until_stdin_closes()
+        finally:
+            await runner.cleanup()
 
 
 async def serve_fakes(config: dict[str, Any]) -> None:
@@ -186,7 +251,13 @@ async def serve_buildkite(config: dict[str, Any]) -> None:
         print(json.dumps(summary), flush=True)
 
 
-ROLES = {"bot": serve_bot, "bare": serve_bare, "fakes": serve_fakes, "buildkite": serve_buildkite}
+ROLES = {
+    "bot": serve_bot,
+    "bare": serve_bare,
+    "bare_mcp": serve_bare_mcp,
+    "fakes": serve_fakes,
+    "buildkite": serve_buildkite,
+}
 
 
 def main() -> None:

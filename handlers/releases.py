@@ -3,6 +3,8 @@ rollback and promote. `/deploy` hands them over here (see handlers.deploy)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -12,13 +14,13 @@ from app.core.commands import UsageError, split_words
 from app.core.commands.releases import (
     HistoryRequest,
     PromoteRequest,
-    ReleaseCommand,
     RollbackRequest,
     StatusRequest,
     parse_release,
 )
+from app.core.deploy_queue import QueueClosed
 from app.core.deploys import NeedsConfirmation, Started
-from app.core.release_actions import Releases
+from app.core.release_actions import ReleaseDeploy, Releases
 from app.core.services import Services, request_id_for
 from app.slack.actor import Actor
 from app.slack.render import answers
@@ -38,32 +40,43 @@ async def release_command(
     if request is None:
         return False
     if isinstance(request, RollbackRequest | PromoteRequest):
-        await ack(text=render.looking_up(request.pipeline))
-    else:
-        await ack()
+        await _queued(request, ack, command, respond, services)
+        return True
+    await ack()
     await _run(request, command, respond, services)
     return True
 
 
-async def _run(
-    request: ReleaseCommand, command: dict[str, Any], respond: AsyncRespond, services: Services
+async def _queued(
+    request: RollbackRequest | PromoteRequest,
+    ack: AsyncAck,
+    command: dict[str, Any],
+    respond: AsyncRespond,
+    services: Services,
 ) -> None:
-    releases, actor = Releases(services), Actor.from_command(command)
-    if isinstance(request, StatusRequest):
-        shown = render.status_message(await releases.status(request.pipeline), now=time.time())
-        await ephemeral(respond, shown.text, blocks=shown.blocks)
+    """A rollback or a promotion is a deploy: it waits its turn in /deploy's queue (or is
+    refused in its ack when the queue is full), exactly as a typed /deploy does; its place is
+    given back before the person is answered."""
+    place = services.deploys.reserve()
+    if place is None:
+        await ack(text=answers.too_many_deploys(request.pipeline))
         return
-    if isinstance(request, HistoryRequest):
-        entries = await releases.history(request)
-        shown = render.history_message(request.pipeline, entries, now=time.time())
-        await ephemeral(respond, shown.text, blocks=shown.blocks)
-        return
-    trigger = str(command.get("trigger_id") or repr(sorted(command.items())))
-    if isinstance(request, RollbackRequest):
-        asked = await releases.rollback(request, actor, trigger=request_id_for("rollback", trigger))
-    else:
-        assert isinstance(request, PromoteRequest)
-        asked = await releases.promote(request, actor, trigger=request_id_for("promote", trigger))
+    async with place:
+        await ack(text=render.looking_up(request.pipeline, place.position))
+        try:
+            await place.turn()
+        except (asyncio.CancelledError, QueueClosed) as exc:
+            with contextlib.suppress(Exception):
+                await ephemeral(respond, answers.not_started_shutdown(request.pipeline))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        try:
+            asked = await _release_deploy(request, command, services)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await ephemeral(respond, answers.interrupted_shutdown(request.pipeline))
+            raise
     outcome = asked.outcome
     if isinstance(outcome, NeedsConfirmation):
         await ephemeral(respond, outcome.rendered.text, blocks=outcome.rendered.blocks)
@@ -83,3 +96,29 @@ async def _run(
         await ephemeral(respond, text)
     else:
         await ephemeral(respond, answers.APPROVAL_REQUESTED)
+
+
+async def _release_deploy(
+    request: RollbackRequest | PromoteRequest, command: dict[str, Any], services: Services
+) -> ReleaseDeploy:
+    releases, actor = Releases(services), Actor.from_command(command)
+    trigger = str(command.get("trigger_id") or repr(sorted(command.items())))
+    if isinstance(request, RollbackRequest):
+        return await releases.rollback(request, actor, trigger=request_id_for("rollback", trigger))
+    return await releases.promote(request, actor, trigger=request_id_for("promote", trigger))
+
+
+async def _run(
+    request: StatusRequest | HistoryRequest,
+    command: dict[str, Any],
+    respond: AsyncRespond,
+    services: Services,
+) -> None:
+    releases = Releases(services)
+    if isinstance(request, StatusRequest):
+        shown = render.status_message(await releases.status(request.pipeline), now=time.time())
+        await ephemeral(respond, shown.text, blocks=shown.blocks)
+        return
+    entries = await releases.history(request)
+    shown = render.history_message(request.pipeline, entries, now=time.time())
+    await ephemeral(respond, shown.text, blocks=shown.blocks)

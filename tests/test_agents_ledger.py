@@ -253,11 +253,15 @@ async def test_a_protected_rollback_waits_for_a_person_other_than_the_agents(
         assert asked["status"] == "awaiting_approval" and "build" not in asked
         assert mutations(bk) == []
         post = await slack.wait_for(
-            lambda: [c for c in slack.posts(CHANNEL) if "asks to deploy" in c.args["text"]]
+            lambda: [c for c in slack.posts(CHANNEL) if "asks to roll back" in c.args["text"]]
         )
+        assert (
+            "agent `captain` (acting for <@U0USER>) asks to roll back `deploy-prod` from #2"
+            in (post[0].args["text"])
+        )
+        assert "<@U0BOB>" in post[0].args["text"]
         ts = post[0].response["ts"]
         blocks = slack.message(CHANNEL, ts)["blocks"]
-        assert "*Rollback of:* #2" in json.dumps(blocks)
         approve = next(
             str(e["value"])
             for b in blocks

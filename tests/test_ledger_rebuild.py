@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from app.ledger_cli import rebuild
+from app.ledger_cli import rebuild, summary
 from app.simulators.bot import bot_settings
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
@@ -196,3 +196,50 @@ async def test_the_command_line_says_what_it_cost(
             assert "REDIS_URL is not set" in err.decode()
         assert bk.token not in (out + err).decode()
     assert await redis_client.zcard(keys.LEDGER_KEY.format(pipeline="web")) == 3
+
+
+async def test_a_buildkite_rebuild_is_recorded_without_its_originals_marks(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
+) -> None:
+    # The live ledger records a Buildkite rebuild without who approved the original, nor its
+    # rollback or promotion mark (they were copied, not given): the rebuild from Buildkite too.
+    bk.add_pipeline("web")
+    marks = bot_meta(
+        chatops_approved_by="U0BOB", chatops_rollback_of="5", chatops_promoted_from="stg#2"
+    )
+    original = bk.add_build("web", commit="1" * 40, state="passed", meta_data=marks)
+    rebuilt = bk.add_build("web", commit="1" * 40, state="passed", meta_data=marks)
+    rebuilt["rebuilt_from"] = {"id": original["id"], "number": 1, "url": original["url"]}
+    await rebuild(bot_settings(slack, bk, redis_url))
+    first, second = [
+        json.loads(await redis_client.get(keys.DEPLOYMENT_KEY.format(pipeline="web", number=n)))
+        for n in (1, 2)
+    ]
+    assert (first["r"], first["a"], first["rb"], first["pf"]) == ("U0USER", "U0BOB", 5, "stg#2")
+    assert not {"r", "a", "rb", "pf"} & set(second) and second["o"] == "passed"
+
+
+async def test_a_429_is_waited_out_and_counted_and_a_long_one_stops_with_what_was_read(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any, policy: str
+) -> None:
+    seed(bk)
+    settings = bot_settings(slack, bk, redis_url, policy_file=policy)
+    # Two short 429s on the list of the bot's builds: waited out, then read on.
+    bk.rate_limit_next(1, reset=1, path_contains=ORG_BUILDS)
+    bk.rate_limit_next(1, reset=1, path_contains=ORG_BUILDS)
+    report, sent = await rebuild(settings)
+    assert report.stopped is None and report.recorded == 255
+    assert sent == len(bk.requests) == 3 + 1 + 1 + 2  # each 429 is a request it cost
+    assert summary(report, sent).startswith("Read 255 builds in 7 Buildkite requests;")
+
+    # Redis lost again, and Buildkite says to wait an hour for the deploy route's builds.
+    await redis_client.flushall()
+    bk.clear_requests()
+    bk.rate_limit_next(1, reset=3600, path_contains="/pipelines/ext-deploy/builds")
+    report, sent = await rebuild(settings)
+    assert report.recorded == 250 and "429" in (report.stopped or "")
+    assert bk.token not in (report.stopped or "")
+    assert await redis_client.zcard(keys.LEDGER_KEY.format(pipeline="web")) == 120
+    # Run again once it may: the rest is recorded, the rest left as it was.
+    report, _ = await rebuild(settings)
+    assert report.stopped is None and report.recorded == 5

@@ -361,3 +361,33 @@ async def test_without_redis_url_the_bot_runs_on_the_embedded_store(
     assert warnings[0].levelno == logging.WARNING
     assert "lost on restart" in warnings[0].getMessage()
     assert "only one bot process" in warnings[0].getMessage()
+
+
+async def test_rate_limit_headers_that_are_not_ascii_numbers_are_ignored() -> None:
+    """`"²".isdigit()` is true and `int("²")` fails: a header like that must neither break the
+    request it came with nor reach the gauges."""
+    import httpx
+
+    from app.ops.metrics import Metrics, count_buildkite_requests
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/ok"):
+            return httpx.Response(
+                200,
+                json={},
+                headers={"RateLimit-Remaining": "150", "RateLimit-User-Remaining": "7"},
+            )
+        odd = [
+            (b"RateLimit-Remaining", "²".encode()),
+            (b"RateLimit-User-Remaining", "٣".encode()),
+        ]
+        return httpx.Response(200, json={}, headers=odd)
+
+    metrics = Metrics()
+    base = "https://api.buildkite.test/v2"
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
+        count_buildkite_requests(http, metrics, base)
+        assert (await http.get(base + "/ok")).status_code == 200
+        assert (await http.get(base + "/odd")).status_code == 200
+    assert metrics.buildkite_rate_limit_remaining._value.get() == 150
+    assert metrics.buildkite_rate_limit_scope_remaining.labels("user")._value.get() == 7

@@ -281,7 +281,7 @@ async def test_a_rollback_of_a_protected_pipeline_is_confirmed_and_approved(
     )
     await slack.wait_for(lambda: bot.response_texts(name))
     post = await slack.wait_for(
-        lambda: [c for c in slack.posts(CHANNEL) if "asks to deploy" in c.args["text"]]
+        lambda: [c for c in slack.posts(CHANNEL) if "asks to roll back" in c.args["text"]]
     )
     ts = post[0].response["ts"]
     assert "*Rollback of:* #2" in json.dumps(slack.message(CHANNEL, ts)["blocks"])

@@ -23,7 +23,7 @@ from app.slack.outbox import SlackDeliveryError, not_in_channel_text
 from app.slack.render import freezes as freeze_texts
 from app.slack.render import texts
 from app.slack.render.common import Rendered
-from app.slack.render.deploys import DeployPlan
+from app.slack.render.deploys import DeployPlan, plan_summary
 from app.slack.render.texts import TRACKING_DOWN
 from app.storage.keys import AWAITED_TTL, REQUEST_TTL
 from app.storage.records import AwaitedBuild, MessageTarget
@@ -209,7 +209,9 @@ class Actions:
             await self._stop_awaiting(request_id)
             await self._audit(actor, "deploy", plan.pipeline, "failed", detail=str(exc))
             raise UserError(explain(exc, action="deploy", pipeline=plan.pipeline)) from None
-        await self._audit(actor, "deploy", plan.pipeline, "started", build=build)
+        await self._audit(
+            actor, "deploy", plan.pipeline, "started", build=build, detail=plan_summary(plan)
+        )
         # In the ledger before it is followed, so that its end finds it there.
         await LedgerRecorder(self.s.policy, self.s.store, self.s.buildkite).started(
             build, plan.pipeline, requested_by=actor.user_id

@@ -25,7 +25,13 @@ from app.slack.render import freezes as freeze_texts
 from app.slack.render import releases as release_texts
 from app.slack.render import texts
 from app.slack.render.common import Rendered, notice
-from app.slack.render.deploys import DeployPlan, approval_request, confirm_deploy, plan_refusal
+from app.slack.render.deploys import (
+    DeployPlan,
+    approval_request,
+    confirm_deploy,
+    plan_refusal,
+    plan_summary,
+)
 from app.slack.render.texts import TRACKING_DOWN
 from app.storage.records import PendingDeploy
 from buildkite.errors import BuildkiteError
@@ -261,7 +267,9 @@ class Deploys(Actions):
                 actor, "deploy", plan.pipeline, "break-glass requested", detail=detail
             )
         else:
-            await self._audit(actor, "deploy", plan.pipeline, "approval requested")
+            await self._audit(
+                actor, "deploy", plan.pipeline, "approval requested", detail=plan_summary(plan)
+            )
         return AwaitingApproval(approval_id)
 
     async def _break_glass(

@@ -428,7 +428,7 @@ class HomeActions:
         prefs = await self.s.store.dm_prefs(user)
         if hour == NO_QUIET:
             update: dict[str, int | None] = {"quiet_from": None, "quiet_to": None}
-        elif hour.isdigit() and 0 <= int(hour) <= 23:
+        elif hour.isascii() and hour.isdigit() and 0 <= int(hour) <= 23:
             other = prefs.quiet_to if start else prefs.quiet_from
             default_other = (int(hour) + 8) % 24 if start else (int(hour) + 16) % 24
             paired = other if other is not None else default_other

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 from app.core.policy import Policy, Route
 from app.core.releases import (
-    REQUESTED_BY_META,
+    COPIED_ON_REBUILD,
     deploy_routes,
     deployment_from,
     info_of,
@@ -20,6 +20,7 @@ from app.storage.ledger import Deployment, PipelineInfo, Source
 from app.storage.store import Store
 from buildkite.client import BuildkiteClient
 from buildkite.client.builds import SOURCE_META_KEY, SOURCE_META_VALUE
+from buildkite.errors import BuildkiteError
 
 
 @dataclass
@@ -29,6 +30,9 @@ class RebuildReport:
     builds_read: int = 0
     recorded: int = 0
     pipelines: set[str] = field(default_factory=set)
+    #: Why it stopped before the end (Buildkite's error, a 429 longer than the client waits):
+    #: what was read before is recorded all the same.
+    stopped: str | None = None
 
 
 async def rebuild_ledger(
@@ -43,6 +47,22 @@ async def rebuild_ledger(
     now = now or datetime.now(UTC)
     since = now - timedelta(seconds=LEDGER_KEEP)
     report = RebuildReport()
+    try:
+        await _read(store, buildkite, policy, report, now=now, since=since)
+    except BuildkiteError as exc:
+        report.stopped = str(exc)
+    return report
+
+
+async def _read(
+    store: Store,
+    buildkite: BuildkiteClient,
+    policy: Policy,
+    report: RebuildReport,
+    *,
+    now: datetime,
+    since: datetime,
+) -> None:
     async for build in buildkite.list_builds(
         meta_data={SOURCE_META_KEY: SOURCE_META_VALUE},
         created_from=since,
@@ -52,13 +72,12 @@ async def rebuild_ledger(
         slug = build.pipeline.slug if build.pipeline else None
         if slug is None:
             continue
-        # A Buildkite rebuild copies its original's meta_data, and with it who asked.
-        requester = (
-            None if build.rebuilt_from is not None else build.meta_data.get(REQUESTED_BY_META)
-        )
-        entry = deployment_from(build, slug, source=Source.BOT, requested_by=requester)
-        if requester is None:
-            entry = entry.model_copy(update={"requested_by": None, "approved_by": None})
+        entry = deployment_from(build, slug, source=Source.BOT)
+        if build.rebuilt_from is not None:
+            # A Buildkite rebuild copies its original's meta_data: who asked, who approved, and
+            # a rollback's or a promotion's mark are the original's, not this build's (as the
+            # live ledger records it, app.core.releases.LedgerRecorder.on_final).
+            entry = entry.model_copy(update=dict.fromkeys(COPIED_ON_REBUILD))
         await _rebuilt(store, report, entry, info_of(build.pipeline), now)
     for slug, branches in await _routed_pipelines(buildkite, policy.data.notifications):
         async for build in buildkite.list_builds(
@@ -75,7 +94,6 @@ async def rebuild_ledger(
                 continue
             entry = deployment_from(build, slug, source=Source.ROUTE)
             await _rebuilt(store, report, entry, info_of(build.pipeline), now)
-    return report
 
 
 async def _rebuilt(

@@ -4,8 +4,10 @@ lock, confirmation and approval exactly as a typed /deploy does."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -24,6 +26,7 @@ from app.slack.render import texts
 from app.slack.render.releases import PipelineStatus
 from app.slack.render.texts import TRACKING_DOWN
 from app.storage.ledger import Deployment, PipelineInfo
+from app.tracking.phases import FINAL_PHASES
 from buildkite.errors import BuildkiteError
 
 #: Deployments read per pipeline for its status: its live one is almost always among them.
@@ -40,6 +43,15 @@ def _asked_by(actor: Actor) -> str:
 
 def _safe_ref(ref: str) -> bool:
     return bool(_REF.fullmatch(ref)) and ".." not in ref
+
+
+def _check_deployed(branch: str, commit: str, number: int) -> None:
+    """A branch and commit read back from Buildkite (or the ledger), to deploy again: checked
+    like a typed /deploy, and the commit must be a SHA: `HEAD` would build whatever the branch
+    is now, not what was deployed."""
+    check_branch(branch)
+    if commit == "HEAD" or not COMMIT.match(commit):
+        raise UsageError(texts.not_a_commit(number))
 
 
 @dataclass(frozen=True)
@@ -92,8 +104,9 @@ class Releases(Actions):
                 if (lock := await store.pipeline_lock(pipeline))
                 else {}
             )
+            followed = await self._followed(ledgers, now=now)
         except RedisError:
-            raise UserError(TRACKING_DOWN) from None
+            raise UserError(render.LEDGER_DOWN) from None
         statuses = []
         for slug in pipelines:
             entries = ledgers.get(slug, [])
@@ -111,18 +124,34 @@ class Releases(Actions):
                     live=live,
                     compare_url=diff,
                     default_branch=branch,
-                    running=running_deployments(entries, now=now),
+                    running=[e for e in running_deployments(entries, now=now) if e in followed],
                     lock=locks.get(slug),
                     freeze=view_of(frozen) if frozen is not None else None,
                 )
             )
         return statuses
 
+    async def _followed(
+        self, ledgers: Mapping[str, Sequence[Deployment]], *, now: float
+    ) -> set[Deployment]:
+        """The running deployments the tracker still follows, not yet ended: only those are
+        running now. One not followed (its tracking lost with Redis and recorded again by
+        `ledger rebuild`, or never started) would never be seen to end."""
+        running = [e for entries in ledgers.values() for e in running_deployments(entries, now=now)]
+        tracked = await asyncio.gather(
+            *(self.s.store.find(entry.pipeline, entry.number) for entry in running)
+        )
+        return {
+            entry
+            for entry, build in zip(running, tracked, strict=True)
+            if build is not None and build.phase not in FINAL_PHASES
+        }
+
     async def history(self, request: HistoryRequest) -> list[Deployment]:
         try:
             return await self.s.store.deployments(request.pipeline, limit=request.count)
         except RedisError:
-            raise UserError(TRACKING_DOWN) from None
+            raise UserError(render.LEDGER_DOWN) from None
 
     async def rollback(
         self, request: RollbackRequest, actor: Actor, *, trigger: str
@@ -152,10 +181,8 @@ class Releases(Actions):
             ) from None
         commit = original.commit or target.commit
         branch = original.branch or target.branch
-        try:  # written by whoever started it: checked like a typed /deploy
-            check_branch(branch)
-            if not COMMIT.match(commit):
-                raise UsageError(texts.not_a_commit(target.number))
+        try:
+            _check_deployed(branch, commit, target.number)
         except UsageError as exc:
             raise UserError(render.no_rollback(str(exc))) from None
         diff = compare_url(repository, live.commit, commit)
@@ -188,6 +215,10 @@ class Releases(Actions):
                 actor, "promote", pipeline, "refused", detail=f"nothing live on {source}"
             )
             raise UserError(render.nothing_live_on(source, pipeline))
+        try:
+            _check_deployed(live.branch or "main", live.commit, live.number)
+        except UsageError as exc:
+            raise UserError(render.no_promotion(str(exc))) from None
         deploy = DeployRequest(
             pipeline=pipeline,
             branch=live.branch or None,

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from app.core.policy import AGENT_PREFIX, Policy, Route
 from app.core.policy.model import AGENT_NAME
 from app.slack.render.deploys import DeployPlan
+from app.storage.keys import PENDING_TTL
 from app.storage.ledger import Deployment, Outcome, PipelineInfo, Source
 from app.storage.records import TrackedBuild
 from app.storage.store import Store
@@ -37,9 +38,14 @@ APPROVED_BY_META = "chatops_approved_by"
 ROLLBACK_OF_META = "chatops_rollback_of"
 PROMOTED_FROM_META = "chatops_promoted_from"
 
+#: The ledger's fields read from meta_data that a Buildkite rebuild copies from its original.
+COPIED_ON_REBUILD = frozenset({"requested_by", "approved_by", "rollback_of", "promoted_from"})
+
 FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
 _PROMOTED = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}#[0-9]{1,9}$")
 _USER = re.compile(r"^[UW][A-Z0-9]{2,20}$")
+#: ASCII digits only: str.isdigit() also takes "²", which int() then refuses.
+_NUMBER = re.compile(r"[0-9]{1,9}")
 _OUTCOMES = {
     BuildState.PASSED: Outcome.PASSED,
     BuildState.FAILED: Outcome.FAILED,
@@ -115,7 +121,7 @@ def deployment_from(
         approved_by=_user(meta.get(APPROVED_BY_META)),
         started_at=_epoch(build.started_at or build.created_at),
         finished_at=finished if outcome is not Outcome.RUNNING else None,
-        rollback_of=int(rollback) if rollback.isdigit() and len(rollback) < 10 else None,
+        rollback_of=int(rollback) if _NUMBER.fullmatch(rollback) else None,
         promoted_from=promoted if _PROMOTED.match(promoted) else None,
     )
 
@@ -176,9 +182,8 @@ class LedgerRecorder:
         if is_bot_build(full):
             entry = deployment_from(full, pipeline, source=Source.BOT, requested_by=requester)
             if full.rebuilt_from is not None:  # its meta_data is its original's, copied
-                entry = entry.model_copy(
-                    update={"approved_by": None, "rollback_of": None, "promoted_from": None}
-                )
+                copied = dict.fromkeys(COPIED_ON_REBUILD - {"requested_by"})
+                entry = entry.model_copy(update=copied)
             await self.store.record_deployment(entry, info=info_of(full.pipeline))
 
     async def on_route_build(self, build: Build, pipeline: str, ref: PipelineRef | None) -> None:
@@ -187,13 +192,14 @@ class LedgerRecorder:
             return
         source = Source.BOT if is_bot_build(build) else Source.ROUTE
         known = await self.store.deployment(pipeline, build.number)
-        entry = deployment_from(
-            build, pipeline, source=source, requested_by=known.requested_by if known else None
-        )
-        if known is not None:
+        entry = deployment_from(build, pipeline, source=source)
+        if build.rebuilt_from is not None:  # its meta_data is its original's, copied
+            entry = entry.model_copy(update=dict.fromkeys(COPIED_ON_REBUILD))
+        if known is not None:  # recorded at its start, or by the tracker's final listener
             entry = entry.model_copy(
                 update={
-                    "approved_by": entry.approved_by or known.approved_by,
+                    "requested_by": known.requested_by or entry.requested_by,
+                    "approved_by": known.approved_by or entry.approved_by,
                     "source": known.source,
                 }
             )
@@ -209,11 +215,13 @@ def live_deployment(entries: Iterable[Deployment]) -> Deployment | None:
 
 
 def running_deployments(entries: Iterable[Deployment], *, now: float) -> list[Deployment]:
-    """Deployments not final yet, started in the last day (older ones lost their tracking)."""
+    """Deployments not final yet, started no longer ago than the tracker follows a build (a
+    deploy may wait on a block step for weeks); an older one is no longer followed, so its end
+    was never seen and it is not said to run."""
     return [
         entry
         for entry in entries
-        if entry.outcome is Outcome.RUNNING and now - (entry.started_at or 0) < 24 * 3600
+        if entry.outcome is Outcome.RUNNING and now - (entry.started_at or 0) < PENDING_TTL
     ]
 
 
@@ -252,7 +260,12 @@ def rollback_target(
         if chosen.number == live.number:
             raise NoRollback(f"#{number} is what is live on `{pipeline}` now.")
         return RollbackTarget(live=live, target=chosen)
-    older = [e for e in entries if e.number < live.number and e.passed and e.commit != live.commit]
+    # A deployment recorded as HEAD says nothing of what it built: never gone back to by itself.
+    older = [
+        e
+        for e in entries
+        if e.number < live.number and e.passed and e.commit not in (live.commit, "HEAD")
+    ]
     if not older:
         raise NoRollback(
             f"Nothing to roll back to: #{live.number} is the only passed deployment of "

@@ -212,14 +212,14 @@ def count_buildkite_requests(http: httpx.AsyncClient, metrics: Metrics, base_url
         status = str(response.status_code)
         metrics.buildkite_requests.labels(response.request.method, endpoint, status).inc()
         remaining = response.headers.get("RateLimit-Remaining")
-        if remaining is not None and remaining.isdigit():
+        if remaining is not None and remaining.isascii() and remaining.isdigit():
             metrics.buildkite_rate_limit_remaining.set(int(remaining))
         for scope, header in (
             ("organization", "RateLimit-Remaining"),
             ("user", "RateLimit-User-Remaining"),
         ):
             value = response.headers.get(header)
-            if value is not None and value.isdigit():
+            if value is not None and value.isascii() and value.isdigit():
                 metrics.buildkite_rate_limit_scope_remaining.labels(scope).set(int(value))
 
     http.event_hooks["response"].append(on_response)

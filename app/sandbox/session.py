@@ -152,7 +152,7 @@ class Session:
                 self.say(
                     indent(f"only {self.person.name}", render_text(payload["text"], self.slack))
                 )
-        elif line.isdigit():
+        elif line.isascii() and line.isdigit():
             choice = self.choices.get(int(line))
             if choice is None:
                 self.say(f"  no button {line}")

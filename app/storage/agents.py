@@ -111,7 +111,7 @@ class AgentLedger:
             status=ApprovalStatus(fields["status"]),
             expires_at=float(fields.get("expires_at") or 0),
             settled=fields.get("settled") == "1",
-            build=int(build) if build.isdigit() else None,
+            build=int(build) if build.isascii() and build.isdigit() else None,
             problem=fields.get("problem") or None,
             request=fields.get("request", ""),
         )

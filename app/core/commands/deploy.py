@@ -278,6 +278,6 @@ def parse_build_ref(text: str, *, org: str, usage: str) -> BuildRef | HelpReques
         raise UsageError(f"Expected a pipeline and a build number.\n{usage}")
     pipeline = check_pipeline(words[0])
     number = words[1].lstrip("#")
-    if not number.isdigit() or not 0 < int(number) < 10**9:
+    if not (number.isascii() and number.isdigit()) or not 0 < int(number) < 10**9:
         raise UsageError(f"`{typed(words[1])}` is not a build number.\n{usage}")
     return BuildRef(pipeline, int(number))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from app.core.commands.deploy import UsageError, check_pipeline
 from app.slack.mrkdwn import typed
+
+#: ASCII digits only: str.isdigit() also takes "²", which int() then refuses.
+_NUMBER = re.compile(r"[0-9]{1,9}")
 
 MAX_HISTORY = 50
 DEFAULT_HISTORY = 10
@@ -69,7 +73,7 @@ def parse_release(words: list[str]) -> ReleaseCommand | None:
             raise UsageError(HISTORY_USAGE)
         count = DEFAULT_HISTORY
         if len(args) == 2:
-            if not args[1].isdigit() or not 1 <= int(args[1]) <= MAX_HISTORY:
+            if not _NUMBER.fullmatch(args[1]) or not 1 <= int(args[1]) <= MAX_HISTORY:
                 raise UsageError(
                     f"`{typed(args[1])}` is not a number of deployments.\n{HISTORY_USAGE}"
                 )
@@ -85,7 +89,7 @@ def parse_release(words: list[str]) -> ReleaseCommand | None:
         if not rest:
             return RollbackRequest(pipeline)
         number = rest[0].lstrip("#")
-        if len(rest) != 1 or not number.isdigit() or not 0 < int(number) < 10**9:
+        if len(rest) != 1 or not _NUMBER.fullmatch(number) or int(number) == 0:
             raise UsageError(f"`{typed(' '.join(rest))}` is not a build number.\n{ROLLBACK_USAGE}")
         return RollbackRequest(pipeline, int(number))
     if len(args) != 1:

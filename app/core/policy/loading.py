@@ -99,7 +99,12 @@ def _line_of(node: yaml.Node | None, loc: list[str]) -> int:
                 key_node = next((k for k, _ in node.value if k.value == key), None)
                 return key_node.start_mark.line + 1 if key_node else line
             node = match
-        elif isinstance(node, yaml.SequenceNode) and key.isdigit() and int(key) < len(node.value):
+        elif (
+            isinstance(node, yaml.SequenceNode)
+            and key.isascii()
+            and key.isdigit()
+            and int(key) < len(node.value)
+        ):
             node = node.value[int(key)]
         else:
             return line

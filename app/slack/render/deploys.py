@@ -136,10 +136,12 @@ def confirm_deploy(plan: DeployPlan, request_id: str) -> Rendered:
     needs = (
         "\nIt then needs approval by " + ", ".join(plan.approvers) + "." if plan.approvers else ""
     )
-    what = "Rebuild" if plan.rebuild_of is not None else "Deploy"
-    text = f":shield: `{plan.pipeline}` is protected. {what} this?{needs}\n" + "\n".join(
-        _plan_lines(plan)
+    noun, asks, what = plan_kind(plan)
+    question = (
+        f"{asks[0].upper()}{asks[1:]}?" if noun in ("rollback", "promotion") else f"{what} this?"
     )
+    text = f":shield: `{plan.pipeline}` is protected. {question}{needs}\n"
+    text += "\n".join(_plan_lines(plan))
     blocks = [
         SectionBlock(text=MarkdownTextObject(text=clip(text, SECTION_TEXT_LIMIT))).to_dict(),
         *_env_blocks(plan),
@@ -161,13 +163,43 @@ def expiry_text(seconds: int) -> str:
     return f"{seconds} s" if seconds < 60 else f"{round(seconds / 60)} min"
 
 
+def plan_kind(plan: DeployPlan) -> tuple[str, str, str]:
+    """What a plan is, truthfully: (its noun, its verb phrase for "asks to …", its button).
+
+    A rollback and a promotion are deploys to the policy, but never shown as a plain deploy."""
+    pipeline = code(plan.pipeline)
+    if plan.rebuild_of is not None:
+        return f"rebuild of #{plan.rebuild_of}", f"rebuild {pipeline} #{plan.rebuild_of}", "Rebuild"
+    if plan.rollback_of is not None:
+        before = code((plan.rollback_from or "?")[:12])
+        return (
+            "rollback",
+            f"roll back {pipeline} from #{plan.rollback_of} ({before}) to {code(plan.commit[:12])}",
+            "Roll back",
+        )
+    if plan.promoted_from:
+        return (
+            "promotion",
+            f"promote {code(plan.commit[:12])} from {code(plan.promoted_from)} to {pipeline}",
+            "Promote",
+        )
+    return "deploy", f"deploy {pipeline}", "Deploy"
+
+
+def plan_summary(plan: DeployPlan) -> str:
+    """A rollback's or a promotion's plan as plain text, for the audit ("" for a deploy)."""
+    if plan.rollback_of is not None:
+        before = (plan.rollback_from or "?")[:12]
+        return f"rollback of #{plan.rollback_of} ({before}) to {plan.commit[:12]}"
+    if plan.promoted_from:
+        return f"promotion of {plan.commit[:12]} from {plan.promoted_from}"
+    return ""
+
+
 def _approval_header(
     plan: DeployPlan, status: str, decided_by: str | None, reason: str | None
 ) -> str:
-    rebuild = plan.rebuild_of is not None
-    what = f"rebuild of #{plan.rebuild_of}" if rebuild else "deploy"
-    asks = f"rebuild `{plan.pipeline}` #{plan.rebuild_of}" if rebuild else "deploy"
-    asks += "" if rebuild else f" `{plan.pipeline}`"
+    what, asks, _ = plan_kind(plan)
     requester = person(plan.requester)
     if plan.acts_for:
         requester += f" (acting for <@{plan.acts_for}>)"

@@ -20,6 +20,12 @@ _MAX_SECTIONS = 48
 _MESSAGE_BUDGET = 11_500
 _GITHUB = ("github.com",)
 
+#: status and history, when Redis (where the ledger is) cannot be reached: a read, not a deploy.
+LEDGER_DOWN = (
+    ":warning: The ledger of deployments is unavailable right now (the bot cannot reach its "
+    "Redis). Please try again in a minute; Buildkite's builds list what ran meanwhile."
+)
+
 
 @dataclass(frozen=True)
 class PipelineStatus:
@@ -211,9 +217,15 @@ def compare(url: str | None, label: str = "compare") -> str:
     return f" ({link(url, label, hosts=_GITHUB)})" if url else ""
 
 
-def looking_up(pipeline: str) -> str:
-    """The ack of a rollback or a promotion, before the ledger and the policy are read."""
-    return f":hourglass_flowing_sand: Looking up what was deployed on {code(pipeline)}…"
+def looking_up(pipeline: str, position: int = 0) -> str:
+    """The ack of a rollback or a promotion, before the ledger and the policy are read: its
+    place in /deploy's queue of deploys (0 when it goes ahead at once)."""
+    if position == 0:
+        return f":hourglass_flowing_sand: Looking up what was deployed on {code(pipeline)}…"
+    return (
+        f":hourglass_flowing_sand: {code(pipeline)} is number {position} in line behind other "
+        "deploys; it will be looked up when its turn comes…"
+    )
 
 
 def rollback_started(
@@ -242,6 +254,10 @@ def promote_started(web_url: str, pipeline: str, number: int, source: Deployment
 
 def no_rollback(reason: str) -> str:
     return f":no_entry: {reason} Nothing was started."
+
+
+def no_promotion(reason: str) -> str:
+    return f":no_entry: {reason} It cannot be promoted. Nothing was started."
 
 
 def no_promote_rule(pipeline: str, rule: str) -> str:
