@@ -44,6 +44,9 @@ TOOL_NAMES = {
     "get_request",
     "wait_for_request",
     "check_policy",
+    "deployments",
+    "rollback",
+    "promote",
 }
 
 
@@ -73,6 +76,8 @@ async def test_the_tools_are_listed_with_schemas_and_truthful_hints(bot: BotClie
         "rebuild_build",
         "retry_failed_jobs",
         "unblock_job",
+        "rollback",
+        "promote",
     }
     assert tools["cancel_build"].annotations.destructive_hint is True  # type: ignore[union-attr]
     assert tools["deploy"].annotations.destructive_hint is False  # type: ignore[union-attr]

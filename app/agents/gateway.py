@@ -47,6 +47,8 @@ _VERBS = {
     "rebuild_build": "rebuild",
     "retry_failed_jobs": "retry the failed jobs of",
     "unblock_job": "unblock",
+    "rollback": "roll back",
+    "promote": "promote",
 }
 #: Seconds between looks for the first result while a retry of a running call waits.
 _DUPLICATE_POLL = 0.1

@@ -287,6 +287,11 @@ class CheckPolicyResult(View):
     needs_approval: bool = Field(description="A person must approve this agent's request first.")
     approvers: list[str] = Field(description="Who may approve (Slack user or group ids).")
     locked_by: str | None = Field(default=None, description="Who holds the pipeline's lock.")
+    frozen_until: str | None = Field(
+        default=None,
+        description="When a freeze refuses this action: when it ends (ISO 8601, UTC). Agents "
+        "have no break-glass.",
+    )
     reason: str = Field(description="Why, in a sentence.")
 
 

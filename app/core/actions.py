@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from app.core.commands import BuildRef
 from app.core.errors import UserError, explain
 from app.core.freezes import FROZEN_ACTIONS, view_of
-from app.core.policy import Action, Rule
+from app.core.policy import AGENT_PREFIX, Action, Rule
 from app.core.releases import LedgerRecorder, release_meta
 from app.core.services import Services
 from app.slack.actor import Actor
@@ -105,7 +105,10 @@ class Actions:
         await self._audit(
             actor, action, pipeline, "refused", number=number, detail=f"freeze: {reason}"
         )
-        raise UserError(freeze_texts.frozen(pipeline, action, view_of(occurrence)))
+        person = not actor.user_id.startswith(AGENT_PREFIX)  # an agent has no break-glass
+        raise UserError(
+            freeze_texts.frozen(pipeline, action, view_of(occurrence), break_glass=person)
+        )
 
     async def _check_lock(
         self, pipeline: str, actor: Actor, *, action: str = "deploy", build: BuildRef | None = None

@@ -26,6 +26,7 @@ from app.core.build_actions import BuildActions
 from app.core.commands import BuildRef, UnlockRequest
 from app.core.deploys import NeedsConfirmation, plan_from
 from app.core.errors import UserError, explain
+from app.core.freezes import current_and_upcoming, view_of
 from app.core.locks import Locks
 from app.core.policy import Action, Policy
 from app.core.services import Services
@@ -174,11 +175,14 @@ class Inbox:
     async def content(self, user: str, *, fresh: bool = True) -> HomeContent:
         person = await self.person(user)
         locks = await self._all_locks(fresh=fresh)
+        active, coming = current_and_upcoming(self.policy.data.freezes, self.clock())
         return HomeContent(
             user=user,
             builds=await self._builds(user),
             approvals=await self._approvals(user),
             locks=[lock for lock in locks if lock.user == user],
+            freezes=[view_of(o) for o in active],
+            coming_freezes=[view_of(o) for o in coming],
             prefs=await self.store.dm_prefs(user),
             timezone=person.timezone,
         )

@@ -17,7 +17,8 @@ from app.core.commands import COMMIT, DeployRequest, UsageError, check_branch
 from app.core.commands.releases import HistoryRequest, PromoteRequest, RollbackRequest
 from app.core.deploys import DeployOrigin, DeployOutcome, Deploys, github_repo
 from app.core.errors import UserError, explain
-from app.core.policy import Action
+from app.core.freezes import view_of
+from app.core.policy import AGENT_PREFIX, Action
 from app.core.releases import NoRollback, live_deployment, rollback_target, running_deployments
 from app.slack.actor import Actor
 from app.slack.render import releases as render
@@ -31,6 +32,13 @@ from buildkite.errors import BuildkiteError
 #: Deployments read per pipeline for its status: its live one is almost always among them.
 STATUS_READ = 20
 _REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,254}")
+
+
+def _asked_by(actor: Actor) -> str:
+    """Who asked, in a build's message: a person from Slack, or an agent over MCP."""
+    if actor.user_id.startswith(AGENT_PREFIX):
+        return f"by {actor.user_name} over MCP"
+    return f"from Slack by @{actor.user_name}"
 
 
 def _safe_ref(ref: str) -> bool:
@@ -73,8 +81,11 @@ class Releases(Actions):
     ) -> list[PipelineStatus]:
         """Per pipeline (or every pipeline in the ledger): what is live and what runs now.
 
-        Redis only: the ledger, its pipelines' repository and default branch, and the locks.
+        Redis only: the ledger, its pipelines' repository and default branch, and the locks;
+        and the policy's freezes in force.
         """
+        # Freezes are read on the bot's clock (app.tuning), as the refusals are.
+        frozen_at = self.s.tuning.clock() if now is None else now
         now = time.time() if now is None else now
         store = self.s.store
         try:
@@ -106,6 +117,7 @@ class Releases(Actions):
             diff = (
                 compare_url(info.repository, live.commit[:12], branch) if live and branch else None
             )
+            frozen = self.s.policy.active_freeze(slug, frozen_at)
             statuses.append(
                 PipelineStatus(
                     pipeline=slug,
@@ -114,6 +126,7 @@ class Releases(Actions):
                     default_branch=branch,
                     running=[e for e in running_deployments(entries, now=now) if e in followed],
                     lock=locks.get(slug),
+                    freeze=view_of(frozen) if frozen is not None else None,
                 )
             )
         return statuses
@@ -177,9 +190,7 @@ class Releases(Actions):
             pipeline=pipeline,
             branch=branch,
             commit=commit,
-            message=(
-                f"Rollback of #{live.number} to #{target.number} from Slack by @{actor.user_name}"
-            ),
+            message=(f"Rollback of #{live.number} to #{target.number} {_asked_by(actor)}"),
             env={str(k): str(v) for k, v in (original.env or {}).items()},
         )
         origin = DeployOrigin(rollback_of=live.number, rollback_from=live.commit, diff_url=diff)
@@ -212,10 +223,7 @@ class Releases(Actions):
             pipeline=pipeline,
             branch=live.branch or None,
             commit=live.commit,
-            message=(
-                f"Promote {source} #{live.number} ({live.commit[:12]}) from Slack by "
-                f"@{actor.user_name}"
-            ),
+            message=(f"Promote {source} #{live.number} ({live.commit[:12]}) {_asked_by(actor)}"),
         )
         origin = DeployOrigin(promoted_from=f"{source}#{live.number}")
         outcome = await Deploys(self.s).deploy(deploy, actor, trigger=trigger, origin=origin)

@@ -18,7 +18,8 @@ from datetime import datetime
 
 from redis.exceptions import RedisError
 
-from app.core.policy import Policy, Route
+from app.core.policy import AGENT_PREFIX, Policy, Route
+from app.core.policy.model import AGENT_NAME
 from app.slack.render.deploys import DeployPlan
 from app.storage.keys import PENDING_TTL
 from app.storage.ledger import Deployment, Outcome, PipelineInfo, Source
@@ -82,6 +83,13 @@ def _user(value: str | None) -> str | None:
     return value if value and _USER.match(value) else None
 
 
+def _requester(value: str | None) -> str | None:
+    """Who asked: a Slack user id, or an agent's id (`agent:<name>`, as the policy names it)."""
+    if value and value.startswith(AGENT_PREFIX):
+        return value if AGENT_NAME.match(value.removeprefix(AGENT_PREFIX)) else None
+    return _user(value)
+
+
 def outcome_of(build: Build) -> Outcome:
     return _OUTCOMES.get(build.state, Outcome.RUNNING) if build.is_final else Outcome.RUNNING
 
@@ -110,7 +118,7 @@ def deployment_from(
         branch=(build.branch or "")[:255],
         outcome=outcome,
         source=source,
-        requested_by=_user(requested_by) or _user(meta.get(REQUESTED_BY_META)),
+        requested_by=_requester(requested_by) or _requester(meta.get(REQUESTED_BY_META)),
         approved_by=_user(meta.get(APPROVED_BY_META)),
         started_at=_epoch(build.started_at or build.created_at),
         finished_at=finished if outcome is not Outcome.RUNNING else None,

@@ -27,6 +27,15 @@ from app.agents.arguments import (
 )
 from app.agents.budget import Spend
 from app.agents.context import Context, Refused
+from app.agents.tools.ledger import (
+    DeploymentsArgs,
+    DeploymentsResult,
+    PromoteArgs,
+    RollbackArgs,
+    deployments,
+    promote,
+    rollback,
+)
 from app.agents.tools.mutations import (
     cancel_build,
     deploy,
@@ -96,6 +105,9 @@ TOOLS: dict[str, Tool] = {
         _mutation_tool("rebuild_build", rebuild_build, BuildArgs, destructive=False),
         _mutation_tool("retry_failed_jobs", retry_failed_jobs, BuildArgs, destructive=False),
         _mutation_tool("unblock_job", unblock_job, UnblockArgs, destructive=False),
+        # A rollback or a promotion is a deploy (a new build): nothing is destroyed.
+        _mutation_tool("rollback", rollback, RollbackArgs, destructive=False),
+        _mutation_tool("promote", promote, PromoteArgs, destructive=False),
         _read_tool("get_build", get_build, GetBuildArgs, GetBuildResult),
         _read_tool("list_builds", list_builds, ListBuildsArgs, ListBuildsResult),
         _read_tool("list_pipelines", list_pipelines, ListPipelinesArgs, ListPipelinesResult),
@@ -106,6 +118,7 @@ TOOLS: dict[str, Tool] = {
         _read_tool("get_request", get_request, RequestArgs, RequestResult),
         _read_tool("wait_for_request", wait_for_request, WaitRequestArgs, RequestResult),
         _read_tool("check_policy", check_policy, CheckPolicyArgs, CheckPolicyResult),
+        _read_tool("deployments", deployments, DeploymentsArgs, DeploymentsResult),
     )
 }
 

@@ -36,8 +36,10 @@ from app.agents.views import (
 )
 from app.core.commands import BuildRef
 from app.core.commands.admin import AgentsQuery, HealthRequest, PipelinesQuery
+from app.core.freezes import FROZEN_ACTIONS, view_of
 from app.core.listings import Listings
 from app.core.policy import Action
+from app.slack.render import freezes as freeze_texts
 from buildkite.errors import BuildkiteError, PermissionDenied
 from buildkite.models import Build
 
@@ -218,9 +220,18 @@ async def check_policy(ctx: Context, args: CheckPolicyArgs) -> CheckPolicyResult
     lock = await ctx.services.store.pipeline_lock(args.pipeline)
     locked_by = lock.user if lock and lock.user != ctx.agent.user_id else None
     bound = locked_by is not None and action is not Action.CANCEL
-    allowed = decision.allowed and not bound
+    frozen = (
+        policy.active_freeze(args.pipeline, ctx.services.tuning.clock())
+        if action.value in FROZEN_ACTIONS
+        else None
+    )
+    allowed = decision.allowed and not bound and frozen is None
     if not decision.allowed:
         reason = plain_sentence(decision.reason)
+    elif frozen is not None:
+        reason = plain_sentence(
+            freeze_texts.frozen(args.pipeline, action.value, view_of(frozen), break_glass=False)
+        ).replace(" was not started.", " would not be started.")
     elif bound:
         reason = f"{args.pipeline} is locked by {locked_by}" + (
             f": {lock.reason}" if lock and lock.reason else "."
@@ -243,5 +254,6 @@ async def check_policy(ctx: Context, args: CheckPolicyArgs) -> CheckPolicyResult
         needs_approval=asks,
         approvers=approvers,
         locked_by=locked_by,
+        frozen_until=frozen.end.isoformat() if frozen is not None else None,
         reason=reason,
     )

@@ -45,9 +45,9 @@ def _pipelines(view: FreezeView) -> str:
     )
 
 
-def frozen(pipeline: str, action: str, view: FreezeView) -> str:
+def frozen(pipeline: str, action: str, view: FreezeView, *, break_glass: bool = True) -> str:
     """Why a deploy (or rebuild, rollback, promotion) is refused: the freeze, its reason, and
-    when it ends."""
+    when it ends; and the break-glass, for a person (an agent has none)."""
     until = f"until {when(view.end, view.end_text)}"
     if view.then is not None:  # another freeze follows on: the end that matters is its
         then = view.then
@@ -55,9 +55,14 @@ def frozen(pipeline: str, action: str, view: FreezeView) -> str:
             f", and then {_what(then)} until {when(then.end, then.end_text)}, with no gap "
             "between them"
         )
-    return (
+    refused = (
         f":snowflake: {code(pipeline)} is frozen: {_what(view)}, {until}. "
-        f"The {action} was not started. In an emergency, "
+        f"The {action} was not started."
+    )
+    if not break_glass:
+        return f"{refused} An agent cannot break the glass: a person may, with `--break-glass`."
+    return (
+        f"{refused} In an emergency, "
         f"`/deploy {pipeline} … --break-glass <reason>` asks a second person to approve it."
     )
 

@@ -1,5 +1,5 @@
-"""A person's App Home tab: My builds, Waiting for me, My locks, My notifications. Pure: from
-typed content to a `home` view."""
+"""A person's App Home tab: My builds, Waiting for me, My locks, Active freezes, My
+notifications. Pure: from typed content to a `home` view."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from slack_sdk.models.blocks import (
 )
 
 from app.slack.ids import ActionId
-from app.slack.mrkdwn import code, escape, person
+from app.slack.mrkdwn import code, escape, person, plain
 from app.slack.payloads import (
     BuildButtonValue,
     LockButtonValue,
@@ -35,6 +35,8 @@ from app.slack.render.common import (
     state_text,
 )
 from app.slack.render.deploys import DeployPlan
+from app.slack.render.freezes import FreezeView
+from app.slack.render.freezes import when as date_token
 from app.storage.inbox import DmMode, DmPrefs
 from app.storage.records import PipelineLock
 from buildkite.models import Build
@@ -42,6 +44,9 @@ from buildkite.models import Build
 #: Each section lists at most this many entries (a Home holds 100 blocks).
 MAX_APPROVALS = 10
 MAX_LOCKS = 10
+#: Freezes in force listed, and coming ones (each freeze's next occurrence).
+MAX_FREEZES = 10
+MAX_COMING_FREEZES = 5
 
 DM_MODES = {
     DmMode.OFF: "Off",
@@ -73,6 +78,9 @@ class HomeContent:
     builds: Sequence[HomeBuild] = ()
     approvals: Sequence[HomeApproval] = ()
     locks: Sequence[PipelineLock] = ()
+    #: The policy's freezes in force now, and each freeze's next occurrence.
+    freezes: Sequence[FreezeView] = ()
+    coming_freezes: Sequence[FreezeView] = ()
     prefs: DmPrefs = field(default_factory=DmPrefs)
     #: The person's Slack timezone, for their quiet hours.
     timezone: str | None = None
@@ -157,6 +165,34 @@ def _lock_block(lock: PipelineLock) -> dict[str, Any]:
     ).to_dict()
 
 
+def _freeze_line(view: FreezeView, *, coming: bool) -> str:
+    pipelines = ", ".join(code(p) for p in view.pipelines[:10]) + (
+        ", …" if len(view.pipelines) > 10 else ""
+    )
+    span = (
+        f"from {date_token(view.start, view.start_text)} to {date_token(view.end, view.end_text)}"
+        if coming
+        else f"until {date_token(view.end, view.end_text)}"
+    )
+    return f"• *{clip(plain(view.reason), 300)}*: {pipelines}, {span}"
+
+
+def _freeze_blocks(active: Sequence[FreezeView], coming: Sequence[FreezeView]) -> list[Any]:
+    """The freezes in force (deploys, rebuilds, rollbacks and promotions of those pipelines are
+    refused), and the next ones; two blocks at most."""
+    blocks: list[Any] = []
+    if active:
+        lines = [":snowflake: Deploys of these pipelines are refused now:"]
+        lines += [_freeze_line(v, coming=False) for v in active[:MAX_FREEZES]]
+        blocks.append(section(clip("\n".join(lines), SECTION_TEXT_LIMIT)))
+    else:
+        blocks.append(context("No freeze is in force."))
+    if coming:
+        lines = ["Coming:"] + [_freeze_line(v, coming=True) for v in coming[:MAX_COMING_FREEZES]]
+        blocks.append(context("\n".join(lines)))
+    return blocks
+
+
 def _option(label: str, value: str) -> dict[str, Any]:
     return {"text": {"type": "plain_text", "text": label}, "value": value}
 
@@ -234,6 +270,8 @@ def home_view(content: HomeContent) -> dict[str, Any]:
         blocks += [_lock_block(lock) for lock in content.locks[:MAX_LOCKS]]
     else:
         blocks.append(context("You hold no pipeline lock."))
+    blocks += [DividerBlock().to_dict(), _header("Active freezes")]
+    blocks += _freeze_blocks(content.freezes, content.coming_freezes)
     blocks += [DividerBlock().to_dict(), _header("My notifications")]
     blocks += _prefs_blocks(content.prefs, content.timezone)
     return {"type": "home", "blocks": blocks}

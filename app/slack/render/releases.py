@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 
 from slack_sdk.models.blocks import MarkdownTextObject, SectionBlock
 
-from app.slack.mrkdwn import code, link, person
+from app.slack.mrkdwn import code, link, person, plain
 from app.slack.render.common import SECTION_TEXT_LIMIT, STATE_EMOJI, Rendered, clip
+from app.slack.render.freezes import FreezeView
+from app.slack.render.freezes import when as date_token
 from app.storage.ledger import Deployment, Outcome, Source
 from app.storage.records import PipelineLock
 
@@ -36,6 +38,8 @@ class PipelineStatus:
     default_branch: str | None = None
     running: Sequence[Deployment] = field(default_factory=tuple)
     lock: PipelineLock | None = None
+    #: The freeze in force on the pipeline, if any.
+    freeze: FreezeView | None = None
 
 
 def ago(seconds: float) -> str:
@@ -103,6 +107,12 @@ def _status_lines(status: PipelineStatus, now: float) -> list[str]:
         )
     if status.lock is not None:
         lines.append(f"• :lock: locked by {person(status.lock.user)}")
+    if (freeze := status.freeze) is not None:
+        lines.append(
+            f"• :snowflake: frozen: *{clip(plain(freeze.reason), 300)}* ({plain(freeze.window)}), "
+            f"until {date_token(freeze.end, freeze.end_text)}: deploys, rebuilds, rollbacks and "
+            "promotions are refused"
+        )
     return lines
 
 
@@ -122,6 +132,11 @@ def _status_line(status: PipelineStatus, now: float) -> str:
         line += " · :arrow_forward: " + " ".join(_build(entry) for entry in status.running)
     if status.lock is not None:
         line += f" · :lock: {person(status.lock.user)}"
+    if (freeze := status.freeze) is not None:
+        line += (
+            f" · :snowflake: {clip(plain(freeze.reason), 100)} until "
+            f"{date_token(freeze.end, freeze.end_text)}"
+        )
     return line
 
 
