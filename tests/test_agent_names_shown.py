@@ -77,3 +77,24 @@ async def test_an_agents_deployment_is_credited_to_the_agent_in_the_history(
     shown = json.dumps(posts[-1].json)
     assert f"#{number}" in shown and "by agent `captain`" in shown
     assert "someone outside Slack" not in shown and "<@agent:" not in shown
+
+
+async def test_an_agents_failed_build_is_dmed_to_the_person_it_acts_for_not_looked_up(
+    bot: BotClient, bk: FakeBuildkite, slack: FakeSlack
+) -> None:
+    """Slack knows no user `agent:captain`: the inbox neither looks it up nor opens a DM with
+    it; the build's DM goes to the person the agent acts for (U0USER, failures by default)."""
+    slack.add_user("U0USER", "lead", "lead@example.com")
+    async with agent_session(bot, CAPTAIN_TOKEN) as session:
+        started = await structured(
+            session, "deploy", pipeline="web", branch="main", idempotency_key="dm-1"
+        )
+    assert started["status"] == "started", started
+    number = int(bk.builds_of("web")[-1]["number"])
+    bk.set_build_state("web", number, "failed", failed_jobs=["Test"])
+    assert (await bot.webhook(bk.webhook_payload("web", number))).status == 200
+    await bot.settled()
+    await slack.wait_for(lambda: slack.calls_to("conversations.open"))
+    assert [c.args["users"] for c in slack.calls_to("conversations.open")] == ["U0USER"]
+    looked_up = [c.args.get("user") for c in slack.calls_to("users.info")]
+    assert not [u for u in looked_up if str(u).startswith("agent:")]

@@ -10,7 +10,7 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
@@ -28,7 +28,7 @@ from app.core.deploys import NeedsConfirmation, plan_from
 from app.core.errors import UserError, explain
 from app.core.freezes import current_and_upcoming, view_of
 from app.core.locks import Locks
-from app.core.policy import Action, Policy
+from app.core.policy import Action, Policy, is_agent
 from app.core.services import Services
 from app.settings import Settings
 from app.slack.actor import Actor
@@ -128,14 +128,28 @@ class Inbox:
 
     async def people_of(self, tracked: TrackedBuild, build: Build) -> list[str]:
         """Who a build belongs to: whoever started it through the bot, and the person whose
-        email Buildkite credits it to (known once they have opened their Home)."""
-        people = [t.requester for t in tracked.targets if t.requester]
+        email Buildkite credits it to (known once they have opened their Home). An agent's
+        build belongs to the person it acts for, if any: an agent has no Home."""
+        people = self.people_for(t.requester for t in tracked.targets if t.requester)
         author = build.author.email if build.author and build.author.email else None
         if author:
             by_email = await self.store.user_with_email(author)
             if by_email:
                 people.append(by_email)
         return list(dict.fromkeys(people))
+
+    def people_for(self, requesters: Iterable[str]) -> list[str]:
+        """The Slack people behind requesters: a person as is, an agent (`agent:<name>`) as the
+        person it acts for, or nobody (Slack knows no such user to look up or DM)."""
+        people = []
+        for requester in requesters:
+            if is_agent(requester):
+                person = self.policy.acts_for(requester)
+                if person:
+                    people.append(person)
+            else:
+                people.append(requester)
+        return people
 
     async def on_change(
         self, tracked: TrackedBuild, build: Build, transition: Transition | None = None
@@ -501,8 +515,8 @@ class DirectMessages:
 
     async def recipients(self, tracked: TrackedBuild, build: Build) -> list[str]:
         """Whoever deployed it through the bot; else the author, when their email is a Slack
-        user's."""
-        people = [t.requester for t in tracked.targets if t.requester]
+        user's. An agent's build goes to the person it acts for, if any."""
+        people = self.inbox.people_for(t.requester for t in tracked.targets if t.requester)
         if not people and build.author and build.author.email:
             user = await self.directory.user_for_email(build.author.email)
             if user:
