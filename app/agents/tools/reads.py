@@ -7,6 +7,7 @@ import contextlib
 
 from redis.exceptions import RedisError
 
+import app.slack.render.freezes as freeze_texts
 from app.agents.arguments import (
     CheckPolicyArgs,
     GetBuildArgs,
@@ -39,7 +40,6 @@ from app.core.commands.admin import AgentsQuery, HealthRequest, PipelinesQuery
 from app.core.freezes import FROZEN_ACTIONS, view_of
 from app.core.listings import Listings
 from app.core.policy import Action
-from app.slack.render import freezes as freeze_texts
 from buildkite.errors import BuildkiteError, PermissionDenied
 from buildkite.models import Build
 
