@@ -59,9 +59,9 @@ class AutoRetry:
         if rule is None:
             return
         lock = await self.store.pipeline_lock(tracked.pipeline)
-        asked_by = {build.meta_data.get("chatops_requested_by")} | {
-            t.requester for t in tracked.targets
-        }
+        # Who asked, as the bot recorded it: never the build's meta_data, which any of its jobs
+        # can set to the lock holder's id (the build passed here carries none today anyway).
+        asked_by = {t.requester for t in tracked.targets}
         if lock and lock.user not in asked_by:
             # A freeze stops the bot's own re-runs too, as it stops everybody's Retry clicks.
             for target in tracked.targets:
