@@ -239,12 +239,7 @@ class ThreadCommands:
         return first
 
     async def _status(self, ref: BuildRef) -> Rendered:
-        try:
-            build = await self.s.buildkite.get_build(ref.pipeline, ref.number)
-        except BuildkiteError as exc:
-            raise UserError(
-                explain(exc, action="read", pipeline=ref.pipeline, number=ref.number)
-            ) from None
+        build = await self._get(ref, "read")
         return build_card(ref.pipeline, build, buttons=())
 
     async def _unblock(self, ref: BuildRef, mention: Mention) -> Outcome:
