@@ -8,8 +8,6 @@ and answers the person. Failures raise `UserError`; the error wrapper (applied o
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from typing import Any
 
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncRespond
@@ -33,7 +31,6 @@ from app.core.commands import (
     parse_deploy,
 )
 from app.core.commands.releases import RELEASE_USAGE
-from app.core.deploy_queue import QueueClosed
 from app.core.deploys import AwaitingApproval, Deploys, NeedsConfirmation, Started
 from app.core.freezes import freezes_listing
 from app.core.locks import Locks
@@ -44,7 +41,7 @@ from app.slack.payloads import BuildButtonValue, RequestButtonValue, action_valu
 from app.slack.render import answers
 from app.slack.render.deploys import audit_list, locks_list
 from app.storage.keys import REQUEST_TTL
-from handlers.common import ephemeral, listen
+from handlers.common import ephemeral, in_deploy_queue, listen
 from handlers.releases import release_command
 
 COMMANDS = ("/deploy", "/cancel", "/rebuild")
@@ -89,30 +86,16 @@ async def deploy_command(
         await ack()
         await _deploy_subcommand(request, command, respond, services)
         return
-    place = services.deploys.reserve()
-    if place is None:
-        await ack(text=answers.too_many_deploys(request.pipeline))
-        return
-    async with place:
-        await ack(text=answers.starting(request.pipeline, place.position))
-        try:
-            await place.turn()
-        except (asyncio.CancelledError, QueueClosed) as exc:
-            # Shutting down before its turn came: say so rather than leave "Starting…" behind.
-            with contextlib.suppress(Exception):
-                await ephemeral(respond, answers.not_started_shutdown(request.pipeline))
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return
-        try:
-            outcome = await Deploys(services).deploy(
-                request, Actor.from_command(command), trigger=_trigger(command)
-            )
-        except asyncio.CancelledError:
-            # Cut short by the shutdown's time limit, maybe after Buildkite created the build.
-            with contextlib.suppress(Exception):
-                await ephemeral(respond, answers.interrupted_shutdown(request.pipeline))
-            raise
+    outcome = await in_deploy_queue(
+        services,
+        ack,
+        respond,
+        request.pipeline,
+        lambda position: answers.starting(request.pipeline, position),
+        lambda: Deploys(services).deploy(
+            request, Actor.from_command(command), trigger=_trigger(command)
+        ),
+    )
     if isinstance(outcome, NeedsConfirmation):
         await ephemeral(respond, outcome.rendered.text, blocks=outcome.rendered.blocks)
     elif isinstance(outcome, Started):

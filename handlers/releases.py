@@ -3,8 +3,6 @@ rollback and promote. `/deploy` hands them over here (see handlers.deploy)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 from typing import Any
 
@@ -18,14 +16,13 @@ from app.core.commands.releases import (
     StatusRequest,
     parse_release,
 )
-from app.core.deploy_queue import QueueClosed
 from app.core.deploys import NeedsConfirmation, Started
 from app.core.release_actions import ReleaseDeploy, Releases
 from app.core.services import Services, request_id_for
 from app.slack.actor import Actor
 from app.slack.render import answers
 from app.slack.render import releases as render
-from handlers.common import ephemeral
+from handlers.common import ephemeral, in_deploy_queue
 
 
 async def release_command(
@@ -57,26 +54,16 @@ async def _queued(
     """A rollback or a promotion is a deploy: it waits its turn in /deploy's queue (or is
     refused in its ack when the queue is full), exactly as a typed /deploy does; its place is
     given back before the person is answered."""
-    place = services.deploys.reserve()
-    if place is None:
-        await ack(text=answers.too_many_deploys(request.pipeline))
+    asked = await in_deploy_queue(
+        services,
+        ack,
+        respond,
+        request.pipeline,
+        lambda position: render.looking_up(request.pipeline, position),
+        lambda: _release_deploy(request, command, services),
+    )
+    if asked is None:
         return
-    async with place:
-        await ack(text=render.looking_up(request.pipeline, place.position))
-        try:
-            await place.turn()
-        except (asyncio.CancelledError, QueueClosed) as exc:
-            with contextlib.suppress(Exception):
-                await ephemeral(respond, answers.not_started_shutdown(request.pipeline))
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return
-        try:
-            asked = await _release_deploy(request, command, services)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await ephemeral(respond, answers.interrupted_shutdown(request.pipeline))
-            raise
     outcome = asked.outcome
     if isinstance(outcome, NeedsConfirmation):
         await ephemeral(respond, outcome.rendered.text, blocks=outcome.rendered.blocks)
