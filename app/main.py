@@ -375,6 +375,7 @@ def clock_sweeps(
         services.outbox,
         tuning.clock,
         late=tuning.sweeps.announce_late,
+        lease=tuning.sweeps.announce_lease,
     )
     stale_blocks = StaleBlocks(
         services.policy,

@@ -84,8 +84,9 @@ class SweepTuning:
     #: its cancel) before the sweep of every `superseded_interval` takes that over.
     superseded_lease: float = 120.0
     superseded_interval: float = 30.0
-    #: How long the replica that claimed a freeze announcement has to post it before another
-    #: replica's sweep may (the first died); that one looks for the post in Slack first.
+    #: How long the replica that claimed a freeze announcement (or a lock's expiry note) has
+    #: to post it before another replica's sweep may (the first died); that one looks for the
+    #: post in Slack first.
     announce_lease: float = 120.0
 
 
