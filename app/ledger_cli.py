@@ -98,8 +98,14 @@ def main(args: argparse.Namespace) -> int:
 
 def summary(report: RebuildReport, sent: int) -> str:
     """What a rebuild read and wrote, and what it cost in Buildkite requests (each 429 too)."""
-    return (
+    line = (
         f"Read {report.builds_read} builds in {sent} Buildkite requests; recorded "
         f"{report.recorded} deployments of {len(report.pipelines)} pipelines "
         "(the others were in the ledger already)."
     )
+    if report.followed_up:
+        line += (
+            f" {report.followed_up} still running: the bot asks Buildkite how they end "
+            "and records it."
+        )
+    return line

@@ -44,6 +44,7 @@ from app.core.deploy_queue import DeployQueue
 from app.core.digest import run_digest_schedules
 from app.core.freeze_announcements import FreezeAnnouncer, sweep_every
 from app.core.inbox import DirectMessages, Inbox
+from app.core.ledger_followup import LedgerFollowUp
 from app.core.lock_hygiene import LockHygiene
 from app.core.policy import load_policy
 from app.core.releases import LedgerRecorder
@@ -364,8 +365,9 @@ async def background(services: Services, tuning: Tuning = DEFAULT) -> AsyncItera
 def clock_sweeps(
     services: Services, stop: asyncio.Event, tuning: Tuning
 ) -> list[asyncio.Task[None]]:
-    """The loops that watch the clock: freeze start and end announcements, lock hygiene, and
-    the follow-up of superseded builds whose marker died."""
+    """The loops that watch the clock: freeze start and end announcements, lock hygiene, the
+    follow-up of superseded builds whose marker died, and the end of the ledger's running
+    deployments no tracker follows."""
     announcer = FreezeAnnouncer(
         services.policy, services.store, services.outbox, tuning.sweeps, tuning.clock
     )
@@ -386,6 +388,13 @@ def clock_sweeps(
         observe=services.tracker.observe,
         clock=tuning.clock,
         lease=tuning.sweeps.superseded_lease,
+    )
+    ledger_followup = LedgerFollowUp(
+        services.store,
+        services.buildkite,
+        LedgerRecorder(services.policy, services.store, services.buildkite),
+        tuning.clock,
+        interval=tuning.sweeps.ledger_interval,
     )
     outage = services.redis_outage
     return [
@@ -414,6 +423,16 @@ def clock_sweeps(
                 "the lock reminders", hygiene.sweep, tuning.sweeps.lock_interval, stop, outage
             ),
             name="lock-hygiene",
+        ),
+        asyncio.create_task(
+            sweep_every(
+                "the ledger's unfollowed deployments",
+                ledger_followup.sweep,
+                tuning.sweeps.ledger_interval,
+                stop,
+                outage,
+            ),
+            name="ledger-followup",
         ),
     ]
 

@@ -77,6 +77,9 @@ class SweepTuning:
 
     freeze_interval: float = 30.0
     lock_interval: float = 60.0
+    #: How often one replica asks Buildkite how the ledger's unfollowed running deployments
+    #: (recorded by `ledger rebuild`) ended; the least wait between two asks about one build.
+    ledger_interval: float = 60.0
     #: An end of freeze (or a lock's expiry) missed for longer than this, while no bot ran,
     #: is no longer announced: it would be news of the past.
     announce_late: float = 3600.0

@@ -152,18 +152,7 @@ class LedgerRecorder:
     async def on_final(self, tracked: TrackedBuild, build: Build) -> None:
         """A tracked build ended (a Notifier listener): record it if it is a deployment."""
         pipeline = tracked.pipeline
-        known = await self.store.deployment(pipeline, build.number)
-        if known is not None:
-            outcome = outcome_of(build)
-            entry = known.model_copy(
-                update={
-                    "outcome": outcome,
-                    "commit": (build.commit or known.commit)[:64],
-                    "started_at": _epoch(build.started_at) or known.started_at,
-                    "finished_at": _epoch(build.finished_at) or int(time.time()),
-                }
-            )
-            await self.store.record_deployment(entry)
+        if await self.ended(build, pipeline):
             return
         if deploy_routes(self.policy, pipeline, build.branch):
             await self.store.record_deployment(
@@ -186,6 +175,22 @@ class LedgerRecorder:
                 copied = dict.fromkeys(COPIED_ON_REBUILD - {"requested_by"})
                 entry = entry.model_copy(update=copied)
             await self.store.record_deployment(entry, info=info_of(full.pipeline))
+
+    async def ended(self, build: Build, pipeline: str) -> bool:
+        """Record the end of a deployment the ledger has; False when it has none."""
+        known = await self.store.deployment(pipeline, build.number)
+        if known is None:
+            return False
+        entry = known.model_copy(
+            update={
+                "outcome": outcome_of(build),
+                "commit": (build.commit or known.commit)[:64],
+                "started_at": _epoch(build.started_at) or known.started_at,
+                "finished_at": _epoch(build.finished_at) or int(time.time()),
+            }
+        )
+        await self.store.record_deployment(entry)
+        return True
 
     async def on_route_build(self, build: Build, pipeline: str, ref: PipelineRef | None) -> None:
         """A webhook's final build of a pipeline and branch a `deploy: true` route covers."""

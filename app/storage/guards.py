@@ -57,19 +57,6 @@ end
 return 0
 """
 
-#: Take member ARGV[1] of a sorted set whose score (when it is due, or its lease) has come by
-#: ARGV[2]: leased to the caller until ARGV[3]; answers the score it had for the one caller
-#: that took it, nil for the others.
-_TAKE_DUE = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if score and tonumber(score) <= tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-  return score
-end
-return false
-"""
-
-
 #: Claim a once-only post: free -> leased to the caller ("try:<wall>:<until>"); a lease run out
 #: -> leased again, keeping its first try's wall time (answered); "done" (or "1") -> refused.
 _CLAIM_EDGE = """
@@ -95,7 +82,7 @@ class Guards:
         self._raise_newest = client.register_script(_RAISE_NEWEST)
         self._delete_if = client.register_script(lua.source("release_lock"))
         self._supersede = client.register_script(_SUPERSEDE)
-        self._take_due = client.register_script(_TAKE_DUE)
+        self._take_due = client.register_script(lua.source("take_due"))
         self._claim_edge = client.register_script(_CLAIM_EDGE)
 
     # -- freeze announcements -----------------------------------------------------------
