@@ -69,6 +69,9 @@ class Deployment(BaseModel):
     source: Source = Field(default=Source.BOT, alias="s")
     #: The Slack user who asked for it (None: announced, or started outside Slack).
     requested_by: str | None = Field(default=None, alias="r")
+    #: `requested_by` is only what the build's meta_data says (which any of its jobs can set):
+    #: the bot has no record of its own of who asked (a deploy route's build, a rebuilt ledger).
+    requester_unverified: bool = Field(default=False, alias="rm")
     approved_by: str | None = Field(default=None, alias="a")
     #: Unix seconds.
     started_at: int | None = Field(default=None, alias="t")
@@ -99,6 +102,8 @@ class Deployment(BaseModel):
             data["u"] = org
         if self.source is not Source.BOT:
             data["s"] = self.source.value
+        if not self.requester_unverified or self.requested_by is None:
+            data.pop("rm", None)
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
 
