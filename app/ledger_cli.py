@@ -14,13 +14,13 @@ import sys
 
 import httpx
 
+from app.clients import buildkite_http, create_buildkite_client
 from app.core.ledger_rebuild import RebuildReport, rebuild_ledger
 from app.core.policy import PolicyError, load_policy
 from app.ops.metrics import Metrics
 from app.settings import Settings, SettingsError, load_settings
 from app.storage.connection import connect_redis
 from app.storage.store import Store
-from buildkite.client import BuildkiteClient
 from buildkite.errors import BuildkiteError
 
 
@@ -43,17 +43,10 @@ async def rebuild(settings: Settings) -> tuple[RebuildReport, int]:
         nonlocal sent
         sent += 1
 
-    async with httpx.AsyncClient(
-        timeout=httpx.Timeout(settings.buildkite_timeout), event_hooks={"request": [count]}
-    ) as http:
+    async with buildkite_http(settings) as http:
+        http.event_hooks = {"request": [count], "response": []}
         redis_client = connect_redis(settings, Metrics())
-        buildkite = BuildkiteClient(
-            settings.buildkite_api_token,
-            settings.buildkite_org,
-            base_url=str(settings.buildkite_api_url),
-            http=http,
-            timeout=settings.buildkite_timeout,
-        )
+        buildkite = create_buildkite_client(settings, http)
         try:
             report = await rebuild_ledger(Store(redis_client), buildkite, policy)
         finally:
@@ -98,8 +91,14 @@ def main(args: argparse.Namespace) -> int:
 
 def summary(report: RebuildReport, sent: int) -> str:
     """What a rebuild read and wrote, and what it cost in Buildkite requests (each 429 too)."""
-    return (
+    line = (
         f"Read {report.builds_read} builds in {sent} Buildkite requests; recorded "
         f"{report.recorded} deployments of {len(report.pipelines)} pipelines "
         "(the others were in the ledger already)."
     )
+    if report.followed_up:
+        line += (
+            f" {report.followed_up} still running: the bot asks Buildkite how they end "
+            "and records it."
+        )
+    return line

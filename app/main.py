@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gc
 import logging
 import signal
@@ -17,7 +16,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-import httpx
 from aiohttp import web
 from aiohttp.web_log import AccessLogger
 from aiohttp.web_request import BaseRequest
@@ -37,6 +35,7 @@ import handlers
 from app.agents.gateway import create_gateway
 from app.agents.http import McpEndpoint
 from app.agents.identity import Agent
+from app.clients import buildkite_http, create_buildkite_client
 from app.core.approvals import Approvals
 from app.core.audit import Auditor
 from app.core.auto_retry import AutoRetry
@@ -44,6 +43,7 @@ from app.core.deploy_queue import DeployQueue
 from app.core.digest import run_digest_schedules
 from app.core.freeze_announcements import FreezeAnnouncer, sweep_every
 from app.core.inbox import DirectMessages, Inbox
+from app.core.ledger_followup import LedgerFollowUp
 from app.core.lock_hygiene import LockHygiene
 from app.core.policy import load_policy
 from app.core.releases import LedgerRecorder
@@ -73,7 +73,6 @@ from app.tracking.poller import Poller
 from app.tracking.writer import MessageWriter
 from app.tuning import DEFAULT, Tuning
 from app.web import OnlyVerified, create_web_app
-from buildkite.client import BuildkiteClient, StartLookup
 from handlers.errors import report_bolt_error
 
 if TYPE_CHECKING:
@@ -114,11 +113,6 @@ def create_slack_client(
     )
 
 
-#: httpx's own verified TLS context, made once per process: loading the CA bundle costs a
-#: tenth of a second of CPU, which every bot start (and every test's) would otherwise pay.
-tls_context = functools.cache(httpx.create_ssl_context)
-
-
 @contextlib.asynccontextmanager
 async def open_services(
     settings: Settings, metrics: Metrics | None = None, tuning: Tuning = DEFAULT
@@ -132,23 +126,12 @@ async def open_services(
     mrkdwn.trust_web_host(str(settings.buildkite_api_url))
     # Each client is closed on the way out, also when a later one fails to be created.
     async with contextlib.AsyncExitStack() as closing:
-        http = httpx.AsyncClient(
-            verify=tls_context(),
-            timeout=httpx.Timeout(settings.buildkite_timeout),
-            limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
-        )
+        http = buildkite_http(settings)
         closing.push_async_callback(http.aclose)
         count_buildkite_requests(http, metrics, str(settings.buildkite_api_url))
         redis_client = connect_redis(settings, metrics)
         closing.push_async_callback(redis_client.aclose)
-        buildkite = BuildkiteClient(
-            settings.buildkite_api_token,
-            settings.buildkite_org,
-            base_url=str(settings.buildkite_api_url),
-            http=http,
-            timeout=settings.buildkite_timeout,
-            start_lookup=StartLookup(patience=settings.buildkite_start_patience),
-        )
+        buildkite = create_buildkite_client(settings, http)
         closing.push_async_callback(buildkite.aclose)
         slack_session = create_slack_session()
         closing.push_async_callback(slack_session.close)
@@ -364,8 +347,9 @@ async def background(services: Services, tuning: Tuning = DEFAULT) -> AsyncItera
 def clock_sweeps(
     services: Services, stop: asyncio.Event, tuning: Tuning
 ) -> list[asyncio.Task[None]]:
-    """The loops that watch the clock: freeze start and end announcements, lock hygiene, and
-    the follow-up of superseded builds whose marker died."""
+    """The loops that watch the clock: freeze start and end announcements, lock hygiene, the
+    follow-up of superseded builds whose marker died, and the end of the ledger's running
+    deployments no tracker follows."""
     announcer = FreezeAnnouncer(
         services.policy, services.store, services.outbox, tuning.sweeps, tuning.clock
     )
@@ -375,6 +359,7 @@ def clock_sweeps(
         services.outbox,
         tuning.clock,
         late=tuning.sweeps.announce_late,
+        lease=tuning.sweeps.announce_lease,
     )
     stale_blocks = StaleBlocks(
         services.policy,
@@ -385,6 +370,13 @@ def clock_sweeps(
         observe=services.tracker.observe,
         clock=tuning.clock,
         lease=tuning.sweeps.superseded_lease,
+    )
+    ledger_followup = LedgerFollowUp(
+        services.store,
+        services.buildkite,
+        LedgerRecorder(services.policy, services.store, services.buildkite),
+        tuning.clock,
+        interval=tuning.sweeps.ledger_interval,
     )
     outage = services.redis_outage
     return [
@@ -413,6 +405,16 @@ def clock_sweeps(
                 "the lock reminders", hygiene.sweep, tuning.sweeps.lock_interval, stop, outage
             ),
             name="lock-hygiene",
+        ),
+        asyncio.create_task(
+            sweep_every(
+                "the ledger's unfollowed deployments",
+                ledger_followup.sweep,
+                tuning.sweeps.ledger_interval,
+                stop,
+                outage,
+            ),
+            name="ledger-followup",
         ),
     ]
 

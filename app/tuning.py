@@ -77,6 +77,9 @@ class SweepTuning:
 
     freeze_interval: float = 30.0
     lock_interval: float = 60.0
+    #: How often one replica asks Buildkite how the ledger's unfollowed running deployments
+    #: (recorded by `ledger rebuild`) ended; the least wait between two asks about one build.
+    ledger_interval: float = 60.0
     #: An end of freeze (or a lock's expiry) missed for longer than this, while no bot ran,
     #: is no longer announced: it would be news of the past.
     announce_late: float = 3600.0
@@ -84,8 +87,9 @@ class SweepTuning:
     #: its cancel) before the sweep of every `superseded_interval` takes that over.
     superseded_lease: float = 120.0
     superseded_interval: float = 30.0
-    #: How long the replica that claimed a freeze announcement has to post it before another
-    #: replica's sweep may (the first died); that one looks for the post in Slack first.
+    #: How long the replica that claimed a freeze announcement (or a lock's expiry note) has
+    #: to post it before another replica's sweep may (the first died); that one looks for the
+    #: post in Slack first.
     announce_lease: float = 120.0
 
 

@@ -1,24 +1,29 @@
 """`python -m app ledger rebuild`: the ledger recorded again from Buildkite's builds, what it
-costs in requests (counted by the fake), the ledger's bounds, and that rebuilding twice changes
-nothing."""
+costs in requests (counted by the fake), the ledger's bounds, that rebuilding twice changes
+nothing, and that the deployments it found running reach their end in the ledger."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from app.core.ledger_followup import LedgerFollowUp
+from app.core.releases import LedgerRecorder
 from app.ledger_cli import rebuild, summary
-from app.simulators.bot import bot_settings
+from app.simulators.bot import FAST, bot_settings, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
 from app.storage import keys
+from tests.fault_harness import wait_until
 from tests.test_ops_check_config import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,3 +237,91 @@ async def test_a_429_is_waited_out_and_counted_and_a_long_one_stops_with_what_wa
     # Run again once it may: the rest is recorded, the rest left as it was.
     report, _ = await rebuild(settings)
     assert report.stopped is None and report.recorded == 5
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def build_gets(bk: FakeBuildkite, slug: str, number: int) -> int:
+    path = f"/organizations/acme/pipelines/{slug}/builds/{number}"
+    return len([r for r in bk.requests_to("GET", path) if r.api_path == path])
+
+
+async def entry(redis_client: Any, slug: str, number: int) -> dict[str, Any]:
+    raw = await redis_client.get(keys.DEPLOYMENT_KEY.format(pipeline=slug, number=number))
+    return dict(json.loads(raw))
+
+
+async def test_a_rebuilt_running_deployment_is_followed_to_its_end_once_across_replicas(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
+) -> None:
+    bk.add_pipeline("deploy-prod")
+    bk.add_build("deploy-prod", state="passed", meta_data=bot_meta())
+    bk.add_build("deploy-prod", commit="f" * 40, state="running", meta_data=bot_meta())
+    report, sent = await rebuild(bot_settings(slack, bk, redis_url))
+    assert report.recorded == 2 and report.followed_up == 1
+    assert summary(report, sent).endswith(
+        " 1 still running: the bot asks Buildkite how they end and records it."
+    )
+    assert (await entry(redis_client, "deploy-prod", 2))["o"] == "running"
+
+    clock = Clock(time.time())
+    quiet = dataclasses.replace(FAST, clock=clock)  # on the test's clock: its sweeps decide
+    async with (
+        running_bot(slack, bk, redis_url, tuning=quiet) as one,
+        running_bot(slack, bk, redis_url, tuning=quiet) as two,
+    ):
+        followups = [
+            LedgerFollowUp(
+                bot.services.store,
+                bot.services.buildkite,
+                LedgerRecorder(bot.services.policy, bot.services.store, bot.services.buildkite),
+                clock,
+            )
+            for bot in (one, two)
+        ]
+
+        async def sweep_both() -> list[int]:
+            return sorted(await asyncio.gather(*(f.sweep() for f in followups)))
+
+        # Still running: one replica asks, once; neither asks again within the minute.
+        assert await sweep_both() == [0, 0]
+        assert build_gets(bk, "deploy-prod", 2) == 1
+        clock.now += 30
+        assert await sweep_both() == [0, 0]
+        assert build_gets(bk, "deploy-prod", 2) == 1
+
+        bk.set_build_state("deploy-prod", 2, "passed")
+        clock.now += 31
+        assert await sweep_both() == [0, 1]
+        assert build_gets(bk, "deploy-prod", 2) == 2
+        ended = await entry(redis_client, "deploy-prod", 2)
+        assert ended["o"] == "passed" and ended["f"] and ended["r"] == "U0USER"
+        assert await redis_client.exists(keys.LEDGER_FOLLOWUP_KEY) == 0
+        clock.now += 3600
+        assert await sweep_both() == [0, 0]
+        assert build_gets(bk, "deploy-prod", 2) == 2
+
+
+async def test_the_bot_records_the_end_of_a_rebuilt_running_deployment_on_its_own(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
+) -> None:
+    bk.add_pipeline("deploy-prod")
+    bk.add_build("deploy-prod", state="running", meta_data=bot_meta())
+    await rebuild(bot_settings(slack, bk, redis_url))
+    eager = dataclasses.replace(FAST, sweeps=dataclasses.replace(FAST.sweeps, ledger_interval=0.05))
+    async with running_bot(slack, bk, redis_url, tuning=eager):
+        await wait_until(
+            lambda: build_gets(bk, "deploy-prod", 1) > 0, timeout=10, what="asked about #1"
+        )
+        bk.set_build_state("deploy-prod", 1, "failed")
+
+        async def failed() -> bool:
+            return bool((await entry(redis_client, "deploy-prod", 1))["o"] == "failed")
+
+        await wait_until(failed, timeout=10, what="#1 recorded as failed")

@@ -142,6 +142,55 @@ async def test_builds_of_a_deploy_route_are_deployments_and_others_are_not(
     assert f"`{SHA2[:12]}`" in status and "announced" in status
 
 
+# -- who asked: the bot's record, or the build's meta_data's word -----------------------------
+
+
+async def test_a_requester_only_the_builds_meta_data_names_is_shown_as_its_word(
+    bot: BotClient, bk: FakeBuildkite, redis_client: Any
+) -> None:
+    # Any job of a build can set its meta_data: a deploy route's build naming Bob did not
+    # come through the bot, which cannot vouch for it.
+    bk.add_build("ext-deploy", commit=SHA2, state="passed", meta_data={"chatops_requested_by": BOB})
+    assert (await bot.webhook(bk.webhook_payload("ext-deploy", 1))).status == 200
+    await bot.settled()
+    announced = await entry(redis_client, "ext-deploy", 1)
+    assert announced["r"] == BOB and announced["rm"] is True
+    status = shown(await answer(bot, "status ext-deploy"))
+    assert "by <@U0BOB> (per build meta_data)," in status
+    history = shown(await answer(bot, "history ext-deploy"))
+    assert "by <@U0BOB> (per build meta_data)" in history
+
+    # A ledger rebuilt from Buildkite knows who asked only from the meta_data too; a deploy
+    # the bot started itself is its own record.
+    bk.add_build("web", commit=SHA1, state="passed", meta_data=bot_meta(BOB))
+    services = bot.services
+    await rebuild_ledger(services.store, services.buildkite, services.policy)
+    await deployed(bot, "web", SHA2)
+    lines = [line for line in shown(await answer(bot, "history web")).splitlines() if "#" in line]
+    assert "by <@U0USER>" in lines[0] and "meta_data" not in lines[0]
+    assert "by <@U0BOB> (per build meta_data)" in lines[1]
+    assert "rm" not in await entry(redis_client, "web", 2)
+
+
+async def test_the_bots_record_of_who_asked_beats_what_the_meta_data_says(
+    bot: BotClient, bk: FakeBuildkite, redis_client: Any
+) -> None:
+    # Alice rebuilds from Slack a build of a deploy route's pipeline whose meta_data (copied
+    # to the rebuild by Buildkite) names Bob: the bot knows Alice asked.
+    bk.add_build("ext-deploy", commit=SHA1, state="passed", meta_data=bot_meta(BOB))
+    _, name, _ = await bot.command("/rebuild", "ext-deploy 1")
+    assert "Started" in (await bot.slack.wait_for(lambda: bot.response_texts(name)))[-1]
+    await finish(bot, "ext-deploy", 2)
+    rebuilt = await entry(redis_client, "ext-deploy", 2)
+    assert rebuilt["r"] == ALICE and "rm" not in rebuilt
+    history = shown(await answer(bot, "history ext-deploy"))
+    assert "by <@U0USER>" in history and "meta_data" not in history
+
+
+def bot_meta(user: str) -> dict[str, str]:
+    return {"chatops_source": "slack", "chatops_requested_by": user}
+
+
 # -- status and history ----------------------------------------------------------------------
 
 

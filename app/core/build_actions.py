@@ -11,7 +11,8 @@ from redis.exceptions import RedisError
 from app.core.actions import Actions
 from app.core.commands import BuildRef
 from app.core.deploys import Deploys, NeedsConfirmation, Started
-from app.core.errors import UserError, explain
+from app.core.errors import UserError
+from app.core.listings import Listings
 from app.core.policy import Action
 from app.core.services import Services, request_id_for
 from app.core.supersede import superseded_refusal
@@ -139,12 +140,7 @@ class BuildActions(Actions):
         await self._check_lock(value.pipeline, actor, action="unblock", build=ref)
         await self._check_superseded(value, actor)
         bk = self.s.buildkite
-        try:
-            build = await bk.get_build(value.pipeline, value.number)
-        except BuildkiteError as exc:
-            raise UserError(
-                explain(exc, action="unblock", pipeline=value.pipeline, number=value.number)
-            ) from None
+        build = await Listings(self.s).build(ref, action="unblock")
         job = next((j for j in build.jobs if j.id == value.job), None)
         if job is None or job.type != "manual":
             raise UserError(texts.STEP_GONE)

@@ -27,6 +27,7 @@ from app.core.commands import BuildRef, UnlockRequest
 from app.core.deploys import NeedsConfirmation, plan_from
 from app.core.errors import UserError, explain
 from app.core.freezes import current_and_upcoming, view_of
+from app.core.listings import Listings
 from app.core.locks import Locks
 from app.core.policy import Action, Policy, is_agent
 from app.core.services import Services
@@ -382,12 +383,7 @@ class HomeActions:
     async def unblock(self, ref: BuildRef, user: Mapping[str, Any]) -> Done | OpenForm:
         """Unblock the step the build waits on, or open its form when it asks for input."""
         actor, thread = await self._on_message(ref, user)
-        try:
-            build = await self.s.buildkite.get_build(ref.pipeline, ref.number)
-        except BuildkiteError as exc:
-            raise UserError(
-                explain(exc, action="unblock", pipeline=ref.pipeline, number=ref.number)
-            ) from None
+        build = await Listings(self.s).build(ref, action="unblock")
         job = next((j for j in build.jobs if j.type == "manual" and j.state == "blocked"), None)
         if job is None:
             raise UserError(texts.STEP_GONE)

@@ -16,7 +16,7 @@ from app.core.releases import (
     is_bot_build,
 )
 from app.storage.keys import LEDGER_KEEP
-from app.storage.ledger import Deployment, PipelineInfo, Source
+from app.storage.ledger import Deployment, Outcome, PipelineInfo, Source
 from app.storage.store import Store
 from buildkite.client import BuildkiteClient
 from buildkite.client.builds import SOURCE_META_KEY, SOURCE_META_VALUE
@@ -30,6 +30,8 @@ class RebuildReport:
     builds_read: int = 0
     recorded: int = 0
     pipelines: set[str] = field(default_factory=set)
+    #: Deployments still running, left to the bot to follow to their end (app.core.ledger_followup).
+    followed_up: int = 0
     #: Why it stopped before the end (Buildkite's error, a 429 longer than the client waits):
     #: what was read before is recorded all the same.
     stopped: str | None = None
@@ -102,6 +104,10 @@ async def _rebuilt(
     if await store.record_deployment(entry, info=info, now=now.timestamp()):
         report.recorded += 1
     report.pipelines.add(entry.pipeline)
+    if entry.outcome is Outcome.RUNNING and await store.find(entry.pipeline, entry.number) is None:
+        # No tracker follows it (its record went with Redis): the bot asks how it ended.
+        await store.follow_up_deployment(entry.pipeline, entry.number, at=now.timestamp())
+        report.followed_up += 1
 
 
 async def _routed_pipelines(

@@ -199,13 +199,14 @@ class Listings:
                 ) from None
             raise UserError(self._explain(exc, "list the builds of")) from None
 
-    async def build(self, ref: BuildRef) -> Build:
-        """One build with its jobs (one request)."""
+    async def build(self, ref: BuildRef, *, action: str = "read") -> Build:
+        """One build with its jobs (one request); Buildkite's refusal explained for `action`
+        (what the caller was about to do with it) as a UserError."""
         try:
             return await self.bk.get_build(ref.pipeline, ref.number)
         except BuildkiteError as exc:
             raise UserError(
-                explain(exc, action="read", pipeline=ref.pipeline, number=ref.number)
+                explain(exc, action=action, pipeline=ref.pipeline, number=ref.number)
             ) from None
 
     async def agents_page(self, query: AgentsQuery) -> AgentsPage:

@@ -12,7 +12,7 @@ from app.core.policy import Policy, is_agent
 from app.slack.outbox import Outbox, SlackDeliveryError
 from app.slack.render import lock_hygiene as render
 from app.slack.render.common import notice
-from app.storage.records import PipelineLock
+from app.storage.records import ExpiredLock, PipelineLock
 from app.storage.store import Store
 from app.tuning import DEFAULT
 
@@ -32,24 +32,24 @@ class LockHygiene:
         clock: Callable[[], float],
         *,
         late: float = DEFAULT.sweeps.announce_late,
+        lease: float = DEFAULT.sweeps.announce_lease,
     ) -> None:
         self.policy = policy
         self.store = store
         self.outbox = outbox
         self.clock = clock
-        #: An expiry older than this when first seen (no bot ran meanwhile) is not told.
+        #: An expiry older than this (no bot ran meanwhile, or Slack failed all along) is not told.
         self.late = late
+        #: How long the sweep that took an expiry has to tell of it before another may.
+        self.lease = lease
 
     async def sweep(self) -> int:
         """Remind holders of long-held locks and tell of expired ones; returns how many posts."""
         now = self.clock()
         posted = 0
         await self.store.index_unindexed_locks()
-        for lock in await self.store.take_expired_locks(now):
-            if lock.expires_at is not None and now - lock.expires_at > self.late:
-                continue  # news of the past
-            text = render.lock_expired(lock)
-            if await self._post(lock.channel, text, f"lockexpired:{_id(lock)}"):
+        for expired in await self.store.take_expired_locks(now, lease_until=now + self.lease):
+            if await self._tell_expired(expired, now):
                 posted += 1
         period = self.policy.data.lock_reminder_after
         for lock in await self.store.held_locks():
@@ -66,6 +66,37 @@ class LockHygiene:
             if await self._post(self._person(lock.user), text, f"lockremind:{_id(lock)}:{nth}"):
                 posted += 1
         return posted
+
+    async def _tell_expired(self, expired: ExpiredLock, now: float) -> bool:
+        """Tell the channel `expired.lock` expired: once, across replicas. A failure for now
+        (rate limit, 5xx, network) is given back to the next sweep, which looks for the post
+        first; a permanent one (the bot may not post there) is dropped."""
+        lock = expired.lock
+        if not lock.channel or (lock.expires_at is not None and now - lock.expires_at > self.late):
+            # Nowhere to tell, or news of the past (first seen late, or failing for that long).
+            await self.store.expiry_told(expired)
+            return False
+        try:
+            await self.outbox.post(
+                lock.channel,
+                notice(render.lock_expired(lock)),
+                key=f"lockexpired:{_id(lock)}",
+                tried_since=lock.expires_at if expired.tried else None,
+            )
+        except SlackDeliveryError as exc:
+            if exc.permanent:
+                log.warning(
+                    "expiry of the lock on %s not told in %s, dropped: %s",
+                    lock.pipeline,
+                    lock.channel,
+                    exc,
+                )
+                await self.store.expiry_told(expired)
+            else:
+                await self.store.tell_expiry_later(expired, now)
+            return False
+        await self.store.expiry_told(expired)
+        return True
 
     async def lifted(self, lock: PipelineLock, by: str) -> None:
         """`by` (an admin) lifted `lock`, which someone else held: tell the holder by DM."""

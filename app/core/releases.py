@@ -102,8 +102,13 @@ def deployment_from(
     requested_by: str | None = None,
     now: float | None = None,
 ) -> Deployment:
-    """The ledger's entry for a build, as Buildkite describes it (meta_data read strictly)."""
+    """The ledger's entry for a build, as Buildkite describes it (meta_data read strictly).
+
+    `requested_by` is who asked as the bot recorded it; without it, the build's meta_data's
+    word is taken, marked unverified."""
     meta = build.meta_data
+    recorded = _requester(requested_by)
+    claimed = None if recorded else _requester(meta.get(REQUESTED_BY_META))
     rollback = meta.get(ROLLBACK_OF_META, "")
     promoted = meta.get(PROMOTED_FROM_META, "")
     outcome = outcome_of(build)
@@ -118,13 +123,20 @@ def deployment_from(
         branch=(build.branch or "")[:255],
         outcome=outcome,
         source=source,
-        requested_by=_requester(requested_by) or _requester(meta.get(REQUESTED_BY_META)),
+        requested_by=recorded or claimed,
+        requester_unverified=claimed is not None,
         approved_by=_user(meta.get(APPROVED_BY_META)),
         started_at=_epoch(build.started_at or build.created_at),
         finished_at=finished if outcome is not Outcome.RUNNING else None,
         rollback_of=int(rollback) if _NUMBER.fullmatch(rollback) else None,
         promoted_from=promoted if _PROMOTED.match(promoted) else None,
     )
+
+
+def _recorded_requester(tracked: TrackedBuild) -> str | None:
+    """Who asked for a build, as the bot recorded it when it started it (a route's message
+    has no requester)."""
+    return next((t.requester for t in tracked.targets if t.requester), None)
 
 
 def info_of(pipeline: PipelineRef | None) -> PipelineInfo | None:
@@ -152,25 +164,14 @@ class LedgerRecorder:
     async def on_final(self, tracked: TrackedBuild, build: Build) -> None:
         """A tracked build ended (a Notifier listener): record it if it is a deployment."""
         pipeline = tracked.pipeline
-        known = await self.store.deployment(pipeline, build.number)
-        if known is not None:
-            outcome = outcome_of(build)
-            entry = known.model_copy(
-                update={
-                    "outcome": outcome,
-                    "commit": (build.commit or known.commit)[:64],
-                    "started_at": _epoch(build.started_at) or known.started_at,
-                    "finished_at": _epoch(build.finished_at) or int(time.time()),
-                }
-            )
-            await self.store.record_deployment(entry)
+        if await self.ended(build, pipeline):
             return
+        requester = _recorded_requester(tracked)
         if deploy_routes(self.policy, pipeline, build.branch):
             await self.store.record_deployment(
-                deployment_from(build, pipeline, source=Source.ROUTE)
+                deployment_from(build, pipeline, source=Source.ROUTE, requested_by=requester)
             )
             return
-        requester = next((t.requester for t in tracked.targets if t.requester), None)
         if requester is None:
             return  # announced by a route that does not mark deployments
         # Started from Slack but not recorded at its start (a rebuild, or an adopted create):
@@ -187,19 +188,42 @@ class LedgerRecorder:
                 entry = entry.model_copy(update=copied)
             await self.store.record_deployment(entry, info=info_of(full.pipeline))
 
+    async def ended(self, build: Build, pipeline: str) -> bool:
+        """Record the end of a deployment the ledger has; False when it has none."""
+        known = await self.store.deployment(pipeline, build.number)
+        if known is None:
+            return False
+        entry = known.model_copy(
+            update={
+                "outcome": outcome_of(build),
+                "commit": (build.commit or known.commit)[:64],
+                "started_at": _epoch(build.started_at) or known.started_at,
+                "finished_at": _epoch(build.finished_at) or int(time.time()),
+            }
+        )
+        await self.store.record_deployment(entry)
+        return True
+
     async def on_route_build(self, build: Build, pipeline: str, ref: PipelineRef | None) -> None:
         """A webhook's final build of a pipeline and branch a `deploy: true` route covers."""
         if not build.is_final or not deploy_routes(self.policy, pipeline, build.branch):
             return
         source = Source.BOT if is_bot_build(build) else Source.ROUTE
         known = await self.store.deployment(pipeline, build.number)
-        entry = deployment_from(build, pipeline, source=source)
+        tracked = await self.store.find(pipeline, build.number)
+        requester = _recorded_requester(tracked) if tracked is not None else None
+        entry = deployment_from(build, pipeline, source=source, requested_by=requester)
         if build.rebuilt_from is not None:  # its meta_data is its original's, copied
-            entry = entry.model_copy(update=dict.fromkeys(COPIED_ON_REBUILD))
+            copied = COPIED_ON_REBUILD - ({"requested_by"} if requester else set())
+            entry = entry.model_copy(update=dict.fromkeys(copied))
         if known is not None:  # recorded at its start, or by the tracker's final listener
+            kept = known if known.requested_by and not entry.requested_by else entry
+            if known.requested_by and not known.requester_unverified:
+                kept = known  # the bot's own record of who asked
             entry = entry.model_copy(
                 update={
-                    "requested_by": known.requested_by or entry.requested_by,
+                    "requested_by": kept.requested_by,
+                    "requester_unverified": kept.requester_unverified,
                     "approved_by": known.approved_by or entry.approved_by,
                     "source": known.source,
                 }

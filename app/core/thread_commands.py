@@ -18,7 +18,8 @@ from slack_sdk.errors import SlackApiError
 from app.core.build_actions import BuildActions
 from app.core.commands import BuildRef
 from app.core.deploys import NeedsConfirmation
-from app.core.errors import UserError, explain
+from app.core.errors import UserError
+from app.core.listings import Listings
 from app.core.names import is_pipeline_slug
 from app.core.services import Services
 from app.slack.actor import Actor
@@ -28,7 +29,6 @@ from app.slack.render import threads
 from app.slack.render.common import Rendered
 from app.slack.render.texts import TRACKING_DOWN
 from app.slack.render.unfurl import build_card
-from buildkite.errors import BuildkiteError
 from buildkite.models import Build
 
 log = logging.getLogger(__name__)
@@ -268,12 +268,7 @@ class ThreadCommands:
         return Privately(threads.unblock_choices(ref.pipeline, build, steps))
 
     async def _get(self, ref: BuildRef, action: str) -> Build:
-        try:
-            return await self.s.buildkite.get_build(ref.pipeline, ref.number)
-        except BuildkiteError as exc:
-            raise UserError(
-                explain(exc, action=action, pipeline=ref.pipeline, number=ref.number)
-            ) from None
+        return await Listings(self.s).build(ref, action=action)
 
 
 def event_id_of(body: Mapping[str, Any]) -> str | None:

@@ -14,7 +14,8 @@ from urllib.parse import urlsplit
 from redis.exceptions import RedisError
 
 from app.core.commands import BuildRef
-from app.core.errors import UserError, explain
+from app.core.errors import UserError
+from app.core.listings import Listings
 from app.core.names import is_pipeline_slug
 from app.core.policy import Action, Policy
 from app.core.services import Services, request_id_for
@@ -261,12 +262,10 @@ class Unfurls:
         if first is not None:
             raise UserError(already_asked(first, actor.user_id))
         try:
-            build = await self.s.buildkite.get_build(ref.pipeline, ref.number)
-        except BuildkiteError as exc:
-            await self._forget(key)
-            raise UserError(
-                explain(exc, action="follow", pipeline=ref.pipeline, number=ref.number)
-            ) from None
+            build = await Listings(self.s).build(ref, action="follow")
+        except UserError:
+            await self._forget(key)  # asked again, it is tried again
+            raise
         thread_ts = str(message.get("thread_ts") or message.get("ts") or "") or None
         try:
             new = await self.s.tracker.track(

@@ -1,10 +1,13 @@
 """What the guards keep: freeze announcements made, blocked builds by branch and the newer
 builds that supersede them, lock reminders sent and locks due to expire.
 
-Every "do this once" is a SET NX (or a ZREM) whose one winner acts, whichever replica asks.
+Every "do this once" is a SET NX (or a lease on a sorted set's member, taken by a script) whose
+one winner acts, whichever replica asks.
 """
 
 from __future__ import annotations
+
+import math
 
 import redis.asyncio as redis
 
@@ -27,7 +30,7 @@ from app.storage.keys import (
     SUPERSEDED_FOLLOWUP_KEY,
     SUPERSEDED_KEY,
 )
-from app.storage.records import PipelineLock, SupersededBy
+from app.storage.records import ExpiredLock, PipelineLock, SupersededBy
 
 #: Keep the larger of the stored build number and ARGV[1] (with its JSON); answers the JSON kept.
 _RAISE_NEWEST = """
@@ -54,18 +57,6 @@ end
 return 0
 """
 
-#: Take over the follow-up of ARGV[1] if its lease (its score) has run out by ARGV[2]: leased
-#: again until ARGV[3]; answers 1 for the one caller that took it.
-_TAKE_FOLLOWUP = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if score and tonumber(score) <= tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-  return 1
-end
-return 0
-"""
-
-
 #: Claim a once-only post: free -> leased to the caller ("try:<wall>:<until>"); a lease run out
 #: -> leased again, keeping its first try's wall time (answered); "done" (or "1") -> refused.
 _CLAIM_EDGE = """
@@ -91,7 +82,7 @@ class Guards:
         self._raise_newest = client.register_script(_RAISE_NEWEST)
         self._delete_if = client.register_script(lua.source("release_lock"))
         self._supersede = client.register_script(_SUPERSEDE)
-        self._take_followup = client.register_script(_TAKE_FOLLOWUP)
+        self._take_due = client.register_script(lua.source("take_due"))
         self._claim_edge = client.register_script(_CLAIM_EDGE)
 
     # -- freeze announcements -----------------------------------------------------------
@@ -198,10 +189,10 @@ class Guards:
         due = await self.redis.zrangebyscore(SUPERSEDED_FOLLOWUP_KEY, "-inf", now, start=0, num=50)
         taken = []
         for build_id in [text(b) for b in due]:
-            took = await self._take_followup(
+            took = await self._take_due(
                 keys=[SUPERSEDED_FOLLOWUP_KEY], args=[build_id, now, lease_until]
             )
-            if took:
+            if took is not None:
                 taken.append(build_id)
         return taken
 
@@ -251,16 +242,37 @@ class Guards:
                 await self.redis.zadd(LOCK_EXPIRY_KEY, {text(raw): lock.expires_at}, nx=True)
         return added
 
-    async def take_expired_locks(self, now: float) -> list[PipelineLock]:
-        """The locks whose time has come, each handed to one caller only; their key is deleted
-        if it still holds that lock (Redis's own expiry may not have struck yet)."""
+    async def take_expired_locks(self, now: float, *, lease_until: float) -> list[ExpiredLock]:
+        """The locks whose time has come, each handed to one caller only and leased to it until
+        `lease_until`, to tell its channel and then call `expiry_told` (a caller that dies, or
+        calls `tell_expiry_later`, leaves it to a later sweep). Their key is deleted if it
+        still holds that lock (Redis's own expiry may not have struck yet)."""
         taken = []
         for raw in [text(m) for m in await self.redis.zrangebyscore(LOCK_EXPIRY_KEY, "-inf", now)]:
-            if not await self.redis.zrem(LOCK_EXPIRY_KEY, raw):
+            score = await self._take_due(keys=[LOCK_EXPIRY_KEY], args=[raw, now, lease_until])
+            if score is None:
                 continue  # another process took it
-            lock = PipelineLock.model_validate_json(raw)
+            try:
+                lock = PipelineLock.model_validate_json(raw)
+            except ValueError:
+                await self.redis.zrem(LOCK_EXPIRY_KEY, raw)  # not a lock this release can read
+                continue
             await self._delete_if(
                 keys=[PIPELINE_LOCK_KEY.format(pipeline=lock.pipeline)], args=[raw]
             )
-            taken.append(lock)
+            # Its score was its expiry until a first caller took it; a lease, or a try given
+            # back, since (both later than the expiry).
+            tried = lock.expires_at is not None and float(text(score)) > lock.expires_at
+            taken.append(ExpiredLock(lock, tried=tried, entry=raw))
         return taken
+
+    async def expiry_told(self, expired: ExpiredLock) -> None:
+        """The channel was told that the lock expired (or never will be): no one tries again."""
+        await self.redis.zrem(LOCK_EXPIRY_KEY, expired.entry)
+
+    async def tell_expiry_later(self, expired: ExpiredLock, now: float) -> None:
+        """Telling of the lock's expiry failed for now: the next sweep (of any replica) tries,
+        as a retry (its score stays later than the expiry)."""
+        expires_at = expired.lock.expires_at or 0.0
+        score = max(now, math.nextafter(expires_at, math.inf))
+        await self.redis.zadd(LOCK_EXPIRY_KEY, {expired.entry: score}, xx=True)

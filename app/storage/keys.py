@@ -127,6 +127,11 @@ LEDGER_PIPELINES_KEY = PREFIX + "ledger:pipelines"
 #: Hash of pipeline -> JSON of its repository and default branch, as its builds last said.
 LEDGER_INFO_KEY = PREFIX + "ledger:info"
 
+#: Sorted set of `pipeline#number` of running deployments no tracker follows (recorded by
+#: `ledger rebuild`), by when one replica next asks Buildkite how each ended (or its lease).
+#: Kept LEDGER_KEEP after the last one added; each member leaves when its build ends.
+LEDGER_FOLLOWUP_KEY = PREFIX + "ledger:followup"
+
 LEDGER_MAX = 200  # deployments kept per pipeline
 LEDGER_KEEP = 90 * 24 * 3600  # and for how long after each started
 # -- freezes, the stale-block guard, lock hygiene ------------------------------------------

@@ -22,6 +22,7 @@ from app.storage.codec import text
 from app.storage.keys import (
     DEPLOYMENT_KEY,
     DEPLOYMENT_PREFIX,
+    LEDGER_FOLLOWUP_KEY,
     LEDGER_INFO_KEY,
     LEDGER_KEEP,
     LEDGER_KEY,
@@ -68,6 +69,9 @@ class Deployment(BaseModel):
     source: Source = Field(default=Source.BOT, alias="s")
     #: The Slack user who asked for it (None: announced, or started outside Slack).
     requested_by: str | None = Field(default=None, alias="r")
+    #: `requested_by` is only what the build's meta_data says (which any of its jobs can set):
+    #: the bot has no record of its own of who asked (a deploy route's build, a rebuilt ledger).
+    requester_unverified: bool = Field(default=False, alias="rm")
     approved_by: str | None = Field(default=None, alias="a")
     #: Unix seconds.
     started_at: int | None = Field(default=None, alias="t")
@@ -98,6 +102,8 @@ class Deployment(BaseModel):
             data["u"] = org
         if self.source is not Source.BOT:
             data["s"] = self.source.value
+        if not self.requester_unverified or self.requested_by is None:
+            data.pop("rm", None)
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -116,6 +122,7 @@ class ReleaseLedger:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self._record = client.register_script(lua.source("ledger_record"))
+        self._take_followup = client.register_script(lua.source("take_due"))
 
     async def record_deployment(
         self, deployment: Deployment, *, info: PipelineInfo | None = None, now: float | None = None
@@ -190,6 +197,40 @@ class ReleaseLedger:
         for pipeline, expired in gone.items():  # their entries expired: forget them here too
             await self.redis.zrem(LEDGER_KEY.format(pipeline=pipeline), *expired)
         return found
+
+    async def follow_up_deployment(self, pipeline: str, number: int, *, at: float) -> None:
+        """Ask how this running deployment, which no tracker follows, ended, from `at` on (and
+        then every so often, see `follow_up_later`) until `deployment_followed_up`."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(LEDGER_FOLLOWUP_KEY, {f"{pipeline}#{number}": at}, nx=True)
+            pipe.expire(LEDGER_FOLLOWUP_KEY, LEDGER_KEEP)
+            await pipe.execute()
+
+    async def take_deployment_followups(
+        self, now: float, *, lease_until: float, limit: int = 50
+    ) -> list[tuple[str, int]]:
+        """The (pipeline, number) of the deployments due to be asked about, each handed to one
+        caller only and leased to it until `lease_until` (one that dies leaves it to another)."""
+        due = await self.redis.zrangebyscore(LEDGER_FOLLOWUP_KEY, "-inf", now, start=0, num=limit)
+        taken = []
+        for member in [text(m) for m in due]:
+            score = await self._take_followup(
+                keys=[LEDGER_FOLLOWUP_KEY], args=[member, now, lease_until]
+            )
+            pipeline, _, number = member.rpartition("#")
+            if score is not None and pipeline and number.isdigit():
+                taken.append((pipeline, int(number)))
+            elif score is not None:
+                await self.redis.zrem(LEDGER_FOLLOWUP_KEY, member)  # not one this release wrote
+        return taken
+
+    async def follow_up_later(self, pipeline: str, number: int, *, at: float) -> None:
+        """The deployment is still running: ask again from `at` on."""
+        await self.redis.zadd(LEDGER_FOLLOWUP_KEY, {f"{pipeline}#{number}": at}, xx=True)
+
+    async def deployment_followed_up(self, pipeline: str, number: int) -> None:
+        """The deployment's end is recorded (or never will be here): no more asking."""
+        await self.redis.zrem(LEDGER_FOLLOWUP_KEY, f"{pipeline}#{number}")
 
     async def ledger_pipelines(self, *, now: float | None = None) -> list[str]:
         """The pipelines with a deployment in the last LEDGER_KEEP, in name order."""

@@ -142,6 +142,17 @@ class PipelineLock(BaseModel):
     channel: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ExpiredLock:
+    """A lock whose expiry a sweep took to tell its channel of."""
+
+    lock: PipelineLock
+    #: An earlier sweep tried to tell of it: its post may have been made.
+    tried: bool
+    #: The lock as the expiry index holds it (to mark it told, or to give it back).
+    entry: str
+
+
 class PendingDeploy(BaseModel):
     """A deploy waiting for its requester's confirmation or for an approval.
 

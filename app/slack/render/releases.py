@@ -65,6 +65,9 @@ def duration(seconds: int | None) -> str:
 
 
 def _who(entry: Deployment) -> str:
+    if entry.requested_by and entry.requester_unverified:
+        # Any of the build's jobs can write its meta_data: its word, not the bot's record.
+        return f"{person(entry.requested_by)} (per build meta_data)"
     if entry.requested_by:
         return person(entry.requested_by)
     return "announced" if entry.source is Source.ROUTE else "someone outside Slack"
