@@ -10,7 +10,7 @@ from slack_sdk.models.blocks import MarkdownTextObject, SectionBlock
 
 from app.slack.mrkdwn import code, link, person, plain
 from app.slack.render.common import SECTION_TEXT_LIMIT, STATE_EMOJI, Rendered, clip
-from app.slack.render.freezes import FreezeView
+from app.slack.render.freezes import FreezeView, reason_text
 from app.slack.render.freezes import when as date_token
 from app.storage.ledger import Deployment, Outcome, Source
 from app.storage.records import PipelineLock
@@ -109,7 +109,7 @@ def _status_lines(status: PipelineStatus, now: float) -> list[str]:
         lines.append(f"• :lock: locked by {person(status.lock.user)}")
     if (freeze := status.freeze) is not None:
         lines.append(
-            f"• :snowflake: frozen: *{clip(plain(freeze.reason), 300)}* ({plain(freeze.window)}), "
+            f"• :snowflake: frozen: {reason_text(freeze.reason)} ({plain(freeze.window)}), "
             f"until {date_token(freeze.end, freeze.end_text)}: deploys, rebuilds, rollbacks and "
             "promotions are refused"
         )
@@ -134,7 +134,7 @@ def _status_line(status: PipelineStatus, now: float) -> str:
         line += f" · :lock: {person(status.lock.user)}"
     if (freeze := status.freeze) is not None:
         line += (
-            f" · :snowflake: {clip(plain(freeze.reason), 100)} until "
+            f" · :snowflake: {reason_text(freeze.reason, 100)} until "
             f"{date_token(freeze.end, freeze.end_text)}"
         )
     return line
