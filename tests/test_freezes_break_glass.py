@@ -19,6 +19,8 @@ from app.core.ledger_rebuild import rebuild_ledger
 from app.simulators.bot import FAST, BotClient, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
+from app.slack.render import releases as release_texts
+from app.slack.render import texts
 from tests.test_freezes import (
     ADMIN,
     ALICE,
@@ -343,3 +345,16 @@ freezes:
     for where, text in shown.items():
         assert SHOWN in text, where
     assert "<!channel>" not in everything and "<https://evil.example" not in everything
+
+
+def test_a_policy_rule_name_is_text_in_every_refusal_naming_it() -> None:
+    """A rule's name is its key in the policy file: quoted as code, never markup."""
+    rule = "web-`*`<!channel>&"
+    quoted = "`web-'*'&lt;!channel&gt;&amp;`"
+    for text in (
+        release_texts.no_promote_rule("web", rule),
+        release_texts.not_promoted("web", "staging", rule, "HEAD", "a" * 40, "https://x"),
+        texts.no_agent_approvers("web", rule),
+        texts.no_longer_allowed(ALICE, "deploy", "web", CHANNEL, rule),
+    ):
+        assert quoted in text and "<!channel>" not in text

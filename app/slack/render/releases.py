@@ -262,8 +262,8 @@ def no_promotion(reason: str) -> str:
 
 def no_promote_rule(pipeline: str, rule: str) -> str:
     return (
-        f":no_entry: {code(pipeline)} has no `promote_from` in its policy rule `{rule}`, so there "
-        "is no pipeline to promote from. Nothing was started."
+        f":no_entry: {code(pipeline)} has no `promote_from` in its policy rule {code(rule)}, "
+        "so there is no pipeline to promote from. Nothing was started."
     )
 
 
@@ -283,11 +283,11 @@ def not_promoted(
         what = code(typed[:40])
         return (
             f":no_entry: {code(pipeline)} takes only commits that passed a deployment of "
-            f"{code(source)} (policy rule `{rule}`), and {what} could not be resolved to a "
+            f"{code(source)} (policy rule {code(rule)}), and {what} could not be resolved to a "
             f"commit deployed there. Name a full commit SHA. {history} Nothing was started."
         )
     return (
         f":no_entry: {code(pipeline)} takes only commits that passed a deployment of "
-        f"{code(source)} (policy rule `{rule}`): {code(sha)} has not. {history} "
+        f"{code(source)} (policy rule {code(rule)}): {code(sha)} has not. {history} "
         "Nothing was started."
     )
