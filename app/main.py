@@ -366,8 +366,14 @@ def clock_sweeps(
 ) -> list[asyncio.Task[None]]:
     """The loops that watch the clock: freeze start and end announcements, lock hygiene, and
     the follow-up of superseded builds whose marker died."""
+    inbox = services.inbox
     announcer = FreezeAnnouncer(
-        services.policy, services.store, services.outbox, tuning.sweeps, tuning.clock
+        services.policy,
+        services.store,
+        services.outbox,
+        tuning.sweeps,
+        tuning.clock,
+        homes_changed=inbox.everyone_changed if inbox is not None else None,
     )
     hygiene = LockHygiene(
         services.policy,
