@@ -172,15 +172,35 @@ async def test_a_freeze_start_and_end_republish_the_homes_opened_lately_once(
     bob = "U0BOB"
     slack.add_user(bob, "bob", "bob@example.com")
     path = str(policy)
+
+    def homes(user: str) -> list[dict[str, Any]]:
+        return [
+            json.loads(c.args["view"]) if isinstance(c.args["view"], str) else c.args["view"]
+            for c in slack.calls_to("views.publish")
+            if c.ok and c.args["user_id"] == user
+        ]
+
+    async def opened(bot: BotClient, user: str, event_id: str) -> dict[str, Any]:
+        """The person opens their Home: the view published for them (waited for, not assumed
+        done once the bot settled: a loaded machine may take a while)."""
+        before = len(homes(user))
+        event = {"type": "app_home_opened", "user": user, "channel": "D0" + user[2:], "tab": "home"}
+        body, headers = slack_requests.event_callback(
+            event, signing_secret=SIGNING_SECRET, event_id=event_id
+        )
+        assert (await bot.post_slack(body, headers)).status == 200
+        await slack.wait_for(lambda: len(homes(user)) > before, timeout=30)
+        return homes(user)[-1]
+
     async with (
         running_bot(slack, bk, redis_url, policy_file=path, tuning=tuning) as one,
         running_bot(slack, bk, redis_url, policy_file=path, tuning=tuning) as two,
     ):
         now = clock.now
         clock.now = now - 8 * 24 * 3600  # Bob last opened his Home eight days ago
-        await open_home(one, bob, "Ev0")
+        await opened(one, bob, "Ev0")
         clock.now = now
-        before = freezes_section(await open_home(one, ALICE, "Ev1"))
+        before = freezes_section(await opened(one, ALICE, "Ev1"))
         assert texts(before)[0] == "No freeze is in force."
 
         announcers = []
@@ -193,29 +213,25 @@ async def test_a_freeze_start_and_end_republish_the_homes_opened_lately_once(
                 )
             )
 
-        def homes(user: str) -> list[dict[str, Any]]:
-            return [
-                json.loads(c.args["view"]) if isinstance(c.args["view"], str) else c.args["view"]
-                for c in slack.calls_to("views.publish")
-                if c.ok and c.args["user_id"] == user
-            ]
-
         async def sweep_both() -> None:
             await asyncio.gather(*(a.sweep() for a in announcers))
             for b in (one, two):
                 assert b.services.inbox is not None
                 await b.services.inbox.settled()
+                await b.settled(timeout=30)
 
         published, bobs = len(homes(ALICE)), len(homes(bob))
         clock.now = at(2026, 3, 27, 15, 0)
         await sweep_both()
         await sweep_both()
+        await slack.wait_for(lambda: len(homes(ALICE)) > published, timeout=30)
         assert len(homes(ALICE)) == published + 1
         frozen = texts(freezes_section(homes(ALICE)[-1]))[0]
         assert frozen.startswith(":snowflake: Deploys of these pipelines are refused now:")
 
         clock.now = WEEKEND_END + 60
         await sweep_both()
+        await slack.wait_for(lambda: len(homes(ALICE)) > published + 1, timeout=30)
         assert len(homes(ALICE)) == published + 2
         assert texts(freezes_section(homes(ALICE)[-1]))[0] == "No freeze is in force."
         assert len(homes(bob)) == bobs
