@@ -350,8 +350,14 @@ def clock_sweeps(
     """The loops that watch the clock: freeze start and end announcements, lock hygiene, the
     follow-up of superseded builds whose marker died, and the end of the ledger's running
     deployments no tracker follows."""
+    inbox = services.inbox
     announcer = FreezeAnnouncer(
-        services.policy, services.store, services.outbox, tuning.sweeps, tuning.clock
+        services.policy,
+        services.store,
+        services.outbox,
+        tuning.sweeps,
+        tuning.clock,
+        homes_changed=inbox.everyone_changed if inbox is not None else None,
     )
     hygiene = LockHygiene(
         services.policy,

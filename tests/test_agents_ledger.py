@@ -313,12 +313,15 @@ async def test_a_freeze_refuses_an_agents_deploy_rebuild_and_rollback_with_no_br
     for refused in (deploy, rebuild, retry, rollback):
         assert refused["status"] == "refused", refused
         reason = refused["reason"]
-        assert "`frozen-app` is frozen: audit freeze" in reason and "until" in reason
+        assert "`frozen-app` is frozen: `audit freeze`" in reason and "until" in reason
         assert "An agent cannot break the glass" in reason
         assert "--break-glass <reason>" not in reason
+    # Each names the action refused.
+    assert "The retry of the failed jobs was not started" in retry["reason"]
+    assert "The rollback was not started" in rollback["reason"]
     assert mutations(bk) == []
     assert checked["allowed"] is False and checked["frozen_until"].startswith("2099-01-01T00:00")
-    assert "frozen: audit freeze" in checked["reason"]
+    assert "frozen: `audit freeze`" in checked["reason"]
     assert "would not be started" in checked["reason"]
     assert cancel["allowed"] is True and "frozen_until" not in cancel
     assert ledger["frozen"]["reason"] == "audit freeze"

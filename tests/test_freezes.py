@@ -361,7 +361,7 @@ async def test_a_deploy_in_a_freeze_is_refused_until_it_ends_in_local_time(
 ) -> None:
     reply = await answer(bot, "/deploy", "deploy-prod")
     text = reply["text"]
-    assert "`deploy-prod` is frozen: *weekend freeze*" in text
+    assert "`deploy-prod` is frozen: `weekend freeze`" in text
     assert "weekly fri 16:00 - mon 08:00, Europe/Berlin" in text
     # When it ends, for each reader in their own zone, and in Berlin's for old clients.
     assert (
@@ -396,7 +396,9 @@ async def test_rebuild_and_retry_are_refused_but_cancel_and_unblock_go_on(
     retry = '{"pipeline": "deploy-prod", "number": 1}'
     _, name = await bot.click("build_retry_failed", retry, channel=CHANNEL, message_ts="1.000001")
     (retried,) = await bot.slack.wait_for(lambda: bot.response_texts(name))
-    assert "`deploy-prod` is frozen" in retried and "The rebuild was not started" in retried
+    # The refusal names the action refused: a retry of the failed jobs, not a rebuild.
+    assert "`deploy-prod` is frozen" in retried
+    assert "The retry of the failed jobs was not started" in retried
     cancel = await answer(bot, "/cancel", "deploy-prod 2")
     assert "frozen" not in cancel["text"]
     assert len(bk.requests_to("PUT", BUILDS.format("deploy-prod") + "/2/cancel")) == 1
@@ -409,7 +411,7 @@ async def test_deploy_freezes_lists_the_active_and_coming_freezes(
 ) -> None:
     text = (await answer(bot, "/deploy", "freezes"))["text"]
     assert text.startswith(":snowflake: *Frozen now:*")
-    assert "*weekend freeze*" in text and "`deploy-*`" in text
+    assert "`weekend freeze`" in text and "`deploy-*`" in text
     assert f"until <!date^{int(FREEZE_END)}^" in text
     # The next weekend: Friday 3 April 16:00 CEST is 14:00 UTC.
     assert f"from <!date^{int(at(2026, 4, 3, 14))}^" in text
@@ -458,7 +460,7 @@ async def test_a_freeze_start_and_end_are_announced_once_across_two_bots(
         assert sorted(await sweep_both()) == [0, 1]
         assert sorted(await sweep_both()) == [0, 0]
         (start,) = slack.posts(CHANNEL)
-        assert "A freeze starts: *weekend freeze*" in start.args["text"]
+        assert "A freeze starts: `weekend freeze`" in start.args["text"]
         assert f"until <!date^{int(FREEZE_END)}^" in start.args["text"]
 
         clock.now = FREEZE_END + 60
@@ -466,7 +468,7 @@ async def test_a_freeze_start_and_end_are_announced_once_across_two_bots(
         clock.now = FREEZE_END + 120
         assert sorted(await sweep_both()) == [0, 0]
         _, end = slack.posts(CHANNEL)
-        assert "The freeze *weekend freeze*" in end.args["text"] and "has ended" in end.args["text"]
+        assert "The freeze `weekend freeze`" in end.args["text"] and "has ended" in end.args["text"]
         # A bot that first looks in the middle of a freeze says it is in force, not starting.
         clock.now = at(2026, 4, 4, 12, 0)
         assert sorted(await sweep_both()) == [0, 1]
@@ -495,7 +497,7 @@ async def test_break_glass_asks_an_admin_and_is_audited_with_its_reason(
     )
     said = announcement.args["text"]
     assert said.startswith(":rotating_light: *Break-glass:* <@U0USER> asks to deploy `deploy-prod`")
-    assert "during the freeze *weekend freeze*" in said
+    assert "during the freeze `weekend freeze`" in said
     # The reason is shown as typed, never as a mention.
     assert "Reason: &lt;!here&gt; db is down" in said and "<!here>" not in said
     assert f"approved by <@{ADMIN}>" in said
@@ -503,7 +505,7 @@ async def test_break_glass_asks_an_admin_and_is_audited_with_its_reason(
     message = slack.message(CHANNEL, ts)
     assert f"Approval needed from <@{ADMIN}>" in message["text"]
     body = json.dumps(message["blocks"])
-    assert "*Break-glass:* &lt;!here&gt; db is down (through the freeze weekend freeze" in body
+    assert "*Break-glass:* &lt;!here&gt; db is down (through the freeze `weekend freeze" in body
     value = next(
         e["value"]
         for b in message["blocks"]
@@ -591,7 +593,7 @@ async def test_an_approval_asked_before_a_freeze_is_refused_in_it(
             "approval_approve", approve, channel=CHANNEL, message_ts=ts, user_id=BOB
         )
         text = (await slack.wait_for(lambda: bot.response_texts(name)))[0]
-        assert "`deploy-api` is frozen: *weekend freeze*" in text
+        assert "`deploy-api` is frozen: `weekend freeze`" in text
         assert bk.requests_to("POST") == []
 
 
@@ -646,7 +648,7 @@ async def test_a_confirmation_clicked_once_a_freeze_began_is_refused(
             "deploy_confirm", value, channel=CHANNEL, message_ts="1.1", ephemeral=True
         )
         (text,) = await slack.wait_for(lambda: bot.response_texts(name))
-        assert "`deploy-api` is frozen: *weekend freeze*" in text
+        assert "`deploy-api` is frozen: `weekend freeze`" in text
         assert bk.requests_to("POST") == []
 
 

@@ -115,7 +115,7 @@ def test_back_to_back_freezes_refuse_until_the_last_one_ends() -> None:
     text = freeze_refusal(freezes, "deploy-prod", at(2026, 12, 1, 11))
     assert text is not None
     assert f"until <!date^{int(at(2026, 12, 1, 12))}^" in text
-    assert "*third* (from 2026-12-01 13:00 to 2026-12-01 15:00, UTC) until <!date^" in text
+    assert "`third` (from 2026-12-01 13:00 to 2026-12-01 15:00, UTC) until <!date^" in text
     assert f"<!date^{int(at(2026, 12, 1, 15))}^" in text
     # A pipeline the third does not cover waits until 14:00 only.
     other = active_freeze(freezes, "deploy-api", at(2026, 12, 1, 11))
@@ -170,8 +170,8 @@ def test_the_end_of_a_freeze_another_one_follows_does_not_say_deploys_may_go(
     from app.core.freezes import view_of
 
     text = render.freeze_ended(view_of(first), view_of(still))
-    assert text.startswith(":snowflake: The freeze *first*")
-    assert "but *second*" in text and "still refused" in text and "may be deployed" not in text
+    assert text.startswith(":snowflake: The freeze `first`")
+    assert "but `second`" in text and "still refused" in text and "may be deployed" not in text
     second = next(policy.data.freezes[1].occurrences(*_day()))
     assert (
         FreezeAnnouncer(
@@ -234,5 +234,5 @@ async def test_an_announcement_claimed_by_a_replica_that_died_is_made_once(
         await sweep()
         await bot.settled()
         assert len(slack.posts("C0ONE")) == 1 and len(slack.posts("C0TWO")) == 1
-        assert "A freeze starts: *a*" in slack.posts("C0ONE")[0].args["text"]
+        assert "A freeze starts: `a`" in slack.posts("C0ONE")[0].args["text"]
         assert [await redis_client.get(m) for m in marks.values()] == [b"done", b"done"]

@@ -171,10 +171,10 @@ async def test_every_surface_that_starts_a_build_is_refused_in_a_freeze(
     starts_before = len(bk.requests_to("POST"))
 
     async def refused(step: Callable[[], Awaitable[object]]) -> None:
-        before = said_to_alice(slack).count("is frozen: *release freeze*")
+        before = said_to_alice(slack).count("is frozen: `release freeze`")
         await step()
         await slack.wait_for(
-            lambda: said_to_alice(slack).count("is frozen: *release freeze*") > before
+            lambda: said_to_alice(slack).count("is frozen: `release freeze`") > before
         )
 
     for action, value in (("build_rebuild", rebuild), ("build_retry_failed", retry)):

@@ -22,6 +22,8 @@ from tests.test_policy_e2e import value_of
 CHANNEL = "C0CHAN"
 ALICE, BOB = "U0USER", "U0BOB"
 BUILDS = "/organizations/acme/pipelines/{}/builds"
+ROLLBACK_USAGE = "Usage: `/deploy rollback <pipeline> [to #N] [--break-glass <reason>]`"
+PROMOTE_USAGE = "Usage: `/deploy promote <pipeline> [--break-glass <reason>]`"
 SHA1, SHA2, SHA3, SHA4 = ("1" * 40, "2" * 40, "3" * 40, "4" * 40)
 
 POLICY = """\
@@ -236,11 +238,11 @@ async def test_status_all_asks_buildkite_nothing(bot: BotClient, bk: FakeBuildki
         ("history web 51", "`51` is not a number of deployments"),
         ("history Web", "is not a pipeline slug"),
         ("status web extra", "Usage: `/deploy status [pipeline|all]`"),
-        ("rollback", "Usage: `/deploy rollback <pipeline> [to #N]`"),
-        ("rollback web to", "Usage: `/deploy rollback <pipeline> [to #N]`"),
+        ("rollback", ROLLBACK_USAGE),
+        ("rollback web to", ROLLBACK_USAGE),
         ("rollback web to #x", "`#x` is not a build number"),
-        ("promote", "Usage: `/deploy promote <pipeline>`"),
-        ("promote a b", "Usage: `/deploy promote <pipeline>`"),
+        ("promote", PROMOTE_USAGE),
+        ("promote a b", PROMOTE_USAGE),
     ],
 )
 async def test_bad_release_commands_get_their_usage(

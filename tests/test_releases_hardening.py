@@ -232,7 +232,7 @@ async def test_digits_that_are_not_ascii_are_refused_with_the_usage(bot: BotClie
     for text, said in (
         ("history web ²", "`²` is not a number of deployments"),
         ("rollback web to #²", "`#²` is not a build number"),
-        ("rollback web ³", "Usage: `/deploy rollback <pipeline> [to #N]`"),
+        ("rollback web ³", "Usage: `/deploy rollback <pipeline> [to #N]"),
         ("history web 0000000000007", "is not a number of deployments"),
     ):
         resp, _, ack = await bot.command("/deploy", text)

@@ -99,7 +99,7 @@ async def test_status_shows_the_freeze_in_force_and_only_then(bot: BotClient, cl
 
     clock.now = DURING
     one = shown(await answer(bot, "status deploy-prod"))
-    assert "• :snowflake: frozen: *weekend &lt;freeze&gt; &amp; rest*" in one
+    assert "• :snowflake: frozen: `weekend &lt;freeze&gt; &amp; rest`" in one
     assert "(weekly fri 16:00 - mon 08:00, Europe/Berlin)" in one
     # Its end as each reader's own time, falling back to Berlin's wall clock.
     assert (
@@ -112,7 +112,7 @@ async def test_status_shows_the_freeze_in_force_and_only_then(bot: BotClient, cl
     every = shown(await answer(bot, "status all"))
     lines = {line.split("`")[1]: line for line in every.splitlines() if line.startswith("• *`")}
     assert (
-        f":snowflake: weekend &lt;freeze&gt; &amp; rest until <!date^{FREEZE_END}^"
+        f":snowflake: `weekend &lt;freeze&gt; &amp; rest` until <!date^{FREEZE_END}^"
         in lines["deploy-prod"]
     )
     assert ":snowflake:" not in lines["web"]
@@ -126,4 +126,4 @@ async def test_a_frozen_pipeline_with_nothing_deployed_still_shows_its_freeze(
 ) -> None:
     clock.now = DURING
     one = shown(await answer(bot, "status deploy-prod"))
-    assert "nothing live" in one and ":snowflake: frozen: *weekend" in one
+    assert "nothing live" in one and ":snowflake: frozen: `weekend" in one

@@ -69,9 +69,13 @@ class Actions:
         *,
         number: int | None = None,
         break_glass: bool = False,
+        what: str | None = None,
     ) -> Rule:
         """The pipeline's rule, if `actor` may do `action` there now; a deploy or rebuild is
-        also refused during a freeze, unless it asks to break the glass (approved after)."""
+        also refused during a freeze, unless it asks to break the glass (approved after).
+
+        `what` is the action as the freeze's refusal and its audit name it, when it is more
+        than the policy's action: a rollback or a promote (deploys), a retry (a rebuild)."""
         decision = await self.s.policy.check(
             action,
             pipeline,
@@ -91,7 +95,7 @@ class Actions:
             )
             raise UserError(texts.refused(decision.reason))
         if action in FROZEN_ACTIONS and not break_glass:
-            await self._check_freeze(action.value, pipeline, actor, number=number)
+            await self._check_freeze(what or action.value, pipeline, actor, number=number)
         return self.s.policy.rule_for(pipeline)
 
     async def _check_freeze(

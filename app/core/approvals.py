@@ -11,10 +11,21 @@ from dataclasses import dataclass
 from redis.exceptions import RedisError
 
 from app.core.actions import Actions
-from app.core.deploys import approvers_of, break_glass_detail, plan_action, plan_from
+from app.core.deploys import (
+    approvers_of,
+    break_glass_detail,
+    frozen_text,
+    plan_action,
+    plan_from,
+    plan_verb,
+)
 from app.core.errors import UserError, explain
+from app.core.freezes import view_of
 from app.slack.actor import Actor
+from app.slack.outbox import SlackDeliveryError
+from app.slack.render import freezes as freeze_texts
 from app.slack.render import texts
+from app.slack.render.common import notice
 from app.slack.render.deploys import DeployPlan, approval_request
 from app.slack.render.texts import TRACKING_DOWN
 from app.storage.records import Approval, ApprovalDecision, ApprovalStatus, PendingDeploy
@@ -30,6 +41,8 @@ class Refusal:
 
     text: str
     detail: str
+    #: Tell the requester too (in the approval's thread), not only the approver.
+    tell: bool = False
 
 
 class Approvals(Actions):
@@ -60,7 +73,8 @@ class Approvals(Actions):
         if not allowed:
             await self._audit(actor, action, plan.pipeline, "refused", detail="not an approver")
             raise UserError(texts.only_approvers(plan.approvers, action))
-        refusal = await self._recheck(plan, data, approval, actor) if approve else None
+        now = self.s.tuning.clock()
+        refusal = await self._recheck(plan, data, approval, actor, now) if approve else None
         status = (
             ApprovalStatus.REJECTED
             if not approve
@@ -83,13 +97,14 @@ class Approvals(Actions):
             await self._show_approval(
                 approval, plan, "refused", decided_by=actor.user_id, reason=refusal.text
             )
+            if refusal.tell:
+                await self._tell_requester(approval_id, approval, plan, refusal.text)
             raise UserError(texts.approved_not_started(refusal.text))
+        detail = break_glass_detail(plan) if plan.break_glass is not None else ""
+        if approve and detail and self.s.policy.active_freeze(plan.pipeline, now) is None:
+            detail += "; no freeze in force when approved: under the pipeline's usual policy"
         await self._audit(
-            actor,
-            action,
-            plan.pipeline,
-            "approved" if approve else "rejected",
-            detail=break_glass_detail(plan) if plan.break_glass is not None else "",
+            actor, action, plan.pipeline, "approved" if approve else "rejected", detail=detail
         )
         if not approve:
             await self._show_approval(approval, plan, "rejected", decided_by=actor.user_id)
@@ -129,9 +144,15 @@ class Approvals(Actions):
             log.warning("could not note the outcome of approval %s: %s", approval_id, exc)
 
     async def _recheck(
-        self, plan: DeployPlan, data: PendingDeploy, approval: Approval, approver: Actor
+        self,
+        plan: DeployPlan,
+        data: PendingDeploy,
+        approval: Approval,
+        approver: Actor,
+        now: float,
     ) -> Refusal | None:
-        """Check again, as the approval takes effect, what was checked when it was asked for."""
+        """Check again, as the approval takes effect, what was checked when it was asked for
+        (`now`: the bot's clock, of freezes)."""
         action = plan_action(plan)
         channel = approval.channel or approver.channel_id
         decision = await self.s.policy.check(
@@ -149,11 +170,12 @@ class Approvals(Actions):
                 ),
                 f"rule {decision.rule}",
             )
-        if plan.break_glass is None:  # a break-glass deploy is approved to go through it
-            now = self.s.tuning.clock()
-            frozen = self.s.policy.freeze_refusal(plan.pipeline, now, action=action.value)
+        if plan.break_glass is None:
+            frozen = self.s.policy.freeze_refusal(plan.pipeline, now, action=plan_verb(plan))
             if frozen is not None:
                 return Refusal(frozen, "freeze")
+        elif (changed := self._freeze_changed(plan, now)) is not None:
+            return changed
         rule = self.s.policy.rule_for(plan.pipeline)
         env_refusal = rule.env_refusal(plan.env)
         if env_refusal is not None:
@@ -174,6 +196,40 @@ class Approvals(Actions):
         except BuildkiteError as exc:  # not a refusal: the approval stays open for a new click
             raise UserError(explain(exc, action="deploy", pipeline=plan.pipeline)) from None
         return None
+
+    def _freeze_changed(self, plan: DeployPlan, now: float) -> Refusal | None:
+        """A break-glass request is approved to go through the freeze occurrence it was asked
+        in, and only that one: another freeze in force now (or a later occurrence of the same
+        one) refuses it. No freeze any more lets it go on under the pipeline's usual policy,
+        whose approvers (the rule's) are the break-glass ones when it has any: `decide` has
+        checked them already, and a rule without any needs no approval at all."""
+        occurrence = self.s.policy.active_freeze(plan.pipeline, now)
+        if occurrence is None:
+            return None
+        if plan.freeze_key is not None:
+            same = occurrence.key == plan.freeze_key
+        else:  # asked before requests named their occurrence: only the freeze is known
+            same = frozen_text(occurrence) == plan.freeze
+        if same:
+            return None
+        text = freeze_texts.break_glass_freeze_changed(
+            plan.pipeline, plan.freeze or "?", view_of(occurrence)
+        )
+        return Refusal(text, f"break-glass: another freeze ({frozen_text(occurrence)})", tell=True)
+
+    async def _tell_requester(
+        self, approval_id: str, approval: Approval, plan: DeployPlan, why: str
+    ) -> None:
+        """Say in the approval's thread, to the requester, why their request ended."""
+        if not approval.ts:
+            return
+        text = freeze_texts.break_glass_refused_notice(plan.requester, plan.pipeline, why)
+        try:
+            await self.s.outbox.post(
+                approval.channel, notice(text), thread_ts=approval.ts, key=f"{approval_id}:ended"
+            )
+        except SlackDeliveryError as exc:
+            log.warning("could not tell the requester of %s: %s", approval_id, exc.error)
 
     async def expire_approvals(self) -> int:
         """Mark approvals past their time as expired and say so on their messages."""

@@ -237,7 +237,7 @@ class BuildActions(Actions):
         self, ref: BuildRef, actor: Actor, *, thread: tuple[str, str | None], dedup_key: str
     ) -> list[Job]:
         """Retry a failed build's failed jobs (not a rebuild) and follow it again."""
-        await self._authorize(Action.REBUILD, ref.pipeline, actor, number=ref.number)
+        await self._authorize(Action.REBUILD, ref.pipeline, actor, number=ref.number, what="retry")
         await self._check_lock(ref.pipeline, actor, action="retry", build=ref)
         await self._claim(dedup_key, actor.user_id, ttl=ACTION_TTL)
         bk = self.s.buildkite

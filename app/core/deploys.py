@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 from app.core.actions import Actions
 from app.core.commands import COMMIT, BuildRef, DeployRequest, UsageError, check_branch
 from app.core.errors import UserError, explain
-from app.core.freezes import view_of
+from app.core.freezes import Occurrence, view_of
 from app.core.policy import Action, Policy, Rule, principal_ref
 from app.core.releases import check_promotion
 from app.core.services import request_id_for
@@ -30,6 +30,7 @@ from app.slack.render.deploys import (
     DeployPlan,
     approval_request,
     confirm_deploy,
+    plan_kind,
     plan_refusal,
     plan_summary,
 )
@@ -94,8 +95,12 @@ class Deploys(Actions):
         """Start a build (once per Slack request), or ask first when the pipeline is protected."""
         origin = origin or DeployOrigin()
         breaking = request.break_glass is not None
-        rule = await self._authorize(Action.DEPLOY, request.pipeline, actor, break_glass=breaking)
-        freeze = await self._break_glass_freeze(request, actor, rule) if breaking else None
+        what = "rollback" if origin.rollback_of is not None else None
+        what = what or ("promote" if origin.promoted_from else None)
+        rule = await self._authorize(
+            Action.DEPLOY, request.pipeline, actor, break_glass=breaking, what=what
+        )
+        frozen = await self._break_glass_freeze(request, actor, rule) if breaking else None
         await self._check_env(rule, request.env, actor, action="deploy", pipeline=request.pipeline)
         await self._check_lock(request.pipeline, actor)
         request_id = request_id_for("deploy", trigger)
@@ -118,7 +123,8 @@ class Deploys(Actions):
             promoted_from=origin.promoted_from,
             diff_url=origin.diff_url,
             break_glass=request.break_glass,
-            freeze=freeze,
+            freeze=frozen_text(frozen) if frozen is not None else None,
+            freeze_key=frozen.key if frozen is not None else None,
             acts_for=self.s.policy.acts_for(actor.user_id),
         )
         if rule.promote_from and origin.rollback_of is None:
@@ -231,7 +237,9 @@ class Deploys(Actions):
         plan, data = await self._own_request(request_id, actor, verb="confirm")
         action = plan_action(plan)
         breaking = plan.break_glass is not None
-        rule = await self._authorize(action, plan.pipeline, actor, break_glass=breaking)
+        rule = await self._authorize(
+            action, plan.pipeline, actor, break_glass=breaking, what=plan_verb(plan)
+        )
         await self._check_env(rule, plan.env, actor, action=action.value, pipeline=plan.pipeline)
         await self._check_lock(plan.pipeline, actor)
         expiry = approval_expiry(plan, rule, self.s.policy)
@@ -336,7 +344,9 @@ class Deploys(Actions):
         with contextlib.suppress(RedisError):
             await self.s.store.release_break_glass(plan.pipeline, plan.requester, approval_id)
 
-    async def _break_glass_freeze(self, request: DeployRequest, actor: Actor, rule: Rule) -> str:
+    async def _break_glass_freeze(
+        self, request: DeployRequest, actor: Actor, rule: Rule
+    ) -> Occurrence:
         """The freeze a break-glass deploy goes through; refused when nothing is frozen (no
         glass to break) or when nobody could approve it."""
         occurrence = self.s.policy.active_freeze(request.pipeline, self.s.tuning.clock())
@@ -352,7 +362,7 @@ class Deploys(Actions):
                 actor, "deploy", request.pipeline, "refused", detail="break-glass: no approvers"
             )
             raise UserError(freeze_texts.no_break_glass_approvers(request.pipeline))
-        return f"{occurrence.freeze.reason} ({occurrence.freeze.window})"
+        return occurrence
 
     async def _announce_break_glass(self, plan: DeployPlan, actor: Actor, approval_id: str) -> None:
         """Say in the channel that someone breaks the glass, and why, before the approval."""
@@ -363,6 +373,7 @@ class Deploys(Actions):
             plan.break_glass or "",
             view_of(occurrence) if occurrence else None,
             plan.approvers,
+            asks=plan_kind(plan)[1],
         )
         await self.s.outbox.post(actor.channel_id, notice(text), key=f"{approval_id}:breakglass")
 
@@ -482,6 +493,20 @@ def approval_expiry(plan: DeployPlan, rule: Rule, policy: Policy) -> int | None:
 def break_glass_detail(plan: DeployPlan) -> str:
     """A break-glass deploy as the audit trail keeps it: the reason, and the freeze."""
     return f"break-glass: {plan.break_glass} (freeze: {plan.freeze or '?'})"
+
+
+def frozen_text(occurrence: Occurrence) -> str:
+    """A freeze as a break-glass plan and its audit name it: its reason and window."""
+    return f"{occurrence.freeze.reason} ({occurrence.freeze.window})"
+
+
+def plan_verb(plan: DeployPlan) -> str:
+    """What a plan does, as a freeze's refusal and the audit name it (see plan_kind)."""
+    if plan.rebuild_of is not None:
+        return "rebuild"
+    if plan.rollback_of is not None:
+        return "rollback"
+    return "promote" if plan.promoted_from else "deploy"
 
 
 def plan_action(plan: DeployPlan) -> Action:

@@ -49,8 +49,14 @@ def freeze_channels(freeze: Freeze, policy: Policy) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+#: The claim's "channel" for an edge's republish of the App Homes (no Slack channel is named so).
+HOMES = "home"
+
+
 class FreezeAnnouncer:
-    """Posts each freeze occurrence's start and end, once per channel across replicas."""
+    """Posts each freeze occurrence's start and end, once per channel across replicas; and at
+    each, once across replicas, has the App Homes republished (`homes_changed`), whose "Active
+    freezes" it changes."""
 
     def __init__(
         self,
@@ -59,12 +65,15 @@ class FreezeAnnouncer:
         outbox: Outbox,
         tuning: SweepTuning,
         clock: Callable[[], float],
+        *,
+        homes_changed: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.policy = policy
         self.store = store
         self.outbox = outbox
         self.tuning = tuning
         self.clock = clock
+        self.homes_changed = homes_changed
 
     async def sweep(self) -> int:
         """Announce what started or ended since the last look; returns how many posts."""
@@ -74,7 +83,7 @@ class FreezeAnnouncer:
         posted = 0
         for freeze in self.policy.data.freezes:
             channels = freeze_channels(freeze, self.policy)
-            if not channels:
+            if not channels and self.homes_changed is None:
                 continue
             for occurrence in freeze.occurrences(moment - late, moment + dt.timedelta(seconds=1)):
                 if occurrence.active(moment):
@@ -87,7 +96,31 @@ class FreezeAnnouncer:
                 started_late = moment - occurrence.start > late
                 for channel in channels:
                     posted += await self._announce(occurrence, edge, channel, ttl, started_late)
+                await self._republish_homes(occurrence, edge, ttl)
         return posted
+
+    async def _republish_homes(self, occurrence: Occurrence, edge: str, ttl: int) -> None:
+        """Once per edge across replicas (the announcements' own claim, on a channel of its
+        own), whether or not the freeze is announced anywhere."""
+        if self.homes_changed is None:
+            return
+        took, _ = await self.store.claim_freeze_edge(
+            occurrence.key,
+            edge,
+            HOMES,
+            ttl,
+            now=self.clock(),
+            lease=self.tuning.announce_lease,
+            wall=time.time(),
+        )
+        if not took:
+            return
+        try:
+            await self.homes_changed()
+        except Exception:
+            await self.store.release_freeze_edge(occurrence.key, edge, HOMES)
+            raise
+        await self.store.freeze_edge_done(occurrence.key, edge, HOMES)
 
     def _still_frozen(self, ended: Occurrence) -> Occurrence | None:
         """Another freeze in force on some of the ended one's pipelines (one that follows on,

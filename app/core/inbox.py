@@ -166,6 +166,16 @@ class Inbox:
         for user in watching:
             self._republish_soon(user)
 
+    async def everyone_changed(self) -> int:
+        """Something every Home shows changed (a freeze started or ended): republish the Homes
+        of all who opened theirs in the last 7 days, debounced as for a build's change.
+        Returns how many."""
+        watching = await self.store.home_watchers(self.clock())
+        await self.store.mark_home_dirty(watching)
+        for user in watching:
+            self._republish_soon(user)
+        return len(watching)
+
     # -- the Home tab ---------------------------------------------------------------------
 
     async def opened(self, user: str) -> None:

@@ -159,7 +159,8 @@ class Releases(Actions):
         """Deploy again the commit (branch and env) of the passed deployment before the live
         one, or of build #N; the new build carries `chatops_rollback_of`."""
         pipeline = request.pipeline
-        await self._authorize(Action.DEPLOY, pipeline, actor)
+        breaking = request.break_glass is not None
+        await self._authorize(Action.DEPLOY, pipeline, actor, break_glass=breaking, what="rollback")
         try:
             entries = await self.s.store.deployments(pipeline)
         except RedisError:
@@ -192,6 +193,7 @@ class Releases(Actions):
             commit=commit,
             message=(f"Rollback of #{live.number} to #{target.number} {_asked_by(actor)}"),
             env={str(k): str(v) for k, v in (original.env or {}).items()},
+            break_glass=request.break_glass,
         )
         origin = DeployOrigin(rollback_of=live.number, rollback_from=live.commit, diff_url=diff)
         outcome = await Deploys(self.s).deploy(deploy, actor, trigger=trigger, origin=origin)
@@ -202,7 +204,10 @@ class Releases(Actions):
     ) -> ReleaseDeploy:
         """Deploy to the pipeline the commit live now on its rule's `promote_from` pipeline."""
         pipeline = request.pipeline
-        rule = await self._authorize(Action.DEPLOY, pipeline, actor)
+        breaking = request.break_glass is not None
+        rule = await self._authorize(
+            Action.DEPLOY, pipeline, actor, break_glass=breaking, what="promote"
+        )
         source = rule.promote_from
         if source is None:
             raise UserError(render.no_promote_rule(pipeline, rule.name))
@@ -224,6 +229,7 @@ class Releases(Actions):
             branch=live.branch or None,
             commit=live.commit,
             message=(f"Promote {source} #{live.number} ({live.commit[:12]}) {_asked_by(actor)}"),
+            break_glass=request.break_glass,
         )
         origin = DeployOrigin(promoted_from=f"{source}#{live.number}")
         outcome = await Deploys(self.s).deploy(deploy, actor, trigger=trigger, origin=origin)

@@ -31,6 +31,7 @@ from app.storage.keys import (
     HOME_EMAIL_KEY,
     HOME_OPENED_KEY,
     HOME_OPENED_TTL,
+    HOME_WATCHERS_KEY,
     HOME_WINDOW_KEY,
     PIPELINE_LOCK_KEY,
     PREFS_KEY,
@@ -100,6 +101,9 @@ class InboxRecords:
         email (for their builds by Buildkite author) as long."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(HOME_OPENED_KEY.format(user=user), repr(now), ex=HOME_OPENED_TTL)
+            pipe.zadd(HOME_WATCHERS_KEY, {user: now})
+            pipe.zremrangebyscore(HOME_WATCHERS_KEY, "-inf", f"({now - HOME_OPENED_TTL}")
+            pipe.expire(HOME_WATCHERS_KEY, HOME_OPENED_TTL)
             if email:
                 key = HOME_EMAIL_KEY.format(digest=email_digest(email))
                 pipe.set(key, user, ex=HOME_OPENED_TTL)
@@ -111,6 +115,12 @@ class InboxRecords:
             return []
         found = await self.redis.mget([HOME_OPENED_KEY.format(user=u) for u in users])
         return [user for user, seen in zip(users, found, strict=True) if seen is not None]
+
+    async def home_watchers(self, now: float) -> list[str]:
+        """Everyone who opened their Home in the last 7 days (as `watching_home` has them)."""
+        since = now - HOME_OPENED_TTL
+        found = await self.redis.zrangebyscore(HOME_WATCHERS_KEY, since, "+inf")
+        return await self.watching_home([text(user) for user in found])
 
     async def user_with_email(self, email: str) -> str | None:
         raw = await self.redis.get(HOME_EMAIL_KEY.format(digest=email_digest(email)))

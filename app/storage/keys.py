@@ -200,6 +200,9 @@ EVENT_TTL = 3600
 #: is republished on a state change only while this key lives.
 HOME_OPENED_KEY = TEMPLATE_PREFIX + "home:opened:{user}"
 HOME_OPENED_TTL = 7 * 24 * 3600
+#: Sorted set of the people who opened their Home (score: when, unix time), pruned past
+#: HOME_OPENED_TTL: whose Homes a change to everyone's (a freeze's start or end) republishes.
+HOME_WATCHERS_KEY = PREFIX + "home:watchers"
 #: home:builds:{user} -> sorted set of the build ids in the person's Home (score: last change).
 HOME_BUILDS_KEY = TEMPLATE_PREFIX + "home:builds:{user}"
 HOME_BUILDS_KEPT = 20

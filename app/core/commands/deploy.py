@@ -194,7 +194,7 @@ def parse_deploy(text: str) -> DeployCommand:
             raise UsageError("The lock reason is too long (at most 300 characters).")
         return LockRequest(pipeline, reason, ttl)
     pipeline = check_pipeline(words[0])
-    words, break_glass = _break_glass(words)
+    words, break_glass = split_break_glass(words)
     env: dict[str, str] = {}
     rest: list[str] = []
     for word in words[1:]:
@@ -232,7 +232,7 @@ _BREAK_GLASS_FLAGS = frozenset({"--break-glass", "\u2014break-glass", "\u2013bre
 MAX_BREAK_GLASS_REASON = 300
 
 
-def _break_glass(words: list[str]) -> tuple[list[str], str | None]:
+def split_break_glass(words: list[str]) -> tuple[list[str], str | None]:
     """The words before `--break-glass`, and the reason after it (every word after it)."""
     at = next((i for i, w in enumerate(words) if w.lower() in _BREAK_GLASS_FLAGS), None)
     if at is None:

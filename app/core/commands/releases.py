@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from app.core.commands.deploy import UsageError, check_pipeline
+from app.core.commands.deploy import UsageError, check_pipeline, split_break_glass
 from app.slack.mrkdwn import typed
 
 #: ASCII digits only: str.isdigit() also takes "²", which int() then refuses.
@@ -16,15 +16,17 @@ DEFAULT_HISTORY = 10
 
 STATUS_USAGE = "Usage: `/deploy status [pipeline|all]`"
 HISTORY_USAGE = f"Usage: `/deploy history <pipeline> [n]` (n from 1 to {MAX_HISTORY})"
-ROLLBACK_USAGE = "Usage: `/deploy rollback <pipeline> [to #N]`"
-PROMOTE_USAGE = "Usage: `/deploy promote <pipeline>`"
+ROLLBACK_USAGE = "Usage: `/deploy rollback <pipeline> [to #N] [--break-glass <reason>]`"
+PROMOTE_USAGE = "Usage: `/deploy promote <pipeline> [--break-glass <reason>]`"
 
 RELEASE_USAGE = (
     "• `/deploy status [pipeline|all]`: what is live, deploying now and locked\n"
     "• `/deploy history <pipeline> [n]`: the last n deployments\n"
     "• `/deploy rollback <pipeline> [to #N]`: deploy again the previous passed deployment "
     "(or build #N)\n"
-    "• `/deploy promote <pipeline>`: deploy the commit live on its `promote_from` pipeline"
+    "• `/deploy promote <pipeline>`: deploy the commit live on its `promote_from` pipeline\n"
+    "• during a freeze, `--break-glass <reason>` after a rollback or a promotion asks a second "
+    "person to approve it"
 )
 
 
@@ -45,11 +47,15 @@ class RollbackRequest:
     pipeline: str
     #: The build to go back to; None: the passed deployment before the live one.
     to: int | None = None
+    #: The reason given with `--break-glass`: roll back through a freeze, once approved.
+    break_glass: str | None = None
 
 
 @dataclass(frozen=True)
 class PromoteRequest:
     pipeline: str
+    #: The reason given with `--break-glass`: promote through a freeze, once approved.
+    break_glass: str | None = None
 
 
 ReleaseCommand = StatusRequest | HistoryRequest | RollbackRequest | PromoteRequest
@@ -79,6 +85,8 @@ def parse_release(words: list[str]) -> ReleaseCommand | None:
                 )
             count = int(args[1])
         return HistoryRequest(check_pipeline(args[0]), count)
+    # A rollback or a promotion: each may go through a freeze, as a /deploy may.
+    args, break_glass = split_break_glass(args)
     if sub == "rollback":
         if len(args) not in (1, 3) and not (len(args) == 2 and args[1].startswith("#")):
             raise UsageError(ROLLBACK_USAGE)
@@ -87,11 +95,11 @@ def parse_release(words: list[str]) -> ReleaseCommand | None:
         if rest and rest[0].lower() == "to":
             rest = rest[1:]
         if not rest:
-            return RollbackRequest(pipeline)
+            return RollbackRequest(pipeline, break_glass=break_glass)
         number = rest[0].lstrip("#")
         if len(rest) != 1 or not _NUMBER.fullmatch(number) or int(number) == 0:
             raise UsageError(f"`{typed(' '.join(rest))}` is not a build number.\n{ROLLBACK_USAGE}")
-        return RollbackRequest(pipeline, int(number))
+        return RollbackRequest(pipeline, int(number), break_glass=break_glass)
     if len(args) != 1:
         raise UsageError(PROMOTE_USAGE)
-    return PromoteRequest(check_pipeline(args[0]))
+    return PromoteRequest(check_pipeline(args[0]), break_glass=break_glass)

@@ -24,6 +24,7 @@ from app.core.policy.model import (
     is_group,
 )
 from app.core.unblock_forms import BlockForm, match_step
+from app.slack.mrkdwn import code
 
 # The package's name, as before it was split in modules: log filters key on it.
 log = logging.getLogger(__package__)
@@ -202,7 +203,7 @@ class Policy:
             return Decision(
                 False,
                 rule.name,
-                f"`{pipeline}` may only be driven from {where} (policy rule `{rule.name}`).",
+                f"`{pipeline}` may only be driven from {where} (policy rule {code(rule.name)}).",
             )
         allowed = rule.allowed(action)
         if allowed is None or user in await self.members(allowed, resolve):
@@ -211,7 +212,7 @@ class Policy:
         return Decision(
             False,
             rule.name,
-            f"You may not {action.value} `{pipeline}`: policy rule `{rule.name}` allows it to "
+            f"You may not {action.value} `{pipeline}`: policy rule {code(rule.name)} allows it to "
             f"{who}.",
         )
 
@@ -234,15 +235,15 @@ class Policy:
             return Decision(
                 False,
                 rule.name,
-                f"`{pipeline}` may only be driven from {where} (policy rule `{rule.name}`), and "
-                f"agent `{name}` acts in <#{channel_id}>.",
+                f"`{pipeline}` may only be driven from {where} "
+                f"(policy rule {code(rule.name)}), and agent `{name}` acts in <#{channel_id}>.",
             )
         if agent not in (rule.allowed(action) or []):  # denied unless granted by name
             return Decision(
                 False,
                 rule.name,
-                f"Agent `{name}` may not {action.value} `{pipeline}`: policy rule `{rule.name}` "
-                f"does not grant it to `{agent}`.",
+                f"Agent `{name}` may not {action.value} `{pipeline}`: "
+                f"policy rule {code(rule.name)} does not grant it to `{agent}`.",
             )
         if spec.acts_for is not None:
             person = await self.check(
@@ -258,7 +259,7 @@ class Policy:
                     False,
                     rule.name,
                     f"Agent `{name}` acts for <@{spec.acts_for}>, who may not {action.value} "
-                    f"`{pipeline}` (policy rule `{rule.name}`): an agent never has more rights "
+                    f"`{pipeline}` (policy rule {code(rule.name)}): an agent never has more rights "
                     "than its person.",
                 )
         return Decision(True, rule.name)

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.slack.mrkdwn import code
+
 #: What a deploy may carry, so that the confirmation and the approval can show all of it.
 MAX_ENV_VARS = 20
 MAX_ENV_NAME = 64
@@ -98,12 +100,12 @@ class EnvRule(BaseModel):
                 )
             denied = next((p for p in self.deny if _env_glob(name, p)), None)
             if denied is not None:
-                return f"`{name}` is refused by policy rule `{rule}` (env deny `{denied}`)."
+                return f"`{name}` is refused by policy rule {code(rule)} (env deny `{denied}`)."
             allow = self.allow
             if allow is not None and not any(_env_glob(name, p) for p in allow):
                 listed = ", ".join(f"`{p}`" for p in allow) or "nothing"
                 return (
-                    f"`{name}` is not allowed by policy rule `{rule}`: its env allow list "
+                    f"`{name}` is not allowed by policy rule {code(rule)}: its env allow list "
                     f"has {listed}."
                 )
             if len(value) > MAX_ENV_VALUE:

@@ -46,6 +46,9 @@ class DeployPlan:
     #: A deploy through a freeze: the reason given with --break-glass, and the freeze's.
     break_glass: str | None = None
     freeze: str | None = None
+    #: The freeze occurrence it was asked in (Occurrence.key): its approval goes through that
+    #: one only, never through another freeze or a later occurrence of the same one.
+    freeze_key: str | None = None
     #: The person an agent requester works for (app.agents): named beside it, never approving.
     acts_for: str | None = None
 
@@ -66,7 +69,7 @@ def _plan_lines(plan: DeployPlan) -> list[str]:
         lines.insert(1, f"*Rebuild of:* #{plan.rebuild_of} (as a new build)")
     lines[1:1] = _release_lines(plan)
     if plan.break_glass is not None:
-        during = f" (through the freeze {plain(plan.freeze)})" if plan.freeze else ""
+        during = f" (through the freeze {code(plan.freeze)})" if plan.freeze else ""
         lines.insert(0, f"*Break-glass:* {clip(plain(plan.break_glass), 300)}{during}")
     if plan.env:
         lines.append(f"*Environment:* {len(plan.env)} variables, in full below")

@@ -35,8 +35,39 @@ def when(timestamp: float, fallback: str) -> str:
     return f"<!date^{int(timestamp)}^{{date_short_pretty}} {{time}}|{plain(fallback)}>"
 
 
+def reason_text(reason: str, limit: int = 300) -> str:
+    """A freeze's reason from the policy file, as literal text: an inline code span, in which
+    Slack applies no `*bold*`, `_italic_` or `~strike~` and which `code` escapes (`<!channel>`,
+    `&`) and keeps its backticks from ending."""
+    return code(clip(reason, limit))
+
+
 def _what(view: FreezeView) -> str:
-    return f"*{clip(plain(view.reason), 300)}* ({plain(view.window)})"
+    return f"{reason_text(view.reason)} ({plain(view.window)})"
+
+
+#: What each refused action is called in a refusal (the policy's and the audit's names).
+_NOUNS = {
+    "promote": "promotion",
+    "retry": "retry of the failed jobs",
+}
+#: How a person breaks the glass for an action; the others have no break-glass of their own.
+_BREAK_GLASS = {
+    "deploy": "`/deploy {p} … --break-glass <reason>` asks a second person to approve it.",
+    "rollback": "`/deploy rollback {p} [to #N] --break-glass <reason>` asks a second person to "
+    "approve it.",
+    "promote": "`/deploy promote {p} --break-glass <reason>` asks a second person to approve it.",
+    "promotion": "`/deploy promote {p} --break-glass <reason>` asks a second person to approve it.",
+}
+_DEPLOY_INSTEAD = (
+    "`/deploy {p} … --break-glass <reason>` asks a second person to approve a deploy instead."
+)
+
+
+def action_noun(action: str) -> str:
+    """A refused action as a refusal names it: deploy, rebuild, retry of the failed jobs,
+    rollback, promotion, automatic retry."""
+    return _NOUNS.get(action, action)
 
 
 def _pipelines(view: FreezeView) -> str:
@@ -46,8 +77,9 @@ def _pipelines(view: FreezeView) -> str:
 
 
 def frozen(pipeline: str, action: str, view: FreezeView, *, break_glass: bool = True) -> str:
-    """Why a deploy (or rebuild, rollback, promotion) is refused: the freeze, its reason, and
-    when it ends; and the break-glass, for a person (an agent has none)."""
+    """Why `action` (deploy, rebuild, retry, rollback, promote, or their nouns) is refused: the
+    freeze, its reason, and when it ends; and the break-glass, for a person (an agent has
+    none)."""
     until = f"until {when(view.end, view.end_text)}"
     if view.then is not None:  # another freeze follows on: the end that matters is its
         then = view.then
@@ -57,20 +89,18 @@ def frozen(pipeline: str, action: str, view: FreezeView, *, break_glass: bool = 
         )
     refused = (
         f":snowflake: {code(pipeline)} is frozen: {_what(view)}, {until}. "
-        f"The {action} was not started."
+        f"The {action_noun(action)} was not started."
     )
     if not break_glass:
         return f"{refused} An agent cannot break the glass: a person may, with `--break-glass`."
-    return (
-        f"{refused} In an emergency, "
-        f"`/deploy {pipeline} … --break-glass <reason>` asks a second person to approve it."
-    )
+    how = _BREAK_GLASS.get(action, _DEPLOY_INSTEAD).format(p=pipeline)
+    return f"{refused} In an emergency, {how}"
 
 
 def not_frozen(pipeline: str) -> str:
     return (
         f"{code(pipeline)} is not frozen now: `--break-glass` is only for a freeze. "
-        "Deploy without it."
+        "Ask again without it."
     )
 
 
@@ -92,15 +122,41 @@ def break_glass_pending(pipeline: str, channel: str) -> str:
 
 
 def break_glass_announcement(
-    requester: str, pipeline: str, reason: str, view: FreezeView | None, approvers: Sequence[str]
+    requester: str,
+    pipeline: str,
+    reason: str,
+    view: FreezeView | None,
+    approvers: Sequence[str],
+    *,
+    asks: str | None = None,
 ) -> str:
-    """The in-channel note that someone asks to deploy through a freeze, and why."""
+    """The in-channel note that someone asks to deploy (or `asks`: roll back …, promote …)
+    through a freeze, and why."""
     during = f" during the freeze {_what(view)}" if view is not None else ""
+    asks = asks or f"deploy {code(pipeline)}"
     return (
-        f":rotating_light: *Break-glass:* <@{requester}> asks to deploy {code(pipeline)}{during}. "
+        f":rotating_light: *Break-glass:* <@{requester}> asks to {asks}{during}. "
         f"Reason: {clip(plain(reason), 300)}\n"
         f"It starts only once approved by {', '.join(approvers) or 'nobody'} (not the requester)."
     )
+
+
+def break_glass_freeze_changed(pipeline: str, asked_in: str, view: FreezeView) -> str:
+    """Why an approved break-glass request did not start: the freeze in force now is not the
+    one it was asked in (another freeze, or a later occurrence of the same one)."""
+    return (
+        f"the break-glass was asked during the freeze {code(asked_in)}, but {code(pipeline)} "
+        f"is now frozen by {_what(view)} since {when(view.start, view.start_text)}, until "
+        f"{when(view.end, view.end_text)}. An approval given for one freeze does not carry over "
+        "to another one, nor to a later occurrence of the same one: if it is still an "
+        "emergency, ask again with `--break-glass`."
+    )
+
+
+def break_glass_refused_notice(requester: str, pipeline: str, why: str) -> str:
+    """Told to the requester, in the approval's thread, when their approved break-glass
+    request ends without a build."""
+    return f":no_entry: <@{requester}>, your break-glass request on {code(pipeline)} ended: {why}"
 
 
 def freeze_started(view: FreezeView, *, late: bool = False) -> str:

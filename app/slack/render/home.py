@@ -35,7 +35,7 @@ from app.slack.render.common import (
     state_text,
 )
 from app.slack.render.deploys import DeployPlan
-from app.slack.render.freezes import FreezeView
+from app.slack.render.freezes import FreezeView, reason_text
 from app.slack.render.freezes import when as date_token
 from app.storage.inbox import DmMode, DmPrefs
 from app.storage.records import PipelineLock
@@ -154,7 +154,7 @@ def _approval_blocks(item: HomeApproval) -> list[dict[str, Any]]:
 
 
 def _lock_block(lock: PipelineLock) -> dict[str, Any]:
-    reason = f": {escape(clip(lock.reason, 200))}" if lock.reason else ""
+    reason = f": {clip(plain(lock.reason), 200)}" if lock.reason else ""
     return SectionBlock(
         text=MarkdownTextObject(text=clip(f"{code(lock.pipeline)}{reason}", SECTION_TEXT_LIMIT)),
         accessory=ButtonElement(
@@ -174,7 +174,7 @@ def _freeze_line(view: FreezeView, *, coming: bool) -> str:
         if coming
         else f"until {date_token(view.end, view.end_text)}"
     )
-    return f"• *{clip(plain(view.reason), 300)}*: {pipelines}, {span}"
+    return f"• {reason_text(view.reason)}: {pipelines}, {span}"
 
 
 def _freeze_blocks(active: Sequence[FreezeView], coming: Sequence[FreezeView]) -> list[Any]:

@@ -10,7 +10,7 @@ from slack_sdk.models.blocks import MarkdownTextObject, SectionBlock
 
 from app.slack.mrkdwn import code, link, person, plain
 from app.slack.render.common import SECTION_TEXT_LIMIT, STATE_EMOJI, Rendered, clip
-from app.slack.render.freezes import FreezeView
+from app.slack.render.freezes import FreezeView, reason_text
 from app.slack.render.freezes import when as date_token
 from app.storage.ledger import Deployment, Outcome, Source
 from app.storage.records import PipelineLock
@@ -112,7 +112,7 @@ def _status_lines(status: PipelineStatus, now: float) -> list[str]:
         lines.append(f"• :lock: locked by {person(status.lock.user)}")
     if (freeze := status.freeze) is not None:
         lines.append(
-            f"• :snowflake: frozen: *{clip(plain(freeze.reason), 300)}* ({plain(freeze.window)}), "
+            f"• :snowflake: frozen: {reason_text(freeze.reason)} ({plain(freeze.window)}), "
             f"until {date_token(freeze.end, freeze.end_text)}: deploys, rebuilds, rollbacks and "
             "promotions are refused"
         )
@@ -137,7 +137,7 @@ def _status_line(status: PipelineStatus, now: float) -> str:
         line += f" · :lock: {person(status.lock.user)}"
     if (freeze := status.freeze) is not None:
         line += (
-            f" · :snowflake: {clip(plain(freeze.reason), 100)} until "
+            f" · :snowflake: {reason_text(freeze.reason, 100)} until "
             f"{date_token(freeze.end, freeze.end_text)}"
         )
     return line
@@ -265,8 +265,8 @@ def no_promotion(reason: str) -> str:
 
 def no_promote_rule(pipeline: str, rule: str) -> str:
     return (
-        f":no_entry: {code(pipeline)} has no `promote_from` in its policy rule `{rule}`, so there "
-        "is no pipeline to promote from. Nothing was started."
+        f":no_entry: {code(pipeline)} has no `promote_from` in its policy rule {code(rule)}, "
+        "so there is no pipeline to promote from. Nothing was started."
     )
 
 
@@ -286,11 +286,11 @@ def not_promoted(
         what = code(typed[:40])
         return (
             f":no_entry: {code(pipeline)} takes only commits that passed a deployment of "
-            f"{code(source)} (policy rule `{rule}`), and {what} could not be resolved to a "
+            f"{code(source)} (policy rule {code(rule)}), and {what} could not be resolved to a "
             f"commit deployed there. Name a full commit SHA. {history} Nothing was started."
         )
     return (
         f":no_entry: {code(pipeline)} takes only commits that passed a deployment of "
-        f"{code(source)} (policy rule `{rule}`): {code(sha)} has not. {history} "
+        f"{code(source)} (policy rule {code(rule)}): {code(sha)} has not. {history} "
         "Nothing was started."
     )

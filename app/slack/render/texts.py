@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from app.slack.mrkdwn import escape, link, person, plain, typed
+from app.slack.mrkdwn import code, escape, link, person, plain, typed
 from app.slack.render.deploys import locked_text
 
 TRACKING_DOWN = (
@@ -171,7 +171,7 @@ def no_agent_self_approval(approvers: Sequence[str]) -> str:
 def no_agent_approvers(pipeline: str, rule: str) -> str:
     return (
         f"`{pipeline}` is protected, so an agent's deploy needs a person's approval, but policy "
-        f"rule `{rule}` names nobody who could give it (no approval, deployers or admins). "
+        f"rule {code(rule)} names nobody who could give it (no approval, deployers or admins). "
         "Nothing was started."
     )
 
@@ -191,7 +191,7 @@ def approved_not_started(reason: str) -> str:
 def no_longer_allowed(requester: str, action: str, pipeline: str, channel: str, rule: str) -> str:
     return (
         f"{person(requester)} may no longer {action} `{pipeline}` from "
-        f"<#{channel}> (policy rule `{rule}`)."
+        f"<#{channel}> (policy rule {code(rule)})."
     )
 
 
