@@ -157,10 +157,11 @@ async def test_the_home_lists_the_freezes_in_force_and_the_next_ones(
 
 
 async def test_a_freeze_start_and_end_republish_the_homes_opened_lately_once(
-    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, tmp_path: Path
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any, tmp_path: Path
 ) -> None:
     """The freeze announcer's sweep, at a start and at an end, republishes the Homes of those
-    who opened theirs in the last 7 days, once across two replicas; not the others'."""
+    who opened theirs in the last 7 days, once across two replicas; not the others'. (Its Redis
+    is flushed by `redis_client`: an earlier test's event ids would be taken as Slack retries.)"""
     policy = tmp_path / "policy.yml"
     policy.write_text(POLICY)
     # Friday 27 March, 14:00 UTC: an hour before the weekend freeze (16:00 CET).
