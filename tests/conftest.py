@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as sync_redis
 import redis.asyncio as redis
 
 from app.simulators.bot import FAST, BotClient, BotLog, bot_logging, running_bot
@@ -79,6 +80,18 @@ def redis_url() -> Iterator[str]:
             yield worker_database(url, os.environ.get("PYTEST_XDIST_WORKER")) if shared else url
     except RedisServerMissing as exc:
         pytest.exit(str(exc), returncode=3)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_redis(request: pytest.FixtureRequest) -> None:
+    """Every test that uses the worker's Redis starts on an empty database, whether or not it
+    asks for `redis_client`: what an earlier test left (claimed event ids, debounce marks,
+    leases) would otherwise change what the next one's bots do."""
+    if "redis_url" not in request.fixturenames:
+        return
+    url = request.getfixturevalue("redis_url")
+    with sync_redis.Redis.from_url(url, socket_timeout=30) as client:
+        client.flushdb()
 
 
 @pytest.fixture
