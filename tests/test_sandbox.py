@@ -141,6 +141,22 @@ async def test_a_line_waits_for_the_bot_to_answer_the_one_before(
     assert bk.requests_to("PUT", "/organizations/acme/pipelines/web/builds/1/cancel"), transcript
 
 
+def test_a_build_passes_through_every_state_however_late_the_simulator_looks() -> None:
+    """The simulator may look at a build long after two of its states were due (a loaded
+    machine): it still moves one state a look, so that each one is sent to the bot."""
+    bk = FakeBuildkite()
+    bk.add_pipeline("web")
+    bk.add_agent("builder-1")
+    build = bk.add_build("web", state="scheduled")
+    session = Session(None, bk, None, io.StringIO(), fail=False, speed=10.0)
+    born = {build["id"]: time.monotonic() - 60}  # both running and passed are overdue
+    seen = []
+    for _ in range(3):
+        session.advance(build, born)
+        seen.append(build["state"])
+    assert seen == ["running", "passed", "passed"]
+
+
 def test_without_the_simulators_it_says_what_to_do(tmp_path: Path) -> None:
     code = (
         "import sys; sys.modules['app.simulators'] = None\n"
