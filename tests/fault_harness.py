@@ -45,7 +45,8 @@ FAULT_LOCK_TTL_MS = int(os.environ.get("FAULT_LOCK_TTL_MS") or 4000)
 TAKEOVER_S = 2 * FAULT_LOCK_TTL_MS / 1000 * 4 / 3
 #: How long a test waits for builds to settle: a backlog of writes, and two takeovers.
 SETTLE_S = 60 + 2 * TAKEOVER_S
-HEALTH_TIMEOUT = 30.0
+#: A bot process's start-up (its imports alone took over 30 s with three at once at load 20).
+HEALTH_TIMEOUT = 120.0
 STOP_GRACE = 5.0
 USER = "U0USER"
 
