@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import inspect
 import json
 import os
 import random
@@ -21,10 +20,10 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeVar, overload
+from typing import IO, Any, TypeVar
 
 import aiohttp
 
@@ -46,7 +45,8 @@ FAULT_LOCK_TTL_MS = int(os.environ.get("FAULT_LOCK_TTL_MS") or 4000)
 TAKEOVER_S = 2 * FAULT_LOCK_TTL_MS / 1000 * 4 / 3
 #: How long a test waits for builds to settle: a backlog of writes, and two takeovers.
 SETTLE_S = 60 + 2 * TAKEOVER_S
-HEALTH_TIMEOUT = 30.0
+#: A bot process's start-up (its imports alone took over 30 s with three at once at load 20).
+HEALTH_TIMEOUT = 120.0
 STOP_GRACE = 5.0
 USER = "U0USER"
 
@@ -56,49 +56,6 @@ _BUILD_URL = re.compile(
     r"https://buildkite\.com/[a-z0-9-]+/(?P<pipeline>[a-z0-9-]+)/builds/(?P<n>\d+)"
 )
 _LABELS = {label: state for state, label in STATE_LABEL.items()}
-
-
-# -- waiting ------------------------------------------------------------------------------------
-
-
-@overload
-async def wait_until(
-    predicate: Callable[[], Awaitable[T]],
-    *,
-    timeout: float,  # noqa: ASYNC109
-    what: str,
-    describe: Callable[[], str] = ...,
-) -> T: ...
-
-
-@overload
-async def wait_until(
-    predicate: Callable[[], T],
-    *,
-    timeout: float,  # noqa: ASYNC109
-    what: str,
-    describe: Callable[[], str] = ...,
-) -> T: ...
-
-
-async def wait_until(
-    predicate: Callable[[], Any],
-    *,
-    timeout: float,  # noqa: ASYNC109
-    what: str,
-    describe: Callable[[], str] = lambda: "",
-) -> Any:
-    """Poll `predicate` until it is truthy; fail after `timeout` s saying what did not happen."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:.0f}s\n{describe()}")
-        await asyncio.sleep(0.05)
 
 
 # -- bot processes ------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ async def test_a_deploy_over_stdio_is_followed_by_the_running_bot(
                 assert isinstance(result.structured_content, dict)
                 assert result.structured_content["status"] == "started"
         # The running bot's notifier, not the stdio process, posts the build's message.
-        post = await slack.wait_for(lambda: slack.posts(CHANNEL), timeout=20)
+        post = await slack.wait_for(lambda: slack.posts(CHANNEL), timeout=60)
         assert "agent `captain`" in str(post[0].args["blocks"])
         await bot.settled()
     (create,) = bk.requests_to("POST", BUILDS.format("web"))

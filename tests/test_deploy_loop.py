@@ -26,6 +26,7 @@ from app.storage.store import Store
 from app.tracking.phases import phase_of, snapshot
 from app.tuning import DEFAULT
 from buildkite.models import Build
+from tests.waiting import wait_until
 
 CHANNEL = "C0CHAN"
 USER = "U0USER"
@@ -721,10 +722,10 @@ async def test_a_stopped_process_consumer_is_forgotten_by_the_notifier(
     consumers = await redis_client.xinfo_consumers(keys.EVENTS_STREAM, keys.EVENTS_GROUP)
     [old] = [c["name"] for c in consumers]
     forgetful = replace(DEFAULT, tracking=replace(DEFAULT.tracking, dead_consumer_idle_ms=0))
+
+    async def forgotten() -> bool:
+        consumers = await redis_client.xinfo_consumers(keys.EVENTS_STREAM, keys.EVENTS_GROUP)
+        return old not in [c["name"] for c in consumers]
+
     async with running_bot(slack, bk, redis_url, tuning=forgetful):
-        for _ in range(50):
-            consumers = await redis_client.xinfo_consumers(keys.EVENTS_STREAM, keys.EVENTS_GROUP)
-            if old not in [c["name"] for c in consumers]:
-                break
-            await asyncio.sleep(0.1)
-    assert old not in [c["name"] for c in consumers]
+        await wait_until(forgotten, timeout=30, what="the stopped consumer forgotten")

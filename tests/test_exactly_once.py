@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -19,6 +20,7 @@ from app.slack import outbox as outbox_module
 from app.storage import keys
 from app.storage.store import Store
 from app.tuning import DEFAULT
+from tests.waiting import wait_until
 
 CHANNEL = "C0CHAN"
 #: A post made is retried to be recorded for 50 ms only; a transition left unfinished is taken
@@ -55,13 +57,14 @@ async def send_state(bot: BotClient, state: str) -> None:
 
 
 async def attempts_left(redis_client: Any) -> list[bytes]:
-    """Post attempts not yet forgotten, after the bot had a moment to finish its writes."""
-    for _ in range(50):
+    """Post attempts not yet forgotten, once the bot had time to finish its writes (at once
+    when none is left; a deadline of 30 s for a loaded machine)."""
+    deadline = time.monotonic() + 30
+    while True:
         left = [k async for k in redis_client.scan_iter(match=keys.PREFIX + "post:*")]
-        if not left:
-            break
+        if not left or time.monotonic() > deadline:
+            return left
         await asyncio.sleep(0.1)
-    return left
 
 
 async def test_a_post_whose_answer_is_lost_is_found_not_sent_again(
@@ -114,11 +117,7 @@ async def test_a_reply_made_but_not_recorded_is_not_repeated(
     async def recorded() -> bool:
         return await store.was_posted(build_id, CHANNEL, 0, "final")
 
-    for _ in range(100):
-        if await recorded():
-            break
-        await asyncio.sleep(0.1)
-    assert await recorded()
+    await wait_until(recorded, timeout=30, what="the final reply recorded")
     assert len(finals(slack, root["ts"])) == 1
     assert len([c for c in slack.posts(CHANNEL) if c.args.get("thread_ts")]) == 1
     assert await attempts_left(redis_client) == []

@@ -45,8 +45,8 @@ from tests.fault_harness import (
     set_state,
     started_builds,
     threads,
-    wait_until,
 )
+from tests.waiting import wait_until
 
 PIPELINES = [f"svc-{i:02d}" for i in range(10)]
 
@@ -376,9 +376,9 @@ async def test_a_post_answered_while_redis_is_down_is_recorded_not_repeated(
         async with running_bot(slack, bk, server.url, tuning=tuning, poll_interval=0.5) as bot:
             slack.latency = 1.0  # Slack keeps each message at once, and answers a second later
             assert (await bot.command("/deploy", "svc-00"))[0].status == 200
-            await slack.wait_for(lambda: slack.messages.get("C0CHAN"), timeout=10)
+            await slack.wait_for(lambda: slack.messages.get("C0CHAN"))
             server.stop()
-            await slack.wait_for(lambda: slack.posts("C0CHAN"), timeout=5)  # answered, unnoted
+            await slack.wait_for(lambda: slack.posts("C0CHAN"))  # answered, unnoted
             await asyncio.sleep(0.5)
             server.start()
             slack.latency = 0.0
@@ -395,7 +395,8 @@ async def test_a_post_answered_while_redis_is_down_is_recorded_not_repeated(
                 async def unlocked() -> bool:
                     return not [key async for key in client.scan_iter(match=f"{PREFIX}lock:*")]
 
-                await wait_until(unlocked, timeout=2, what="its build lock released")
+                # Well before a lock left behind would expire (20 s after its last renewal).
+                await wait_until(unlocked, timeout=6, what="its build lock released")
             finally:
                 await client.aclose()
     finally:
@@ -458,16 +459,16 @@ async def test_a_lock_renewal_that_swallows_its_cancellation_does_not_hold_the_b
                 ts = str(root[0].response["ts"])
                 await slack.wait_for(
                     lambda: any("passed" in m["text"] for m in slack.thread("C0CHAN", ts)),
-                    timeout=5,
+                    timeout=15,
                 )
-                await wait_until(lambda: settled(redis_client), timeout=5, what="all written")
+                await wait_until(lambda: settled(redis_client), timeout=15, what="all written")
 
                 async def unlocked() -> bool:
                     return not [
                         key async for key in redis_client.scan_iter(match=f"{PREFIX}lock:*")
                     ]
 
-                await wait_until(unlocked, timeout=5, what="every build lock released")
+                await wait_until(unlocked, timeout=15, what="every build lock released")
             finally:
                 losing = False  # so that a broken bot can still be shut down
     finally:
@@ -504,7 +505,7 @@ async def test_a_builds_transitions_are_written_one_at_a_time_in_order(
     await notifier._start(transition("second"))
     await asyncio.sleep(0.01)
     done["first"].set()
-    await wait_until(lambda: writing == ["second"], timeout=2, what="the second written")
+    await wait_until(lambda: writing == ["second"], timeout=30, what="the second written")
     await notifier._start(transition("third"))
     await asyncio.sleep(0.01)
     assert writing == ["second"], "the third is written beside the second"

@@ -10,7 +10,7 @@ import redis.asyncio as redis
 
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
-from tests.fault_harness import SETTLE_S, Fleet, send_changes, wait_until
+from tests.fault_harness import SETTLE_S, Fleet, send_changes
 from tests.test_faults import (  # noqa: F401 - the fault suite's fixtures, and its helpers
     add_channels,
     consumer_of,
@@ -21,6 +21,7 @@ from tests.test_faults import (  # noqa: F401 - the fault suite's fixtures, and 
     unfinished,
     wait_for_finals,
 )
+from tests.waiting import wait_until
 
 BUILDS = 24
 

@@ -17,7 +17,7 @@ from app.simulators.bot import BotClient, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
 from app.storage.keys import AUDIT_STREAM, AWAITED_DUE_KEY, AWAITED_KEY
-from tests.fault_harness import wait_until
+from tests.waiting import wait_until
 
 CHANNEL = "C0CHAN"
 PIPELINE = "deploy-prod"
@@ -52,9 +52,9 @@ def creates(bk: FakeBuildkite) -> list[Any]:
     return [r for r in bk.requests if r.method == "POST" and r.path == BUILDS]
 
 
-async def answered(bot: BotClient, slack: FakeSlack, name: str, *, within: float) -> str:
+async def answered(bot: BotClient, slack: FakeSlack, name: str) -> str:
     """The deploy's answer after its "Starting…" acknowledgement."""
-    texts = await slack.wait_for(lambda: bot.response_texts(name), timeout=within)
+    texts = await slack.wait_for(lambda: bot.response_texts(name))
     return texts[-1]
 
 
@@ -75,10 +75,10 @@ async def test_a_deploy_answered_after_the_timeout_starts_one_build_and_follows_
     async with running_bot(slack, bk, redis_url, **PATIENT) as bot:
         resp, name, _ = await bot.command("/deploy", PIPELINE)
         assert resp.status == 200
-        text = await answered(bot, slack, name, within=15)
+        text = await answered(bot, slack, name)
         assert "Started" in text and f"{PIPELINE} #1" in text, text
 
-        root = await slack.wait_for(lambda: roots(slack), timeout=5)
+        root = await slack.wait_for(lambda: roots(slack))
         ts = str(root[0].response["ts"])
         await finish(bot, bk, 1)
         await slack.wait_for(lambda: "Passed" in shown(slack, ts))
@@ -99,7 +99,7 @@ async def test_a_deploy_whose_build_appears_too_late_is_said_to_maybe_have_start
     async with running_bot(slack, bk, redis_url, **IMPATIENT) as bot:
         resp, name, _ = await bot.command("/deploy", PIPELINE)
         assert resp.status == 200
-        text = await answered(bot, slack, name, within=10)
+        text = await answered(bot, slack, name)
         assert "may have started" in text and "did not send it again" in text, text
         assert f"https://buildkite.com/acme/{PIPELINE}/builds" in text
         assert bk.builds == []  # Buildkite is still making it
@@ -111,11 +111,11 @@ async def test_a_deploy_whose_build_appears_too_late_is_said_to_maybe_have_start
 
         # The build appears; the poller finds it by its request id and follows it.
         build = await wait_until(
-            lambda: bk.builds[0] if bk.builds else None, timeout=10, what="the late build"
+            lambda: bk.builds[0] if bk.builds else None, timeout=30, what="the late build"
         )
         assert build is not None
         assert build["meta_data"]["chatops_request_id"] == request_id
-        root = await slack.wait_for(lambda: roots(slack), timeout=10)
+        root = await slack.wait_for(lambda: roots(slack))
         ts = str(root[0].response["ts"])
         assert f"{PIPELINE} #1" in root[0].args["text"]
         assert await redis_client.hlen(AWAITED_KEY) == 0
@@ -137,7 +137,7 @@ async def test_a_deploy_answered_5xx_is_not_sent_again(
     bk.fail_next(1, 502, method="POST")
     async with running_bot(slack, bk, redis_url, **IMPATIENT) as bot:
         _, name, _ = await bot.command("/deploy", PIPELINE)
-        text = await answered(bot, slack, name, within=10)
+        text = await answered(bot, slack, name)
     assert "may have started" in text, text
     assert len(creates(bk)) == 1 and bk.builds == []
     assert await redis_client.hlen(AWAITED_KEY) == 1  # still looked for by the poller
@@ -148,7 +148,7 @@ async def test_a_rebuild_answered_after_the_timeout_starts_one_rebuild(
 ) -> None:
     async with running_bot(slack, bk, redis_url, **PATIENT) as bot:
         _, name, _ = await bot.command("/deploy", PIPELINE)
-        root = await slack.wait_for(lambda: roots(slack), timeout=5)
+        root = await slack.wait_for(lambda: roots(slack))
         ts = str(root[0].response["ts"])
         bk.set_build_state(PIPELINE, 1, "failed", failed_jobs=["Test"])
         assert (await bot.webhook(bk.webhook_payload(PIPELINE, 1))).status == 200
@@ -157,7 +157,7 @@ async def test_a_rebuild_answered_after_the_timeout_starts_one_rebuild(
         bk.answer_late_next(3.0, "/rebuild", method="PUT")
         resp, name, _ = await bot.command("/rebuild", f"{PIPELINE} 1")
         assert resp.status == 200
-        text = await answered(bot, slack, name, within=15)
+        text = await answered(bot, slack, name)
         assert "Started" in text and f"{PIPELINE} #2" in text, text
 
         # The rebuild is followed in the original's thread, to its end.
@@ -183,19 +183,18 @@ async def test_a_rebuild_that_appears_too_late_is_adopted_in_the_thread(
 ) -> None:
     async with running_bot(slack, bk, redis_url, **IMPATIENT) as bot:
         await bot.command("/deploy", PIPELINE)
-        root = await slack.wait_for(lambda: roots(slack), timeout=5)
+        root = await slack.wait_for(lambda: roots(slack))
         ts = str(root[0].response["ts"])
         await finish(bot, bk, 1)
         await slack.wait_for(lambda: replies(slack, ts))
 
         bk.answer_late_next(4.0, "/rebuild", method="PUT")
         _, name, _ = await bot.command("/rebuild", f"{PIPELINE} 1")
-        text = await answered(bot, slack, name, within=10)
+        text = await answered(bot, slack, name)
         assert "may have started" in text and "rebuild of #1" in text, text
 
         await slack.wait_for(
-            lambda: any(f"{PIPELINE} #2" in str(c.args.get("text")) for c in replies(slack, ts)),
-            timeout=10,
+            lambda: any(f"{PIPELINE} #2" in str(c.args.get("text")) for c in replies(slack, ts))
         )
         assert await redis_client.hlen(AWAITED_KEY) == 0
     rebuilds = [r for r in bk.requests if r.method == "PUT" and r.path.endswith("/rebuild")]

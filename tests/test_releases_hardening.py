@@ -39,6 +39,7 @@ from tests.test_releases_e2e import (
     entry,
     shown,
 )
+from tests.waiting import wait_until
 
 SLUGS = ("deploy-prod", "prod-lite", "staging-deploy", "web", "ext-deploy", "ci")
 
@@ -188,10 +189,7 @@ async def test_a_deploy_route_build_announced_at_its_start_is_recorded_by_the_po
         await bot.settled()
         assert await redis_client.get(key) is None  # a route's build: recorded when it ends
         bk.set_build_state("ext-live", 1, "passed")  # and its build.finished webhook is lost
-        for _ in range(200):
-            if await redis_client.get(key) is not None:
-                break
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: redis_client.get(key), timeout=30, what="the deployment recorded")
         recorded = await entry(redis_client, "ext-live", 1)
         assert recorded["o"] == "passed" and recorded["c"] == SHA1 and recorded["s"] == "route"
     assert bk.requests_to("GET", BUILDS.format("ext-live") + "/1")

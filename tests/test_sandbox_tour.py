@@ -31,7 +31,7 @@ def test_the_tour_is_one_sandbox_command_of_run_lines() -> None:
     assert argv.count("--run") >= 10
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_the_documented_tour_shows_what_the_doc_says(tmp_path: Path) -> None:
     argv = documented_tour()
     result = subprocess.run(
@@ -40,7 +40,7 @@ def test_the_documented_tour_shows_what_the_doc_says(tmp_path: Path) -> None:
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=280,
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout

@@ -29,6 +29,7 @@ from app.storage.records import ApprovalDecision as Decision
 from app.storage.records import ApprovalStatus as Status
 from app.storage.store import Store
 from app.tuning import DEFAULT, TrackingTuning, Tuning
+from tests.waiting import wait_until
 
 CHANNEL = "C0CHAN"
 changed = Observation.changed
@@ -270,21 +271,25 @@ async def test_build_locks_belong_to_their_holder(store: Store) -> None:
 
 
 async def test_the_build_lock_lives_as_long_as_the_tuning_says(store: Store) -> None:
-    short = Store(store.redis, Tuning(tracking=TrackingTuning(lock_ttl_ms=5_000)))
+    short = Store(store.redis, Tuning(tracking=TrackingTuning(lock_ttl_ms=50_000)))
     token = await short.acquire_lock("b1")
     assert token is not None
     key = keys.BUILD_LOCK_KEY.format(build_id="b1")
-    assert 4_000 < await store.redis.pttl(key) <= 5_000
-    await store.redis.pexpire(key, 10)
+    assert 40_000 < await store.redis.pttl(key) <= 50_000
+    # Nearly run out (but not so near that a stalled test process lets it expire first).
+    await store.redis.pexpire(key, 5_000)
     assert await short.renew_lock("b1", token) is True
-    assert 4_000 < await store.redis.pttl(key) <= 5_000
+    assert 40_000 < await store.redis.pttl(key) <= 50_000
 
 
 async def test_one_poller_per_lease(store: Store) -> None:
-    assert await store.acquire_poll_lease("p1", 50) is True
-    assert await store.acquire_poll_lease("p2", 50) is False
-    await asyncio.sleep(0.1)
-    assert await store.acquire_poll_lease("p2", 50) is True
+    assert await store.acquire_poll_lease("p1", 1_000) is True
+    assert await store.acquire_poll_lease("p2", 1_000) is False
+    # Once p1's lease runs out by itself, p2 gets it (however late this process looks).
+    await wait_until(
+        lambda: store.acquire_poll_lease("p2", 1_000), timeout=30, what="p2 holds the lease"
+    )
+    assert await store.redis.get(keys.POLL_LEASE_KEY) == b"p2"
     assert await store.poll_state() == PollState()
     await store.save_poll_state(finished_from=1234.5, failures=2, backoff="rate_limited")
     await store.save_poll_state(resume_at=1300.0)

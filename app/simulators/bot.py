@@ -26,6 +26,7 @@ from app.settings import Settings
 from app.simulators import slack_requests
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
+from app.simulators.slack_state import WAIT_TIMEOUT
 from app.storage.keys import EVENTS_GROUP, EVENTS_STREAM
 from app.tuning import DEFAULT, DeployTuning, SlackPacing, TrackingTuning, Tuning
 
@@ -93,7 +94,7 @@ class BotClient:
     async def close(self) -> None:
         await self.http.close()
 
-    async def settled(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    async def settled(self, timeout: float = WAIT_TIMEOUT) -> None:  # noqa: ASYNC109
         """Wait until the bot has done all it was given: its requests' work is finished, the
         notifier has read and acknowledged every recorded transition, and no Slack write is in
         flight. A test asserts that something did *not* happen after this, not after a sleep."""

@@ -72,7 +72,7 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
         )
         client = sync_redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30  # a loaded machine is slow to start it
         while True:
             try:
                 client.ping()

@@ -16,6 +16,7 @@ from app.simulators.slack_records import (
     Json,
     _Socket,
 )
+from app.simulators.slack_state import WAIT_TIMEOUT
 from app.simulators.slack_web_api import SlackWebApi
 
 
@@ -28,7 +29,7 @@ class SlackSocketMode(SlackWebApi):
     def socket_connected(self) -> bool:
         return any(not s.ws.closed for s in self._sockets)
 
-    async def wait_socket_connected(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    async def wait_socket_connected(self, timeout: float = WAIT_TIMEOUT) -> None:  # noqa: ASYNC109
         """Wait until a Socket Mode client is connected and has been sent `hello`."""
         await self.wait_for(lambda: self.socket_connected, timeout=timeout)
 
@@ -37,7 +38,7 @@ class SlackSocketMode(SlackWebApi):
         payload_type: str,
         payload: Mapping[str, Any],
         *,
-        timeout: float = 5.0,  # noqa: ASYNC109
+        timeout: float = WAIT_TIMEOUT,  # noqa: ASYNC109
         accepts_response_payload: bool | None = None,
         retry_attempt: int = 0,
         retry_reason: str = "",

@@ -24,6 +24,10 @@ from app.simulators.slack_records import (
     _Socket,
 )
 
+#: How long `wait_for` waits by default before failing: generous, since a condition that holds
+#: returns at once and a shared two-core CI machine has been seen to take over 5 s.
+WAIT_TIMEOUT = 30.0
+
 
 class SlackState:
     """A Slack workspace in memory: what the fake serves and tests seed and inspect."""
@@ -328,8 +332,15 @@ class SlackState:
             key=lambda m: str(m["ts"]),
         )
 
-    async def wait_for(self, predicate: Callable[[], T], timeout: float = 5.0) -> T:  # noqa: ASYNC109
-        """Poll until `predicate()` is truthy and return it, or fail showing what was recorded."""
+    async def wait_for(
+        self,
+        predicate: Callable[[], T],
+        timeout: float = WAIT_TIMEOUT,  # noqa: ASYNC109
+    ) -> T:
+        """Poll until `predicate()` is truthy and return it, or fail showing what was recorded.
+
+        `timeout` is a deadline for a hung bot, not a measure of its speed: a condition met
+        at once returns at once, and a loaded CI machine may take many seconds to meet it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
