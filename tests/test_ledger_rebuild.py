@@ -23,8 +23,8 @@ from app.simulators.bot import FAST, bot_settings, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
 from app.storage import keys
-from tests.fault_harness import wait_until
 from tests.test_ops_check_config import child_env
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 ORG_BUILDS = "/organizations/acme/builds"
@@ -317,11 +317,11 @@ async def test_the_bot_records_the_end_of_a_rebuilt_running_deployment_on_its_ow
     eager = dataclasses.replace(FAST, sweeps=dataclasses.replace(FAST.sweeps, ledger_interval=0.05))
     async with running_bot(slack, bk, redis_url, tuning=eager):
         await wait_until(
-            lambda: build_gets(bk, "deploy-prod", 1) > 0, timeout=10, what="asked about #1"
+            lambda: build_gets(bk, "deploy-prod", 1) > 0, timeout=30, what="asked about #1"
         )
         bk.set_build_state("deploy-prod", 1, "failed")
 
         async def failed() -> bool:
             return bool((await entry(redis_client, "deploy-prod", 1))["o"] == "failed")
 
-        await wait_until(failed, timeout=10, what="#1 recorded as failed")
+        await wait_until(failed, timeout=30, what="#1 recorded as failed")
