@@ -8,6 +8,7 @@ import contextlib
 from redis.exceptions import RedisError
 
 import app.slack.render.freezes as freeze_texts
+import app.slack.render.releases as releases_texts
 from app.agents.arguments import (
     CheckPolicyArgs,
     GetBuildArgs,
@@ -18,7 +19,7 @@ from app.agents.arguments import (
     NoArgs,
     PolicyAction,
 )
-from app.agents.context import Context
+from app.agents.context import Context, Refused
 from app.agents.views import (
     AgentView,
     CheckPolicyResult,
@@ -39,7 +40,9 @@ from app.core.commands import BuildRef
 from app.core.commands.admin import AgentsQuery, HealthRequest, PipelinesQuery
 from app.core.freezes import FROZEN_ACTIONS, view_of
 from app.core.listings import Listings
-from app.core.policy import Action
+from app.core.policy import Action, Rule
+from app.core.releases import NoRollback, live_deployment, rollback_target
+from app.storage.ledger import Deployment
 from buildkite.errors import BuildkiteError, PermissionDenied
 from buildkite.models import Build
 
@@ -193,10 +196,30 @@ async def build_health(ctx: Context, args: HealthArgs) -> HealthResult:
     return result
 
 
+#: The policy's action for each of check_policy's: a retry is a rebuild's right, a rollback
+#: and a promotion are deploys.
+_POLICY_ACTIONS = {
+    PolicyAction.RETRY: Action.REBUILD,
+    PolicyAction.ROLLBACK: Action.DEPLOY,
+    PolicyAction.PROMOTE: Action.DEPLOY,
+}
+#: What a refusal calls the action: "The promotion would not be started."
+_NOUNS = {PolicyAction.ROLLBACK: "rollback", PolicyAction.PROMOTE: "promotion"}
+
+
+def _dry_run(mrkdwn: str) -> str:
+    """A core's refusal, as plain text about what would (not) happen."""
+    return (
+        plain_sentence(mrkdwn)
+        .replace(" Nothing was started.", " Nothing would be started.")
+        .replace(" was not started.", " would not be started.")
+    )
+
+
 async def check_policy(ctx: Context, args: CheckPolicyArgs) -> CheckPolicyResult:
     """Would this action be allowed now? A dry run: nothing is claimed, locked or posted."""
     policy = ctx.services.policy
-    action = Action.REBUILD if args.action is PolicyAction.RETRY else Action(args.action.value)
+    action = _POLICY_ACTIONS.get(args.action) or Action(args.action.value)
     rule = policy.rule_for(args.pipeline)
     channel = policy.agent_channel(ctx.agent.name, args.pipeline)
     asks = rule.asks_first and action in (Action.DEPLOY, Action.REBUILD)
@@ -225,13 +248,22 @@ async def check_policy(ctx: Context, args: CheckPolicyArgs) -> CheckPolicyResult
         if action.value in FROZEN_ACTIONS
         else None
     )
+    # What the ledger says a rollback or a promotion would deploy, or why there is nothing.
+    release = (
+        await _release_plan(ctx, args.action, args.pipeline, rule)
+        if decision.allowed and frozen is None
+        else None
+    )
     allowed = decision.allowed and not bound and frozen is None
     if not decision.allowed:
         reason = plain_sentence(decision.reason)
     elif frozen is not None:
-        reason = plain_sentence(
-            freeze_texts.frozen(args.pipeline, action.value, view_of(frozen), break_glass=False)
-        ).replace(" was not started.", " would not be started.")
+        noun = _NOUNS.get(args.action, action.value)
+        reason = _dry_run(
+            freeze_texts.frozen(args.pipeline, noun, view_of(frozen), break_glass=False)
+        )
+    elif release is not None and not release[0]:
+        allowed, reason = False, release[1]
     elif bound:
         reason = f"{args.pipeline} is locked by {locked_by}" + (
             f": {lock.reason}" if lock and lock.reason else "."
@@ -248,6 +280,8 @@ async def check_policy(ctx: Context, args: CheckPolicyArgs) -> CheckPolicyResult
         reason = "Allowed; a person must approve it in Slack first."
     else:
         reason = "Allowed."
+    if allowed and release is not None:
+        reason = f"{reason} {release[1]}"
     return CheckPolicyResult(
         allowed=allowed,
         needs_confirmation=asks,
@@ -257,3 +291,42 @@ async def check_policy(ctx: Context, args: CheckPolicyArgs) -> CheckPolicyResult
         frozen_until=frozen.end.isoformat() if frozen is not None else None,
         reason=reason,
     )
+
+
+async def _release_plan(
+    ctx: Context, action: PolicyAction, pipeline: str, rule: Rule
+) -> tuple[bool, str] | None:
+    """(possible, what it would deploy or why not) for a rollback or a promotion, read from
+    the ledger as `Releases` reads it (no Buildkite request); None for the other actions."""
+    if action is PolicyAction.ROLLBACK:
+        entries = await _ledger(ctx, pipeline)
+        try:
+            chosen = rollback_target(pipeline, entries, None)
+        except NoRollback as exc:
+            return False, _dry_run(releases_texts.no_rollback(str(exc)))
+        live, target = chosen.live, chosen.target
+        return True, (
+            f"It would deploy again {capped(target.commit[:12])} of "
+            f"{capped(target.branch) or 'no branch'} from "
+            f"#{target.number}, the passed deployment before #{live.number}, live now."
+        )
+    if action is PolicyAction.PROMOTE:
+        source = rule.promote_from
+        if source is None:
+            return False, _dry_run(releases_texts.no_promote_rule(pipeline, rule.name))
+        passed = live_deployment(await _ledger(ctx, source))
+        if passed is None:
+            return False, _dry_run(releases_texts.nothing_live_on(source, pipeline))
+        return True, (
+            f"It would deploy {capped(passed.commit[:12])} of "
+            f"{capped(passed.branch) or 'no branch'}, live on "
+            f"{source} as #{passed.number}."
+        )
+    return None
+
+
+async def _ledger(ctx: Context, pipeline: str) -> list[Deployment]:
+    try:
+        return await ctx.services.store.deployments(pipeline)
+    except RedisError:
+        raise Refused(plain_sentence(releases_texts.LEDGER_DOWN)) from None
