@@ -11,6 +11,8 @@ import pytest
 import redis.asyncio as redis
 
 from app.agents.waiting import Changes
+from app.storage.agents import build_topic
+from app.storage.codec import text
 from app.storage.store import Store
 
 
@@ -64,6 +66,24 @@ async def test_an_announcement_wakes_a_wait_long_before_its_recheck(
         await changes.close()
         if server == "embedded":
             await client.aclose()
+
+
+async def test_the_store_subscribes_to_its_announcements_for_the_waits(
+    redis_client: redis.Redis,
+) -> None:
+    store = Store(redis_client)
+    pubsub = await store.subscribe_changes()
+    heard: list[str] = []
+    try:
+        for _ in range(400):  # announce until the subscription hears one
+            await store.announce(build_topic("b1"))
+            message = await pubsub.get_message(timeout=0.05)
+            if message is not None:
+                heard.append(text(message["data"]))
+                break
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+    assert heard == [build_topic("b1")]
 
 
 async def test_closing_ends_every_wait_at_once(redis_client: redis.Redis) -> None:

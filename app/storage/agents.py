@@ -4,10 +4,12 @@ their waits wake on."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import redis.asyncio as redis
 from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
 
 from app.storage.codec import text
 from app.storage.keys import (
@@ -120,6 +122,14 @@ class AgentLedger:
         """Wake whoever waits on `topic` in any replica (best effort: waits re-read anyway)."""
         await self.redis.publish(CHANGES_CHANNEL, topic)
 
-    def changes(self) -> PubSub:
-        """A pub/sub connection for the change announcements (subscribe to CHANGES_CHANNEL)."""
-        return self.redis.pubsub(ignore_subscribe_messages=True)
+    async def subscribe_changes(self) -> PubSub:
+        """A pub/sub connection subscribed to the change announcements: each message's data is
+        the topic announced (`build_topic`, `approval_topic`). The caller closes it."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(CHANGES_CHANNEL)
+        except BaseException:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            raise
+        return pubsub

@@ -14,6 +14,7 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from app.storage import lua
+from app.storage.agents import build_topic
 from app.storage.codec import (
     BY_NUMBER_FORMAT,
     compact_json,
@@ -141,7 +142,7 @@ class BuildRecords:
         # Beside the stream: wakes agents waiting on this build (app.agents), in any replica.
         # Best effort: a waiter also re-reads the record, and the change itself is recorded.
         with contextlib.suppress(RedisError):
-            await self.redis.publish(CHANGES_CHANNEL, f"build:{build_id}")
+            await self.redis.publish(CHANGES_CHANNEL, build_topic(build_id))
         return Observation.changed(text(result[1]))
 
     async def reset(self, build_id: str, *, new_generation: bool) -> int | None:

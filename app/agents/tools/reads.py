@@ -4,7 +4,10 @@ answered from a brief Redis cache shared by every agent and replica."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
+from pydantic import BaseModel
 from redis.exceptions import RedisError
 
 import app.slack.render.freezes as freeze_texts
@@ -49,116 +52,134 @@ from buildkite.models import Build
 LOG_TAIL_BYTES = 4000
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+async def through_cache(
+    ctx: Context,
+    what: str,
+    model: type[M],
+    ttl: float,
+    compute: Callable[[], Awaitable[M]],
+    *,
+    fresh: bool = False,
+) -> M:
+    """`compute()`'s answer, kept `ttl` seconds for every agent and replica under `what`;
+    `fresh` computes it anew (and keeps that). Only a cache: Redis failing costs a compute."""
+    if not fresh:
+        try:
+            hit = await ctx.services.store.cached_read(what)
+        except RedisError:
+            hit = None
+        if hit is not None:
+            return model.model_validate_json(hit)
+    value = await compute()
+    with contextlib.suppress(RedisError):
+        await ctx.services.store.cache_read(what, value.model_dump_json(by_alias=True), ttl=ttl)
+    return value
+
+
 async def fetch_build(ctx: Context, pipeline: str, number: int, *, fresh: bool = False) -> Build:
     """One build with its jobs, from Buildkite (shared by every agent for `read_cache`)."""
-    what = f"build:{pipeline}:{number}"
-    if not fresh:
-        hit = await cached(ctx, what)
-        if hit is not None:
-            return Build.model_validate_json(hit)
-    build = await Listings(ctx.services).build(BuildRef(pipeline, number))
-    raw = build.model_dump_json(by_alias=True)
-    await keep(ctx, what, raw, ctx.services.tuning.agents.read_cache)
-    return build
-
-
-async def cached(ctx: Context, what: str) -> str | None:
-    try:
-        return await ctx.services.store.cached_read(what)
-    except RedisError:
-        return None
-
-
-async def keep(ctx: Context, what: str, value: str, ttl: float) -> None:
-    with contextlib.suppress(RedisError):  # only a cache
-        await ctx.services.store.cache_read(what, value, ttl=ttl)
+    return await through_cache(
+        ctx,
+        f"build:{pipeline}:{number}",
+        Build,
+        ctx.services.tuning.agents.read_cache,
+        lambda: Listings(ctx.services).build(BuildRef(pipeline, number)),
+        fresh=fresh,
+    )
 
 
 async def get_build(ctx: Context, args: GetBuildArgs) -> GetBuildResult:
     """One build: its state, failed jobs and, when it failed, the end of the log."""
+
+    async def compute() -> GetBuildResult:
+        build = await fetch_build(ctx, args.pipeline, args.number)
+        tail = None
+        job = build.log_tail_job if build.is_final else None
+        if job is not None:
+            try:
+                tail = await ctx.services.buildkite.job_log_tail(
+                    args.pipeline, args.number, job.id, max_bytes=LOG_TAIL_BYTES
+                )
+            except PermissionDenied:
+                tail = None  # the token lacks read_build_logs: the rest still answers
+            except BuildkiteError:
+                tail = None
+        tracked = None
+        with contextlib.suppress(RedisError):
+            tracked = await ctx.services.store.find(args.pipeline, args.number)
+        requester = (
+            next((t.requester for t in tracked.targets if t.requester), None) if tracked else None
+        )
+        return GetBuildResult(
+            build=build_view(args.pipeline, build, log_tail=tail, requested_by=requester)
+        )
+
     what = f"view:{args.pipeline}:{args.number}"
-    hit = await cached(ctx, what)
-    if hit is not None:
-        return GetBuildResult.model_validate_json(hit)
-    build = await fetch_build(ctx, args.pipeline, args.number)
-    tail = None
-    job = build.log_tail_job if build.is_final else None
-    if job is not None:
-        try:
-            tail = await ctx.services.buildkite.job_log_tail(
-                args.pipeline, args.number, job.id, max_bytes=LOG_TAIL_BYTES
-            )
-        except PermissionDenied:
-            tail = None  # the token lacks read_build_logs: the rest still answers
-        except BuildkiteError:
-            tail = None
-    tracked = None
-    with contextlib.suppress(RedisError):
-        tracked = await ctx.services.store.find(args.pipeline, args.number)
-    requester = (
-        next((t.requester for t in tracked.targets if t.requester), None) if tracked else None
+    return await through_cache(
+        ctx, what, GetBuildResult, ctx.services.tuning.agents.read_cache, compute
     )
-    result = GetBuildResult(
-        build=build_view(args.pipeline, build, log_tail=tail, requested_by=requester)
-    )
-    await keep(ctx, what, result.model_dump_json(), ctx.services.tuning.agents.read_cache)
-    return result
 
 
 async def list_builds(ctx: Context, args: ListBuildsArgs) -> ListBuildsResult:
     """Recent builds, newest first."""
+
+    async def compute() -> ListBuildsResult:
+        builds = await Listings(ctx.services).recent_builds(
+            pipeline=args.pipeline, state=args.state, branch=args.branch, limit=args.limit
+        )
+        return ListBuildsResult(
+            builds=[build_view(b.pipeline_slug or args.pipeline or "", b) for b in builds]
+        )
+
     what = f"builds:{args.pipeline}:{args.state}:{args.branch}:{args.limit}"
-    hit = await cached(ctx, what)
-    if hit is not None:
-        return ListBuildsResult.model_validate_json(hit)
-    builds = await Listings(ctx.services).recent_builds(
-        pipeline=args.pipeline, state=args.state, branch=args.branch, limit=args.limit
+    return await through_cache(
+        ctx, what, ListBuildsResult, ctx.services.tuning.agents.list_cache, compute
     )
-    result = ListBuildsResult(
-        builds=[build_view(b.pipeline_slug or args.pipeline or "", b) for b in builds]
-    )
-    await keep(ctx, what, result.model_dump_json(), ctx.services.tuning.agents.list_cache)
-    return result
 
 
 async def list_pipelines(ctx: Context, args: ListPipelinesArgs) -> ListPipelinesResult:
     """The organisation's pipelines (the first page) with their last build."""
+
+    async def compute() -> ListPipelinesResult:
+        page = await Listings(ctx.services).pipelines_page(PipelinesQuery(filter=args.filter))
+        return ListPipelinesResult(
+            pipelines=[
+                pipeline_view(row.slug, row.name, row.web_url, row.default_branch, row.last_build)
+                for row in page.rows
+            ]
+        )
+
     what = f"pipelines:{args.filter}"
-    hit = await cached(ctx, what)
-    if hit is not None:
-        return ListPipelinesResult.model_validate_json(hit)
-    page = await Listings(ctx.services).pipelines_page(PipelinesQuery(filter=args.filter))
-    result = ListPipelinesResult(
-        pipelines=[
-            pipeline_view(row.slug, row.name, row.web_url, row.default_branch, row.last_build)
-            for row in page.rows
-        ]
+    return await through_cache(
+        ctx, what, ListPipelinesResult, ctx.services.tuning.agents.list_cache, compute
     )
-    await keep(ctx, what, result.model_dump_json(), ctx.services.tuning.agents.list_cache)
-    return result
 
 
 async def list_agents(ctx: Context, args: ListAgentsArgs) -> ListAgentsResult:
     """Buildkite's agents (the machines running jobs)."""
+
+    async def compute() -> ListAgentsResult:
+        page = await Listings(ctx.services).agents_page(AgentsQuery(queue=args.queue))
+        return ListAgentsResult(
+            agents=[
+                AgentView(
+                    name=capped(row.name),
+                    queue=capped(row.queue),
+                    version=capped(row.version),
+                    web_url=row.web_url,
+                    job=untrusted(row.job_name, 200),
+                )
+                for row in page.rows
+            ]
+        )
+
     what = f"agents:{args.queue}"
-    hit = await cached(ctx, what)
-    if hit is not None:
-        return ListAgentsResult.model_validate_json(hit)
-    page = await Listings(ctx.services).agents_page(AgentsQuery(queue=args.queue))
-    result = ListAgentsResult(
-        agents=[
-            AgentView(
-                name=capped(row.name),
-                queue=capped(row.queue),
-                version=capped(row.version),
-                web_url=row.web_url,
-                job=untrusted(row.job_name, 200),
-            )
-            for row in page.rows
-        ]
+    return await through_cache(
+        ctx, what, ListAgentsResult, ctx.services.tuning.agents.list_cache, compute
     )
-    await keep(ctx, what, result.model_dump_json(), ctx.services.tuning.agents.list_cache)
-    return result
 
 
 async def whoami(ctx: Context, args: NoArgs) -> WhoAmIResult:
@@ -184,16 +205,17 @@ _GRANTABLE = (Action.DEPLOY, Action.CANCEL, Action.REBUILD, Action.UNBLOCK)
 async def build_health(ctx: Context, args: HealthArgs) -> HealthResult:
     """The health digest's figures: pass rate, durations, failures and flaky passes."""
     pipeline = None if args.pipeline in (None, "all") else args.pipeline
+
+    async def compute() -> HealthResult:
+        digest = await Listings(ctx.services).health(
+            HealthRequest(pipeline=pipeline, window=args.window)
+        )
+        return health_view(digest)
+
     what = f"health:{pipeline}:{args.window}"
-    hit = await cached(ctx, what)
-    if hit is not None:
-        return HealthResult.model_validate_json(hit)
-    digest = await Listings(ctx.services).health(
-        HealthRequest(pipeline=pipeline, window=args.window)
+    return await through_cache(
+        ctx, what, HealthResult, ctx.services.tuning.agents.list_cache, compute
     )
-    result = health_view(digest)
-    await keep(ctx, what, result.model_dump_json(), ctx.services.tuning.agents.list_cache)
-    return result
 
 
 #: The policy's action for each of check_policy's: a retry is a rebuild's right, a rollback

@@ -22,6 +22,7 @@ from app.agents.views import (
     plain_sentence,
 )
 from app.core.policy import Action
+from app.storage.agents import approval_topic, build_topic
 from app.storage.records import ApprovalOutcome, ApprovalStatus, TrackedBuild
 from app.tracking.phases import FINAL_PHASES, phase_of
 from buildkite.models import Build, BuildState
@@ -73,7 +74,7 @@ async def wait_for_build(ctx: Context, args: WaitBuildArgs) -> WaitBuildResult:
     build_id = tracked.build_id
     timeout = min(args.timeout_seconds, ctx.services.tuning.agents.max_wait)
     last, _ = await ctx.changes.wait_until(
-        f"build:{build_id}",
+        build_topic(build_id),
         lambda: store.get(build_id),
         lambda t: _reached(args.until, t)[0],
         timeout=timeout,
@@ -137,7 +138,7 @@ async def wait_for_request(ctx: Context, args: WaitRequestArgs) -> RequestResult
     store = ctx.services.store
     timeout = min(args.timeout_seconds, ctx.services.tuning.agents.max_wait)
     last, _ = await ctx.changes.wait_until(
-        f"approval:{args.request_id}",
+        approval_topic(args.request_id),
         lambda: store.approval_outcome(args.request_id),
         _decided,
         timeout=timeout,
