@@ -13,6 +13,7 @@ import redis.asyncio as redis
 from app.agents.waiting import Changes
 from app.storage.agents import build_topic
 from app.storage.codec import text
+from app.storage.records import MessageTarget
 from app.storage.store import Store
 
 
@@ -84,6 +85,58 @@ async def test_the_store_subscribes_to_its_announcements_for_the_waits(
     finally:
         await pubsub.aclose()  # type: ignore[no-untyped-call]
     assert heard == [build_topic("b1")]
+
+
+@pytest.mark.parametrize("server", ["redis", "embedded"])
+async def test_a_recorded_change_is_announced_by_the_same_step(
+    server: str, redis_client: redis.Redis
+) -> None:
+    client: Any = (
+        redis_client
+        if server == "redis"
+        else fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    )
+    store = Store(client)
+    pubsub = await store.subscribe_changes()
+    target = MessageTarget(channel="C0CHAN", requester=None)
+    try:
+        await store.track(
+            "b1",
+            pipeline="web",
+            number=1,
+            target=target,
+            phase="scheduled",
+            rank=1,
+            snapshot={"state": "scheduled"},
+            final=False,
+        )
+        heard = [text(m["data"]) for m in await _drain(pubsub)]
+        assert heard == [build_topic("b1")]  # followed: its first phase is a change
+        for phase, rank in (("running", 2), ("running", 2), ("passed", 9)):
+            await store.observe(
+                "b1",
+                phase=phase,
+                rank=rank,
+                snapshot={"state": phase},
+                final=phase == "passed",
+                blocked=False,
+            )
+        heard = [text(m["data"]) for m in await _drain(pubsub)]
+        assert heard == [build_topic("b1")] * 2  # the same phase twice is no change
+        record = await store.get("b1")
+        assert record is not None and record.phase == "passed"
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        if server == "embedded":
+            await client.aclose()
+
+
+async def _drain(pubsub: Any) -> list[Any]:
+    """The messages a subscription holds, once none came for a while."""
+    messages = []
+    while (message := await pubsub.get_message(timeout=0.5)) is not None:
+        messages.append(message)
+    return messages
 
 
 async def test_closing_ends_every_wait_at_once(redis_client: redis.Redis) -> None:

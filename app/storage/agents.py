@@ -23,6 +23,9 @@ from app.storage.keys import (
 )
 from app.storage.records import ApprovalOutcome, ApprovalStatus
 
+#: How long Redis has to confirm a subscription (seconds).
+SUBSCRIBE_TIMEOUT = 5.0
+
 
 def build_topic(build_id: str) -> str:
     return f"build:{build_id}"
@@ -123,11 +126,16 @@ class AgentLedger:
         await self.redis.publish(CHANGES_CHANNEL, topic)
 
     async def subscribe_changes(self) -> PubSub:
-        """A pub/sub connection subscribed to the change announcements: each message's data is
-        the topic announced (`build_topic`, `approval_topic`). The caller closes it."""
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        """A pub/sub connection subscribed to the change announcements (Redis confirmed it:
+        every announcement from now on is heard); each message's data is the topic announced
+        (`build_topic`, `approval_topic`). The caller closes it."""
+        pubsub = self.redis.pubsub()
         try:
             await pubsub.subscribe(CHANGES_CHANNEL)
+            confirmed = await pubsub.get_message(timeout=SUBSCRIBE_TIMEOUT)
+            if confirmed is None or confirmed.get("type") != "subscribe":
+                raise RedisError("the subscription to the change announcements was not confirmed")
+            pubsub.ignore_subscribe_messages = True  # from now on, only the announcements
         except BaseException:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
