@@ -4,6 +4,7 @@ re-read every `recheck` is only a safety net), on Redis and on the embedded stor
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import fakeredis
@@ -26,16 +27,20 @@ async def until(predicate: Any, timeout: float = 10.0) -> None:  # noqa: ASYNC10
     raise AssertionError("it never happened")
 
 
-@pytest.mark.parametrize("server", ["redis", "embedded"])
-async def test_an_announcement_wakes_a_wait_long_before_its_recheck(
-    server: str, redis_client: redis.Redis
-) -> None:
-    client: Any = (
-        redis_client
-        if server == "redis"
-        else fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-    )
-    store = Store(client)
+@pytest.fixture(params=["redis", "embedded"])
+async def store(request: pytest.FixtureRequest, redis_client: redis.Redis) -> AsyncIterator[Store]:
+    """A store on the suite's Redis, then on the embedded one (fakeredis, as without REDIS_URL)."""
+    if request.param == "redis":
+        yield Store(redis_client)
+        return
+    client: Any = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    try:
+        yield Store(client)
+    finally:
+        await client.aclose()
+
+
+async def test_an_announcement_wakes_a_wait_long_before_its_recheck(store: Store) -> None:
     # A recheck far longer than the wait's timeout: only the announcement can end it in time.
     changes = Changes(store, recheck=3600)
     value = {"state": "running"}
@@ -65,8 +70,6 @@ async def test_an_announcement_wakes_a_wait_long_before_its_recheck(
         assert (state, reached) == ("running", False)
     finally:
         await changes.close()
-        if server == "embedded":
-            await client.aclose()
 
 
 async def test_the_store_subscribes_to_its_announcements_for_the_waits(
@@ -87,16 +90,7 @@ async def test_the_store_subscribes_to_its_announcements_for_the_waits(
     assert heard == [build_topic("b1")]
 
 
-@pytest.mark.parametrize("server", ["redis", "embedded"])
-async def test_a_recorded_change_is_announced_by_the_same_step(
-    server: str, redis_client: redis.Redis
-) -> None:
-    client: Any = (
-        redis_client
-        if server == "redis"
-        else fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-    )
-    store = Store(client)
+async def test_a_recorded_change_is_announced_by_the_same_step(store: Store) -> None:
     pubsub = await store.subscribe_changes()
     target = MessageTarget(channel="C0CHAN", requester=None)
     try:
@@ -127,8 +121,6 @@ async def test_a_recorded_change_is_announced_by_the_same_step(
         assert record is not None and record.phase == "passed"
     finally:
         await pubsub.aclose()  # type: ignore[no-untyped-call]
-        if server == "embedded":
-            await client.aclose()
 
 
 async def _drain(pubsub: Any) -> list[Any]:
