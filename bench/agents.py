@@ -34,7 +34,9 @@ import redis.asyncio as redis
 from app.simulators import agent_client
 from app.simulators.buildkite import FakeBuildkite, sign_webhook
 from app.simulators.slack import FakeSlack
-from app.storage.keys import CHANGES_CHANNEL, EVENTS_STREAM
+from app.storage.agents import build_topic
+from app.storage.keys import EVENTS_STREAM
+from app.storage.store import Store
 from bench.common import BUILDKITE_TOKEN, USER, WEBHOOK_TOKEN, Child, median, percentile, unexpected
 from bench.webhooks import wait_for, windowed
 
@@ -172,12 +174,12 @@ class Announcements:
     it splits a wake-up into the bot's event pipeline and the wait's own wake and answer."""
 
     def __init__(self, client: redis.Redis) -> None:
-        self.pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self.store = Store(client)
         self.heard: dict[str, float] = {}
         self.task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Announcements:
-        await self.pubsub.subscribe(CHANGES_CHANNEL)
+        self.pubsub = await self.store.subscribe_changes()
         self.task = asyncio.create_task(self._listen())
         return self
 
@@ -209,7 +211,7 @@ async def wake_latencies(
             targets.append((slug, number))
         await builds.drained()
         for slug, number in targets:
-            topic = f"build:{builds.bk.build(slug, number)['id']}"
+            topic = build_topic(builds.bk.build(slug, number)["id"])
             waiting = asyncio.create_task(
                 agent_client.structured(
                     session, "wait_for_build", pipeline=slug, number=number, timeout_seconds=30

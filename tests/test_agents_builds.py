@@ -14,11 +14,13 @@ import pytest
 from app.simulators.bot import BotClient, running_bot, work_requests
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
+from app.storage.store import Store
 from tests.agents_support import (
     BOB,
     BUILDS,
     CAPTAIN_TOKEN,
     CHANNEL,
+    INTRUDER_TOKEN,
     add_pipelines,
     agent_session,
     mutations,
@@ -130,6 +132,37 @@ async def test_waiting_on_a_build_the_bot_did_not_start_follows_it_from_then_on(
     # reading the build's jobs and its log tail.
     after = [r.path for r in work_requests(bk)[asked:]]
     assert len(after) <= 2 and all(p.endswith(("/builds/1", "/log")) for p in after), after
+
+
+async def test_an_agent_without_a_right_on_the_pipeline_makes_the_bot_follow_nothing(
+    bot: BotClient, bk: FakeBuildkite, slack: FakeSlack, redis_client: Any
+) -> None:
+    bk.add_build("web", state="running")
+    bk.add_build("bob-only", state="passed")
+    async with agent_session(bot, INTRUDER_TOKEN) as session:
+        # The intruder is granted nothing: the build's state now, read once, and no wait.
+        running = await structured(
+            session, "wait_for_build", pipeline="web", number=1, timeout_seconds=30
+        )
+        started = await structured(
+            session, "wait_for_build", pipeline="web", number=1, until="running"
+        )
+    async with agent_session(bot, CAPTAIN_TOKEN) as session:
+        # The captain is granted bob-only, but the person it acts for is not: bounded by them.
+        passed = await structured(session, "wait_for_build", pipeline="bob-only", number=1)
+    assert running["reached"] is False and running["build"]["state"] == "running"
+    assert "agent intruder has no right on web" in running["reason"]
+    assert started["reached"] is True and "read once" in started["reason"]
+    assert passed["reached"] is True and passed["build"]["state"] == "passed"
+    assert "agent captain has no right on bob-only" in passed["reason"]
+    # Not followed: nothing posted, nothing recorded, and its end is no news in Slack either.
+    store = Store(redis_client)
+    assert await store.find("web", 1) is None and await store.find("bob-only", 1) is None
+    bk.set_build_state("web", 1, "failed", failed_jobs=["Test"])
+    assert (await bot.webhook(bk.webhook_payload("web", 1))).status == 200
+    await bot.settled()
+    assert slack.posts(CHANNEL) == []
+    assert mutations(bk) == []
 
 
 async def test_a_protected_rebuild_is_asked_for_like_a_deploy(

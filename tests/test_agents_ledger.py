@@ -328,3 +328,53 @@ async def test_a_freeze_refuses_an_agents_deploy_rebuild_and_rollback_with_no_br
     assert ledger["frozen"]["ends_at"].startswith("2099-01-01T00:00")
     trail = await audit_entries(redis_client)
     assert any(e.get("detail") == "freeze: audit freeze" for e in trail)
+
+
+async def test_check_policy_dry_runs_a_rollback_and_a_promotion_from_the_ledger(
+    bot: BotClient, bk: FakeBuildkite, slack: FakeSlack
+) -> None:
+    async with agent_session(bot, CAPTAIN_TOKEN) as session:
+
+        async def check(action: str, pipeline: str) -> dict[str, Any]:
+            return await structured(session, "check_policy", action=action, pipeline=pipeline)
+
+        nothing = await check("rollback", "web")
+        await deployed(bot, session, "web", SHA1)
+        only_one = await check("rollback", "web")
+        await deployed(bot, session, "web", SHA2)
+        no_source = await check("promote", "web")
+        nothing_live = await check("promote", "prod-lite")
+        await deployed(bot, session, "staging-deploy", SHA3)
+        await bot.settled()
+        asked, posted = len(work_requests(bk)), len(slack.posts(CHANNEL))
+        rollback = await check("rollback", "web")
+        promote = await check("promote", "prod-lite")
+        frozen = [await check(a, "frozen-app") for a in ("rollback", "promote")]
+        protected = await check("rollback", "deploy-prod")
+        await bot.command("/deploy", "lock web hotfix in progress")
+        await bot.settled()
+        locked = await check("rollback", "web")
+    assert nothing["allowed"] is False and "no passed deployment in the ledger" in nothing["reason"]
+    assert only_one["allowed"] is False and "Nothing to roll back to: #1" in only_one["reason"]
+    assert "Nothing would be started." in only_one["reason"]
+    assert no_source["allowed"] is False and "no `promote_from`" in no_source["reason"]
+    assert nothing_live["allowed"] is False
+    assert "Nothing is live on `staging-deploy`" in nothing_live["reason"]
+    # What the real action would deploy, said beforehand; and the dry runs changed nothing.
+    assert rollback["allowed"] is True and rollback["needs_approval"] is False
+    assert f"deploy again {SHA1[:12]} of main from #1" in rollback["reason"]
+    assert promote["allowed"] is True
+    assert f"deploy {SHA3[:12]} of main, live on staging-deploy as #1" in promote["reason"]
+    for refused, noun in zip(frozen, ("rollback", "promotion"), strict=True):
+        assert refused["allowed"] is False and refused["frozen_until"].startswith("2099-01-01")
+        assert f"The {noun} would not be started." in refused["reason"]
+        assert "An agent cannot break the glass" in refused["reason"]
+    # A rollback is a deploy: on a protected pipeline a person approves it (nothing live yet).
+    assert protected["needs_approval"] is True and protected["approvers"] == [BOB]
+    assert protected["allowed"] is False and "no passed deployment" in protected["reason"]
+    assert locked["allowed"] is False and locked["locked_by"] == ALICE
+    assert "hotfix in progress" in locked["reason"]
+    await bot.settled()
+    assert len(slack.posts(CHANNEL)) == posted
+    assert len(work_requests(bk)) == asked  # the ledger only: no Buildkite request
+    assert len(creates(bk, "web")) == 2

@@ -204,7 +204,15 @@ async def test_the_listings_answer_as_data_from_few_requests(
         health = await structured(session, "build_health", pipeline="web", window="24h")
         asked = len(work_requests(bk))
         again = await structured(session, "build_health", pipeline="web", window="24h")
+        # Every listing is kept for every agent a while: asked again, Buildkite is not.
+        repeated = [
+            await structured(session, "list_builds", pipeline="web", limit=1),
+            await structured(session, "list_builds", state="failed"),
+            await structured(session, "list_pipelines", filter="web"),
+            await structured(session, "list_agents", queue="deploy"),
+        ]
         assert len(work_requests(bk)) == asked  # cached: read once
+        assert repeated == [builds, failed, pipelines, agents]
     assert [(b["pipeline"], b["number"]) for b in builds["builds"]] == [("web", 2)]
     assert [b["state"] for b in failed["builds"]] == ["failed"]
     (web,) = pipelines["pipelines"]

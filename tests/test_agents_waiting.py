@@ -4,6 +4,7 @@ re-read every `recheck` is only a safety net), on Redis and on the embedded stor
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import fakeredis
@@ -11,6 +12,9 @@ import pytest
 import redis.asyncio as redis
 
 from app.agents.waiting import Changes
+from app.storage.agents import build_topic
+from app.storage.codec import text
+from app.storage.records import MessageTarget
 from app.storage.store import Store
 
 
@@ -23,16 +27,20 @@ async def until(predicate: Any, timeout: float = 10.0) -> None:  # noqa: ASYNC10
     raise AssertionError("it never happened")
 
 
-@pytest.mark.parametrize("server", ["redis", "embedded"])
-async def test_an_announcement_wakes_a_wait_long_before_its_recheck(
-    server: str, redis_client: redis.Redis
-) -> None:
-    client: Any = (
-        redis_client
-        if server == "redis"
-        else fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-    )
-    store = Store(client)
+@pytest.fixture(params=["redis", "embedded"])
+async def store(request: pytest.FixtureRequest, redis_client: redis.Redis) -> AsyncIterator[Store]:
+    """A store on the suite's Redis, then on the embedded one (fakeredis, as without REDIS_URL)."""
+    if request.param == "redis":
+        yield Store(redis_client)
+        return
+    client: Any = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    try:
+        yield Store(client)
+    finally:
+        await client.aclose()
+
+
+async def test_an_announcement_wakes_a_wait_long_before_its_recheck(store: Store) -> None:
     # A recheck far longer than the wait's timeout: only the announcement can end it in time.
     changes = Changes(store, recheck=3600)
     value = {"state": "running"}
@@ -62,8 +70,65 @@ async def test_an_announcement_wakes_a_wait_long_before_its_recheck(
         assert (state, reached) == ("running", False)
     finally:
         await changes.close()
-        if server == "embedded":
-            await client.aclose()
+
+
+async def test_the_store_subscribes_to_its_announcements_for_the_waits(
+    redis_client: redis.Redis,
+) -> None:
+    store = Store(redis_client)
+    pubsub = await store.subscribe_changes()
+    heard: list[str] = []
+    try:
+        for _ in range(400):  # announce until the subscription hears one
+            await store.announce(build_topic("b1"))
+            message = await pubsub.get_message(timeout=0.05)
+            if message is not None:
+                heard.append(text(message["data"]))
+                break
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+    assert heard == [build_topic("b1")]
+
+
+async def test_a_recorded_change_is_announced_by_the_same_step(store: Store) -> None:
+    pubsub = await store.subscribe_changes()
+    target = MessageTarget(channel="C0CHAN", requester=None)
+    try:
+        await store.track(
+            "b1",
+            pipeline="web",
+            number=1,
+            target=target,
+            phase="scheduled",
+            rank=1,
+            snapshot={"state": "scheduled"},
+            final=False,
+        )
+        heard = [text(m["data"]) for m in await _drain(pubsub)]
+        assert heard == [build_topic("b1")]  # followed: its first phase is a change
+        for phase, rank in (("running", 2), ("running", 2), ("passed", 9)):
+            await store.observe(
+                "b1",
+                phase=phase,
+                rank=rank,
+                snapshot={"state": phase},
+                final=phase == "passed",
+                blocked=False,
+            )
+        heard = [text(m["data"]) for m in await _drain(pubsub)]
+        assert heard == [build_topic("b1")] * 2  # the same phase twice is no change
+        record = await store.get("b1")
+        assert record is not None and record.phase == "passed"
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def _drain(pubsub: Any) -> list[Any]:
+    """The messages a subscription holds, once none came for a while."""
+    messages = []
+    while (message := await pubsub.get_message(timeout=0.5)) is not None:
+        messages.append(message)
+    return messages
 
 
 async def test_closing_ends_every_wait_at_once(redis_client: redis.Redis) -> None:

@@ -85,13 +85,15 @@ AGENTS_IMPORTERS = ("app.main", "app.agents", "app.__main__")
 #: What app.slack may take from app.core: data and errors, no services.
 SLACK_MAY_USE_FROM_CORE = ("app.core.errors", "app.core.names", "app.core.unblock_forms")
 #: What the agents take from Slack's room and from tracking: who acts, the unblock button's model
-#: (the service takes it), the digest's models, a freeze's view and its refusal (an agent is told
-#: the sentence a person is), the phases; never a sender or a tracker.
+#: (the service takes it), the digest's models, a freeze's view and its refusal, a rollback's or a
+#: promotion's refusal (an agent is told the sentence a person is), the phases; never a sender or
+#: a tracker.
 AGENTS_MAY_USE_FROM_SLACK = (
     "app.slack.actor",
     "app.slack.payloads",
     "app.slack.render.digest",
     "app.slack.render.freezes",
+    "app.slack.render.releases",
 )
 AGENTS_MAY_USE_FROM_TRACKING = ("app.tracking.phases",)
 #: Only these import the listeners (the composition root wires them).

@@ -176,8 +176,13 @@ class PolicyAction(StrEnum):
     REBUILD = "rebuild"
     RETRY = "retry"
     UNBLOCK = "unblock"
+    ROLLBACK = "rollback"
+    PROMOTE = "promote"
 
 
 class CheckPolicyArgs(Args):
-    action: PolicyAction = Field(description="deploy, cancel, rebuild, retry or unblock.")
+    action: PolicyAction = Field(
+        description="deploy, cancel, rebuild, retry, unblock, rollback or promote (a rollback "
+        "or a promotion is a deploy, of the commit the ledger says)."
+    )
     pipeline: str = Pipeline

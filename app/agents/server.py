@@ -59,9 +59,15 @@ def _describe(tool: Tool) -> types.Tool:
     )
 
 
+@functools.cache
+def _input_schemas() -> dict[str, dict[str, Any]]:
+    return {name: _schema(tool.args) for name, tool in TOOLS.items()}
+
+
 def _input_schema(name: str) -> dict[str, Any] | None:
-    tool = TOOLS.get(name)
-    return _schema(tool.args) if tool is not None else None
+    # Asked by the SDK on every call (to check Mcp-Param headers): made once, not per call
+    # (and looked up, so that a client's made-up names are never kept).
+    return _input_schemas().get(name)
 
 
 def create_server(

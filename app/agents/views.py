@@ -265,9 +265,16 @@ def health_view(digest: Digest) -> HealthResult:
 class WaitBuildResult(View):
     build: BuildView | None = Field(
         default=None,
-        description="The build as the bot last recorded it (without jobs; get_build has them).",
+        description="The build as the bot last recorded it (without jobs; get_build has them); "
+        "with `reason`, as Buildkite says it is now.",
     )
     reached: bool = Field(description="True when the build reached `until` before the timeout.")
+    reason: str | None = Field(
+        default=None,
+        description="Set when the build was not waited on: the bot does not follow it and this "
+        "agent may not make it (no right on the pipeline); `build` and `reached` are its state "
+        "now, read once.",
+    )
 
 
 RequestStatus = Literal["awaiting_approval", "approved", "rejected", "expired"]

@@ -19,7 +19,6 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from app.storage.codec import text
-from app.storage.keys import CHANGES_CHANNEL
 from app.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -49,8 +48,7 @@ class Changes:
         while not self._closed.is_set():
             pubsub: PubSub | None = None
             try:
-                pubsub = self.store.changes()
-                await pubsub.subscribe(CHANGES_CHANNEL)
+                pubsub = await self.store.subscribe_changes()
                 self._subscribed.set()
                 while not self._closed.is_set():
                     message = await pubsub.get_message(timeout=1.0)

@@ -4,10 +4,12 @@ their waits wake on."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import redis.asyncio as redis
 from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
 
 from app.storage.codec import text
 from app.storage.keys import (
@@ -20,6 +22,9 @@ from app.storage.keys import (
     CHANGES_CHANNEL,
 )
 from app.storage.records import ApprovalOutcome, ApprovalStatus
+
+#: How long Redis has to confirm a subscription (seconds).
+SUBSCRIBE_TIMEOUT = 5.0
 
 
 def build_topic(build_id: str) -> str:
@@ -120,6 +125,19 @@ class AgentLedger:
         """Wake whoever waits on `topic` in any replica (best effort: waits re-read anyway)."""
         await self.redis.publish(CHANGES_CHANNEL, topic)
 
-    def changes(self) -> PubSub:
-        """A pub/sub connection for the change announcements (subscribe to CHANGES_CHANNEL)."""
-        return self.redis.pubsub(ignore_subscribe_messages=True)
+    async def subscribe_changes(self) -> PubSub:
+        """A pub/sub connection subscribed to the change announcements (Redis confirmed it:
+        every announcement from now on is heard); each message's data is the topic announced
+        (`build_topic`, `approval_topic`). The caller closes it."""
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.subscribe(CHANGES_CHANNEL)
+            confirmed = await pubsub.get_message(timeout=SUBSCRIBE_TIMEOUT)
+            if confirmed is None or confirmed.get("type") != "subscribe":
+                raise RedisError("the subscription to the change announcements was not confirmed")
+            pubsub.ignore_subscribe_messages = True  # from now on, only the announcements
+        except BaseException:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            raise
+        return pubsub

@@ -3,7 +3,6 @@ the markers of what was posted, and the lock of the process writing a build's me
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 import uuid
@@ -11,9 +10,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import redis.asyncio as redis
-from redis.exceptions import RedisError
 
 from app.storage import lua
+from app.storage.agents import build_topic
 from app.storage.codec import (
     BY_NUMBER_FORMAT,
     compact_json,
@@ -114,7 +113,9 @@ class BuildRecords:
         now: float | None = None,
     ) -> Observation:
         """Record a build's phase: CHANGED (with the previous phase) when this call changed it,
-        REGRESSED when the phase given is earlier than the one recorded (nothing changed).
+        and announced on the changes channel in the same script, so that waits (app.agents) wake
+        before any Slack work; REGRESSED when the phase given is earlier than the one recorded
+        (nothing changed).
 
         `blocked` is not kept: the phase of a build on a block step ends in ":blocked".
         """
@@ -132,16 +133,15 @@ class BuildRecords:
                 PENDING_TTL,
                 FINAL_RANK,
                 BY_NUMBER_FORMAT,
+                # A change is announced by the script itself: waits wake on the same step.
+                build_topic(build_id),
+                CHANGES_CHANNEL,
             ],
         )
         if not result:
             return UNCHANGED
         if text(result[0]) == "regressed":
             return REGRESSED
-        # Beside the stream: wakes agents waiting on this build (app.agents), in any replica.
-        # Best effort: a waiter also re-reads the record, and the change itself is recorded.
-        with contextlib.suppress(RedisError):
-            await self.redis.publish(CHANGES_CHANNEL, f"build:{build_id}")
         return Observation.changed(text(result[1]))
 
     async def reset(self, build_id: str, *, new_generation: bool) -> int | None:

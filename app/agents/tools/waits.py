@@ -21,8 +21,10 @@ from app.agents.views import (
     build_view,
     plain_sentence,
 )
+from app.core.policy import Action
+from app.storage.agents import approval_topic, build_topic
 from app.storage.records import ApprovalOutcome, ApprovalStatus, TrackedBuild
-from app.tracking.phases import FINAL_PHASES
+from app.tracking.phases import FINAL_PHASES, phase_of
 from buildkite.models import Build, BuildState
 
 
@@ -30,7 +32,10 @@ def _reached(until: Until, tracked: TrackedBuild | None) -> tuple[bool, bool]:
     """(stop waiting, reached) for a build's recorded phase."""
     if tracked is None:
         return True, False
-    phase = tracked.phase
+    return _phase_reached(until, tracked.phase)
+
+
+def _phase_reached(until: Until, phase: str) -> tuple[bool, bool]:
     final = phase in FINAL_PHASES
     if until is Until.FINISHED:
         return final, final
@@ -43,11 +48,22 @@ def _reached(until: Until, tracked: TrackedBuild | None) -> tuple[bool, bool]:
 
 async def wait_for_build(ctx: Context, args: WaitBuildArgs) -> WaitBuildResult:
     """Wait (≤ 50 s) until a build reaches a state, waking on the bot's own tracking: no
-    Buildkite request while waiting. A build not followed yet is followed from now on."""
+    Buildkite request while waiting. A build not followed yet is followed from now on when
+    this agent may act on its pipeline; otherwise its state now is read once."""
     store = ctx.services.store
     tracked = await store.find(args.pipeline, args.number)
     if tracked is None:
         build = await fetch_build(ctx, args.pipeline, args.number)
+        refusal = await _why_not_follow(ctx, args.pipeline)
+        if refusal is not None:
+            # Following would post in the agent's channel: only a right on the pipeline earns
+            # that. The build as it is now, without waiting (nothing would wake the wait).
+            phase, _ = phase_of(build)
+            return WaitBuildResult(
+                build=build_view(args.pipeline, build),
+                reached=_phase_reached(args.until, phase)[1],
+                reason=f"{refusal} This is its state now, read once: it was not waited on.",
+            )
         channel = ctx.channel_for(args.pipeline)
         await ctx.services.tracker.track(
             build, pipeline=args.pipeline, channel=channel, requester=None
@@ -58,12 +74,45 @@ async def wait_for_build(ctx: Context, args: WaitBuildArgs) -> WaitBuildResult:
     build_id = tracked.build_id
     timeout = min(args.timeout_seconds, ctx.services.tuning.agents.max_wait)
     last, _ = await ctx.changes.wait_until(
-        f"build:{build_id}",
+        build_topic(build_id),
         lambda: store.get(build_id),
         lambda t: _reached(args.until, t)[0],
         timeout=timeout,
     )
     return WaitBuildResult(build=_recorded(last), reached=_reached(args.until, last)[1])
+
+
+#: Any of these on the pipeline lets an agent's wait make the bot follow a build there.
+_FOLLOWING_RIGHTS = (Action.DEPLOY, Action.CANCEL, Action.REBUILD, Action.UNBLOCK)
+
+
+async def _why_not_follow(ctx: Context, pipeline: str) -> str | None:
+    """Why this agent may not make the bot follow (and post about) a build of `pipeline`: it
+    has no channel there, or no right on it (bounded by its person's); None when it may."""
+    policy = ctx.services.policy
+    name = ctx.agent.name
+    channel = policy.agent_channel(name, pipeline)
+    if channel is None:
+        return (
+            f"The bot does not follow this build, and agent {name} has no channel for "
+            f"{pipeline} to follow it in."
+        )
+    for action in _FOLLOWING_RIGHTS:
+        decision = await policy.check(
+            action,
+            pipeline,
+            user=ctx.agent.user_id,
+            channel_id=channel,
+            channel_name=None,
+            resolve=ctx.services.directory.usergroup_members,
+        )
+        if decision.allowed:
+            return None
+    return (
+        f"The bot does not follow this build, and agent {name} has no right on {pipeline} "
+        "(deploy, cancel, rebuild or unblock) to make it follow one: that would post in its "
+        "channel."
+    )
 
 
 def _recorded(tracked: TrackedBuild | None) -> BuildView | None:
@@ -89,7 +138,7 @@ async def wait_for_request(ctx: Context, args: WaitRequestArgs) -> RequestResult
     store = ctx.services.store
     timeout = min(args.timeout_seconds, ctx.services.tuning.agents.max_wait)
     last, _ = await ctx.changes.wait_until(
-        f"approval:{args.request_id}",
+        approval_topic(args.request_id),
         lambda: store.approval_outcome(args.request_id),
         _decided,
         timeout=timeout,

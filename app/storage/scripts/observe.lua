@@ -2,8 +2,9 @@
 -- transition, so a change seen by a webhook, a poll and an API answer at once is emitted once.
 -- A phase only moves forward (a late webhook cannot undo a newer state); a seemingly earlier
 -- phase is answered {'regressed'} so the tracker can confirm it with Buildkite and `reset` first.
--- A change is answered {'changed', old phase}; no change (or no record) false. A call for a
--- build that is no longer tracked also drops it from the pending set.
+-- A change is answered {'changed', old phase} (and announced on the changes channel); no change
+-- (or no record) false. A call for a build that is no longer tracked also drops it from the
+-- pending set.
 local key, pending, stream = KEYS[1], KEYS[2], KEYS[3]
 local build_id, phase, rank = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local snapshot, final, now = ARGV[4], ARGV[5], ARGV[6]
@@ -34,4 +35,7 @@ else
 end
 save(key, rec, ttl)
 expire(key, rec, bynum, ttl)
+-- Beside the stream, in the same step: wakes whoever waits on this build (agents), in any
+-- replica, before the notifier's slower Slack work. Best effort (pcall): waits re-read anyway.
+redis.pcall('PUBLISH', ARGV[13], ARGV[12])
 return {'changed', old}
