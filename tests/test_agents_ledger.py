@@ -378,3 +378,22 @@ async def test_check_policy_dry_runs_a_rollback_and_a_promotion_from_the_ledger(
     assert len(slack.posts(CHANNEL)) == posted
     assert len(work_requests(bk)) == asked  # the ledger only: no Buildkite request
     assert len(creates(bk, "web")) == 2
+
+
+async def test_a_requester_known_only_from_meta_data_is_marked_unverified(
+    bot: BotClient, bk: FakeBuildkite
+) -> None:
+    """After `ledger rebuild`, who asked is only the builds' meta_data's word: the agent is told
+    so, as /deploy history tells a person; the bot's own record carries no such mark."""
+    meta = {"chatops_source": "slack", "chatops_requested_by": BOB}
+    bk.add_build("deploy-prod", commit=SHA1, state="passed", meta_data=meta)
+    services = bot.services
+    await rebuild_ledger(services.store, services.buildkite, services.policy)
+    async with agent_session(bot, CAPTAIN_TOKEN) as session:
+        await deployed(bot, session, "web", SHA2)
+        rebuilt = await structured(session, "deployments", pipeline="deploy-prod")
+        own = await structured(session, "deployments", pipeline="web")
+    assert rebuilt["live"]["requested_by"] == BOB
+    assert rebuilt["live"]["requester_unverified"] is True
+    assert own["live"]["requested_by"] == "agent:captain"
+    assert own["live"].get("requester_unverified", False) is False

@@ -72,6 +72,11 @@ class DeploymentView(View):
     requested_by: str | None = Field(
         default=None, description="Who asked for it (a Slack user id, or agent:<name>)."
     )
+    requester_unverified: bool = Field(
+        default=False,
+        description="True when `requested_by` is only the build's meta_data's word (which any "
+        "of its jobs can set): the bot has no record of its own of who asked.",
+    )
     approved_by: str | None = Field(default=None, description="Who approved it (a Slack user id).")
     started_at: str | None = Field(default=None, description="When it started (ISO 8601, UTC).")
     finished_at: str | None = Field(default=None, description="When it ended (ISO 8601, UTC).")
@@ -129,6 +134,7 @@ def deployment_view(entry: Deployment) -> DeploymentView:
         outcome=entry.outcome.value,
         source=entry.source.value,
         requested_by=_text(entry.requested_by),
+        requester_unverified=bool(entry.requested_by and entry.requester_unverified),
         approved_by=_text(entry.approved_by),
         started_at=_iso(entry.started_at),
         finished_at=_iso(entry.finished_at),
