@@ -86,8 +86,10 @@ def redis_url() -> Iterator[str]:
 def _fresh_redis(request: pytest.FixtureRequest) -> None:
     """Every test that uses the worker's Redis starts on an empty database, whether or not it
     asks for `redis_client`: what an earlier test left (claimed event ids, debounce marks,
-    leases) would otherwise change what the next one's bots do."""
-    if "redis_url" not in request.fixturenames:
+    leases) would otherwise change what the next one's bots do. A module whose one bot runs
+    through all its tests (`SHARED_BOT = True`) keeps its Redis: flushing under a running bot
+    would wipe its streams and leases."""
+    if "redis_url" not in request.fixturenames or getattr(request.module, "SHARED_BOT", False):
         return
     url = request.getfixturevalue("redis_url")
     with sync_redis.Redis.from_url(url, socket_timeout=30) as client:

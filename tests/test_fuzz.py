@@ -306,6 +306,10 @@ class Harness:
         assert live == [], f"{kind}: input markup reached Slack live: {live}"
 
 
+#: One bot runs through the whole module (see `harness`): conftest leaves its Redis unflushed.
+SHARED_BOT = True
+
+
 @pytest.fixture(scope="module")
 def harness(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     with Harness(redis_url, tmp_path_factory.mktemp("fuzz")).running() as h:
