@@ -306,3 +306,51 @@ async def test_a_sentinel_that_does_not_answer_is_asked_once_then_the_next_one()
             server.close()
             await server.wait_closed()
     assert sorted(accepted) == sorted(ports * 2)
+
+
+class RecordingRedis:
+    """A stand-in Redis that answers every command `+OK` (PING `+PONG`, HELLO its map) and
+    keeps what the client sent, in order."""
+
+    def __init__(self) -> None:
+        self.commands: list[list[str]] = []
+
+    @staticmethod
+    def reply(words: list[str]) -> bytes:
+        command = words[0].upper()
+        if command == "HELLO":  # RESP3's handshake: a map saying which protocol
+            return b"%1\r\n$5\r\nproto\r\n:" + words[1].encode() + b"\r\n"
+        return b"+PONG\r\n" if command == "PING" else b"+OK\r\n"
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                assert line.startswith(b"*"), line
+                words = []
+                for _ in range(int(line[1:])):
+                    size = int((await reader.readline())[1:])
+                    words.append((await reader.readexactly(size + 2))[:-2].decode())
+                self.commands.append(words)
+                writer.write(self.reply(words))
+                await writer.drain()
+        finally:
+            writer.close()
+
+
+async def test_a_new_connection_sends_no_client_setinfo() -> None:
+    """redis-py pipelines `CLIENT SETINFO` twice on connect, with health checks on: a loop stalled
+    past the check interval between the two makes the check's PING read the first reply, and the
+    fresh connection fails as an outage (seen under load). The bot's connections send none."""
+    fake = RecordingRedis()
+    server = await asyncio.start_server(fake.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = connect_redis(settings(f"redis://:pw@127.0.0.1:{port}/3"), Metrics())
+    try:
+        assert await client.set("k", "v") is True
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+    sent = [" ".join(words[:2]).upper() for words in fake.commands]
+    assert "CLIENT SETINFO" not in sent, sent
+    assert sent[0].startswith(("AUTH", "HELLO")) and "SELECT 3" in sent and sent[-1] == "SET K"

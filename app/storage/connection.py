@@ -3,6 +3,12 @@
 Without REDIS_URL the store runs on fakeredis (with Lua, for the store's scripts) inside the
 process: the same `Store`, the same scripts and streams, but nothing survives a restart and no
 second process can share it.
+
+Every client here has `driver_info=NO_CLIENT_INFO`: no `CLIENT SETINFO` on connect.
+redis-py pipelines LIB-NAME and LIB-VER with health checks on; when its loop stalls past the
+check interval between the two sends (a loaded machine), the check's PING reads the first
+SETINFO's reply and the new connection fails as an outage ("unknown subcommand 'SETINFO'"
+before Redis 7.2, "Bad response from PING" after).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from redis.asyncio.cluster import ClusterNode, NodesManager
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.driver_info import DriverInfo
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
 
@@ -51,6 +58,7 @@ def connect_redis(settings: Settings, metrics: Metrics) -> redis.Redis:
             password=target.password,
             socket_timeout=5,
             socket_connect_timeout=5,
+            driver_info=NO_CLIENT_INFO,
         )
         _unreachable_is_a_connection_error(cluster)
         return cast(redis.Redis, cluster)
@@ -64,6 +72,7 @@ def connect_redis(settings: Settings, metrics: Metrics) -> redis.Redis:
         socket_connect_timeout=5,
         health_check_interval=HEALTH_CHECK_INTERVAL,
         retry=CountingRetry(metrics),
+        driver_info=NO_CLIENT_INFO,
     )
     return redis.Redis.from_pool(pool)
 
@@ -102,6 +111,9 @@ def _unreachable_is_a_connection_error(cluster: redis.RedisCluster) -> None:
 MAX_CONNECTIONS = 64
 POOL_WAIT = 10.0
 
+#: No LIB-NAME, no LIB-VER: see the module's doc.
+NO_CLIENT_INFO = DriverInfo(name=None, lib_version=None)
+
 
 class _SentinelMaster(redis.Redis):
     """The master's client, which also closes its connections to the sentinels."""
@@ -119,6 +131,7 @@ def _sentinel_master(target: RedisTarget, metrics: Metrics) -> redis.Redis:
     sentinel_kwargs: dict[str, object] = {
         "socket_timeout": 5,
         "socket_connect_timeout": 5,
+        "driver_info": NO_CLIENT_INFO,
         # Asked once each: the next sentinel is the retry. redis-py's default (three retries with
         # a backoff of up to ten seconds) made every command wait ~16 s with two sentinels down.
         "retry": Retry(NoBackoff(), 0),
@@ -142,5 +155,6 @@ def _sentinel_master(target: RedisTarget, metrics: Metrics) -> redis.Redis:
         socket_connect_timeout=5,
         health_check_interval=HEALTH_CHECK_INTERVAL,
         retry=CountingRetry(metrics),
+        driver_info=NO_CLIENT_INFO,
     )
     return master
