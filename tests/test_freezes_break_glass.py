@@ -358,3 +358,49 @@ def test_a_policy_rule_name_is_text_in_every_refusal_naming_it() -> None:
         texts.no_longer_allowed(ALICE, "deploy", "web", CHANNEL, rule),
     ):
         assert quoted in text and "<!channel>" not in text
+
+
+OVERLAPPING = f"""\
+admins: [{ADMIN}]
+pipelines:
+  deploy-prod:
+    deployers: [{ALICE}]
+freezes:
+  - pipelines: ["deploy-*"]
+    weekly: "fri 16:00 - mon 08:00"
+    timezone: {BERLIN}
+    reason: weekend freeze
+  - pipelines: ["deploy-prod"]
+    from: 2026-03-28T10:00
+    to: 2026-03-28T12:00
+    timezone: {BERLIN}
+    reason: incident freeze
+"""
+
+
+async def test_a_freeze_that_starts_on_top_of_the_one_asked_in_refuses_the_approval(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any, tmp_path: Path
+) -> None:
+    """Asked in the weekend freeze; an incident freeze (ending sooner) starts on top of it before
+    the approval: refused, though the weekend freeze is still the one that ends last. Asked
+    while both are in force, it is approved through both."""
+    slack.add_user(ADMIN, "admin", "admin@example.com")
+    bk.add_pipeline("deploy-prod", default_branch="main")
+    policy = tmp_path / "policy.yml"
+    policy.write_text(OVERLAPPING)
+    clock = Clock(at(2026, 3, 28, 8, 0))  # Saturday 09:00 CET: the weekend freeze alone
+    tuning = dataclasses.replace(FAST, clock=clock)
+    async with running_bot(slack, bk, redis_url, tuning=tuning, policy_file=str(policy)) as bot:
+        ts = await break_glass(bot, "deploy-prod --break-glass db is down")
+        clock.now = at(2026, 3, 28, 10, 0)  # 11:00: the incident freeze too
+        said = await approve(bot, ts, ADMIN)
+        assert said.startswith(":no_entry: Approved, but not started:"), said
+        assert "is now frozen by `incident freeze`" in said
+        assert bk.requests_to("POST") == []
+
+        ts = await break_glass(bot, "deploy-prod --break-glass still down")  # asked in both
+        clock.now = at(2026, 3, 28, 10, 30)
+        said = await approve(bot, ts, ADMIN)
+        assert "not started" not in said, said
+        await slack.wait_for(lambda: bk.requests_to("POST"), timeout=30)
+        assert len(bk.requests_to("POST")) == 1

@@ -198,24 +198,21 @@ class Approvals(Actions):
         return None
 
     def _freeze_changed(self, plan: DeployPlan, now: float) -> Refusal | None:
-        """A break-glass request is approved to go through the freeze occurrence it was asked
-        in, and only that one: another freeze in force now (or a later occurrence of the same
-        one) refuses it. No freeze any more lets it go on under the pipeline's usual policy,
-        whose approvers (the rule's) are the break-glass ones when it has any: `decide` has
-        checked them already, and a rule without any needs no approval at all."""
-        occurrence = self.s.policy.active_freeze(plan.pipeline, now)
-        if occurrence is None:
-            return None
-        if plan.freeze_key is not None:
-            same = occurrence.key == plan.freeze_key
-        else:  # asked before requests named their occurrence: only the freeze is known
-            same = frozen_text(occurrence) == plan.freeze
-        if same:
+        """A break-glass request is approved to go through the freeze occurrences in force when
+        it was asked, and only those: any other in force now (another freeze, one that started
+        on top of them, or a later occurrence of the same one) refuses it. No freeze any more
+        lets it go on under the pipeline's usual policy, whose approvers (the rule's) are the
+        break-glass ones when it has any: `decide` has checked them already, and a rule without
+        any needs no approval at all."""
+        asked_in = set(plan.freeze_keys or ())
+        in_force = self.s.policy.freezes_in_force(plan.pipeline, now)
+        other = next((o for o in in_force if o.key not in asked_in), None)
+        if other is None:
             return None
         text = freeze_texts.break_glass_freeze_changed(
-            plan.pipeline, plan.freeze or "?", view_of(occurrence)
+            plan.pipeline, plan.freeze or "?", view_of(other)
         )
-        return Refusal(text, f"break-glass: another freeze ({frozen_text(occurrence)})", tell=True)
+        return Refusal(text, f"break-glass: another freeze ({frozen_text(other)})", tell=True)
 
     async def _tell_requester(
         self, approval_id: str, approval: Approval, plan: DeployPlan, why: str

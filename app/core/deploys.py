@@ -100,6 +100,7 @@ class Deploys(Actions):
         rule = await self._authorize(
             Action.DEPLOY, request.pipeline, actor, break_glass=breaking, what=what
         )
+        asked_at = self.s.tuning.clock()
         frozen = await self._break_glass_freeze(request, actor, rule) if breaking else None
         await self._check_env(rule, request.env, actor, action="deploy", pipeline=request.pipeline)
         await self._check_lock(request.pipeline, actor)
@@ -124,7 +125,11 @@ class Deploys(Actions):
             diff_url=origin.diff_url,
             break_glass=request.break_glass,
             freeze=frozen_text(frozen) if frozen is not None else None,
-            freeze_key=frozen.key if frozen is not None else None,
+            freeze_keys=(
+                [o.key for o in self.s.policy.freezes_in_force(request.pipeline, asked_at)]
+                if frozen is not None
+                else None
+            ),
             acts_for=self.s.policy.acts_for(actor.user_id),
         )
         if rule.promote_from and origin.rollback_of is None:

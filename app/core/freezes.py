@@ -290,15 +290,26 @@ def utc(timestamp: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(timestamp, dt.UTC)
 
 
-def _in_force(freezes: Sequence[Freeze], pipeline: str, moment: dt.datetime) -> Occurrence | None:
-    found = [
+def _all_in_force(
+    freezes: Sequence[Freeze], pipeline: str, moment: dt.datetime
+) -> list[Occurrence]:
+    return [
         occurrence
         for freeze in freezes
         if freeze.covers(pipeline)
         for occurrence in freeze.occurrences(moment, moment + dt.timedelta(seconds=1))
         if occurrence.active(moment)
     ]
-    return max(found, key=lambda o: o.end, default=None)
+
+
+def _in_force(freezes: Sequence[Freeze], pipeline: str, moment: dt.datetime) -> Occurrence | None:
+    return max(_all_in_force(freezes, pipeline, moment), key=lambda o: o.end, default=None)
+
+
+def freezes_in_force(freezes: Sequence[Freeze], pipeline: str, now: float) -> list[Occurrence]:
+    """Every freeze occurrence in force on `pipeline` at `now` (unix seconds), overlapping ones
+    included: a break-glass approval must have been asked in each of them."""
+    return _all_in_force(freezes, pipeline, utc(now))
 
 
 def active_freeze(freezes: Sequence[Freeze], pipeline: str, now: float) -> Occurrence | None:

@@ -62,6 +62,10 @@ class Policy:
         """The freeze window in force on `pipeline` at `now` (unix seconds), if any."""
         return freezes.active_freeze(self.data.freezes, pipeline, now)
 
+    def freezes_in_force(self, pipeline: str, now: float) -> list[Occurrence]:
+        """Every freeze occurrence in force on `pipeline` at `now`, overlapping ones included."""
+        return freezes.freezes_in_force(self.data.freezes, pipeline, now)
+
     def freeze_refusal(self, pipeline: str, now: float, *, action: str = "deploy") -> str | None:
         """Why `action` (deploy, rebuild, rollback, promotion) of `pipeline` is refused at `now`:
         the freeze, its reason and its end; None when nothing is frozen. See app.core.freezes."""

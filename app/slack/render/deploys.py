@@ -46,9 +46,10 @@ class DeployPlan:
     #: A deploy through a freeze: the reason given with --break-glass, and the freeze's.
     break_glass: str | None = None
     freeze: str | None = None
-    #: The freeze occurrence it was asked in (Occurrence.key): its approval goes through that
-    #: one only, never through another freeze or a later occurrence of the same one.
-    freeze_key: str | None = None
+    #: The freeze occurrences in force when it was asked (Occurrence.key), overlapping ones
+    #: included: its approval goes through those only, never through another freeze (even one
+    #: that started on top of them) or a later occurrence of the same one.
+    freeze_keys: list[str] | None = None
     #: The person an agent requester works for (app.agents): named beside it, never approving.
     acts_for: str | None = None
 
