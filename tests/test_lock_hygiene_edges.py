@@ -203,3 +203,19 @@ async def test_an_expiry_note_slack_fails_for_over_an_hour_is_no_longer_told(
     assert tries_to_post(slack) == 6
     assert expiry_notes(slack) == []
     assert await redis_client.zcard(keys.LOCK_EXPIRY_KEY) == 0
+
+
+async def test_an_agents_expired_lock_is_told_with_its_name_not_a_mention(
+    bots: tuple[BotClient, BotClient], slack: FakeSlack, clock: Clock, redis_client: Any
+) -> None:
+    await old_lock(
+        redis_client, "deploy-api", "agent:captain", channel=CHANNEL, expires_at=START + HOUR
+    )
+    await redis_client.delete(keys.LOCKS_INDEXED_KEY)
+    clock.now = START + HOUR + 60
+    await sweep_both(bots, clock)
+    told = await slack.wait_for(
+        lambda: [c for c in slack.posts(CHANNEL) if "expired" in str(c.args["text"])], timeout=30
+    )
+    assert told[0].args["text"].startswith(":unlock: The lock agent `captain` took on `deploy-api`")
+    assert "<@agent:" not in str(slack.calls)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from app.slack.mrkdwn import code, plain
+from app.slack.mrkdwn import code, person, plain
 from app.slack.render.common import SECTION_TEXT_LIMIT, clip
 
 #: At most this many freezes listed in each part of `/deploy freezes`.
@@ -135,7 +135,7 @@ def break_glass_announcement(
     during = f" during the freeze {_what(view)}" if view is not None else ""
     asks = asks or f"deploy {code(pipeline)}"
     return (
-        f":rotating_light: *Break-glass:* <@{requester}> asks to {asks}{during}. "
+        f":rotating_light: *Break-glass:* {person(requester)} asks to {asks}{during}. "
         f"Reason: {clip(plain(reason), 300)}\n"
         f"It starts only once approved by {', '.join(approvers) or 'nobody'} (not the requester)."
     )
@@ -156,7 +156,8 @@ def break_glass_freeze_changed(pipeline: str, asked_in: str, view: FreezeView) -
 def break_glass_refused_notice(requester: str, pipeline: str, why: str) -> str:
     """Told to the requester, in the approval's thread, when their approved break-glass
     request ends without a build."""
-    return f":no_entry: <@{requester}>, your break-glass request on {code(pipeline)} ended: {why}"
+    who = person(requester)
+    return f":no_entry: {who}, your break-glass request on {code(pipeline)} ended: {why}"
 
 
 def freeze_started(view: FreezeView, *, late: bool = False) -> str:

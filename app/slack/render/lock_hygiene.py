@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.slack.mrkdwn import code
+from app.slack.mrkdwn import code, person
 from app.slack.render.deploys import lock_reason
 from app.storage.records import PipelineLock
 
@@ -29,13 +29,13 @@ def lock_reminder(lock: PipelineLock, held: float) -> str:
 
 def lock_expired(lock: PipelineLock) -> str:
     return (
-        f":unlock: The lock <@{lock.user}> took on {code(lock.pipeline)}{lock_reason(lock.reason)} "
-        "has expired: anyone allowed may deploy it again."
+        f":unlock: The lock {person(lock.user)} took on {code(lock.pipeline)}"
+        f"{lock_reason(lock.reason)} has expired: anyone allowed may deploy it again."
     )
 
 
 def lock_lifted(lock: PipelineLock, by: str) -> str:
     return (
-        f":unlock: <@{by}> lifted your lock on {code(lock.pipeline)}{lock_reason(lock.reason)}. "
-        "Others may deploy it again."
+        f":unlock: {person(by)} lifted your lock on {code(lock.pipeline)}"
+        f"{lock_reason(lock.reason)}. Others may deploy it again."
     )

@@ -81,7 +81,7 @@ def not_locked(pipeline: str) -> str:
 
 
 def only_holder_unlocks(pipeline: str, holder: str) -> str:
-    return f"Only <@{holder}>, who locked `{pipeline}`, or an admin can unlock it."
+    return f"Only {person(holder)}, who locked `{pipeline}`, or an admin can unlock it."
 
 
 def unlocked(user_id: str, pipeline: str) -> str:
