@@ -272,6 +272,7 @@ async def test_rollback_and_promote_are_refused_by_name_and_may_break_the_glass(
         ("rollback deploy-prod --break-glass", "Say why after `--break-glass`"),
         ("promote deploy-edge extra --break-glass why", "Usage: `/deploy promote <pipeline>"),
         ("rollback deploy-prod to #x --break-glass why", "`#x` is not a build number"),
+        ("rollback deploy-prod --break-glass db down, to #3", "Put `to #N` before `--break-glass`"),
     ],
 )
 async def test_a_bad_break_glass_rollback_or_promote_gets_its_usage(

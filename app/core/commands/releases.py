@@ -13,6 +13,8 @@ _NUMBER = re.compile(r"[0-9]{1,9}")
 
 MAX_HISTORY = 50
 DEFAULT_HISTORY = 10
+#: A rollback target typed after `--break-glass`, where it is taken for part of the reason.
+_TARGET_IN_REASON = re.compile(r"\bto\s+#[0-9]+\b", re.IGNORECASE)
 
 STATUS_USAGE = "Usage: `/deploy status [pipeline|all]`"
 HISTORY_USAGE = f"Usage: `/deploy history <pipeline> [n]` (n from 1 to {MAX_HISTORY})"
@@ -95,6 +97,12 @@ def parse_release(words: list[str]) -> ReleaseCommand | None:
         if rest and rest[0].lower() == "to":
             rest = rest[1:]
         if not rest:
+            if break_glass is not None and _TARGET_IN_REASON.search(break_glass):
+                # `rollback web --break-glass db down, to #3`: #3 would be read as the reason.
+                raise UsageError(
+                    "Put `to #N` before `--break-glass`: every word after it is the reason.\n"
+                    + ROLLBACK_USAGE
+                )
             return RollbackRequest(pipeline, break_glass=break_glass)
         number = rest[0].lstrip("#")
         if len(rest) != 1 or not _NUMBER.fullmatch(number) or int(number) == 0:
