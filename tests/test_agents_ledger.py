@@ -397,3 +397,23 @@ async def test_a_requester_known_only_from_meta_data_is_marked_unverified(
     assert rebuilt["live"]["requester_unverified"] is True
     assert own["live"]["requested_by"] == "agent:captain"
     assert own["live"].get("requester_unverified", False) is False
+
+
+async def test_check_policy_writes_nothing_to_the_ledger(bot: BotClient, redis_client: Any) -> None:
+    """A dry run reads the ledger without the index's housekeeping (forgetting an entry that
+    expired): the ledger's keys are as they were. A real read then does forget it."""
+    index = keys.LEDGER_KEY.format(pipeline="web")
+    async with agent_session(bot, CAPTAIN_TOKEN) as session:
+        await deployed(bot, session, "web", SHA1)
+        await redis_client.zadd(index, {"99": 99})  # its entry expired: the index still has it
+
+        async def ledger_keys() -> dict[bytes, Any]:
+            found = [k async for k in redis_client.scan_iter(match=b"*ledger*")]
+            return {k: await redis_client.dump(k) for k in sorted(found)}
+
+        before = await ledger_keys()
+        for action in ("rollback", "promote"):
+            await structured(session, "check_policy", action=action, pipeline="web")
+        assert await ledger_keys() == before
+        await structured(session, "deployments", pipeline="web")
+    assert await redis_client.zscore(index, "99") is None

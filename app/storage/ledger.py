@@ -162,14 +162,18 @@ class ReleaseLedger:
         raw = await self.redis.get(DEPLOYMENT_KEY.format(pipeline=pipeline, number=number))
         return _decode(raw, pipeline) if raw else None
 
-    async def deployments(self, pipeline: str, *, limit: int = LEDGER_MAX) -> list[Deployment]:
+    async def deployments(
+        self, pipeline: str, *, limit: int = LEDGER_MAX, prune: bool = True
+    ) -> list[Deployment]:
         """The pipeline's deployments, newest (highest build number) first."""
-        return (await self.deployments_of([pipeline], limit=limit))[pipeline]
+        return (await self.deployments_of([pipeline], limit=limit, prune=prune))[pipeline]
 
     async def deployments_of(
-        self, pipelines: Sequence[str], *, limit: int = LEDGER_MAX
+        self, pipelines: Sequence[str], *, limit: int = LEDGER_MAX, prune: bool = True
     ) -> dict[str, list[Deployment]]:
-        """Several pipelines' deployments, newest first, in two round trips whatever their count."""
+        """Several pipelines' deployments, newest first, in two round trips whatever their count.
+        With `prune`, the index forgets the entries that expired; without, nothing is written
+        (a dry run's read)."""
         if not pipelines:
             return {}
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -194,7 +198,8 @@ class ReleaseLedger:
                     gone.setdefault(pipeline, []).append(text(number))
                 else:
                     found[pipeline].append(entry)
-        for pipeline, expired in gone.items():  # their entries expired: forget them here too
+        for pipeline, expired in gone.items() if prune else ():
+            # Their entries expired: forget them in the index too.
             await self.redis.zrem(LEDGER_KEY.format(pipeline=pipeline), *expired)
         return found
 

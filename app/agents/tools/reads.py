@@ -348,7 +348,9 @@ async def _release_plan(
 
 
 async def _ledger(ctx: Context, pipeline: str) -> list[Deployment]:
+    """The ledger as check_policy's dry run reads it: nothing written, not even the index's
+    forgetting of expired entries."""
     try:
-        return await ctx.services.store.deployments(pipeline)
+        return await ctx.services.store.deployments(pipeline, prune=False)
     except RedisError:
         raise Refused(plain_sentence(releases_texts.LEDGER_DOWN)) from None
