@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import fakeredis
 import pytest
@@ -163,3 +163,38 @@ async def test_what_agents_leave_in_redis_expires(redis_client: redis.Redis) -> 
     assert 0 < await redis_client.ttl("{bkchatops}:agentbudget:captain:reads:2") <= 120
     await store.cache_read("build:web:1", "{}", ttl=2.0)
     assert 0 < await redis_client.pttl("{bkchatops}:agentread:build:web:1") <= 2000
+
+
+async def test_the_subscription_survives_an_unexpected_error_and_subscribes_again(
+    redis_client: redis.Redis,
+) -> None:
+    """A cold Redis Cluster client raises KeyError on its first pub/sub (no slots known): the
+    listener tries again rather than ending, and the waits are woken by announcements after."""
+    store = Store(redis_client)
+    tries = []
+
+    class ColdFirst:
+        async def subscribe_changes(self) -> Any:
+            tries.append(1)
+            if len(tries) == 1:
+                raise KeyError("no slots yet")
+            return await store.subscribe_changes()
+
+    changes = Changes(cast(Store, ColdFirst()), recheck=0.01)
+    try:
+        changes.start()
+        await until(lambda: len(tries) >= 2 and changes._subscribed.is_set(), timeout=30)
+        value = {"state": "running"}
+
+        async def read() -> str:
+            return value["state"]
+
+        waiting = asyncio.create_task(
+            changes.wait_until("build:b1", read, lambda s: s == "passed", timeout=20)
+        )
+        await until(lambda: changes.waiting)
+        value["state"] = "passed"
+        await store.announce("build:b1")
+        assert await waiting == ("passed", True)
+    finally:
+        await changes.close()

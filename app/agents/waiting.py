@@ -56,9 +56,17 @@ class Changes:
                         self._wake(text(message["data"]))
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, AttributeError, NotImplementedError) as exc:
-                # Waits still re-read the records; try the subscription again in a while.
-                log.info("agent waits: no change announcements for now (%s)", exc)
+            except Exception as exc:
+                # Waits still re-read the records; try the subscription again in a while. Not
+                # only Redis's errors: a cold cluster client raises KeyError (no slots yet), and
+                # a listener that ended for good would leave every wait to its re-reads.
+                expected = isinstance(exc, (RedisError, OSError, NotImplementedError))
+                log.log(
+                    logging.INFO if expected else logging.WARNING,
+                    "agent waits: no change announcements for now (%s: %s)",
+                    type(exc).__name__,
+                    exc,
+                )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closed.wait(), timeout=5 * self.recheck)
             finally:
