@@ -341,6 +341,25 @@ async def test_a_rollback_of_a_protected_pipeline_is_confirmed_and_approved(
     await finish(bot, "deploy-prod", 3)
     rolled = await entry(redis_client, "deploy-prod", 3)
     assert rolled["rb"] == 2 and rolled["a"] == BOB and rolled["r"] == ALICE
+    assert "am" not in rolled  # the approver is the bot's own record: its create's answer
+    history = shown(await answer(bot, "history deploy-prod"))
+    (line,) = [x for x in history.splitlines() if "/builds/3|" in x]
+    assert f"approved by <@{BOB}>" in line, line
+    assert f"approved by <@{BOB}> (per build meta_data)" not in line
+
+
+async def test_an_approver_known_only_from_meta_data_is_marked_as_its_word(
+    bot: BotClient, bk: FakeBuildkite, redis_client: Any
+) -> None:
+    """A rebuilt ledger (or a route's build) has only the build's meta_data for who approved,
+    which any of its jobs can write: history says so, as it does for who asked."""
+    meta = {"chatops_source": "slack", "chatops_requested_by": BOB, "chatops_approved_by": ALICE}
+    bk.add_build("web", commit=SHA1, state="passed", meta_data=meta)
+    services = bot.services
+    await rebuild_ledger(services.store, services.buildkite, services.policy)
+    assert (await entry(redis_client, "web", 1))["am"] is True
+    history = shown(await answer(bot, "history web"))
+    assert f"approved by <@{ALICE}> (per build meta_data)" in history
 
 
 # -- promotion ---------------------------------------------------------------------------------

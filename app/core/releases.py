@@ -100,17 +100,20 @@ def deployment_from(
     *,
     source: Source,
     requested_by: str | None = None,
+    created_by_bot: bool = False,
     now: float | None = None,
 ) -> Deployment:
     """The ledger's entry for a build, as Buildkite describes it (meta_data read strictly).
 
     `requested_by` is who asked as the bot recorded it; without it, the build's meta_data's
-    word is taken, marked unverified."""
+    word is taken, marked unverified. The approver is the meta_data's word too, marked
+    unverified unless `created_by_bot` (`build` is the bot's own create's answer)."""
     meta = build.meta_data
     recorded = _requester(requested_by)
     claimed = None if recorded else _requester(meta.get(REQUESTED_BY_META))
     rollback = meta.get(ROLLBACK_OF_META, "")
     promoted = meta.get(PROMOTED_FROM_META, "")
+    approver = _user(meta.get(APPROVED_BY_META))
     outcome = outcome_of(build)
     finished = _epoch(build.finished_at)
     if outcome is not Outcome.RUNNING and finished is None:
@@ -125,7 +128,8 @@ def deployment_from(
         source=source,
         requested_by=recorded or claimed,
         requester_unverified=claimed is not None,
-        approved_by=_user(meta.get(APPROVED_BY_META)),
+        approved_by=approver,
+        approver_unverified=approver is not None and not created_by_bot,
         started_at=_epoch(build.started_at or build.created_at),
         finished_at=finished if outcome is not Outcome.RUNNING else None,
         rollback_of=int(rollback) if _NUMBER.fullmatch(rollback) else None,
@@ -155,7 +159,9 @@ class LedgerRecorder:
 
     async def started(self, build: Build, pipeline: str, *, requested_by: str) -> None:
         """The bot just created this build: it is a deployment, running."""
-        entry = deployment_from(build, pipeline, source=Source.BOT, requested_by=requested_by)
+        entry = deployment_from(
+            build, pipeline, source=Source.BOT, requested_by=requested_by, created_by_bot=True
+        )
         try:
             await self.store.record_deployment(entry, info=info_of(build.pipeline))
         except RedisError as exc:  # the final is recorded all the same, from the build itself
@@ -225,6 +231,11 @@ class LedgerRecorder:
                     "requested_by": kept.requested_by,
                     "requester_unverified": kept.requester_unverified,
                     "approved_by": known.approved_by or entry.approved_by,
+                    "approver_unverified": (
+                        known.approver_unverified
+                        if known.approved_by
+                        else entry.approver_unverified
+                    ),
                     "source": known.source,
                 }
             )

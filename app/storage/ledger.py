@@ -73,6 +73,9 @@ class Deployment(BaseModel):
     #: the bot has no record of its own of who asked (a deploy route's build, a rebuilt ledger).
     requester_unverified: bool = Field(default=False, alias="rm")
     approved_by: str | None = Field(default=None, alias="a")
+    #: `approved_by` is only what the build's meta_data says: the bot read it from the build
+    #: after its start (its own create's answer is the only copy no job could have rewritten).
+    approver_unverified: bool = Field(default=False, alias="am")
     #: Unix seconds.
     started_at: int | None = Field(default=None, alias="t")
     finished_at: int | None = Field(default=None, alias="f")
@@ -104,6 +107,8 @@ class Deployment(BaseModel):
             data["s"] = self.source.value
         if not self.requester_unverified or self.requested_by is None:
             data.pop("rm", None)
+        if not self.approver_unverified or self.approved_by is None:
+            data.pop("am", None)
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
 

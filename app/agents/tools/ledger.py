@@ -78,6 +78,11 @@ class DeploymentView(View):
         "of its jobs can set): the bot has no record of its own of who asked.",
     )
     approved_by: str | None = Field(default=None, description="Who approved it (a Slack user id).")
+    approver_unverified: bool = Field(
+        default=False,
+        description="True when `approved_by` is only the build's meta_data's word (which any of "
+        "its jobs can set).",
+    )
     started_at: str | None = Field(default=None, description="When it started (ISO 8601, UTC).")
     finished_at: str | None = Field(default=None, description="When it ended (ISO 8601, UTC).")
     duration_seconds: int | None = Field(default=None, description="From start to end.")
@@ -136,6 +141,7 @@ def deployment_view(entry: Deployment) -> DeploymentView:
         requested_by=_text(entry.requested_by),
         requester_unverified=bool(entry.requested_by and entry.requester_unverified),
         approved_by=_text(entry.approved_by),
+        approver_unverified=bool(entry.approved_by and entry.approver_unverified),
         started_at=_iso(entry.started_at),
         finished_at=_iso(entry.finished_at),
         duration_seconds=entry.duration,

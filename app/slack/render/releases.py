@@ -162,6 +162,13 @@ def status_message(statuses: Sequence[PipelineStatus], *, now: float) -> Rendere
     return _packed(header, paragraphs, fallback=header.replace("*", ""))
 
 
+def _approver(entry: Deployment) -> str:
+    assert entry.approved_by is not None
+    if entry.approver_unverified:
+        return f"{person(entry.approved_by)} (per build meta_data)"
+    return person(entry.approved_by)
+
+
 def history_message(pipeline: str, entries: Sequence[Deployment], *, now: float) -> Rendered:
     """`/deploy history`: the last deployments, newest first."""
     if not entries:
@@ -171,7 +178,7 @@ def history_message(pipeline: str, entries: Sequence[Deployment], *, now: float)
     lines = []
     for entry in entries:
         emoji = STATE_EMOJI.get(entry.outcome.value, ":grey_question:")
-        approved = f", approved by {person(entry.approved_by)}" if entry.approved_by else ""
+        approved = f", approved by {_approver(entry)}" if entry.approved_by else ""
         marks = ""
         if entry.rollback_of is not None:
             marks += f", rollback of #{entry.rollback_of}"
