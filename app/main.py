@@ -365,7 +365,7 @@ def clock_sweeps(
         services.outbox,
         tuning.clock,
         late=tuning.sweeps.announce_late,
-        lease=tuning.sweeps.announce_lease,
+        lease=tuning.sweeps.lock_expiry_lease,
     )
     stale_blocks = StaleBlocks(
         services.policy,
