@@ -383,6 +383,7 @@ def clock_sweeps(
         LedgerRecorder(services.policy, services.store, services.buildkite),
         tuning.clock,
         interval=tuning.sweeps.ledger_interval,
+        give_up_after=tuning.sweeps.ledger_give_up_after,
     )
     outage = services.redis_outage
     return [

@@ -80,6 +80,9 @@ class SweepTuning:
     #: How often one replica asks Buildkite how the ledger's unfollowed running deployments
     #: (recorded by `ledger rebuild`) ended; the least wait between two asks about one build.
     ledger_interval: float = 60.0
+    #: A deployment still running this long after it started (a build left blocked, say) is
+    #: no longer asked about: it stays `running` until a `ledger rebuild` after its end.
+    ledger_give_up_after: float = 2 * 86400.0
     #: An end of freeze (or a lock's expiry) missed for longer than this, while no bot ran,
     #: is no longer announced: it would be news of the past.
     announce_late: float = 3600.0
