@@ -361,6 +361,35 @@ async def test_the_follow_up_waits_out_a_rate_limit_and_gives_up_on_what_it_cann
         assert (await entry(redis_client, "deploy-prod", 5))["o"] == "running"
 
 
+async def test_a_slow_follow_up_is_not_taken_over_by_the_next_sweep(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str
+) -> None:
+    bk.add_pipeline("deploy-prod")
+    bk.add_build("deploy-prod", state="running", meta_data=bot_meta())
+    await rebuild(bot_settings(slack, bk, redis_url))
+    start = time.time()
+    clock = Clock(start)
+    # The bot's own sweep lives a day earlier: nothing is due for it, the test's sweeps decide.
+    tuning = dataclasses.replace(FAST, clock=Clock(start - 86400))
+    async with running_bot(slack, bk, redis_url, tuning=tuning) as bot:
+        s = bot.services
+        replicas = [
+            LedgerFollowUp(
+                s.store, s.buildkite, LedgerRecorder(s.policy, s.store, s.buildkite), clock
+            )
+            for _ in range(2)
+        ]
+        bk.delay_next(1, 2.0, "/pipelines/deploy-prod/builds/1", method="GET")
+        slow = asyncio.create_task(replicas[0].sweep())
+        await wait_until(
+            lambda: build_gets(bk, "deploy-prod", 1) == 1, timeout=30, what="asked about #1"
+        )
+        clock.now += 2 * 60 + 1  # two intervals on, Buildkite still answering the first
+        assert await replicas[1].sweep() == 0
+        assert await slow == 0
+        assert build_gets(bk, "deploy-prod", 1) == 1
+
+
 async def test_the_bot_records_the_end_of_a_rebuilt_running_deployment_on_its_own(
     slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
 ) -> None:
