@@ -18,6 +18,7 @@ from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
 from app.storage import keys
 from app.tuning import Tuning
+from tests.waiting import wait_until
 
 CHANNEL = "C0CHAN"
 ALICE, BOB, ADMIN = "U0USER", "U0BOB", "U0ADMIN"
@@ -213,7 +214,11 @@ async def test_an_expiry_note_slower_than_a_freeze_lease_is_not_posted_twice(
         return [t for t in (c.args["text"] for c in slack.posts(CHANNEL)) if "expired" in t]
 
     assert len(await slack.wait_for(told)) == 1
-    assert await redis_client.zcard(keys.LOCK_EXPIRY_KEY) == 0
+
+    async def noted_told() -> bool:
+        return bool(await redis_client.zcard(keys.LOCK_EXPIRY_KEY) == 0)
+
+    await wait_until(noted_told, timeout=30, what="the expiry noted as told")
     for bot in bots:
         await bot.settled()
     assert len(told()) == 1
