@@ -365,7 +365,7 @@ def clock_sweeps(
         services.outbox,
         tuning.clock,
         late=tuning.sweeps.announce_late,
-        lease=tuning.sweeps.announce_lease,
+        lease=tuning.sweeps.lock_expiry_lease,
     )
     stale_blocks = StaleBlocks(
         services.policy,
@@ -383,6 +383,7 @@ def clock_sweeps(
         LedgerRecorder(services.policy, services.store, services.buildkite),
         tuning.clock,
         interval=tuning.sweeps.ledger_interval,
+        give_up_after=tuning.sweeps.ledger_give_up_after,
     )
     outage = services.redis_outage
     return [

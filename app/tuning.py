@@ -80,6 +80,9 @@ class SweepTuning:
     #: How often one replica asks Buildkite how the ledger's unfollowed running deployments
     #: (recorded by `ledger rebuild`) ended; the least wait between two asks about one build.
     ledger_interval: float = 60.0
+    #: A deployment still running this long after it started (a build left blocked, say) is
+    #: no longer asked about: it stays `running` until a `ledger rebuild` after its end.
+    ledger_give_up_after: float = 2 * 86400.0
     #: An end of freeze (or a lock's expiry) missed for longer than this, while no bot ran,
     #: is no longer announced: it would be news of the past.
     announce_late: float = 3600.0
@@ -87,10 +90,17 @@ class SweepTuning:
     #: its cancel) before the sweep of every `superseded_interval` takes that over.
     superseded_lease: float = 120.0
     superseded_interval: float = 30.0
-    #: How long the replica that claimed a freeze announcement (or a lock's expiry note) has
+    #: How long the replica that claimed a freeze announcement has
     #: to post it before another replica's sweep may (the first died); that one looks for the
     #: post in Slack first.
     announce_lease: float = 120.0
+    #: The same for a lock's expiry note, which the sweep posts itself, after any posts queued
+    #: before it in the outbox's channel: Slack's client waits out up to 5 429s in one call
+    #: (`create_slack_client`), each for Slack's Retry-After (seconds, up to a minute or so),
+    #: so a post can take minutes. Shorter, another replica would take the note over while the
+    #: first still posts, and both would post. A crashed replica's note is still told after it,
+    #: well within `announce_late`.
+    lock_expiry_lease: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)

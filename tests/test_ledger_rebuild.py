@@ -308,6 +308,88 @@ async def test_a_rebuilt_running_deployment_is_followed_to_its_end_once_across_r
         assert build_gets(bk, "deploy-prod", 2) == 2
 
 
+async def test_the_follow_up_waits_out_a_rate_limit_and_gives_up_on_what_it_cannot_read(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
+) -> None:
+    bk.add_pipeline("deploy-prod")
+    for _ in range(5):
+        bk.add_build("deploy-prod", state="running", meta_data=bot_meta())
+    report, _ = await rebuild(bot_settings(slack, bk, redis_url))
+    assert report.followed_up == 5
+    start = time.time()
+    clock = Clock(start)
+    # The bot's own sweep lives a day earlier: nothing is due for it, the test's sweeps decide.
+    tuning = dataclasses.replace(FAST, clock=Clock(start - 86400))
+    async with running_bot(slack, bk, redis_url, tuning=tuning) as bot:
+        s = bot.services
+        recorder = LedgerRecorder(s.policy, s.store, s.buildkite)
+        followup = LedgerFollowUp(s.store, s.buildkite, recorder, clock, interval=60)
+
+        def gets() -> list[int]:
+            return [build_gets(bk, "deploy-prod", number) for number in range(1, 6)]
+
+        async def sweep_for(minutes: int) -> None:
+            for _ in range(minutes):
+                await followup.sweep()
+                clock.now += 60
+
+        # A 429 for the next hour: one request, then none until its reset, minute after minute.
+        bk.rate_limit_next(1, reset=3600, path_contains="/pipelines/deploy-prod/builds/")
+        await sweep_for(10)
+        assert gets() == [1, 0, 0, 0, 0]
+        clock.now = start + 3601
+        await followup.sweep()
+        assert gets() == [2, 1, 1, 1, 1]  # past the reset: each asked once, still running
+
+        # The token may not read two of them: each is asked once more, then given up on.
+        bk.fail_next(2, status=403, path_contains="/pipelines/deploy-prod/builds/")
+        clock.now += 3600
+        await sweep_for(60)
+        assert gets()[:2] == [3, 2]
+        asked = gets()
+        await sweep_for(60)
+        assert gets()[:2] == [3, 2] and gets()[2:] > asked[2:]
+        members = await redis_client.zrange(keys.LEDGER_FOLLOWUP_KEY, 0, -1)
+        assert sorted(members) == [b"deploy-prod#3", b"deploy-prod#4", b"deploy-prod#5"]
+
+        # Two days after it started, a build still running (left blocked, say) is let go.
+        asked = gets()
+        clock.now = start + 2 * 86400 + 60
+        await sweep_for(10)
+        assert gets() == asked
+        assert await redis_client.exists(keys.LEDGER_FOLLOWUP_KEY) == 0
+        assert (await entry(redis_client, "deploy-prod", 5))["o"] == "running"
+
+
+async def test_a_slow_follow_up_is_not_taken_over_by_the_next_sweep(
+    slack: FakeSlack, bk: FakeBuildkite, redis_url: str
+) -> None:
+    bk.add_pipeline("deploy-prod")
+    bk.add_build("deploy-prod", state="running", meta_data=bot_meta())
+    await rebuild(bot_settings(slack, bk, redis_url))
+    start = time.time()
+    clock = Clock(start)
+    # The bot's own sweep lives a day earlier: nothing is due for it, the test's sweeps decide.
+    tuning = dataclasses.replace(FAST, clock=Clock(start - 86400))
+    async with running_bot(slack, bk, redis_url, tuning=tuning) as bot:
+        s = bot.services
+        replicas = [
+            LedgerFollowUp(
+                s.store, s.buildkite, LedgerRecorder(s.policy, s.store, s.buildkite), clock
+            )
+            for _ in range(2)
+        ]
+        bk.delay_next(1, 2.0, "/pipelines/deploy-prod/builds/1", method="GET")
+        slow = asyncio.create_task(replicas[0].sweep())
+        await wait_until(
+            lambda: build_gets(bk, "deploy-prod", 1) == 1, timeout=30, what="asked about #1"
+        )
+        clock.now += 2 * 60 + 1  # two intervals on, Buildkite still answering the first
+        assert await replicas[1].sweep() == 0
+        assert await slow == 0
+        assert build_gets(bk, "deploy-prod", 1) == 1
+
+
 async def test_the_bot_records_the_end_of_a_rebuilt_running_deployment_on_its_own(
     slack: FakeSlack, bk: FakeBuildkite, redis_url: str, redis_client: Any
 ) -> None:

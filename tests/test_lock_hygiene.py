@@ -18,6 +18,7 @@ from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
 from app.storage import keys
 from app.tuning import Tuning
+from tests.waiting import wait_until
 
 CHANNEL = "C0CHAN"
 ALICE, BOB, ADMIN = "U0USER", "U0BOB", "U0ADMIN"
@@ -189,3 +190,37 @@ async def test_an_expiry_no_bot_saw_for_hours_is_not_told_late(
     assert await redis_client.zcard(keys.LOCK_EXPIRY_KEY) == 0
     assert await redis_client.get(keys.PIPELINE_LOCK_KEY.format(pipeline="deploy-prod")) is None
     assert not [c for c in slack.posts(CHANNEL) if "expired" in c.args["text"]]
+
+
+async def test_an_expiry_note_slower_than_a_freeze_lease_is_not_posted_twice(
+    bots: tuple[BotClient, BotClient], slack: FakeSlack, clock: Clock, redis_client: Any
+) -> None:
+    # Slack rate-limits the note: the replica that took it waits out Retry-After (2 s here,
+    # minutes in production) while, on the bots' clock, more than 2 minutes go by and the other
+    # replica sweeps. The note's lease outlasts that: the other does not take it over.
+    one, _ = bots
+    await answer(one, "lock deploy-prod 30m hotfix")
+    slack.fail_next("chat.postMessage", "ratelimited", retry_after=2)
+    clock.now = START + 31 * 60
+
+    def limited() -> list[Any]:
+        return [c for c in slack.calls if c.method == "chat.postMessage" and c.status == 429]
+
+    await slack.wait_for(limited)
+    clock.now += FAST.sweeps.announce_lease + 1  # the lease it had before
+    assert await sweep_both(bots, clock) == [0, 0]  # the first still waits out its 429
+
+    def told() -> list[str]:
+        return [t for t in (c.args["text"] for c in slack.posts(CHANNEL)) if "expired" in t]
+
+    assert len(await slack.wait_for(told)) == 1
+
+    async def noted_told() -> bool:
+        return bool(await redis_client.zcard(keys.LOCK_EXPIRY_KEY) == 0)
+
+    await wait_until(noted_told, timeout=30, what="the expiry noted as told")
+    for bot in bots:
+        await bot.settled()
+    assert len(told()) == 1
+    # A crashed replica's note is retried after the lease, still within `announce_late`.
+    assert FAST.sweeps.lock_expiry_lease < FAST.sweeps.announce_late

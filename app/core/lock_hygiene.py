@@ -32,7 +32,7 @@ class LockHygiene:
         clock: Callable[[], float],
         *,
         late: float = DEFAULT.sweeps.announce_late,
-        lease: float = DEFAULT.sweeps.announce_lease,
+        lease: float = DEFAULT.sweeps.lock_expiry_lease,
     ) -> None:
         self.policy = policy
         self.store = store
@@ -40,7 +40,8 @@ class LockHygiene:
         self.clock = clock
         #: An expiry older than this (no bot ran meanwhile, or Slack failed all along) is not told.
         self.late = late
-        #: How long the sweep that took an expiry has to tell of it before another may.
+        #: How long the sweep that took an expiry has to tell of it before another may: longer
+        #: than the slowest post (see `SweepTuning.lock_expiry_lease`), or both would post.
         self.lease = lease
 
     async def sweep(self) -> int:
