@@ -289,8 +289,14 @@ async def test_a_rebuilt_running_deployment_is_followed_to_its_end_once_across_r
         async def sweep_both() -> list[int]:
             return sorted(await asyncio.gather(*(f.sweep() for f in followups)))
 
-        # Still running: one replica asks, once; neither asks again within the minute.
+        # Still running: one replica asks, once (perhaps a bot's own first sweep, at its start:
+        # waited for); neither asks again within the minute.
         assert await sweep_both() == [0, 0]
+        await wait_until(
+            lambda: build_gets(bk, "deploy-prod", 2) >= 1, timeout=30, what="asked about #2"
+        )
+        for bot in (one, two):
+            await bot.settled()
         assert build_gets(bk, "deploy-prod", 2) == 1
         clock.now += 30
         assert await sweep_both() == [0, 0]
