@@ -278,7 +278,7 @@ async def test_a_key_is_each_agents_own(
 # -- secrets in arguments ----------------------------------------------------------------------
 
 SECRET_VALUES = {
-    "SLACK_HOOK": "xoxb-FAKE-test-value-not-a-token",
+    "SLACK_HOOK": "xoxb-fake3",
     "GH": "ghp_0123456789abcdefghijABCDEFGHIJ012345",
     "AWS_ID": "AKIAABCDEFGHIJKLMNOP",
     "DATABASE": "postgres://deploy:hunter2hunter2@db.internal/app",

@@ -61,7 +61,7 @@ def test_a_bad_setting_alone_points_at_check_config_not_at_a_first_run(tmp_path:
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", str(tmp_path))}
     env.update(
         PYTHONPATH=str(ROOT),
-        SLACK_BOT_TOKEN="xoxp-FAKE-user-token-not-a-bot-one",
+        SLACK_BOT_TOKEN="xoxp-fake4",
         SLACK_SIGNING_SECRET="s3cret",
         BUILDKITE_API_TOKEN="bk",
         BUILDKITE_ORG="acme",
