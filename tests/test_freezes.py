@@ -30,6 +30,7 @@ from app.simulators.bot import FAST, BotClient, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
 from app.storage import keys
+from tests.clocks import Clock
 
 CHANNEL = "C0CHAN"
 ALICE, BOB, ADMIN = "U0USER", "U0BOB", "U0ADMIN"
@@ -283,16 +284,6 @@ def test_a_freeze_is_announced_in_its_pipelines_channels(tmp_path: Path) -> None
 
 
 # -- end to end ------------------------------------------------------------------------------
-
-
-class Clock:
-    """The bot's wall clock, set by the test."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 POLICY = f"""\

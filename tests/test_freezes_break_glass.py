@@ -21,6 +21,7 @@ from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
 from app.slack.render import releases as release_texts
 from app.slack.render import texts
+from tests.clocks import Clock
 from tests.test_freezes import (
     ADMIN,
     ALICE,
@@ -29,7 +30,6 @@ from tests.test_freezes import (
     BUILDS,
     CHANNEL,
     LAST_MINUTE,
-    Clock,
     answer,
     approve_value,
     at,

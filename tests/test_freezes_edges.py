@@ -21,6 +21,7 @@ from app.slack.render import freezes as render
 from app.slack.render.common import notice
 from app.storage import keys
 from app.tuning import DEFAULT
+from tests.clocks import Clock
 
 
 def at(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> float:
@@ -189,14 +190,6 @@ def _day() -> tuple[dt.datetime, dt.datetime]:
 
 
 # -- announcements survive a replica that died between its claim and its post ------------------
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def test_an_announcement_claimed_by_a_replica_that_died_is_made_once(

@@ -22,6 +22,7 @@ import pytest
 from app.simulators.bot import FAST, BotClient, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
+from tests.clocks import Clock
 from tests.test_mentions import CHANNEL, deploy, ephemeral_texts, mention, move
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,14 +116,6 @@ freezes:
     to: 2026-12-01T12:00
     reason: release freeze
 """
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 BEFORE = dt.datetime(2026, 12, 1, 9, tzinfo=dt.UTC).timestamp()

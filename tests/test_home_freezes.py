@@ -20,6 +20,7 @@ from app.simulators.bot import FAST, SIGNING_SECRET, BotClient, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
 from app.tuning import InboxTuning
+from tests.clocks import Clock
 
 ALICE = "U0USER"
 
@@ -48,14 +49,6 @@ freezes:
     timezone: UTC
     reason: easter freeze
 """
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from app.simulators.bot import FAST, bot_settings, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
 from app.storage import keys
+from tests.clocks import Clock
 from tests.test_ops_check_config import child_env
 from tests.waiting import wait_until
 
@@ -237,14 +238,6 @@ async def test_a_429_is_waited_out_and_counted_and_a_long_one_stops_with_what_wa
     # Run again once it may: the rest is recorded, the rest left as it was.
     report, _ = await rebuild(settings)
     assert report.stopped is None and report.recorded == 5
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def build_gets(bk: FakeBuildkite, slug: str, number: int) -> int:

@@ -18,20 +18,13 @@ from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
 from app.storage import keys
 from app.tuning import Tuning
+from tests.clocks import Clock
 from tests.waiting import wait_until
 
 CHANNEL = "C0CHAN"
 ALICE, BOB, ADMIN = "U0USER", "U0BOB", "U0ADMIN"
 START = 1_780_000_000.0
 HOUR = 3600.0
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

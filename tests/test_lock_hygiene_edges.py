@@ -19,12 +19,12 @@ from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
 from app.storage import keys
 from app.storage.records import PipelineLock
+from tests.clocks import Clock
 from tests.test_lock_hygiene import (
     ALICE,
     CHANNEL,
     HOUR,
     START,
-    Clock,
     answer,
     dms,
     sweep_both,

@@ -14,6 +14,7 @@ import pytest
 from app.simulators.bot import FAST, BotClient, running_bot
 from app.simulators.buildkite import FakeBuildkite
 from app.simulators.slack import FakeSlack
+from tests.clocks import Clock
 
 BERLIN = "Europe/Berlin"
 
@@ -39,14 +40,6 @@ freezes:
     timezone: {BERLIN}
     reason: weekend <freeze> & rest
 """
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
