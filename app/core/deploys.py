@@ -100,8 +100,10 @@ class Deploys(Actions):
         rule = await self._authorize(
             Action.DEPLOY, request.pipeline, actor, break_glass=breaking, what=what
         )
-        asked_at = self.s.tuning.clock()
-        frozen = await self._break_glass_freeze(request, actor, rule) if breaking else None
+        asked_at = self.s.tuning.clock()  # one moment: the freeze gone through, and its keys
+        frozen = (
+            await self._break_glass_freeze(request, actor, rule, asked_at) if breaking else None
+        )
         await self._check_env(rule, request.env, actor, action="deploy", pipeline=request.pipeline)
         await self._check_lock(request.pipeline, actor)
         request_id = request_id_for("deploy", trigger)
@@ -350,11 +352,11 @@ class Deploys(Actions):
             await self.s.store.release_break_glass(plan.pipeline, plan.requester, approval_id)
 
     async def _break_glass_freeze(
-        self, request: DeployRequest, actor: Actor, rule: Rule
+        self, request: DeployRequest, actor: Actor, rule: Rule, now: float
     ) -> Occurrence:
-        """The freeze a break-glass deploy goes through; refused when nothing is frozen (no
-        glass to break) or when nobody could approve it."""
-        occurrence = self.s.policy.active_freeze(request.pipeline, self.s.tuning.clock())
+        """The freeze a break-glass deploy goes through at `now`; refused when nothing is
+        frozen (no glass to break) or when nobody could approve it."""
+        occurrence = self.s.policy.active_freeze(request.pipeline, now)
         if occurrence is None:
             raise UserError(freeze_texts.not_frozen(request.pipeline))
         named = self.s.policy.approvers(rule, requester=actor.user_id, break_glass=True)
